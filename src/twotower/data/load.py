@@ -1,0 +1,206 @@
+"""From a ``DataConfig`` to a checked ``Dataset``: user files, an adapter, or synthetic data."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twotower.data.dataset import (
+    ITEM_ID,
+    QUERY_ID,
+    SPLIT,
+    TIMESTAMP,
+    WEIGHT,
+    Dataset,
+    MissingRows,
+)
+from twotower.data.synthetic import SyntheticConfig, generate
+from twotower.data.tables import TableSpec, read_table
+from twotower.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ColumnTypes = Mapping[str, pa.DataType | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class InteractionsConfig(TableSpec):
+    """The interactions file and which of its columns play which role.
+
+    Attributes:
+        query_id: the column holding the query (user) id.
+        item_id: the column holding the item id.
+        timestamp: the time column, if any (numbers or Arrow timestamps).
+        weight: a label / rating / weight column, if any.
+    """
+
+    query_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str | None = None
+    weight: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTableConfig(TableSpec):
+    """A side's feature table: one row per key."""
+
+    key: str = "id"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from.
+
+    Attributes:
+        source: ``files`` (the tables below), ``synthetic`` (the built-in generator) or
+            a MovieLens adapter reading the folder ``path``.
+        path: the dataset folder, for adapters.
+        interactions: the interactions file (``files``); with ``split.method: given``
+            it holds the training interactions.
+        valid: the user's own validation interactions (same columns).
+        test: the user's own test interactions (same columns).
+        queries: the query-side feature table.
+        items: the item-side feature table (the retrieval corpus).
+        min_weight: keep only interactions whose weight is at least this (e.g. rating >= 4).
+        on_missing_rows: an id with no feature row: ``error``, ``impute`` or ``drop``.
+        synthetic: the generator's settings, for ``source: synthetic``.
+    """
+
+    source: Literal[
+        "files", "synthetic", "movielens-100k", "movielens-1m", "movielens-latest-small"
+    ] = "synthetic"
+    path: Path | None = None
+    interactions: InteractionsConfig | None = None
+    valid: TableSpec | None = None
+    test: TableSpec | None = None
+    queries: FeatureTableConfig | None = None
+    items: FeatureTableConfig | None = None
+    min_weight: float | None = None
+    on_missing_rows: MissingRows = "error"
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+
+
+def load_dataset(
+    config: DataConfig,
+    query_columns: ColumnTypes | None = None,
+    item_columns: ColumnTypes | None = None,
+) -> Dataset:
+    """Loads and checks the dataset a config describes.
+
+    Args:
+        config: the data section of the config.
+        query_columns: the query-table columns the features need, with the Arrow
+            type each must convert to (None: any type).
+        item_columns: the same for the item table.
+    """
+    if config.source == "files":
+        dataset = _load_files(config, dict(query_columns or {}), dict(item_columns or {}))
+    elif config.source == "synthetic":
+        dataset = generate(config.synthetic).dataset
+    else:
+        from twotower.data.movielens import ADAPTERS
+
+        if config.path is None:
+            raise DataError(f"data.source {config.source!r} needs data.path, the dataset folder")
+        dataset = ADAPTERS[config.source](config.path)
+    return _keep_min_weight(dataset, config.min_weight)
+
+
+def _load_files(config: DataConfig, query_columns: dict, item_columns: dict) -> Dataset:
+    spec = config.interactions
+    if spec is None:
+        raise DataError("data.source 'files' needs data.interactions (a file path and columns)")
+    parts = [_read_interactions(spec, spec)]
+    if (config.valid is None) != (config.test is None):
+        raise DataError("give both data.valid and data.test, or neither")
+    if config.valid is not None:
+        parts = [
+            p.append_column(SPLIT, pa.array([i] * p.num_rows, pa.int8()))
+            for i, p in enumerate(
+                [
+                    parts[0],
+                    _read_interactions(config.valid, spec),
+                    _read_interactions(config.test, spec),
+                ]
+            )
+        ]
+    queries = _read_side(config.queries, query_columns)
+    items = _read_side(config.items, item_columns)
+    return Dataset.from_tables(
+        pa.concat_tables(parts, promote_options="permissive"),
+        queries,
+        items,
+        query_key=config.queries.key if config.queries else spec.query_id,
+        item_key=config.items.key if config.items else spec.item_id,
+        name=str(spec.path),
+        on_missing_rows=config.on_missing_rows,
+    )
+
+
+def _read_interactions(table: TableSpec, roles: InteractionsConfig) -> pa.Table:
+    """Reads an interactions file and renames its columns to the canonical roles."""
+    columns = {roles.query_id: QUERY_ID, roles.item_id: ITEM_ID}
+    types: dict[str, pa.DataType | None] = {roles.query_id: None, roles.item_id: None}
+    if roles.timestamp:
+        columns[roles.timestamp] = TIMESTAMP
+        types[roles.timestamp] = None
+    if roles.weight:
+        columns[roles.weight] = WEIGHT
+        types[roles.weight] = pa.float64()
+    raw = read_table(table, types).table
+    result = pa.table({canonical: raw.column(name) for name, canonical in columns.items()})
+    if TIMESTAMP in result.column_names:
+        result = _numeric_time(result, table.path)
+    return result
+
+
+def _numeric_time(table: pa.Table, source: Path) -> pa.Table:
+    """Timestamps as numbers (seconds for Arrow timestamps) so they sort and cut."""
+    column = table.column(TIMESTAMP)
+    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
+        column = pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
+    elif not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        raise DataError(
+            f"{source}: the timestamp column holds {column.type}; expected numbers or dates"
+        )
+    if column.null_count:
+        raise DataError(f"{source}: {column.null_count} interaction(s) have no timestamp")
+    return table.set_column(table.schema.get_field_index(TIMESTAMP), TIMESTAMP, column)
+
+
+def _read_side(spec: FeatureTableConfig | None, columns: dict) -> pa.Table | None:
+    if spec is None:
+        if columns:
+            raise DataError(
+                f"features use column(s) {sorted(columns)} but no feature table is configured"
+            )
+        return None
+    return read_table(spec, {spec.key: None, **columns}).table
+
+
+def _keep_min_weight(dataset: Dataset, min_weight: float | None) -> Dataset:
+    if min_weight is None:
+        return dataset
+    if WEIGHT not in dataset.interactions.column_names:
+        raise DataError(f"data.min_weight is set but {dataset.name} has no weight column")
+    kept = dataset.interactions.filter(pc.greater_equal(dataset.interactions[WEIGHT], min_weight))
+    log.info(
+        "kept %d of %d interactions with weight >= %s",
+        kept.num_rows,
+        dataset.interactions.num_rows,
+        min_weight,
+    )
+    return Dataset.from_tables(
+        kept,
+        dataset.queries,
+        dataset.items,
+        query_key=dataset.query_key,
+        item_key=dataset.item_key,
+        name=dataset.name,
+    )

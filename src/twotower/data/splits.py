@@ -1,0 +1,154 @@
+"""Train / validation / test splits of the interactions, deterministic given a seed.
+
+Methods:
+    leave_last_out: per query, the last interaction is test and the one before it
+        validation. "Last" is by timestamp; equal timestamps (or no timestamps at
+        all) are ordered by position in the source, a later row counting as later.
+        A query with 2 interactions gives train + test, with 1 only train.
+    random: per query, a seeded shuffle cut by ``ratios`` (train, valid, test); a
+        query with n interactions sends round(n * r_train) to train and
+        round(n * (r_train + r_valid)) - round(n * r_train) to validation.
+    time: one global cut-off; interactions at or after ``test_from`` are test,
+        those in [``valid_from``, ``test_from``) validation. Without explicit
+        cut-offs, they are the timestamps' quantiles at 1 - r_test - r_valid and
+        1 - r_test.
+    given: the user's own train / valid / test files (``data.valid``, ``data.test``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from twotower.data.dataset import QUERY_IDX, SPLIT, TIMESTAMP, Dataset
+from twotower.errors import DataError
+
+TRAIN, VALID, TEST = 0, 1, 2
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """How interactions are split (see the module docstring for each method)."""
+
+    method: Literal["leave_last_out", "random", "time", "given"] = "leave_last_out"
+    ratios: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
+    valid_from: float | None = None
+    test_from: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6:
+            raise ValueError(
+                f"ratios must be three non-negative numbers summing to 1: {self.ratios}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The interactions of each part, each a subset of ``Dataset.interactions``."""
+
+    train: pa.Table
+    valid: pa.Table
+    test: pa.Table
+
+    def part(self, name: str) -> pa.Table:
+        return getattr(self, name)
+
+
+def split_interactions(dataset: Dataset, config: SplitConfig) -> Split:
+    """Assigns each interaction to train, validation or test.
+
+    Raises:
+        DataError: the method needs timestamps or given files that are absent, or
+            a part would be left without any interaction.
+    """
+    assign = {
+        "leave_last_out": _leave_last_out,
+        "random": _random,
+        "time": _time,
+        "given": _given,
+    }[config.method]
+    part = assign(dataset, config)
+    tables = {name: dataset.interactions.filter(part == i) for i, name in enumerate(SPLIT_NAMES)}
+    for name, table in tables.items():
+        if table.num_rows == 0:
+            raise DataError(
+                f"{dataset.name}: the {name} split has no interactions after splitting "
+                f"with method {config.method!r}"
+            )
+    return Split(**tables)
+
+
+def _order_within_query(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows sorted by (query, time, source position); returns (order, rank, count)."""
+    query = dataset.column(QUERY_IDX)
+    position = np.arange(len(query))
+    keys = [position]
+    if dataset.has_timestamps:
+        keys.append(dataset.column(TIMESTAMP))
+    keys.append(query)
+    order = np.lexsort(keys)
+    sorted_query = query[order]
+    starts = np.flatnonzero(np.r_[True, sorted_query[1:] != sorted_query[:-1]])
+    counts = np.diff(np.r_[starts, len(order)])
+    first = np.repeat(starts, counts)
+    rank = np.arange(len(order)) - first  # 0 = the query's earliest
+    return order, rank, np.repeat(counts, counts)
+
+
+def _leave_last_out(dataset: Dataset, config: SplitConfig) -> np.ndarray:
+    order, rank, count = _order_within_query(dataset)
+    from_end = count - 1 - rank
+    part_sorted = np.full(len(order), TRAIN, dtype=np.int8)
+    part_sorted[from_end == 0] = TEST
+    part_sorted[(from_end == 1) & (count >= 3)] = VALID
+    part_sorted[(from_end == 0) & (count == 1)] = TRAIN
+    part = np.empty_like(part_sorted)
+    part[order] = part_sorted
+    return part
+
+
+def _random(dataset: Dataset, config: SplitConfig) -> np.ndarray:
+    query = dataset.column(QUERY_IDX)
+    rng = np.random.default_rng(config.seed)
+    order = np.lexsort((rng.random(len(query)), query))
+    sorted_query = query[order]
+    starts = np.flatnonzero(np.r_[True, sorted_query[1:] != sorted_query[:-1]])
+    counts = np.diff(np.r_[starts, len(order)])
+    rank = np.arange(len(order)) - np.repeat(starts, counts)
+    n = np.repeat(counts, counts)
+    cut_train = np.round(n * config.ratios[0])
+    cut_valid = np.round(n * (config.ratios[0] + config.ratios[1]))
+    part_sorted = np.where(rank < cut_train, TRAIN, np.where(rank < cut_valid, VALID, TEST))
+    part = np.empty(len(query), dtype=np.int8)
+    part[order] = part_sorted
+    return part
+
+
+def _time(dataset: Dataset, config: SplitConfig) -> np.ndarray:
+    if not dataset.has_timestamps:
+        raise DataError(f"{dataset.name}: split method 'time' needs a timestamp column")
+    t = dataset.column(TIMESTAMP).astype(np.float64)
+    _, r_valid, r_test = config.ratios
+    test_from = config.test_from
+    valid_from = config.valid_from
+    if test_from is None:
+        test_from = float(np.quantile(t, 1 - r_test))
+    if valid_from is None:
+        valid_from = float(np.quantile(t, 1 - r_test - r_valid))
+    if valid_from > test_from:
+        raise DataError(f"split: valid_from ({valid_from}) is after test_from ({test_from})")
+    return np.where(t >= test_from, TEST, np.where(t >= valid_from, VALID, TRAIN)).astype(np.int8)
+
+
+def _given(dataset: Dataset, config: SplitConfig) -> np.ndarray:
+    if SPLIT not in dataset.interactions.column_names:
+        raise DataError(
+            "split method 'given' needs your own files: set data.valid and data.test "
+            "beside data.interactions"
+        )
+    return dataset.column(SPLIT).astype(np.int8)

@@ -1,0 +1,257 @@
+"""A synthetic dataset with a planted answer: the built-in data of the demo and the tests.
+
+Queries (users) and items are drawn from latent clusters. Each has a latent vector
+near its cluster's centre; a query's affinity for an item is their dot product
+plus the item's log-popularity (a long tail). Interactions are sampled without
+replacement from the softmax of those affinities, so a model that recovers the
+clusters retrieves well and one that only counts popularity does not.
+
+Every feature carries some of the cluster signal, through noise:
+    query side: ``segment`` (a low-cardinality categorical), ``age`` (continuous,
+    2% missing), ``sessions`` (a long-tailed count);
+    item side: ``category`` (low-cardinality), ``price`` (continuous, 2% missing),
+    ``views`` (a long-tailed count following popularity), ``genres`` (a multi-hot
+    list like ``"g03|g07"``) and ``title`` (a short text of cluster-typical words).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from twotower.data.dataset import Dataset
+
+_LATENT_DIM = 16
+_NUM_GENRES = 18
+_WORDS_PER_CLUSTER = 12
+_START_TIME = 1_600_000_000  # seconds; the interactions span 180 days from here
+_SPAN = 180 * 24 * 3600
+_SYLLABLES = np.array(["ka", "lo", "mi", "ru", "ze", "to", "vi", "na", "pe", "sor", "dun", "qua"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """Settings of the generator.
+
+    Attributes:
+        num_queries: number of users.
+        num_items: number of items.
+        num_clusters: number of latent clusters.
+        interactions_per_query: mean interactions per user (at least 5 each).
+        affinity: how strongly clusters drive the choice (vs. popularity).
+        popularity_exponent: Zipf exponent of the item popularity tail.
+        seed: random seed; the same seed gives the same data.
+    """
+
+    num_queries: int = 2000
+    num_items: int = 1000
+    num_clusters: int = 8
+    interactions_per_query: int = 20
+    affinity: float = 6.0
+    popularity_exponent: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.num_queries, self.num_items, self.num_clusters) < 1:
+            raise ValueError("num_queries, num_items and num_clusters must be positive")
+        if self.interactions_per_query < 5 or self.interactions_per_query > self.num_items:
+            raise ValueError("interactions_per_query must be between 5 and num_items")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticData:
+    """A generated dataset and its planted answer.
+
+    Attributes:
+        dataset: the tables, keys ``user_id`` and ``item_id``.
+        query_cluster: (num_queries,) the cluster of each query, by query index.
+        item_cluster: (num_items,) the cluster of each item, by item index.
+        affinity: (num_queries, num_items) the true logits interactions were drawn from.
+    """
+
+    dataset: Dataset
+    query_cluster: np.ndarray
+    item_cluster: np.ndarray
+    affinity: np.ndarray
+
+
+def generate(config: SyntheticConfig) -> SyntheticData:
+    """Draws a dataset from the config's latent clusters (deterministic given ``seed``)."""
+    rng = np.random.default_rng(config.seed)
+    centres = _unit(rng.normal(size=(config.num_clusters, _LATENT_DIM)))
+    query_cluster = rng.integers(config.num_clusters, size=config.num_queries)
+    item_cluster = rng.integers(config.num_clusters, size=config.num_items)
+    query_vec = _unit(
+        centres[query_cluster] + 0.35 * rng.normal(size=(config.num_queries, _LATENT_DIM))
+    )
+    item_vec = _unit(
+        centres[item_cluster] + 0.35 * rng.normal(size=(config.num_items, _LATENT_DIM))
+    )
+    popularity_rank = rng.permutation(config.num_items) + 1
+    log_popularity = -config.popularity_exponent * np.log(popularity_rank)
+    affinity = config.affinity * query_vec @ item_vec.T + log_popularity  # (Q, N)
+
+    counts = _activity(rng, config)
+    query_idx, item_idx = _sample_interactions(rng, affinity, counts)
+    timestamps = _timestamps(rng, query_idx)
+    interactions = pa.table(
+        {
+            "query_id": query_idx + 1,
+            "item_id": item_idx + 1,
+            "timestamp": timestamps,
+        }
+    )
+    queries = _query_table(rng, config, query_cluster, counts)
+    items = _item_table(rng, config, item_cluster, log_popularity)
+    dataset = Dataset.from_tables(
+        interactions, queries, items, query_key="user_id", item_key="item_id", name="synthetic"
+    )
+    return SyntheticData(dataset, query_cluster, item_cluster, affinity)
+
+
+def write_parquet(dataset: Dataset, folder: Path) -> dict[str, Path]:
+    """Writes the three tables as Parquet files; returns their paths by role."""
+    folder.mkdir(parents=True, exist_ok=True)
+    interactions = dataset.interactions.select(["query_id", "item_id", "timestamp"])
+    interactions = interactions.rename_columns(["user_id", "item_id", "timestamp"])
+    paths = {
+        "interactions": folder / "interactions.parquet",
+        "queries": folder / "users.parquet",
+        "items": folder / "items.parquet",
+    }
+    pq.write_table(interactions, paths["interactions"])
+    pq.write_table(dataset.queries, paths["queries"])
+    pq.write_table(dataset.items, paths["items"])
+    return paths
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _activity(rng: np.random.Generator, config: SyntheticConfig) -> np.ndarray:
+    """Interactions per query: at least 5, long-tailed, mean about the configured one."""
+    extra_mean = config.interactions_per_query - 5
+    extra = rng.lognormal(np.log(max(extra_mean, 1e-9)) - 0.5, 1.0, size=config.num_queries)
+    counts = 5 + np.round(extra if extra_mean > 0 else 0 * extra).astype(np.int64)
+    return np.minimum(counts, config.num_items)
+
+
+def _sample_interactions(
+    rng: np.random.Generator, affinity: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Samples ``counts[q]`` distinct items per query from softmax(affinity[q]).
+
+    Uses the Gumbel-top-k trick: the top k of logits + Gumbel noise is a sample of k
+    items without replacement, vectorized over all queries.
+    """
+    num_queries, num_items = affinity.shape
+    k_max = int(counts.max())
+    query_idx, item_idx = [], []
+    for start in range(0, num_queries, 4096):  # bounded memory: 4096 x N at a time
+        block = affinity[start : start + 4096]
+        noisy = block + rng.gumbel(size=block.shape)
+        top = np.argpartition(-noisy, k_max - 1, axis=1)[:, :k_max]
+        order = np.argsort(-np.take_along_axis(noisy, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        keep = np.arange(k_max) < counts[start : start + 4096, None]
+        rows = np.broadcast_to(np.arange(start, start + len(block))[:, None], top.shape)
+        query_idx.append(rows[keep])
+        item_idx.append(top[keep])
+    return np.concatenate(query_idx), np.concatenate(item_idx)
+
+
+def _timestamps(rng: np.random.Generator, query_idx: np.ndarray) -> np.ndarray:
+    """Integer seconds, uniform over 180 days and independent of the sampling order."""
+    return _START_TIME + rng.integers(0, _SPAN, size=len(query_idx))
+
+
+def _noisy_label(rng: np.random.Generator, cluster: np.ndarray, levels: int, noise: float):
+    """A categorical that equals ``cluster % levels`` except for a ``noise`` fraction."""
+    label = cluster % levels
+    flip = rng.random(len(cluster)) < noise
+    return np.where(flip, rng.integers(levels, size=len(cluster)), label)
+
+
+def _with_missing(rng: np.random.Generator, values: np.ndarray, rate: float) -> pa.Array:
+    return pa.array(values, mask=rng.random(len(values)) < rate)
+
+
+def _query_table(
+    rng: np.random.Generator, config: SyntheticConfig, cluster: np.ndarray, counts: np.ndarray
+) -> pa.Table:
+    segment = _noisy_label(rng, cluster, 4, 0.2)
+    age = 22 + 35 * cluster / max(config.num_clusters - 1, 1) + rng.normal(0, 5, len(cluster))
+    sessions = np.round(counts * rng.lognormal(0.5, 0.8, len(cluster))).astype(np.int64)
+    return pa.table(
+        {
+            "user_id": np.arange(1, config.num_queries + 1),
+            "segment": pc.take(pa.array(["a", "b", "c", "d"]), pa.array(segment)),
+            "age": _with_missing(rng, np.round(age, 1), 0.02),
+            "sessions": sessions,
+        }
+    )
+
+
+def _item_table(
+    rng: np.random.Generator, config: SyntheticConfig, cluster: np.ndarray, log_pop: np.ndarray
+) -> pa.Table:
+    n = config.num_items
+    category = _noisy_label(rng, cluster, 5, 0.2)
+    price = np.exp(2 + 0.3 * (cluster % 4) + rng.normal(0, 0.4, n))
+    views = np.round(np.exp(log_pop - log_pop.min()) * rng.lognormal(2.0, 0.5, n)).astype(np.int64)
+    return pa.table(
+        {
+            "item_id": np.arange(1, n + 1),
+            "category": pc.take(pa.array([f"c{i}" for i in range(5)]), pa.array(category)),
+            "price": _with_missing(rng, np.round(price, 2), 0.02),
+            "views": views,
+            "genres": _genres(rng, cluster),
+            "title": _titles(rng, cluster, config.num_clusters),
+        }
+    )
+
+
+def _joined(words: np.ndarray, keep: np.ndarray, separator: str) -> pa.Array:
+    """Joins the kept words of each row into one string, vectorized with Arrow lists."""
+    counts = keep.sum(axis=1)
+    offsets = np.r_[0, np.cumsum(counts)].astype(np.int32)
+    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(words[keep]))
+    return pc.binary_join(lists, separator)
+
+
+def _genres(rng: np.random.Generator, cluster: np.ndarray) -> pa.Array:
+    """1-3 genres per item, mostly from its cluster's three typical genres."""
+    n = len(cluster)
+    typical = (3 * cluster[:, None] + np.arange(3)) % _NUM_GENRES  # (n, 3)
+    picks = np.where(rng.random((n, 3)) < 0.85, typical, rng.integers(_NUM_GENRES, size=(n, 3)))
+    keep = np.arange(3) < rng.integers(1, 4, size=n)[:, None]
+    names = np.array([f"g{i:02d}" for i in range(_NUM_GENRES)])
+    # A genre drawn twice for one item is kept once.
+    picks = np.sort(picks, axis=1)
+    keep &= np.c_[np.ones(n, bool), picks[:, 1:] != picks[:, :-1]]
+    return _joined(names[picks], keep, "|")
+
+
+def _titles(rng: np.random.Generator, cluster: np.ndarray, num_clusters: int) -> pa.Array:
+    """2-4 words per title, each from its cluster's word pool 80% of the time."""
+    n = len(cluster)
+    vocabulary = _words(num_clusters * _WORDS_PER_CLUSTER)
+    own = cluster[:, None] * _WORDS_PER_CLUSTER + rng.integers(_WORDS_PER_CLUSTER, size=(n, 4))
+    any_word = rng.integers(len(vocabulary), size=(n, 4))
+    picks = np.where(rng.random((n, 4)) < 0.8, own, any_word)
+    keep = np.arange(4) < rng.integers(2, 5, size=n)[:, None]
+    return _joined(vocabulary[picks], keep, " ")
+
+
+def _words(count: int) -> np.ndarray:
+    """``count`` distinct made-up words, e.g. ``"kalomi"`` (three syllables each)."""
+    s = len(_SYLLABLES)
+    i = (np.arange(count) * 577) % s**3  # 577 is prime to 12**3: distinct, well spread
+    parts = [_SYLLABLES[(i // s**p) % s] for p in range(3)]
+    return np.char.add(np.char.add(parts[0], parts[1]), parts[2])

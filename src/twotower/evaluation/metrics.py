@@ -1,0 +1,172 @@
+"""Top-k ranking metrics as pure, vectorized functions of (ranked ids, relevant ids).
+
+Notation: row q ranks items ``ranked[q]`` best first (rank i starts at 1; -1 pads a
+row that had fewer candidates); R is the row's set of relevant (held-out) items;
+rel(i) = 1 if the item at rank i is in R, else 0 (padding is never relevant);
+hits@k = sum_{i<=k} rel(i); N is the number of items.
+
+    recall@k     = hits@k / |R|
+    hr@k         = 1 if hits@k > 0 else 0
+    ndcg@k       = DCG@k / IDCG@k, DCG@k = sum_{i<=k} rel(i) / log2(i + 1),
+                   IDCG@k = sum_{i<=min(k, |R|)} 1 / log2(i + 1)
+    mrr@k        = 1 / (rank of the first hit) if that rank is <= k, else 0
+    precision@k  = hits@k / k  (a padded slot counts as a miss)
+    coverage@k   = |union over counted rows of their top-k items| / N
+    popularity@k = mean of item_popularity over the row's top-k items (0 if it has none)
+
+Rows with an empty R are not counted. Every metric except coverage is the mean over
+counted rows; coverage is one number for all of them. With no counted row the means
+are NaN and coverage is 0. The items within a row of ``ranked`` are assumed distinct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def ranking_metrics(
+    ranked: np.ndarray,
+    relevant: sp.csr_matrix,
+    ks: Sequence[int],
+    item_popularity: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Computes every metric at every cutoff in one pass (definitions in the module doc).
+
+    Args:
+        ranked: (Q, K_max) int64 item indices, best first, -1 for padding. A cutoff k
+            larger than K_max treats the missing slots as padding.
+        relevant: (Q, N) binary CSR; row q holds the relevant items of ``ranked[q]``.
+        ks: the cutoffs, each >= 1.
+        item_popularity: (N,) a popularity per item (e.g. train counts); adds
+            ``popularity@k`` when given.
+
+    Returns:
+        ``{"recall@k": ..., "hr@k": ..., "ndcg@k": ..., "mrr@k": ..., "precision@k": ...,
+        "coverage@k": ..., ["popularity@k": ...]}`` for each k in ``ks``.
+
+    Raises:
+        ValueError: shapes disagree, an item index is out of range or a k is < 1.
+    """
+    relevant = _canonical(relevant)
+    num_items = relevant.shape[1]
+    ranked = _checked_ranked(ranked, relevant.shape, _checked_ks(ks))
+    if item_popularity is not None:
+        item_popularity = np.asarray(item_popularity, dtype=np.float64)
+        if item_popularity.shape != (num_items,):
+            raise ValueError(f"item_popularity must have shape ({num_items},)")
+    num_relevant = np.diff(relevant.indptr)
+    rows = np.flatnonzero(num_relevant > 0)
+    ranked = ranked[rows]
+    hits = _hits(ranked, rows, relevant)  # (Qc, K)
+    cumulative = _cumulative(ranked, hits, num_relevant[rows], num_items, item_popularity)
+    result: dict[str, float] = {}
+    for k in ks:
+        result.update(_at_k(cumulative, k, len(rows), num_items))
+    return result
+
+
+def _canonical(relevant: sp.csr_matrix) -> sp.csr_matrix:
+    """A private copy with sorted, unique indices and no stored zeros."""
+    relevant = sp.csr_matrix(relevant, copy=True)
+    relevant.eliminate_zeros()
+    relevant.sum_duplicates()
+    return relevant
+
+
+def _checked_ks(ks: Sequence[int]) -> list[int]:
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be a non-empty list of cutoffs >= 1, got {ks}")
+    return ks
+
+
+def _checked_ranked(ranked: np.ndarray, shape: tuple[int, int], ks: list[int]) -> np.ndarray:
+    """Validates ``ranked`` and pads it with -1 up to the largest cutoff."""
+    ranked = np.asarray(ranked, dtype=np.int64)
+    if ranked.ndim != 2 or ranked.shape[0] != shape[0]:
+        raise ValueError(f"ranked must be ({shape[0]}, K), got shape {ranked.shape}")
+    if ranked.size and (ranked.min() < -1 or ranked.max() >= shape[1]):
+        raise ValueError(f"ranked holds item indices outside [-1, {shape[1]})")
+    missing = max(ks) - ranked.shape[1]
+    if missing > 0:
+        ranked = np.pad(ranked, ((0, 0), (0, missing)), constant_values=-1)
+    return ranked
+
+
+def _hits(ranked: np.ndarray, rows: np.ndarray, relevant: sp.csr_matrix) -> np.ndarray:
+    """(Qc, K) bool: whether ``ranked[j, i]`` is relevant to row ``rows[j]``.
+
+    Each (row, item) pair becomes the key row * N + item; the relevant keys are sorted
+    because the CSR is canonical, so one searchsorted finds every candidate.
+    """
+    num_items = relevant.shape[1]
+    relevant_rows = np.repeat(
+        np.arange(relevant.shape[0], dtype=np.int64), np.diff(relevant.indptr)
+    )
+    keys = relevant_rows * num_items + relevant.indices
+    if len(keys) == 0:
+        return np.zeros(ranked.shape, dtype=bool)
+    candidates = rows[:, None] * num_items + ranked
+    found = np.minimum(np.searchsorted(keys, candidates), len(keys) - 1)
+    return (ranked >= 0) & (keys[found] == candidates)
+
+
+def _cumulative(
+    ranked: np.ndarray,
+    hits: np.ndarray,
+    num_relevant: np.ndarray,
+    num_items: int,
+    item_popularity: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+    """Running sums over ranks, so that any cutoff k is a column lookup."""
+    K = ranked.shape[1]
+    discount = 1.0 / np.log2(np.arange(2, K + 2))  # (K,) rank i -> 1 / log2(i + 1)
+    first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), K)  # 0-based, K = none
+    # Coverage@k counts the items whose best position over all rows is < k.
+    best_position = np.full(num_items, K, dtype=np.int64)
+    present = ranked >= 0
+    positions = np.broadcast_to(np.arange(K), ranked.shape)
+    np.minimum.at(best_position, ranked[present], positions[present])
+    cumulative = {
+        "hits": np.cumsum(hits, axis=1),
+        "dcg": np.cumsum(hits * discount, axis=1),
+        "ideal": np.cumsum(discount),
+        "num_relevant": num_relevant,
+        "first_hit": first_hit,
+        "best_position": best_position,
+    }
+    if item_popularity is not None:
+        popularity = np.where(present, item_popularity[np.maximum(ranked, 0)], 0.0)
+        cumulative["popularity"] = np.cumsum(popularity, axis=1)
+        cumulative["shown"] = np.cumsum(present, axis=1)
+    return cumulative
+
+
+def _at_k(
+    cumulative: dict[str, np.ndarray], k: int, num_rows: int, num_items: int
+) -> dict[str, float]:
+    coverage = np.count_nonzero(cumulative["best_position"] < k) / max(num_items, 1)
+    if num_rows == 0:
+        names = ["recall", "hr", "ndcg", "mrr", "precision", "coverage"]
+        names += ["popularity"] if "popularity" in cumulative else []
+        return {f"{name}@{k}": coverage if name == "coverage" else np.nan for name in names}
+    hits = cumulative["hits"][:, k - 1]
+    num_relevant = cumulative["num_relevant"]
+    ideal = cumulative["ideal"][np.minimum(k, num_relevant) - 1]
+    first_hit = cumulative["first_hit"]
+    result = {
+        f"recall@{k}": np.mean(hits / num_relevant),
+        f"hr@{k}": np.mean(hits > 0),
+        f"ndcg@{k}": np.mean(cumulative["dcg"][:, k - 1] / ideal),
+        f"mrr@{k}": np.mean(np.where(first_hit < k, 1.0 / (first_hit + 1), 0.0)),
+        f"precision@{k}": np.mean(hits / k),
+        f"coverage@{k}": coverage,
+    }
+    if "popularity" in cumulative:
+        shown = cumulative["shown"][:, k - 1]
+        mean = cumulative["popularity"][:, k - 1] / np.maximum(shown, 1)
+        result[f"popularity@{k}"] = np.mean(mean)
+    return {name: float(value) for name, value in result.items()}

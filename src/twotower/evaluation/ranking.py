@@ -1,0 +1,181 @@
+"""Exact full-corpus ranking in chunks of queries, and the evaluation built on it.
+
+Every query is scored against every item (no sampled candidates), a chunk of queries
+at a time so that memory stays at ``chunk_size x N`` scores. The ranking is a pure
+function of the scores: equal scores go to the lower item index, so the result does
+not depend on ``chunk_size`` or on how ``torch.topk`` orders ties.
+
+Seen-item filtering (``exclude_seen=True``): the items a query already interacted
+with before the evaluated part (train for ``valid``; train + valid for ``test``) are
+removed from its ranking, *and* from its held-out items. A re-consumed item can then
+never be retrieved, so counting it as a miss would only lower every model's score by
+the same unreachable amount. A query with no held-out item left is not evaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from twotower.data.matrix import interaction_matrix
+from twotower.data.splits import Split
+from twotower.evaluation.metrics import ranking_metrics
+
+# Maps a chunk of query indices (B,) to the scores of every item (B, N).
+ScoreFn = Callable[[np.ndarray], torch.Tensor]
+
+
+def top_k(
+    score_fn: ScoreFn,
+    query_idx: np.ndarray,
+    k: int,
+    exclude: sp.csr_matrix | None = None,
+    chunk_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks every item for every query and keeps the best k, exactly.
+
+    Args:
+        score_fn: (B,) query indices -> (B, N) float scores of every item.
+        query_idx: (Q,) int64 the queries to rank for.
+        k: how many items to keep per query.
+        exclude: (num_queries, N) CSR; items set in row q are never returned for q.
+        chunk_size: queries scored at once; bounds memory, never changes the result.
+
+    Returns:
+        ``(ids, scores)``: (Q, k) int64 item indices, best first, ties toward the lower
+        index; (Q, k) float32 their scores. Where fewer than k items remain (excluded
+        items, or any item scored -inf), the row ends with -1 / -inf.
+
+    Raises:
+        ValueError: bad ``k`` or ``chunk_size``, a score matrix of the wrong shape,
+            or NaN scores.
+    """
+    if k < 1 or chunk_size < 1:
+        raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
+    query_idx = np.asarray(query_idx, dtype=np.int64)
+    ids = np.full((len(query_idx), k), -1, dtype=np.int64)
+    scores = np.full((len(query_idx), k), -np.inf, dtype=np.float32)
+    starts = range(0, len(query_idx), chunk_size)
+    for start in tqdm(starts, desc="ranking", unit="chunk", disable=None, leave=False):
+        chunk = query_idx[start : start + chunk_size]
+        chunk_scores = _checked_scores(score_fn(chunk), len(chunk), exclude)
+        if exclude is not None:
+            chunk_scores = _mask(chunk_scores, exclude[chunk])
+        chunk_ids, chunk_top = _exact_top_k(chunk_scores, k)
+        ids[start : start + len(chunk)] = chunk_ids.numpy()
+        scores[start : start + len(chunk)] = chunk_top.numpy()
+    return ids, scores
+
+
+def _checked_scores(
+    scores: torch.Tensor, num_queries: int, exclude: sp.csr_matrix | None
+) -> torch.Tensor:
+    scores = scores.detach().to(device="cpu", dtype=torch.float32)
+    if scores.ndim != 2 or scores.shape[0] != num_queries:
+        raise ValueError(
+            f"score_fn must return ({num_queries}, N) scores, got {tuple(scores.shape)}"
+        )
+    if exclude is not None and scores.shape[1] != exclude.shape[1]:
+        raise ValueError(f"score_fn scored {scores.shape[1]} items, exclude has {exclude.shape[1]}")
+    if torch.isnan(scores).any():
+        raise ValueError("score_fn returned NaN scores")
+    return scores
+
+
+def _mask(scores: torch.Tensor, exclude: sp.csr_matrix) -> torch.Tensor:
+    """Sets the excluded (B, N) positions to -inf, on a copy: score_fn owns its tensor."""
+    coo = exclude.tocoo()
+    rows = torch.from_numpy(coo.row.astype(np.int64))
+    cols = torch.from_numpy(coo.col.astype(np.int64))
+    return scores.index_put((rows, cols), torch.tensor(-torch.inf))
+
+
+def _exact_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row of (B, N) scores; equal scores go to the lower index.
+
+    ``torch.topk`` only yields the k-th best value reliably; which of several items
+    tied at that value it returns is unspecified. So every item above the threshold is
+    kept, the remaining slots go to the lowest-index items equal to it, and a stable
+    sort orders the kept items (which ``nonzero`` lists by ascending index).
+
+    Returns:
+        (B, k) int64 item ids and (B, k) float32 scores; -1 / -inf pad rows with fewer
+        than k items above -inf.
+    """
+    B, N = scores.shape
+    kept = min(k, N)
+    ids = torch.full((B, k), -1, dtype=torch.int64)
+    top = torch.full((B, k), -torch.inf, dtype=torch.float32)
+    if kept == 0 or B == 0:
+        return ids, top
+    threshold = torch.topk(scores, kept, dim=1).values[:, -1:]  # (B, 1) the k-th best
+    above = scores > threshold
+    tied = scores == threshold
+    room = kept - above.sum(dim=1, keepdim=True)  # (B, 1) slots left for tied items
+    keep = above | (tied & (tied.cumsum(dim=1) <= room))  # exactly `kept` per row
+    cols = keep.nonzero()[:, 1].view(B, kept)  # (B, kept) ascending item index
+    values = scores.gather(1, cols)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    ids[:, :kept] = cols.gather(1, order)
+    top[:, :kept] = values.gather(1, order)
+    ids[top == -torch.inf] = -1  # excluded (or -inf scored) items are never returned
+    return ids, top
+
+
+def evaluate(
+    score_fn: ScoreFn,
+    split: Split,
+    part: str,
+    num_queries: int,
+    num_items: int,
+    ks: Sequence[int] = (10, 50, 100),
+    exclude_seen: bool = True,
+    chunk_size: int = 1024,
+    item_popularity: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Full-corpus ranking metrics of ``score_fn`` on one held-out part.
+
+    Args:
+        score_fn: (B,) query indices -> (B, N) scores of every item.
+        split: the train / valid / test interactions.
+        part: ``"valid"`` or ``"test"``: whose items are held out.
+        num_queries: number of queries (rows of the interaction matrices).
+        num_items: N, the size of the corpus.
+        ks: the cutoffs; the ranking keeps ``max(ks)`` items.
+        exclude_seen: remove seen items from the rankings and from the held-out
+            items (see the module docstring).
+        chunk_size: queries scored at once.
+        item_popularity: (N,) optional, adds ``popularity@k``.
+
+    Returns:
+        ``{"{part}/{metric}@{k}": value, ..., "{part}/queries": evaluated count}``; the
+        metrics are those of ``twotower.evaluation.metrics.ranking_metrics``.
+    """
+    if part not in ("valid", "test"):
+        raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
+    held_out = interaction_matrix(split.part(part), num_queries, num_items)
+    seen = _seen(split, part, num_queries, num_items)
+    if exclude_seen:
+        held_out = (held_out - held_out.multiply(seen)).tocsr()
+        held_out.eliminate_zeros()
+    queries = np.flatnonzero(np.diff(held_out.indptr) > 0)
+    exclude = seen if exclude_seen else None
+    k = max(ks, default=1)  # an empty ks is rejected by ranking_metrics below
+    ranked, _ = top_k(score_fn, queries, k, exclude=exclude, chunk_size=chunk_size)
+    metrics = ranking_metrics(ranked, held_out[queries], ks, item_popularity)
+    result: dict[str, float] = {f"{part}/{name}": value for name, value in metrics.items()}
+    result[f"{part}/queries"] = len(queries)
+    return result
+
+
+def _seen(split: Split, part: str, num_queries: int, num_items: int) -> sp.csr_matrix:
+    """(num_queries, N) binary CSR of what each query saw before ``part``."""
+    seen = interaction_matrix(split.train, num_queries, num_items)
+    if part == "test":
+        seen = (seen + interaction_matrix(split.valid, num_queries, num_items)).tocsr()
+        seen.data[:] = 1.0  # an item in both train and valid is still seen once
+    return seen

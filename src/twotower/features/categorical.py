@@ -1,0 +1,163 @@
+"""Categorical transforms: ids (vocabulary or hashing), one-hot, and multi-hot lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twotower.features import ragged
+from twotower.features.hashing import hash_buckets
+from twotower.features.specs import IdFeature, MultiHotFeature, OneHotFeature
+from twotower.features.transform import (
+    MISSING,
+    OOV,
+    RESERVED,
+    FitContext,
+    Transform,
+    from_numpy_array,
+    to_numpy_array,
+)
+
+
+class Vocabulary:
+    """Values seen at least ``min_count`` times, most frequent first (ties by value).
+
+    ``lookup`` maps null to 0 (missing), a value not kept to 1 (out of vocabulary),
+    and the i-th kept value to i + 2.
+    """
+
+    def __init__(self, values: pa.Array | None = None) -> None:
+        self.values = values if values is not None else pa.array([], pa.string())
+
+    @classmethod
+    def fit(
+        cls, values: pa.Array, weights: np.ndarray | None, min_count: int, max_size: int | None
+    ) -> Vocabulary:
+        values = _flat(values)
+        present = pc.invert(pc.is_null(values))
+        values = values.filter(present)
+        if weights is None:
+            counts = pc.value_counts(values)
+            uniques, freq = counts.field("values"), counts.field("counts").to_numpy()
+        else:
+            encoded = pc.dictionary_encode(values)
+            row_weights = np.asarray(weights)[present.to_numpy(zero_copy_only=False)]
+            freq = np.bincount(
+                encoded.indices.to_numpy(), weights=row_weights, minlength=len(encoded.dictionary)
+            )
+            uniques = encoded.dictionary
+        keep = np.flatnonzero(freq >= min_count)
+        order = pc.sort_indices(
+            pa.table({"f": pa.array(-freq[keep]), "v": pc.take(uniques, pa.array(keep))}),
+            sort_keys=[("f", "ascending"), ("v", "ascending")],
+        )
+        ordered = pc.take(pc.take(uniques, pa.array(keep)), order)
+        return cls(ordered[:max_size] if max_size is not None else ordered)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def lookup(self, values: pa.Array) -> np.ndarray:
+        """(rows,) int64 indices of ``values`` (0 missing, 1 unseen, 2.. the vocabulary)."""
+        values, vocabulary = _comparable(values, self.values)
+        position = pc.index_in(values, value_set=vocabulary)
+        codes = pc.fill_null(pc.add(position, RESERVED), OOV).to_numpy().astype(np.int64)
+        return np.where(pc.is_null(values).to_numpy(zero_copy_only=False), MISSING, codes)
+
+
+def _comparable(values: pa.Array, vocabulary: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Same-typed arrays for lookup; text vs numbers are compared as text."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if values.type == vocabulary.type or len(vocabulary) == 0:
+        return pc.cast(values, vocabulary.type) if len(vocabulary) else values, vocabulary
+    try:
+        return pc.cast(values, vocabulary.type), vocabulary
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pc.cast(values, pa.string()), pc.cast(vocabulary, pa.string())
+
+
+class _VocabularyTransform(Transform):
+    """A transform whose whole state is one ``Vocabulary``."""
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self.vocabulary = Vocabulary()
+
+    @property
+    def size(self) -> int:
+        return len(self.vocabulary) + RESERVED
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {}, {"vocabulary": to_numpy_array(self.vocabulary.values)}
+
+    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.vocabulary = Vocabulary(from_numpy_array(arrays["vocabulary"]))
+
+
+class IdTransform(_VocabularyTransform):
+    """An id -> (rows,) int64 embedding index (vocabulary with min_count, or hash buckets)."""
+
+    spec: IdFeature
+
+    def fit(self, values: pa.Array, context: FitContext) -> None:
+        if not self.spec.hash_buckets:
+            self.vocabulary = Vocabulary.fit(
+                values, context.weights, self.spec.min_count, self.spec.max_size
+            )
+
+    def transform(self, values: pa.Array) -> np.ndarray:
+        if self.spec.hash_buckets:
+            return hash_buckets(_flat(values), self.spec.hash_buckets)
+        return self.vocabulary.lookup(values)
+
+    @property
+    def size(self) -> int:
+        return self.spec.hash_buckets + 1 if self.spec.hash_buckets else super().size
+
+
+class OneHotTransform(_VocabularyTransform):
+    """A low-cardinality categorical -> a (rows, size) float32 one-hot matrix."""
+
+    spec: OneHotFeature
+
+    def fit(self, values: pa.Array, context: FitContext) -> None:
+        self.vocabulary = Vocabulary.fit(values, None, self.spec.min_count, None)
+
+    def transform(self, values: pa.Array) -> np.ndarray:
+        return np.eye(self.size, dtype=np.float32)[self.vocabulary.lookup(values)]
+
+
+class MultiHotTransform(_VocabularyTransform):
+    """A list of categories -> (rows, L) int64 vocabulary indices, 0-padded."""
+
+    spec: MultiHotFeature
+
+    def _tokens(self, values: pa.Array) -> tuple[pa.Array, np.ndarray]:
+        values = _flat(values)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            values = pc.split_pattern(values, self.spec.separator)
+        elif not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
+            values = pc.split_pattern(pc.cast(values, pa.string()), self.spec.separator)
+        # Drop empty tokens ("" from an empty string, "a||b") by rebuilding the lists.
+        tokens, lengths = ragged.list_parts(values)
+        tokens = pc.utf8_trim_whitespace(pc.cast(tokens, pa.string()))
+        nonempty = pc.fill_null(pc.not_equal(tokens, ""), False).to_numpy(zero_copy_only=False)
+        row = np.repeat(np.arange(len(lengths)), lengths)
+        lengths = np.bincount(row[nonempty], minlength=len(lengths))
+        return tokens.filter(pa.array(nonempty)), lengths
+
+    def fit(self, values: pa.Array, context: FitContext) -> None:
+        tokens, _ = self._tokens(values)
+        self.vocabulary = Vocabulary.fit(tokens, None, self.spec.min_count, None)
+
+    def transform(self, values: pa.Array) -> np.ndarray:
+        tokens, lengths = self._tokens(values)
+        return ragged.pad(self.vocabulary.lookup(tokens), lengths, self.spec.max_len)
+
+
+def _flat(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values

@@ -1,0 +1,67 @@
+"""A query's recent items from the training interactions, as item-vocabulary indices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP
+from twotower.features import ragged
+from twotower.features.categorical import Vocabulary
+from twotower.features.specs import HistoryFeature
+from twotower.features.transform import FitContext, Transform, from_numpy_array, to_numpy_array
+from twotower.errors import DataError
+
+
+class HistoryTransform(Transform):
+    """A query key -> (rows, max_len) int64 item indices, most recent first, 0-padded.
+
+    Fitted on training interactions only, so validation and test items never
+    appear. Recency is by timestamp, then by position in the source (later rows
+    are more recent), the rule the splits use. The indices are those of the item-id
+    feature named by ``item_feature``, whose embedding table the towers share.
+    A query with no training interaction (or unseen) gets an all-padding row.
+    """
+
+    spec: HistoryFeature
+
+    def __init__(self, spec: HistoryFeature) -> None:
+        super().__init__(spec)
+        self.keys = Vocabulary()
+        self.items = np.zeros((0, spec.max_len), np.int64)
+
+    def fit(self, values: pa.Array, context: FitContext) -> None:
+        if context.train is None or context.query_keys is None:
+            raise DataError(f"history feature {self.spec.name!r} needs the training interactions")
+        codes = context.item_codes[self.spec.item_feature]
+        query = context.train.column(QUERY_IDX).to_numpy()
+        keys = [np.arange(len(query))]  # position: later rows are more recent
+        if TIMESTAMP in context.train.column_names:
+            keys.append(context.train.column(TIMESTAMP).to_numpy())
+        keys.append(query)
+        order = np.lexsort(keys)[::-1]  # by query descending, most recent first
+        order = order[np.argsort(query[order], kind="stable")]
+        query_sorted = query[order]
+        owners, lengths = np.unique(query_sorted, return_counts=True)
+        items = codes[context.train.column(ITEM_IDX).to_numpy()[order]]
+        self.keys = Vocabulary(pc.take(context.query_keys, pa.array(owners)))
+        self.items = ragged.pad(items, lengths, self.spec.max_len, width=self.spec.max_len)
+
+    def transform(self, values: pa.Array) -> np.ndarray:
+        row = self.keys.lookup(values) - 2  # vocabulary indices start at 2
+        padded = np.vstack([self.items, np.zeros((1, self.spec.max_len), np.int64)])
+        return padded[np.where(row >= 0, row, len(self.items))]
+
+    @property
+    def size(self) -> int:
+        return self.spec.max_len
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {}, {"keys": to_numpy_array(self.keys.values), "items": self.items}
+
+    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.keys = Vocabulary(from_numpy_array(arrays["keys"]))
+        self.items = arrays["items"]

@@ -1,0 +1,172 @@
+"""The fitted feature state of both sides: fit on training data, transform, save, load.
+
+Saved as two plain files, nothing pickled:
+    ``features.json``: format version, each feature's spec and scalar state, and
+        the SHA-256 of the arrays file (checked on load);
+    ``features.npz``: every array (vocabularies, quantile boundaries, histories).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from twotower.config import from_dict, to_dict
+from twotower.data.dataset import ITEM_IDX, QUERY_IDX, Dataset
+from twotower.errors import DataError
+from twotower.features.categorical import IdTransform, MultiHotTransform, OneHotTransform
+from twotower.features.dense import DenseTransform
+from twotower.features.history import HistoryTransform
+from twotower.features.specs import SIDES, FeatureSpec, FeaturesConfig
+from twotower.features.text import TextTransform
+from twotower.features.transform import FitContext, Transform
+from twotower.storage import atomic_write, sha256_file
+
+FORMAT_VERSION = 1
+STATE_FILE = "features.json"
+ARRAYS_FILE = "features.npz"
+
+TRANSFORMS: dict[str, type[Transform]] = {
+    "id": IdTransform,
+    "onehot": OneHotTransform,
+    "dense": DenseTransform,
+    "multihot": MultiHotTransform,
+    "history": HistoryTransform,
+    "text": TextTransform,
+}
+
+
+class FeaturePipeline:
+    """Both sides' transforms, in config order. ``transform`` never raises on unseen values."""
+
+    def __init__(self, config: FeaturesConfig) -> None:
+        self.config = config
+        self.transforms: dict[str, dict[str, Transform]] = {
+            side: {spec.name: TRANSFORMS[spec.kind](spec) for spec in getattr(config, side)}
+            for side in SIDES
+        }
+
+    @classmethod
+    def fit(cls, config: FeaturesConfig, dataset: Dataset, train: pa.Table) -> FeaturePipeline:
+        """Fits every transform on the training split only.
+
+        A side's table is restricted to the ids with training interactions; a
+        feature on the side's key column counts each id once per interaction.
+        The item side is fitted first, since history features use its vocabulary.
+        """
+        pipeline = cls(config)
+        item_codes = pipeline._fit_side("item", dataset.items, dataset.item_key, train, ITEM_IDX)
+        pipeline._fit_side(
+            "query",
+            dataset.queries,
+            dataset.query_key,
+            train,
+            QUERY_IDX,
+            FitContext(
+                train=train,
+                query_keys=dataset.queries.column(dataset.query_key).combine_chunks(),
+                item_codes=item_codes,
+            ),
+        )
+        return pipeline
+
+    def _fit_side(
+        self,
+        side: str,
+        table: pa.Table,
+        key: str,
+        train: pa.Table,
+        index_column: str,
+        context: FitContext | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Fits one side; returns each id feature's codes of the whole table, by row."""
+        counts = np.bincount(train.column(index_column).to_numpy(), minlength=table.num_rows)
+        seen = np.flatnonzero(counts)
+        fit_rows = table.take(pa.array(seen))
+        context = context or FitContext()
+        codes = {}
+        for name, transform in self.transforms[side].items():
+            spec = transform.spec
+            _require_column(table, spec, side)
+            weights = counts[seen] if spec.column == key else None
+            transform.fit(
+                fit_rows.column(spec.column), dataclasses.replace(context, weights=weights)
+            )
+            if isinstance(transform, IdTransform):
+                codes[name] = transform.transform(table.column(spec.column))
+        return codes
+
+    def transform(self, side: str, table: pa.Table) -> dict[str, torch.Tensor]:
+        """Model inputs of a batch of raw rows (a table with the side's feature columns).
+
+        Returns:
+            Feature name -> tensor: ``id``/``bucketize``: (B,) int64; ``onehot``:
+            (B, C) float32; ``dense``: (B, 2) float32; ``multihot``/``text``/
+            ``history``: (B, L) int64, 0-padded.
+        """
+        out = {}
+        for name, transform in self.transforms[side].items():
+            _require_column(table, transform.spec, side)
+            out[name] = torch.from_numpy(transform.transform(table.column(transform.spec.column)))
+        return out
+
+    def sizes(self, side: str) -> dict[str, int]:
+        """Embedding rows (or vector width) of each feature of a side."""
+        return {name: t.size for name, t in self.transforms[side].items()}
+
+    def save(self, folder: Path) -> None:
+        """Writes ``features.json`` and ``features.npz`` (each atomically)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "config": to_dict(self.config)}
+        arrays: dict[str, np.ndarray] = {}
+        state: dict[str, dict[str, Any]] = {}
+        for side in SIDES:
+            for name, transform in self.transforms[side].items():
+                scalars, named = transform.state()
+                state[f"{side}.{name}"] = scalars
+                arrays.update({f"{side}.{name}.{k}": v for k, v in named.items()})
+        meta["state"] = state
+        atomic_write(folder / ARRAYS_FILE, lambda f: np.savez(f, **arrays))
+        meta["arrays_sha256"] = sha256_file(folder / ARRAYS_FILE)
+        text = json.dumps(meta, indent=2, sort_keys=True)
+        atomic_write(folder / STATE_FILE, lambda f: f.write(text.encode("utf-8")))
+
+    @classmethod
+    def load(cls, folder: Path) -> FeaturePipeline:
+        """Reads what ``save`` wrote; refuses a changed, corrupt or newer-format state."""
+        try:
+            meta = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{folder / STATE_FILE}: no saved feature state here") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{folder / STATE_FILE}: corrupt ({err})") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"{folder / STATE_FILE}: format version {meta.get('format_version')} is not "
+                f"{FORMAT_VERSION}, the one this version of twotower reads"
+            )
+        if sha256_file(folder / ARRAYS_FILE) != meta["arrays_sha256"]:
+            raise DataError(f"{folder / ARRAYS_FILE}: checksum mismatch; the file is corrupt")
+        pipeline = cls(from_dict(FeaturesConfig, meta["config"], where="features"))
+        with np.load(folder / ARRAYS_FILE, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        for side in SIDES:
+            for name, transform in pipeline.transforms[side].items():
+                prefix = f"{side}.{name}."
+                named = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+                transform.load_state(meta["state"][f"{side}.{name}"], named)
+        return pipeline
+
+
+def _require_column(table: pa.Table, spec: FeatureSpec, side: str) -> None:
+    if spec.column not in table.column_names:
+        raise DataError(
+            f"{side} feature {spec.name!r} reads column {spec.column!r}, which the {side} "
+            f"table lacks; it has {', '.join(map(repr, table.column_names))}"
+        )

@@ -1,0 +1,165 @@
+"""What each feature is, declared per feature in the config (one dataclass per kind).
+
+Reserved indices, the same for every kind that produces indices:
+    0: missing (also list padding);
+    1: out of vocabulary (a value not seen, or seen too rarely, in training).
+Hashed features use 0 for missing and 1..buckets for the hash buckets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Union
+
+import pyarrow as pa
+
+Pooling = Literal["mean", "sum"]
+
+
+@dataclasses.dataclass(frozen=True)
+class IdFeature:
+    """A categorical id (a user id, an item id, an occupation) with its own embedding.
+
+    Attributes:
+        min_count: values seen fewer times in training map to out-of-vocabulary.
+        max_size: keep at most this many most frequent values (None: all).
+        hash_buckets: if > 0, hash values into this many buckets instead of a vocabulary.
+        dim: embedding width (used by the towers).
+    """
+
+    name: str
+    column: str
+    kind: Literal["id"] = "id"
+    min_count: int = 1
+    max_size: int | None = None
+    hash_buckets: int = 0
+    dim: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class OneHotFeature:
+    """A low-cardinality categorical as a one-hot vector (missing and unseen have a slot)."""
+
+    name: str
+    column: str
+    kind: Literal["onehot"] = "onehot"
+    min_count: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseFeature:
+    """A number: standardized, ``log1p`` then standardized, or quantile-bucketized.
+
+    ``log1p`` is applied as sign(x) * log1p(|x|), so it is defined for any x.
+    NaN, infinities and nulls are missing: imputed (0 after standardizing, or the
+    bucket 0) and flagged in a second column.
+
+    Attributes:
+        transform: ``standardize``, ``log1p`` or ``bucketize``.
+        num_buckets: number of quantile buckets for ``bucketize``.
+        dim: embedding width for ``bucketize``.
+    """
+
+    name: str
+    column: str
+    kind: Literal["dense"] = "dense"
+    transform: Literal["standardize", "log1p", "bucketize"] = "standardize"
+    num_buckets: int = 10
+    dim: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiHotFeature:
+    """A list of categories (``"Action|Comedy"`` or an Arrow list column), pooled.
+
+    Attributes:
+        separator: splits a string column into its list.
+        max_len: at most this many values per row are kept (the first ones).
+    """
+
+    name: str
+    column: str
+    kind: Literal["multihot"] = "multihot"
+    separator: str = "|"
+    min_count: int = 1
+    max_len: int = 32
+    pooling: Pooling = "mean"
+    dim: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryFeature:
+    """A query's most recent training items, sharing the item-id embedding table.
+
+    Built from the training interactions only. ``column`` is the query key;
+    ``item_feature`` names the item-side ``id`` feature whose vocabulary (and,
+    in the towers, embedding table) is shared.
+    """
+
+    name: str
+    column: str
+    item_feature: str
+    kind: Literal["history"] = "history"
+    max_len: int = 50
+    pooling: Pooling = "mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFeature:
+    """Text by letter-trigram word hashing, as in DSSM: ``#good#`` -> #go, goo, ood, od#.
+
+    Text is lower-cased and split into words on anything that is not a letter or a
+    digit; each trigram is hashed into ``buckets`` (ids 1..buckets; 0 pads).
+
+    Attributes:
+        max_len: at most this many trigrams per row are kept (the first ones).
+    """
+
+    name: str
+    column: str
+    kind: Literal["text"] = "text"
+    buckets: int = 30_000
+    max_len: int = 64
+    pooling: Pooling = "sum"
+    dim: int = 64
+
+
+FeatureSpec = Union[
+    IdFeature, OneHotFeature, DenseFeature, MultiHotFeature, HistoryFeature, TextFeature
+]
+SIDES = ("query", "item")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesConfig:
+    """The features of each side; each is fitted on the training split only."""
+
+    query: list[FeatureSpec] = dataclasses.field(default_factory=list)
+    item: list[FeatureSpec] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for side in SIDES:
+            names = [spec.name for spec in getattr(self, side)]
+            duplicated = {n for n in names if names.count(n) > 1}
+            if duplicated:
+                raise ValueError(
+                    f"features.{side}: duplicated feature name(s) {sorted(duplicated)}"
+                )
+        item_ids = {s.name for s in self.item if isinstance(s, IdFeature)}
+        for spec in self.query:
+            if isinstance(spec, HistoryFeature) and spec.item_feature not in item_ids:
+                raise ValueError(
+                    f"features.query.{spec.name}: item_feature {spec.item_feature!r} is not an "
+                    f"item-side id feature (item id features: {sorted(item_ids)})"
+                )
+        for spec in self.item:
+            if isinstance(spec, HistoryFeature):
+                raise ValueError(f"features.item.{spec.name}: history features are query-side")
+
+    def required_columns(self, side: str) -> dict[str, pa.DataType | None]:
+        """The table columns a side's features read, with the type they must convert to."""
+        columns: dict[str, pa.DataType | None] = {}
+        for spec in getattr(self, side):
+            numeric = isinstance(spec, DenseFeature)
+            columns[spec.column] = pa.float64() if numeric else columns.get(spec.column)
+        return columns

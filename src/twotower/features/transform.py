@@ -1,0 +1,72 @@
+"""The shape every fitted feature transform shares, and what fitting may look at."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+MISSING = 0
+OOV = 1
+RESERVED = 2  # indices below this are MISSING and OOV
+
+
+@dataclasses.dataclass(frozen=True)
+class FitContext:
+    """What a transform may learn from, besides its own column (training data only).
+
+    Attributes:
+        weights: (rows,) how many times each row of the column counts; for a side's
+            key column, the number of training interactions of that id.
+        train: the training interactions (``query_idx``, ``item_idx``, maybe ``timestamp``).
+        query_keys: the query key of each query index.
+        item_codes: by item index, the item's index in the shared item-id vocabulary.
+    """
+
+    weights: np.ndarray | None = None
+    train: pa.Table | None = None
+    query_keys: pa.Array | None = None
+    item_codes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+class Transform(abc.ABC):
+    """Raw column -> numpy array, fitted on training data, saved as JSON + numpy arrays."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    @abc.abstractmethod
+    def fit(self, values: pa.Array, context: FitContext) -> None:
+        """Learns the state from the training rows' values."""
+
+    @abc.abstractmethod
+    def transform(self, values: pa.Array) -> np.ndarray:
+        """Maps raw values (any rows, unseen or missing included) to model inputs."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Embedding rows (index outputs) or vector width (float outputs)."""
+
+    @abc.abstractmethod
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The fitted state: JSON-ready scalars and numpy arrays (no objects)."""
+
+    @abc.abstractmethod
+    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Restores what ``state`` returned."""
+
+
+def to_numpy_array(values: pa.Array) -> np.ndarray:
+    """An Arrow array as a numpy array that saves without pickle (strings: fixed-width)."""
+    if pa.types.is_integer(values.type):
+        return values.to_numpy().astype(np.int64)
+    return np.asarray(values.to_pylist(), dtype=str)
+
+
+def from_numpy_array(values: np.ndarray) -> pa.Array:
+    """The inverse of ``to_numpy_array``."""
+    return pa.array(values) if values.dtype.kind != "U" else pa.array(values.tolist(), pa.string())
