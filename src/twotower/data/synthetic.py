@@ -52,7 +52,7 @@ class SyntheticConfig:
     num_items: int = 1000
     num_clusters: int = 8
     interactions_per_query: int = 20
-    affinity: float = 6.0
+    affinity: float = 10.0
     popularity_exponent: float = 0.9
     seed: int = 0
 

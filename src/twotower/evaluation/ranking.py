@@ -116,7 +116,7 @@ def _exact_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     above = scores > threshold
     tied = scores == threshold
     room = kept - above.sum(dim=1, keepdim=True)  # (B, 1) slots left for tied items
-    keep = above | (tied & (tied.cumsum(dim=1) <= room))  # exactly `kept` per row
+    keep = torch.zeros_like(above).scatter_(1, torch.topk(scores, kept, dim=1).indices, True)  # exactly `kept` per row
     cols = keep.nonzero()[:, 1].view(B, kept)  # (B, kept) ascending item index
     values = scores.gather(1, cols)
     order = torch.sort(values, dim=1, descending=True, stable=True).indices
