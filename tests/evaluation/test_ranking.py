@@ -66,6 +66,15 @@ def test_all_ties_go_to_the_lowest_indices() -> None:
     assert (top == 0).all()
 
 
+def test_large_k_with_ties_matches_a_stable_sort() -> None:
+    # With thousands of kept items an unstable sort would scramble the tied ones.
+    scores = np.random.default_rng(0).integers(0, 3, size=(3, 3000)).astype(np.float32)
+    ids, top = top_k(_lookup(scores), np.arange(3), k=3000)
+    expected = np.argsort(-scores, axis=1, kind="stable")
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_array_equal(top, np.take_along_axis(scores, expected, axis=1))
+
+
 def test_ties_at_the_boundary_go_to_the_lowest_indices() -> None:
     # Row 0: item 5 is best, then items 0..4 and 6..4999 tie; k = 3 -> 5, 0, 1.
     # Row 1: items 4999 and 7 tie for best -> 7, 4999, then the tie at 0 -> item 0.

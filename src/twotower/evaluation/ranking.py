@@ -39,7 +39,8 @@ def top_k(
     """Ranks every item for every query and keeps the best k, exactly.
 
     Args:
-        score_fn: (B,) query indices -> (B, N) float scores of every item.
+        score_fn: (B,) query indices -> (B, N) float scores of every item, on any
+            device; the top k is taken there and only (B, k) comes back to the CPU.
         query_idx: (Q,) int64 the queries to rank for.
         k: how many items to keep per query.
         exclude: (num_queries, N) CSR; items set in row q are never returned for q.
@@ -66,15 +67,15 @@ def top_k(
         if exclude is not None:
             chunk_scores = _mask(chunk_scores, exclude[chunk])
         chunk_ids, chunk_top = _exact_top_k(chunk_scores, k)
-        ids[start : start + len(chunk)] = chunk_ids.numpy()
-        scores[start : start + len(chunk)] = chunk_top.numpy()
+        ids[start : start + len(chunk)] = chunk_ids.cpu().numpy()
+        scores[start : start + len(chunk)] = chunk_top.cpu().numpy()
     return ids, scores
 
 
 def _checked_scores(
     scores: torch.Tensor, num_queries: int, exclude: sp.csr_matrix | None
 ) -> torch.Tensor:
-    scores = scores.detach().to(device="cpu", dtype=torch.float32)
+    scores = scores.detach().to(dtype=torch.float32)
     if scores.ndim != 2 or scores.shape[0] != num_queries:
         raise ValueError(
             f"score_fn must return ({num_queries}, N) scores, got {tuple(scores.shape)}"
@@ -89,9 +90,9 @@ def _checked_scores(
 def _mask(scores: torch.Tensor, exclude: sp.csr_matrix) -> torch.Tensor:
     """Sets the excluded (B, N) positions to -inf, on a copy: score_fn owns its tensor."""
     coo = exclude.tocoo()
-    rows = torch.from_numpy(coo.row.astype(np.int64))
-    cols = torch.from_numpy(coo.col.astype(np.int64))
-    return scores.index_put((rows, cols), torch.tensor(-torch.inf))
+    rows = torch.from_numpy(coo.row.astype(np.int64)).to(scores.device)
+    cols = torch.from_numpy(coo.col.astype(np.int64)).to(scores.device)
+    return scores.index_put((rows, cols), torch.tensor(-torch.inf, device=scores.device))
 
 
 def _exact_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,15 +109,15 @@ def _exact_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """
     B, N = scores.shape
     kept = min(k, N)
-    ids = torch.full((B, k), -1, dtype=torch.int64)
-    top = torch.full((B, k), -torch.inf, dtype=torch.float32)
+    ids = torch.full((B, k), -1, dtype=torch.int64, device=scores.device)
+    top = torch.full((B, k), -torch.inf, dtype=torch.float32, device=scores.device)
     if kept == 0 or B == 0:
         return ids, top
     threshold = torch.topk(scores, kept, dim=1).values[:, -1:]  # (B, 1) the k-th best
     above = scores > threshold
     tied = scores == threshold
     room = kept - above.sum(dim=1, keepdim=True)  # (B, 1) slots left for tied items
-    keep = torch.zeros_like(above).scatter_(1, torch.topk(scores, kept, dim=1).indices, True)  # exactly `kept` per row
+    keep = above | (tied & (tied.cumsum(dim=1) <= room))  # exactly `kept` per row
     cols = keep.nonzero()[:, 1].view(B, kept)  # (B, kept) ascending item index
     values = scores.gather(1, cols)
     order = torch.sort(values, dim=1, descending=True, stable=True).indices
