@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,7 +22,7 @@ data_app = typer.Typer(help="Make, import and inspect datasets.", no_args_is_hel
 app.add_typer(data_app, name="data")
 
 Overrides = Annotated[
-    Optional[list[str]],  # noqa: UP007 -- typer reads this annotation at run time
+    list[str] | None,
     typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
 ]
 
@@ -41,7 +41,9 @@ def demo(
     typer.echo(f"\nFull-corpus ranking, seen items excluded (test split, run folder {out}):\n")
     typer.echo(format_table(result.metrics, DEMO_COLUMNS))
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
-    typer.echo(f"\nTime: {stages}. Metrics: {out / 'metrics.json'}; plot: {out / 'recall_at_k.png'}")
+    typer.echo(
+        f"\nTime: {stages}. Metrics: {out / 'metrics.json'}; plot: {out / 'recall_at_k.png'}"
+    )
 
 
 @data_app.command("synth")

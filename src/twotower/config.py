@@ -51,7 +51,10 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    config = from_dict(Config, raw or {}, where=str(path), base_dir=path.parent)
+    try:
+        config = from_dict(Config, raw or {}, where="", base_dir=path.parent)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     return apply_overrides(config, overrides)
 
 
@@ -154,11 +157,14 @@ def _convert_dataclass(cls: type, value: Any, where: str, base_dir: Path) -> Any
     if isinstance(value, cls):
         return value
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {value!r}")
+        raise ConfigError(
+            f"{where or 'top level'}: expected a mapping for {cls.__name__}, got {value!r}"
+        )
     hints = _field_types(cls)
     for key in value:
         if key not in hints:
-            raise ConfigError(f"{where}: unknown key {key!r}{_nearest(str(key), hints)}")
+            place = f"{where}: unknown key" if where else "unknown top-level key"
+            raise ConfigError(f"{place} {key!r}{_nearest(str(key), hints)}")
     kwargs = {
         key: _convert(hints[key], val, f"{where}.{key}" if where else key, base_dir)
         for key, val in value.items()

@@ -154,6 +154,8 @@ def _read_interactions(table: TableSpec, roles: InteractionsConfig) -> pa.Table:
         columns[roles.weight] = WEIGHT
         types[roles.weight] = pa.float64()
     raw = read_table(table, types).table
+    if raw.num_rows == 0:  # else a header-only file fails later, on a column typed null
+        raise DataError(f"{table.path}: the table has no rows (no interactions)")
     result = pa.table({canonical: raw.column(name) for name, canonical in columns.items()})
     if TIMESTAMP in result.column_names:
         result = _numeric_time(result, table.path)

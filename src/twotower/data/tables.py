@@ -7,6 +7,7 @@ column at fault, so the user can go straight to the bad row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -94,10 +95,7 @@ def read_table(spec: TableSpec, types: Mapping[str, pa.DataType] | None = None) 
     types = dict(types or {})
     if not spec.path.exists():
         raise DataError(f"{spec.path}: file not found")
-    if spec.is_parquet:
-        result = _read_parquet(spec, types)
-    else:
-        result = _read_csv(spec, types)
+    result = _read_parquet(spec, types) if spec.is_parquet else _read_csv(spec, types)
     if result.skipped_rows:
         log.warning("%s: skipped %d malformed rows", spec.path, result.skipped_rows)
     return result
@@ -126,7 +124,7 @@ def _read_parquet(spec: TableSpec, types: dict[str, pa.DataType | None]) -> Tabl
         bad = _first_failure(column, lambda a, tp=tp: pc.cast(a, tp))
         if bad is not None:
             raise DataError(
-                f"{spec.path}: row {bad}, column {name!r}: cannot convert "
+                f"{spec.path}: row {bad} (0-based), column {name!r}: cannot convert "
                 f"{column[bad].as_py()!r} to {tp}"
             )
         table = table.set_column(table.schema.get_field_index(name), name, pc.cast(column, tp))
@@ -202,10 +200,8 @@ def _locate_csv_error(
         bad_rows.append((row.number, row.text))
         return "skip"
 
-    try:
+    with contextlib.suppress(pa.ArrowInvalid):  # only the rows it reported matter here
         _parse_csv(spec, data, column_types, on_bad_row=remember)
-    except pa.ArrowInvalid:
-        pass
     if bad_rows:
         number, text = bad_rows[0]
         expected = len(spec.columns) if spec.columns else "the header's"
@@ -219,7 +215,7 @@ def _locate_csv_error(
 def _locate_conversion_error(
     spec: TableSpec, data: bytes, column_types: Mapping[str, pa.DataType], match: re.Match
 ) -> DataError:
-    as_text = _parse_csv(spec, data, {k: pa.string() for k in column_types})
+    as_text = _parse_as_text(spec, data, column_types)
     name = as_text.column_names[int(match.group(1))]
     target = column_types.get(name)
     column = as_text.column(name).combine_chunks()
@@ -245,10 +241,12 @@ def _read_csv_skipping(
         skipped += 1
         return "skip"
 
-    table = _parse_csv(spec, data, {k: pa.string() for k in column_types}, on_bad_row=skip)
+    table = _parse_as_text(spec, data, column_types, on_bad_row=skip)
     require_columns(table, list(types), spec.path)
     keep = pa.array(np.ones(table.num_rows, dtype=bool))
     for name, tp in column_types.items():
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, _as_values(table.column(name).combine_chunks(), tp))
         keep = pc.and_(keep, _convertible(table.column(name).combine_chunks(), tp))
     skipped += table.num_rows - pc.sum(keep).as_py() if table.num_rows else 0
     table = table.filter(keep)
@@ -258,20 +256,45 @@ def _read_csv_skipping(
     return TableRead(table, skipped)
 
 
+def _parse_as_text(
+    spec: TableSpec,
+    data: bytes,
+    column_types: Mapping[str, pa.DataType],
+    on_bad_row: Callable | None = None,
+) -> pa.Table:
+    """Parses with the typed columns as strings, reporting invalid UTF-8 in any of them."""
+    # Parsed as bytes first: pyarrow fails on invalid UTF-8 in a string column
+    # without saying where, while _check_text_encoding names the line.
+    table = _parse_csv(spec, data, {k: pa.binary() for k in column_types}, on_bad_row)
+    _check_text_encoding(spec, data, table)
+    for name in column_types:
+        if name in table.column_names:
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, name, pc.cast(table.column(name), pa.string()))
+    return table
+
+
+def _as_values(column: pa.Array, tp: pa.DataType) -> pa.Array:
+    """A text column as pyarrow's CSV reader sees a numeric one: trimmed, null markers null."""
+    if pa.types.is_string(tp) or pa.types.is_large_string(tp):
+        return column
+    column = pc.utf8_trim_whitespace(column)
+    null_values = pa.array(pacsv.ConvertOptions().null_values, pa.string())
+    return pc.if_else(pc.is_in(column, value_set=null_values), None, column)
+
+
 def _convertible(column: pa.Array, tp: pa.DataType) -> pa.Array:
-    """A boolean mask of the values of a text column that convert to ``tp``."""
+    """A boolean mask of the values of a trimmed text column that convert to ``tp``."""
     if pa.types.is_string(tp) or pa.types.is_large_string(tp):
         return pa.array(np.ones(len(column), dtype=bool))
     if pa.types.is_integer(tp):
-        pattern = r"^\s*[+-]?\d+\s*$"
+        pattern = r"^-?\d+$"
     elif pa.types.is_floating(tp):
-        pattern = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$|^\s*[+-]?(inf|infinity|nan)\s*$"
+        pattern = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|infinity|nan)$"
     else:
         raise DataError(f"unsupported column type {tp} with skip_bad_rows")
-    stripped = pc.utf8_trim_whitespace(column)
-    is_null = pc.or_(pc.is_null(column), pc.equal(stripped, ""))
     matches = pc.match_substring_regex(column, pattern, ignore_case=True)
-    return pc.fill_null(pc.or_(is_null, matches), True)
+    return pc.fill_null(matches, True)
 
 
 def _check_text_encoding(spec: TableSpec, data: bytes, table: pa.Table) -> None:
@@ -292,7 +315,8 @@ def _check_text_encoding(spec: TableSpec, data: bytes, table: pa.Table) -> None:
 
 
 def _line_of(spec: TableSpec, row: int) -> int:
-    """1-based line of data row ``row`` (exact unless quoted values span lines)."""
+    """1-based line of data row ``row``; exact unless blank lines or quoted values
+    spanning lines come before it."""
     return row + (2 if spec.header else 1)
 
 

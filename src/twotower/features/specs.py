@@ -9,7 +9,7 @@ Hashed features use 0 for missing and 1..buckets for the hash buckets.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+from typing import Literal
 
 import pyarrow as pa
 
@@ -124,9 +124,9 @@ class TextFeature:
     dim: int = 64
 
 
-FeatureSpec = Union[
-    IdFeature, OneHotFeature, DenseFeature, MultiHotFeature, HistoryFeature, TextFeature
-]
+FeatureSpec = (
+    IdFeature | OneHotFeature | DenseFeature | MultiHotFeature | HistoryFeature | TextFeature
+)
 SIDES = ("query", "item")
 
 

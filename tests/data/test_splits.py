@@ -1,0 +1,240 @@
+"""Splits: hand-made cases for each method, leakage checks and a partition property."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twotower.data.dataset import Dataset
+from twotower.data.splits import SPLIT_NAMES, Split, SplitConfig, split_interactions
+from twotower.data.synthetic import SyntheticConfig, generate
+from twotower.errors import DataError
+
+
+def _dataset(queries: list, timestamps: list | None = None) -> Dataset:
+    """Interactions numbered by ``row`` (their source position); items are the rows."""
+    columns = {
+        "query_id": queries,
+        "item_id": list(range(len(queries))),
+        "row": range(len(queries)),
+    }
+    if timestamps is not None:
+        columns["timestamp"] = timestamps
+    return Dataset.from_tables(pa.table(columns), name="toy")
+
+
+def _rows(split: Split) -> dict[str, list[int]]:
+    return {name: split.part(name).column("row").to_pylist() for name in SPLIT_NAMES}
+
+
+def _assert_partition(split: Split, num_rows: int) -> None:
+    """Every interaction is in exactly one part."""
+    rows = [r for part in _rows(split).values() for r in part]
+    assert sorted(rows) == list(range(num_rows))
+
+
+def _assert_no_query_row_in_two_parts(split: Split) -> None:
+    seen: dict[tuple, str] = {}
+    for name in SPLIT_NAMES:
+        part = split.part(name).to_pydict()
+        for key in zip(part["query_id"], part["row"], strict=True):
+            assert key not in seen, f"{key} is in {seen[key]} and {name}"
+            seen[key] = name
+
+
+def _times_by_query(part: pa.Table) -> dict[object, list[int]]:
+    times: dict[object, list[int]] = defaultdict(list)
+    columns = part.to_pydict()
+    for q, t in zip(columns["query_id"], columns["timestamp"], strict=True):
+        times[q].append(t)
+    return dict(times)
+
+
+def _assert_time_ordered_per_query(split: Split) -> None:
+    """Within each query: train <= valid <= test in time (leave_last_out)."""
+    train, valid, test = (_times_by_query(split.part(n)) for n in SPLIT_NAMES)
+    for q, (t,) in test.items():
+        assert all(t >= s for s in train.get(q, []) + valid.get(q, []))
+    for q, (t,) in valid.items():
+        assert all(t >= s for s in train.get(q, []))
+
+
+# ---- leave_last_out --------------------------------------------------------------------
+
+
+def test_leave_last_out_by_timestamp() -> None:
+    #        row:   0    1    2    3    4    5    6    7    8    9
+    queries = ["a", "b", "a", "c", "a", "d", "c", "a", "d", "d"]
+    times = [5, 9, 1, 4, 3, 2, 3, 5, 1, 7]
+    # a: rows 2 (t=1), 4 (t=3), 0 (t=5), 7 (t=5): the tie goes to the later row, 7.
+    # b: one interaction, train only. c: two, train (row 6, t=3) + test (row 3, t=4).
+    # d: rows 8 (t=1), 5 (t=2), 9 (t=7).
+    split = split_interactions(_dataset(queries, times), SplitConfig(method="leave_last_out"))
+    assert _rows(split) == {"train": [1, 2, 4, 6, 8], "valid": [0, 5], "test": [3, 7, 9]}
+
+
+def test_leave_last_out_without_timestamps_uses_row_order() -> None:
+    queries = ["a", "a", "b", "a", "b", "b"]
+    split = split_interactions(_dataset(queries), SplitConfig(method="leave_last_out"))
+    assert _rows(split) == {"train": [0, 2], "valid": [1, 4], "test": [3, 5]}
+
+
+def test_leave_last_out_test_is_never_before_train() -> None:
+    data = generate(SyntheticConfig(num_queries=200, num_items=100, interactions_per_query=8))
+    split = split_interactions(data.dataset, SplitConfig(method="leave_last_out"))
+    _assert_time_ordered_per_query(split)
+    # Every synthetic user has at least 5 interactions: one valid and one test each.
+    assert split.valid.num_rows == split.test.num_rows == data.dataset.num_queries
+
+
+def test_leave_last_out_with_no_query_of_three_leaves_valid_empty() -> None:
+    with pytest.raises(DataError, match="toy: the valid split has no interactions"):
+        split_interactions(_dataset(["a", "a", "b"], [1, 2, 3]), SplitConfig())
+
+
+# ---- random ----------------------------------------------------------------------------
+
+
+def _many_queries(counts: dict[str, int]) -> Dataset:
+    queries = [q for q, n in counts.items() for _ in range(n)]
+    order = np.random.default_rng(0).permutation(len(queries))  # interleave the queries
+    return _dataset([queries[i] for i in order])
+
+
+def test_random_split_sizes_per_query() -> None:
+    # n=10: 8/1/1. n=20: 16/2/2. n=3: round(2.4)=2, round(2.7)-2=1, so 2/1/0.
+    dataset = _many_queries({"ten": 10, "twenty": 20, "three": 3})
+    split = split_interactions(dataset, SplitConfig(method="random", seed=1))
+    sizes = {name: Counter(split.part(name).column("query_id").to_pylist()) for name in SPLIT_NAMES}
+    assert sizes["train"] == {"ten": 8, "twenty": 16, "three": 2}
+    assert sizes["valid"] == {"ten": 1, "twenty": 2, "three": 1}
+    assert sizes["test"] == {"ten": 1, "twenty": 2}
+    _assert_partition(split, dataset.interactions.num_rows)
+
+
+def test_random_split_other_ratios() -> None:
+    dataset = _many_queries({"a": 10, "b": 10})
+    split = split_interactions(dataset, SplitConfig(method="random", ratios=[0.5, 0.2, 0.3]))
+    assert [split.part(name).num_rows for name in SPLIT_NAMES] == [10, 4, 6]
+
+
+def test_random_split_is_deterministic_by_seed() -> None:
+    dataset = _many_queries({f"q{i}": 10 for i in range(50)})
+    first = _rows(split_interactions(dataset, SplitConfig(method="random", seed=7)))
+    again = _rows(split_interactions(dataset, SplitConfig(method="random", seed=7)))
+    other = _rows(split_interactions(dataset, SplitConfig(method="random", seed=8)))
+    assert first == again
+    assert first["test"] != other["test"]
+
+
+def test_random_split_is_a_partition_without_leakage() -> None:
+    dataset = _many_queries({f"q{i}": 3 + i % 9 for i in range(40)})
+    split = split_interactions(dataset, SplitConfig(method="random", seed=3))
+    _assert_partition(split, dataset.interactions.num_rows)
+    _assert_no_query_row_in_two_parts(split)
+
+
+# ---- time ------------------------------------------------------------------------------
+
+
+def test_time_split_with_explicit_cutoffs() -> None:
+    times = [7, 1, 5, 9, 3, 8, 5, 2]
+    dataset = _dataset(["a", "b", "a", "b", "a", "b", "c", "c"], times)
+    split = split_interactions(dataset, SplitConfig(method="time", valid_from=5, test_from=8))
+    # train: t < 5; valid: 5 <= t < 8; test: t >= 8.
+    assert _rows(split) == {"train": [1, 4, 7], "valid": [0, 2, 6], "test": [3, 5]}
+
+
+def test_time_split_by_quantiles() -> None:
+    # t = 1..10: test_from = quantile(0.9) = 9.1, valid_from = quantile(0.8) = 8.2.
+    times = list(range(1, 11))
+    split = split_interactions(_dataset(["a", "b"] * 5, times), SplitConfig(method="time"))
+    assert [split.part(n)["timestamp"].to_pylist() for n in SPLIT_NAMES] == [
+        list(range(1, 9)),
+        [9],
+        [10],
+    ]
+
+
+def test_time_split_no_train_interaction_after_a_test_one() -> None:
+    data = generate(SyntheticConfig(num_queries=100, num_items=80, interactions_per_query=6))
+    split = split_interactions(data.dataset, SplitConfig(method="time", ratios=[0.7, 0.15, 0.15]))
+    train, valid, test = (split.part(n)["timestamp"].to_numpy() for n in SPLIT_NAMES)
+    assert train.max() < valid.min()
+    assert valid.max() < test.min()
+
+
+def test_time_split_cutoffs_in_the_wrong_order() -> None:
+    dataset = _dataset(["a", "b", "c"], [1, 2, 3])
+    with pytest.raises(DataError, match="valid_from \\(3.0\\) is after test_from \\(2.0\\)"):
+        split_interactions(dataset, SplitConfig(method="time", valid_from=3.0, test_from=2.0))
+
+
+def test_time_split_without_timestamps() -> None:
+    with pytest.raises(DataError, match="toy: split method 'time' needs a timestamp column"):
+        split_interactions(_dataset(["a", "b", "c"]), SplitConfig(method="time"))
+
+
+def test_time_split_leaving_a_part_empty() -> None:
+    dataset = _dataset(["a", "b", "c"], [1, 2, 3])
+    with pytest.raises(DataError, match="the test split has no interactions"):
+        split_interactions(dataset, SplitConfig(method="time", valid_from=2, test_from=10))
+
+
+# ---- given -----------------------------------------------------------------------------
+
+
+def test_given_without_files() -> None:
+    with pytest.raises(DataError, match="set data.valid and data.test"):
+        split_interactions(_dataset(["a", "b", "c"]), SplitConfig(method="given"))
+
+
+def test_given_uses_the_split_column() -> None:
+    table = pa.table(
+        {"query_id": [1, 1, 2, 2], "item_id": [1, 2, 3, 4], "row": range(4), "split": [0, 2, 1, 0]}
+    )
+    split = split_interactions(Dataset.from_tables(table), SplitConfig(method="given"))
+    assert _rows(split) == {"train": [0, 3], "valid": [2], "test": [1]}
+
+
+def test_bad_ratios() -> None:
+    with pytest.raises(ValueError, match="summing to 1"):
+        SplitConfig(ratios=[0.5, 0.2, 0.2])
+
+
+# ---- property: a split is a deterministic partition ------------------------------------
+
+_interactions = st.lists(
+    st.tuples(st.integers(0, 5), st.integers(0, 10)),  # (query, timestamp)
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=75, deadline=None)
+@given(
+    rows=_interactions,
+    method=st.sampled_from(["leave_last_out", "random", "time"]),
+    seed=st.integers(0, 2**16),
+)
+def test_split_is_a_deterministic_partition(rows: list, method: str, seed: int) -> None:
+    queries = [q for q, _ in rows]
+    dataset = _dataset(queries, [t for _, t in rows])
+    config = SplitConfig(method=method, seed=seed, ratios=[0.6, 0.2, 0.2])
+    try:
+        split = split_interactions(dataset, config)
+    except DataError as err:  # a part can be empty on tiny tables: then it must say so
+        assert "has no interactions" in str(err)
+        with pytest.raises(DataError):
+            split_interactions(dataset, config)
+        return
+    _assert_partition(split, len(rows))
+    _assert_no_query_row_in_two_parts(split)
+    assert _rows(split_interactions(dataset, config)) == _rows(split)
+    if method == "leave_last_out":
+        _assert_time_ordered_per_query(split)

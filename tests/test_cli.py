@@ -1,0 +1,59 @@
+"""The command line: it reaches the API and turns user errors into one clear line."""
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from twotower.cli import app, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^python3 -m venv .*$", readme, flags=re.M)
+    assert len(commands) == 2, "the README must open with the two set-up commands"
+    assert "twotower demo" in commands[0]
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_data_synth_writes_three_parquet_tables(tmp_path):
+    result = CliRunner().invoke(
+        app, ["data", "synth", "--out", str(tmp_path), "--queries", "50", "--items", "40"]
+    )
+    assert result.exit_code == 0, result.output
+    users = pq.read_table(tmp_path / "users.parquet")
+    assert users.num_rows == 50
+    assert pq.read_table(tmp_path / "items.parquet").num_rows == 40
+
+
+def test_data_prepare_reports_counts_and_saves_features(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "data: {source: synthetic, synthetic: {num_queries: 60, num_items: 50}}\n"
+        "features:\n"
+        "  query: [{name: user_id, kind: id, column: user_id}]\n"
+        "  item: [{name: item_id, kind: id, column: item_id}]\n"
+    )
+    result = CliRunner().invoke(app, ["data", "prepare", str(config), "--out", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["queries"] == 60
+    assert summary["train"] + summary["valid"] + summary["test"] == summary["interactions"]
+    assert (tmp_path / "f" / "features.npz").is_file()
+
+
+def test_user_errors_print_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("split: {methd: random}\n")
+    monkeypatch.setattr("sys.argv", ["twotower", "data", "prepare", str(config), "--out", "x"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "did you mean 'method'" in err
+    assert "Traceback" not in err
