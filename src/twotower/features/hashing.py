@@ -15,6 +15,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _POLY = np.uint64(0x100000001B3)  # the FNV-1 64-bit prime, as polynomial base
+_MAX, _MIN = str(np.iinfo(np.int64).max), str(np.iinfo(np.int64).min)
 
 
 def splitmix64(x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -63,8 +64,14 @@ def _hash_bytes(strings: pa.Array) -> np.ndarray:
 
 
 def _as_integers(strings: pa.Array) -> np.ma.MaskedArray:
-    """Integer value of each string that is a plain decimal integer (masked otherwise)."""
-    is_int = pc.fill_null(pc.match_substring_regex(strings, r"^-?\d{1,18}$"), False)
+    """Integer value of each string that is a plain decimal int64 (masked otherwise)."""
+    # 19 digits may overflow int64; digit strings of one length compare like their numbers.
+    overflow = pc.or_(
+        pc.and_(pc.match_substring_regex(strings, r"^\d{19}$"), pc.greater(strings, _MAX)),
+        pc.and_(pc.match_substring_regex(strings, r"^-\d{19}$"), pc.greater(strings, _MIN)),
+    )
+    is_int = pc.and_(pc.match_substring_regex(strings, r"^-?\d{1,19}$"), pc.invert(overflow))
+    is_int = pc.fill_null(is_int, False)
     values = np.zeros(len(strings), np.int64)
     where = np.flatnonzero(is_int.to_numpy(zero_copy_only=False))
     if len(where):

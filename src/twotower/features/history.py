@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP
+from twotower.errors import DataError
 from twotower.features import ragged
 from twotower.features.categorical import Vocabulary
 from twotower.features.specs import HistoryFeature
 from twotower.features.transform import FitContext, Transform, from_numpy_array, to_numpy_array
-from twotower.errors import DataError
 
 
 class HistoryTransform(Transform):

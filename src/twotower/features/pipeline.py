@@ -23,7 +23,7 @@ from twotower.errors import DataError
 from twotower.features.categorical import IdTransform, MultiHotTransform, OneHotTransform
 from twotower.features.dense import DenseTransform
 from twotower.features.history import HistoryTransform
-from twotower.features.specs import SIDES, FeatureSpec, FeaturesConfig
+from twotower.features.specs import SIDES, FeaturesConfig, FeatureSpec
 from twotower.features.text import TextTransform
 from twotower.features.transform import FitContext, Transform
 from twotower.storage import atomic_write, sha256_file
@@ -151,8 +151,9 @@ class FeaturePipeline:
                 f"{folder / STATE_FILE}: format version {meta.get('format_version')} is not "
                 f"{FORMAT_VERSION}, the one this version of twotower reads"
             )
-        if sha256_file(folder / ARRAYS_FILE) != meta["arrays_sha256"]:
-            raise DataError(f"{folder / ARRAYS_FILE}: checksum mismatch; the file is corrupt")
+        arrays_file = folder / ARRAYS_FILE
+        if not arrays_file.is_file() or sha256_file(arrays_file) != meta.get("arrays_sha256"):
+            raise DataError(f"{arrays_file}: missing, or its checksum does not match features.json")
         pipeline = cls(from_dict(FeaturesConfig, meta["config"], where="features"))
         with np.load(folder / ARRAYS_FILE, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

@@ -31,9 +31,9 @@ def pad(
     kept = np.minimum(lengths, max_len)
     if width is None:
         width = max(int(kept.max(initial=0)), 1)
-    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    starts = np.cumsum(lengths) - lengths  # (rows,), also for zero rows
     row = np.repeat(np.arange(len(lengths)), kept)
-    position = np.arange(len(row)) - np.repeat(np.r_[0, np.cumsum(kept)[:-1]], kept)
+    position = np.arange(len(row)) - np.repeat(np.cumsum(kept) - kept, kept)
     out = np.zeros((len(lengths), width), np.int64)
     out[row, position] = values[np.repeat(starts, kept) + position]
     return out

@@ -21,10 +21,13 @@ from twotower.features.transform import FitContext, Transform
 
 
 def words(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """Lower-cased words of each text, split on non-alphanumerics: (flat words, per-row counts)."""
+    """NFKC-normalized, lower-cased words of each text, split on anything not a letter or
+    digit: (flat words, per-row counts)."""
     texts = pc.fill_null(pc.cast(texts, pa.string()), "")
-    cleaned = pc.replace_substring_regex(pc.utf8_lower(texts), r"[^\p{L}\p{N}]+", " ")
-    return ragged.list_parts(pc.utf8_split_whitespace(cleaned))
+    # NFKC first, so a decomposed "e" + accent is the same letter as a composed one.
+    texts = pc.utf8_lower(pc.utf8_normalize(texts, "NFKC"))
+    cleaned = pc.replace_substring_regex(texts, r"[^\p{L}\p{N}]+", " ")
+    return ragged.list_parts(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(cleaned)))
 
 
 def trigram_codes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -35,16 +38,20 @@ def trigram_codes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """
     flat_words, words_per_row = words(texts)
     marked = pc.binary_join_element_wise("#", flat_words, "#", "")
-    lengths = pc.utf8_length(marked).to_numpy().astype(np.int64) if len(marked) else np.zeros(0, np.int64)
+    lengths = (
+        pc.utf8_length(marked).to_numpy().astype(np.int64) if len(marked) else np.zeros(0, np.int64)
+    )
     whole = pa.ListArray.from_arrays(pa.array([0, len(marked)], pa.int32()), marked)
     joined = pc.binary_join(whole, "")[0].as_py()  # one string: decoded once, not per word
     points = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     per_word = np.maximum(lengths - 2, 0)
-    word_start = np.r_[0, np.cumsum(lengths)[:-1]]
+    word_start = np.cumsum(lengths) - lengths  # (words,), also for zero words
     start = np.repeat(word_start, per_word) + (
-        np.arange(per_word.sum()) - np.repeat(np.r_[0, np.cumsum(per_word)[:-1]], per_word)
+        np.arange(per_word.sum()) - np.repeat(np.cumsum(per_word) - per_word, per_word)
     )
-    codes = (points[start] << np.uint64(42)) | (points[start + 1] << np.uint64(21)) | points[start + 2]
+    codes = (
+        (points[start] << np.uint64(42)) | (points[start + 1] << np.uint64(21)) | points[start + 2]
+    )
     word_row = np.repeat(np.arange(len(words_per_row)), words_per_row)
     per_row = np.bincount(word_row, weights=per_word, minlength=len(words_per_row)).astype(np.int64)
     return codes, per_row

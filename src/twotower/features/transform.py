@@ -61,9 +61,14 @@ class Transform(abc.ABC):
 
 
 def to_numpy_array(values: pa.Array) -> np.ndarray:
-    """An Arrow array as a numpy array that saves without pickle (strings: fixed-width)."""
-    if pa.types.is_integer(values.type):
-        return values.to_numpy().astype(np.int64)
+    """An Arrow array as a numpy array that saves without pickle (strings: fixed-width).
+
+    Numbers and booleans keep their own dtype: as text, ``1.0`` or ``True`` would no
+    longer match the values Arrow compares them with after loading.
+    """
+    kind = values.type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+        return values.to_numpy(zero_copy_only=False)
     return np.asarray(values.to_pylist(), dtype=str)
 
 
