@@ -15,9 +15,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
-
-from twotower.baselines import BASELINES
+from twotower.baselines import BASELINES, Popularity
 from twotower.config import Config, load_config, save_config
 from twotower.data.dataset import Dataset
 from twotower.data.load import DataConfig, FeatureTableConfig, InteractionsConfig, load_dataset
@@ -106,7 +104,7 @@ def evaluate_baselines(
 ) -> dict[str, dict[str, float]]:
     """Fits each baseline on train and ranks the full corpus for valid and test."""
     train = interaction_matrix(split.train, dataset.num_queries, dataset.num_items)
-    popularity = np.asarray(train.sum(axis=0)).ravel()
+    popularity = Popularity().fit(train).counts  # for the popularity@k metric
     results = {}
     for name, model_class in BASELINES.items():
         model = model_class().fit(train)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -121,7 +122,7 @@ def _load_files(config: DataConfig, query_columns: dict, item_columns: dict) -> 
         raise DataError("give both data.valid and data.test, or neither")
     if config.valid is not None:
         parts = [
-            p.append_column(SPLIT, pa.array([i] * p.num_rows, pa.int8()))
+            p.append_column(SPLIT, pa.array(np.full(p.num_rows, i, np.int8)))
             for i, p in enumerate(
                 [
                     parts[0],

@@ -83,25 +83,32 @@ def split_interactions(dataset: Dataset, config: SplitConfig) -> Split:
     return Split(**tables)
 
 
-def _order_within_query(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows sorted by (query, time, source position); returns (order, rank, count)."""
-    query = dataset.column(QUERY_IDX)
-    position = np.arange(len(query))
-    keys = [position]
-    if dataset.has_timestamps:
-        keys.append(dataset.column(TIMESTAMP))
+def recency_order(query: np.ndarray, timestamps: np.ndarray | None) -> np.ndarray:
+    """Row order grouping each query's interactions, oldest first.
+
+    The one rule for "later" that splits and history features share: by timestamp,
+    then by position in the source (a later row counts as later).
+    """
+    keys = [np.arange(len(query))]
+    if timestamps is not None:
+        keys.append(timestamps)
     keys.append(query)
-    order = np.lexsort(keys)
-    sorted_query = query[order]
+    return np.lexsort(keys)
+
+
+def _rank_in_runs(sorted_query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by query: each row's rank within its query, and that query's count."""
     starts = np.flatnonzero(np.r_[True, sorted_query[1:] != sorted_query[:-1]])
-    counts = np.diff(np.r_[starts, len(order)])
-    first = np.repeat(starts, counts)
-    rank = np.arange(len(order)) - first  # 0 = the query's earliest
-    return order, rank, np.repeat(counts, counts)
+    counts = np.diff(np.r_[starts, len(sorted_query)])
+    rank = np.arange(len(sorted_query)) - np.repeat(starts, counts)
+    return rank, np.repeat(counts, counts)
 
 
 def _leave_last_out(dataset: Dataset, config: SplitConfig) -> np.ndarray:
-    order, rank, count = _order_within_query(dataset)
+    timestamps = dataset.column(TIMESTAMP) if dataset.has_timestamps else None
+    query = dataset.column(QUERY_IDX)
+    order = recency_order(query, timestamps)
+    rank, count = _rank_in_runs(query[order])  # rank 0 = the query's earliest
     from_end = count - 1 - rank
     part_sorted = np.full(len(order), TRAIN, dtype=np.int8)
     part_sorted[from_end == 0] = TEST
@@ -116,11 +123,7 @@ def _random(dataset: Dataset, config: SplitConfig) -> np.ndarray:
     query = dataset.column(QUERY_IDX)
     rng = np.random.default_rng(config.seed)
     order = np.lexsort((rng.random(len(query)), query))
-    sorted_query = query[order]
-    starts = np.flatnonzero(np.r_[True, sorted_query[1:] != sorted_query[:-1]])
-    counts = np.diff(np.r_[starts, len(order)])
-    rank = np.arange(len(order)) - np.repeat(starts, counts)
-    n = np.repeat(counts, counts)
+    rank, n = _rank_in_runs(query[order])
     cut_train = np.round(n * config.ratios[0])
     cut_valid = np.round(n * (config.ratios[0] + config.ratios[1]))
     part_sorted = np.where(rank < cut_train, TRAIN, np.where(rank < cut_valid, VALID, TEST))

@@ -143,7 +143,7 @@ def _read_csv(spec: TableSpec, types: dict[str, pa.DataType | None]) -> TableRea
     except pa.ArrowInvalid as err:
         raise _locate_csv_error(spec, data, column_types, err) from None
     require_columns(table, list(types), spec.path)
-    _check_text_encoding(spec, data, table)
+    _check_text_encoding(spec, table)
     return TableRead(table)
 
 
@@ -266,7 +266,7 @@ def _parse_as_text(
     # Parsed as bytes first: pyarrow fails on invalid UTF-8 in a string column
     # without saying where, while _check_text_encoding names the line.
     table = _parse_csv(spec, data, {k: pa.binary() for k in column_types}, on_bad_row)
-    _check_text_encoding(spec, data, table)
+    _check_text_encoding(spec, table)
     for name in column_types:
         if name in table.column_names:
             i = table.schema.get_field_index(name)
@@ -297,7 +297,7 @@ def _convertible(column: pa.Array, tp: pa.DataType) -> pa.Array:
     return pc.fill_null(matches, True)
 
 
-def _check_text_encoding(spec: TableSpec, data: bytes, table: pa.Table) -> None:
+def _check_text_encoding(spec: TableSpec, table: pa.Table) -> None:
     """pyarrow reads invalid UTF-8 as binary: report where, and suggest ``encoding``."""
     for name in table.column_names:
         column = table.column(name)

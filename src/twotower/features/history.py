@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP
+from twotower.data.splits import recency_order
 from twotower.errors import DataError
 from twotower.features import ragged
 from twotower.features.categorical import Vocabulary
@@ -20,9 +21,9 @@ class HistoryTransform(Transform):
     """A query key -> (rows, max_len) int64 item indices, most recent first, 0-padded.
 
     Fitted on training interactions only, so validation and test items never
-    appear. Recency is by timestamp, then by position in the source (later rows
-    are more recent), the rule the splits use. The indices are those of the item-id
-    feature named by ``item_feature``, whose embedding table the towers share.
+    appear. Recency follows ``recency_order``, the rule the splits use. The
+    indices are those of the item-id feature named by ``item_feature``, whose
+    embedding table the towers share.
     A query with no training interaction (or unseen) gets an all-padding row.
     """
 
@@ -38,11 +39,10 @@ class HistoryTransform(Transform):
             raise DataError(f"history feature {self.spec.name!r} needs the training interactions")
         codes = context.item_codes[self.spec.item_feature]
         query = context.train.column(QUERY_IDX).to_numpy()
-        keys = [np.arange(len(query))]  # position: later rows are more recent
+        timestamps = None
         if TIMESTAMP in context.train.column_names:
-            keys.append(context.train.column(TIMESTAMP).to_numpy())
-        keys.append(query)
-        order = np.lexsort(keys)[::-1]  # by query descending, most recent first
+            timestamps = context.train.column(TIMESTAMP).to_numpy()
+        order = recency_order(query, timestamps)[::-1]  # query descending, most recent first
         order = order[np.argsort(query[order], kind="stable")]
         query_sorted = query[order]
         owners, lengths = np.unique(query_sorted, return_counts=True)
