@@ -22,6 +22,8 @@ from twotower.data.load import DataConfig
 from twotower.data.splits import SplitConfig
 from twotower.errors import ConfigError
 from twotower.features.specs import FeaturesConfig
+from twotower.towers.config import ModelConfig
+from twotower.training.config import TrainingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,8 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     features: FeaturesConfig = dataclasses.field(default_factory=FeaturesConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     seed: int = 0
 
 
@@ -65,6 +69,8 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         value = yaml.safe_load(text) if text else ""
+        # a tagged section's "kind" (e.g. training.objective.kind=hinge) switches it
+        # to that kind with its defaults; later overrides then set its fields
         config = _replace_path(config, key.split("."), value, where=f"--set {key}")
     return config
 
@@ -212,7 +218,12 @@ def _replace_path(obj: Any, keys: list[str], value: Any, where: str) -> Any:
     hints = _field_types(type(obj))
     if head not in hints:
         raise ConfigError(f"{where}: unknown key {head!r}{_nearest(head, hints)}")
-    if rest:
+    if rest == ["kind"] and _is_tagged_union(hints[head]):
+        # switching kind (an objective, a network) starts from that kind's defaults
+        current = getattr(obj, head)
+        kept = current.kind == value
+        new = current if kept else _convert(hints[head], {"kind": value}, where, Path.cwd())
+    elif rest:
         new = _replace_path(getattr(obj, head), rest, value, where)
     else:
         new = _convert(hints[head], value, where, Path.cwd())
@@ -220,6 +231,14 @@ def _replace_path(obj: Any, keys: list[str], value: Any, where: str) -> Any:
         return dataclasses.replace(obj, **{head: new})
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _is_tagged_union(tp: Any) -> bool:
+    """A union of dataclasses told apart by ``kind`` (feature specs, objectives, networks)."""
+    if typing.get_origin(tp) not in (Union, types.UnionType):
+        return False
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return all(dataclasses.is_dataclass(a) and "kind" in _field_types(a) for a in args)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -9,6 +9,8 @@ Saved as two plain files, nothing pickled:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from twotower.features.history import HistoryTransform
 from twotower.features.specs import SIDES, FeaturesConfig, FeatureSpec
 from twotower.features.text import TextTransform
 from twotower.features.transform import FitContext, Transform
-from twotower.storage import atomic_write, sha256_file
+from twotower.storage import atomic_write
 
 FORMAT_VERSION = 1
 STATE_FILE = "features.json"
@@ -123,6 +125,12 @@ class FeaturePipeline:
     def save(self, folder: Path) -> None:
         """Writes ``features.json`` and ``features.npz`` (each atomically)."""
         folder.mkdir(parents=True, exist_ok=True)
+        text, arrays = self.to_bytes()
+        atomic_write(folder / ARRAYS_FILE, lambda f: f.write(arrays))
+        atomic_write(folder / STATE_FILE, lambda f: f.write(text))
+
+    def to_bytes(self) -> tuple[bytes, bytes]:
+        """The contents of ``features.json`` and ``features.npz``, e.g. for a checkpoint."""
         meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "config": to_dict(self.config)}
         arrays: dict[str, np.ndarray] = {}
         state: dict[str, dict[str, Any]] = {}
@@ -132,35 +140,47 @@ class FeaturePipeline:
                 state[f"{side}.{name}"] = scalars
                 arrays.update({f"{side}.{name}.{k}": v for k, v in named.items()})
         meta["state"] = state
-        atomic_write(folder / ARRAYS_FILE, lambda f: np.savez(f, **arrays))
-        meta["arrays_sha256"] = sha256_file(folder / ARRAYS_FILE)
-        text = json.dumps(meta, indent=2, sort_keys=True)
-        atomic_write(folder / STATE_FILE, lambda f: f.write(text.encode("utf-8")))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        meta["arrays_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+        return json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"), buffer.getvalue()
 
     @classmethod
     def load(cls, folder: Path) -> FeaturePipeline:
         """Reads what ``save`` wrote; refuses a changed, corrupt or newer-format state."""
         try:
-            meta = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+            text = (folder / STATE_FILE).read_bytes()
         except FileNotFoundError:
             raise DataError(f"{folder / STATE_FILE}: no saved feature state here") from None
-        except json.JSONDecodeError as err:
-            raise DataError(f"{folder / STATE_FILE}: corrupt ({err})") from None
+        arrays_file = folder / ARRAYS_FILE
+        arrays = arrays_file.read_bytes() if arrays_file.is_file() else None
+        return cls.from_bytes(text, arrays, where=str(folder / STATE_FILE))
+
+    @classmethod
+    def from_bytes(cls, text: bytes, arrays: bytes | None, where: str) -> FeaturePipeline:
+        """The inverse of ``to_bytes``; ``where`` names the source in error messages."""
+        try:
+            meta = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"{where}: corrupt ({err})") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise DataError(
-                f"{folder / STATE_FILE}: format version {meta.get('format_version')} is not "
+                f"{where}: format version {meta.get('format_version')} is not "
                 f"{FORMAT_VERSION}, the one this version of twotower reads"
             )
-        arrays_file = folder / ARRAYS_FILE
-        if not arrays_file.is_file() or sha256_file(arrays_file) != meta.get("arrays_sha256"):
-            raise DataError(f"{arrays_file}: missing, or its checksum does not match features.json")
+        if arrays is None or hashlib.sha256(arrays).hexdigest() != meta.get("arrays_sha256"):
+            raise DataError(
+                f"{where}: its arrays ({ARRAYS_FILE}) are missing or their checksum does not match"
+            )
         pipeline = cls(from_dict(FeaturesConfig, meta["config"], where="features"))
-        with np.load(folder / ARRAYS_FILE, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        with np.load(io.BytesIO(arrays), allow_pickle=False) as npz:
+            named_arrays = {k: npz[k] for k in npz.files}
         for side in SIDES:
             for name, transform in pipeline.transforms[side].items():
                 prefix = f"{side}.{name}."
-                named = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+                named = {
+                    k[len(prefix) :]: v for k, v in named_arrays.items() if k.startswith(prefix)
+                }
                 transform.load_state(meta["state"][f"{side}.{name}"], named)
         return pipeline
 

@@ -1,0 +1,52 @@
+"""Losses over scores, and the corrections applied to the scores before them.
+
+- ``PointwiseBCE``: binary cross-entropy, positives label 1, sampled negatives label 0.
+- ``TripletHinge``: mean of max(0, margin + neg_cos - pos_cos) over (query, pos, neg) triplets.
+- ``TripletLogistic``: mean of log(1 + exp(sigma * (neg_cos - pos_cos))) over the triplets.
+- ``ListwiseSoftmax``: softmax cross-entropy of the positive against its own negatives.
+- ``SampledSoftmax``: softmax cross-entropy over candidates shared by the batch
+  (in-batch or mixed negatives).
+- ``corrections``: ``logq_correction``, ``mask_accidental_hits``, ``hardest_negatives``
+  and ``negative_mask``, applied by the caller in a visible order.
+
+``LOSSES`` maps the names used in configs to the loss classes.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from twotower.losses.corrections import (
+    hardest_negatives,
+    logq_correction,
+    mask_accidental_hits,
+    negative_mask,
+)
+from twotower.losses.in_batch import SampledSoftmax
+from twotower.losses.listwise import ListwiseSoftmax
+from twotower.losses.pairwise import TripletHinge, TripletLogistic
+from twotower.losses.pointwise import PointwiseBCE
+
+# "in_batch" and "mixed" share one loss: they differ only in the candidates the
+# sampler supplies, not in how they are scored.
+LOSSES: dict[str, type[nn.Module]] = {
+    "pointwise": PointwiseBCE,
+    "hinge": TripletHinge,
+    "logistic": TripletLogistic,
+    "listwise": ListwiseSoftmax,
+    "in_batch": SampledSoftmax,
+    "mixed": SampledSoftmax,
+}
+
+__all__ = [
+    "LOSSES",
+    "ListwiseSoftmax",
+    "PointwiseBCE",
+    "SampledSoftmax",
+    "TripletHinge",
+    "TripletLogistic",
+    "hardest_negatives",
+    "logq_correction",
+    "mask_accidental_hits",
+    "negative_mask",
+]

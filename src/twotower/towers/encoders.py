@@ -1,0 +1,141 @@
+"""Feature encoders: each model input of a side -> a (B, width) block, concatenated.
+
+The inputs are exactly what ``FeaturePipeline.transform`` returns, so training,
+evaluation and serving feed a tower the same tensors:
+
+    id, bucketized dense     (B,) int64   -> its own embedding table
+    onehot, dense            (B, C) float -> passed through as they are
+    multihot, text           (B, L) int64 -> pooled embedding (0 pads, left out)
+    history                  (B, L) int64 -> pooled over the item-id table it names
+
+A history feature shares the embedding table of an item-side id feature (the
+item tower's), so a user is described by the same item vectors the item tower
+learns. Sharing parameters does not couple the towers at scoring time: a query's
+vector still depends on the query alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twotower.features.specs import (
+    DenseFeature,
+    FeatureSpec,
+    HistoryFeature,
+    IdFeature,
+    MultiHotFeature,
+    OneHotFeature,
+    TextFeature,
+)
+
+
+def embedding_table(rows: int, dim: int, sparse: bool) -> nn.Embedding:
+    """A table whose vectors start with norm near 1 (N(0, 1/dim) entries)."""
+    table = nn.Embedding(rows, dim, sparse=sparse)
+    nn.init.normal_(table.weight, std=dim**-0.5)
+    return table
+
+
+class LookupEncoder(nn.Module):
+    """(B,) indices -> (B, dim) rows of an embedding table."""
+
+    def __init__(self, table: nn.Embedding) -> None:
+        super().__init__()
+        self.table = table
+        self.width = table.embedding_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table(x)
+
+
+class PooledEncoder(nn.Module):
+    """(B, L) indices, 0-padded -> (B, dim) mean or sum of their embeddings.
+
+    Padding is left out of the mean; a row of padding only pools to zeros.
+    """
+
+    def __init__(self, table: nn.Embedding, pooling: str) -> None:
+        super().__init__()
+        self.table = table
+        self.pooling = pooling
+        self.width = table.embedding_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(
+            x, self.table.weight, mode=self.pooling, padding_idx=0, sparse=self.table.sparse
+        )
+
+
+class VectorEncoder(nn.Module):
+    """(B, C) float features (one-hot, standardized value + missing flag), as they are."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FeatureEncoders(nn.Module):
+    """All encoders of one side, applied in config order and concatenated.
+
+    Args:
+        specs: the side's feature specs.
+        sizes: feature name -> embedding rows or vector width (``FeaturePipeline.sizes``).
+        shared: item-side id feature name -> its table, for history features.
+        sparse: embedding tables produce sparse gradients (for SparseAdam / Adagrad).
+    """
+
+    def __init__(
+        self,
+        specs: list[FeatureSpec],
+        sizes: dict[str, int],
+        shared: dict[str, nn.Embedding] | None = None,
+        sparse: bool = False,
+    ) -> None:
+        super().__init__()
+        if not specs:
+            raise ValueError("a tower needs at least one feature")
+        self.encoders = nn.ModuleDict(
+            {spec.name: _encoder(spec, sizes[spec.name], shared or {}, sparse) for spec in specs}
+        )
+        self.output_dim = sum(encoder.width for encoder in self.encoders.values())
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, output_dim) the concatenated encodings of a batch of model inputs."""
+        missing = [name for name in self.encoders if name not in inputs]
+        if missing:
+            raise KeyError(f"model inputs lack feature(s) {missing}; got {sorted(inputs)}")
+        return torch.cat([enc(inputs[name]) for name, enc in self.encoders.items()], dim=1)
+
+    def tables(self) -> dict[str, nn.Embedding]:
+        """The id features' embedding tables, by feature name (shared with history)."""
+        return {
+            name: enc.table for name, enc in self.encoders.items() if isinstance(enc, LookupEncoder)
+        }
+
+
+def _encoder(
+    spec: FeatureSpec, size: int, shared: dict[str, nn.Embedding], sparse: bool
+) -> nn.Module:
+    if isinstance(spec, IdFeature):
+        return LookupEncoder(embedding_table(size, spec.dim, sparse))
+    if isinstance(spec, DenseFeature):
+        if spec.transform == "bucketize":
+            return LookupEncoder(embedding_table(size, spec.dim, sparse))
+        return VectorEncoder(size)
+    if isinstance(spec, OneHotFeature):
+        return VectorEncoder(size)
+    if isinstance(spec, (MultiHotFeature, TextFeature)):
+        return PooledEncoder(embedding_table(size, spec.dim, sparse), spec.pooling)
+    if isinstance(spec, HistoryFeature):
+        if spec.item_feature not in shared:
+            raise ValueError(
+                f"history feature {spec.name!r} shares the table of item id feature "
+                f"{spec.item_feature!r}, which the item tower lacks"
+            )
+        return PooledEncoder(shared[spec.item_feature], spec.pooling)
+    raise TypeError(f"no encoder for feature kind {type(spec).__name__}")

@@ -1,0 +1,125 @@
+"""The two towers and their score: cosine similarity scaled by a temperature.
+
+    query inputs -> FeatureEncoders -> network -> L2 normalize -> q (B, D)
+    item inputs  -> FeatureEncoders -> network -> L2 normalize -> i (M, D)
+    score = (q @ i.T) / temperature
+
+The towers meet only in the score (late fusion), so item vectors can be computed
+once and indexed. One item tower embeds positives and negatives alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twotower.features.pipeline import FeaturePipeline
+from twotower.features.specs import FeaturesConfig
+from twotower.towers.config import ModelConfig
+from twotower.towers.encoders import FeatureEncoders
+from twotower.towers.networks import NetworkConfig, build_network
+
+
+class Tower(nn.Module):
+    """One side: feature encoders, concatenated, then a network, then L2 normalization."""
+
+    def __init__(self, encoders: FeatureEncoders, network: NetworkConfig) -> None:
+        super().__init__()
+        self.encoders = encoders
+        self.network = build_network(network, encoders.output_dim)
+        self.output_dim: int = self.network.output_dim
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, D) unit vectors of a batch of model inputs (``FeaturePipeline.transform``)."""
+        return F.normalize(self.network(self.encoders(inputs)), dim=-1)
+
+
+class Temperature(nn.Module):
+    """The score's scale 1 / temperature, fixed or learned with a floor on temperature."""
+
+    def __init__(self, temperature: float, learn: bool, min_temperature: float) -> None:
+        super().__init__()
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learn:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        self.max_log_scale = math.log(1.0 / min_temperature)
+
+    def forward(self) -> torch.Tensor:
+        """The scalar 1 / temperature."""
+        return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+
+class TwoTower(nn.Module):
+    """A query tower, an item tower and the temperature of their cosine score."""
+
+    def __init__(self, query_tower: Tower, item_tower: Tower, temperature: Temperature) -> None:
+        super().__init__()
+        if query_tower.output_dim != item_tower.output_dim:
+            raise ValueError(
+                f"the towers must output the same width: query {query_tower.output_dim}, "
+                f"item {item_tower.output_dim}"
+            )
+        self.query_tower = query_tower
+        self.item_tower = item_tower
+        self.temperature = temperature
+
+    @classmethod
+    def build(
+        cls, config: ModelConfig, features: FeaturesConfig, pipeline: FeaturePipeline
+    ) -> TwoTower:
+        """The model for fitted features: table sizes come from the pipeline."""
+        sparse = config.sparse_embeddings
+        item_encoders = FeatureEncoders(features.item, pipeline.sizes("item"), sparse=sparse)
+        query_encoders = FeatureEncoders(
+            features.query, pipeline.sizes("query"), item_encoders.tables(), sparse
+        )
+        return cls(
+            Tower(query_encoders, config.query),
+            Tower(item_encoders, config.item),
+            Temperature(config.temperature, config.learn_temperature, config.min_temperature),
+        )
+
+    def scale(self) -> torch.Tensor:
+        """1 / temperature."""
+        return self.temperature()
+
+    def score(self, query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, M) scaled cosines of (B, D) query and (M, D) item unit vectors."""
+        return query @ items.T * self.scale()
+
+
+@torch.inference_mode()
+def embed_rows(
+    tower: Tower,
+    pipeline: FeaturePipeline,
+    side: str,
+    table: pa.Table,
+    batch_size: int = 4096,
+) -> torch.Tensor:
+    """(rows, D) vectors of raw feature rows, through the fitted transforms and the tower.
+
+    The path serving takes: raw columns -> ``pipeline.transform`` -> ``tower``, in
+    evaluation mode, a batch of rows at a time.
+    """
+    device = next(tower.parameters()).device
+    was_training = tower.training
+    tower.eval()
+    try:
+        chunks = [
+            tower(
+                {
+                    k: v.to(device)
+                    for k, v in pipeline.transform(side, table.slice(s, batch_size)).items()
+                }
+            )
+            for s in range(0, table.num_rows, batch_size)
+        ]
+    finally:
+        tower.train(was_training)
+    return torch.cat(chunks) if chunks else torch.zeros((0, tower.output_dim), device=device)

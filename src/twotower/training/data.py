@@ -1,0 +1,137 @@
+"""Training examples in memory: every row's model inputs, batches gathered by index.
+
+Both sides' feature rows are transformed once with the fitted pipeline (the same
+``FeaturePipeline.transform`` serving calls) and kept as tensors; a batch gathers
+the rows of its queries and items. No per-example Python runs in an epoch.
+
+History features, for a training example (q, i), must not contain i itself, or
+the model learns to find the target in its own input. Two rules:
+
+    before_event  the query's training items strictly before this interaction,
+                  most recent first (what a test-time history is: all earlier items)
+    mask_target   the query's whole training history with the target removed
+                  (for data without a meaningful order, e.g. a random split)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP, Dataset
+from twotower.data.splits import Split, recency_order
+from twotower.features.pipeline import FeaturePipeline
+from twotower.features.specs import HistoryFeature
+from twotower.training.config import HistoryRule
+
+
+@dataclasses.dataclass
+class Batch:
+    """One batch of training interactions.
+
+    Attributes:
+        query: feature name -> the batch's query inputs, (B, ...).
+        positives: (B,) int64 item indices of the interacted items.
+    """
+
+    query: dict[str, torch.Tensor]
+    positives: torch.Tensor
+
+
+class TrainingData:
+    """The training interactions and both sides' model inputs, on one device.
+
+    Args:
+        dataset: the whole dataset (every query and item row).
+        split: its training interactions are the examples.
+        pipeline: the fitted features.
+        history: how history features avoid showing an example its own target;
+            ``auto`` is ``before_event`` when interactions have timestamps.
+        device: where tensors live.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: Split,
+        pipeline: FeaturePipeline,
+        history: HistoryRule = "auto",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.queries = _to(pipeline.transform("query", dataset.queries), self.device)
+        self.items = _to(pipeline.transform("item", dataset.items), self.device)
+        train = split.train
+        query = train.column(QUERY_IDX).to_numpy()
+        self.query_idx = torch.tensor(query, device=self.device)
+        self.item_idx = torch.tensor(train.column(ITEM_IDX).to_numpy(), device=self.device)
+        self.num_items = dataset.num_items
+        if history == "auto":
+            history = "before_event" if TIMESTAMP in train.column_names else "mask_target"
+        self.history_rule = history
+        self.history_features = [
+            spec for spec in pipeline.config.query if isinstance(spec, HistoryFeature)
+        ]
+        timestamps = train.column(TIMESTAMP).to_numpy() if TIMESTAMP in train.column_names else None
+        order = torch.from_numpy(recency_order(query, timestamps)).to(self.device)
+        self._sequence_order = order  # training rows, by query, oldest first
+        self._position = torch.empty_like(order)
+        self._position[order] = torch.arange(len(order), device=self.device)
+        sorted_query = self.query_idx[order]
+        first = torch.ones_like(sorted_query, dtype=torch.bool)
+        first[1:] = sorted_query[1:] != sorted_query[:-1]
+        starts = torch.cummax(
+            torch.where(first, torch.arange(len(order), device=self.device), 0), 0
+        )
+        self._rank = torch.empty_like(order)  # each row's count of earlier rows of its query
+        self._rank[order] = torch.arange(len(order), device=self.device) - starts.values
+
+    def __len__(self) -> int:
+        return len(self.query_idx)
+
+    def item_counts(self) -> np.ndarray:
+        """(N,) training interactions per item."""
+        return np.bincount(self.item_idx.cpu().numpy(), minlength=self.num_items)
+
+    def item_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The item tower's inputs of (M,) item indices."""
+        return {name: values[items] for name, values in self.items.items()}
+
+    def query_inputs(self, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The query tower's inputs of (B,) query indices (histories: whole training)."""
+        return {name: values[queries] for name, values in self.queries.items()}
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch of shuffled batches; every training row exactly once."""
+        permutation = torch.randperm(len(self), generator=generator).to(self.device)
+        for start in range(0, len(self), batch_size):
+            rows = permutation[start : start + batch_size]
+            yield self.batch(rows)
+
+    def batch(self, rows: torch.Tensor) -> Batch:
+        """The examples of (B,) training rows, histories made safe for each target."""
+        positives = self.item_idx[rows]
+        query = self.query_inputs(self.query_idx[rows])
+        for spec in self.history_features:
+            history = query[spec.name]
+            if self.history_rule == "before_event":
+                query[spec.name] = self._history_before(rows, spec, history.shape[1])
+            else:
+                target = self.items[spec.item_feature][positives]  # (B,) the targets' codes
+                query[spec.name] = history.masked_fill(history == target[:, None], 0)
+        return Batch(query, positives)
+
+    def _history_before(self, rows: torch.Tensor, spec: HistoryFeature, width: int) -> torch.Tensor:
+        """(B, width) item codes of each row's earlier interactions, most recent first."""
+        back = torch.arange(1, width + 1, device=self.device)  # (L,) 1 = just before
+        earlier = self._rank[rows, None] >= back  # (B, L) that many earlier rows exist
+        position = (self._position[rows, None] - back).clamp(min=0)
+        items = self.item_idx[self._sequence_order[position]]
+        return torch.where(earlier, self.items[spec.item_feature][items], 0)
+
+
+def _to(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device) for name, tensor in inputs.items()}

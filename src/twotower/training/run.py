@@ -1,0 +1,129 @@
+"""A whole training run from a config: data, split, features, model, training, metrics.
+
+The run folder holds everything needed to rebuild the model, with no pickle:
+
+    config.yaml        the resolved config
+    features/          the fitted feature state (JSON + numpy, checksummed)
+    checkpoints/       best and last checkpoints (with config and feature state inside)
+    metrics.jsonl      one record per epoch; TensorBoard files under tensorboard/
+    curves.png         loss and validation curves
+    metrics.json       the best epoch's validation and test metrics
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twotower.config import Config, from_dict, save_config, to_dict
+from twotower.data.dataset import Dataset
+from twotower.data.load import load_dataset
+from twotower.data.splits import Split, split_interactions
+from twotower.errors import DataError
+from twotower.features.pipeline import FeaturePipeline
+from twotower.storage import atomic_write
+from twotower.towers.model import TwoTower
+from twotower.training.checkpoint import CheckpointStore
+from twotower.training.data import TrainingData
+from twotower.training.trainer import RunState, Trainer, resolve_device
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a run produced.
+
+    Attributes:
+        metrics: the best checkpoint's ``valid/...`` and ``test/...`` metrics, and
+            ``best_epoch``.
+        state: the final run state (per-epoch records, best epoch).
+        out: the run folder.
+    """
+
+    metrics: dict[str, float]
+    state: RunState
+    out: Path
+
+
+def load_data(config: Config) -> tuple[Dataset, Split]:
+    """The dataset the config names and its train / valid / test split."""
+    dataset = load_dataset(
+        config.data,
+        config.features.required_columns("query"),
+        config.features.required_columns("item"),
+    )
+    return dataset, split_interactions(dataset, config.split)
+
+
+def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
+    """Trains the model a config describes and writes the run folder ``out``.
+
+    Args:
+        config: the resolved config.
+        out: the run folder, created if needed.
+        resume: continue from ``out``'s last checkpoint (its saved feature state is
+            reused, so the model sees the same inputs).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    dataset, split = load_data(config)
+    if resume:
+        pipeline = FeaturePipeline.load(out / "features")
+    else:
+        pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
+        pipeline.save(out / "features")
+    device = resolve_device(config.training.device)
+    torch.manual_seed(config.seed)
+    data = TrainingData(dataset, split, pipeline, config.training.history, device)
+    model = TwoTower.build(config.model, config.features, pipeline).to(device)
+    trainer = Trainer(
+        model, data, dataset, split, config.training, out, config.seed, _extra(config, pipeline)
+    )
+    state = trainer.fit(resume=resume)
+    model.load_state_dict(trainer.store.load("best", map_location=device)["model"])
+    metrics: dict[str, float] = {**trainer.evaluate("valid"), **trainer.evaluate("test")}
+    metrics["best_epoch"] = state.best_epoch
+    text = json.dumps(metrics, indent=2, sort_keys=True).encode("utf-8")
+    atomic_write(out / METRICS_FILE, lambda f: f.write(text))
+    return TrainResult(metrics, state, out)
+
+
+def _extra(config: Config, pipeline: FeaturePipeline) -> dict[str, Any]:
+    """What every checkpoint carries besides weights: the config and the feature state."""
+    text, arrays = pipeline.to_bytes()
+    return {
+        "config": to_dict(config),
+        "features": {
+            "json": text.decode("utf-8"),
+            "arrays": torch.frombuffer(bytearray(arrays), dtype=torch.uint8),
+        },
+    }
+
+
+def load_model(run_dir: Path, checkpoint: str = "best") -> tuple[Config, FeaturePipeline, TwoTower]:
+    """Rebuilds a trained model from a run folder's checkpoint alone.
+
+    Returns:
+        The run's config, its fitted features and the model (on the CPU, eval mode).
+    """
+    state = CheckpointStore(Path(run_dir) / "checkpoints").load(checkpoint)
+    where = f"{run_dir}/checkpoints/{checkpoint}"
+    if "config" not in state or "features" not in state:
+        raise DataError(f"{where}: lacks the config or the feature state")
+    config = from_dict(Config, state["config"], where="config")
+    features = state["features"]
+    pipeline = FeaturePipeline.from_bytes(
+        features["json"].encode("utf-8"), features["arrays"].numpy().tobytes(), where
+    )
+    model = TwoTower.build(config.model, config.features, pipeline)
+    model.load_state_dict(state["model"])
+    return config, pipeline, model.eval()

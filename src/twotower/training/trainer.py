@@ -1,0 +1,256 @@
+"""The fit loop: epochs of batches, validation, early stopping, checkpoints, resume.
+
+Determinism on CPU: an epoch's shuffle comes from its own generator seeded with
+(seed, epoch); negatives come from one sampler generator, and dropout from the
+global generator, whose states the checkpoint saves. So a run resumed from its
+last checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from twotower.data.dataset import Dataset
+from twotower.data.splits import Split
+from twotower.evaluation.ranking import evaluate
+from twotower.towers.model import TwoTower
+from twotower.training.checkpoint import CheckpointStore
+from twotower.training.config import TrainingConfig
+from twotower.training.data import TrainingData
+from twotower.training.objectives import build_objective
+from twotower.training.run_log import RunLog
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped: bool = False
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device is 'cuda' but CUDA is not available")
+    return torch.device(name)
+
+
+def build_optimizers(model: torch.nn.Module, config: TrainingConfig) -> list[torch.optim.Optimizer]:
+    """Adam/AdamW for dense parameters; SparseAdam/Adagrad for sparse-gradient tables."""
+    sparse_ids = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse
+    }
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    sparse = [p for p in model.parameters() if id(p) in sparse_ids]
+    dense_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizers: list[torch.optim.Optimizer] = []
+    if dense:
+        optimizers.append(dense_class(dense, lr=config.lr, weight_decay=config.weight_decay))
+    if sparse:
+        sparse_class = (
+            torch.optim.SparseAdam
+            if config.sparse_optimizer == "sparse_adam"
+            else torch.optim.Adagrad
+        )
+        optimizers.append(sparse_class(sparse, lr=config.lr))
+    return optimizers
+
+
+@torch.inference_mode()
+def embed_all(
+    model: TwoTower, data: TrainingData, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, D) every query's and (N, D) every item's vector, in evaluation mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        sides = []
+        for tower, inputs, count in (
+            (model.query_tower, data.query_inputs, len(next(iter(data.queries.values())))),
+            (model.item_tower, data.item_inputs, data.num_items),
+        ):
+            rows = torch.arange(count, device=data.device)
+            sides.append(torch.cat([tower(inputs(chunk)) for chunk in rows.split(batch_size)]))
+    finally:
+        model.train(was_training)
+    return sides[0], sides[1]
+
+
+class Trainer:
+    """Trains a ``TwoTower`` model on one split; writes checkpoints and logs to ``out``.
+
+    Args:
+        model: the model, on ``data.device``.
+        data: the training examples and feature inputs.
+        dataset: for the corpus and query counts used by validation.
+        split: its ``valid`` part is ranked after each epoch.
+        config: the training options.
+        out: the run folder.
+        seed: seeds the shuffles and the negative sampler.
+        extra: JSON/tensor-ready values stored in every checkpoint (config, features).
+    """
+
+    def __init__(
+        self,
+        model: TwoTower,
+        data: TrainingData,
+        dataset: Dataset,
+        split: Split,
+        config: TrainingConfig,
+        out: Path,
+        seed: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.model, self.data, self.dataset, self.split = model, data, dataset, split
+        self.config, self.out, self.seed, self.extra = config, Path(out), seed, extra or {}
+        self.objective = build_objective(config.objective, data.item_counts()).to(data.device)
+        self.optimizers = build_optimizers(model, config)
+        self.sampler_generator = torch.Generator().manual_seed(seed + 1)
+        self.store = CheckpointStore(self.out / "checkpoints")
+        self.state = RunState()
+
+    def fit(self, resume: bool = False) -> RunState:
+        """Trains until ``epochs`` or early stopping; returns the final run state."""
+        run_log = RunLog(self.out, self.config.tensorboard)
+        if resume:
+            self._restore()
+            run_log.restart(self.state.records)
+        else:
+            run_log.restart([])
+        try:
+            while self.state.epoch < self.config.epochs and not self.state.stopped:
+                record = self._epoch(self.state.epoch + 1)
+                self._end_epoch(record)
+                run_log.write(record, self.state.records, self.config.metric)
+        finally:
+            run_log.close()
+        return self.state
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        """Trains one epoch, then validates; returns the epoch's record."""
+        self.model.train()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        total, examples, clock = 0.0, 0, time.perf_counter()
+        batches = self.data.batches(self.config.batch_size, generator)
+        steps = math.ceil(len(self.data) / self.config.batch_size)
+        bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", unit="batch", disable=None)
+        for batch in bar:
+            loss = self._step(batch)
+            total += loss * len(batch.positives)
+            examples += len(batch.positives)
+            rate = examples / max(time.perf_counter() - clock, 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:,.0f}")
+        seconds = time.perf_counter() - clock
+        record = {
+            "epoch": epoch,
+            "step": self.state.step,
+            "loss": total / max(examples, 1),
+            "examples_per_s": examples / max(seconds, 1e-9),
+            "train_seconds": seconds,
+            "temperature": float(1.0 / self.model.scale()),
+        }
+        record.update(self.evaluate("valid"))
+        return record
+
+    def _step(self, batch) -> float:
+        query = self.model.query_tower(batch.query)
+        loss = self.objective(
+            query,
+            batch.positives,
+            lambda items: self.model.item_tower(self.data.item_inputs(items)),
+            self.model.scale(),
+            self.sampler_generator,
+        )
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.state.step += 1
+        return float(loss.detach())
+
+    def evaluate(self, part: str, exclude_seen: bool = True) -> dict[str, float]:
+        """Full-corpus ranking metrics of the current model on ``valid`` or ``test``."""
+        queries, items = embed_all(self.model, self.data, self.config.eval_batch_size)
+
+        def score(chunk: np.ndarray) -> torch.Tensor:
+            return queries[torch.from_numpy(chunk).to(queries.device)] @ items.T  # (B, N)
+
+        return evaluate(
+            score,
+            self.split,
+            part,
+            self.dataset.num_queries,
+            self.dataset.num_items,
+            ks=self.config.ks,
+            exclude_seen=exclude_seen,
+            chunk_size=self.config.eval_batch_size,
+        )
+
+    def _end_epoch(self, record: dict[str, Any]) -> None:
+        """Early-stopping bookkeeping, then the best and last checkpoints (in that order)."""
+        state = self.state
+        state.epoch = record["epoch"]
+        state.records.append(record)
+        value = record[self.config.metric]
+        if value > state.best:
+            state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+            best = {"model": self.model.state_dict(), "epoch": state.epoch, **self.extra}
+            self.store.save("best", best, state.epoch)
+        else:
+            state.bad_epochs += 1
+            state.stopped = 0 < self.config.patience <= state.bad_epochs
+        log.info(
+            "epoch %d: loss %.4f, %s %.4f", state.epoch, record["loss"], self.config.metric, value
+        )
+        self.store.save("last", self._checkpoint(), state.epoch)
+
+    def _checkpoint(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "sampler": self.sampler_generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "version": CHECKPOINT_VERSION,
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "rng": rng,
+            "state": dataclasses.asdict(self.state),
+            **self.extra,
+        }
+
+    def _restore(self) -> None:
+        checkpoint = self.store.load("last", map_location=self.data.device)
+        if checkpoint.get("version") != CHECKPOINT_VERSION:
+            raise RuntimeError(f"checkpoint version {checkpoint.get('version')} is not supported")
+        self.model.load_state_dict(checkpoint["model"])
+        self.objective.load_state_dict(checkpoint["objective"])
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        self.sampler_generator.set_state(checkpoint["rng"]["sampler"].cpu())
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in checkpoint["rng"]["cuda"]])
+        self.state = RunState(**checkpoint["state"])
+        log.info("resumed after epoch %d (step %d)", self.state.epoch, self.state.step)

@@ -1,0 +1,93 @@
+"""Training examples: every row once per epoch; histories never contain their target."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from twotower.data.dataset import Dataset
+from twotower.data.splits import SplitConfig, split_interactions
+from twotower.features.pipeline import FeaturePipeline
+from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
+from twotower.training.data import TrainingData
+
+FEATURES = FeaturesConfig(
+    query=[
+        IdFeature("user_id", "user"),
+        HistoryFeature("history", "user", item_feature="item_id", max_len=3),
+    ],
+    item=[IdFeature("item_id", "item")],
+)
+
+
+def make(timestamps: bool, history: str) -> tuple[TrainingData, FeaturePipeline]:
+    # u1 saw a, b, c, d, e and u2 a, b, c, e, in that order by timestamp; the file
+    # order differs, so without timestamps "earlier" means earlier in the file.
+    columns = {
+        "query_id": ["u1", "u1", "u2", "u1", "u1", "u1", "u2", "u2", "u2"],
+        "item_id": ["c", "a", "b", "b", "e", "d", "a", "c", "e"],
+    }
+    if timestamps:
+        columns["timestamp"] = [3, 1, 2, 2, 5, 4, 1, 3, 4]
+    interactions = pa.table(columns)
+    users = pa.table({"user": ["u1", "u2"]})
+    items = pa.table({"item": ["a", "b", "c", "d", "e"]})
+    dataset = Dataset.from_tables(interactions, users, items, query_key="user", item_key="item")
+    split = split_interactions(dataset, SplitConfig(method="leave_last_out"))
+    pipeline = FeaturePipeline.fit(FEATURES, dataset, split.train)
+    return TrainingData(dataset, split, pipeline, history=history), pipeline
+
+
+def names(pipeline: FeaturePipeline, codes: torch.Tensor) -> list[str]:
+    vocabulary = pipeline.transforms["item"]["item_id"].vocabulary.values.to_pylist()
+    return [vocabulary[c - 2] for c in codes.tolist() if c != 0]
+
+
+def test_before_event_history_holds_only_earlier_items_most_recent_first():
+    data, pipeline = make(timestamps=True, history="auto")
+    assert data.history_rule == "before_event"
+    # training (leave-last-out keeps e for test, the one before for valid):
+    # u1: a(1) b(2) c(3) -> valid d(4), test e(5); u2: a(1) b(2) -> valid c(3), test e(4)
+    rows = torch.arange(len(data))
+    batch = data.batch(rows)
+    seen = {}
+    for row, positive, history in zip(rows, batch.positives, batch.query["history"], strict=True):
+        user = int(data.query_idx[row])
+        item = names(pipeline, data.items["item_id"][positive : positive + 1])[0]
+        seen[(user, item)] = names(pipeline, history)
+    assert seen == {
+        (0, "a"): [],
+        (0, "b"): ["a"],
+        (0, "c"): ["b", "a"],
+        (1, "a"): [],
+        (1, "b"): ["a"],
+    }
+
+
+def test_mask_target_removes_only_the_target():
+    data, pipeline = make(timestamps=False, history="auto")
+    assert data.history_rule == "mask_target"
+    batch = data.batch(torch.arange(len(data)))
+    full = data.query_inputs(data.query_idx)["history"]
+    for positive, history, whole in zip(batch.positives, batch.query["history"], full, strict=True):
+        target = data.items["item_id"][positive]
+        assert target not in history.tolist()
+        assert sorted(h for h in history.tolist() if h) == sorted(
+            h for h in whole.tolist() if h and h != target
+        )
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 100])
+def test_an_epoch_yields_every_row_once(batch_size):
+    data, _ = make(timestamps=True, history="before_event")
+    generator = torch.Generator().manual_seed(3)
+    positives = torch.cat([b.positives for b in data.batches(batch_size, generator)])
+    assert len(positives) == len(data)
+    assert sorted(positives.tolist()) == sorted(data.item_idx.tolist())
+
+
+def test_item_counts_are_training_counts():
+    data, _ = make(timestamps=True, history="auto")
+    # training items: u1 a b c, u2 a b
+    assert data.item_counts().tolist() == [2, 2, 1, 0, 0]

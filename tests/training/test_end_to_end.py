@@ -1,0 +1,48 @@
+"""Every objective learns the planted clusters: after a short training, validation
+recall@10 beats the popularity ranking by a clear margin."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from twotower.baselines import Popularity
+from twotower.data.matrix import interaction_matrix
+from twotower.evaluation.ranking import evaluate
+from twotower.training.objectives import (
+    HingeConfig,
+    InBatchConfig,
+    ListwiseConfig,
+    LogisticConfig,
+    MixedConfig,
+    PointwiseConfig,
+)
+from twotower.training.run import load_data, train_run
+
+OBJECTIVES = {
+    "pointwise": PointwiseConfig(neg_per_pos=3),
+    "hinge": HingeConfig(margin=0.5),
+    "logistic": LogisticConfig(sigma=10.0),
+    "listwise": ListwiseConfig(num_negatives=16),
+    "in_batch": InBatchConfig(logq="counts"),
+    "in_batch_streaming": InBatchConfig(logq="streaming", streaming_buckets=1024),
+    "mixed": MixedConfig(num_sampled=64),
+}
+
+
+@pytest.fixture(scope="module")
+def popularity_recall(small_config) -> float:
+    dataset, split = load_data(small_config)
+    train = interaction_matrix(split.train, dataset.num_queries, dataset.num_items)
+    model = Popularity().fit(train)
+    metrics = evaluate(model.score, split, "valid", dataset.num_queries, dataset.num_items, ks=[10])
+    return metrics["valid/recall@10"]
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_objective_beats_popularity(name, small_config, popularity_recall, tmp_path):
+    training = dataclasses.replace(small_config.training, objective=OBJECTIVES[name])
+    result = train_run(dataclasses.replace(small_config, training=training), tmp_path)
+    recall = result.metrics["valid/recall@10"]
+    assert recall > 1.5 * popularity_recall, (name, recall, popularity_recall)
