@@ -19,7 +19,8 @@ def result(tmp_path_factory):
 
 
 def test_demo_writes_its_run_folder(result):
-    for name in ("config.yaml", "metrics.json", "recall_at_k.png", "features/features.json"):
+    run = "two-tower/"
+    for name in ("config.yaml", "metrics.json", "recall_at_k.png", run + "features/features.json"):
         assert (result.out / name).is_file(), name
     saved = json.loads((result.out / "metrics.json").read_text())
     assert saved == result.metrics
@@ -34,8 +35,9 @@ def test_demo_metrics_are_consistent(result):
         assert metrics["test/recall@10"] == pytest.approx(metrics["test/hr@10"])
 
 
-def test_personalized_baselines_beat_popularity_on_planted_clusters(result):
+def test_personalized_models_beat_popularity_on_planted_clusters(result):
     pop = result.metrics["pop"]["test/recall@50"]
+    assert result.metrics["two-tower"]["test/recall@50"] > pop
     assert result.metrics["ease"]["test/recall@50"] > pop
     assert result.metrics["itemknn"]["test/recall@50"] > pop
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -44,6 +46,57 @@ def demo(
     typer.echo(
         f"\nTime: {stages}. Metrics: {out / 'metrics.json'}; plot: {out / 'recall_at_k.png'}"
     )
+
+
+@app.command()
+def train(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config.")],
+    out: Annotated[Path, typer.Option(help="Run folder.")],
+    overrides: Overrides = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+) -> None:
+    """Train a two-tower model: checkpoints, logs, curves and metrics.json in --out."""
+    from twotower.config import load_config
+    from twotower.training.run import train_run
+
+    config = load_config(config_path, overrides or [])
+    out.mkdir(parents=True, exist_ok=True)
+    with _log_to(out / "train.log"):
+        result = train_run(config, out, resume=resume)
+    best = result.metrics["best_epoch"]
+    typer.echo(f"\nBest epoch {best}; full-corpus ranking, seen items excluded:\n")
+    typer.echo(format_metrics(result.metrics, config.training.ks))
+    typer.echo(f"\nRun folder: {out} (metrics.json, metrics.jsonl, curves.png, checkpoints/)")
+
+
+@contextlib.contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """Copies the package's INFO log lines into ``path`` while the block runs."""
+    logger = logging.getLogger("twotower")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
+def format_metrics(metrics: dict[str, float], ks: list[int]) -> str:
+    """A table with one row per split and a column per metric@k."""
+    names = ("recall", "hr", "ndcg", "mrr")
+    columns = [f"{name}@{k}" for k in ks for name in names]
+    lines = ["split  " + "  ".join(f"{c:>10}" for c in columns)]
+    for part in ("valid", "test"):
+        values = [metrics.get(f"{part}/{c}", float("nan")) for c in columns]
+        lines.append(f"{part:<5}  " + "  ".join(f"{v:>10.4f}" for v in values))
+    return "\n".join(lines)
 
 
 @data_app.command("synth")

@@ -24,7 +24,7 @@ from twotower.config import Config, from_dict, save_config, to_dict
 from twotower.data.dataset import Dataset
 from twotower.data.load import load_dataset
 from twotower.data.splits import Split, split_interactions
-from twotower.errors import DataError
+from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.storage import atomic_write
 from twotower.towers.model import TwoTower
@@ -73,6 +73,8 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
             reused, so the model sees the same inputs).
     """
     out = Path(out)
+    if resume:
+        _check_resumable(out, config)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     dataset, split = load_data(config)
@@ -95,6 +97,36 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
     text = json.dumps(metrics, indent=2, sort_keys=True).encode("utf-8")
     atomic_write(out / METRICS_FILE, lambda f: f.write(text))
     return TrainResult(metrics, state, out)
+
+
+# What may change when a run is resumed: how long it goes on and where it runs.
+RESUMABLE_CHANGES = frozenset(
+    {"training.epochs", "training.patience", "training.device", "training.tensorboard"}
+)
+
+
+def _check_resumable(out: Path, config: Config) -> None:
+    """Refuses to resume a run under a config that changes its model, data or training."""
+    store = CheckpointStore(out / "checkpoints")
+    if not store.exists("last"):
+        raise DataError(f"{out}: nothing to resume (no checkpoints/last.json)")
+    saved = from_dict(Config, store.load("last")["config"], where="checkpoint config")
+    changed = sorted(
+        key
+        for key, value in _flat(to_dict(config)).items()
+        if _flat(to_dict(saved)).get(key) != value and key not in RESUMABLE_CHANGES
+    )
+    if changed:
+        raise ConfigError(
+            f"{out}: cannot resume with a changed config; these differ from the run's: "
+            f"{', '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+        )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
 
 
 def _extra(config: Config, pipeline: FeaturePipeline) -> dict[str, Any]:

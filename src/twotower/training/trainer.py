@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from twotower.data.dataset import Dataset
 from twotower.data.splits import Split
+from twotower.errors import ConfigError, DataError
 from twotower.evaluation.ranking import evaluate
 from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
@@ -52,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is 'cuda' but CUDA is not available")
+        raise ConfigError("training.device is 'cuda' but CUDA is not available here")
     return torch.device(name)
 
 
@@ -243,7 +244,10 @@ class Trainer:
     def _restore(self) -> None:
         checkpoint = self.store.load("last", map_location=self.data.device)
         if checkpoint.get("version") != CHECKPOINT_VERSION:
-            raise RuntimeError(f"checkpoint version {checkpoint.get('version')} is not supported")
+            raise DataError(
+                f"{self.store.path('last')}: checkpoint version {checkpoint.get('version')} "
+                f"is not {CHECKPOINT_VERSION}, the one this version of twotower reads"
+            )
         self.model.load_state_dict(checkpoint["model"])
         self.objective.load_state_dict(checkpoint["objective"])
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizers"], strict=True):
