@@ -124,3 +124,17 @@ def test_every_objective_config_builds_and_gives_a_finite_differentiable_loss(co
     loss = objective(query, torch.tensor([0, 1, 3]), embed, torch.tensor(5.0), generator)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(query.grad).all()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PointwiseConfig(neg_per_pos=0),
+        lambda: ListwiseConfig(num_negatives=0),
+        lambda: HingeConfig(alpha=-1.0),
+        lambda: InBatchConfig(hard_negatives=-1),
+    ],
+)
+def test_impossible_objective_settings_are_refused(make):
+    with pytest.raises(ValueError):
+        make()

@@ -48,50 +48,55 @@ EmbedItems = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
-class PointwiseConfig:
+class SampledNegatives:
+    """Per-row negatives: ``uniform`` over the corpus or ``popularity`` (count^alpha)."""
+
+    sampler: SamplerName = "uniform"
+    alpha: float = 0.75
+
+    def __post_init__(self) -> None:
+        counts = {k: v for k, v in vars(self).items() if k in ("neg_per_pos", "num_negatives")}
+        if self.alpha < 0 or any(v < 1 for v in counts.values()):
+            raise ValueError(f"need alpha >= 0 and at least one negative, got {vars(self)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PointwiseConfig(SampledNegatives):
     """Each positive with ``neg_per_pos`` sampled negatives; binary cross-entropy."""
 
     kind: Literal["pointwise"] = "pointwise"
     neg_per_pos: int = 2
-    sampler: SamplerName = "uniform"
-    alpha: float = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
-class HingeConfig:
+class HingeConfig(SampledNegatives):
     """Triplets (q, i+, i-) with ``num_negatives`` negatives per positive; hinge with margin."""
 
     kind: Literal["hinge"] = "hinge"
     margin: float = 0.5
     num_negatives: int = 4
-    sampler: SamplerName = "uniform"
-    alpha: float = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
-class LogisticConfig:
+class LogisticConfig(SampledNegatives):
     """Triplets with a logistic (soft) hinge of sharpness ``sigma``."""
 
     kind: Literal["logistic"] = "logistic"
     sigma: float = 10.0
     num_negatives: int = 4
-    sampler: SamplerName = "uniform"
-    alpha: float = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
-class ListwiseConfig:
+class ListwiseConfig(SampledNegatives):
     """One positive and ``num_negatives`` sampled negatives in one softmax."""
 
     kind: Literal["listwise"] = "listwise"
     num_negatives: int = 16
-    sampler: SamplerName = "uniform"
-    alpha: float = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
-class InBatchConfig:
-    """In-batch softmax.
+class SoftmaxCorrections:
+    """The corrections of the shared-candidate softmax objectives.
 
     Attributes:
         logq: the sampling-probability estimate subtracted from the logits:
@@ -101,23 +106,29 @@ class InBatchConfig:
         streaming_buckets: hash buckets of the streaming frequency estimate.
     """
 
-    kind: Literal["in_batch"] = "in_batch"
     logq: FrequencyName = "counts"
     mask_hits: bool = True
     hard_negatives: int = 0
     streaming_buckets: int = 1 << 20
 
+    def __post_init__(self) -> None:
+        if self.hard_negatives < 0 or self.streaming_buckets < 1:
+            raise ValueError("need hard_negatives >= 0 and streaming_buckets >= 1")
+
 
 @dataclasses.dataclass(frozen=True)
-class MixedConfig:
+class InBatchConfig(SoftmaxCorrections):
+    """In-batch softmax: the batch's positives are every row's candidates."""
+
+    kind: Literal["in_batch"] = "in_batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedConfig(SoftmaxCorrections):
     """In-batch plus ``num_sampled`` uniformly drawn corpus items (Yang et al. 2020)."""
 
     kind: Literal["mixed"] = "mixed"
     num_sampled: int = 512
-    logq: FrequencyName = "counts"
-    mask_hits: bool = True
-    hard_negatives: int = 0
-    streaming_buckets: int = 1 << 20
 
 
 ObjectiveConfig = (
