@@ -1,6 +1,6 @@
 """Every training objective on one config: validation quality and training speed.
 
-    python benchmarks/objectives.py configs/ml-100k.yaml --out runs/objectives
+    python benchmarks/objectives.py configs/ml100k.yaml --out runs/objectives
 
 Trains one run per objective (the config's model and training options, with the
 objective replaced), reads the best epoch's validation HR@10 / NDCG@10, and the

@@ -60,7 +60,7 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
 
 
 TRAIN_CONFIG = (
-    "data: {source: synthetic, synthetic: {num_queries: 80, num_items: 40}}\n"
+    "data: {source: synthetic, synthetic: {num_queries: 80, num_items: 120}}\n"
     "features:\n"
     "  query: [{name: user_id, kind: id, column: user_id}]\n"
     "  item: [{name: item_id, kind: id, column: item_id}]\n"
@@ -104,3 +104,100 @@ def test_set_kind_switches_an_objective_to_that_kinds_defaults(tmp_path):
     assert loaded.training.objective.kind == "hinge"
     assert loaded.training.objective.margin == 0.2
     assert loaded.training.objective.num_negatives == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli-run")
+    config = folder / "c.yaml"
+    config.write_text(TRAIN_CONFIG)
+    result = CliRunner().invoke(app, ["train", str(config), "--out", str(folder / "run")])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_evaluate_reproduces_the_runs_metrics_and_honours_options(tiny_run):
+    run = tiny_run / "run"
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--split", "test", "--k", "5,10"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "evaluation-test.json").read_text())
+    trained = json.loads((run / "metrics.json").read_text())
+    assert saved["test/ndcg@10"] == pytest.approx(trained["test/ndcg@10"])
+    assert "test/recall@5" in saved and not any(k.startswith("valid/") for k in saved)
+    kept = CliRunner().invoke(app, ["evaluate", str(run), "--keep-seen", "--split", "valid"])
+    assert kept.exit_code == 0, kept.output
+    assert (run / "evaluation-valid-keep-seen.json").is_file()
+
+
+def test_baseline_writes_metrics_for_valid_and_test(tiny_run):
+    out = tiny_run / "pop"
+    config = tiny_run / "c.yaml"
+    result = CliRunner().invoke(app, ["baseline", str(config), "--model", "pop", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"valid/recall@10", "test/recall@10"} <= metrics.keys()
+    assert (out / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "missing.yaml", "--out", "x"], "config file not found: missing.yaml"),
+        (["evaluate", "no-such-run"], "no checkpoint 'best'"),
+        (["evaluate", "RUN", "--k", "ten"], "--k 'ten'"),
+        (["evaluate", "RUN", "--split", "train"], "--split 'train'"),
+        (["baseline", "CONFIG", "--model", "bpr", "--out", "x"], "--model 'bpr'"),
+        (["train", "CONFIG", "--out", "x", "--set", "training.epochs=many"], "expected int"),
+        (["train", "CONFIG", "--out", "x", "--set", "training.epoch=2"], "did you mean 'epochs'"),
+    ],
+)
+def test_user_errors_name_what_is_wrong(args, message, tiny_run, monkeypatch, capsys):
+    args = [
+        str(tiny_run / "run") if a == "RUN" else str(tiny_run / "c.yaml") if a == "CONFIG" else a
+        for a in args
+    ]
+    monkeypatch.chdir(tiny_run)
+    monkeypatch.setattr("sys.argv", ["twotower", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_debug_shows_the_exception_itself(tiny_run, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["twotower", "evaluate", "no-such-run", "--debug"])
+    monkeypatch.chdir(tiny_run)
+    from twotower.errors import DataError
+
+    with pytest.raises(DataError):
+        main()
+
+
+def test_export_then_recall_prints_json_lines(tiny_run, monkeypatch, capsys):
+    artifact = tiny_run / "artifact"
+    result = CliRunner().invoke(app, ["export", str(tiny_run / "run"), "--out", str(artifact)])
+    assert result.exit_code == 0, result.output
+    assert (artifact / "manifest.json").is_file()
+    users = tiny_run / "users.txt"
+    users.write_text("1\n3\n\n")  # the synthetic users are numbered from 1; blank lines skipped
+    result = CliRunner().invoke(
+        app, ["recall", str(artifact), "--users-file", str(users), "-k", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [line["query"] for line in lines] == ["1", "3"]
+    assert all(len(line["items"]) == len(line["scores"]) == 4 for line in lines)
+    assert all(line["scores"] == sorted(line["scores"], reverse=True) for line in lines)
+
+    monkeypatch.setattr("sys.argv", ["twotower", "recall", str(artifact), "--user", "nobody"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "unknown query id(s): 'nobody'" in capsys.readouterr().err
+
+
+def test_recall_needs_exactly_one_kind_of_query(tiny_run):
+    result = CliRunner().invoke(app, ["recall", str(tiny_run), "--user", "1", "--query", "x"])
+    assert result.exit_code != 0
+    assert "exactly one of --user, --users-file or --query" in str(result.exception)

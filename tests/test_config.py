@@ -279,3 +279,18 @@ def test_saved_config_loads_back_equal(config: Config, tmp_path: Path) -> None:
 def test_defaults_round_trip() -> None:
     config = Config(data=DataConfig(source="synthetic"))
     assert from_dict(Config, to_dict(config), where="") == config
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.features.query and config.features.item
+
+
+def test_synthetic_config_is_the_demo_recipe():
+    from twotower.demo import demo_config
+
+    assert load_config(CONFIGS / "synthetic.yaml") == demo_config()

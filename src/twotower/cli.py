@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -13,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from twotower.errors import TwoTowerError
+from twotower.errors import ConfigError, DataError, TwoTowerError
 
 app = typer.Typer(
     help="Two-tower retrieval: train, evaluate honestly, export, serve.",
@@ -71,6 +72,141 @@ def train(
     typer.echo(f"\nRun folder: {out} (metrics.json, metrics.jsonl, curves.png, checkpoints/)")
 
 
+@app.command("evaluate")
+def evaluate_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A training run folder.")],
+    split: Annotated[
+        str, typer.Option(help="Which held-out part to rank: valid, test or both.")
+    ] = "both",
+    k: Annotated[str | None, typer.Option(help="Cutoffs, e.g. 10,50,100.")] = None,
+    keep_seen: Annotated[
+        bool, typer.Option(help="Keep items the user already saw in the ranking.")
+    ] = False,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+) -> None:
+    """Rank the whole corpus with a trained run's model; print and save the metrics."""
+    from twotower.baselines.run import write_metrics
+    from twotower.training.run import evaluate_run
+
+    parts = _parts(split)
+    ks = _ks(k)
+    metrics = evaluate_run(run_dir, parts, ks, exclude_seen=not keep_seen, checkpoint=checkpoint)
+    suffix = "-keep-seen" if keep_seen else ""
+    path = run_dir / f"evaluation-{split}{suffix}.json"
+    write_metrics(metrics, path)
+    typer.echo(format_metrics(metrics, ks or _run_ks(metrics), parts))
+    typer.echo(f"\nSaved: {path}")
+
+
+@app.command()
+def baseline(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config.")],
+    model: Annotated[str, typer.Option(help="pop, itemknn or ease.")],
+    out: Annotated[Path, typer.Option(help="Run folder.")],
+    overrides: Overrides = None,
+) -> None:
+    """Fit a reference baseline and rank the full corpus beside the model's protocol."""
+    from twotower.baselines import BASELINES
+    from twotower.baselines.run import evaluate_baseline, write_metrics
+    from twotower.config import load_config, save_config
+    from twotower.training.run import load_data
+
+    if model not in BASELINES:
+        raise ConfigError(f"--model {model!r}: choose one of {', '.join(BASELINES)}")
+    config = load_config(config_path, overrides or [])
+    dataset, split = load_data(config)
+    ks = config.training.ks
+    metrics = evaluate_baseline(model, dataset, split, ks, config.baselines)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    write_metrics(metrics, out / "metrics.json")
+    typer.echo(f"{model}: full-corpus ranking, seen items excluded\n")
+    typer.echo(format_metrics(metrics, ks))
+    typer.echo(f"\nRun folder: {out}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A training run folder.")],
+    out: Annotated[Path, typer.Option(help="Artifact folder (replaced atomically).")],
+    index: Annotated[str, typer.Option(help="Index kind.")] = "exact",
+) -> None:
+    """Write a self-contained, checksummed serving artifact from a run's best model."""
+    from twotower.export import export_run
+
+    manifest = export_run(run_dir, out, index=index)
+    typer.echo(
+        f"Exported {manifest['num_items']} item vectors of dimension {manifest['embedding_dim']} "
+        f"and {manifest['num_queries']} known queries, index {manifest['index']!r}, to {out}"
+    )
+
+
+@app.command()
+def recall(
+    artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT_DIR", help="An exported artifact.")],
+    user: Annotated[str | None, typer.Option(help="A known user id.")] = None,
+    users_file: Annotated[
+        Path | None, typer.Option(help="A file with one known user id per line.")
+    ] = None,
+    query: Annotated[str | None, typer.Option(help="Query text (a text query feature).")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="How many items to return.")] = 10,
+    keep_seen: Annotated[
+        bool, typer.Option(help="Allow items the user already interacted with.")
+    ] = False,
+) -> None:
+    """Print the top K items as JSON lines: {"query": ..., "items": [...], "scores": [...]}."""
+    from twotower.serving import Retriever
+
+    given = [
+        name
+        for name, value in (("--user", user), ("--users-file", users_file), ("--query", query))
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --user, --users-file or --query")
+    retriever = Retriever.load(artifact)
+    if query is not None:
+        results = retriever.recall_text([query], k)
+    else:
+        ids = [user] if user is not None else _read_ids(users_file)
+        results = retriever.recall_users(ids, k, exclude_seen=not keep_seen)
+    for result in results:
+        typer.echo(json.dumps(dataclasses.asdict(result), default=str))
+
+
+def _read_ids(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read user ids ({err})") from None
+    ids = [line.strip() for line in lines if line.strip()]
+    if not ids:
+        raise DataError(f"{path}: no user ids (one per line)")
+    return ids
+
+
+def _parts(split: str) -> tuple[str, ...]:
+    if split not in ("valid", "test", "both"):
+        raise ConfigError(f"--split {split!r}: choose valid, test or both")
+    return ("valid", "test") if split == "both" else (split,)
+
+
+def _ks(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        ks = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--k {text!r}: expected whole numbers separated by commas") from None
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"--k {text!r}: every cutoff must be >= 1")
+    return ks
+
+
+def _run_ks(metrics: dict[str, float]) -> list[int]:
+    return sorted({int(key.split("@")[1]) for key in metrics if "/recall@" in key})
+
+
 @contextlib.contextmanager
 def _log_to(path: Path) -> Iterator[None]:
     """Copies the package's INFO log lines into ``path`` while the block runs."""
@@ -88,12 +224,14 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def format_metrics(metrics: dict[str, float], ks: list[int]) -> str:
+def format_metrics(
+    metrics: dict[str, float], ks: list[int], parts: tuple[str, ...] = ("valid", "test")
+) -> str:
     """A table with one row per split and a column per metric@k."""
     names = ("recall", "hr", "ndcg", "mrr")
     columns = [f"{name}@{k}" for k in ks for name in names]
     lines = ["split  " + "  ".join(f"{c:>10}" for c in columns)]
-    for part in ("valid", "test"):
+    for part in parts:
         values = [metrics.get(f"{part}/{c}", float("nan")) for c in columns]
         lines.append(f"{part:<5}  " + "  ".join(f"{v:>10.4f}" for v in values))
     return "\n".join(lines)
@@ -169,10 +307,28 @@ def data_prepare(
 
 
 def main() -> None:
-    """Entry point: user errors print one clear line and exit with status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Entry point: an error prints one line and a non-zero status; ``--debug`` shows more.
+
+    A user error (bad config, bad data, a missing run) exits with status 2, anything
+    unexpected with 1. ``--debug`` anywhere on the line re-raises with the traceback.
+    """
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         app()
-    except TwoTowerError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:
+        if debug:
+            raise
+        user_error = isinstance(err, TwoTowerError)
+        kind = "error" if user_error else f"error ({type(err).__name__})"
+        hint = "" if user_error else " (run again with --debug for the traceback)"
+        typer.echo(f"{kind}: {err}{hint}", err=True)
+        sys.exit(2 if user_error else 1)

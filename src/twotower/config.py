@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from twotower.baselines.config import BaselinesConfig
 from twotower.data.load import DataConfig
 from twotower.data.splits import SplitConfig
 from twotower.errors import ConfigError
@@ -35,6 +36,7 @@ class Config:
     features: FeaturesConfig = dataclasses.field(default_factory=FeaturesConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    baselines: BaselinesConfig = dataclasses.field(default_factory=BaselinesConfig)
     seed: int = 0
 
 

@@ -3,8 +3,8 @@
 Every step runs the same code a user's own data goes through: the generated tables
 are written as Parquet and read back with the configured readers, split, the
 features are fitted on the training split and saved, the two-tower model is
-trained (``twotower train`` on the demo recipe), and it and each baseline are
-ranked against the whole corpus with seen items excluded.
+trained (``twotower train`` on the demo recipe) and exported as a serving artifact,
+and it and each baseline are ranked against the whole corpus with seen items excluded.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from twotower.baselines import BASELINES, Popularity
+from twotower.baselines import BASELINES
+from twotower.baselines.config import BaselinesConfig
+from twotower.baselines.run import evaluate_baseline
 from twotower.config import Config, load_config, save_config
 from twotower.data.dataset import Dataset
 from twotower.data.load import DataConfig, FeatureTableConfig, InteractionsConfig, load_dataset
-from twotower.data.matrix import interaction_matrix
 from twotower.data.splits import Split, split_interactions
 from twotower.data.synthetic import generate, write_parquet
-from twotower.evaluation.ranking import evaluate
+from twotower.export import export_run
 from twotower.training.run import train_run
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def demo_config(overrides: list[str] | None = None) -> Config:
 
 
 def run_demo(out: Path, overrides: list[str] | None = None) -> DemoResult:
-    """Generates the synthetic data, trains the model and evaluates it beside the baselines.
+    """Generates the synthetic data, trains and exports the model, evaluates it beside the
+    baselines.
 
     Args:
         out: the run folder; created if needed.
@@ -79,7 +81,14 @@ def run_demo(out: Path, overrides: list[str] | None = None) -> DemoResult:
     seconds["training"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    metrics = {"two-tower": trained.metrics, **evaluate_baselines(dataset, split, CURVE_KS)}
+    export_run(out / "two-tower", out / "artifact")
+    seconds["export"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    metrics = {
+        "two-tower": trained.metrics,
+        **evaluate_baselines(dataset, split, CURVE_KS, config.baselines),
+    }
     seconds["baselines"] = time.perf_counter() - clock
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     plot_recall_curves(metrics, "test", out / "recall_at_k.png")
@@ -101,27 +110,12 @@ def _write_synthetic(config: Config, folder: Path) -> DataConfig:
 
 
 def evaluate_baselines(
-    dataset: Dataset, split: Split, ks: tuple[int, ...]
+    dataset: Dataset, split: Split, ks: tuple[int, ...], config: BaselinesConfig | None = None
 ) -> dict[str, dict[str, float]]:
-    """Fits each baseline on train and ranks the full corpus for valid and test."""
-    train = interaction_matrix(split.train, dataset.num_queries, dataset.num_items)
-    popularity = Popularity().fit(train).counts  # for the popularity@k metric
+    """Every baseline ranked on valid (fitted on train) and test (train + valid)."""
     results = {}
-    for name, model_class in BASELINES.items():
-        model = model_class().fit(train)
-        results[name] = {}
-        for part in ("valid", "test"):
-            results[name].update(
-                evaluate(
-                    model.score,
-                    split,
-                    part,
-                    dataset.num_queries,
-                    dataset.num_items,
-                    ks=ks,
-                    item_popularity=popularity,
-                )
-            )
+    for name in BASELINES:
+        results[name] = evaluate_baseline(name, dataset, split, ks, config)
         log.info("%s: test/recall@10 = %.4f", name, results[name]["test/recall@10"])
     return results
 

@@ -41,7 +41,7 @@ def make(timestamps: bool, history: str) -> tuple[TrainingData, FeaturePipeline]
 
 def names(pipeline: FeaturePipeline, codes: torch.Tensor) -> list[str]:
     vocabulary = pipeline.transforms["item"]["item_id"].vocabulary.values.to_pylist()
-    return [vocabulary[c - 2] for c in codes.tolist() if c != 0]
+    return [vocabulary[c - 2] if c > 1 else "<oov>" for c in codes.tolist() if c != 0]
 
 
 def test_before_event_history_holds_only_earlier_items_most_recent_first():
@@ -91,3 +91,17 @@ def test_item_counts_are_training_counts():
     data, _ = make(timestamps=True, history="auto")
     # training items: u1 a b c, u2 a b
     assert data.item_counts().tolist() == [2, 2, 1, 0, 0]
+
+
+def test_test_step_histories_also_hold_the_validation_interaction():
+    data, pipeline = make(timestamps=True, history="auto")
+    everyone = torch.arange(2)
+    # valid items: u1 d, u2 c; they join the front of the history at the test step
+    # (d has no training interaction, so it is out of the training vocabulary)
+    train_history = [names(pipeline, h) for h in data.query_inputs(everyone)["history"]]
+    test_history = [names(pipeline, h) for h in data.query_inputs(everyone, "test")["history"]]
+    assert train_history == [["c", "b", "a"], ["b", "a"]]
+    assert test_history == [["<oov>", "c", "b"], ["c", "b", "a"]]
+    assert data.query_inputs(everyone, "valid")["history"].tolist() == (
+        data.query_inputs(everyone)["history"].tolist()
+    )

@@ -11,6 +11,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX
+from twotower.data.splits import Split
 from twotower.errors import DataError
 
 
@@ -53,3 +54,17 @@ def _index_column(table: pa.Table, name: str, size: int) -> np.ndarray:
         bad = values[(values < 0) | (values >= size)][0]
         raise DataError(f"{name} {bad} is outside [0, {size})")
     return values
+
+
+def known_before(split: Split, part: str, num_queries: int, num_items: int) -> sp.csr_matrix:
+    """(num_queries, N) binary matrix of the interactions known before ``part``.
+
+    Train for ``valid``; train + validation for ``test``.
+    """
+    if part not in ("valid", "test"):
+        raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
+    known = interaction_matrix(split.train, num_queries, num_items)
+    if part == "test":
+        known = (known + interaction_matrix(split.valid, num_queries, num_items)).tocsr()
+        known.data[:] = 1.0  # an item in both train and valid is known once
+    return known

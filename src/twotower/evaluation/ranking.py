@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from twotower.data.matrix import interaction_matrix
+from twotower.data.matrix import interaction_matrix, known_before
 from twotower.data.splits import Split
 from twotower.evaluation.metrics import ranking_metrics
 
@@ -35,6 +35,7 @@ def top_k(
     k: int,
     exclude: sp.csr_matrix | None = None,
     chunk_size: int = 1024,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ranks every item for every query and keeps the best k, exactly.
 
@@ -45,6 +46,7 @@ def top_k(
         k: how many items to keep per query.
         exclude: (num_queries, N) CSR; items set in row q are never returned for q.
         chunk_size: queries scored at once; bounds memory, never changes the result.
+        progress: show a progress bar on a terminal (off for a server's searches).
 
     Returns:
         ``(ids, scores)``: (Q, k) int64 item indices, best first, ties toward the lower
@@ -61,7 +63,10 @@ def top_k(
     ids = np.full((len(query_idx), k), -1, dtype=np.int64)
     scores = np.full((len(query_idx), k), -np.inf, dtype=np.float32)
     starts = range(0, len(query_idx), chunk_size)
-    for start in tqdm(starts, desc="ranking", unit="chunk", disable=None, leave=False):
+    bar = tqdm(
+        starts, desc="ranking", unit="chunk", disable=None if progress else True, leave=False
+    )
+    for start in bar:
         chunk = query_idx[start : start + chunk_size]
         chunk_scores = _checked_scores(score_fn(chunk), len(chunk), exclude)
         if exclude is not None:
@@ -159,7 +164,7 @@ def evaluate(
     if part not in ("valid", "test"):
         raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
     held_out = interaction_matrix(split.part(part), num_queries, num_items)
-    seen = _seen(split, part, num_queries, num_items)
+    seen = known_before(split, part, num_queries, num_items)
     if exclude_seen:
         held_out = (held_out - held_out.multiply(seen)).tocsr()
         held_out.eliminate_zeros()
@@ -171,12 +176,3 @@ def evaluate(
     result: dict[str, float] = {f"{part}/{name}": value for name, value in metrics.items()}
     result[f"{part}/queries"] = len(queries)
     return result
-
-
-def _seen(split: Split, part: str, num_queries: int, num_items: int) -> sp.csr_matrix:
-    """(num_queries, N) binary CSR of what each query saw before ``part``."""
-    seen = interaction_matrix(split.train, num_queries, num_items)
-    if part == "test":
-        seen = (seen + interaction_matrix(split.valid, num_queries, num_items)).tocsr()
-        seen.data[:] = 1.0  # an item in both train and valid is still seen once
-    return seen

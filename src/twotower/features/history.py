@@ -52,8 +52,10 @@ class HistoryTransform(Transform):
 
     def transform(self, values: pa.Array) -> np.ndarray:
         row = self.keys.lookup(values) - 2  # vocabulary indices start at 2
-        padded = np.vstack([self.items, np.zeros((1, self.spec.max_len), np.int64)])
-        return padded[np.where(row >= 0, row, len(self.items))]
+        out = np.zeros((len(row), self.spec.max_len), np.int64)  # unknown: all padding
+        known = row >= 0
+        out[known] = self.items[row[known]]
+        return out
 
     @property
     def size(self) -> int:

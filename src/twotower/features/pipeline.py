@@ -104,6 +104,41 @@ class FeaturePipeline:
                 codes[name] = transform.transform(table.column(spec.column))
         return codes
 
+    def with_histories(self, dataset: Dataset, interactions: pa.Table) -> FeaturePipeline:
+        """A copy whose history features are refit on ``interactions``; nothing else changes.
+
+        Histories are state, not learned statistics: at the test step a user's history
+        is train + validation, and a served user's is everything logged. Vocabularies,
+        statistics and every other transform stay exactly as fitted on train.
+
+        Args:
+            dataset: the dataset whose query and item indices ``interactions`` uses.
+            interactions: ``query_idx``, ``item_idx`` and maybe ``timestamp`` columns.
+        """
+        history = {
+            name: t
+            for name, t in self.transforms["query"].items()
+            if isinstance(t, HistoryTransform)
+        }
+        if not history:
+            return self
+        context = FitContext(
+            train=interactions,
+            query_keys=dataset.queries.column(dataset.query_key).combine_chunks(),
+            item_codes={
+                name: t.transform(dataset.items.column(t.spec.column))
+                for name, t in self.transforms["item"].items()
+                if isinstance(t, IdTransform)
+            },
+        )
+        copy = FeaturePipeline(self.config)
+        copy.transforms = {side: dict(transforms) for side, transforms in self.transforms.items()}
+        for name, transform in history.items():
+            fresh = HistoryTransform(transform.spec)
+            fresh.fit(pa.array([], pa.null()), context)
+            copy.transforms["query"][name] = fresh
+        return copy
+
     def transform(self, side: str, table: pa.Table) -> dict[str, torch.Tensor]:
         """Model inputs of a batch of raw rows (a table with the side's feature columns).
 

@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP, Dataset
@@ -63,6 +64,14 @@ class TrainingData:
     ) -> None:
         self.device = torch.device(device)
         self.queries = _to(pipeline.transform("query", dataset.queries), self.device)
+        # At the test step a history also holds the validation interactions.
+        seen_by_test = pa.concat_tables([split.train, split.valid], promote_options="default")
+        test_pipeline = pipeline.with_histories(dataset, seen_by_test)
+        self.test_queries = (
+            self.queries
+            if test_pipeline is pipeline
+            else _to(test_pipeline.transform("query", dataset.queries), self.device)
+        )
         self.items = _to(pipeline.transform("item", dataset.items), self.device)
         train = split.train
         query = train.column(QUERY_IDX).to_numpy()
@@ -100,9 +109,14 @@ class TrainingData:
         """The item tower's inputs of (M,) item indices."""
         return {name: values[items] for name, values in self.items.items()}
 
-    def query_inputs(self, queries: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The query tower's inputs of (B,) query indices (histories: whole training)."""
-        return {name: values[queries] for name, values in self.queries.items()}
+    def query_inputs(self, queries: torch.Tensor, part: str = "train") -> dict[str, torch.Tensor]:
+        """The query tower's inputs of (B,) query indices at a step.
+
+        Histories hold what is known before ``part``: training interactions for
+        ``train`` and ``valid``, training and validation ones for ``test``.
+        """
+        inputs = self.test_queries if part == "test" else self.queries
+        return {name: values[queries] for name, values in inputs.items()}
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         """One epoch of shuffled batches; every training row exactly once."""

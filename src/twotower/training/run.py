@@ -30,7 +30,7 @@ from twotower.storage import atomic_write
 from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.data import TrainingData
-from twotower.training.trainer import RunState, Trainer, resolve_device
+from twotower.training.trainer import RunState, Trainer, evaluate_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,44 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
 RESUMABLE_CHANGES = frozenset(
     {"training.epochs", "training.patience", "training.device", "training.tensorboard"}
 )
+
+
+def evaluate_run(
+    run_dir: Path,
+    parts: tuple[str, ...] = ("valid", "test"),
+    ks: list[int] | None = None,
+    exclude_seen: bool = True,
+    checkpoint: str = "best",
+) -> dict[str, float]:
+    """Ranks the full corpus with a run's saved model, on its own data and split.
+
+    Args:
+        run_dir: a folder written by ``train_run``.
+        parts: ``valid`` and/or ``test``.
+        ks: cutoffs; default the run's ``training.ks``.
+        exclude_seen: drop the items each query saw before the part (default), or
+            keep them in the ranking.
+        checkpoint: ``best`` or ``last``.
+    """
+    config, pipeline, model = load_model(run_dir, checkpoint)
+    dataset, split = load_data(config)
+    device = resolve_device(config.training.device)
+    data = TrainingData(dataset, split, pipeline, config.training.history, device)
+    model = model.to(device)
+    metrics: dict[str, float] = {}
+    for part in parts:
+        metrics.update(
+            evaluate_model(
+                model,
+                data,
+                split,
+                part,
+                ks or config.training.ks,
+                exclude_seen=exclude_seen,
+                batch_size=config.training.eval_batch_size,
+            )
+        )
+    return metrics
 
 
 def _check_resumable(out: Path, config: Config) -> None:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from twotower.data.dataset import Dataset
+from twotower.data.matrix import known_before
 from twotower.data.splits import Split
 from twotower.errors import ConfigError, DataError
 from twotower.evaluation.ranking import evaluate
@@ -80,15 +81,19 @@ def build_optimizers(model: torch.nn.Module, config: TrainingConfig) -> list[tor
 
 @torch.inference_mode()
 def embed_all(
-    model: TwoTower, data: TrainingData, batch_size: int
+    model: TwoTower, data: TrainingData, batch_size: int, part: str = "valid"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, D) every query's and (N, D) every item's vector, in evaluation mode."""
+    """(Q, D) every query's vector as of ``part`` and (N, D) every item's, in eval mode."""
     was_training = model.training
     model.eval()
     try:
         sides = []
         for tower, inputs, count in (
-            (model.query_tower, data.query_inputs, len(next(iter(data.queries.values())))),
+            (
+                model.query_tower,
+                lambda rows: data.query_inputs(rows, part),
+                len(next(iter(data.queries.values()))),
+            ),
             (model.item_tower, data.item_inputs, data.num_items),
         ):
             rows = torch.arange(count, device=data.device)
@@ -96,6 +101,41 @@ def embed_all(
     finally:
         model.train(was_training)
     return sides[0], sides[1]
+
+
+def evaluate_model(
+    model: TwoTower,
+    data: TrainingData,
+    split: Split,
+    part: str,
+    ks: list[int] | tuple[int, ...],
+    exclude_seen: bool = True,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Exact full-corpus metrics of a model on ``valid`` or ``test``.
+
+    Every item is embedded once, every query with the history known at that step;
+    scores are (B, N) inner products of unit vectors (the temperature does not
+    change a ranking). ``item_popularity`` counts what is known before the step.
+    """
+    queries, items = embed_all(model, data, batch_size, part)
+
+    def score(chunk: np.ndarray) -> torch.Tensor:
+        return queries[torch.from_numpy(chunk).to(queries.device)] @ items.T  # (B, N)
+
+    num_queries, num_items = len(queries), len(items)
+    known = known_before(split, part, num_queries, num_items)
+    return evaluate(
+        score,
+        split,
+        part,
+        num_queries,
+        num_items,
+        ks=ks,
+        exclude_seen=exclude_seen,
+        chunk_size=batch_size,
+        item_popularity=np.asarray(known.sum(axis=0), dtype=np.float32).ravel(),
+    )
 
 
 class Trainer:
@@ -193,20 +233,14 @@ class Trainer:
 
     def evaluate(self, part: str, exclude_seen: bool = True) -> dict[str, float]:
         """Full-corpus ranking metrics of the current model on ``valid`` or ``test``."""
-        queries, items = embed_all(self.model, self.data, self.config.eval_batch_size)
-
-        def score(chunk: np.ndarray) -> torch.Tensor:
-            return queries[torch.from_numpy(chunk).to(queries.device)] @ items.T  # (B, N)
-
-        return evaluate(
-            score,
+        return evaluate_model(
+            self.model,
+            self.data,
             self.split,
             part,
-            self.dataset.num_queries,
-            self.dataset.num_items,
-            ks=self.config.ks,
+            self.config.ks,
             exclude_seen=exclude_seen,
-            chunk_size=self.config.eval_batch_size,
+            batch_size=self.config.eval_batch_size,
         )
 
     def _end_epoch(self, record: dict[str, Any]) -> None:

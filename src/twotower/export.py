@@ -1,0 +1,177 @@
+"""A trained run -> a self-contained serving artifact, written atomically.
+
+The artifact (layout in ``twotower.serving.artifact``) holds everything retrieval
+needs and nothing of training: the fitted features with every logged interaction
+in the histories, the query tower's weights, the item vectors and their index, the
+raw item and query tables, and the items each known query has already seen.
+
+It is built in a temporary folder beside ``out`` and renamed into place. A previous
+artifact at ``out`` is renamed aside first and removed last, so ``out`` is never a
+half-written artifact, and the previous one stays whole until the switch. A crash
+between the two renames leaves it at ``.<out>.<random>.old``; a killed process may
+leave its ``.<out>.<random>.tmp`` folder (an exception removes it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from twotower.config import Config, to_dict
+from twotower.data.dataset import Dataset
+from twotower.data.matrix import interaction_matrix
+from twotower.errors import ConfigError, DataError
+from twotower.features.pipeline import FeaturePipeline
+from twotower.index import INDEXES, build_index
+from twotower.serving.artifact import (
+    FEATURES_DIR,
+    FORMAT_VERSION,
+    INDEX_DIR,
+    ITEM_VECTORS_FILE,
+    ITEMS_FILE,
+    MANIFEST_FILE,
+    QUERIES_FILE,
+    QUERY_TOWER_FILE,
+    SEEN_FILE,
+)
+from twotower.storage import atomic_write, sha256_file
+from twotower.towers.model import TwoTower, embed_rows
+from twotower.training.checkpoint import CheckpointStore
+from twotower.training.run import METRICS_FILE, load_data, load_model
+
+
+def export_run(run_dir: Path, out: Path, index: str = "exact") -> dict[str, Any]:
+    """Exports a run's best checkpoint as the artifact folder ``out``.
+
+    The run's data is read again from the config in its checkpoint, so the files
+    it was trained on must still be there.
+
+    Args:
+        run_dir: a run folder (``twotower train --out``) with a best checkpoint.
+        out: the artifact folder; an existing artifact there is replaced.
+        index: the item index kind, a key of ``twotower.index.INDEXES``.
+
+    Returns:
+        The manifest written to ``out/manifest.json``.
+
+    Raises:
+        ConfigError: an unknown index kind.
+        DataError: no best checkpoint in ``run_dir``, or ``out`` exists and is not an
+            artifact (it is never replaced then).
+    """
+    run_dir, out = Path(run_dir), Path(os.path.abspath(out))
+    if index not in INDEXES:
+        raise ConfigError(f"unknown index {index!r}; choose one of {', '.join(INDEXES)}")
+    if not CheckpointStore(run_dir / "checkpoints").exists("best"):
+        raise DataError(
+            f"{run_dir}: no best checkpoint (checkpoints/best.json); train the run first"
+        )
+    _check_replaceable(out)
+    config, pipeline, model = load_model(run_dir)
+    dataset, _ = load_data(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        manifest = _write_artifact(staging, config, pipeline, model, dataset, index)
+        manifest["metrics"] = _read_metrics(run_dir)
+        text = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+        atomic_write(staging / MANIFEST_FILE, lambda f: f.write(text))
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_artifact(
+    folder: Path,
+    config: Config,
+    pipeline: FeaturePipeline,
+    model: TwoTower,
+    dataset: Dataset,
+    index: str,
+) -> dict[str, Any]:
+    """Writes every file but the manifest into ``folder``; returns the manifest."""
+    served = pipeline.with_histories(dataset, dataset.interactions)
+    served.save(folder / FEATURES_DIR)
+    # The query tower's state includes the item-id table a history feature shares.
+    tower_state = {name: t.detach().cpu() for name, t in model.query_tower.state_dict().items()}
+    atomic_write(folder / QUERY_TOWER_FILE, lambda f: torch.save(tower_state, f))
+    vectors = embed_rows(model.item_tower, served, "item", dataset.items).cpu().numpy()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
+    atomic_write(folder / ITEM_VECTORS_FILE, lambda f: np.save(f, vectors, allow_pickle=False))
+    _write_parquet(folder / ITEMS_FILE, dataset.items)
+    _write_parquet(folder / QUERIES_FILE, dataset.queries)
+    seen = interaction_matrix(dataset.interactions, dataset.num_queries, dataset.num_items)
+    atomic_write(
+        folder / SEEN_FILE,
+        lambda f: np.savez(
+            f, indptr=seen.indptr, indices=seen.indices, shape=np.array(seen.shape, np.int64)
+        ),
+    )
+    build_index(index, vectors).save(folder / INDEX_DIR)
+    return {
+        "format_version": FORMAT_VERSION,
+        "twotower_version": version("twotower"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": to_dict(config),
+        "embedding_dim": int(vectors.shape[1]),
+        "num_items": dataset.num_items,
+        "num_queries": dataset.num_queries,
+        "query_key": dataset.query_key,
+        "item_key": dataset.item_key,
+        "index": index,
+        "files": {
+            path.relative_to(folder).as_posix(): sha256_file(path)
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        },
+    }
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def _read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / METRICS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuses to put an artifact where something other than an artifact lies."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; refusing to replace it")
+    if not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
+        raise DataError(
+            f"{out}: exists and is not an exported artifact (no {MANIFEST_FILE}); "
+            "refusing to replace it"
+        )
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Renames ``staging`` to ``out``; a previous ``out`` is moved aside, then removed."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    aside = staging.with_suffix(".old")  # unique, as the random part of staging's name is
+    os.rename(out, aside)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

@@ -1,0 +1,143 @@
+"""The one interface every item index implements: build, search, save, load.
+
+An index holds the (N, D) item vectors and answers inner-product top-k queries.
+Every implementation returns the same shapes and the same padding, so the exact
+index is the reference an approximate one is tested against:
+
+    ids     (B, k) int64    item rows (positions in the built vectors), best first
+    scores  (B, k) float32  their inner products with the query
+    where fewer than k items remain for a query, its row ends with -1 / -inf.
+
+An index saves itself into a folder of its own: ``index.json`` (its kind, format
+version, size) and whatever files the kind needs; ``load_index`` reads the kind
+back and lets that class load the rest. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from twotower.errors import DataError
+from twotower.storage import atomic_write
+
+FORMAT_VERSION = 1
+META_FILE = "index.json"
+
+
+class Index(abc.ABC):
+    """Inner-product top-k search over a fixed set of item vectors."""
+
+    kind: ClassVar[str]
+
+    @abc.abstractmethod
+    def build(self, vectors: np.ndarray) -> None:
+        """Indexes (N, D) float32 item vectors; row i is item i in every result."""
+
+    @abc.abstractmethod
+    def search(
+        self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The k items of highest inner product with each query.
+
+        Args:
+            queries: (B, D) float32 query vectors.
+            k: how many items to return per query (>= 1; more than N pads).
+            exclude: (B, N) CSR; items set in row b are never returned for query b.
+
+        Returns:
+            ``(ids, scores)``: (B, k) int64 item rows, best first, and (B, k) float32
+            scores; -1 / -inf where fewer than k items remain.
+        """
+
+    @abc.abstractmethod
+    def save(self, folder: Path) -> None:
+        """Writes the index into ``folder`` (created if needed), ``index.json`` included."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, folder: Path) -> Index:
+        """Reads what ``save`` wrote."""
+
+    @property
+    @abc.abstractmethod
+    def is_exact(self) -> bool:
+        """Whether ``search`` always returns the true top k."""
+
+    @property
+    @abc.abstractmethod
+    def num_items(self) -> int:
+        """N, the number of indexed vectors (0 before ``build``)."""
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """D, the width of the indexed vectors."""
+
+
+def check_vectors(vectors: np.ndarray, what: str = "vectors") -> np.ndarray:
+    """``vectors`` as a C-contiguous (rows, D) float32 array of finite values."""
+    array = np.ascontiguousarray(vectors, dtype=np.float32)
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise ValueError(f"{what} must be a (rows, D) array with D >= 1, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return array
+
+
+def check_search(
+    index: Index, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None
+) -> tuple[np.ndarray, sp.csr_matrix | None]:
+    """Validated search arguments: (B, D) float32 queries and a (B, N) CSR or None."""
+    if index.num_items == 0:
+        raise ValueError("search before build: the index holds no vectors")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    queries = check_vectors(queries, "queries")
+    if queries.shape[1] != index.dim:
+        raise ValueError(f"queries have width {queries.shape[1]}, the index {index.dim}")
+    if exclude is None:
+        return queries, None
+    exclude = sp.csr_matrix(exclude)
+    if exclude.shape != (len(queries), index.num_items):
+        raise ValueError(
+            f"exclude must be ({len(queries)}, {index.num_items}), got {exclude.shape}"
+        )
+    return queries, exclude
+
+
+def write_meta(folder: Path, index: Index, **extra: Any) -> None:
+    """Writes ``index.json``: the kind, the format version and the index's size."""
+    meta = {
+        "kind": index.kind,
+        "format_version": FORMAT_VERSION,
+        "num_items": index.num_items,
+        "dim": index.dim,
+        **extra,
+    }
+    text = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
+    atomic_write(folder / META_FILE, lambda f: f.write(text))
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """Reads ``index.json``; refuses a missing, corrupt or newer-format one."""
+    path = Path(folder) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no saved index here") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: corrupt ({err})") from None
+    if not isinstance(meta, dict) or not {"kind", "num_items", "dim"} <= meta.keys():
+        raise DataError(f"{path}: not an index description (needs kind, num_items, dim)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: index format version {meta.get('format_version')} is not "
+            f"{FORMAT_VERSION}, the one this version of twotower reads"
+        )
+    return meta

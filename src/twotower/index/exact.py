@@ -1,0 +1,107 @@
+"""The exact index: every query scored against every item, the reference for ANN indexes.
+
+Scores are one matrix product per chunk of queries; the top k is the evaluator's
+exact, tie-deterministic ``top_k`` (equal scores go to the lower item row), so a
+search gives the same answer for any chunk size and on any device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from twotower.errors import DataError
+from twotower.evaluation.ranking import top_k
+from twotower.index.base import Index, check_search, check_vectors, read_meta, write_meta
+from twotower.storage import atomic_write
+
+VECTORS_FILE = "vectors.npy"
+
+
+class ExactIndex(Index):
+    """Brute-force inner-product search: (B, D) @ (D, N) in chunks of queries.
+
+    Args:
+        chunk_size: queries scored at once; bounds memory at ``chunk_size x N`` scores.
+        device: where the vectors live and the scores are computed (``cpu``, ``cuda``).
+    """
+
+    kind = "exact"
+
+    def __init__(self, chunk_size: int = 1024, device: str = "cpu") -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.device = torch.device(device)
+        self._vectors = torch.zeros((0, 0), dtype=torch.float32)
+
+    def build(self, vectors: np.ndarray) -> None:
+        """Keeps a float32 copy of the (N, D) item vectors on the index's device."""
+        vectors = check_vectors(vectors, "item vectors")
+        self._vectors = torch.from_numpy(vectors.copy()).to(self.device)
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top k by inner product; see ``Index.search``."""
+        queries, exclude = check_search(self, queries, k, exclude)
+        query_vectors = torch.from_numpy(queries).to(self.device)  # (B, D)
+
+        def score_fn(rows: np.ndarray) -> torch.Tensor:
+            chunk = query_vectors[torch.from_numpy(rows).to(self.device)]
+            return chunk @ self._vectors.T  # (chunk, N)
+
+        return top_k(
+            score_fn,
+            np.arange(len(queries)),
+            k,
+            exclude=exclude,
+            chunk_size=self.chunk_size,
+            progress=False,
+        )
+
+    def save(self, folder: Path) -> None:
+        """Writes ``index.json`` and the vectors as ``vectors.npy``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vectors = self._vectors.cpu().numpy()
+        atomic_write(folder / VECTORS_FILE, lambda f: np.save(f, vectors, allow_pickle=False))
+        write_meta(folder, self)
+
+    @classmethod
+    def load(cls, folder: Path, chunk_size: int = 1024, device: str = "cpu") -> ExactIndex:
+        """Reads what ``save`` wrote; refuses vectors that disagree with ``index.json``."""
+        folder = Path(folder)
+        meta = read_meta(folder)
+        if meta["kind"] != cls.kind:
+            raise DataError(f"{folder}: holds a {meta['kind']!r} index, not {cls.kind!r}")
+        path = folder / VECTORS_FILE
+        try:
+            vectors = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise DataError(f"{path}: missing") from None
+        except (ValueError, OSError, EOFError) as err:
+            raise DataError(f"{path}: not a readable array ({err})") from None
+        if vectors.dtype != np.float32 or vectors.shape != (meta["num_items"], meta["dim"]):
+            raise DataError(
+                f"{path}: expected ({meta['num_items']}, {meta['dim']}) float32 vectors, "
+                f"got {vectors.shape} {vectors.dtype}"
+            )
+        index = cls(chunk_size=chunk_size, device=device)
+        index.build(vectors)
+        return index
+
+    @property
+    def is_exact(self) -> bool:
+        return True
+
+    @property
+    def num_items(self) -> int:
+        return self._vectors.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self._vectors.shape[1]

@@ -1,0 +1,267 @@
+"""An exported artifact: everything retrieval needs, verified file by file when loaded.
+
+The layout (written by ``twotower.export.export_run``; no pickle anywhere):
+
+    manifest.json        format version, package version, creation time, resolved config,
+                         the run's metrics, sizes, index kind, and {file: sha256} of
+                         every other file
+    features/            the fitted feature state; histories cover every logged interaction
+    query_tower.pt       the query tower's state_dict (tensors only)
+    item_vectors.npy     (N, D) float32 item vectors, row i = row i of items.parquet
+    items.parquet        the raw item table: the corpus, its key and feature columns
+    queries.parquet      the raw query table of the known queries (users)
+    seen.npz             CSR arrays (indptr, indices, shape): the logged items of each query
+    index/               the item index (``index/index.json`` names its kind)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+import torch
+
+from twotower.config import Config, from_dict
+from twotower.errors import DataError
+from twotower.features.pipeline import ARRAYS_FILE, STATE_FILE, FeaturePipeline
+from twotower.index import Index, load_index
+from twotower.index.base import META_FILE
+from twotower.storage import sha256_file
+from twotower.towers.model import Tower, TwoTower
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+FEATURES_DIR = "features"
+QUERY_TOWER_FILE = "query_tower.pt"
+ITEM_VECTORS_FILE = "item_vectors.npy"
+ITEMS_FILE = "items.parquet"
+QUERIES_FILE = "queries.parquet"
+SEEN_FILE = "seen.npz"
+INDEX_DIR = "index"
+# What the loader reads from the manifest besides its format version.
+MANIFEST_KEYS = (
+    "files",
+    "config",
+    "query_key",
+    "item_key",
+    "num_items",
+    "num_queries",
+    "embedding_dim",
+    "index",
+)
+# Files every artifact has, whatever its index kind adds under index/.
+REQUIRED_FILES = (
+    f"{FEATURES_DIR}/{STATE_FILE}",
+    f"{FEATURES_DIR}/{ARRAYS_FILE}",
+    QUERY_TOWER_FILE,
+    ITEM_VECTORS_FILE,
+    ITEMS_FILE,
+    QUERIES_FILE,
+    SEEN_FILE,
+    f"{INDEX_DIR}/{META_FILE}",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A loaded, verified artifact. Read-only: safe to share between threads.
+
+    Attributes:
+        folder: where it was loaded from.
+        manifest: the parsed ``manifest.json``.
+        config: the run's resolved config.
+        pipeline: the fitted features (histories: every logged interaction).
+        query_tower: the query tower, on the CPU, in evaluation mode.
+        items: the raw item table; row i is item row i everywhere.
+        queries: the raw query table of the known queries.
+        item_vectors: (N, D) float32 item vectors.
+        seen: (num_queries, N) CSR of the items each known query interacted with.
+        index: the item index, built on ``item_vectors``.
+    """
+
+    folder: Path
+    manifest: dict[str, Any]
+    config: Config
+    pipeline: FeaturePipeline
+    query_tower: Tower
+    items: pa.Table
+    queries: pa.Table
+    item_vectors: np.ndarray
+    seen: sp.csr_matrix
+    index: Index
+
+    @property
+    def query_key(self) -> str:
+        return self.manifest["query_key"]
+
+    @property
+    def item_key(self) -> str:
+        return self.manifest["item_key"]
+
+    @property
+    def item_ids(self) -> pa.Array:
+        """(N,) the item keys, by item row."""
+        return self.items.column(self.item_key).combine_chunks()
+
+    @classmethod
+    def load(cls, folder: Path) -> Artifact:
+        """Reads an artifact after checking its format version and every file's checksum.
+
+        Raises:
+            DataError: no manifest, a format version other than this package's, or a
+                file that is missing, unlisted, corrupt or inconsistent (named).
+        """
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        verify_files(folder, manifest)
+        pipeline = FeaturePipeline.load(folder / FEATURES_DIR)
+        config = from_dict(Config, manifest["config"], where=f"{folder / MANIFEST_FILE}: config")
+        items = _read_parquet(folder / ITEMS_FILE, manifest["item_key"], manifest["num_items"])
+        queries = _read_parquet(
+            folder / QUERIES_FILE, manifest["query_key"], manifest["num_queries"]
+        )
+        shape = (manifest["num_items"], manifest["embedding_dim"])
+        item_vectors = _read_vectors(folder / ITEM_VECTORS_FILE, shape)
+        seen = _read_seen(folder / SEEN_FILE, (manifest["num_queries"], manifest["num_items"]))
+        index = load_index(folder / INDEX_DIR)
+        if (index.num_items, index.dim) != shape:
+            raise DataError(
+                f"{folder / INDEX_DIR}: the index holds {index.num_items} x {index.dim} "
+                f"vectors, the manifest says {shape[0]} x {shape[1]}"
+            )
+        tower = _read_query_tower(folder / QUERY_TOWER_FILE, config, pipeline)
+        return cls(
+            folder, manifest, config, pipeline, tower, items, queries, item_vectors, seen, index
+        )
+
+    def query_rows(self, ids: list[Any]) -> np.ndarray:
+        """(B,) int64 rows of ``queries`` holding these query keys; -1 for an unknown key."""
+        return _rows(ids, self.queries.column(self.query_key).combine_chunks(), "query")
+
+    def item_rows(self, ids: list[Any]) -> np.ndarray:
+        """(B,) int64 item rows of these item keys; -1 for an unknown key."""
+        return _rows(ids, self.item_ids, "item")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Parses ``manifest.json``; refuses a missing, corrupt or other-version manifest."""
+    path = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; {folder} is not an exported artifact") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: corrupt ({err})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not an artifact manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise DataError(
+            f"{path}: artifact format version {version!r} is "
+            f"{'newer than' if newer else 'not'} {FORMAT_VERSION}, the one this version of "
+            f"twotower reads{'; upgrade twotower to load it' if newer else ''}"
+        )
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing or not isinstance(manifest["files"], dict):
+        raise DataError(f"{path}: not an artifact manifest (lacks {', '.join(missing)})")
+    return manifest
+
+
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Checks that the folder holds exactly the listed files, each with its SHA-256."""
+    listed: dict[str, str] = manifest["files"]
+    where = folder / MANIFEST_FILE
+    for name in REQUIRED_FILES:
+        if name not in listed:
+            raise DataError(f"{where}: does not list {name}, which every artifact has")
+    for name, digest in sorted(listed.items()):
+        parts = PurePosixPath(name).parts
+        if PurePosixPath(name).is_absolute() or ".." in parts or name == MANIFEST_FILE:
+            raise DataError(f"{where}: lists {name!r}, which is not a file of the artifact")
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"{path}: missing, though {MANIFEST_FILE} lists it")
+        if sha256_file(path) != digest:
+            raise DataError(f"{path}: corrupt (its checksum does not match {MANIFEST_FILE})")
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and name != MANIFEST_FILE and name not in listed:
+            raise DataError(f"{path}: not listed in {MANIFEST_FILE}; the artifact was altered")
+
+
+def _read_parquet(path: Path, key: str, rows: int) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    if key not in table.column_names or table.num_rows != rows:
+        raise DataError(f"{path}: expected {rows} rows with key column {key!r}")
+    return table.combine_chunks()
+
+
+def _read_vectors(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable array ({err})") from None
+    if vectors.dtype != np.float32 or vectors.shape != shape:
+        raise DataError(
+            f"{path}: expected {shape} float32 vectors, got {vectors.shape} {vectors.dtype}"
+        )
+    return vectors
+
+
+def _read_seen(path: Path, shape: tuple[int, int]) -> sp.csr_matrix:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            indptr, indices = arrays["indptr"], arrays["indices"]
+            stored = tuple(int(n) for n in arrays["shape"])
+    except (ValueError, OSError, EOFError, KeyError) as err:
+        raise DataError(f"{path}: not readable seen-item arrays ({err})") from None
+    if stored != shape or len(indptr) != shape[0] + 1 or indptr[-1] != len(indices):
+        raise DataError(f"{path}: expected a {shape} matrix, got shape {stored}")
+    ones = np.ones(len(indices), dtype=np.float32)
+    return sp.csr_matrix((ones, indices, indptr), shape=shape)
+
+
+def _read_query_tower(path: Path, config: Config, pipeline: FeaturePipeline) -> Tower:
+    """Rebuilds the model's shape from the config and features, then loads the query tower.
+
+    The query tower's state includes any item-id table its history features share
+    with the item tower, so it loads completely on its own.
+    """
+    tower = TwoTower.build(config.model, pipeline.config, pipeline).query_tower
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tower.load_state_dict(state)
+    except Exception as err:  # torch raises several types for a bad or mismatched file
+        raise DataError(f"{path}: not a query tower of this config ({err})") from None
+    return tower.eval().requires_grad_(False)
+
+
+def _rows(ids: list[Any], keys: pa.Array, side: str) -> np.ndarray:
+    """Vectorized key -> row lookup.
+
+    Ids not all of the keys' type (``"12"`` for an integer key, or a mixed list) are
+    compared as text, so a request's ids need not be typed exactly; an id that
+    matches no key as text is unknown, as is None.
+    """
+    try:
+        values, value_set = pa.array(ids, type=keys.type), keys
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        try:
+            objects = np.fromiter(ids, dtype=object, count=len(ids))  # (B,) any scalars
+        except ValueError:
+            raise DataError(f"{side} ids must be single values, got {list(ids)[:5]!r}") from None
+        values = pa.array(objects.astype(str), mask=np.equal(objects, None))
+        value_set = pc.cast(keys, pa.string())
+    rows = pc.fill_null(pc.index_in(values, value_set=value_set), -1)
+    return rows.to_numpy().astype(np.int64)

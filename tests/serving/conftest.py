@@ -1,0 +1,126 @@
+"""Two tiny trained runs, exported once per session: the demo features, and DSSM-style text."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from twotower.config import Config
+from twotower.data.load import DataConfig, FeatureTableConfig, InteractionsConfig
+from twotower.data.matrix import interaction_matrix
+from twotower.data.splits import SplitConfig
+from twotower.demo import _write_synthetic, demo_config
+from twotower.export import export_run
+from twotower.features.specs import FeaturesConfig, IdFeature, TextFeature
+from twotower.serving import Retriever
+from twotower.towers.config import ModelConfig
+from twotower.towers.model import embed_rows
+from twotower.towers.networks import MLPConfig
+from twotower.training.config import TrainingConfig
+from twotower.training.run import load_data, load_model, train_run
+
+
+@dataclasses.dataclass(frozen=True)
+class Oracle:
+    """What the trained model itself says, for checking the artifact's answers.
+
+    query_vectors: (Q, D) every known query through the trained query tower, with
+    every logged interaction in its history; item_vectors: (N, D); seen: (Q, N) bool.
+    """
+
+    run_dir: Path
+    query_ids: list
+    item_ids: list
+    query_vectors: np.ndarray
+    item_vectors: np.ndarray
+    seen: np.ndarray
+
+
+def tiny_demo_config(folder: Path) -> Config:
+    config = demo_config(
+        [
+            "data.synthetic.num_queries=200",
+            "data.synthetic.num_items=100",
+            "model.query.widths=[16]",
+            "model.item.widths=[16]",
+            "training.epochs=1",
+            "data.synthetic.interactions_per_query=8",
+            "training.batch_size=256",
+            "training.tensorboard=false",
+            "training.ks=[10]",
+            "training.device=cpu",
+        ]
+    )
+    return dataclasses.replace(config, data=_write_synthetic(config, folder))
+
+
+def tiny_text_config(folder: Path) -> Config:
+    """Search logs by hand: query texts like "red shoes", items titled "red shoes 2"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [(c, t) for c in ("red", "blue", "green") for t in ("shoes", "shirt", "hat")]
+    titles = [f"{c} {t} {n}" for c, t in pairs for n in range(3)]  # 27 items
+    texts = [f"{c} {t}" for c, t in pairs for _ in range(5)]  # 45 queries
+    query = np.repeat(np.arange(len(texts)), 3)
+    item = (query // 5) * 3 + np.tile(np.arange(3), len(texts))  # the query's pair's items
+    paths = {name: folder / f"{name}.parquet" for name in ("log", "queries", "items")}
+    pq.write_table(pa.table({"q": query, "i": item, "t": np.arange(len(query))}), paths["log"])
+    pq.write_table(pa.table({"q": np.arange(len(texts)), "text": texts}), paths["queries"])
+    pq.write_table(pa.table({"i": np.arange(len(titles)), "title": titles}), paths["items"])
+    return Config(
+        data=DataConfig(
+            source="files",
+            interactions=InteractionsConfig(paths["log"], query_id="q", item_id="i", timestamp="t"),
+            queries=FeatureTableConfig(paths["queries"], key="q"),
+            items=FeatureTableConfig(paths["items"], key="i"),
+        ),
+        split=SplitConfig(method="leave_last_out"),
+        features=FeaturesConfig(
+            query=[TextFeature("text", "text", buckets=256, dim=16)],
+            item=[IdFeature("item_id", "i", dim=8), TextFeature("title", "title", buckets=256)],
+        ),
+        model=ModelConfig(query=MLPConfig(widths=[16]), item=MLPConfig(widths=[16])),
+        training=TrainingConfig(epochs=1, batch_size=32, tensorboard=False, ks=[10], device="cpu"),
+    )
+
+
+def oracle_of(run_dir: Path) -> Oracle:
+    config, pipeline, model = load_model(run_dir)
+    dataset, _ = load_data(config)
+    served = pipeline.with_histories(dataset, dataset.interactions)
+    seen = interaction_matrix(dataset.interactions, dataset.num_queries, dataset.num_items)
+    return Oracle(
+        run_dir,
+        dataset.queries.column(dataset.query_key).to_pylist(),
+        dataset.items.column(dataset.item_key).to_pylist(),
+        embed_rows(model.query_tower, served, "query", dataset.queries).numpy(),
+        embed_rows(model.item_tower, served, "item", dataset.items).numpy(),
+        seen.toarray() > 0,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Oracle]:
+    """An exported artifact of a tiny demo run, and the trained model's own answers."""
+    folder = Path(tmp_path_factory.mktemp("demo"))
+    train_run(tiny_demo_config(folder / "data"), folder / "run")
+    export_run(folder / "run", folder / "artifact")
+    return folder / "artifact", oracle_of(folder / "run")
+
+
+@pytest.fixture(scope="session")
+def retriever(demo_artifact) -> Retriever:
+    return Retriever.load(demo_artifact[0])
+
+
+@pytest.fixture(scope="session")
+def text_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(artifact, run folder) of a tiny run whose only query feature is text."""
+    folder = Path(tmp_path_factory.mktemp("text"))
+    train_run(tiny_text_config(folder / "data"), folder / "run")
+    export_run(folder / "run", folder / "artifact")
+    return folder / "artifact", folder / "run"

@@ -1,0 +1,183 @@
+"""The retriever against the trained model itself: brute-force top k over its own vectors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from twotower.errors import DataError
+from twotower.serving import Result, Retriever, UnknownItemError, UnknownQueryError
+from twotower.towers.model import embed_rows
+from twotower.training.run import load_model
+
+
+def brute_force(query: np.ndarray, items: np.ndarray, k: int, banned=None) -> list[int]:
+    """Item rows of the k best inner products (ties to the lower row), banned rows left out."""
+    scores = items.astype(np.float64) @ query.astype(np.float64)  # (N,)
+    if banned is not None:
+        scores[banned] = -np.inf
+    order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+    return [int(i) for i in order if scores[i] > -np.inf]
+
+
+def expected_items(oracle, rows: list[int], k: int, exclude_seen: bool, extra=()) -> list[list]:
+    answers = []
+    for row in rows:
+        banned = oracle.seen[row].copy() if exclude_seen else np.zeros(len(oracle.item_ids), bool)
+        banned[list(extra)] = True
+        best = brute_force(oracle.query_vectors[row], oracle.item_vectors, k, banned)
+        answers.append([oracle.item_ids[i] for i in best])
+    return answers
+
+
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_recall_users_equals_the_trained_model_by_brute_force(
+    retriever, demo_artifact, exclude_seen
+):
+    _, oracle = demo_artifact
+    rows = list(range(0, 200, 9))
+    users = [oracle.query_ids[r] for r in rows]
+    results = retriever.recall_users(users, 10, exclude_seen=exclude_seen)
+    assert [r.query for r in results] == users
+    assert [r.items for r in results] == expected_items(oracle, rows, 10, exclude_seen)
+    for row, result in zip(rows, results, strict=True):
+        rows_of = [oracle.item_ids.index(i) for i in result.items]
+        expected = oracle.item_vectors[rows_of] @ oracle.query_vectors[row]
+        np.testing.assert_allclose(result.scores, expected, rtol=1e-5, atol=1e-6)
+        assert result.scores == sorted(result.scores, reverse=True)
+
+
+def test_seen_items_are_never_returned(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    N = len(oracle.item_ids)
+    results = retriever.recall_users(oracle.query_ids, N)  # the whole corpus, ranked
+    for row, result in enumerate(results):
+        seen = {oracle.item_ids[i] for i in np.flatnonzero(oracle.seen[row])}
+        assert not seen & set(result.items)
+        assert len(result.items) == N - len(seen)
+
+
+def test_exclude_items_are_honoured_and_unknown_ones_ignored(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    user = oracle.query_ids[5]
+    (before,) = retriever.recall_users([user], 7)
+    dropped = before.items[:2]
+    (after,) = retriever.recall_users([user], 5, exclude_items=[*dropped, 10**9])
+    assert after.items == before.items[2:]
+    (same,) = retriever.recall_users([user], 5, exclude_items=[str(i) for i in dropped] + ["x"])
+    assert same == after
+    rows = [oracle.item_ids.index(i) for i in dropped]
+    assert [after.items] == expected_items(oracle, [5], 5, True, rows)
+
+
+def test_ids_are_matched_by_value_when_given_as_text(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    user = oracle.query_ids[3]
+    typed = retriever.recall_users([user], 5)[0]
+    as_text = retriever.recall_users([str(user)], 5)[0]
+    assert as_text.items == typed.items and as_text.query == str(user)
+
+
+def test_unknown_users_are_named(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    with pytest.raises(UnknownQueryError, match="unknown query id.*123456.*'someone'") as err:
+        retriever.recall_users([oracle.query_ids[0], 123456, "someone"], 5)
+    assert err.value.ids == [123456, "someone"]
+    assert isinstance(err.value, DataError)
+
+
+def test_recall_rows_of_a_new_user_equals_the_model_with_an_unseen_id(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    known = retriever.artifact.queries.slice(4, 2)
+    new = known.set_column(0, "user_id", pa.array([-1, -2], pa.int64()))
+    assert known.column_names[0] == "user_id"
+    results = retriever.recall_rows(new, 10)
+    # an unknown user: out-of-vocabulary id and empty history, in the trained pipeline too
+    _, pipeline, model = load_model(oracle.run_dir)
+    vectors = embed_rows(model.query_tower, pipeline, "query", new).numpy()
+    for vector, result in zip(vectors, results, strict=True):
+        best = brute_force(vector, oracle.item_vectors, 10)
+        assert result.items == [oracle.item_ids[i] for i in best]
+    assert [r.query for r in results] == [-1, -2]
+
+
+def test_recall_rows_of_a_known_user_equals_recall_users_without_seen(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    rows = retriever.artifact.queries.slice(10, 3)
+    by_rows = retriever.recall_rows(rows, 8)
+    by_ids = retriever.recall_users(rows.column("user_id").to_pylist(), 8, exclude_seen=False)
+    assert by_rows == by_ids
+
+
+def test_recall_rows_names_every_missing_column(retriever):
+    rows = retriever.artifact.queries.select(["user_id", "sessions"]).slice(0, 1)
+    with pytest.raises(DataError, match="lack column\\(s\\) 'segment', 'age', which"):
+        retriever.recall_rows(rows, 5)
+
+
+def test_recall_text_without_a_query_text_feature_is_refused(retriever):
+    with pytest.raises(DataError, match="query side has no text feature"):
+        retriever.recall_text(["red shoes"], 5)
+
+
+def test_recall_text_equals_the_model_on_that_text(text_artifact):
+    folder, run_dir = text_artifact
+    retriever = Retriever.load(folder)
+    texts = ["red shoes", "Blue HAT!", "nothing known"]
+    results = retriever.recall_text(texts, 5)
+    assert [r.query for r in results] == texts
+    _, pipeline, model = load_model(run_dir)
+    table = pa.table({"text": texts})
+    queries = embed_rows(model.query_tower, pipeline, "query", table).numpy()
+    items = retriever.artifact.item_vectors
+    item_ids = retriever.artifact.item_ids.to_pylist()
+    for query, result in zip(queries, results, strict=True):
+        assert result.items == [item_ids[i] for i in brute_force(query, items, 5)]
+    assert retriever.recall_rows(table, 5)[0].items == results[0].items
+
+
+def test_similar_items_never_returns_the_item_itself(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    for row in (0, 17, 99):
+        item = oracle.item_ids[row]
+        result = retriever.similar_items(item, 10)
+        assert result.query == item and item not in result.items
+        banned = np.zeros(len(oracle.item_ids), bool)
+        banned[row] = True
+        best = brute_force(oracle.item_vectors[row], oracle.item_vectors, 10, banned)
+        assert result.items == [oracle.item_ids[i] for i in best]
+    assert len(retriever.similar_items(oracle.item_ids[0], 100).items) == 99
+    with pytest.raises(UnknownItemError, match="unknown item id.*-5"):
+        retriever.similar_items(-5, 3)
+
+
+@pytest.mark.parametrize("k", [0, 101, True, 2.0])
+def test_k_must_be_between_one_and_the_corpus_size(retriever, demo_artifact, k):
+    _, oracle = demo_artifact
+    with pytest.raises(ValueError, match="k must be an integer from 1 to 100"):
+        retriever.recall_users(oracle.query_ids[:1], k)
+
+
+def test_results_are_json_ready_and_empty_requests_are_empty(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    (result,) = retriever.recall_users(oracle.query_ids[:1], 3)
+    assert isinstance(result, Result)
+    decoded = json.loads(json.dumps(dataclasses.asdict(result)))
+    assert decoded == {"query": result.query, "items": result.items, "scores": result.scores}
+    assert all(type(i) is int for i in result.items)
+    assert retriever.recall_users([], 3) == []
+    assert retriever.recall_rows(retriever.artifact.queries.slice(0, 0), 3) == []
+
+
+def test_concurrent_reads_give_the_sequential_answers(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    batches = [oracle.query_ids[i : i + 5] for i in range(0, 60, 5)]
+    sequential = [retriever.recall_users(b, 10) for b in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(lambda b: retriever.recall_users(b, 10), batches))
+    assert threaded == sequential

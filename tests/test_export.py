@@ -1,0 +1,173 @@
+"""Exporting a run: what the artifact holds, and that it is replaced all at once or not at all."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import twotower.export
+from twotower.config import to_dict
+from twotower.data.matrix import interaction_matrix
+from twotower.demo import _write_synthetic, demo_config
+from twotower.errors import ConfigError, DataError
+from twotower.export import export_run
+from twotower.serving import Artifact
+from twotower.storage import sha256_file
+from twotower.towers.model import embed_rows
+from twotower.training.run import load_data, load_model, train_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny demo run: 200 users, 100 items, one epoch."""
+    folder = Path(tmp_path_factory.mktemp("export"))
+    config = demo_config(
+        [
+            "data.synthetic.num_queries=200",
+            "data.synthetic.num_items=100",
+            "data.synthetic.interactions_per_query=8",
+            "model.query.widths=[16]",
+            "model.item.widths=[16]",
+            "training.epochs=1",
+            "training.batch_size=256",
+            "training.tensorboard=false",
+            "training.ks=[10]",
+            "training.device=cpu",
+        ]
+    )
+    config = dataclasses.replace(config, data=_write_synthetic(config, folder / "data"))
+    train_run(config, folder / "run")
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = Path(tmp_path_factory.mktemp("artifact")) / "artifact"
+    return out, export_run(run_dir, out)
+
+
+def siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir())
+
+
+def test_manifest_lists_every_file_with_its_checksum(exported, run_dir):
+    out, manifest = exported
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    files = {
+        p.relative_to(out).as_posix(): sha256_file(p)
+        for p in out.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
+    assert manifest["files"] == files
+    assert {"features/features.json", "query_tower.pt", "item_vectors.npy", "items.parquet"} < set(
+        files
+    )
+    config, _, _ = load_model(run_dir)
+    assert manifest["config"] == to_dict(config)
+    assert manifest["metrics"] == json.loads((run_dir / "metrics.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["twotower_version"] == version("twotower")
+    assert (manifest["num_items"], manifest["num_queries"], manifest["embedding_dim"]) == (
+        100,
+        200,
+        16,
+    )
+    assert (manifest["index"], manifest["query_key"], manifest["item_key"]) == (
+        "exact",
+        "user_id",
+        "item_id",
+    )
+    assert "T" in manifest["created"]
+
+
+def test_rebuilt_query_tower_gives_the_trained_vectors(exported, run_dir):
+    out, _ = exported
+    artifact = Artifact.load(out)
+    config, pipeline, model = load_model(run_dir)
+    dataset, _ = load_data(config)
+    served = pipeline.with_histories(dataset, dataset.interactions)
+    trained = embed_rows(model.query_tower, served, "query", dataset.queries)
+    rebuilt = embed_rows(artifact.query_tower, artifact.pipeline, "query", artifact.queries)
+    assert torch.equal(trained, rebuilt)
+    # the history feature's table is the item tower's id table, saved with the query tower
+    state = torch.load(out / "query_tower.pt", weights_only=True)
+    shared = model.item_tower.encoders.encoders["item_id"].table.weight
+    assert torch.equal(state["encoders.encoders.history.table.weight"], shared)
+    items = embed_rows(model.item_tower, pipeline, "item", dataset.items).numpy()
+    np.testing.assert_array_equal(artifact.item_vectors, items)
+
+
+def test_histories_and_seen_items_cover_every_logged_interaction(exported, run_dir):
+    out, _ = exported
+    artifact = Artifact.load(out)
+    config, pipeline, _ = load_model(run_dir)
+    dataset, split = load_data(config)
+    everything = pipeline.with_histories(dataset, dataset.interactions)
+    histories = artifact.pipeline.transform("query", artifact.queries)["history"]
+    assert torch.equal(histories, everything.transform("query", dataset.queries)["history"])
+    trained = pipeline.transform("query", dataset.queries)["history"]
+    assert (histories > 0).sum() > (trained > 0).sum()  # valid and test items are in now
+    logged = interaction_matrix(dataset.interactions, dataset.num_queries, dataset.num_items)
+    assert (artifact.seen != logged).nnz == 0
+
+
+def test_export_replaces_an_existing_artifact_and_leaves_nothing_beside_it(run_dir, tmp_path):
+    out = tmp_path / "artifact"
+    export_run(run_dir, out)
+    (out / "stale.txt").write_text("from before")
+    manifest = export_run(run_dir, out)
+    assert not (out / "stale.txt").exists()
+    assert Artifact.load(out).manifest == manifest
+    assert siblings(out) == ["artifact"]
+
+
+def test_a_crash_while_building_leaves_the_previous_artifact(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "artifact"
+    before = export_run(run_dir, out)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(twotower.export, "build_index", crash)  # after most files are written
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_run(run_dir, out)
+    assert Artifact.load(out).manifest == before
+    assert siblings(out) == ["artifact"]
+
+
+def test_a_failed_switch_puts_the_previous_artifact_back(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "artifact"
+    before = export_run(run_dir, out)
+    rename = os.rename
+
+    def fail_moving_in(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError("rename failed")
+        rename(src, dst)
+
+    monkeypatch.setattr(twotower.export.os, "rename", fail_moving_in)
+    with pytest.raises(OSError, match="rename failed"):
+        export_run(run_dir, out)
+    monkeypatch.undo()
+    assert Artifact.load(out).manifest == before
+    assert siblings(out) == ["artifact"]
+
+
+def test_refusals_name_the_path_and_touch_nothing(run_dir, tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}: no best checkpoint"):
+        export_run(tmp_path, tmp_path / "artifact")
+    with pytest.raises(ConfigError, match="unknown index 'hnsw'; choose one of exact"):
+        export_run(run_dir, tmp_path / "artifact", index="hnsw")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="precious: exists and is not an exported artifact"):
+        export_run(run_dir, precious)
+    assert (precious / "notes.txt").read_text() == "mine"
+    assert siblings(precious) == ["precious"]
