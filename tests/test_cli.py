@@ -201,3 +201,29 @@ def test_recall_needs_exactly_one_kind_of_query(tiny_run):
     result = CliRunner().invoke(app, ["recall", str(tiny_run), "--user", "1", "--query", "x"])
     assert result.exit_code != 0
     assert "exactly one of --user, --users-file or --query" in str(result.exception)
+
+
+def test_data_dir_points_a_movielens_config_at_another_folder(tmp_path):
+    from twotower.data.load import DataConfig, with_data_dir
+    from twotower.errors import ConfigError
+
+    moved = with_data_dir(DataConfig(source="movielens-1m", path=Path("old")), tmp_path)
+    assert moved.path == tmp_path / "ml-1m"
+    with pytest.raises(ConfigError, match="data.source is 'synthetic'"):
+        with_data_dir(DataConfig(source="synthetic"), tmp_path)
+
+
+DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+@pytest.mark.skipif(
+    not (DATASETS / "ml-100k").is_dir(),
+    reason=f"MovieLens-100K not found at {DATASETS}; it lives in ../shared/datasets",
+)
+def test_prepare_reads_movielens_from_data_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["data", "prepare", str(ROOT / "configs" / "ml100k.yaml"), "--out", "features"]
+    nowhere = ["--set", "data.path=nowhere"]  # --data-dir must win over the config's path
+    result = CliRunner().invoke(app, [*args, *nowhere, "--data-dir", str(DATASETS)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["interactions"] == 100_000

@@ -29,6 +29,11 @@ Overrides = Annotated[
     typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
 ]
 
+DataDir = Annotated[
+    Path | None,
+    typer.Option(help="Folder holding the MovieLens folders (ml-100k/, ml-1m/, ...)."),
+]
+
 DEMO_COLUMNS = ["test/recall@10", "test/ndcg@10", "test/hr@10", "test/mrr@10", "test/recall@50"]
 
 
@@ -57,12 +62,12 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
     ] = False,
+    data_dir: DataDir = None,
 ) -> None:
     """Train a two-tower model: checkpoints, logs, curves and metrics.json in --out."""
-    from twotower.config import load_config
     from twotower.training.run import train_run
 
-    config = load_config(config_path, overrides or [])
+    config = _config(config_path, overrides, data_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _log_to(out / "train.log"):
         result = train_run(config, out, resume=resume)
@@ -104,16 +109,17 @@ def baseline(
     model: Annotated[str, typer.Option(help="pop, itemknn or ease.")],
     out: Annotated[Path, typer.Option(help="Run folder.")],
     overrides: Overrides = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Fit a reference baseline and rank the full corpus beside the model's protocol."""
     from twotower.baselines import BASELINES
     from twotower.baselines.run import evaluate_baseline, write_metrics
-    from twotower.config import load_config, save_config
+    from twotower.config import save_config
     from twotower.training.run import load_data
 
     if model not in BASELINES:
         raise ConfigError(f"--model {model!r}: choose one of {', '.join(BASELINES)}")
-    config = load_config(config_path, overrides or [])
+    config = _config(config_path, overrides, data_dir)
     dataset, split = load_data(config)
     ks = config.training.ks
     metrics = evaluate_baseline(model, dataset, split, ks, config.baselines)
@@ -183,6 +189,17 @@ def _read_ids(path: Path) -> list[str]:
     if not ids:
         raise DataError(f"{path}: no user ids (one per line)")
     return ids
+
+
+def _config(path: Path, overrides: list[str] | None, data_dir: Path | None):
+    """The config at ``path`` with ``--set`` overrides and, if given, ``--data-dir``."""
+    from twotower.config import load_config
+    from twotower.data.load import with_data_dir
+
+    config = load_config(path, overrides or [])
+    if data_dir is None:
+        return config
+    return dataclasses.replace(config, data=with_data_dir(config.data, data_dir))
 
 
 def _parts(split: str) -> tuple[str, ...]:
@@ -266,14 +283,15 @@ def data_prepare(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config.")],
     out: Annotated[Path, typer.Option(help="Folder for the fitted feature state.")],
     overrides: Overrides = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Load and check a dataset, split it, fit the features on train, and save them."""
-    from twotower.config import load_config, save_config
+    from twotower.config import save_config
     from twotower.data.load import load_dataset
     from twotower.data.splits import split_interactions
     from twotower.features.pipeline import FeaturePipeline
 
-    config = load_config(config_path, overrides or [])
+    config = _config(config_path, overrides, data_dir)
     clock = time.perf_counter()
     dataset = load_dataset(
         config.data,

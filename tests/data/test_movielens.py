@@ -15,6 +15,7 @@ from twotower.data.movielens import (
     load_movielens_1m,
     load_movielens_100k,
     load_movielens_latest_small,
+    load_movielens_latest_small_search,
 )
 from twotower.errors import DataError
 
@@ -259,6 +260,7 @@ def test_adapters_by_name() -> None:
         "movielens-100k": load_movielens_100k,
         "movielens-1m": load_movielens_1m,
         "movielens-latest-small": load_movielens_latest_small,
+        "movielens-latest-small-search": load_movielens_latest_small_search,
     }
     assert expected == ADAPTERS
 

@@ -23,7 +23,7 @@ from twotower.data.dataset import (
 )
 from twotower.data.synthetic import SyntheticConfig, generate
 from twotower.data.tables import TableSpec, read_table
-from twotower.errors import DataError
+from twotower.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,12 @@ class DataConfig:
     """
 
     source: Literal[
-        "files", "synthetic", "movielens-100k", "movielens-1m", "movielens-latest-small"
+        "files",
+        "synthetic",
+        "movielens-100k",
+        "movielens-1m",
+        "movielens-latest-small",
+        "movielens-latest-small-search",
     ] = "synthetic"
     path: Path | None = None
     interactions: InteractionsConfig | None = None
@@ -85,6 +90,30 @@ class DataConfig:
     min_weight: float | None = None
     on_missing_rows: MissingRows = "error"
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+
+
+# The folder each MovieLens adapter reads, named as GroupLens ships it.
+MOVIELENS_FOLDERS = {
+    "movielens-100k": "ml-100k",
+    "movielens-1m": "ml-1m",
+    "movielens-latest-small": "ml-latest-small",
+    "movielens-latest-small-search": "ml-latest-small",
+}
+
+
+def with_data_dir(config: DataConfig, data_dir: Path) -> DataConfig:
+    """The config reading its MovieLens folder from ``data_dir`` (``--data-dir``).
+
+    Raises:
+        ConfigError: the source is not a MovieLens adapter.
+    """
+    folder = MOVIELENS_FOLDERS.get(config.source)
+    if folder is None:
+        raise ConfigError(
+            f"--data-dir applies to the MovieLens sources ({', '.join(MOVIELENS_FOLDERS)}); "
+            f"this config's data.source is {config.source!r}"
+        )
+    return dataclasses.replace(config, path=Path(data_dir) / folder)
 
 
 def load_dataset(

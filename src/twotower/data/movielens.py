@@ -6,6 +6,7 @@ result goes through ``Dataset.from_tables``. Interactions get the canonical colu
 seconds) and ``weight`` (float64, the rating). Users are keyed by ``user_id``,
 movies by ``item_id``; an item's ``year`` is the "(1995)" at the end of its title
 (float64, null when absent) and its ``genres`` one "|"-joined string ("" for none).
+The search adapter's queries are normalized tag texts, keyed by ``query``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from twotower.errors import DataError
 
 USER_KEY = "user_id"
 ITEM_KEY = "item_id"
+# The search adapter's query key: the normalized query text itself.
+SEARCH_QUERY_KEY = "query"
 
 # u.genre's names in flag order, used when a 100K folder lacks u.genre.
 GENRES_100K = (
@@ -146,23 +149,82 @@ def load_movielens_latest_small(path: str | Path) -> Dataset:
     ).table
     ratings = ratings.select(["userId", "movieId", "rating", "timestamp"])
     ratings = ratings.rename_columns(list(_RATING_TYPES))
-    movies = read_table(
-        TableSpec(path / "movies.csv", format="csv"),
-        types={"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()},
-    ).table
-    movies = movies.select(["movieId", "title", "genres"]).rename_columns(
-        [ITEM_KEY, "title", "genres"]
-    )
-    items = _movie_items(movies)
+    items = _latest_small_items(path)
     if (path / "tags.csv").exists():
         items = items.append_column("tags", _tags_per_item(path / "tags.csv", items[ITEM_KEY]))
     return _dataset(_interactions(ratings), None, items, "movielens-latest-small")
+
+
+def load_movielens_latest_small_search(path: str | Path) -> Dataset:
+    """Loads MovieLens latest-small as a search log: tag text as queries, movies as items.
+
+    Each tag application in ``tags.csv`` is an interaction of the query ``normalize_query(tag)``
+    with the movie it was applied to; empty tags are dropped, and so are tags on
+    movies missing from ``movies.csv``. The same (query, movie) pair applied by
+    several users, or in several spellings, is one interaction at its earliest
+    timestamp: it is one relevance judgement, and keeping copies would put the same
+    pair in train and in a held-out split. Interactions are in order of that earliest
+    application (by timestamp, then by row in the file). ``ratings.csv`` is not read.
+
+    Args:
+        path: the folder holding the unpacked ``ml-latest-small`` files.
+
+    Returns:
+        Interactions with ``query_id`` (the normalized tag), ``item_id`` and
+        ``timestamp``; queries keyed by ``query`` with ``text`` (the same string, for
+        text features), one row per distinct normalized tag, sorted; items as in
+        ``load_movielens_latest_small`` without ``tags`` (they are the queries).
+
+    Raises:
+        DataError: a required file is missing or malformed, or no tag is left.
+    """
+    path = Path(path)
+    items = _latest_small_items(path)
+    tags = read_table(
+        TableSpec(path / "tags.csv", format="csv"),
+        types={"movieId": pa.int64(), "tag": pa.string(), "timestamp": pa.int64()},
+    ).table
+    applied = pa.table(
+        {
+            QUERY_ID: normalize_query(tags["tag"]),
+            ITEM_ID: tags["movieId"],
+            TIMESTAMP: tags["timestamp"],
+        }
+    )
+    applied = applied.filter(
+        pc.and_(pc.not_equal(applied[QUERY_ID], ""), pc.is_in(applied[ITEM_ID], items[ITEM_KEY]))
+    )
+    interactions = _earliest_per_pair(applied)
+    texts = pc.unique(interactions[QUERY_ID])
+    texts = pc.take(texts, pc.sort_indices(texts))
+    queries = pa.table({SEARCH_QUERY_KEY: texts, "text": texts})
+    return Dataset.from_tables(
+        interactions,
+        queries,
+        items,
+        query_key=SEARCH_QUERY_KEY,
+        item_key=ITEM_KEY,
+        name="movielens-latest-small-search",
+    )
+
+
+def normalize_query(texts: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Query text as one key: Unicode NFKC, lower-cased, whitespace runs to one space, trimmed.
+
+    Null becomes "". The same as Python's
+    ``" ".join(unicodedata.normalize("NFKC", t).lower().split())`` except where Arrow's
+    and Python's Unicode tables differ (characters one of them does not know yet, and
+    "İ", which Arrow lower-cases to a plain "i").
+    """
+    texts = pc.utf8_lower(pc.utf8_normalize(pc.fill_null(texts, ""), "NFKC"))
+    return pc.binary_join(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(texts)), " ")
 
 
 ADAPTERS: dict[str, Callable[[Path], Dataset]] = {
     "movielens-100k": load_movielens_100k,
     "movielens-1m": load_movielens_1m,
     "movielens-latest-small": load_movielens_latest_small,
+    "movielens-latest-small-search": load_movielens_latest_small_search,
 }
 
 
@@ -253,6 +315,35 @@ def _genres_from_flags(flags: np.ndarray, names: Sequence[str]) -> pa.Array:
     values = pc.take(pa.array(names, pa.string()), pa.array(cols))
     # Not binary_join_element_wise(null_handling="skip"): pyarrow 26 drops all-null rows.
     return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), values), "|")
+
+
+def _latest_small_items(path: Path) -> pa.Table:
+    """``movies.csv`` as item_id, title, year and genres."""
+    movies = read_table(
+        TableSpec(path / "movies.csv", format="csv"),
+        types={"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()},
+    ).table
+    movies = movies.select(["movieId", "title", "genres"]).rename_columns(
+        [ITEM_KEY, "title", "genres"]
+    )
+    return _movie_items(movies)
+
+
+def _earliest_per_pair(applied: pa.Table) -> pa.Table:
+    """One row per (query_id, item_id), its earliest; rows ordered by timestamp, then file row.
+
+    Args:
+        applied: ``query_id``, ``item_id``, ``timestamp`` rows in file order.
+    """
+    # sort_indices is stable, so equal timestamps keep their order in the file.
+    chronological = applied.take(pc.sort_indices(applied, [(TIMESTAMP, "ascending")]))
+    position = pa.array(np.arange(chronological.num_rows, dtype=np.int64))
+    first = (
+        chronological.append_column("position", position)
+        .group_by([QUERY_ID, ITEM_ID])
+        .aggregate([("position", "min")])["position_min"]
+    )
+    return chronological.take(np.sort(first.to_numpy()))
 
 
 def _movie_items(movies: pa.Table) -> pa.Table:
