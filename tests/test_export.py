@@ -162,8 +162,8 @@ def test_a_failed_switch_puts_the_previous_artifact_back(run_dir, tmp_path, monk
 def test_refusals_name_the_path_and_touch_nothing(run_dir, tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path}: no best checkpoint"):
         export_run(tmp_path, tmp_path / "artifact")
-    with pytest.raises(ConfigError, match="unknown index 'hnsw'; choose one of exact"):
-        export_run(run_dir, tmp_path / "artifact", index="hnsw")
+    with pytest.raises(ConfigError, match="unknown index 'annoy'; choose one of exact"):
+        export_run(run_dir, tmp_path / "artifact", index="annoy")
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("mine")
@@ -171,3 +171,22 @@ def test_refusals_name_the_path_and_touch_nothing(run_dir, tmp_path):
         export_run(run_dir, precious)
     assert (precious / "notes.txt").read_text() == "mine"
     assert siblings(precious) == ["precious"]
+
+
+def test_manifest_records_the_index_recall_against_exact_search(exported):
+    _, manifest = exported
+    check = manifest["index_recall"]
+    assert check["k"] == 10 and check["exact"] and check["recall"] == 1.0
+    assert 0 < check["queries"] <= 1000
+
+
+def test_an_approximate_index_is_measured_and_served(run_dir, tmp_path):
+    pytest.importorskip("faiss", reason="FAISS indexes need faiss-cpu (the serve extra)")
+    from twotower.serving import Retriever
+
+    manifest = export_run(run_dir, tmp_path / "hnsw", index="hnsw")
+    check = manifest["index_recall"]
+    assert not check["exact"] and 0.9 <= check["recall"] <= 1.0
+    retriever = Retriever.load(tmp_path / "hnsw")
+    user = retriever.artifact.queries.column(retriever.artifact.query_key)[0].as_py()
+    assert len(retriever.recall_users([user], 5)[0].items) == 5

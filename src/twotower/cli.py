@@ -135,7 +135,7 @@ def baseline(
 def export(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A training run folder.")],
     out: Annotated[Path, typer.Option(help="Artifact folder (replaced atomically).")],
-    index: Annotated[str, typer.Option(help="Index kind.")] = "exact",
+    index: Annotated[str, typer.Option(help="exact, flat, hnsw or ivfpq.")] = "exact",
 ) -> None:
     """Write a self-contained, checksummed serving artifact from a run's best model."""
     from twotower.export import export_run
@@ -144,6 +144,11 @@ def export(
     typer.echo(
         f"Exported {manifest['num_items']} item vectors of dimension {manifest['embedding_dim']} "
         f"and {manifest['num_queries']} known queries, index {manifest['index']!r}, to {out}"
+    )
+    check = manifest["index_recall"]
+    typer.echo(
+        f"Index recall@{check['k']} against exact search: {check['recall']:.4f} "
+        f"({check['queries']} known queries, seen items excluded)"
     )
 
 

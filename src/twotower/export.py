@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 import torch
 
 from twotower.config import Config, to_dict
@@ -33,7 +34,7 @@ from twotower.data.dataset import Dataset
 from twotower.data.matrix import interaction_matrix
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
-from twotower.index import INDEXES, build_index
+from twotower.index import INDEXES, Index, build_index, recall_against_exact
 from twotower.serving.artifact import (
     FEATURES_DIR,
     FORMAT_VERSION,
@@ -120,7 +121,8 @@ def _write_artifact(
             f, indptr=seen.indptr, indices=seen.indices, shape=np.array(seen.shape, np.int64)
         ),
     )
-    build_index(index, vectors).save(folder / INDEX_DIR)
+    built = build_index(index, vectors)
+    built.save(folder / INDEX_DIR)
     return {
         "format_version": FORMAT_VERSION,
         "twotower_version": version("twotower"),
@@ -132,12 +134,40 @@ def _write_artifact(
         "query_key": dataset.query_key,
         "item_key": dataset.item_key,
         "index": index,
+        "index_recall": _index_recall(built, vectors, model, served, dataset, seen),
         "files": {
             path.relative_to(folder).as_posix(): sha256_file(path)
             for path in sorted(folder.rglob("*"))
             if path.is_file()
         },
     }
+
+
+# How the index is checked against exact search at export time.
+RECALL_QUERIES = 1000
+RECALL_K = 10
+
+
+def _index_recall(
+    index: Index,
+    vectors: np.ndarray,
+    model: TwoTower,
+    pipeline: FeaturePipeline,
+    dataset: Dataset,
+    seen: sp.csr_matrix,
+) -> dict[str, Any]:
+    """Recall@10 of the index against exact search, for a sample of known queries.
+
+    The queries are searched as the service will search them: with every logged
+    interaction in their history and their seen items excluded.
+    """
+    rng = np.random.default_rng(0)
+    count = min(RECALL_QUERIES, dataset.num_queries)
+    rows = np.sort(rng.choice(dataset.num_queries, size=count, replace=False))
+    queries = embed_rows(model.query_tower, pipeline, "query", dataset.queries.take(rows))
+    queries = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
+    recall = recall_against_exact(index, vectors, queries, RECALL_K, seen[rows])
+    return {"k": RECALL_K, "queries": count, "recall": recall, "exact": index.is_exact}
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:
