@@ -8,11 +8,14 @@ half-written one. Readers compare SHA-256 sums recorded at write time.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from twotower.errors import DataError
 
 
 def sha256_file(path: Path) -> str:
@@ -36,3 +39,21 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json(path: Path, missing: str) -> Any:
+    """Parses a JSON file that twotower wrote.
+
+    Args:
+        path: the file.
+        missing: what to say after the path when the file does not exist.
+
+    Raises:
+        DataError: the file is missing, or not valid UTF-8 JSON (both name the path).
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: {missing}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: corrupt ({err})") from None

@@ -227,3 +227,21 @@ def test_evaluate_is_independent_of_chunk_size_and_adds_popularity() -> None:
 def test_evaluate_rejects_an_unknown_part() -> None:
     with pytest.raises(ValueError, match="part"):
         evaluate(_lookup(HAND_SCORES), SPLIT, "train", 4, 6)
+
+
+@pytest.mark.parametrize("part", ["valid", "test"])
+def test_known_popularity_counts_what_was_known_before_the_part(part: str) -> None:
+    # queries knowing each item (binary): train q0 {0, 1}, q1 {2}, q2 {0};
+    # the test step adds valid q0 {2}, q1 {3}, q2 {0} (already known)
+    counts = [2, 1, 1, 0, 0, 0] if part == "valid" else [2, 1, 2, 1, 0, 0]
+    given = evaluate(
+        _lookup(HAND_SCORES),
+        SPLIT,
+        part,
+        4,
+        6,
+        ks=[2],
+        item_popularity=np.array(counts, np.float32),
+    )
+    known = evaluate(_lookup(HAND_SCORES), SPLIT, part, 4, 6, ks=[2], item_popularity="known")
+    assert known == given and f"{part}/popularity@2" in known

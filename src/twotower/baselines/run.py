@@ -53,7 +53,6 @@ def evaluate_baseline(
     for part in parts:
         known = known_before(split, part, dataset.num_queries, dataset.num_items)
         model = build_baseline(name, config).fit(known)
-        popularity = Popularity().fit(known).counts
         results.update(
             evaluate(
                 model.score,
@@ -63,7 +62,7 @@ def evaluate_baseline(
                 dataset.num_items,
                 ks=ks,
                 exclude_seen=exclude_seen,
-                item_popularity=popularity,
+                item_popularity="known",
             )
         )
     return results

@@ -15,6 +15,7 @@ the same unreachable amount. A query with no held-out item left is not evaluated
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -141,7 +142,7 @@ def evaluate(
     ks: Sequence[int] = (10, 50, 100),
     exclude_seen: bool = True,
     chunk_size: int = 1024,
-    item_popularity: np.ndarray | None = None,
+    item_popularity: np.ndarray | Literal["known"] | None = None,
 ) -> dict[str, float]:
     """Full-corpus ranking metrics of ``score_fn`` on one held-out part.
 
@@ -155,7 +156,8 @@ def evaluate(
         exclude_seen: remove seen items from the rankings and from the held-out
             items (see the module docstring).
         chunk_size: queries scored at once.
-        item_popularity: (N,) optional, adds ``popularity@k``.
+        item_popularity: (N,) counts, or ``"known"`` for the interactions known
+            before ``part`` (train; train + valid for test); adds ``popularity@k``.
 
     Returns:
         ``{"{part}/{metric}@{k}": value, ..., "{part}/queries": evaluated count}``; the
@@ -172,6 +174,8 @@ def evaluate(
     exclude = seen if exclude_seen else None
     k = max(ks, default=1)  # an empty ks is rejected by ranking_metrics below
     ranked, _ = top_k(score_fn, queries, k, exclude=exclude, chunk_size=chunk_size)
+    if isinstance(item_popularity, str):
+        item_popularity = np.asarray(seen.sum(axis=0), dtype=np.float32).ravel()
     metrics = ranking_metrics(ranked, held_out[queries], ks, item_popularity)
     result: dict[str, float] = {f"{part}/{name}": value for name, value in metrics.items()}
     result[f"{part}/queries"] = len(queries)

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from twotower.errors import DataError
-from twotower.storage import atomic_write
+from twotower.storage import atomic_write, read_json
 
 FORMAT_VERSION = 1
 META_FILE = "index.json"
@@ -127,12 +127,7 @@ def write_meta(folder: Path, index: Index, **extra: Any) -> None:
 def read_meta(folder: Path) -> dict[str, Any]:
     """Reads ``index.json``; refuses a missing, corrupt or newer-format one."""
     path = Path(folder) / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no saved index here") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: corrupt ({err})") from None
+    meta = read_json(path, "no saved index here")
     if not isinstance(meta, dict) or not {"kind", "num_items", "dim"} <= meta.keys():
         raise DataError(f"{path}: not an index description (needs kind, num_items, dim)")
     if meta.get("format_version") != FORMAT_VERSION:

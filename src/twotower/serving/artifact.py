@@ -17,7 +17,6 @@ The layout (written by ``twotower.export.export_run``; no pickle anywhere):
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -33,7 +32,7 @@ from twotower.errors import DataError
 from twotower.features.pipeline import ARRAYS_FILE, STATE_FILE, FeaturePipeline
 from twotower.index import Index, load_index
 from twotower.index.base import META_FILE
-from twotower.storage import sha256_file
+from twotower.storage import read_json, sha256_file
 from twotower.towers.model import Tower, TwoTower
 
 FORMAT_VERSION = 1
@@ -153,12 +152,7 @@ class Artifact:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """Parses ``manifest.json``; refuses a missing, corrupt or other-version manifest."""
     path = folder / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; {folder} is not an exported artifact") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: corrupt ({err})") from None
+    manifest = read_json(path, f"missing; {folder} is not an exported artifact")
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: not an artifact manifest")
     version = manifest.get("format_version")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from twotower.errors import DataError
-from twotower.storage import atomic_write, sha256_file
+from twotower.storage import atomic_write, read_json, sha256_file
 
 
 class CheckpointStore:
@@ -61,12 +61,7 @@ class CheckpointStore:
 
     def _pointer(self, name: str) -> dict[str, Any]:
         pointer_file = self.folder / f"{name}.json"
-        try:
-            pointer = json.loads(pointer_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{pointer_file}: no checkpoint {name!r} here") from None
-        except json.JSONDecodeError as err:
-            raise DataError(f"{pointer_file}: corrupt ({err})") from None
+        pointer = read_json(pointer_file, f"no checkpoint {name!r} here")
         if not isinstance(pointer, dict) or not {"file", "sha256"} <= pointer.keys():
             raise DataError(f"{pointer_file}: not a checkpoint pointer")
         return pointer

@@ -20,7 +20,6 @@ import torch
 from tqdm.auto import tqdm
 
 from twotower.data.dataset import Dataset
-from twotower.data.matrix import known_before
 from twotower.data.splits import Split
 from twotower.errors import ConfigError, DataError
 from twotower.evaluation.ranking import evaluate
@@ -123,18 +122,16 @@ def evaluate_model(
     def score(chunk: np.ndarray) -> torch.Tensor:
         return queries[torch.from_numpy(chunk).to(queries.device)] @ items.T  # (B, N)
 
-    num_queries, num_items = len(queries), len(items)
-    known = known_before(split, part, num_queries, num_items)
     return evaluate(
         score,
         split,
         part,
-        num_queries,
-        num_items,
+        len(queries),
+        len(items),
         ks=ks,
         exclude_seen=exclude_seen,
         chunk_size=batch_size,
-        item_popularity=np.asarray(known.sum(axis=0), dtype=np.float32).ravel(),
+        item_popularity="known",
     )
 
 
