@@ -185,6 +185,48 @@ def recall(
         typer.echo(json.dumps(dataclasses.asdict(result), default=str))
 
 
+@app.command()
+def serve(
+    artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT_DIR", help="An exported artifact.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 for every interface.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one.")] = 8000,
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the token /admin/* needs (else $TWOTOWER_ADMIN_TOKEN)."),
+    ] = None,
+    batch_queries: Annotated[int, typer.Option(help="Most queries in one micro-batch.")] = 256,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="How long a micro-batch waits for more requests.")
+    ] = 0.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
+) -> None:
+    """Serve top-K recall over HTTP: POST /recall, /recall/batch, GET /items/{id}/similar.
+
+    SIGHUP (or POST /admin/reload) loads the artifact folder again without dropping
+    requests. The OpenAPI schema is at /openapi.json, its pages at /docs.
+    """
+    from twotower.serving.http import ServiceConfig
+    from twotower.serving.server import read_admin_token
+    from twotower.serving.server import serve as run_server
+
+    if batch_queries < 1 or batch_wait_ms < 0 or max_body_bytes < 1:
+        raise ConfigError("--batch-queries and --max-body-bytes must be >= 1, --batch-wait-ms >= 0")
+    config = ServiceConfig(
+        max_body_bytes=max_body_bytes,
+        batch_queries=batch_queries,
+        batch_wait_ms=batch_wait_ms,
+        admin_token=read_admin_token(admin_token_file),
+        reload_on_sighup=True,
+    )
+
+    def ready(url: str) -> None:
+        typer.echo(f"Serving {artifact} on {url} (API docs: {url}/docs); Ctrl-C stops.")
+
+    run_server(artifact, host, port, config, on_ready=ready)
+
+
 def _read_ids(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -75,12 +75,16 @@ def test_exclude_items_are_honoured_and_unknown_ones_ignored(retriever, demo_art
     assert [after.items] == expected_items(oracle, [5], 5, True, rows)
 
 
-def test_ids_are_matched_by_value_when_given_as_text(retriever, demo_artifact):
+def test_ids_are_matched_by_value_and_labelled_with_the_stored_key(retriever, demo_artifact):
     _, oracle = demo_artifact
     user = oracle.query_ids[3]
     typed = retriever.recall_users([user], 5)[0]
-    as_text = retriever.recall_users([str(user)], 5)[0]
-    assert as_text.items == typed.items and as_text.query == str(user)
+    as_text = retriever.recall_users([str(user), f" {user}"], 5)
+    assert all(r.items == typed.items and r.query == user for r in as_text)
+    assert type(as_text[0].query) is int
+    item = oracle.item_ids[9]
+    assert retriever.similar_items(str(item), 3) == retriever.similar_items(item, 3)
+    assert retriever.similar_items(str(item), 3).query == item
 
 
 def test_unknown_users_are_named(retriever, demo_artifact):
@@ -156,11 +160,19 @@ def test_similar_items_never_returns_the_item_itself(retriever, demo_artifact):
         retriever.similar_items(-5, 3)
 
 
-@pytest.mark.parametrize("k", [0, 101, True, 2.0])
-def test_k_must_be_between_one_and_the_corpus_size(retriever, demo_artifact, k):
+@pytest.mark.parametrize("k", [0, -3, True, 2.0, "5"])
+def test_k_must_be_a_positive_integer(retriever, demo_artifact, k):
     _, oracle = demo_artifact
-    with pytest.raises(ValueError, match="k must be an integer from 1 to 100"):
+    with pytest.raises(DataError, match="k must be an integer >= 1"):
         retriever.recall_users(oracle.query_ids[:1], k)
+
+
+def test_k_above_the_corpus_returns_every_item_left(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    (everything,) = retriever.recall_users(oracle.query_ids[:1], 10**6, exclude_seen=False)
+    assert sorted(everything.items) == sorted(oracle.item_ids)
+    (unseen,) = retriever.recall_users(oracle.query_ids[:1], 101)
+    assert len(unseen.items) == len(oracle.item_ids) - oracle.seen[0].sum()
 
 
 def test_results_are_json_ready_and_empty_requests_are_empty(retriever, demo_artifact):

@@ -17,12 +17,13 @@ The layout (written by ``twotower.export.export_run``; no pickle anywhere):
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
@@ -32,6 +33,7 @@ from twotower.errors import DataError
 from twotower.features.pipeline import ARRAYS_FILE, STATE_FILE, FeaturePipeline
 from twotower.index import Index, load_index
 from twotower.index.base import META_FILE
+from twotower.serving.keys import KeyIndex
 from twotower.storage import read_json, sha256_file
 from twotower.towers.model import Tower, TwoTower
 
@@ -83,6 +85,8 @@ class Artifact:
         item_vectors: (N, D) float32 item vectors.
         seen: (num_queries, N) CSR of the items each known query interacted with.
         index: the item index, built on ``item_vectors``.
+        fingerprint: the first 16 hex digits of ``manifest.json``'s SHA-256; as the
+            manifest lists every file's checksum, it names this exact artifact.
     """
 
     folder: Path
@@ -95,6 +99,7 @@ class Artifact:
     item_vectors: np.ndarray
     seen: sp.csr_matrix
     index: Index
+    fingerprint: str
 
     @property
     def query_key(self) -> str:
@@ -104,10 +109,20 @@ class Artifact:
     def item_key(self) -> str:
         return self.manifest["item_key"]
 
-    @property
+    @functools.cached_property
     def item_ids(self) -> pa.Array:
         """(N,) the item keys, by item row."""
         return self.items.column(self.item_key).combine_chunks()
+
+    @functools.cached_property
+    def query_keys(self) -> KeyIndex:
+        """Query key -> row of ``queries``, built on first use."""
+        return KeyIndex(self.queries.column(self.query_key).combine_chunks())
+
+    @functools.cached_property
+    def item_keys(self) -> KeyIndex:
+        """Item key -> item row, built on first use."""
+        return KeyIndex(self.item_ids)
 
     @classmethod
     def load(cls, folder: Path) -> Artifact:
@@ -119,6 +134,7 @@ class Artifact:
         """
         folder = Path(folder)
         manifest = read_manifest(folder)
+        fingerprint = sha256_file(folder / MANIFEST_FILE)[:16]
         verify_files(folder, manifest)
         pipeline = FeaturePipeline.load(folder / FEATURES_DIR)
         config = from_dict(Config, manifest["config"], where=f"{folder / MANIFEST_FILE}: config")
@@ -137,16 +153,29 @@ class Artifact:
             )
         tower = _read_query_tower(folder / QUERY_TOWER_FILE, config, pipeline)
         return cls(
-            folder, manifest, config, pipeline, tower, items, queries, item_vectors, seen, index
+            folder,
+            manifest,
+            config,
+            pipeline,
+            tower,
+            items,
+            queries,
+            item_vectors,
+            seen,
+            index,
+            fingerprint,
         )
 
-    def query_rows(self, ids: list[Any]) -> np.ndarray:
-        """(B,) int64 rows of ``queries`` holding these query keys; -1 for an unknown key."""
-        return _rows(ids, self.queries.column(self.query_key).combine_chunks(), "query")
+    def query_rows(self, ids: Sequence[Any]) -> np.ndarray:
+        """(B,) int64 rows of ``queries`` holding these query keys; -1 for an unknown key.
 
-    def item_rows(self, ids: list[Any]) -> np.ndarray:
+        Ids are matched by value, not type: ``"12"`` finds the integer key 12.
+        """
+        return self.query_keys.rows(ids)
+
+    def item_rows(self, ids: Sequence[Any]) -> np.ndarray:
         """(B,) int64 item rows of these item keys; -1 for an unknown key."""
-        return _rows(ids, self.item_ids, "item")
+        return self.item_keys.rows(ids)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -239,23 +268,3 @@ def _read_query_tower(path: Path, config: Config, pipeline: FeaturePipeline) -> 
     except Exception as err:  # torch raises several types for a bad or mismatched file
         raise DataError(f"{path}: not a query tower of this config ({err})") from None
     return tower.eval().requires_grad_(False)
-
-
-def _rows(ids: list[Any], keys: pa.Array, side: str) -> np.ndarray:
-    """Vectorized key -> row lookup.
-
-    Ids not all of the keys' type (``"12"`` for an integer key, or a mixed list) are
-    compared as text, so a request's ids need not be typed exactly; an id that
-    matches no key as text is unknown, as is None.
-    """
-    try:
-        values, value_set = pa.array(ids, type=keys.type), keys
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        try:
-            objects = np.fromiter(ids, dtype=object, count=len(ids))  # (B,) any scalars
-        except ValueError:
-            raise DataError(f"{side} ids must be single values, got {list(ids)[:5]!r}") from None
-        values = pa.array(objects.astype(str), mask=np.equal(objects, None))
-        value_set = pc.cast(keys, pa.string())
-    rows = pc.fill_null(pc.index_in(values, value_set=value_set), -1)
-    return rows.to_numpy().astype(np.int64)

@@ -1,23 +1,29 @@
 """Retrieval from a loaded artifact: known users, new users' rows, free text, similar items.
 
-Framework-free: an HTTP app only turns requests into these calls and results into
-JSON (``dataclasses.asdict(result)``). Every call reads the artifact and never
+Framework-free: an HTTP app only turns requests into ``Query`` objects and results
+into JSON (``dataclasses.asdict(result)``). Every call reads the artifact and never
 changes it, so one ``Retriever`` may serve many threads at once.
 
-    raw query rows -> pipeline.transform -> query tower -> (B, D) -> index.search
-        excluding each known user's logged items (``exclude_seen``) and ``exclude_items``
+``retrieve`` answers any mix of queries together, which is what lets a server embed
+concurrent requests in one pass:
+
+    users    -> their rows of queries.parquet ┐
+    features -> a table of raw rows           ├ pipeline.transform -> query tower ┐
+    texts    -> the text feature columns      ┘                                   ├ (B, D)
+    items    -> their item vectors ───────────────────────────────────────────────┘
+        -> one index.search with k = the largest k, excluding per query: the user's
+           logged items (``exclude_seen``), ``exclude_items``, and an item itself
 
 Scores are inner products of unit vectors (cosines), without the temperature.
 ``exclude_items`` ids that are not in the item table are ignored: such an item can
-never be returned anyway. ``k`` is at most the corpus size; a result holds fewer
-than k items when exclusions leave fewer.
+never be returned anyway. A ``k`` above the corpus size returns the whole corpus;
+a result holds fewer than k items when exclusions leave fewer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,14 +36,52 @@ from twotower.features.specs import TextFeature
 from twotower.serving.artifact import Artifact
 from twotower.towers.model import embed_rows
 
+SOURCES = ("user", "features", "text", "item")
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One retrieval, from exactly one of a known user, a raw row, a text or an item.
+
+    Attributes:
+        user: a known query key; its feature row and logged history come from the
+            artifact.
+        features: a raw query-side row ``{column: value}``, e.g. of a user the artifact
+            does not know (cold start); columns left out are missing values.
+        text: free text for the query side's text features (search).
+        item: an item key: the items nearest to its vector (the item itself excluded).
+        k: how many items to return (>= 1; above the corpus size, the whole corpus).
+        exclude_seen: for a known user, leave out the items they interacted with.
+        exclude_items: item keys left out of this query's result.
+    """
+
+    user: Any = None
+    features: Mapping[str, Any] | None = None
+    text: str | None = None
+    item: Any = None
+    k: int = 10
+    exclude_seen: bool = True
+    exclude_items: Sequence[Any] = ()
+
+    @property
+    def source(self) -> str:
+        """Which of ``user``, ``features``, ``text``, ``item`` this query starts from."""
+        given = [name for name in SOURCES if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise DataError(
+                f"a query needs exactly one of {', '.join(SOURCES)}; got "
+                f"{', '.join(given) if given else 'none'}"
+            )
+        return given[0]
+
 
 @dataclasses.dataclass(frozen=True)
 class Result:
     """One query's items, best first.
 
     Attributes:
-        query: the user id, the text, or (for ``recall_rows``) the row's query key or
-            its position when the rows have no key column.
+        query: the user id, the text, the item id, or for a raw row its query key
+            (``retrieve``: None when it has none; ``recall_rows``: its position).
         items: item ids as in the item table's key column (int or str).
         scores: their scores (cosines), same order.
     """
@@ -67,6 +111,30 @@ class UnknownItemError(DataError):
         super().__init__(f"unknown item id(s): {', '.join(repr(i) for i in self.ids[:10])}")
 
 
+class _Batch:
+    """The working state of one ``retrieve`` call, one slot per query."""
+
+    def __init__(self, queries: list[Query], dim: int) -> None:
+        B = len(queries)
+        self.queries = queries
+        self.out: list[Result | DataError | None] = [None] * B  # an error, once known
+        self.labels: list[Any] = [None] * B  # what each result is labelled with
+        self.vectors = np.zeros((B, dim), dtype=np.float32)  # (B, D) query vectors
+        self.seen_rows = np.full(B, -1, dtype=np.int64)  # query rows whose seen items go
+        self.self_rows = np.full(B, -1, dtype=np.int64)  # item rows excluded as themselves
+
+    def resolve(self, positions: list[int], rows: np.ndarray, error: type, source: str):
+        """Marks the positions whose id matched no row (-1) as failed; returns the others."""
+        for position, row in zip(positions, rows, strict=True):
+            if row < 0:
+                self.out[position] = error([getattr(self.queries[position], source)])
+        return np.asarray(positions, dtype=np.int64)[rows >= 0]
+
+    def relabel(self, positions: np.ndarray, labels: list[Any]) -> None:
+        for position, label in zip(positions.tolist(), labels, strict=True):
+            self.labels[position] = label
+
+
 class Retriever:
     """Top-k items for users, feature rows, texts or items, from one artifact."""
 
@@ -75,15 +143,49 @@ class Retriever:
         specs = artifact.pipeline.config.query
         self.query_columns = list(dict.fromkeys(spec.column for spec in specs))
         self.text_columns = [spec.column for spec in specs if isinstance(spec, TextFeature)]
+        artifact.query_keys, artifact.item_keys  # noqa: B018 (built now, not on a request)
 
     @classmethod
-    def load(cls, folder: Path) -> Retriever:
+    def load(cls, folder) -> Retriever:
         """A retriever over the artifact in ``folder`` (verified while loading)."""
         return cls(Artifact.load(folder))
 
     @property
     def num_items(self) -> int:
         return self.artifact.index.num_items
+
+    def retrieve(self, queries: Sequence[Query]) -> list[Result | DataError]:
+        """Answers any mix of queries in one tower pass per source and one index search.
+
+        Returns:
+            One entry per query, in order: its ``Result``, or the ``DataError`` that
+            query alone caused (an unknown user or item, a bad feature value, k < 1,
+            text for an artifact without a text feature). One bad query never
+            fails the others.
+        """
+        batch = _Batch(list(queries), self.artifact.index.dim)
+        groups: dict[str, list[int]] = {name: [] for name in SOURCES}
+        for position, query in enumerate(batch.queries):
+            try:
+                _check_k(query.k)
+                groups[query.source].append(position)
+            except DataError as err:
+                batch.out[position] = err
+        self._embed_users(batch, groups["user"])
+        self._embed_items(batch, groups["item"])
+        self._embed_features(batch, groups["features"])
+        self._embed_texts(batch, groups["text"])
+        live = np.array([i for i, o in enumerate(batch.out) if o is None], dtype=np.int64)
+        if len(live):
+            ks = np.array([min(batch.queries[i].k, self.num_items) for i in live])
+            exclude = self._exclusions(
+                [batch.queries[i] for i in live], batch.seen_rows[live], batch.self_rows[live]
+            )
+            ids, scores = self.artifact.index.search(batch.vectors[live], int(ks.max()), exclude)
+            labels = [batch.labels[i] for i in live]
+            for position, result in zip(live, self._results(labels, ids, scores, ks), strict=True):
+                batch.out[position] = result
+        return batch.out  # type: ignore[return-value]
 
     def recall_users(
         self,
@@ -96,22 +198,22 @@ class Retriever:
 
         Args:
             user_ids: query keys of ``queries.parquet``.
-            k: items per user, 1..N.
+            k: items per user (>= 1).
             exclude_seen: leave out the items each user already interacted with.
             exclude_items: item ids left out for every user.
 
         Raises:
             UnknownQueryError: some ids are not known queries (all of them are named).
         """
-        self._check_k(k)
-        user_ids = list(user_ids)
-        rows = self.artifact.query_rows(user_ids)  # (B,)
-        unknown = np.flatnonzero(rows < 0)
-        if len(unknown):
-            raise UnknownQueryError([user_ids[i] for i in unknown])
-        table = self.artifact.queries.take(pa.array(rows))
-        seen = self.artifact.seen[rows] if exclude_seen else None
-        return self._recall(table, user_ids, k, seen, exclude_items)
+        _check_k(k)
+        extra = tuple(exclude_items or ())
+        answers = self.retrieve(
+            [Query(user=u, k=k, exclude_seen=exclude_seen, exclude_items=extra) for u in user_ids]
+        )
+        unknown = [a.ids[0] for a in answers if isinstance(a, UnknownQueryError)]
+        if unknown:
+            raise UnknownQueryError(unknown)
+        return _raise_first(answers)
 
     def recall_rows(
         self, rows: pa.Table, k: int, exclude_items: Sequence[Any] | None = None
@@ -121,24 +223,31 @@ class Retriever:
         Args:
             rows: a table with every column the query features read; a user the
                 artifact does not know has an empty history and an unseen id.
-            k: items per row, 1..N.
+            k: items per row (>= 1).
             exclude_items: item ids left out for every row.
 
         Raises:
             DataError: ``rows`` lacks columns the query features read (all named).
         """
-        self._check_k(k)
+        _check_k(k)
         missing = [c for c in self.query_columns if c not in rows.column_names]
         if missing:
             raise DataError(
                 f"the query rows lack column(s) {', '.join(map(repr, missing))}, which the "
                 f"query features read; they have {', '.join(map(repr, rows.column_names))}"
             )
+        if rows.num_rows == 0:
+            return []
         key = self.artifact.query_key
         labels = (
             rows.column(key).to_pylist() if key in rows.column_names else list(range(rows.num_rows))
         )
-        return self._recall(rows, labels, k, None, exclude_items)
+        vectors = self._embed(rows)
+        extra = [Query(features={}, exclude_items=tuple(exclude_items or ()))] * rows.num_rows
+        exclude = self._exclusions(extra, np.full(rows.num_rows, -1), np.full(rows.num_rows, -1))
+        ks = np.full(rows.num_rows, min(k, self.num_items))
+        ids, scores = self.artifact.index.search(vectors, int(ks[0]), exclude)
+        return self._results(labels, ids, scores, ks)
 
     def recall_text(
         self, texts: Sequence[str], k: int, exclude_items: Sequence[Any] | None = None
@@ -151,21 +260,9 @@ class Retriever:
         Raises:
             DataError: the artifact's query side has no text feature.
         """
-        if not self.text_columns:
-            raise DataError(
-                "this artifact's query side has no text feature (its query features read "
-                f"{', '.join(map(repr, self.query_columns))}); recall users or rows instead"
-            )
-        self._check_k(k)
-        texts = list(texts)
-        schema = self.artifact.queries.schema
-        columns = {
-            column: pa.array(texts, pa.string())
-            if column in self.text_columns
-            else pa.nulls(len(texts), _column_type(schema, column))
-            for column in self.query_columns
-        }
-        return self._recall(pa.table(columns), texts, k, None, exclude_items)
+        _check_k(k)
+        extra = tuple(exclude_items or ())
+        return _raise_first(self.retrieve([Query(text=t, k=k, exclude_items=extra) for t in texts]))
 
     def similar_items(self, item_id: Any, k: int) -> Result:
         """The k items whose vectors have the highest inner product with this item's.
@@ -175,46 +272,111 @@ class Retriever:
         Raises:
             UnknownItemError: ``item_id`` is not in the item table.
         """
-        self._check_k(k)
-        row = self.artifact.item_rows([item_id])  # (1,)
-        if row[0] < 0:
-            raise UnknownItemError([item_id])
-        itself = sp.csr_matrix((np.ones(1, np.float32), ([0], row)), shape=(1, self.num_items))
-        ids, scores = self.artifact.index.search(self.artifact.item_vectors[row], k, itself)
-        return self._results([item_id], ids, scores)[0]
+        _check_k(k)
+        return _raise_first(self.retrieve([Query(item=item_id, k=k)]))[0]
 
-    def _recall(
-        self,
-        table: pa.Table,
-        labels: list[Any],
-        k: int,
-        exclude: sp.csr_matrix | None,
-        exclude_items: Sequence[Any] | None,
-    ) -> list[Result]:
-        if table.num_rows == 0:
-            return []
-        tower = self.artifact.query_tower
-        vectors = embed_rows(tower, self.artifact.pipeline, "query", table).cpu().numpy()  # (B, D)
-        exclude = self._with_items(exclude, exclude_items, len(labels))
-        ids, scores = self.artifact.index.search(vectors, k, exclude)
-        return self._results(labels, ids, scores)
+    def _embed(self, table: pa.Table) -> np.ndarray:
+        """(rows, D) query vectors of raw query rows."""
+        tower, pipeline = self.artifact.query_tower, self.artifact.pipeline
+        return embed_rows(tower, pipeline, "query", table).cpu().numpy()
 
-    def _with_items(
-        self, exclude: sp.csr_matrix | None, exclude_items: Sequence[Any] | None, B: int
+    def _embed_users(self, batch: _Batch, positions: list[int]) -> None:
+        """Known users: their stored rows through the tower; their seen items noted."""
+        rows = self.artifact.query_rows([batch.queries[i].user for i in positions])  # (U,)
+        known = batch.resolve(positions, rows, UnknownQueryError, "user")
+        if len(known):
+            table = self.artifact.queries.take(pa.array(rows[rows >= 0]))
+            batch.vectors[known] = self._embed(table)
+            batch.relabel(known, table.column(self.artifact.query_key).to_pylist())
+            wants_seen = np.array([batch.queries[i].exclude_seen for i in known], dtype=bool)
+            batch.seen_rows[known[wants_seen]] = rows[rows >= 0][wants_seen]
+
+    def _embed_items(self, batch: _Batch, positions: list[int]) -> None:
+        """Items: their own vectors as the query; the item itself excluded."""
+        rows = self.artifact.item_rows([batch.queries[i].item for i in positions])  # (I,)
+        known = batch.resolve(positions, rows, UnknownItemError, "item")
+        batch.vectors[known] = self.artifact.item_vectors[rows[rows >= 0]]
+        batch.self_rows[known] = rows[rows >= 0]
+        batch.relabel(known, pc.take(self.artifact.item_ids, pa.array(rows[rows >= 0])).to_pylist())
+
+    def _embed_features(self, batch: _Batch, positions: list[int]) -> None:
+        """Raw rows: converted to the artifact's column types, then through the tower."""
+        good = []
+        for position in positions:
+            unknown = sorted(set(batch.queries[position].features) - set(self.query_columns))
+            if unknown:
+                batch.out[position] = DataError(
+                    f"unknown feature(s) {', '.join(map(repr, unknown))}; the query side reads "
+                    f"{', '.join(map(repr, self.query_columns))}"
+                )
+            else:
+                good.append(position)
+        rows = [batch.queries[i].features for i in good]
+        columns, errors = _feature_columns(rows, self.query_columns, self.artifact.queries.schema)
+        for index, error in errors.items():
+            batch.out[good[index]] = error
+        places = [p for index, p in enumerate(good) if index not in errors]
+        if places:
+            kept = pa.array([index not in errors for index in range(len(good))])
+            table = pa.table({name: column.filter(kept) for name, column in columns.items()})
+            batch.vectors[places] = self._embed(table)
+            key = self.artifact.query_key
+            batch.relabel(np.array(places), [batch.queries[i].features.get(key) for i in places])
+
+    def _embed_texts(self, batch: _Batch, positions: list[int]) -> None:
+        """Texts: in the query text feature columns, every other column missing."""
+        if not positions:
+            return
+        if not self.text_columns:
+            error = DataError(
+                "this artifact's query side has no text feature (its query features read "
+                f"{', '.join(map(repr, self.query_columns))}); recall users or rows instead"
+            )
+            for position in positions:
+                batch.out[position] = error
+            return
+        texts = pa.array([batch.queries[i].text for i in positions], pa.string())
+        schema = self.artifact.queries.schema
+        columns = {
+            column: texts
+            if column in self.text_columns
+            else pa.nulls(len(texts), _column_type(schema, column))
+            for column in self.query_columns
+        }
+        batch.vectors[positions] = self._embed(pa.table(columns))
+        batch.relabel(np.array(positions), [batch.queries[i].text for i in positions])
+
+    def _exclusions(
+        self, queries: list[Query], seen_rows: np.ndarray, self_rows: np.ndarray
     ) -> sp.csr_matrix | None:
-        """(B, N) exclusions: ``exclude`` plus the columns of ``exclude_items`` in every row."""
-        if not exclude_items:
-            return exclude
-        cols = self.artifact.item_rows(list(exclude_items))
-        cols = np.unique(cols[cols >= 0])  # unknown ids can never be returned anyway
-        rows = np.repeat(np.arange(B), len(cols))
-        ones = np.ones(len(rows), np.float32)
-        extra = sp.csr_matrix((ones, (rows, np.tile(cols, B))), shape=(B, self.num_items))
-        return extra if exclude is None else (exclude + extra).tocsr()
+        """(B, N): each query's seen items, its ``exclude_items`` and an item itself."""
+        B, N = len(queries), self.num_items
+        parts = []
+        has_seen = seen_rows >= 0
+        if has_seen.any():
+            ones = np.ones(has_seen.sum(), np.float32)
+            where = (np.flatnonzero(has_seen), seen_rows[has_seen])
+            pick = sp.csr_matrix((ones, where), shape=(B, self.artifact.seen.shape[0]))
+            parts.append(pick @ self.artifact.seen)  # row b = the seen row of query b
+        lengths = [len(q.exclude_items) for q in queries]
+        named = [item for q in queries for item in q.exclude_items]
+        rows = np.concatenate([np.repeat(np.arange(B), lengths), np.flatnonzero(self_rows >= 0)])
+        cols = np.concatenate([self.artifact.item_rows(named), self_rows[self_rows >= 0]])
+        known = cols >= 0  # unknown ids can never be returned anyway
+        if known.any():
+            ones = np.ones(known.sum(), np.float32)
+            parts.append(sp.csr_matrix((ones, (rows[known], cols[known])), shape=(B, N)))
+        if not parts:
+            return None
+        exclude = sum(parts[1:], parts[0]).tocsr()
+        exclude.sum_duplicates()
+        return exclude
 
-    def _results(self, labels: list[Any], ids: np.ndarray, scores: np.ndarray) -> list[Result]:
-        """(B, k) item rows and scores -> one Result per label, padding left out."""
-        kept = ids >= 0
+    def _results(
+        self, labels: list[Any], ids: np.ndarray, scores: np.ndarray, ks: np.ndarray
+    ) -> list[Result]:
+        """(B, k) item rows and scores -> one Result per label: its own k, padding left out."""
+        kept = (ids >= 0) & (np.arange(ids.shape[1]) < ks[:, None])
         items = pc.take(self.artifact.item_ids, pa.array(ids[kept])).to_pylist()
         values = scores[kept].tolist()
         ends = np.cumsum(kept.sum(axis=1)).tolist()
@@ -224,13 +386,57 @@ class Retriever:
             for label, s, e in zip(labels, starts, ends, strict=True)
         ]
 
-    def _check_k(self, k: int) -> None:
-        if (
-            isinstance(k, bool)
-            or not isinstance(k, (int, np.integer))
-            or not (1 <= k <= self.num_items)
-        ):
-            raise ValueError(f"k must be an integer from 1 to {self.num_items}, got {k!r}")
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise DataError(f"k must be an integer >= 1, got {k!r}")
+
+
+def _raise_first(answers: list[Result | DataError]) -> list[Result]:
+    for answer in answers:
+        if isinstance(answer, DataError):
+            raise answer
+    return answers  # type: ignore[return-value]
+
+
+def _feature_columns(
+    rows: list[Mapping[str, Any]], columns: list[str], schema: pa.Schema
+) -> tuple[dict[str, pa.Array], dict[int, DataError]]:
+    """Raw rows -> one array per query column of the artifact's type, and bad rows' errors.
+
+    A column a row leaves out is null there (a missing value). Values convert only
+    where nothing is lost (25.5 is not an integer); a value that does not convert is
+    that row's error, naming the feature, the value and the expected type.
+    """
+    arrays: dict[str, pa.Array] = {}
+    errors: dict[int, DataError] = {}
+    for column in columns:
+        target = _column_type(schema, column)
+        values = [row.get(column) for row in rows]
+        try:
+            arrays[column] = _convert(values, target)
+            continue
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            pass
+        pieces = []
+        for index, value in enumerate(values):  # the slow path, only when some value is bad
+            try:
+                pieces.append(_convert([value], target))
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                pieces.append(pa.nulls(1, target))
+                errors.setdefault(
+                    index, DataError(f"feature {column!r}: {value!r} is not a valid {target}")
+                )
+        arrays[column] = pa.concat_arrays(pieces) if pieces else pa.nulls(0, target)
+    return arrays, errors
+
+
+def _convert(values: list[Any], target: pa.DataType) -> pa.Array:
+    """``values`` as an array of ``target``, refusing lossy casts (25.5 -> int64)."""
+    if pa.types.is_null(target):
+        return pa.nulls(len(values))
+    inferred = pa.array(values)
+    return inferred if inferred.type == target else pc.cast(inferred, target, safe=True)
 
 
 def _column_type(schema: pa.Schema, column: str) -> pa.DataType:

@@ -1,0 +1,159 @@
+"""Micro-batching: concurrent requests are embedded and searched together.
+
+Each request's queries go into one queue; a single worker thread takes whatever
+has queued up (up to ``max_queries``), runs one ``Retriever.retrieve`` over all of
+it, and hands each request its own answers. Under light load a request runs
+alone, at once; under heavy load the requests that arrive while a batch runs form
+the next batch, so the tower and the index see large matrices and throughput grows
+with load instead of requests queueing one by one. ``max_wait_ms`` (default 0)
+makes the worker wait that long for more requests before it starts a batch.
+
+The worker reads the retriever to use from ``current`` at the start of each batch,
+so swapping in a new artifact never touches a batch in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from twotower.errors import DataError
+from twotower.serving.retriever import Query, Result, Retriever
+
+log = logging.getLogger(__name__)
+
+Answer = Result | DataError
+
+
+@dataclasses.dataclass
+class _Job:
+    queries: Sequence[Query]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Runs ``Retriever.retrieve`` for concurrent callers on one worker thread.
+
+    Args:
+        current: returns the retriever to use; read once per batch.
+        max_queries: the most queries one batch takes (a request is never split, so
+            one larger than this runs as a batch of its own).
+        max_wait_ms: how long a batch waits for more requests before it runs.
+        on_batch: called with each batch's number of queries and seconds (metrics).
+    """
+
+    def __init__(
+        self,
+        current: Callable[[], Retriever],
+        max_queries: int = 256,
+        max_wait_ms: float = 0.0,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if max_queries < 1 or max_wait_ms < 0:
+            raise ValueError("max_queries must be >= 1 and max_wait_ms >= 0")
+        self.current = current
+        self.max_queries = max_queries
+        self.max_wait = max_wait_ms / 1000
+        self.on_batch = on_batch
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Starts the worker thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="twotower-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Finishes the queued requests, then stops the worker."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def submit(self, queries: Sequence[Query]) -> tuple[list[Answer], Retriever]:
+        """This request's answers, one per query, and the retriever that gave them."""
+        if not self.running:
+            raise RuntimeError("the batcher is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Job(queries, loop, future))
+        return await future
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            jobs = self._take()
+            if not jobs:
+                return
+            self._answer([job for job in jobs if job is not None])
+            if None in jobs:
+                return
+
+    def _take(self) -> list[_Job | None]:
+        """The next batch: one job, then what has queued up, within the limits."""
+        first = self._queue.get()
+        jobs = [first]
+        if first is None:
+            return jobs
+        count = len(first.queries)
+        deadline = time.monotonic() + self.max_wait
+        while count < self.max_queries:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(block=remaining > 0, timeout=max(remaining, 0) or None)
+            except queue.Empty:
+                break
+            jobs.append(job)
+            if job is None:
+                break
+            count += len(job.queries)
+        return jobs
+
+    def _answer(self, jobs: list[_Job]) -> None:
+        queries = [query for job in jobs for query in job.queries]
+        started = time.perf_counter()
+        retriever = self.current()
+        try:
+            answers = retriever.retrieve(queries)
+        except Exception as err:  # a bug, not a bad query: fail this batch, keep serving
+            log.exception("retrieval failed for a batch of %d queries", len(queries))
+            for job in jobs:
+                _settle(job, error=err)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(queries), time.perf_counter() - started)
+        start = 0
+        for job in jobs:
+            _settle(job, result=(answers[start : start + len(job.queries)], retriever))
+            start += len(job.queries)
+
+
+def _settle(
+    job: _Job,
+    result: tuple[list[Answer], Retriever] | None = None,
+    error: Exception | None = None,
+) -> None:
+    def settle() -> None:
+        if job.future.done():  # the caller went away (cancelled)
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
+        job.loop.call_soon_threadsafe(settle)

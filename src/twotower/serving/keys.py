@@ -1,0 +1,77 @@
+"""Key -> row lookups for an artifact's query and item tables, built once per load.
+
+A request names users and items by their keys; serving turns them into table rows
+many times a second. Hashing the whole key column for every request would cost
+time proportional to the corpus, so each side builds its lookup once:
+
+- integer keys: the sorted keys and their rows, searched with ``np.searchsorted``
+  (8 bytes a key plus the row order, no Python object per key);
+- any other keys (text): a dict from the key's text to its row.
+
+Ids need not be typed exactly: ``"12"`` finds the integer key 12, and an integer
+finds the text key ``"12"``. None, a bool, or anything that matches no key is -1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+MISSING = -1
+
+
+class KeyIndex:
+    """Rows of a table's unique key column, looked up by value.
+
+    Args:
+        keys: the key column (unique, no nulls, as ``Dataset`` guarantees).
+    """
+
+    def __init__(self, keys: pa.Array) -> None:
+        self.integer = pa.types.is_integer(keys.type)
+        if self.integer:
+            values = keys.to_numpy(zero_copy_only=False).astype(np.int64)  # (N,)
+            self._order = np.argsort(values, kind="stable")
+            self._sorted = values[self._order]
+        else:
+            self._rows = {str(key): row for row, key in enumerate(keys.to_pylist())}
+
+    def rows(self, ids: Sequence[Any]) -> np.ndarray:
+        """(B,) int64 rows of these ids; -1 where an id matches no key."""
+        if not self.integer:
+            return np.fromiter(
+                (MISSING if _not_an_id(i) else self._rows.get(str(i), MISSING) for i in ids),
+                dtype=np.int64,
+                count=len(ids),
+            )
+        values = np.fromiter((_as_int(i) for i in ids), dtype=object, count=len(ids))
+        valid = np.not_equal(values, None)
+        out = np.full(len(ids), MISSING, dtype=np.int64)
+        if not valid.any() or len(self._sorted) == 0:
+            return out
+        wanted = values[valid].astype(np.int64)  # (V,)
+        where = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
+        found = self._sorted[where] == wanted
+        out[np.flatnonzero(valid)[found]] = self._order[where[found]]
+        return out
+
+
+def _not_an_id(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, list, dict, tuple, float))
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer key's value from an int or its decimal text; None if it is neither."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value) if -(2**63) <= value < 2**63 else None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("+-").isdigit() and text.isascii():
+            number = int(text)
+            return number if -(2**63) <= number < 2**63 else None
+    return None

@@ -1,0 +1,178 @@
+"""The HTTP service's request and response bodies: validated, bounded, documented.
+
+Every field has a description, so the OpenAPI schema at ``/openapi.json`` (and the
+pages at ``/docs``) say what each one means. Requests forbid unknown fields and take
+JSON types strictly: ``"k": "10"`` or ``"exclude_seen": 1`` is a 422, not a guess.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+
+from twotower.serving.retriever import Query
+
+MAX_K = 1000
+MAX_BATCH = 1000
+MAX_EXCLUDE = 10_000
+MAX_TEXT = 10_000
+MAX_FEATURES = 256
+
+Id = StrictInt | StrictStr
+Scalar = StrictInt | StrictFloat | StrictStr | StrictBool | None
+FeatureValue = Scalar | list[Scalar]
+
+
+class RecallRequest(BaseModel):
+    """One query: exactly one of ``user_id``, ``features`` or ``text``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"user_id": 17, "k": 10},
+                {"features": {"age": 31, "segment": "b"}, "k": 20},
+                {"text": "red running shoes", "k": 10, "exclude_items": [12, 40]},
+            ]
+        },
+    )
+
+    user_id: Id | None = Field(
+        None,
+        description="A known user (query) id. Its stored feature row and its logged "
+        "interactions (as history) feed the query tower.",
+    )
+    features: dict[str, FeatureValue] | None = Field(
+        None,
+        max_length=MAX_FEATURES,
+        description="Raw query-side feature values by column name, for a user the "
+        "artifact does not know (cold start). A column left out is a missing value; a "
+        "name the query side does not read is a 422.",
+    )
+    text: str | None = Field(
+        None,
+        max_length=MAX_TEXT,
+        description="Query text, for artifacts whose query side has a text feature (search).",
+    )
+    k: StrictInt = Field(
+        10,
+        ge=1,
+        le=MAX_K,
+        description=f"How many items to return, 1 to {MAX_K}; above the corpus size, "
+        "the whole corpus.",
+    )
+    exclude_seen: StrictBool = Field(
+        True, description="Leave out the items a known user already interacted with."
+    )
+    exclude_items: list[Id] = Field(
+        default_factory=list,
+        max_length=MAX_EXCLUDE,
+        description="Item ids never to return for this query; unknown ids are ignored.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RecallRequest:
+        given = [n for n in ("user_id", "features", "text") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of user_id, features or text, got "
+                f"{' and '.join(given) if given else 'none'}"
+            )
+        return self
+
+    def query(self) -> Query:
+        """The retriever's query for this request."""
+        return Query(
+            user=self.user_id,
+            features=self.features,
+            text=self.text,
+            k=self.k,
+            exclude_seen=self.exclude_seen,
+            exclude_items=tuple(self.exclude_items),
+        )
+
+
+class BatchRequest(BaseModel):
+    """Many queries in one request, answered together."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[RecallRequest] = Field(
+        min_length=1,
+        max_length=MAX_BATCH,
+        description=f"1 to {MAX_BATCH} queries, each as the body of POST /recall.",
+    )
+
+
+class RecallResponse(BaseModel):
+    """The top items of one query, best first."""
+
+    artifact: str = Field(description="The fingerprint of the artifact that answered.")
+    query: Any = Field(
+        description="The user id, the text, the item id, or a feature row's user key (null "
+        "when the row has none)."
+    )
+    items: list[Id] = Field(description="Item ids, best first.")
+    scores: list[float] = Field(description="Their cosine similarities to the query.")
+
+
+class BatchResult(BaseModel):
+    """One query's answer in a batch: items and scores, or an error."""
+
+    query: Any = Field(None, description="As in RecallResponse.")
+    items: list[Id] = Field(default_factory=list, description="Item ids, best first.")
+    scores: list[float] = Field(default_factory=list, description="Their cosine similarities.")
+    error: str | None = Field(None, description="Why this query has no answer, if it has none.")
+    status: int = Field(200, description="The status a POST /recall of this query gets.")
+
+
+class BatchResponse(BaseModel):
+    """Answers to a batch, in the order of its queries."""
+
+    artifact: str = Field(description="The fingerprint of the artifact that answered.")
+    results: list[BatchResult] = Field(description="One per query, in order.")
+
+
+class ErrorResponse(BaseModel):
+    """What was wrong with a request."""
+
+    detail: str = Field(description="A message naming the field or value at fault.")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="For a 422: each validation error (location, message, input)."
+    )
+
+
+class HealthResponse(BaseModel):
+    """Liveness: the process answers."""
+
+    status: str = Field(description='"ok".')
+
+
+class ReadyResponse(BaseModel):
+    """Readiness: an artifact is loaded and the batch worker is running."""
+
+    status: str = Field(description='"ready", or "unavailable" with status 503.')
+    artifact: str = Field(description="The fingerprint of the artifact being served.")
+    items: int = Field(description="Items in its corpus.")
+    index: str = Field(description="Its index kind.")
+    index_recall: float | None = Field(
+        None, description="The index's recall@10 against exact search, measured at export."
+    )
+
+
+class ReloadResponse(BaseModel):
+    """The artifact now served after a reload."""
+
+    artifact: str = Field(description="The fingerprint of the artifact now served.")
+    previous: str = Field(description="The fingerprint of the one it replaced.")
+    seconds: float = Field(description="How long loading and verifying it took.")
