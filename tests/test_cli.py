@@ -186,7 +186,7 @@ def test_export_then_recall_prints_json_lines(tiny_run, monkeypatch, capsys):
     )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines()]
-    assert [line["query"] for line in lines] == ["1", "3"]
+    assert [line["query"] for line in lines] == [1, 3]  # the stored (integer) keys
     assert all(len(line["items"]) == len(line["scores"]) == 4 for line in lines)
     assert all(line["scores"] == sorted(line["scores"], reverse=True) for line in lines)
 
