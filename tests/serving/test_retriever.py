@@ -12,6 +12,7 @@ import pytest
 
 from twotower.errors import DataError
 from twotower.serving import Result, Retriever, UnknownItemError, UnknownQueryError
+from twotower.serving.retriever import Query
 from twotower.towers.model import embed_rows
 from twotower.training.run import load_model
 
@@ -193,3 +194,49 @@ def test_concurrent_reads_give_the_sequential_answers(retriever, demo_artifact):
     with ThreadPoolExecutor(max_workers=4) as pool:
         threaded = list(pool.map(lambda b: retriever.recall_users(b, 10), batches))
     assert threaded == sequential
+
+
+def test_one_mixed_retrieve_equals_each_query_alone(retriever, demo_artifact):
+    _, oracle = demo_artifact
+    features = {"user_id": -1, "segment": "a", "age": 44.0, "sessions": 3.0}
+    queries = [
+        Query(user=oracle.query_ids[3], k=4),
+        Query(item=oracle.item_ids[8], k=6),
+        Query(user="nobody"),
+        Query(features=features, k=3, exclude_items=(oracle.item_ids[0],)),
+        Query(user=oracle.query_ids[9], k=12, exclude_seen=False),
+        Query(features={"age": "old"}),
+        Query(item=-99),
+        Query(text="red shoes"),
+        Query(user=oracle.query_ids[3], k=0),
+        Query(user=1, text="both"),
+    ]
+    together = retriever.retrieve(queries)
+    alone = [retriever.retrieve([q])[0] for q in queries]
+    for mixed, single in zip(together, alone, strict=True):
+        assert type(mixed) is type(single)
+        if isinstance(single, Result):
+            assert (mixed.query, mixed.items) == (single.query, single.items)
+            np.testing.assert_allclose(mixed.scores, single.scores, rtol=1e-5, atol=1e-6)
+        else:
+            assert str(mixed) == str(single)
+    kinds = [type(a).__name__ for a in together]
+    assert kinds == [
+        "Result",
+        "Result",
+        "UnknownQueryError",
+        "Result",
+        "Result",
+        "DataError",
+        "UnknownItemError",
+        "DataError",
+        "DataError",
+        "DataError",
+    ]
+    assert len(together[4].items) == 12 and together[3].query == -1
+    assert oracle.item_ids[0] not in together[3].items
+    assert "exactly one of user, features, text, item; got user, text" in str(together[9])
+
+
+def test_retrieve_of_nothing_is_nothing(retriever):
+    assert retriever.retrieve([]) == []

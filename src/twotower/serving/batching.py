@@ -97,10 +97,10 @@ class MicroBatcher:
         torch.set_grad_enabled(False)
         while True:
             jobs = self._take()
-            if not jobs:
-                return
-            self._answer([job for job in jobs if job is not None])
-            if None in jobs:
+            real = [job for job in jobs if job is not None]
+            if real:
+                self._answer(real)
+            if len(real) < len(jobs):  # stop() was called
                 return
 
     def _take(self) -> list[_Job | None]:
