@@ -384,6 +384,7 @@ def main() -> None:
         level=logging.DEBUG if debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # which CPU build it loaded
     try:
         app()
     except KeyboardInterrupt:

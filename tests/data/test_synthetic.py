@@ -44,7 +44,7 @@ def test_shapes_and_keys(data: SyntheticData) -> None:
     assert dataset.num_items == SMALL.num_items
     assert data.query_cluster.shape == (SMALL.num_queries,)
     assert data.item_cluster.shape == (SMALL.num_items,)
-    assert data.affinity.shape == (SMALL.num_queries, SMALL.num_items)
+    assert data.affinity().shape == (SMALL.num_queries, SMALL.num_items)
     assert dataset.queries.column("user_id").to_pylist() == list(range(1, SMALL.num_queries + 1))
     assert dataset.items.column("item_id").to_pylist() == list(range(1, SMALL.num_items + 1))
     assert set(dataset.items.column_names) >= {"category", "price", "views", "genres", "title"}
@@ -125,3 +125,17 @@ def test_written_parquet_loads_back_as_the_same_dataset(
 def test_bad_settings(bad: dict) -> None:
     with pytest.raises(ValueError):
         SyntheticConfig(**bad)
+
+
+def test_the_sample_does_not_depend_on_the_block_size() -> None:
+    from twotower.data.synthetic import _sample_interactions
+
+    data = generate(SMALL)
+    counts = np.full(SMALL.num_queries, 6)
+    drawn = [
+        _sample_interactions(np.random.default_rng(3), data.affinity, counts, SMALL.num_items, m)
+        for m in (SMALL.num_items, 7 * SMALL.num_items, 2**25)
+    ]
+    for query_idx, item_idx in drawn[1:]:
+        np.testing.assert_array_equal(query_idx, drawn[0][0])
+        np.testing.assert_array_equal(item_idx, drawn[0][1])

@@ -85,6 +85,27 @@ def test_ties_at_the_boundary_go_to_the_lowest_indices() -> None:
     np.testing.assert_array_equal(ids, [[5, 0, 1], [7, 4999, 0]])
 
 
+def test_ties_inside_the_top_k_are_in_index_order() -> None:
+    # Items 9 and 2 tie for best, well above the cut: the fast path orders them by index.
+    scores = np.zeros((1, 50), dtype=np.float32)
+    scores[0, [9, 2, 4]] = [5.0, 5.0, 3.0]
+    ids, top = top_k(_lookup(scores), np.array([0]), k=3)
+    np.testing.assert_array_equal(ids, [[2, 9, 4]])
+    np.testing.assert_array_equal(top, [[5.0, 5.0, 3.0]])
+
+
+@pytest.mark.parametrize("k", [1, 10, 100, 2000])
+def test_rows_with_and_without_crossing_ties_match_a_stable_sort(k: int) -> None:
+    # Values on a coarse grid: some rows tie across the k-th place, some only inside.
+    rng = np.random.default_rng(k)
+    scores = np.round(rng.normal(size=(64, 2000)), 2).astype(np.float32)
+    scores[::5] = np.round(scores[::5], 0)  # every fifth row: heavy ties
+    ids, top = top_k(_lookup(scores), np.arange(64), k=k, chunk_size=16)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_array_equal(top, np.take_along_axis(scores, expected, axis=1))
+
+
 def test_excluded_items_are_skipped_and_rows_padded() -> None:
     scores = np.array([[1.0, 3.0, 2.0]], dtype=np.float32)
     exclude = sp.csr_matrix(np.array([[0.0, 1.0, 0.0]], dtype=np.float32))

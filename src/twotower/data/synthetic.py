@@ -17,6 +17,7 @@ Every feature carries some of the cluster signal, through noise:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,13 +72,35 @@ class SyntheticData:
         dataset: the tables, keys ``user_id`` and ``item_id``.
         query_cluster: (num_queries,) the cluster of each query, by query index.
         item_cluster: (num_items,) the cluster of each item, by item index.
-        affinity: (num_queries, num_items) the true logits interactions were drawn from.
+        query_vectors: (num_queries, L) each query's latent unit vector.
+        item_vectors: (num_items, L) each item's latent unit vector.
+        log_popularity: (num_items,) each item's popularity term of the logits.
+        strength: how strongly the latent vectors drive the choice (``affinity``).
     """
 
     dataset: Dataset
     query_cluster: np.ndarray
     item_cluster: np.ndarray
-    affinity: np.ndarray
+    query_vectors: np.ndarray
+    item_vectors: np.ndarray
+    log_popularity: np.ndarray
+    strength: float
+
+    def affinity(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """(R, num_items) the true logits interactions were drawn from, for these query rows.
+
+        Computed on demand: the whole matrix is num_queries x num_items.
+        """
+        return logits(
+            self.query_vectors[rows], self.item_vectors, self.log_popularity, self.strength
+        )
+
+
+def logits(
+    query_vectors: np.ndarray, item_vectors: np.ndarray, log_popularity: np.ndarray, strength: float
+) -> np.ndarray:
+    """(Q, N) strength * cosine + log popularity: the generator's true logits."""
+    return strength * query_vectors @ item_vectors.T + log_popularity
 
 
 def generate(config: SyntheticConfig) -> SyntheticData:
@@ -94,10 +117,12 @@ def generate(config: SyntheticConfig) -> SyntheticData:
     )
     popularity_rank = rng.permutation(config.num_items) + 1
     log_popularity = -config.popularity_exponent * np.log(popularity_rank)
-    affinity = config.affinity * query_vec @ item_vec.T + log_popularity  # (Q, N)
-
     counts = _activity(rng, config)
-    query_idx, item_idx = _sample_interactions(rng, affinity, counts)
+
+    def block_logits(rows: slice) -> np.ndarray:
+        return logits(query_vec[rows], item_vec, log_popularity, config.affinity)
+
+    query_idx, item_idx = _sample_interactions(rng, block_logits, counts, config.num_items)
     timestamps = _timestamps(rng, query_idx)
     interactions = pa.table(
         {
@@ -111,7 +136,9 @@ def generate(config: SyntheticConfig) -> SyntheticData:
     dataset = Dataset.from_tables(
         interactions, queries, items, query_key="user_id", item_key="item_id", name="synthetic"
     )
-    return SyntheticData(dataset, query_cluster, item_cluster, affinity)
+    return SyntheticData(
+        dataset, query_cluster, item_cluster, query_vec, item_vec, log_popularity, config.affinity
+    )
 
 
 def write_parquet(dataset: Dataset, folder: Path) -> dict[str, Path]:
@@ -143,23 +170,31 @@ def _activity(rng: np.random.Generator, config: SyntheticConfig) -> np.ndarray:
 
 
 def _sample_interactions(
-    rng: np.random.Generator, affinity: np.ndarray, counts: np.ndarray
+    rng: np.random.Generator,
+    block_logits: Callable[[slice], np.ndarray],
+    counts: np.ndarray,
+    num_items: int,
+    max_logits: int = 2**25,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Samples ``counts[q]`` distinct items per query from softmax(affinity[q]).
+    """Samples ``counts[q]`` distinct items per query from softmax(logits[q]).
 
     Uses the Gumbel-top-k trick: the top k of logits + Gumbel noise is a sample of k
-    items without replacement, vectorized over all queries.
+    items without replacement, vectorized over a block of queries at a time. Blocks
+    hold at most 4096 queries and about ``max_logits`` logits, so memory stays
+    bounded for any corpus size; the noise is drawn in row order, so the sample does
+    not depend on the block size.
     """
-    num_queries, num_items = affinity.shape
+    num_queries = len(counts)
+    step = max(1, min(4096, max_logits // num_items))
     k_max = int(counts.max())
     query_idx, item_idx = [], []
-    for start in range(0, num_queries, 4096):  # bounded memory: 4096 x N at a time
-        block = affinity[start : start + 4096]
+    for start in range(0, num_queries, step):
+        block = block_logits(slice(start, start + step))  # (step, N)
         noisy = block + rng.gumbel(size=block.shape)
         top = np.argpartition(-noisy, k_max - 1, axis=1)[:, :k_max]
         order = np.argsort(-np.take_along_axis(noisy, top, axis=1), axis=1, kind="stable")
         top = np.take_along_axis(top, order, axis=1)
-        keep = np.arange(k_max) < counts[start : start + 4096, None]
+        keep = np.arange(k_max) < counts[start : start + step, None]
         rows = np.broadcast_to(np.arange(start, start + len(block))[:, None], top.shape)
         query_idx.append(rows[keep])
         item_idx.append(top[keep])

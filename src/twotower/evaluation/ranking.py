@@ -104,10 +104,11 @@ def _mask(scores: torch.Tensor, exclude: sp.csr_matrix) -> torch.Tensor:
 def _exact_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of each row of (B, N) scores; equal scores go to the lower index.
 
-    ``torch.topk`` only yields the k-th best value reliably; which of several items
-    tied at that value it returns is unspecified. So every item above the threshold is
-    kept, the remaining slots go to the lowest-index items equal to it, and a stable
-    sort orders the kept items (which ``nonzero`` lists by ascending index).
+    ``torch.topk`` finds the k best values fast, but which of several items tied at
+    the k-th value it returns is unspecified. So a row is only taken from it when no
+    item outside its result ties with the k-th value (the count of items at that
+    value shows it), with equal values put in index order; the rare rows where a tie
+    crosses the cut go through ``_top_k_with_ties``.
 
     Returns:
         (B, k) int64 item ids and (B, k) float32 scores; -1 / -inf pad rows with fewer
@@ -119,6 +120,28 @@ def _exact_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     top = torch.full((B, k), -torch.inf, dtype=torch.float32, device=scores.device)
     if kept == 0 or B == 0:
         return ids, top
+    values, cols = torch.topk(scores, kept, dim=1)  # (B, kept)
+    threshold = values[:, -1:]  # (B, 1) the k-th best
+    crossing = (values > threshold).sum(dim=1) + (scores == threshold).sum(dim=1) > kept
+    by_index = torch.argsort(cols, dim=1)  # equal values in index order after a stable sort
+    cols, values = cols.gather(1, by_index), values.gather(1, by_index)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    ids[:, :kept], top[:, :kept] = cols.gather(1, order), values.gather(1, order)
+    if crossing.any():
+        rows = crossing.nonzero()[:, 0]
+        ids[rows, :kept], top[rows, :kept] = _top_k_with_ties(scores[rows], kept)
+    ids[top == -torch.inf] = -1  # excluded (or -inf scored) items are never returned
+    return ids, top
+
+
+def _top_k_with_ties(scores: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, kept) ids and scores where ties cross the cut: the lowest-index tied items win.
+
+    Every item above the k-th value is kept, the remaining slots go to the
+    lowest-index items equal to it, and a stable sort orders the kept items (which
+    ``nonzero`` lists by ascending index).
+    """
+    B = scores.shape[0]
     threshold = torch.topk(scores, kept, dim=1).values[:, -1:]  # (B, 1) the k-th best
     above = scores > threshold
     tied = scores == threshold
@@ -127,10 +150,7 @@ def _exact_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     cols = keep.nonzero()[:, 1].view(B, kept)  # (B, kept) ascending item index
     values = scores.gather(1, cols)
     order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    ids[:, :kept] = cols.gather(1, order)
-    top[:, :kept] = values.gather(1, order)
-    ids[top == -torch.inf] = -1  # excluded (or -inf scored) items are never returned
-    return ids, top
+    return cols.gather(1, order), values.gather(1, order)
 
 
 def evaluate(
