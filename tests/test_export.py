@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import twotower.export
+import twotower.index
 from twotower.config import to_dict
 from twotower.data.matrix import interaction_matrix
 from twotower.demo import _write_synthetic, demo_config
@@ -162,7 +163,7 @@ def test_a_failed_switch_puts_the_previous_artifact_back(run_dir, tmp_path, monk
 def test_refusals_name_the_path_and_touch_nothing(run_dir, tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path}: no best checkpoint"):
         export_run(tmp_path, tmp_path / "artifact")
-    with pytest.raises(ConfigError, match="unknown index 'annoy'; choose one of exact"):
+    with pytest.raises(ConfigError, match="unknown index 'annoy'; choose auto or one of exact"):
         export_run(run_dir, tmp_path / "artifact", index="annoy")
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -190,3 +191,17 @@ def test_an_approximate_index_is_measured_and_served(run_dir, tmp_path):
     retriever = Retriever.load(tmp_path / "hnsw")
     user = retriever.artifact.queries.column(retriever.artifact.query_key)[0].as_py()
     assert len(retriever.recall_users([user], 5)[0].items) == 5
+
+
+def test_auto_chooses_the_index_by_corpus_size(run_dir, tmp_path, monkeypatch):
+    from twotower.index import choose_index
+
+    assert choose_index("auto", 100) == "exact" and choose_index("flat", 10**9) == "flat"
+    assert choose_index("auto", 1_000_000) == "hnsw"
+    assert choose_index("auto", 50_000_000) == "ivfpq"
+    manifest = export_run(run_dir, tmp_path / "auto", index="auto")
+    assert manifest["index"] == "exact" and Artifact.load(tmp_path / "auto").index.kind == "exact"
+    monkeypatch.setattr(twotower.index, "AUTO_EXACT_UP_TO", 50)  # this corpus has 100 items
+    assert export_run(run_dir, tmp_path / "auto", index="auto")["index"] == "hnsw"
+    with pytest.raises(ConfigError, match="choose auto or one of exact, flat, hnsw, ivfpq"):
+        export_run(run_dir, tmp_path / "other", index="annoy")

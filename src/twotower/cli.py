@@ -135,7 +135,9 @@ def baseline(
 def export(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A training run folder.")],
     out: Annotated[Path, typer.Option(help="Artifact folder (replaced atomically).")],
-    index: Annotated[str, typer.Option(help="exact, flat, hnsw or ivfpq.")] = "exact",
+    index: Annotated[
+        str, typer.Option(help="exact, flat, hnsw, ivfpq, or auto (by corpus size).")
+    ] = "exact",
 ) -> None:
     """Write a self-contained, checksummed serving artifact from a run's best model."""
     from twotower.export import export_run

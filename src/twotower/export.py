@@ -34,7 +34,7 @@ from twotower.data.dataset import Dataset
 from twotower.data.matrix import interaction_matrix
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
-from twotower.index import INDEXES, Index, build_index, recall_against_exact
+from twotower.index import INDEXES, Index, build_index, choose_index, recall_against_exact
 from twotower.serving.artifact import (
     FEATURES_DIR,
     FORMAT_VERSION,
@@ -61,7 +61,8 @@ def export_run(run_dir: Path, out: Path, index: str = "exact") -> dict[str, Any]
     Args:
         run_dir: a run folder (``twotower train --out``) with a best checkpoint.
         out: the artifact folder; an existing artifact there is replaced.
-        index: the item index kind, a key of ``twotower.index.INDEXES``.
+        index: the item index kind, a key of ``twotower.index.INDEXES``, or ``auto``
+            to choose by corpus size (``twotower.index.choose_index``).
 
     Returns:
         The manifest written to ``out/manifest.json``.
@@ -72,8 +73,8 @@ def export_run(run_dir: Path, out: Path, index: str = "exact") -> dict[str, Any]
             artifact (it is never replaced then).
     """
     run_dir, out = Path(run_dir), Path(os.path.abspath(out))
-    if index not in INDEXES:
-        raise ConfigError(f"unknown index {index!r}; choose one of {', '.join(INDEXES)}")
+    if index not in (*INDEXES, "auto"):
+        raise ConfigError(f"unknown index {index!r}; choose auto or one of {', '.join(INDEXES)}")
     if not CheckpointStore(run_dir / "checkpoints").exists("best"):
         raise DataError(
             f"{run_dir}: no best checkpoint (checkpoints/best.json); train the run first"
@@ -121,6 +122,7 @@ def _write_artifact(
             f, indptr=seen.indptr, indices=seen.indices, shape=np.array(seen.shape, np.int64)
         ),
     )
+    index = choose_index(index, len(vectors))
     built = build_index(index, vectors)
     built.save(folder / INDEX_DIR)
     return {
