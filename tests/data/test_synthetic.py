@@ -139,3 +139,11 @@ def test_the_sample_does_not_depend_on_the_block_size() -> None:
     for query_idx, item_idx in drawn[1:]:
         np.testing.assert_array_equal(query_idx, drawn[0][0])
         np.testing.assert_array_equal(item_idx, drawn[0][1])
+
+
+def test_a_million_item_corpus_is_generated_in_bounded_memory() -> None:
+    data = generate(SyntheticConfig(num_queries=6, num_items=1_000_000, interactions_per_query=5))
+    items = data.dataset.items
+    assert items.num_rows == 1_000_000
+    assert items.column("title").null_count == 0 and len(items.column("title")[-1].as_py()) > 0
+    assert data.dataset.interactions.num_rows >= 6 * 5

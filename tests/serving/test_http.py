@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import pyarrow as pa
@@ -131,6 +132,9 @@ BAD_BODIES = [
     (b'{"k": 5}', "give exactly one of user_id, features or text, got none"),
     (b'{"user_id": 1, "text": "a"}', "got user_id and text"),
     (b'{"text": 5}', "text: Input should be a valid string"),
+    (b'{"text": "\\ud800"}', "text: Input should be a valid string"),  # a lone surrogate
+    (b'{"user_id": 1}{"user_id": 2}', "not valid JSON (Extra data)"),
+    (b"\xff\xfe", "not valid JSON"),
 ]
 
 
@@ -150,10 +154,14 @@ def test_malformed_requests_get_a_422_naming_the_problem(client, body, message):
         ({"features": {"age": "old"}}, 422, "feature 'age': 'old' is not a valid double"),
         ({"features": {"user_id": 2.5}}, 422, "feature 'user_id': 2.5 is not a valid int64"),
         ({"text": "red shoes"}, 422, "query side has no text feature"),
+        ({"features": {"segment": "\ud800"}}, 422, "feature 'segment': '\\ud800' is not a valid"),
+        ({"features": {"sessions": [1, 2]}}, 422, "feature 'sessions': [1, 2] is not a valid"),
+        ({"user_id": "\ud800"}, 404, "unknown query id(s): '\\ud800'"),
     ],
 )
 def test_requests_the_artifact_cannot_answer_get_a_4xx(client, body, status, message):
-    response = client.post("/recall", json=body)
+    raw = json.dumps(body).encode()  # escapes lone surrogates, which JSON may carry
+    response = client.post("/recall", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == status
     assert message in response.json()["detail"]
 

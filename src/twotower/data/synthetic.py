@@ -256,7 +256,10 @@ def _joined(words: np.ndarray, keep: np.ndarray, separator: str) -> pa.Array:
     """Joins the kept words of each row into one string, vectorized with Arrow lists."""
     counts = keep.sum(axis=1)
     offsets = np.r_[0, np.cumsum(counts)].astype(np.int32)
-    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(words[keep]))
+    values = pa.array(words[keep])
+    if isinstance(values, pa.ChunkedArray):  # pyarrow chunks large numpy string arrays
+        values = values.combine_chunks()
+    lists = pa.ListArray.from_arrays(pa.array(offsets), values)
     return pc.binary_join(lists, separator)
 
 

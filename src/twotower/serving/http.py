@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import hmac
 import ipaddress
+import json
 import logging
 import signal
 import time
@@ -130,6 +131,7 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
 
     app = FastAPI(
         title="twotower recall service",
+        default_response_class=AsciiJSONResponse,
         version=version("twotower"),
         description="Top-K candidate retrieval from an exported two-tower artifact.",
         lifespan=lifespan,
@@ -151,13 +153,13 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
         (result,), fingerprint = await answer([body.query()])
         if isinstance(result, DataError):
             raise HTTPException(_status(result), str(result))
-        return JSONResponse({"artifact": fingerprint, **dataclasses.asdict(result)})
+        return AsciiJSONResponse({"artifact": fingerprint, **dataclasses.asdict(result)})
 
     @app.post("/recall/batch", response_model=schemas.BatchResponse, responses=errors)
     async def recall_batch(body: schemas.BatchRequest) -> JSONResponse:
         """Many queries at once; a query that fails gets its own error and status."""
         results, fingerprint = await answer([q.query() for q in body.queries])
-        return JSONResponse({"artifact": fingerprint, "results": [_entry(r) for r in results]})
+        return AsciiJSONResponse({"artifact": fingerprint, "results": [_entry(r) for r in results]})
 
     @app.get("/items/{item_id}/similar", response_model=schemas.RecallResponse, responses=errors)
     async def similar(
@@ -168,7 +170,7 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
         (result,), fingerprint = await answer([RetrievalQuery(item=item_id, k=k)])
         if isinstance(result, DataError):
             raise HTTPException(_status(result), str(result))
-        return JSONResponse({"artifact": fingerprint, **dataclasses.asdict(result)})
+        return AsciiJSONResponse({"artifact": fingerprint, **dataclasses.asdict(result)})
 
     @app.get("/health", response_model=schemas.HealthResponse)
     async def health() -> dict[str, str]:
@@ -187,7 +189,7 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
             "index": artifact.index.kind,
             "index_recall": (artifact.manifest.get("index_recall") or {}).get("recall"),
         }
-        return JSONResponse(body, status_code=200 if up else 503)
+        return AsciiJSONResponse(body, status_code=200 if up else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
@@ -208,6 +210,14 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
         return await reload()
 
     return app
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped: any text a client sent, even a lone
+    surrogate (valid in JSON, not in UTF-8), can be echoed back without failing."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def _warmed(retriever: Retriever) -> Retriever:
@@ -266,16 +276,18 @@ def _add_error_handlers(app: FastAPI) -> None:
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in exc.errors()
         ]
-        return JSONResponse({"detail": "; ".join(problems), "errors": errors}, status_code=422)
+        return AsciiJSONResponse({"detail": "; ".join(problems), "errors": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code)
+        return AsciiJSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal error (logged by the service)"}, status_code=500)
+        return AsciiJSONResponse(
+            {"detail": "internal error (logged by the service)"}, status_code=500
+        )
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -335,6 +335,13 @@ class Retriever:
             for position in positions:
                 batch.out[position] = error
             return
+        for position in positions:
+            text = batch.queries[position].text
+            if not isinstance(text, str) or not _encodes(text):
+                batch.out[position] = DataError(f"text must be valid Unicode text, got {text!r}")
+        positions = [p for p in positions if batch.out[p] is None]
+        if not positions:
+            return
         texts = pa.array([batch.queries[i].text for i in positions], pa.string())
         schema = self.artifact.queries.schema
         columns = {
@@ -390,6 +397,15 @@ class Retriever:
 def _check_k(k: Any) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise DataError(f"k must be an integer >= 1, got {k!r}")
+
+
+def _encodes(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (JSON can carry lone surrogates, which are not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _raise_first(answers: list[Result | DataError]) -> list[Result]:
