@@ -266,3 +266,19 @@ def test_known_popularity_counts_what_was_known_before_the_part(part: str) -> No
     )
     known = evaluate(_lookup(HAND_SCORES), SPLIT, part, 4, 6, ks=[2], item_popularity="known")
     assert known == given and f"{part}/popularity@2" in known
+
+
+def test_chunks_hold_at_most_max_chunk_scores_when_n_is_known(monkeypatch) -> None:
+    import twotower.evaluation.ranking as ranking
+
+    monkeypatch.setattr(ranking, "MAX_CHUNK_SCORES", 100)
+    scores = np.random.default_rng(0).normal(size=(30, 40)).astype(np.float32)
+    sizes = []
+
+    def score_fn(rows: np.ndarray) -> torch.Tensor:
+        sizes.append(len(rows))
+        return torch.from_numpy(scores[rows])
+
+    ids, _ = top_k(score_fn, np.arange(30), k=5, chunk_size=16, num_items=40)
+    assert max(sizes) == 2 and sum(sizes) == 30  # 100 // 40 queries a chunk
+    np.testing.assert_array_equal(ids, np.argsort(-scores, axis=1, kind="stable")[:, :5])

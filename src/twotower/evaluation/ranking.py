@@ -29,6 +29,10 @@ from twotower.evaluation.metrics import ranking_metrics
 # Maps a chunk of query indices (B,) to the scores of every item (B, N).
 ScoreFn = Callable[[np.ndarray], torch.Tensor]
 
+# The most scores one chunk holds (128 MiB of float32): on a large corpus a chunk has
+# fewer queries than ``chunk_size``, so memory does not grow with N.
+MAX_CHUNK_SCORES = 2**25
+
 
 def top_k(
     score_fn: ScoreFn,
@@ -37,6 +41,7 @@ def top_k(
     exclude: sp.csr_matrix | None = None,
     chunk_size: int = 1024,
     progress: bool = True,
+    num_items: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ranks every item for every query and keeps the best k, exactly.
 
@@ -48,6 +53,8 @@ def top_k(
         exclude: (num_queries, N) CSR; items set in row q are never returned for q.
         chunk_size: queries scored at once; bounds memory, never changes the result.
         progress: show a progress bar on a terminal (off for a server's searches).
+        num_items: N, when known: a chunk then holds at most ``MAX_CHUNK_SCORES``
+            scores, fewer queries than ``chunk_size`` on a large corpus.
 
     Returns:
         ``(ids, scores)``: (Q, k) int64 item indices, best first, ties toward the lower
@@ -61,6 +68,8 @@ def top_k(
     if k < 1 or chunk_size < 1:
         raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
     query_idx = np.asarray(query_idx, dtype=np.int64)
+    if num_items:
+        chunk_size = max(1, min(chunk_size, MAX_CHUNK_SCORES // num_items))
     ids = np.full((len(query_idx), k), -1, dtype=np.int64)
     scores = np.full((len(query_idx), k), -np.inf, dtype=np.float32)
     starts = range(0, len(query_idx), chunk_size)
@@ -193,7 +202,7 @@ def evaluate(
     queries = np.flatnonzero(np.diff(held_out.indptr) > 0)
     exclude = seen if exclude_seen else None
     k = max(ks, default=1)  # an empty ks is rejected by ranking_metrics below
-    ranked, _ = top_k(score_fn, queries, k, exclude=exclude, chunk_size=chunk_size)
+    ranked, _ = top_k(score_fn, queries, k, exclude, chunk_size, num_items=num_items)
     if isinstance(item_popularity, str):
         item_popularity = np.asarray(seen.sum(axis=0), dtype=np.float32).ravel()
     metrics = ranking_metrics(ranked, held_out[queries], ks, item_popularity)

@@ -61,6 +61,7 @@ class ExactIndex(Index):
             exclude=exclude,
             chunk_size=self.chunk_size,
             progress=False,
+            num_items=self.num_items,
         )
 
     def save(self, folder: Path) -> None:
