@@ -255,3 +255,29 @@ def test_multi_hot_custom_separator() -> None:
 
 def test_multi_hot_of_no_rows(genres: MultiHotTransform) -> None:
     assert genres.transform(pa.array([], pa.string())).shape == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "vocabulary",
+    [
+        pa.array(np.arange(5000, 0, -1) * 7, pa.int64()),
+        pa.array([f"v{i}" for i in range(5000)] + ["", "β", "a b"], pa.string()),
+        pa.array([f"v{i}" for i in range(3000)] + ["tail\x00"], pa.string()),
+    ],
+)
+def test_a_few_values_against_a_large_vocabulary_equal_the_hashed_lookup(vocabulary) -> None:
+    from twotower.features.categorical import Vocabulary
+
+    vocab = Vocabulary(vocabulary)
+    picked = vocabulary.take(pa.array([0, 17, len(vocabulary) - 1]))
+    if pa.types.is_integer(vocabulary.type):
+        few = pa.concat_arrays([picked, pa.array([None, 3, -7], pa.int64())])
+    else:
+        few = pa.concat_arrays([picked, pa.array([None, "zz", "v1\x00", "tail"], pa.string())])
+    searched = vocab.lookup(few)  # few values: the sorted, binary-searched path
+    many = pa.concat_arrays([few] * 200)  # many values: the hashed path
+    np.testing.assert_array_equal(searched, vocab.lookup(many)[: len(few)])
+    assert searched[0] == 2 and searched[3] == 0 and (searched[4:] == 1).all()
+    if pa.types.is_integer(vocabulary.type):
+        as_text = vocab.lookup(pa.array(["35000", "x", None]))  # text compared as text
+        np.testing.assert_array_equal(as_text, [2, 1, 0])

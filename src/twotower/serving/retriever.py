@@ -282,6 +282,8 @@ class Retriever:
 
     def _embed_users(self, batch: _Batch, positions: list[int]) -> None:
         """Known users: their stored rows through the tower; their seen items noted."""
+        if not positions:
+            return
         rows = self.artifact.query_rows([batch.queries[i].user for i in positions])  # (U,)
         known = batch.resolve(positions, rows, UnknownQueryError, "user")
         if len(known):
@@ -293,6 +295,8 @@ class Retriever:
 
     def _embed_items(self, batch: _Batch, positions: list[int]) -> None:
         """Items: their own vectors as the query; the item itself excluded."""
+        if not positions:
+            return
         rows = self.artifact.item_rows([batch.queries[i].item for i in positions])  # (I,)
         known = batch.resolve(positions, rows, UnknownItemError, "item")
         batch.vectors[known] = self.artifact.item_vectors[rows[rows >= 0]]
@@ -301,6 +305,8 @@ class Retriever:
 
     def _embed_features(self, batch: _Batch, positions: list[int]) -> None:
         """Raw rows: converted to the artifact's column types, then through the tower."""
+        if not positions:
+            return
         good = []
         for position in positions:
             unknown = sorted(set(batch.queries[position].features) - set(self.query_columns))
@@ -356,26 +362,23 @@ class Retriever:
     def _exclusions(
         self, queries: list[Query], seen_rows: np.ndarray, self_rows: np.ndarray
     ) -> sp.csr_matrix | None:
-        """(B, N): each query's seen items, its ``exclude_items`` and an item itself."""
+        """(B, N): each query's seen items, its ``exclude_items`` and an item itself.
+
+        Built from (row, column) pairs, in time proportional to the excluded items:
+        nothing here walks the N columns.
+        """
         B, N = len(queries), self.num_items
-        parts = []
-        has_seen = seen_rows >= 0
-        if has_seen.any():
-            ones = np.ones(has_seen.sum(), np.float32)
-            where = (np.flatnonzero(has_seen), seen_rows[has_seen])
-            pick = sp.csr_matrix((ones, where), shape=(B, self.artifact.seen.shape[0]))
-            parts.append(pick @ self.artifact.seen)  # row b = the seen row of query b
         lengths = [len(q.exclude_items) for q in queries]
         named = [item for q in queries for item in q.exclude_items]
-        rows = np.concatenate([np.repeat(np.arange(B), lengths), np.flatnonzero(self_rows >= 0)])
-        cols = np.concatenate([self.artifact.item_rows(named), self_rows[self_rows >= 0]])
+        seen_at, seen_cols = _gather_rows(self.artifact.seen, seen_rows)
+        itself = np.flatnonzero(self_rows >= 0)
+        rows = np.concatenate([seen_at, np.repeat(np.arange(B), lengths), itself])
+        cols = np.concatenate([seen_cols, self.artifact.item_rows(named), self_rows[itself]])
         known = cols >= 0  # unknown ids can never be returned anyway
-        if known.any():
-            ones = np.ones(known.sum(), np.float32)
-            parts.append(sp.csr_matrix((ones, (rows[known], cols[known])), shape=(B, N)))
-        if not parts:
+        if not known.any():
             return None
-        exclude = sum(parts[1:], parts[0]).tocsr()
+        ones = np.ones(known.sum(), np.float32)
+        exclude = sp.csr_matrix((ones, (rows[known], cols[known])), shape=(B, N))
         exclude.sum_duplicates()
         return exclude
 
@@ -392,6 +395,16 @@ class Retriever:
             Result(label, items[s:e], values[s:e])
             for label, s, e in zip(labels, starts, ends, strict=True)
         ]
+
+
+def _gather_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, columns) of the nonzeros of ``matrix[rows[b]]`` for every b with rows[b] >= 0."""
+    positions = np.flatnonzero(rows >= 0)
+    starts = matrix.indptr[rows[positions]]
+    lengths = matrix.indptr[rows[positions] + 1] - starts
+    offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)  # (nnz,) start - before
+    picked = offsets + np.arange(lengths.sum())
+    return np.repeat(positions, lengths), matrix.indices[picked].astype(np.int64)
 
 
 def _check_k(k: Any) -> None:

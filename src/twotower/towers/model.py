@@ -109,7 +109,8 @@ def embed_rows(
     """
     device = next(tower.parameters()).device
     was_training = tower.training
-    tower.eval()
+    if was_training:  # switching a served tower's mode on every call costs a tree walk
+        tower.eval()
     try:
         chunks = [
             tower(
@@ -121,5 +122,6 @@ def embed_rows(
             for s in range(0, table.num_rows, batch_size)
         ]
     finally:
-        tower.train(was_training)
+        if was_training:
+            tower.train()
     return torch.cat(chunks) if chunks else torch.zeros((0, tower.output_dim), device=device)
