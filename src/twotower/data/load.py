@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from twotower.data.dataset import (
     ITEM_ID,
     QUERY_ID,
+    QUERY_IDX,
     SPLIT,
     TIMESTAMP,
     WEIGHT,
@@ -71,6 +72,9 @@ class DataConfig:
         min_weight: keep only interactions whose weight is at least this (e.g. rating >= 4).
         on_missing_rows: an id with no feature row: ``error``, ``impute`` or ``drop``.
         synthetic: the generator's settings, for ``source: synthetic``.
+        sample_queries: keep the interactions of only this many queries (users), drawn
+            at random among those with interactions; for quick experiments.
+        sample_seed: the seed of that draw.
     """
 
     source: Literal[
@@ -90,6 +94,12 @@ class DataConfig:
     min_weight: float | None = None
     on_missing_rows: MissingRows = "error"
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    sample_queries: int | None = None
+    sample_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sample_queries is not None and self.sample_queries < 1:
+            raise ValueError(f"sample_queries must be >= 1, got {self.sample_queries}")
 
 
 # The folder each MovieLens adapter reads, named as GroupLens ships it.
@@ -139,7 +149,25 @@ def load_dataset(
         if config.path is None:
             raise DataError(f"data.source {config.source!r} needs data.path, the dataset folder")
         dataset = ADAPTERS[config.source](config.path)
-    return _keep_min_weight(dataset, config.min_weight)
+    dataset = _keep_min_weight(dataset, config.min_weight)
+    return _sample_queries(dataset, config.sample_queries, config.sample_seed)
+
+
+def _sample_queries(dataset: Dataset, count: int | None, seed: int) -> Dataset:
+    """The dataset with the interactions of ``count`` random queries only (all if None).
+
+    The feature tables stay whole: the corpus is unchanged, and the queries left out
+    simply have no interactions.
+    """
+    if count is None:
+        return dataset
+    active = np.unique(dataset.interactions.column(QUERY_IDX).to_numpy())
+    if count >= len(active):
+        return dataset
+    chosen = np.random.default_rng(seed).choice(active, size=count, replace=False)
+    mask = pc.is_in(dataset.interactions.column(QUERY_IDX), value_set=pa.array(chosen))
+    log.info("kept the %d interactions of %d sampled queries", pc.sum(mask).as_py(), count)
+    return dataclasses.replace(dataset, interactions=dataset.interactions.filter(mask))
 
 
 def _load_files(config: DataConfig, query_columns: dict, item_columns: dict) -> Dataset:
