@@ -1,0 +1,199 @@
+"""Retrieval quality on MovieLens: every objective, two tower variants, three seeds, baselines.
+
+    python benchmarks/quality.py --out runs/quality [--datasets ml100k,ml1m]
+        [--seeds 0,1,2] [--variants mlp,dcn] [--objectives in_batch,...]
+        [--data-dir DIR] [--quick]
+
+Protocols (full-corpus ranking, seen items excluded, ``docs/evaluation.md``):
+
+- ``ml100k``: MovieLens-100K, per-user leave-last-out by time (``configs/ml100k.yaml``):
+  HR@10, NDCG@10, HR@50.
+- ``ml1m``: MovieLens-1M, ratings >= 3, per-user random 80/10/10
+  (``configs/ml1m.yaml``, RecBole's ML-1M protocol): Recall@10, NDCG@10, MRR@10, Hit@10.
+
+Rows: popularity, item-KNN and EASE (fitted on train for validation, on train +
+validation for test), and the two-tower model under each objective with each tower
+variant (``mlp``: the recipe's MLP towers; ``dcn``: DCN-v2 towers of the same width),
+each trained once per seed. A "best" row per objective takes the variant with the
+higher mean *validation* metric (the recipe's early-stopping metric); test metrics
+are only reported, never used to choose. Two-tower cells are mean ± standard
+deviation over seeds.
+
+``--quick`` runs a few minutes: 200 sampled users per dataset, one epoch, one seed,
+the MLP variant. Writes ``quality.json``, ``quality.md`` and one bar chart per
+dataset (``quality-<dataset>.png``) into ``--out``; each run's own folder (metrics,
+curves, checkpoints) is under ``--out/<dataset>/`` (``<dataset>-quick/``). A run
+finished earlier is read back and a stopped one resumed, so the suite can be run
+again after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+from twotower.baselines.run import evaluate_baseline
+from twotower.config import Config, apply_overrides, load_config
+from twotower.data.load import with_data_dir
+from twotower.training.checkpoint import CheckpointStore
+from twotower.training.run import METRICS_FILE, load_data, train_run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from objectives import OBJECTIVES  # noqa: E402  (the objective settings, shared)
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = {
+    "ml100k": (ROOT / "configs/ml100k.yaml", ["hr@10", "ndcg@10", "hr@50"]),
+    "ml1m": (ROOT / "configs/ml1m.yaml", ["recall@10", "ndcg@10", "mrr@10", "hr@10"]),
+}
+KS = [1, 5, 10, 20, 50, 100]
+BASELINES = ("pop", "itemknn", "ease")
+VARIANTS = {
+    "mlp": [],
+    "dcn": [
+        f"model.{side}.{setting}"
+        for side in ("query", "item")
+        for setting in ("kind=dcn", "cross_layers=2", "widths=[256]", "dim=64")
+    ],
+}
+QUICK = ["data.sample_queries=200", "training.epochs=1", "training.tensorboard=false"]
+
+
+def base_config(name: str, data_dir: Path | None, quick: bool) -> Config:
+    path, _ = DATASETS[name]
+    config = load_config(path, [f"training.ks={KS}", "training.tensorboard=false"])
+    if data_dir is not None:
+        config = dataclasses.replace(config, data=with_data_dir(config.data, data_dir))
+    return apply_overrides(config, QUICK) if quick else config
+
+
+def run_baselines(config: Config) -> dict[str, dict[str, float]]:
+    dataset, split = load_data(config)
+    return {
+        name: evaluate_baseline(name, dataset, split, KS, config.baselines) for name in BASELINES
+    }
+
+
+def run_two_tower(config: Config, objective: str, variant: str, seed: int, out: Path) -> dict:
+    """One training run's metrics; a finished run is read back, a stopped one resumed."""
+    settings = [f"training.objective.{s}" for s in OBJECTIVES[objective]]
+    run_config = apply_overrides(config, [*settings, *VARIANTS[variant], f"seed={seed}"])
+    folder = out / f"{objective}-{variant}-s{seed}"
+    if (folder / METRICS_FILE).is_file():
+        return json.loads((folder / METRICS_FILE).read_text())
+    resume = CheckpointStore(folder / "checkpoints").exists("last")
+    return train_run(run_config, folder, resume=resume).metrics
+
+
+def summarize(runs: list[dict[str, float]], keys: list[str]) -> dict[str, list[float]]:
+    """{key: [mean, standard deviation]} over seeds (deviation 0 for one seed)."""
+    return {
+        key: [
+            statistics.fmean(r[key] for r in runs),
+            statistics.stdev(r[key] for r in runs) if len(runs) > 1 else 0.0,
+        ]
+        for key in keys
+    }
+
+
+def evaluate_dataset(name: str, args: argparse.Namespace) -> dict:
+    config = base_config(name, args.data_dir, args.quick)
+    _, metrics = DATASETS[name]
+    selection = config.training.metric
+    keys = [f"test/{m}" for m in metrics] + [selection] + [f"test/recall@{k}" for k in KS]
+    rows: dict[str, dict] = {
+        baseline: {"kind": "baseline", **{k: [v[k], 0.0] for k in keys}}
+        for baseline, v in run_baselines(config).items()
+    }
+    out = args.out / (f"{name}-quick" if args.quick else name)
+    for objective in args.objectives:
+        candidates = {}
+        for variant in args.variants:
+            runs = [run_two_tower(config, objective, variant, s, out) for s in args.seeds]
+            row = {"kind": "two-tower", "objective": objective, "variant": variant}
+            candidates[variant] = {**row, **summarize(runs, keys)}
+            rows[f"{objective} ({variant})"] = candidates[variant]
+            print(name, objective, variant, json.dumps(candidates[variant]), flush=True)
+        best = max(candidates, key=lambda v: candidates[v][selection][0])
+        if len(candidates) > 1:
+            rows[f"{objective} (best: {best})"] = {**candidates[best], "kind": "best"}
+        else:
+            candidates[best]["kind"] = "best"  # the only variant is the one shown
+    return {"metrics": [f"test/{m}" for m in metrics], "selection": selection, "rows": rows}
+
+
+def markdown(name: str, result: dict, seeds: list[int]) -> str:
+    metrics, selection = result["metrics"], result["selection"]
+    head = ["model", *metrics, selection]
+    lines = [
+        f"### {name} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''} for two-tower rows)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+    ]
+    for row_name, row in result["rows"].items():
+        if row["kind"] == "baseline" or len(seeds) == 1:
+            cells = [f"{row[m][0]:.4f}" for m in [*metrics, selection]]
+        else:
+            cells = [f"{row[m][0]:.4f} ± {row[m][1]:.4f}" for m in [*metrics, selection]]
+        lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(name: str, result: dict, path: Path) -> None:
+    """One bar chart per metric: baselines and each objective's best variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = {n: r for n, r in result["rows"].items() if r["kind"] in ("baseline", "best")}
+    metrics = result["metrics"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        labels = [n.split(" (")[0] for n in shown]
+        means = [r[metric][0] for r in shown.values()]
+        spreads = [r[metric][1] for r in shown.values()]
+        colors = ["#999999" if r["kind"] == "baseline" else "#3b75af" for r in shown.values()]
+        ax.bar(labels, means, yerr=spreads, color=colors, capsize=3)
+        ax.set_title(f"{name}: {metric}")
+        ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--datasets", default="ml100k,ml1m")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default="mlp,dcn")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES))
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="200 users, 1 epoch, 1 seed, mlp")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    args.variants = ["mlp"] if args.quick else args.variants.split(",")
+    args.objectives = args.objectives.split(",")
+    unknown = set(args.objectives) - set(OBJECTIVES) | set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown objective or variant: {', '.join(sorted(unknown))}")
+    results = {name: evaluate_dataset(name, args) for name in args.datasets.split(",")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps(results, indent=2))
+    text = "\n".join(markdown(name, r, args.seeds) for name, r in results.items())
+    (args.out / "quality.md").write_text(text)
+    for name, result in results.items():
+        plot(name, result, args.out / f"quality-{name}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

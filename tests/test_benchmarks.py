@@ -1,0 +1,42 @@
+"""The benchmark suites run end to end in their quick modes (on the real MovieLens data)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+@pytest.mark.skipif(
+    not (DATASETS / "ml-100k").is_dir(),
+    reason="MovieLens-100K is not in ../shared/datasets beside the repository",
+)
+def test_quality_quick_writes_its_tables_and_plot(tmp_path):
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "quality.py"),
+        "--quick",
+        "--datasets=ml100k",
+        "--objectives=in_batch,listwise",
+        f"--out={tmp_path}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "quality.json").read_text())["ml100k"]
+    rows = result["rows"]
+    assert list(rows) == ["pop", "itemknn", "ease", "in_batch (mlp)", "listwise (mlp)"]
+    for row in rows.values():
+        for metric in ("test/hr@10", "test/ndcg@10", "test/hr@50"):
+            mean, spread = row[metric]
+            assert 0.0 <= mean <= 1.0 and spread == 0.0
+        assert row["test/hr@10"][0] <= row["test/hr@50"][0]
+    assert rows["ease"]["test/hr@10"][0] > rows["pop"]["test/hr@10"][0]
+    assert "| ease |" in (tmp_path / "quality.md").read_text()
+    assert (tmp_path / "quality-ml100k.png").stat().st_size > 1000
+    assert (tmp_path / "ml100k-quick" / "in_batch-mlp-s0" / "metrics.json").is_file()
