@@ -40,3 +40,29 @@ def test_quality_quick_writes_its_tables_and_plot(tmp_path):
     assert "| ease |" in (tmp_path / "quality.md").read_text()
     assert (tmp_path / "quality-ml100k.png").stat().st_size > 1000
     assert (tmp_path / "ml100k-quick" / "in_batch-mlp-s0" / "metrics.json").is_file()
+
+
+@pytest.mark.skipif(
+    not (DATASETS / "ml-1m").is_dir(),
+    reason="MovieLens-1M is not in ../shared/datasets beside the repository",
+)
+def test_training_quick_measures_speed_memory_and_the_reference_ratio(tmp_path):
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "training.py"),
+        "--quick",
+        "--objectives=in_batch",
+        f"--out={tmp_path}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "training.json").read_text())
+    (row,) = result["objectives"]
+    assert row["objective"] == "in_batch" and row["eval_users"] > 0
+    assert row["examples_per_s"] > 0 and row["epoch_seconds"] > 0 and row["peak_rss_mib"] > 100
+    reference = result["reference"]
+    assert reference["steps"] == 20
+    assert reference["ratio"] == pytest.approx(
+        reference["ours_per_s"] / reference["reference_per_s"]
+    )
+    assert "plain reference loop" in (tmp_path / "training.md").read_text()

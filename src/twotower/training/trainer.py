@@ -26,7 +26,7 @@ from twotower.evaluation.ranking import evaluate
 from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.config import TrainingConfig
-from twotower.training.data import TrainingData
+from twotower.training.data import Batch, TrainingData
 from twotower.training.objectives import build_objective
 from twotower.training.run_log import RunLog
 
@@ -194,7 +194,7 @@ class Trainer:
         steps = math.ceil(len(self.data) / self.config.batch_size)
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", unit="batch", disable=None)
         for batch in bar:
-            loss = self._step(batch)
+            loss = self.train_step(batch)
             total += loss * len(batch.positives)
             examples += len(batch.positives)
             rate = examples / max(time.perf_counter() - clock, 1e-9)
@@ -211,7 +211,8 @@ class Trainer:
         record.update(self.evaluate("valid"))
         return record
 
-    def _step(self, batch) -> float:
+    def train_step(self, batch: Batch) -> float:
+        """One optimizer step on a batch; returns its loss."""
         query = self.model.query_tower(batch.query)
         loss = self.objective(
             query,
