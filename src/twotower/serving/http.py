@@ -119,8 +119,15 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         batcher.start()
         loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task] = set()  # held, or a running task may be collected
+
+        def on_sighup() -> None:
+            task = loop.create_task(_logged(reload()))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         if config.reload_on_sighup:
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_logged(reload())))
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
         try:
             yield
         finally:
