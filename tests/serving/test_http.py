@@ -231,6 +231,11 @@ def test_openapi_documents_every_field(client):
         properties = schema["components"]["schemas"][name]["properties"]
         undocumented = [field for field, spec in properties.items() if "description" not in spec]
         assert not undocumented, f"{name}: {undocumented}"
+    for path, methods in schema["paths"].items():
+        for method, operation in methods.items():
+            assert operation.get("description") or operation.get("summary"), (path, method)
+            for parameter in operation.get("parameters", []):
+                assert parameter.get("description"), (path, method, parameter["name"])
 
 
 def test_admin_reload_needs_the_token_when_one_is_set(demo_artifact):

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -170,7 +171,7 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
 
     @app.get("/items/{item_id}/similar", response_model=schemas.RecallResponse, responses=errors)
     async def similar(
-        item_id: str,
+        item_id: Annotated[str, PathParam(description="An item id, matched by value.")],
         k: Annotated[int, Query(ge=1, le=schemas.MAX_K, description="How many items.")] = 10,
     ) -> JSONResponse:
         """The k items whose vectors are closest to this item's (the item itself left out)."""
