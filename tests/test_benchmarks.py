@@ -13,21 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
 
 
+def run_quick(script: str, out: Path, *options: str) -> None:
+    """Runs ``benchmarks/<script> --quick`` into ``out``; fails with its error output."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", f"--out={out}"]
+    done = subprocess.run([*command, *options], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.skipif(
     not (DATASETS / "ml-100k").is_dir(),
     reason="MovieLens-100K is not in ../shared/datasets beside the repository",
 )
 def test_quality_quick_writes_its_tables_and_plot(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "quality.py"),
-        "--quick",
-        "--datasets=ml100k",
-        "--objectives=in_batch,listwise",
-        f"--out={tmp_path}",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_quick("quality.py", tmp_path, "--datasets=ml100k", "--objectives=in_batch,listwise")
     result = json.loads((tmp_path / "quality.json").read_text())["ml100k"]
     rows = result["rows"]
     assert list(rows) == ["pop", "itemknn", "ease", "in_batch (mlp)", "listwise (mlp)"]
@@ -47,15 +45,7 @@ def test_quality_quick_writes_its_tables_and_plot(tmp_path):
     reason="MovieLens-1M is not in ../shared/datasets beside the repository",
 )
 def test_training_quick_measures_speed_memory_and_the_reference_ratio(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "training.py"),
-        "--quick",
-        "--objectives=in_batch",
-        f"--out={tmp_path}",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_quick("training.py", tmp_path, "--objectives=in_batch")
     result = json.loads((tmp_path / "training.json").read_text())
     (row,) = result["objectives"]
     assert row["objective"] == "in_batch" and row["eval_users"] > 0
