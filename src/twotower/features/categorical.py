@@ -76,27 +76,42 @@ class Vocabulary:
             and self._sorted is not None
             and not _has_trailing_nul(values)
         ):
-            keys, order = self._sorted
-            wanted = _as_keys(values, keys.dtype.kind == "i")  # (rows,)
-            where = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-            found = (keys[where] == wanted) & ~missing
-            codes = np.where(found, order[where] + RESERVED, OOV)
+            positions = self._sorted.find(_as_keys(values, self._sorted.integer))
+            codes = np.where(positions >= 0, positions + RESERVED, OOV)
             return np.where(missing, MISSING, codes).astype(np.int64)
         position = pc.index_in(values, value_set=vocabulary)
         codes = pc.fill_null(pc.add(position, RESERVED), OOV).to_numpy().astype(np.int64)
         return np.where(missing, MISSING, codes)
 
     @functools.cached_property
-    def _sorted(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The vocabulary as sorted numpy keys and their positions; None for other types."""
+    def _sorted(self) -> SortedKeys | None:
+        """The vocabulary, sorted for binary search; None for other types."""
         kind = self.values.type
         if not (pa.types.is_integer(kind) or pa.types.is_string(kind)) or len(self.values) == 0:
             return None
         if _has_trailing_nul(self.values):  # numpy text drops trailing NULs
             return None
-        keys = _as_keys(self.values, pa.types.is_integer(kind))
-        order = np.argsort(keys, kind="stable")
-        return keys[order], order
+        return SortedKeys(_as_keys(self.values, pa.types.is_integer(kind)))
+
+
+class SortedKeys:
+    """Unique keys (int64 or text) sorted once, then found by binary search.
+
+    The lookup for a few values against many keys: time proportional to the values
+    (times log of the keys), where hashing the keys would cost their number per call.
+    """
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self.integer = keys.dtype.kind == "i"
+        self._order = np.argsort(keys, kind="stable")
+        self._sorted = keys[self._order]
+
+    def find(self, wanted: np.ndarray) -> np.ndarray:
+        """(rows,) int64 position of each wanted value among the keys; -1 where absent."""
+        if len(self._sorted) == 0:
+            return np.full(len(wanted), -1, dtype=np.int64)
+        where = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
+        return np.where(self._sorted[where] == wanted, self._order[where], -1).astype(np.int64)
 
 
 def _has_trailing_nul(values: pa.Array) -> bool:

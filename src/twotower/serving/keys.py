@@ -4,7 +4,7 @@ A request names users and items by their keys; serving turns them into table row
 many times a second. Hashing the whole key column for every request would cost
 time proportional to the corpus, so each side builds its lookup once:
 
-- integer keys: the sorted keys and their rows, searched with ``np.searchsorted``
+- integer keys: ``SortedKeys``, the same binary search the feature vocabularies use
   (8 bytes a key plus the row order, no Python object per key);
 - any other keys (text): a dict from the key's text to its row.
 
@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from twotower.features.categorical import SortedKeys
+
 MISSING = -1
 
 
@@ -33,9 +35,7 @@ class KeyIndex:
     def __init__(self, keys: pa.Array) -> None:
         self.integer = pa.types.is_integer(keys.type)
         if self.integer:
-            values = keys.to_numpy(zero_copy_only=False).astype(np.int64)  # (N,)
-            self._order = np.argsort(values, kind="stable")
-            self._sorted = values[self._order]
+            self._sorted = SortedKeys(keys.to_numpy(zero_copy_only=False).astype(np.int64))
         else:
             self._rows = {str(key): row for row, key in enumerate(keys.to_pylist())}
 
@@ -50,12 +50,7 @@ class KeyIndex:
         values = np.fromiter((_as_int(i) for i in ids), dtype=object, count=len(ids))
         valid = np.not_equal(values, None)
         out = np.full(len(ids), MISSING, dtype=np.int64)
-        if not valid.any() or len(self._sorted) == 0:
-            return out
-        wanted = values[valid].astype(np.int64)  # (V,)
-        where = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
-        found = self._sorted[where] == wanted
-        out[np.flatnonzero(valid)[found]] = self._order[where[found]]
+        out[valid] = self._sorted.find(values[valid].astype(np.int64))
         return out
 
 

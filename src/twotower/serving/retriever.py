@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -146,7 +147,7 @@ class Retriever:
         artifact.query_keys, artifact.item_keys  # noqa: B018 (built now, not on a request)
 
     @classmethod
-    def load(cls, folder) -> Retriever:
+    def load(cls, folder: Path) -> Retriever:
         """A retriever over the artifact in ``folder`` (verified while loading)."""
         return cls(Artifact.load(folder))
 
@@ -179,7 +180,9 @@ class Retriever:
         if len(live):
             ks = np.array([min(batch.queries[i].k, self.num_items) for i in live])
             exclude = self._exclusions(
-                [batch.queries[i] for i in live], batch.seen_rows[live], batch.self_rows[live]
+                [batch.queries[i].exclude_items for i in live],
+                batch.seen_rows[live],
+                batch.self_rows[live],
             )
             ids, scores = self.artifact.index.search(batch.vectors[live], int(ks.max()), exclude)
             labels = [batch.labels[i] for i in live]
@@ -243,8 +246,8 @@ class Retriever:
             rows.column(key).to_pylist() if key in rows.column_names else list(range(rows.num_rows))
         )
         vectors = self._embed(rows)
-        extra = [Query(features={}, exclude_items=tuple(exclude_items or ()))] * rows.num_rows
-        exclude = self._exclusions(extra, np.full(rows.num_rows, -1), np.full(rows.num_rows, -1))
+        none = np.full(rows.num_rows, -1)
+        exclude = self._exclusions([tuple(exclude_items or ())] * rows.num_rows, none, none)
         ks = np.full(rows.num_rows, min(k, self.num_items))
         ids, scores = self.artifact.index.search(vectors, int(ks[0]), exclude)
         return self._results(labels, ids, scores, ks)
@@ -285,23 +288,23 @@ class Retriever:
         if not positions:
             return
         rows = self.artifact.query_rows([batch.queries[i].user for i in positions])  # (U,)
-        known = batch.resolve(positions, rows, UnknownQueryError, "user")
+        known, found = batch.resolve(positions, rows, UnknownQueryError, "user"), rows[rows >= 0]
         if len(known):
-            table = self.artifact.queries.take(pa.array(rows[rows >= 0]))
+            table = self.artifact.queries.take(pa.array(found))
             batch.vectors[known] = self._embed(table)
             batch.relabel(known, table.column(self.artifact.query_key).to_pylist())
             wants_seen = np.array([batch.queries[i].exclude_seen for i in known], dtype=bool)
-            batch.seen_rows[known[wants_seen]] = rows[rows >= 0][wants_seen]
+            batch.seen_rows[known[wants_seen]] = found[wants_seen]
 
     def _embed_items(self, batch: _Batch, positions: list[int]) -> None:
         """Items: their own vectors as the query; the item itself excluded."""
         if not positions:
             return
         rows = self.artifact.item_rows([batch.queries[i].item for i in positions])  # (I,)
-        known = batch.resolve(positions, rows, UnknownItemError, "item")
-        batch.vectors[known] = self.artifact.item_vectors[rows[rows >= 0]]
-        batch.self_rows[known] = rows[rows >= 0]
-        batch.relabel(known, pc.take(self.artifact.item_ids, pa.array(rows[rows >= 0])).to_pylist())
+        known, found = batch.resolve(positions, rows, UnknownItemError, "item"), rows[rows >= 0]
+        batch.vectors[known] = self.artifact.item_vectors[found]
+        batch.self_rows[known] = found
+        batch.relabel(known, pc.take(self.artifact.item_ids, pa.array(found)).to_pylist())
 
     def _embed_features(self, batch: _Batch, positions: list[int]) -> None:
         """Raw rows: converted to the artifact's column types, then through the tower."""
@@ -360,16 +363,16 @@ class Retriever:
         batch.relabel(np.array(positions), [batch.queries[i].text for i in positions])
 
     def _exclusions(
-        self, queries: list[Query], seen_rows: np.ndarray, self_rows: np.ndarray
+        self, exclude_items: list[Sequence[Any]], seen_rows: np.ndarray, self_rows: np.ndarray
     ) -> sp.csr_matrix | None:
         """(B, N): each query's seen items, its ``exclude_items`` and an item itself.
 
         Built from (row, column) pairs, in time proportional to the excluded items:
         nothing here walks the N columns.
         """
-        B, N = len(queries), self.num_items
-        lengths = [len(q.exclude_items) for q in queries]
-        named = [item for q in queries for item in q.exclude_items]
+        B, N = len(exclude_items), self.num_items
+        lengths = [len(items) for items in exclude_items]
+        named = [item for items in exclude_items for item in items]
         seen_at, seen_cols = _gather_rows(self.artifact.seen, seen_rows)
         itself = np.flatnonzero(self_rows >= 0)
         rows = np.concatenate([seen_at, np.repeat(np.arange(B), lengths), itself])
@@ -378,9 +381,7 @@ class Retriever:
         if not known.any():
             return None
         ones = np.ones(known.sum(), np.float32)
-        exclude = sp.csr_matrix((ones, (rows[known], cols[known])), shape=(B, N))
-        exclude.sum_duplicates()
-        return exclude
+        return sp.csr_matrix((ones, (rows[known], cols[known])), shape=(B, N))  # sums repeats
 
     def _results(
         self, labels: list[Any], ids: np.ndarray, scores: np.ndarray, ks: np.ndarray
