@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -64,13 +65,28 @@ def train(
     ] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Train a two-tower model: checkpoints, logs, curves and metrics.json in --out."""
+    """Train a two-tower model: checkpoints, logs, curves and metrics.json in --out.
+
+    Under ``torchrun --nproc_per_node=N -m twotower train ...`` the N processes train
+    one model with DistributedDataParallel; rank 0 alone writes and prints.
+    """
+    from twotower.training.distributed import close_process_group
     from twotower.training.run import train_run
 
     config = _config(config_path, overrides, data_dir)
+    if int(os.environ.get("RANK", "0")) > 0:  # another rank of a torchrun job: quiet
+        logging.getLogger().setLevel(logging.WARNING)
+        try:
+            train_run(config, out, resume=resume)
+        finally:
+            close_process_group()
+        return
     out.mkdir(parents=True, exist_ok=True)
     with _log_to(out / "train.log"):
-        result = train_run(config, out, resume=resume)
+        try:
+            result = train_run(config, out, resume=resume)
+        finally:
+            close_process_group()
     best = result.metrics["best_epoch"]
     typer.echo(f"\nBest epoch {best}; full-corpus ranking, seen items excluded:\n")
     typer.echo(format_metrics(result.metrics, config.training.ks))

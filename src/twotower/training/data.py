@@ -27,6 +27,7 @@ from twotower.data.splits import Split, recency_order
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import HistoryFeature
 from twotower.training.config import HistoryRule
+from twotower.training.distributed import Collective, shard_bounds
 
 
 @dataclasses.dataclass
@@ -118,12 +119,23 @@ class TrainingData:
         inputs = self.test_queries if part == "test" else self.queries
         return {name: values[queries] for name, values in inputs.items()}
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        """One epoch of shuffled batches; every training row exactly once."""
+    def batches(
+        self, batch_size: int, generator: torch.Generator, collective: Collective | None = None
+    ) -> Iterator[Batch]:
+        """One epoch of shuffled batches; every training row exactly once.
+
+        With W processes every rank draws the same permutation and cuts it into global
+        batches of ``batch_size * W`` rows; a rank's batch is its contiguous share of
+        each (sizes differ by at most one, so the last may be empty). The ranks' batches
+        at a step together are the batch one process with ``batch_size * W`` would see.
+        """
+        collective = collective or Collective()
+        world, rank = collective.world_size, collective.rank
         permutation = torch.randperm(len(self), generator=generator).to(self.device)
-        for start in range(0, len(self), batch_size):
-            rows = permutation[start : start + batch_size]
-            yield self.batch(rows)
+        for start in range(0, len(self), batch_size * world):
+            rows = permutation[start : start + batch_size * world]
+            bounds = shard_bounds(len(rows), world)
+            yield self.batch(rows[bounds[rank] : bounds[rank + 1]])
 
     def batch(self, rows: torch.Tensor) -> Batch:
         """The examples of (B,) training rows, histories made safe for each target."""

@@ -39,6 +39,7 @@ from twotower.sampling import (
     InBatchSampler,
     MixedSampler,
 )
+from twotower.training.distributed import Collective
 
 SamplerName = Literal["uniform", "popularity"]
 FrequencyName = Literal["counts", "streaming", "none"]
@@ -163,6 +164,8 @@ class RowNegatives(nn.Module):
         generator: torch.Generator,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items."""
+        if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
+            return query.sum() + embed_items(positives).sum()
         negatives = self.sampler.sample(positives.cpu(), self.num_negatives, generator)
         negatives = negatives.to(positives.device)  # (B, n)
         items = embed_unique(torch.cat([positives, negatives.flatten()]), embed_items)
@@ -191,6 +194,7 @@ class SharedCandidates(nn.Module):
         self.mask_hits = mask_hits
         self.hard_negatives = hard_negatives
         self.step = 0
+        self.collective = Collective()  # the trainer sets the process group's, if any
 
     def forward(
         self,
@@ -202,11 +206,25 @@ class SharedCandidates(nn.Module):
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items."""
         self.step += 1
-        self.frequency.update(positives.cpu(), self.step)
-        candidates, log_q = self.sampler.candidates(positives.cpu(), generator)  # (M,), (M,)
-        candidates, log_q = candidates.to(positives.device), log_q.to(positives.device)
-        logits = query @ embed_unique(candidates, embed_items).T * scale  # (B, M)
-        labels = torch.arange(len(positives), device=positives.device)  # positives come first
+        device = positives.device
+        # with several processes every rank's positives are candidates (the global batch)
+        everyone, offset = self.collective.gather_ids(positives)  # (G,), this rank's start
+        self.frequency.update(everyone.cpu(), self.step)
+        candidates, log_q = self.sampler.candidates(everyone.cpu(), generator)  # (M,)
+        candidates, log_q = candidates.to(device), log_q.to(device)
+        if self.collective.distributed:
+            # a rank embeds its own positives; sampled extras are the same on every rank
+            # (one sampler seed), so each rank embeds them itself
+            vectors = self.collective.gather_rows(embed_unique(positives, embed_items))
+            if len(candidates) > len(everyone):
+                extra = embed_unique(candidates[len(everyone) :], embed_items)
+                vectors = torch.cat([vectors, extra])  # (M, D)
+        else:
+            vectors = embed_unique(candidates, embed_items)
+        logits = query @ vectors.T * scale  # (B, M)
+        if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
+            return logits.sum()
+        labels = offset + torch.arange(len(positives), device=device)  # positives come first
         if self.logq:
             logits = logq_correction(logits, log_q)
         if self.mask_hits:

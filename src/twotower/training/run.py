@@ -30,6 +30,7 @@ from twotower.storage import atomic_write
 from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.data import TrainingData
+from twotower.training.distributed import Collective
 from twotower.training.trainer import RunState, Trainer, evaluate_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ def load_data(config: Config) -> tuple[Dataset, Split]:
 def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
     """Trains the model a config describes and writes the run folder ``out``.
 
+    Under ``torchrun`` every process calls this; they train one model together and
+    rank 0 alone writes the run folder and returns the metrics (others get none).
+
     Args:
         config: the resolved config.
         out: the run folder, created if needed.
@@ -73,24 +77,30 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
             reused, so the model sees the same inputs).
     """
     out = Path(out)
+    device = resolve_device(config.training.device)
+    collective = Collective.from_env(device)  # several processes under torchrun
     if resume:
         _check_resumable(out, config)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    if collective.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
     dataset, split = load_data(config)
     if resume:
         pipeline = FeaturePipeline.load(out / "features")
-    else:
+    else:  # deterministic, so every rank fits the same state; rank 0 saves it
         pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
-        pipeline.save(out / "features")
-    device = resolve_device(config.training.device)
+        if collective.is_main:
+            pipeline.save(out / "features")
     torch.manual_seed(config.seed)
     data = TrainingData(dataset, split, pipeline, config.training.history, device)
     model = TwoTower.build(config.model, config.features, pipeline).to(device)
+    extra = _extra(config, pipeline)
     trainer = Trainer(
-        model, data, dataset, split, config.training, out, config.seed, _extra(config, pipeline)
+        model, data, dataset, split, config.training, out, config.seed, extra, collective
     )
     state = trainer.fit(resume=resume)
+    if not collective.is_main:  # rank 0 alone evaluates the best model and writes metrics
+        return TrainResult({}, state, out)
     model.load_state_dict(trainer.store.load("best", map_location=device)["model"])
     metrics: dict[str, float] = {**trainer.evaluate("valid"), **trainer.evaluate("test")}
     metrics["best_epoch"] = state.best_epoch

@@ -27,7 +27,8 @@ from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.config import TrainingConfig
 from twotower.training.data import Batch, TrainingData
-from twotower.training.objectives import build_objective
+from twotower.training.distributed import Collective
+from twotower.training.objectives import SharedCandidates, build_objective
 from twotower.training.run_log import RunLog
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,25 @@ def evaluate_model(
     )
 
 
+class _StepLoss(torch.nn.Module):
+    """A batch's training loss as one module call, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: TwoTower, objective: torch.nn.Module, data: TrainingData) -> None:
+        super().__init__()
+        self.model, self.objective, self.data = model, objective, data
+
+    def forward(
+        self, query: dict[str, torch.Tensor], positives: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        return self.objective(
+            self.model.query_tower(query),
+            positives,
+            lambda items: self.model.item_tower(self.data.item_inputs(items)),
+            self.model.scale(),
+            generator,
+        )
+
+
 class Trainer:
     """Trains a ``TwoTower`` model on one split; writes checkpoints and logs to ``out``.
 
@@ -147,6 +167,9 @@ class Trainer:
         out: the run folder.
         seed: seeds the shuffles and the negative sampler.
         extra: JSON/tensor-ready values stored in every checkpoint (config, features).
+        collective: the training processes (``torchrun``); with several, the model is
+            wrapped in DistributedDataParallel, each process trains on its share of
+            every global batch and rank 0 alone validates and writes.
     """
 
     def __init__(
@@ -159,10 +182,20 @@ class Trainer:
         out: Path,
         seed: int,
         extra: dict[str, Any] | None = None,
+        collective: Collective | None = None,
     ) -> None:
         self.model, self.data, self.dataset, self.split = model, data, dataset, split
         self.config, self.out, self.seed, self.extra = config, Path(out), seed, extra or {}
+        self.collective = collective or Collective()
         self.objective = build_objective(config.objective, data.item_counts()).to(data.device)
+        if isinstance(self.objective, SharedCandidates):
+            self.objective.collective = self.collective
+        self.step_loss: torch.nn.Module = _StepLoss(model, self.objective, data)
+        if self.collective.distributed:
+            on_gpu = data.device.type == "cuda"
+            self.step_loss = torch.nn.parallel.DistributedDataParallel(
+                self.step_loss, device_ids=[data.device] if on_gpu else None
+            )
         self.optimizers = build_optimizers(model, config)
         self.sampler_generator = torch.Generator().manual_seed(seed + 1)
         self.store = CheckpointStore(self.out / "checkpoints")
@@ -170,19 +203,21 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> RunState:
         """Trains until ``epochs`` or early stopping; returns the final run state."""
-        run_log = RunLog(self.out, self.config.tensorboard)
+        main = self.collective.is_main
+        run_log = RunLog(self.out, self.config.tensorboard) if main else None
         if resume:
             self._restore()
+        if run_log is not None:
             run_log.restart(self.state.records)
-        else:
-            run_log.restart([])
         try:
             while self.state.epoch < self.config.epochs and not self.state.stopped:
                 record = self._epoch(self.state.epoch + 1)
                 self._end_epoch(record)
-                run_log.write(record, self.state.records, self.config.metric)
+                if run_log is not None:
+                    run_log.write(record, self.state.records, self.config.metric)
         finally:
-            run_log.close()
+            if run_log is not None:
+                run_log.close()
         return self.state
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
@@ -190,16 +225,20 @@ class Trainer:
         self.model.train()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         total, examples, clock = 0.0, 0, time.perf_counter()
-        batches = self.data.batches(self.config.batch_size, generator)
-        steps = math.ceil(len(self.data) / self.config.batch_size)
-        bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", unit="batch", disable=None)
+        world = self.collective.world_size
+        batches = self.data.batches(self.config.batch_size, generator, self.collective)
+        steps = math.ceil(len(self.data) / (self.config.batch_size * world))
+        quiet = None if self.collective.is_main else True
+        bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", unit="batch", disable=quiet)
         for batch in bar:
             loss = self.train_step(batch)
             total += loss * len(batch.positives)
             examples += len(batch.positives)
-            rate = examples / max(time.perf_counter() - clock, 1e-9)
+            rate = examples * world / max(time.perf_counter() - clock, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:,.0f}")
         seconds = time.perf_counter() - clock
+        if self.collective.distributed:  # the epoch's figures over every rank's examples
+            total, examples = self.collective.sum([total, float(examples)])
         record = {
             "epoch": epoch,
             "step": self.state.step,
@@ -208,26 +247,32 @@ class Trainer:
             "train_seconds": seconds,
             "temperature": float(1.0 / self.model.scale()),
         }
-        record.update(self.evaluate("valid"))
-        return record
+        if self.collective.is_main:
+            record.update(self.evaluate("valid"))
+        return self.collective.broadcast(record)  # every rank stops at the same epoch
 
     def train_step(self, batch: Batch) -> float:
-        """One optimizer step on a batch; returns its loss."""
-        query = self.model.query_tower(batch.query)
-        loss = self.objective(
-            query,
-            batch.positives,
-            lambda items: self.model.item_tower(self.data.item_inputs(items)),
-            self.model.scale(),
-            self.sampler_generator,
-        )
+        """One optimizer step on a batch; returns its loss (this rank's rows' mean).
+
+        With several processes the batch is this rank's share of the global batch;
+        the loss is weighted so that the averaged gradient is that of the mean over
+        the global batch, and a rank with no rows (the end of an epoch) still joins.
+        """
+        loss = self.step_loss(batch.query, batch.positives, self.sampler_generator)
+        value = float(loss.detach())
+        if self.collective.distributed:
+            rows = len(batch.positives)
+            weight = (
+                rows * self.collective.world_size / sum(self.collective.sizes(rows, loss.device))
+            )
+            loss = loss * weight
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for optimizer in self.optimizers:
             optimizer.step()
         self.state.step += 1
-        return float(loss.detach())
+        return value
 
     def evaluate(self, part: str, exclude_seen: bool = True) -> dict[str, float]:
         """Full-corpus ranking metrics of the current model on ``valid`` or ``test``."""
@@ -249,15 +294,18 @@ class Trainer:
         value = record[self.config.metric]
         if value > state.best:
             state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
-            best = {"model": self.model.state_dict(), "epoch": state.epoch, **self.extra}
-            self.store.save("best", best, state.epoch)
+            if self.collective.is_main:
+                best = {"model": self.model.state_dict(), "epoch": state.epoch, **self.extra}
+                self.store.save("best", best, state.epoch)
         else:
             state.bad_epochs += 1
             state.stopped = 0 < self.config.patience <= state.bad_epochs
         log.info(
             "epoch %d: loss %.4f, %s %.4f", state.epoch, record["loss"], self.config.metric, value
         )
-        self.store.save("last", self._checkpoint(), state.epoch)
+        if self.collective.is_main:
+            self.store.save("last", self._checkpoint(), state.epoch)
+        self.collective.barrier()  # no rank runs ahead of a checkpoint being written
 
     def _checkpoint(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "sampler": self.sampler_generator.get_state()}
