@@ -106,7 +106,7 @@ def test_two_processes_train_like_one_with_the_doubled_batch(tmp_path, objective
     _train(tmp_path / "two", [*settings, "training.batch_size=64"], processes=2)
     assert _largest_difference(_last_model(tmp_path / "one"), _last_model(tmp_path / "two")) < 1e-4
     # rank 0 alone wrote the records, and its loss is the global batch's mean
-    lines = [(tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("one", "two")]
+    lines = [(tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in ("one", "two")]
     assert len(lines[0]) == len(lines[1]) == 2
     for a, b in zip(lines[0], lines[1], strict=True):
         a, b = json.loads(a), json.loads(b)
