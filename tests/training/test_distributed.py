@@ -19,7 +19,7 @@ import torch
 
 from twotower.config import load_config
 from twotower.training.data import TrainingData
-from twotower.training.distributed import Collective, shard_bounds
+from twotower.training.distributed import Collective
 from twotower.training.run import load_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,17 +61,6 @@ def _last_model(out: Path) -> dict[str, torch.Tensor]:
 def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-
-
-def test_shard_bounds_split_evenly_and_cover_everything():
-    assert shard_bounds(10, 3) == [0, 4, 7, 10]
-    assert shard_bounds(1, 2) == [0, 1, 1]
-    for count in range(0, 30):
-        for parts in range(1, 6):
-            bounds = shard_bounds(count, parts)
-            sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
-            assert bounds[0] == 0 and bounds[-1] == count
-            assert max(sizes) - min(sizes) <= 1
 
 
 def test_ranks_batches_together_are_the_one_process_batch():

@@ -22,6 +22,7 @@ from twotower.data.dataset import (
     Dataset,
     MissingRows,
 )
+from twotower.data.stream import StreamConfig
 from twotower.data.synthetic import SyntheticConfig, generate
 from twotower.data.tables import TableSpec, read_table
 from twotower.errors import ConfigError, DataError
@@ -75,6 +76,8 @@ class DataConfig:
         sample_queries: keep the interactions of only this many queries (users), drawn
             at random among those with interactions; for quick experiments.
         sample_seed: the seed of that draw.
+        stream: for ``source: stream``, Parquet streamed in bounded memory (training
+            on data larger than memory; ``twotower.data.stream``).
     """
 
     source: Literal[
@@ -84,6 +87,7 @@ class DataConfig:
         "movielens-1m",
         "movielens-latest-small",
         "movielens-latest-small-search",
+        "stream",
     ] = "synthetic"
     path: Path | None = None
     interactions: InteractionsConfig | None = None
@@ -96,8 +100,11 @@ class DataConfig:
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     sample_queries: int | None = None
     sample_seed: int = 0
+    stream: StreamConfig | None = None
 
     def __post_init__(self) -> None:
+        if (self.source == "stream") != (self.stream is not None):
+            raise ValueError("data.source 'stream' goes with a data.stream section, and only it")
         if self.sample_queries is not None and self.sample_queries < 1:
             raise ValueError(f"sample_queries must be >= 1, got {self.sample_queries}")
 

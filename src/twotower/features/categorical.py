@@ -169,8 +169,12 @@ class IdTransform(_VocabularyTransform):
             )
 
     def transform(self, values: pa.Array) -> np.ndarray:
+        """(rows,) int64 indices; (rows, 2) with two hash functions (seeds 0 and 1)."""
         if self.spec.hash_buckets:
-            return hash_buckets(_flat(values), self.spec.hash_buckets)
+            values = _flat(values)
+            seeds = range(self.spec.hash_functions)
+            buckets = [hash_buckets(values, self.spec.hash_buckets, seed) for seed in seeds]
+            return buckets[0] if len(buckets) == 1 else np.stack(buckets, axis=1)
         return self.vocabulary.lookup(values)
 
     @property
@@ -184,7 +188,7 @@ class OneHotTransform(_VocabularyTransform):
     spec: OneHotFeature
 
     def fit(self, values: pa.Array, context: FitContext) -> None:
-        self.vocabulary = Vocabulary.fit(values, None, self.spec.min_count, None)
+        self.vocabulary = Vocabulary.fit(values, context.weights, self.spec.min_count, None)
 
     def transform(self, values: pa.Array) -> np.ndarray:
         return np.eye(self.size, dtype=np.float32)[self.vocabulary.lookup(values)]
@@ -209,9 +213,14 @@ class MultiHotTransform(_VocabularyTransform):
         lengths = np.bincount(row[nonempty], minlength=len(lengths))
         return tokens.filter(pa.array(nonempty)), lengths
 
+    def tokens(self, values: pa.Array) -> pa.Array:
+        """Every row's categories, flattened (what the vocabulary counts)."""
+        return self._tokens(values)[0]
+
     def fit(self, values: pa.Array, context: FitContext) -> None:
-        tokens, _ = self._tokens(values)
-        self.vocabulary = Vocabulary.fit(tokens, None, self.spec.min_count, None)
+        tokens, lengths = self._tokens(values)
+        weights = None if context.weights is None else np.repeat(context.weights, lengths)
+        self.vocabulary = Vocabulary.fit(tokens, weights, self.spec.min_count, None)
 
     def transform(self, values: pa.Array) -> np.ndarray:
         tokens, lengths = self._tokens(values)

@@ -35,25 +35,33 @@ class DenseTransform(Transform):
         self.std = 1.0
         self.boundaries = np.zeros(0)
 
-    def _prepare(self, x: np.ndarray) -> np.ndarray:
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """Observed values as the statistics see them (``log1p`` applied if chosen)."""
         return np.sign(x) * np.log1p(np.abs(x)) if self.spec.transform == "log1p" else x
 
     def fit(self, values: pa.Array, context: FitContext) -> None:
         x, missing = as_float(values)
-        observed = self._prepare(x[~missing])
+        self.fit_observed(self.prepare(x[~missing]))
+
+    def fit_observed(self, observed: np.ndarray) -> None:
+        """Fits from the prepared, non-missing values (or a sample of them)."""
         if self.spec.transform == "bucketize":
             if len(observed):
                 q = np.arange(1, self.spec.num_buckets) / self.spec.num_buckets
                 self.boundaries = np.unique(np.quantile(observed, q))
             return
         if len(observed):
-            self.mean = float(observed.mean())
-            std = float(observed.std())
+            self.fit_moments(len(observed), float(observed.mean()), float(observed.std()))
+
+    def fit_moments(self, count: int, mean: float, std: float) -> None:
+        """Fits standardization from the prepared values' count, mean and std."""
+        if count:
+            self.mean = mean
             self.std = std if std > 0 else 1.0
 
     def transform(self, values: pa.Array) -> np.ndarray:
         x, missing = as_float(values)
-        x = self._prepare(x)
+        x = self.prepare(x)
         if self.spec.transform == "bucketize":
             buckets = np.searchsorted(self.boundaries, x, side="right") + 1
             return np.where(missing, MISSING, buckets).astype(np.int64)

@@ -63,13 +63,16 @@ class FeaturePipeline:
         The item side is fitted first, since history features use its vocabulary.
         """
         pipeline = cls(config)
-        item_codes = pipeline._fit_side("item", dataset.items, dataset.item_key, train, ITEM_IDX)
-        pipeline._fit_side(
+        item_counts = np.bincount(train.column(ITEM_IDX).to_numpy(), minlength=dataset.num_items)
+        item_codes = pipeline.fit_side("item", dataset.items, dataset.item_key, item_counts)
+        query_counts = np.bincount(
+            train.column(QUERY_IDX).to_numpy(), minlength=dataset.num_queries
+        )
+        pipeline.fit_side(
             "query",
             dataset.queries,
             dataset.query_key,
-            train,
-            QUERY_IDX,
+            query_counts,
             FitContext(
                 train=train,
                 query_keys=dataset.queries.column(dataset.query_key).combine_chunks(),
@@ -78,17 +81,24 @@ class FeaturePipeline:
         )
         return pipeline
 
-    def _fit_side(
+    def fit_side(
         self,
         side: str,
         table: pa.Table,
         key: str,
-        train: pa.Table,
-        index_column: str,
+        counts: np.ndarray,
         context: FitContext | None = None,
     ) -> dict[str, np.ndarray]:
-        """Fits one side; returns each id feature's codes of the whole table, by row."""
-        counts = np.bincount(train.column(index_column).to_numpy(), minlength=table.num_rows)
+        """Fits one side on the rows with training interactions; returns each id
+        feature's codes of the whole table, by row.
+
+        Args:
+            side: ``query`` or ``item``.
+            table: the side's feature table.
+            key: its key column, whose values count once per interaction.
+            counts: (rows,) training interactions of each row of ``table``.
+            context: what history features need.
+        """
         seen = np.flatnonzero(counts)
         fit_rows = table.take(pa.array(seen))
         context = context or FitContext()

@@ -23,7 +23,11 @@ class IdFeature:
     Attributes:
         min_count: values seen fewer times in training map to out-of-vocabulary.
         max_size: keep at most this many most frequent values (None: all).
-        hash_buckets: if > 0, hash values into this many buckets instead of a vocabulary.
+        hash_buckets: if > 0, hash values into this many buckets instead of a vocabulary,
+            so the table does not grow with the id space.
+        hash_functions: 1, or 2 to embed a value as the sum of the rows of two
+            independent hashes into the one table: two values then share their whole
+            embedding only if both hashes collide (about 1 / hash_buckets**2).
         dim: embedding width (used by the towers).
     """
 
@@ -33,7 +37,14 @@ class IdFeature:
     min_count: int = 1
     max_size: int | None = None
     hash_buckets: int = 0
+    hash_functions: int = 1
     dim: int = 32
+
+    def __post_init__(self) -> None:
+        if self.hash_functions not in (1, 2):
+            raise ValueError(f"{self.name}: hash_functions must be 1 or 2")
+        if self.hash_functions == 2 and not self.hash_buckets:
+            raise ValueError(f"{self.name}: hash_functions 2 needs hash_buckets > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +157,13 @@ class FeaturesConfig:
                     f"features.{side}: duplicated feature name(s) {sorted(duplicated)}"
                 )
         item_ids = {s.name for s in self.item if isinstance(s, IdFeature)}
+        double = {s.name for s in self.item if isinstance(s, IdFeature) and s.hash_functions > 1}
         for spec in self.query:
+            if isinstance(spec, HistoryFeature) and spec.item_feature in double:
+                raise ValueError(
+                    f"features.query.{spec.name}: item_feature {spec.item_feature!r} uses two "
+                    "hash functions; a history needs a one-index item id feature"
+                )
             if isinstance(spec, HistoryFeature) and spec.item_feature not in item_ids:
                 raise ValueError(
                     f"features.query.{spec.name}: item_feature {spec.item_feature!r} is not an "

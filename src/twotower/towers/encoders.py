@@ -4,6 +4,7 @@ The inputs are exactly what ``FeaturePipeline.transform`` returns, so training,
 evaluation and serving feed a tower the same tensors:
 
     id, bucketized dense     (B,) int64   -> its own embedding table
+    id, two hash functions   (B, 2) int64 -> the sum of its two rows of the table
     onehot, dense            (B, C) float -> passed through as they are
     multihot, text           (B, L) int64 -> pooled embedding (0 pads, left out)
     history                  (B, L) int64 -> pooled over the item-id table it names
@@ -121,6 +122,8 @@ class FeatureEncoders(nn.Module):
 def _encoder(
     spec: FeatureSpec, size: int, shared: dict[str, nn.Embedding], sparse: bool
 ) -> nn.Module:
+    if isinstance(spec, IdFeature) and spec.hash_functions > 1:
+        return PooledEncoder(embedding_table(size, spec.dim, sparse), "sum")
     if isinstance(spec, IdFeature):
         return LookupEncoder(embedding_table(size, spec.dim, sparse))
     if isinstance(spec, DenseFeature):

@@ -24,10 +24,11 @@ import torch
 
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP, Dataset
 from twotower.data.splits import Split, recency_order
+from twotower.data.stream import shard_bounds
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import HistoryFeature
 from twotower.training.config import HistoryRule
-from twotower.training.distributed import Collective, shard_bounds
+from twotower.training.distributed import Collective
 
 
 @dataclasses.dataclass
@@ -46,6 +47,9 @@ class Batch:
 class TrainingData:
     """The training interactions and both sides' model inputs, on one device.
 
+    ``popularity``: what ``popularity@k`` counts when evaluating (``known``: the
+    interactions known before the part).
+
     Args:
         dataset: the whole dataset (every query and item row).
         split: its training interactions are the examples.
@@ -54,6 +58,8 @@ class TrainingData:
             ``auto`` is ``before_event`` when interactions have timestamps.
         device: where tensors live.
     """
+
+    popularity = "known"
 
     def __init__(
         self,

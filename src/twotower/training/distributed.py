@@ -145,14 +145,3 @@ class _GatherRows(torch.autograd.Function):
         dist.all_reduce(total)  # every rank's loss has a gradient for every gathered row
         start = sum(ctx.sizes[: ctx.rank])
         return total[start : start + ctx.sizes[ctx.rank]], None, None
-
-
-def shard_bounds(count: int, parts: int) -> list[int]:
-    """Boundaries splitting ``count`` rows into ``parts`` contiguous shards whose sizes
-    differ by at most one (the first ``count % parts`` shards hold the extra row).
-
-    Returns:
-        ``parts + 1`` offsets, 0 first and ``count`` last.
-    """
-    base, extra = divmod(count, parts)
-    return [i * base + min(i, extra) for i in range(parts + 1)]

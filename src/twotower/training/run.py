@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from twotower.config import Config, from_dict, save_config, to_dict
@@ -31,11 +32,13 @@ from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
+from twotower.training.streaming import StreamingTrainingData, fit_stream_pipeline, read_items
 from twotower.training.trainer import RunState, Trainer, evaluate_model, resolve_device
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+ITEM_COUNTS_FILE = "item_counts.npy"  # a streamed run's training count of each item
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +59,39 @@ class TrainResult:
 
 def load_data(config: Config) -> tuple[Dataset, Split]:
     """The dataset the config names and its train / valid / test split."""
+    if config.data.source == "stream":
+        raise ConfigError(
+            "data.source 'stream' is read by training only, in bounded memory; this command "
+            "needs the data in memory (a 'files' source over the same Parquet files)"
+        )
     dataset = load_dataset(
         config.data,
         config.features.required_columns("query"),
         config.features.required_columns("item"),
     )
     return dataset, split_interactions(dataset, config.split)
+
+
+def _stream_data(
+    config: Config, out: Path, resume: bool, device: torch.device, main: bool
+) -> StreamingTrainingData:
+    """Streamed training data: features fitted from the stream (or the run's saved ones)."""
+    stream = config.data.stream
+    counts_file = out / "features" / ITEM_COUNTS_FILE
+    if resume:
+        pipeline = FeaturePipeline.load(out / "features")
+        items = read_items(stream, config.features)
+        counts = np.load(counts_file, allow_pickle=False)
+    else:
+        pipeline, items, counts, exact = fit_stream_pipeline(stream, config.features, config.seed)
+        if main:
+            pipeline.save(out / "features")
+            atomic_write(counts_file, lambda f: np.save(f, counts, allow_pickle=False))
+            fits = {name: "exact" if ok else "approximate" for name, ok in exact.items()}
+            atomic_write(
+                out / "features" / "fit.json", lambda f: f.write(json.dumps(fits).encode())
+            )
+    return StreamingTrainingData(stream, pipeline, items, counts, device, config.seed)
 
 
 def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
@@ -84,15 +114,20 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
     if collective.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    dataset, split = load_data(config)
-    if resume:
-        pipeline = FeaturePipeline.load(out / "features")
-    else:  # deterministic, so every rank fits the same state; rank 0 saves it
-        pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
-        if collective.is_main:
-            pipeline.save(out / "features")
     torch.manual_seed(config.seed)
-    data = TrainingData(dataset, split, pipeline, config.training.history, device)
+    if config.data.source == "stream":
+        dataset, data = None, _stream_data(config, out, resume, device, collective.is_main)
+        split, pipeline = data.split, data.pipeline
+    else:
+        dataset, split = load_data(config)
+        if resume:
+            pipeline = FeaturePipeline.load(out / "features")
+        else:  # deterministic, so every rank fits the same state; rank 0 saves it
+            pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
+            if collective.is_main:
+                pipeline.save(out / "features")
+        data = TrainingData(dataset, split, pipeline, config.training.history, device)
+    torch.manual_seed(config.seed)
     model = TwoTower.build(config.model, config.features, pipeline).to(device)
     extra = _extra(config, pipeline)
     trainer = Trainer(

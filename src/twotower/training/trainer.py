@@ -116,7 +116,8 @@ def evaluate_model(
 
     Every item is embedded once, every query with the history known at that step;
     scores are (B, N) inner products of unit vectors (the temperature does not
-    change a ranking). ``item_popularity`` counts what is known before the step.
+    change a ranking). ``popularity@k`` counts what is known before the step (not
+    reported for streamed data).
     """
     queries, items = embed_all(model, data, batch_size, part)
 
@@ -132,7 +133,7 @@ def evaluate_model(
         ks=ks,
         exclude_seen=exclude_seen,
         chunk_size=batch_size,
-        item_popularity="known",
+        item_popularity=data.popularity,
     )
 
 

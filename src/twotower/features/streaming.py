@@ -1,0 +1,199 @@
+"""Fitting feature state from a stream of batches, in bounded memory.
+
+Each feature keeps a summary that batches update and that is then turned into the
+same fitted transform ``FeaturePipeline.fit`` makes from a whole table:
+
+    id, onehot, multihot   value counts. Exact while the distinct values number at
+                           most ``max_distinct``; past that, a Misra-Gries summary
+                           of that many counters (approximate: each count is low by
+                           at most total / (max_distinct + 1), and every value seen
+                           more often than that is kept)
+    hashed id, text        nothing to fit (hashing)
+    dense standardize/log  count, mean and variance, exact (Chan et al.'s merge)
+    dense bucketize        quantiles of the values: exact while at most ``max_sample``
+                           values were seen, else of a uniform random sample of that
+                           many (approximate: rank error about 1 / sqrt(max_sample))
+    history                not streamable: a history is a join of the interactions
+
+Rows count once per interaction: a query feature streamed from interaction rows
+counts a user as often as the user interacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twotower.errors import ConfigError
+from twotower.features.categorical import IdTransform, MultiHotTransform, OneHotTransform
+from twotower.features.dense import DenseTransform, as_float
+from twotower.features.history import HistoryTransform
+from twotower.features.transform import FitContext, Transform
+
+
+class CountSummary:
+    """Counts of the values of a column: exact, or Misra-Gries past ``capacity`` values."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.values: pa.Array | None = None
+        self.counts = np.zeros(0, np.int64)
+        self.total = 0
+        self.error = 0  # what any count may be short by (0: exact)
+
+    def update(self, values: pa.Array) -> None:
+        values = values.filter(pc.invert(pc.is_null(values)))
+        if not len(values):
+            return
+        counted = pc.value_counts(values)
+        batch_values, batch_counts = counted.field("values"), counted.field("counts").to_numpy()
+        self.total += int(batch_counts.sum())
+        if self.values is not None:
+            merged = (
+                pa.table(
+                    {
+                        "v": pa.concat_arrays([self.values, batch_values.cast(self.values.type)]),
+                        "c": np.concatenate([self.counts, batch_counts]),
+                    }
+                )
+                .group_by("v")
+                .aggregate([("c", "sum")])
+            )
+            batch_values, batch_counts = merged.column("v"), merged.column("c_sum").to_numpy()
+            batch_values = batch_values.combine_chunks()
+        if len(batch_counts) > self.capacity:
+            # Misra-Gries: take the (capacity+1)-th largest count off every counter
+            cut = np.partition(batch_counts, len(batch_counts) - self.capacity - 1)[
+                len(batch_counts) - self.capacity - 1
+            ]
+            keep = np.flatnonzero(batch_counts > cut)
+            self.error += int(cut)
+            batch_values = batch_values.take(pa.array(keep))
+            batch_counts = batch_counts[keep] - cut
+        self.values, self.counts = batch_values, batch_counts.astype(np.int64)
+
+    @property
+    def exact(self) -> bool:
+        return self.error == 0
+
+
+class MomentSummary:
+    """Count, mean and sum of squared deviations of the observed values, merged exactly."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: np.ndarray) -> None:
+        if not len(x):
+            return
+        n, mean = len(x), float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+
+class SampleSummary:
+    """A uniform random sample without replacement of at most ``capacity`` values.
+
+    Each value gets a random key; the ``capacity`` smallest keys are kept (bottom-k
+    sampling), so the sample does not depend on how the stream was batched beyond
+    the order of the keys drawn.
+    """
+
+    def __init__(self, capacity: int, seed: int) -> None:
+        self.capacity = capacity
+        self.rng = np.random.default_rng(seed)
+        self.values = np.zeros(0)
+        self.keys = np.zeros(0)
+        self.seen = 0
+
+    def update(self, x: np.ndarray) -> None:
+        self.seen += len(x)
+        values = np.concatenate([self.values, x])
+        keys = np.concatenate([self.keys, self.rng.random(len(x))])
+        if len(values) > self.capacity:
+            keep = np.argpartition(keys, self.capacity - 1)[: self.capacity]
+            values, keys = values[keep], keys[keep]
+        self.values, self.keys = values, keys
+
+    @property
+    def exact(self) -> bool:
+        return self.seen <= self.capacity
+
+
+@dataclasses.dataclass
+class StreamingFit:
+    """Summaries of one side's features, updated batch by batch, then fitted.
+
+    Args:
+        transforms: the side's (unfitted) transforms, by feature name.
+        max_distinct: counters per categorical feature before counts turn approximate.
+        max_sample: values per bucketized feature before quantiles turn approximate.
+        seed: the sample's random keys.
+    """
+
+    transforms: dict[str, Transform]
+    max_distinct: int = 5_000_000
+    max_sample: int = 1_000_000
+    seed: int = 0
+    summaries: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, transform in self.transforms.items():
+            spec = transform.spec
+            if isinstance(transform, HistoryTransform):
+                raise ConfigError(
+                    f"feature {name!r}: history features cannot be fitted from a stream "
+                    "(a history joins all of a user's interactions); give the rows a "
+                    "precomputed list column and use a multihot feature"
+                )
+            if isinstance(transform, (OneHotTransform, MultiHotTransform)) or (
+                isinstance(transform, IdTransform) and not spec.hash_buckets
+            ):
+                self.summaries[name] = CountSummary(self.max_distinct)
+            elif isinstance(transform, DenseTransform):
+                if spec.transform == "bucketize":
+                    self.summaries[name] = SampleSummary(self.max_sample, self.seed)
+                else:
+                    self.summaries[name] = MomentSummary()
+
+    def update(self, table: pa.Table) -> None:
+        """Adds a batch of rows (a table with the side's feature columns)."""
+        for name, summary in self.summaries.items():
+            transform = self.transforms[name]
+            values = table.column(transform.spec.column).combine_chunks()
+            if isinstance(summary, CountSummary):
+                if isinstance(transform, MultiHotTransform):
+                    values = transform.tokens(values)
+                summary.update(values)
+            else:
+                x, missing = as_float(values)
+                summary.update(transform.prepare(x[~missing]))
+
+    def finish(self) -> dict[str, bool]:
+        """Fits every transform from its summary; returns which fits are exact."""
+        exact = {}
+        for name, transform in self.transforms.items():
+            summary = self.summaries.get(name)
+            if summary is None:
+                transform.fit(pa.array([], pa.null()), FitContext())
+                exact[name] = True
+            elif isinstance(summary, CountSummary):
+                values = summary.values if summary.values is not None else pa.array([], pa.null())
+                transform.fit(values, FitContext(weights=summary.counts))
+                exact[name] = summary.exact
+            elif isinstance(summary, SampleSummary):
+                transform.fit_observed(summary.values)
+                exact[name] = summary.exact
+            else:
+                std = float(np.sqrt(summary.m2 / summary.count)) if summary.count else 1.0
+                transform.fit_moments(summary.count, summary.mean, std)
+                exact[name] = True
+        return exact

@@ -1,0 +1,133 @@
+"""Training from a Parquet stream: every example once per epoch across ranks and
+workers, the same run resumed, and clear errors for bad stream data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from twotower.config import load_config
+from twotower.data.synthetic_stream import StreamSynthConfig, write_stream
+from twotower.errors import ConfigError, DataError
+from twotower.training.distributed import Collective
+from twotower.training.run import load_data, train_run
+from twotower.training.streaming import StreamingTrainingData, fit_stream_pipeline
+
+CONFIG = """
+data:
+  source: stream
+  stream:
+    train: train
+    valid: valid.parquet
+    test: test.parquet
+    items: items.parquet
+    buffer_rows: 3000
+    workers: 0
+features:
+  query:
+    - {name: user_id, kind: id, column: user_id, hash_buckets: 4096, hash_functions: 2}
+    - {name: segment, kind: onehot, column: segment}
+    - {name: age, kind: dense, column: age}
+    - {name: sessions, kind: dense, column: sessions, transform: bucketize}
+  item:
+    - {name: item_id, kind: id, column: item_id}
+    - {name: genres, kind: multihot, column: genres}
+    - {name: title, kind: text, column: title, buckets: 512}
+model:
+  query: {kind: mlp, widths: [64, 32]}
+  item: {kind: mlp, widths: [64, 32]}
+training:
+  objective: {kind: in_batch}
+  epochs: 2
+  batch_size: 256
+  patience: 0
+  tensorboard: false
+  metric: valid/recall@10
+  ks: [10, 50]
+"""
+
+
+@pytest.fixture(scope="module")
+def stream_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("stream")
+    synth = StreamSynthConfig(interactions=12_000, num_items=600, per_user=20, num_clusters=8)
+    write_stream(synth, folder)
+    (folder / "config.yaml").write_text(CONFIG)
+    return folder
+
+
+def _data(stream_dir: Path, *overrides: str) -> StreamingTrainingData:
+    config = load_config(stream_dir / "config.yaml", list(overrides))
+    pipeline, items, counts, _ = fit_stream_pipeline(config.data.stream, config.features)
+    return StreamingTrainingData(config.data.stream, pipeline, items, counts)
+
+
+def test_an_epoch_over_ranks_and_workers_holds_each_training_row_once(stream_dir):
+    data = _data(stream_dir, "data.stream.workers=2")
+    train = pq.read_table(stream_dir / "train")
+    expected = data.item_keys.find(train.column("item_id"))
+    steps, positives = [], []
+    for rank in range(2):
+        generator = torch.Generator().manual_seed(11)  # the same on every rank
+        batches = list(data.batches(256, generator, Collective(rank=rank, world_size=2)))
+        steps.append(len(batches))
+        positives += [b.positives for b in batches]
+    assert steps[0] == steps[1]  # ranks take the same number of steps
+    got = torch.cat(positives).numpy()
+    assert np.array_equal(np.sort(got), np.sort(expected))
+    # the query features travel with their rows: hashed user ids match the table's
+    assert len(train) == len(got) == data.stream.num_rows
+
+
+def test_item_counts_and_held_out_queries_come_from_the_files(stream_dir):
+    data = _data(stream_dir)
+    train = pq.read_table(stream_dir / "train")
+    expected = np.bincount(data.item_keys.find(train.column("item_id")), minlength=600)
+    assert np.array_equal(data.item_counts(), expected)
+    valid = pq.read_table(stream_dir / "valid.parquet")
+    assert data.split.valid.num_rows == valid.num_rows
+    # the evaluation queries' training items are there to be excluded
+    users = np.unique(valid.column("user_id").to_numpy())
+    assert data.split.train.num_rows == int(np.isin(train.column("user_id"), users).sum())
+
+
+def test_a_streamed_run_learns_and_resumes_exactly(stream_dir, tmp_path):
+    config = load_config(stream_dir / "config.yaml")
+    whole = train_run(config, tmp_path / "whole")
+    recall = whole.metrics["test/recall@50"]
+    assert recall > 3 * 50 / 600  # well above random ranking
+    short = load_config(stream_dir / "config.yaml", ["training.epochs=1"])
+    train_run(short, tmp_path / "parts")
+    resumed = train_run(config, tmp_path / "parts", resume=True)
+    assert resumed.metrics == whole.metrics
+    fits = json.loads((tmp_path / "parts" / "features" / "fit.json").read_text())
+    assert fits == {"user_id": "exact", "segment": "exact", "age": "exact", "sessions": "exact"}
+
+
+def test_unknown_items_name_the_file_and_row_group(stream_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("valid.parquet", "test.parquet", "items.parquet", "config.yaml"):
+        (bad / name).write_bytes((stream_dir / name).read_bytes())
+    (bad / "train").mkdir()
+    rows = pq.read_table(stream_dir / "train").slice(0, 500)
+    item = rows.column("item_id").to_numpy().copy()
+    item[123] = 999_999
+    rows = rows.set_column(rows.schema.get_field_index("item_id"), "item_id", pa.array(item))
+    pq.write_table(rows, bad / "train" / "part-7.parquet", row_group_size=200)
+    data = _data(bad)
+    with pytest.raises(DataError, match=r"part-7.parquet, row group 0: 1 interaction.*999999"):
+        list(data.batches(64, torch.Generator().manual_seed(0)))
+    dropped = _data(bad, "data.stream.unknown_items=drop")
+    count = sum(len(b.positives) for b in dropped.batches(64, torch.Generator().manual_seed(0)))
+    assert count == 499
+
+
+def test_in_memory_commands_refuse_a_stream_source(stream_dir):
+    config = load_config(stream_dir / "config.yaml")
+    with pytest.raises(ConfigError, match="read by training only"):
+        load_data(config)
