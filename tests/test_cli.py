@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -29,6 +31,24 @@ def test_data_synth_writes_three_parquet_tables(tmp_path):
     users = pq.read_table(tmp_path / "users.parquet")
     assert users.num_rows == 50
     assert pq.read_table(tmp_path / "items.parquet").num_rows == 40
+
+
+def test_data_synth_writes_a_stream_with_held_out_events(tmp_path):
+    result = CliRunner().invoke(
+        app, ["data", "synth", "--out", str(tmp_path), "--interactions", "30000", "--items", "800"]
+    )
+    assert result.exit_code == 0, result.output
+    train = pq.read_table(tmp_path / "train")
+    valid, test = (pq.read_table(tmp_path / f"{p}.parquet") for p in ("valid", "test"))
+    assert 28_000 < train.num_rows + valid.num_rows + test.num_rows < 32_000
+    assert {"user_id", "segment", "age", "sessions", "item_id"} <= set(train.column_names)
+    users = valid.column("user_id").to_numpy()
+    assert len(np.unique(users)) == len(users) == test.num_rows  # one event each
+    # the held-out events are each user's last two, in time
+    by_user = train.group_by("user_id").aggregate([("timestamp", "max")])
+    joined = valid.join(by_user, "user_id")
+    assert pc.all(pc.greater_equal(joined["timestamp"], joined["timestamp_max"])).as_py()
+    assert pq.read_table(tmp_path / "items.parquet").num_rows == 800
 
 
 def test_data_prepare_reports_counts_and_saves_features(tmp_path):

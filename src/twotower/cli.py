@@ -327,10 +327,39 @@ def data_synth(
     clusters: Annotated[int, typer.Option(help="Number of latent clusters.")] = 8,
     per_query: Annotated[int, typer.Option(help="Mean interactions per user.")] = 20,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    interactions: Annotated[
+        int | None,
+        typer.Option(
+            help="Write a stream of about this many interactions instead (train/ folder of "
+            "Parquet parts, valid, test, items; users follow from --per-query)."
+        ),
+    ] = None,
 ) -> None:
-    """Write a synthetic dataset with planted clusters as three Parquet files."""
+    """Write a synthetic dataset with planted clusters as Parquet files.
+
+    Without --interactions: three tables (interactions, users, items) for a ``files``
+    source. With it: the layout ``data.source: stream`` reads, generated in blocks in
+    bounded memory (``twotower.data.synthetic_stream``), e.g. --interactions 20000000
+    --items 1000000.
+    """
     from twotower.data.synthetic import SyntheticConfig, generate, write_parquet
 
+    if interactions is not None:
+        from twotower.data.synthetic_stream import StreamSynthConfig, write_stream
+
+        try:
+            stream = StreamSynthConfig(
+                interactions=interactions,
+                num_items=items,
+                per_user=per_query,
+                num_clusters=clusters,
+                seed=seed,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        for role, path in write_stream(stream, out).items():
+            typer.echo(f"{role}: {path}")
+        return
     config = SyntheticConfig(
         num_queries=queries,
         num_items=items,

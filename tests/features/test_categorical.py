@@ -121,6 +121,23 @@ def test_hashed_ids_are_in_1_to_buckets_and_null_is_0() -> None:
     assert transform.size == 17
 
 
+def test_two_hash_functions_give_two_independent_buckets_per_value() -> None:
+    one = IdTransform(IdFeature("h", "h", hash_buckets=50))
+    two = IdTransform(IdFeature("h", "h", hash_buckets=50, hash_functions=2))
+    values = pa.array([f"id{i}" for i in range(2000)] + [None])
+    first, pair = one.transform(values), two.transform(values)
+    assert pair.shape == (2001, 2)
+    assert np.array_equal(pair[:, 0], first)  # the first hash is the one-hash bucket
+    assert pair[-1].tolist() == [MISSING, MISSING]
+    # independent: a pair of values shares one bucket often, both about 1/50 as often
+    same_first = pair[:-1, 0][:, None] == pair[:-1, 0][None, :]
+    same_second = pair[:-1, 1][:, None] == pair[:-1, 1][None, :]
+    both = (same_first & same_second).sum() - 2000
+    assert 0 < both < 4 * (same_first.sum() - 2000) / 50
+    with pytest.raises(ValueError, match="needs hash_buckets"):
+        IdFeature("h", "h", hash_functions=2)
+
+
 def test_same_value_same_bucket_and_ints_hash_like_their_decimal_strings() -> None:
     strings = hash_buckets(pa.array(HASHED), 1000).tolist()
     assert strings[0] == strings[-1]  # "a" twice
@@ -152,7 +169,7 @@ def test_hash_buckets_are_the_same_in_another_process() -> None:
     code = (
         "import pyarrow as pa\n"
         "from twotower.features.hashing import hash_buckets\n"
-        f"print(hash_buckets(pa.array({HASHED!r}), 1000).tolist())\n"
+        f"print(hash_buckets(pa.array({HASHED!r}), 1000, seed=1).tolist())\n"
         "print(hash('item-42'))\n"
     )
     runs = [
@@ -166,7 +183,7 @@ def test_hash_buckets_are_the_same_in_another_process() -> None:
         for seed in ("1", "2")
     ]
     assert runs[0][1] != runs[1][1]  # the processes do salt str hashes differently
-    expected = str(hash_buckets(pa.array(HASHED), 1000).tolist())
+    expected = str(hash_buckets(pa.array(HASHED), 1000, seed=1).tolist())
     assert runs[0][0] == runs[1][0] == expected
 
 
