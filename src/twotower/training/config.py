@@ -34,6 +34,9 @@ class TrainingConfig:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         eval_batch_size: rows embedded, and queries ranked, at once when evaluating.
         tensorboard: also log to TensorBoard.
+        steps_per_epoch: end an epoch (validate, checkpoint) after this many steps
+            instead of after every interaction: for streams too long to wait for a
+            whole pass. The next epoch starts a new shuffled pass. None: whole passes.
     """
 
     objective: ObjectiveConfig = dataclasses.field(default_factory=InBatchConfig)
@@ -50,8 +53,11 @@ class TrainingConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = 1024
     tensorboard: bool = True
+    steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
         if not self.metric.startswith("valid/"):

@@ -9,6 +9,7 @@ last checkpoint continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -229,6 +230,9 @@ class Trainer:
         world = self.collective.world_size
         batches = self.data.batches(self.config.batch_size, generator, self.collective)
         steps = math.ceil(len(self.data) / (self.config.batch_size * world))
+        if self.config.steps_per_epoch is not None:
+            batches = itertools.islice(batches, self.config.steps_per_epoch)
+            steps = min(steps, self.config.steps_per_epoch)
         quiet = None if self.collective.is_main else True
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", unit="batch", disable=quiet)
         for batch in bar:
