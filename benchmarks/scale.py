@@ -15,6 +15,8 @@
    holds before its first step.
 4. Repeats the one-process stream run on a tenth of the rows, so that the memory of
    the two sizes can be compared: a bounded loader's does not grow with the data.
+5. Times one optimizer step on embedding tables of 100K, 1M and 10M rows hit by 1,024
+   ids: dense gradients cost in proportion to the table, sparse ones to the ids.
 
 Writes ``scale.json`` and ``scale.md`` in --out. ``--quick``: 300,000 interactions,
 20,000 items, 50 steps (a few minutes), to try the suite out.
@@ -187,6 +189,44 @@ def tenth(data: Path) -> Path:
     return folder
 
 
+def sparse_steps(rows_list: list[int], repeats: int = 7) -> list[dict]:
+    """Median time of one optimizer step on a 32-wide table hit by 1,024 ids, by table size:
+    dense gradients with Adam, and sparse gradients with Adagrad (``model.sparse_embeddings``),
+    through the towers' own table and optimizer builders."""
+    import statistics
+
+    import torch
+
+    from twotower.towers.encoders import embedding_table
+    from twotower.training.config import TrainingConfig
+    from twotower.training.trainer import build_optimizers
+
+    results = []
+    generator = torch.Generator().manual_seed(0)
+    for rows in rows_list:
+        row = {"rows": rows}
+        for sparse in (False, True):
+            table = embedding_table(rows, 32, sparse)
+            config = TrainingConfig(sparse_optimizer="adagrad", lr=0.01)
+            optimizers = build_optimizers(torch.nn.ModuleList([table]), config)
+            times = []
+            for _ in range(repeats + 1):  # the first step allocates optimizer state
+                ids = torch.randint(rows, (1024,), generator=generator)
+                clock = time.perf_counter()
+                loss = table(ids).square().sum()
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for optimizer in optimizers:
+                    optimizer.step()
+                times.append(time.perf_counter() - clock)
+            row["sparse_ms" if sparse else "dense_ms"] = statistics.median(times[1:]) * 1000
+            del table, optimizers
+        results.append(row)
+        print("step time", row, flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/scale"))
@@ -208,6 +248,8 @@ def main() -> None:
             raise SystemExit(f"data synth failed; see {args.out / 'synth.log'}")
         print(f"synth: {seconds:.0f} s, peak {peak:,.0f} MiB", flush=True)
     results = {"machine": f"{os.cpu_count()} CPU cores"}
+    sizes = [100_000, 1_000_000] if args.quick else [100_000, 1_000_000, 10_000_000]
+    results["sparse"] = sparse_steps(sizes)
     results["stream-1"] = train("stream-1", args, data, data / "train", 1)
     print("stream, 1 process", results["stream-1"], flush=True)
     results["stream-2"] = train("stream-2", args, data, data / "train", 2)
@@ -239,6 +281,13 @@ def markdown(results: dict) -> str:
         f"| in memory: the rows read and turned into inputs (no training) | {r['rows']:,} | - | "
         f"{r['peak_rss_mib']:,.0f} MiB |"
     )
+    lines += [
+        "",
+        "| embedding rows | dense gradient + Adam | sparse gradient + Adagrad |",
+        "|---:|---:|---:|",
+    ]
+    for r in results["sparse"]:
+        lines.append(f"| {r['rows']:,} | {r['dense_ms']:.2f} ms | {r['sparse_ms']:.2f} ms |")
     return "\n".join(lines) + "\n"
 
 
