@@ -220,17 +220,26 @@ def _with_missing(rng: np.random.Generator, values: np.ndarray, rate: float) -> 
 def _query_table(
     rng: np.random.Generator, config: SyntheticConfig, cluster: np.ndarray, counts: np.ndarray
 ) -> pa.Table:
+    return pa.table(user_columns(rng, cluster, config.num_clusters, counts))
+
+
+def user_columns(
+    rng: np.random.Generator,
+    cluster: np.ndarray,
+    num_clusters: int,
+    counts: np.ndarray,
+    first_id: int = 1,
+) -> dict[str, pa.Array]:
+    """The user table's columns for users of these clusters and interaction counts."""
     segment = _noisy_label(rng, cluster, 4, 0.2)
-    age = 22 + 35 * cluster / max(config.num_clusters - 1, 1) + rng.normal(0, 5, len(cluster))
+    age = 22 + 35 * cluster / max(num_clusters - 1, 1) + rng.normal(0, 5, len(cluster))
     sessions = np.round(counts * rng.lognormal(0.5, 0.8, len(cluster))).astype(np.int64)
-    return pa.table(
-        {
-            "user_id": np.arange(1, config.num_queries + 1),
-            "segment": pc.take(pa.array(["a", "b", "c", "d"]), pa.array(segment)),
-            "age": _with_missing(rng, np.round(age, 1), 0.02),
-            "sessions": sessions,
-        }
-    )
+    return {
+        "user_id": pa.array(np.arange(first_id, first_id + len(cluster))),
+        "segment": pc.take(pa.array(["a", "b", "c", "d"]), pa.array(segment)),
+        "age": _with_missing(rng, np.round(age, 1), 0.02),
+        "sessions": pa.array(sessions),
+    }
 
 
 def _item_table(

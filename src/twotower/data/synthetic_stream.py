@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -35,9 +34,8 @@ from twotower.data.synthetic import (
     _START_TIME,
     SyntheticConfig,
     _item_table,
-    _noisy_label,
     _unit,
-    _with_missing,
+    user_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -134,7 +132,7 @@ def write_stream(config: StreamSynthConfig, out: Path) -> dict[str, Path]:
         ends = np.searchsorted(rows, np.arange(count), side="right")
         position = np.arange(len(rows)) - np.repeat(ends - per_user, per_user)
         from_end = per_user[rows] - position  # 1: the last event
-        features = _user_features(rng, user_cluster, clusters, per_user, start)
+        features = user_columns(rng, user_cluster, clusters, per_user, start + 1)
         table = pa.table(
             {
                 **{name: column.take(pa.array(rows)) for name, column in features.items()},
@@ -153,21 +151,6 @@ def write_stream(config: StreamSynthConfig, out: Path) -> dict[str, Path]:
         paths[part] = out / f"{part}.parquet"
         pq.write_table(pa.concat_tables(tables), paths[part])
     return paths
-
-
-def _user_features(
-    rng: np.random.Generator, cluster: np.ndarray, clusters: int, counts: np.ndarray, start: int
-) -> dict[str, pa.Array]:
-    """The user table's columns of the built-in generator, for one block of users."""
-    segment = _noisy_label(rng, cluster, 4, 0.2)
-    age = 22 + 35 * cluster / max(clusters - 1, 1) + rng.normal(0, 5, len(cluster))
-    sessions = np.round(counts * rng.lognormal(0.5, 0.8, len(cluster))).astype(np.int64)
-    return {
-        "user_id": pa.array(np.arange(start + 1, start + len(cluster) + 1)),
-        "segment": pc.take(pa.array(["a", "b", "c", "d"]), pa.array(segment)),
-        "age": _with_missing(rng, np.round(age, 1), 0.02),
-        "sessions": pa.array(sessions),
-    }
 
 
 class _PartWriter:
