@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --out runs/quality [--datasets ml100k,ml1m]
         [--seeds 0,1,2] [--variants mlp,dcn] [--objectives in_batch,...]
-        [--data-dir DIR] [--quick]
+        [--data-dir DIR] [--ledger DIR] [--quick]
 
 Protocols (full-corpus ranking, seen items excluded, ``docs/evaluation.md``):
 
@@ -24,7 +24,9 @@ the MLP variant. Writes ``quality.json``, ``quality.md`` and one bar chart per
 dataset (``quality-<dataset>.png``) into ``--out``; each run's own folder (metrics,
 curves, checkpoints) is under ``--out/<dataset>/`` (``<dataset>-quick/``). A run
 finished earlier is read back and a stopped one resumed, so the suite can be run
-again after an interruption.
+again after an interruption. ``--ledger DIR`` also keeps each finished run's metrics as
+``DIR/<dataset>/<run>.json`` and reads them back instead of training again: the record
+of the published tables (``benchmarks/results/quality``).
 """
 
 from __future__ import annotations
@@ -79,15 +81,27 @@ def run_baselines(config: Config) -> dict[str, dict[str, float]]:
     }
 
 
-def run_two_tower(config: Config, objective: str, variant: str, seed: int, out: Path) -> dict:
-    """One training run's metrics; a finished run is read back, a stopped one resumed."""
+def run_two_tower(
+    config: Config, objective: str, variant: str, seed: int, out: Path, ledger: Path | None
+) -> dict:
+    """One training run's metrics; a finished run is read back (from its folder, or from
+    the ledger), a stopped one resumed. A finished run's metrics go into the ledger."""
     settings = [f"training.objective.{s}" for s in OBJECTIVES[objective]]
     run_config = apply_overrides(config, [*settings, *VARIANTS[variant], f"seed={seed}"])
-    folder = out / f"{objective}-{variant}-s{seed}"
+    name = f"{objective}-{variant}-s{seed}"
+    folder = out / name
+    recorded = ledger / out.name / f"{name}.json" if ledger is not None else None
+    if recorded is not None and recorded.is_file():
+        return json.loads(recorded.read_text())
     if (folder / METRICS_FILE).is_file():
-        return json.loads((folder / METRICS_FILE).read_text())
-    resume = CheckpointStore(folder / "checkpoints").exists("last")
-    return train_run(run_config, folder, resume=resume).metrics
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+    else:
+        resume = CheckpointStore(folder / "checkpoints").exists("last")
+        metrics = train_run(run_config, folder, resume=resume).metrics
+    if recorded is not None:
+        recorded.parent.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
 
 
 def summarize(runs: list[dict[str, float]], keys: list[str]) -> dict[str, list[float]]:
@@ -114,7 +128,9 @@ def evaluate_dataset(name: str, args: argparse.Namespace) -> dict:
     for objective in args.objectives:
         candidates = {}
         for variant in args.variants:
-            runs = [run_two_tower(config, objective, variant, s, out) for s in args.seeds]
+            runs = [
+                run_two_tower(config, objective, variant, s, out, args.ledger) for s in args.seeds
+            ]
             row = {"kind": "two-tower", "objective": objective, "variant": variant}
             candidates[variant] = {**row, **summarize(runs, keys)}
             rows[f"{objective} ({variant})"] = candidates[variant]
@@ -176,6 +192,13 @@ def main() -> None:
     parser.add_argument("--variants", default="mlp,dcn")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument(
+        "--ledger",
+        type=Path,
+        default=None,
+        help="folder of finished runs' metrics (DATASET/RUN.json): read instead of training "
+        "again, and written as runs finish (kept apart from the run folders, e.g. in git)",
+    )
     parser.add_argument("--quick", action="store_true", help="200 users, 1 epoch, 1 seed, mlp")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -124,9 +124,9 @@ def in_process(artifact: Path, users: list) -> dict[str, float]:
     }
 
 
-def start_server(artifact: Path) -> tuple[subprocess.Popen, str]:
+def start_server(artifact: Path, options: list[str] = ()) -> tuple[subprocess.Popen, str]:
     """``twotower serve`` on a free port, its output in ``serve.log`` beside the artifact."""
-    command = [sys.executable, "-m", "twotower", "serve", str(artifact), "--port", "0"]
+    command = [sys.executable, "-m", "twotower", "serve", str(artifact), "--port", "0", *options]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = artifact.parent / f"serve-{artifact.name}.log"
     with open(log, "wb") as out:

@@ -55,7 +55,8 @@ def exported(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
 
 
 def siblings(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.iterdir())
+    """What lies beside ``out``, besides the exports' lock file."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name != f".{out.name}.lock")
 
 
 def test_manifest_lists_every_file_with_its_checksum(exported, run_dir):
@@ -152,10 +153,42 @@ def test_a_failed_switch_puts_the_previous_artifact_back(run_dir, tmp_path, monk
             raise OSError("rename failed")
         rename(src, dst)
 
+    monkeypatch.setattr(twotower.export, "exchange_paths", lambda a, b: False)  # two renames
     monkeypatch.setattr(twotower.export.os, "rename", fail_moving_in)
     with pytest.raises(OSError, match="rename failed"):
         export_run(run_dir, out)
     monkeypatch.undo()
+    assert Artifact.load(out).manifest == before
+    assert siblings(out) == ["artifact"]
+
+
+def test_the_swap_is_one_step_where_the_file_system_can(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "artifact"
+    export_run(run_dir, out)
+    renames = []
+    rename = os.rename
+    monkeypatch.setattr(twotower.export.os, "rename", lambda *a: renames.append(a) or rename(*a))
+    manifest = export_run(run_dir, out)
+    assert renames == []  # renameat2(RENAME_EXCHANGE): never a moment without ``out``
+    assert Artifact.load(out).manifest == manifest
+    assert siblings(out) == ["artifact"]
+
+
+def test_the_next_export_repairs_what_a_killed_one_left(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "artifact"
+    before = export_run(run_dir, out)
+    # Killed between the two renames of the fallback swap: the artifact is aside...
+    os.rename(out, tmp_path / ".artifact.k2j4.old")
+    # ...and killed while building: a half-written staging folder.
+    (tmp_path / ".artifact.x9q1.tmp").mkdir()
+    (tmp_path / ".artifact.x9q1.tmp" / "item_vectors.npy").write_bytes(b"\x93NUMPY")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(twotower.export, "build_index", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_run(run_dir, out)  # fails, but only after putting things right
     assert Artifact.load(out).manifest == before
     assert siblings(out) == ["artifact"]
 

@@ -23,6 +23,7 @@ from twotower.data.load import DataConfig
 from twotower.data.splits import SplitConfig
 from twotower.errors import ConfigError
 from twotower.features.specs import FeaturesConfig
+from twotower.storage import atomic_write
 from twotower.towers.config import ModelConfig
 from twotower.training.config import TrainingConfig
 
@@ -91,8 +92,9 @@ def to_dict(obj: Any) -> Any:
 
 
 def save_config(config: Config, path: Path) -> None:
-    """Writes the resolved config as YAML."""
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    """Writes the resolved config as YAML (atomically)."""
+    text = yaml.safe_dump(to_dict(config), sort_keys=False).encode("utf-8")
+    atomic_write(Path(path), lambda f: f.write(text))
 
 
 def from_dict(cls: type, raw: Any, where: str, base_dir: Path = Path(".")) -> Any:

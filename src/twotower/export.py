@@ -5,17 +5,22 @@ needs and nothing of training: the fitted features with every logged interaction
 in the histories, the query tower's weights, the item vectors and their index, the
 raw item and query tables, and the items each known query has already seen.
 
-It is built in a temporary folder beside ``out`` and renamed into place. A previous
-artifact at ``out`` is renamed aside first and removed last, so ``out`` is never a
-half-written artifact, and the previous one stays whole until the switch. A crash
-between the two renames leaves it at ``.<out>.<random>.old``; a killed process may
-leave its ``.<out>.<random>.tmp`` folder (an exception removes it).
+It is built in a temporary folder beside ``out`` and swapped into place in one
+atomic step (``renameat2(RENAME_EXCHANGE)`` on Linux), so ``out`` is always a whole
+artifact: the previous one until the swap, the new one after it, whenever the
+process is killed. Where the file system cannot swap, the previous artifact is
+renamed aside to ``.<out>.<random>.old`` first; a process killed between the two
+renames leaves it there, and the next export puts it back. Exports to one folder
+hold a lock (``.<out>.lock`` beside it), so the next one also removes whatever a
+killed one left half-built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -46,10 +51,12 @@ from twotower.serving.artifact import (
     QUERY_TOWER_FILE,
     SEEN_FILE,
 )
-from twotower.storage import atomic_write, sha256_file
+from twotower.storage import atomic_write, exchange_paths, sha256_file
 from twotower.towers.model import TwoTower, embed_rows
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import METRICS_FILE, load_data, load_model
+
+log = logging.getLogger(__name__)
 
 
 def export_run(run_dir: Path, out: Path, index: str = "exact") -> dict[str, Any]:
@@ -79,21 +86,58 @@ def export_run(run_dir: Path, out: Path, index: str = "exact") -> dict[str, Any]
         raise DataError(
             f"{run_dir}: no best checkpoint (checkpoints/best.json); train the run first"
         )
-    _check_replaceable(out)
-    config, pipeline, model = load_model(run_dir)
-    dataset, _ = load_data(config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        manifest = _write_artifact(staging, config, pipeline, model, dataset, index)
-        manifest["metrics"] = _read_metrics(run_dir)
-        text = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
-        atomic_write(staging / MANIFEST_FILE, lambda f: f.write(text))
-        _swap_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with _export_lock(out) as locked:
+        _recover(out, remove_leftovers=locked)
+        _check_replaceable(out)
+        config, pipeline, model = load_model(run_dir)
+        dataset, _ = load_data(config)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        try:
+            manifest = _write_artifact(staging, config, pipeline, model, dataset, index)
+            manifest["metrics"] = _read_metrics(run_dir)
+            text = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+            atomic_write(staging / MANIFEST_FILE, lambda f: f.write(text))
+            _swap_in(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return manifest
+
+
+@contextlib.contextmanager
+def _export_lock(out: Path):
+    """Holds ``.<out>.lock`` (beside ``out``) exclusively: another export to ``out`` waits.
+    Yields whether it could (not where the system has no ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(out.parent / f".{out.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _recover(out: Path, remove_leftovers: bool) -> None:
+    """Puts back a previous artifact that a killed export left renamed aside; with the
+    export lock held, also removes the folders that killed exports left behind."""
+    aside = sorted(
+        out.parent.glob(f".{out.name}.*.old"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    if aside and not out.exists() and (aside[0] / MANIFEST_FILE).is_file():
+        os.rename(aside[0], out)
+        log.warning("%s: put back the previous artifact, left aside by a killed export", out)
+        aside = aside[1:]
+    if not remove_leftovers:
+        return
+    for leftover in [*aside, *out.parent.glob(f".{out.name}.*.tmp")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+            log.info("removed %s, left by an export that was killed", leftover)
 
 
 def _write_artifact(
@@ -195,9 +239,12 @@ def _check_replaceable(out: Path) -> None:
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    """Renames ``staging`` to ``out``; a previous ``out`` is moved aside, then removed."""
+    """Puts ``staging`` at ``out``; a previous ``out`` is swapped out, then removed."""
     if not out.exists():
         os.rename(staging, out)
+        return
+    if exchange_paths(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous artifact
         return
     aside = staging.with_suffix(".old")  # unique, as the random part of staging's name is
     os.rename(out, aside)

@@ -7,9 +7,13 @@ half-written one. Readers compare SHA-256 sums recorded at write time.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +43,43 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Deletes the temporary files that writers killed mid-write left in ``folder``.
+
+    Only the one process that writes into ``folder`` may call this: another's write
+    in progress would look the same as a leftover.
+    """
+    partial = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swaps two existing paths in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); returns False, having changed nothing, where the system or
+    the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    at_fdcwd = -100
+    status = renameat2(
+        at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    if status == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, f"cannot swap {first} and {second}: {os.strerror(code)}")
 
 
 def read_json(path: Path, missing: str) -> Any:

@@ -13,33 +13,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from twotower.export import export_run
 from twotower.serving import Retriever
 from twotower.serving.http import create_app
-from twotower.serving.server import bind
 
 
 @pytest.fixture
-def served(demo_artifact, tmp_path):
+def served(demo_artifact, tmp_path, live_service):
     """(base URL, artifact folder, run folder): a uvicorn server on a free loopback port."""
     folder = tmp_path / "artifact"
     shutil.copytree(demo_artifact[0], folder)
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(folder), log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", folder, demo_artifact[1].run_dir
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with live_service(create_app(folder)) as url:
+        yield url, folder, demo_artifact[1].run_dir
 
 
 def test_reloads_under_concurrent_requests_lose_none(served, retriever, demo_artifact):

@@ -8,13 +8,17 @@ interaction to its feature rows and gives each query and item a dense index.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from twotower.data.tables import first_failure
 from twotower.errors import DataError
+
+log = logging.getLogger(__name__)
 
 QUERY_ID = "query_id"
 ITEM_ID = "item_id"
@@ -141,7 +145,7 @@ def _reject_nulls(table: pa.Table, column: str, name: str) -> None:
         first = int(np.flatnonzero(pc.is_null(values).to_numpy(zero_copy_only=False))[0])
         raise DataError(
             f"{name}: {values.null_count} interaction(s) have an empty {column}; "
-            f"the first is interaction row {first}"
+            f"the first is interaction row {first} (0-based, header not counted)"
         )
 
 
@@ -173,9 +177,13 @@ def _cast_ids(interactions: pa.Table, column: str, key_type: pa.DataType, name: 
     try:
         cast = pc.cast(values, key_type)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = values.combine_chunks()
+        bad = first_failure(values, lambda a: pc.cast(a, key_type)) or 0
+        side = "query" if column == QUERY_ID else "item"
         raise DataError(
-            f"{name}: interaction {column}s are {values.type} but the feature table keys are "
-            f"{key_type}, and they do not convert"
+            f"{name}: interaction row {bad} (0-based): {column} {values[bad].as_py()!r} is "
+            f"{values.type}, and the {side} feature table's keys are {key_type}: the ids do "
+            "not convert (give both files ids of one type)"
         ) from None
     return interactions.set_column(interactions.schema.get_field_index(column), column, cast)
 
@@ -192,9 +200,29 @@ def _handle_missing_rows(
 ) -> tuple[pa.Table, pa.Table]:
     missing = pc.is_null(idx)
     unknown = pc.unique(interactions.column(id_col).filter(missing))
+    shown = ", ".join(repr(v) for v in unknown[:5].to_pylist())
     if policy == "drop":
+        log.warning(
+            "%s: dropped %d interaction(s) of %d %s id(s) that have no row in the %s feature "
+            "table (for example %s; data.on_missing_rows: drop)",
+            name,
+            pc.sum(missing).as_py(),
+            len(unknown),
+            side,
+            side,
+            shown,
+        )
         return interactions.filter(pc.invert(missing)), table
     if policy == "impute":
+        log.warning(
+            "%s: %d %s id(s) have no row in the %s feature table (for example %s); their "
+            "features are imputed as missing (data.on_missing_rows: impute)",
+            name,
+            len(unknown),
+            side,
+            side,
+            shown,
+        )
         extra = pa.table(
             {
                 c: unknown if c == key else pa.nulls(len(unknown), table.schema.field(c).type)
@@ -202,7 +230,6 @@ def _handle_missing_rows(
             }
         )
         return interactions, pa.concat_tables([table, extra.cast(table.schema)])
-    shown = ", ".join(repr(v) for v in unknown[:5].to_pylist())
     raise DataError(
         f"{name}: {len(unknown)} {side} id(s) in the interactions have no row in the {side} "
         f"feature table (for example {shown}); add the rows, or set "

@@ -24,7 +24,7 @@ from twotower.data.dataset import (
 )
 from twotower.data.stream import StreamConfig
 from twotower.data.synthetic import SyntheticConfig, generate
-from twotower.data.tables import TableSpec, read_table
+from twotower.data.tables import TableSpec, first_failure, line_of, read_table
 from twotower.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -223,21 +223,32 @@ def _read_interactions(table: TableSpec, roles: InteractionsConfig) -> pa.Table:
         raise DataError(f"{table.path}: the table has no rows (no interactions)")
     result = pa.table({canonical: raw.column(name) for name, canonical in columns.items()})
     if TIMESTAMP in result.column_names:
-        result = _numeric_time(result, table.path)
+        result = _numeric_time(result, table, roles.timestamp)
     return result
 
 
-def _numeric_time(table: pa.Table, source: Path) -> pa.Table:
+def _numeric_time(table: pa.Table, spec: TableSpec, name: str) -> pa.Table:
     """Timestamps as numbers (seconds for Arrow timestamps) so they sort and cut."""
-    column = table.column(TIMESTAMP)
+    column = table.column(TIMESTAMP).combine_chunks()
     if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
         column = pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
     elif not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
-        raise DataError(
-            f"{source}: the timestamp column holds {column.type}; expected numbers or dates"
-        )
+        bad = first_failure(column, lambda a: pc.cast(a, pa.float64()))
+        if bad is None:  # numbers stored as text (a Parquet string column)
+            column = pc.cast(column, pa.float64())
+        else:
+            where = f"line {line_of(spec, bad)}" if not spec.is_parquet else f"row {bad} (0-based)"
+            raise DataError(
+                f"{spec.path}, {where}, column {name!r} (the timestamp): "
+                f"{column[bad].as_py()!r} is not a number or a date"
+            )
     if column.null_count:
-        raise DataError(f"{source}: {column.null_count} interaction(s) have no timestamp")
+        first = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+        where = f"line {line_of(spec, first)}" if not spec.is_parquet else f"row {first} (0-based)"
+        raise DataError(
+            f"{spec.path}: {column.null_count} interaction(s) have no timestamp "
+            f"(column {name!r}); the first is on {where}"
+        )
     return table.set_column(table.schema.get_field_index(TIMESTAMP), TIMESTAMP, column)
 
 

@@ -101,14 +101,29 @@ def read_table(spec: TableSpec, types: Mapping[str, pa.DataType] | None = None) 
     return result
 
 
-def require_columns(table: pa.Table, columns: list[str], source: object) -> None:
-    """Raises ``DataError`` listing the available columns if any of ``columns`` is absent."""
+def require_columns(
+    table: pa.Table, columns: list[str], source: object, delimiter: str | None = None
+) -> None:
+    """Raises ``DataError`` listing the available columns if any of ``columns`` is absent,
+    and, for a CSV read with ``delimiter`` whose header holds another common one, says so."""
     missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise DataError(
-            f"{source}: column(s) {', '.join(map(repr, missing))} not found; "
-            f"the file has: {', '.join(map(repr, table.column_names))}"
+    if not missing:
+        return
+    hint = ""
+    if delimiter is not None and len(table.column_names) == 1:
+        header = table.column_names[0]
+        other = next(
+            (d for d in (";", "\t", "|", ",", "::") if d != delimiter and d in header), None
         )
+        if other is not None:
+            hint = (
+                f"; the header is one column holding {other!r}: is the delimiter {other!r} "
+                f"rather than {delimiter!r}? (set 'delimiter')"
+            )
+    raise DataError(
+        f"{source}: column(s) {', '.join(map(repr, missing))} not found; "
+        f"the file has: {', '.join(map(repr, table.column_names))}{hint}"
+    )
 
 
 def _read_parquet(spec: TableSpec, types: dict[str, pa.DataType | None]) -> TableRead:
@@ -121,7 +136,7 @@ def _read_parquet(spec: TableSpec, types: dict[str, pa.DataType | None]) -> Tabl
         if tp is None or table.schema.field(name).type == tp:
             continue
         column = table.column(name).combine_chunks()
-        bad = _first_failure(column, lambda a, tp=tp: pc.cast(a, tp))
+        bad = first_failure(column, lambda a, tp=tp: pc.cast(a, tp))
         if bad is not None:
             raise DataError(
                 f"{spec.path}: row {bad} (0-based), column {name!r}: cannot convert "
@@ -142,7 +157,7 @@ def _read_csv(spec: TableSpec, types: dict[str, pa.DataType | None]) -> TableRea
         table = _parse_csv(spec, data, column_types)
     except pa.ArrowInvalid as err:
         raise _locate_csv_error(spec, data, column_types, err) from None
-    require_columns(table, list(types), spec.path)
+    require_columns(table, list(types), spec.path, spec.delimiter)
     _check_text_encoding(spec, table)
     return TableRead(table)
 
@@ -219,8 +234,8 @@ def _locate_conversion_error(
     name = as_text.column_names[int(match.group(1))]
     target = column_types.get(name)
     column = as_text.column(name).combine_chunks()
-    bad = _first_failure(column, lambda a: pc.cast(a, target)) if target else None
-    where = f", line {_line_of(spec, bad)}" if bad is not None else ""
+    bad = first_failure(column, lambda a: pc.cast(a, target)) if target else None
+    where = f", line {line_of(spec, bad)}" if bad is not None else ""
     value = column[bad].as_py() if bad is not None else match.group(3)
     return DataError(
         f"{spec.path}{where}, column {name!r}: cannot convert {value!r} to {match.group(2)}"
@@ -242,7 +257,7 @@ def _read_csv_skipping(
         return "skip"
 
     table = _parse_as_text(spec, data, column_types, on_bad_row=skip)
-    require_columns(table, list(types), spec.path)
+    require_columns(table, list(types), spec.path, spec.delimiter)
     keep = pa.array(np.ones(table.num_rows, dtype=bool))
     for name, tp in column_types.items():
         i = table.schema.get_field_index(name)
@@ -304,17 +319,17 @@ def _check_text_encoding(spec: TableSpec, table: pa.Table) -> None:
         if not pa.types.is_binary(column.type):
             continue
         column = column.combine_chunks()
-        bad = _first_failure(column, lambda a: pc.cast(a, pa.string()))
+        bad = first_failure(column, lambda a: pc.cast(a, pa.string()))
         if bad is None:
             continue
         raise DataError(
-            f"{spec.path}, line {_line_of(spec, bad)}, column {name!r}: bytes "
+            f"{spec.path}, line {line_of(spec, bad)}, column {name!r}: bytes "
             f"{column[bad].as_py()[:40]!r} are not valid {spec.encoding}; "
             "set 'encoding' (for example latin-1) to the file's encoding"
         )
 
 
-def _line_of(spec: TableSpec, row: int) -> int:
+def line_of(spec: TableSpec, row: int) -> int:
     """1-based line of data row ``row``; exact unless blank lines or quoted values
     spanning lines come before it."""
     return row + (2 if spec.header else 1)
@@ -325,7 +340,7 @@ def _shown(text: str | None, spec: TableSpec) -> str:
     return repr(text[:120])
 
 
-def _first_failure(array: pa.Array, op: Callable[[pa.Array], object]) -> int | None:
+def first_failure(array: pa.Array, op: Callable[[pa.Array], object]) -> int | None:
     """Index of the first element on which ``op`` fails, by bisection (O(log n) calls)."""
     try:
         op(array)

@@ -27,7 +27,7 @@ from twotower.data.load import load_dataset
 from twotower.data.splits import Split, split_interactions
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
-from twotower.storage import atomic_write
+from twotower.storage import atomic_write, remove_partial_files
 from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.data import TrainingData
@@ -104,14 +104,22 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
         config: the resolved config.
         out: the run folder, created if needed.
         resume: continue from ``out``'s last checkpoint (its saved feature state is
-            reused, so the model sees the same inputs).
+            reused, so the model sees the same inputs). A run killed before its first
+            checkpoint has nothing to continue from and starts again from the beginning,
+            so a pipeline can always pass ``resume=True``.
     """
     out = Path(out)
     device = resolve_device(config.training.device)
     collective = Collective.from_env(device)  # several processes under torchrun
+    if resume and not CheckpointStore(out / "checkpoints").exists("last"):
+        log.warning("%s: no checkpoint to resume from; training from the beginning", out)
+        resume = False
     if resume:
         _check_resumable(out, config)
     if collective.is_main:
+        for folder in (out, out / "features", out / "checkpoints"):
+            for path in remove_partial_files(folder):
+                log.info("removed %s, left by a write that was killed", path)
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
     torch.manual_seed(config.seed)
@@ -191,8 +199,6 @@ def evaluate_run(
 def _check_resumable(out: Path, config: Config) -> None:
     """Refuses to resume a run under a config that changes its model, data or training."""
     store = CheckpointStore(out / "checkpoints")
-    if not store.exists("last"):
-        raise DataError(f"{out}: nothing to resume (no checkpoints/last.json)")
     saved = from_dict(Config, store.load("last")["config"], where="checkpoint config")
     changed = sorted(
         key

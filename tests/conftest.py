@@ -1,14 +1,20 @@
-"""Two tiny trained runs, exported once per session: the demo features, and DSSM-style text."""
+"""Two tiny trained runs, exported once per session (the demo features, and DSSM-style
+text), and a live service on a loopback port."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import uvicorn
 
 from twotower.config import Config
 from twotower.data.load import DataConfig, FeatureTableConfig, InteractionsConfig
@@ -18,6 +24,7 @@ from twotower.demo import _write_synthetic, demo_config
 from twotower.export import export_run
 from twotower.features.specs import FeaturesConfig, IdFeature, TextFeature
 from twotower.serving import Retriever
+from twotower.serving.server import bind
 from twotower.towers.config import ModelConfig
 from twotower.towers.model import embed_rows
 from twotower.towers.networks import MLPConfig
@@ -124,3 +131,28 @@ def text_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     train_run(tiny_text_config(folder / "data"), folder / "run")
     export_run(folder / "run", folder / "artifact")
     return folder / "artifact", folder / "run"
+
+
+@contextlib.contextmanager
+def _serve(app) -> Iterator[str]:
+    """Serves an ASGI app with uvicorn on a free loopback port, in a thread; yields its URL."""
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "the service did not start within 30 s"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def live_service():
+    """``with live_service(app) as url:`` serves ``app`` on a free loopback port."""
+    return _serve

@@ -1,0 +1,75 @@
+"""The running service, fuzzed from its own OpenAPI schema (schemathesis): no request
+gets a 5xx, every answer matches the schema's documented responses, and the service
+is still up and answering correctly afterwards.
+
+Bounded for CI: a fixed number of generated requests, no deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+
+from twotower.serving.http import ServiceConfig, create_app
+
+EXAMPLES = 300  # per mode, over all operations
+QUERYING = {"POST /recall", "POST /recall/batch", "GET /items/{item_id}/similar"}
+TOKEN = "fuzzing-admin-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def service(demo_artifact, live_service, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz") / "artifact"
+    shutil.copytree(demo_artifact[0], folder)
+    app = create_app(folder, ServiceConfig(admin_token=TOKEN, max_body_bytes=64 * 1024))
+    with live_service(app) as url:
+        yield url
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_generated_request_gets_a_server_error(service, mode):
+    """Valid requests (positive) and requests that break the schema (negative), spread
+    over every operation the schema lists, admin ones included."""
+    schema = schemathesis.openapi.from_url(f"{service}/openapi.json")
+    operations = {f"{op.ok().method.upper()} {op.ok().path}" for op in schema.get_all_operations()}
+    answered: collections.Counter = collections.Counter()
+
+    @given(case=schema.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def request(case):
+        response = case.call(base_url=service, timeout=30)
+        answered[
+            case.operation.method.upper(), case.operation.path, response.status_code // 100
+        ] += 1
+        case.validate_response(response, checks=[not_a_server_error])
+
+    request()
+    reached = {f"{method} {path}" for method, path, _ in answered}
+    statuses = {status for _, _, status in answered}
+    if mode == GenerationMode.POSITIVE:  # every operation, answered as well as refused
+        assert reached == operations and {2, 4} <= statuses, answered
+    else:  # every operation that takes input, refused with a 4xx
+        assert reached >= QUERYING and statuses == {4}, answered
+
+
+def test_the_service_answers_correctly_after_the_fuzzing(service, retriever, demo_artifact):
+    """Runs after the fuzz test (file order): the service is up and still right."""
+    user = demo_artifact[1].query_ids[3]
+    expected = retriever.recall_users([user], 10)[0]
+    with httpx.Client(base_url=service, timeout=30) as http:
+        assert http.get("/health").status_code == 200
+        assert http.get("/ready").status_code == 200
+        body = http.post("/recall", json={"user_id": user, "k": 10}).json()
+    assert body["items"] == expected.items
