@@ -13,8 +13,9 @@ samples the service's resident memory every 0.5 s.
 Every request counts: a status other than 200, a broken connection or a timeout is
 an error (the connection is then opened again). Per second of the run it records
 requests, errors, latency p50/p99 and the service's memory, and reports the totals,
-the overall percentiles, how the per-second p99 spreads, and the memory growth between
-the first and the last tenth of the run.
+the overall percentiles, how the per-second p99 spreads, and the mean memory of the
+first, middle and last tenth of the run (the first reloads raise it once, while two
+artifacts briefly coexist; a leak would go on raising it through the second half).
 
 Writes ``load.json`` (the totals and the per-second series), ``load.md`` and
 ``load.png`` (requests/s, latency and memory over time, reloads marked) into --out.
@@ -151,7 +152,7 @@ def summarize(raw: dict, seconds: float) -> dict:
                 "rss_mib": float(memory[in_window].max()) if in_window.any() else None,
             }
         )
-    tenth = max(1, len(memory) // 10)
+    tenth, half = max(1, len(memory) // 10), len(memory) // 2
     window_p99 = [w["p99_ms"] for w in series if w["p99_ms"] is not None]
     reload_ok = [r for r in raw["reloads"] if r[1] == 200]
     return {
@@ -172,7 +173,10 @@ def summarize(raw: dict, seconds: float) -> dict:
         "rss_first_tenth_mib": float(memory[:tenth].mean()),
         "rss_last_tenth_mib": float(memory[-tenth:].mean()),
         "rss_max_mib": float(memory.max()),
-        "rss_growth_mib": float(memory[-tenth:].mean() - memory[:tenth].mean()),
+        "rss_middle_tenth_mib": float(memory[half - tenth // 2 : half + tenth - tenth // 2].mean()),
+        "rss_growth_second_half_mib": float(
+            memory[-tenth:].mean() - memory[half - tenth // 2 : half + tenth - tenth // 2].mean()
+        ),
         "series": series,
     }
 
@@ -186,14 +190,14 @@ def markdown(result: dict) -> str:
             f"{result['reload_every']:g} s; {result['machine']}.",
             "",
             "| requests | errors | req/s | p50 | p99 | p99.9 | max | per-second p99: median "
-            "/ worst | reloads (ok) | memory: first tenth -> last tenth (max) |",
+            "/ worst | reloads (ok) | memory: first, middle and last tenth (max) |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| {r['requests']:,} | {r['errors']} | {r['requests_per_s']:,.0f} "
             f"| {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {r['p999_ms']:.1f} ms "
             f"| {r['max_ms']:.0f} ms | {r['window_p99_median_ms']:.1f} / "
             f"{r['window_p99_max_ms']:.1f} ms | {r['reloads']} ({r['reloads_ok']}) "
-            f"| {r['rss_first_tenth_mib']:,.0f} -> {r['rss_last_tenth_mib']:,.0f} MiB "
-            f"({r['rss_max_mib']:,.0f}) |",
+            f"| {r['rss_first_tenth_mib']:,.0f}, {r['rss_middle_tenth_mib']:,.0f}, "
+            f"{r['rss_last_tenth_mib']:,.0f} MiB ({r['rss_max_mib']:,.0f}) |",
         ]
     )
 

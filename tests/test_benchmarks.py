@@ -56,3 +56,17 @@ def test_training_quick_measures_speed_memory_and_the_reference_ratio(tmp_path):
         reference["ours_per_s"] / reference["reference_per_s"]
     )
     assert "plain reference loop" in (tmp_path / "training.md").read_text()
+
+
+def test_load_quick_serves_every_request_through_reloads(tmp_path):
+    run_quick("load.py", tmp_path)
+    result = json.loads((tmp_path / "load.json").read_text())
+    summary = result["summary"]
+    assert result["service_alive_at_end"]
+    assert summary["requests"] > 100 and summary["errors"] == 0
+    assert summary["reloads"] >= 3 and summary["reload_results"] == [200] * summary["reloads"]
+    assert len(summary["series"]) == 10
+    assert sum(w["requests"] for w in summary["series"]) == summary["requests"]
+    assert summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
+    assert "| requests | errors |" in (tmp_path / "load.md").read_text()
+    assert (tmp_path / "load.png").stat().st_size > 1000

@@ -14,12 +14,17 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
 from twotower.cli import main
+from twotower.config import load_config
+from twotower.data.dataset import QUERY_ID
+from twotower.features.pipeline import FeaturePipeline
+from twotower.training.run import load_data
 
 USERS, ITEMS = 40, 30
 
@@ -90,7 +95,7 @@ class Case:
     expect: str | None = None
     extra: str = ""
     data_more: str = ""
-    check: Callable[[dict, str], None] | None = None
+    check: Callable[[dict, str, Path], None] | None = None
 
 
 def _write_valid(folder: Path) -> dict[str, Path]:
@@ -168,26 +173,43 @@ def _items_without_features(files: dict[str, Path]) -> None:
     files["items"].write_text("\n".join(lines[:-5]) + "\n")  # items 25..29 lose their rows
 
 
-def _prepared(summary: dict, log: str) -> None:
+def _prepared(summary: dict, log: str, config: Path) -> None:
     assert summary["train"] + summary["valid"] + summary["test"] == summary["interactions"]
 
 
-def _check_duplicates(summary: dict, log: str) -> None:
+def _check_non_finite(summary: dict, log: str, config: Path) -> None:
+    """nan, inf and -inf are missing: value 0 and the missing flag set."""
+    _prepared(summary, log, config)
+    dataset, split = load_data(load_config(config))
+    pipeline = FeaturePipeline.fit(load_config(config).features, dataset, split.train)
+    price = pipeline.transform("item", dataset.items)["price"].numpy()
+    age = pipeline.transform("query", dataset.queries)["age"].numpy()
+    assert price[:2].tolist() == [[0.0, 1.0], [0.0, 1.0]] and price[2:, 1].sum() == 0
+    assert age[2].tolist() == [0.0, 1.0] and np.isfinite(price).all() and np.isfinite(age).all()
+
+
+def _check_duplicates(summary: dict, log: str, config: Path) -> None:
     assert summary["interactions"] == USERS * 6 + 10  # kept: a repeat is an event too
-    _prepared(summary, log)
+    _prepared(summary, log, config)
 
 
-def _check_one_interaction(summary: dict, log: str) -> None:
+def _check_one_interaction(summary: dict, log: str, config: Path) -> None:
     assert summary["queries"] == USERS + 1
-    _prepared(summary, log)
+    _prepared(summary, log, config)
+    _, split = load_data(load_config(config))
+    counts = {
+        part: int(np.sum(split.part(part).column(QUERY_ID).to_numpy() == USERS))
+        for part in ("train", "valid", "test")
+    }
+    assert counts == {"train": 1, "valid": 0, "test": 0}  # nothing held out
 
 
-def _check_dropped_items(summary: dict, log: str) -> None:
+def _check_dropped_items(summary: dict, log: str, config: Path) -> None:
     dropped = sum(i >= ITEMS - 5 for i in _interactions().column("item_id").to_pylist())
     assert f"dropped {dropped} interaction(s) of 5 item id(s) that have no row" in log, log
     assert summary["interactions"] == USERS * 6 - dropped
     assert summary["items"] == ITEMS - 5
-    _prepared(summary, log)
+    _prepared(summary, log, config)
 
 
 CASES = {
@@ -228,7 +250,7 @@ CASES = {
         r"interactions\.csv: 1 interaction\(s\) have no timestamp \(column 'ts'\); the first "
         r"is on line 9",
     ),
-    "NaN and inf in dense features": Case(_nan_and_inf, check=_prepared),
+    "NaN and inf in dense features": Case(_nan_and_inf, check=_check_non_finite),
     "ids with unicode, quotes and separators": Case(_unicode_ids, check=_prepared),
     "duplicated rows": Case(_duplicated_rows, check=_check_duplicates),
     "a user with one interaction": Case(_one_interaction_user, check=_check_one_interaction),
@@ -276,7 +298,7 @@ def test_broken_input_gives_its_clear_error_or_documented_handling(
         assert re.search(case.expect, message), message
         return
     assert code == 0, err
-    case.check(json.loads(out), err + caplog.text)
+    case.check(json.loads(out), err + caplog.text, config)
     code, _, err = _cli(["train", str(config), "--out", str(tmp_path / "run")], monkeypatch, capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
