@@ -6,6 +6,8 @@
     GET  /health, /ready         liveness; readiness (an artifact loaded, the worker up)
     GET  /metrics                Prometheus text: requests, latency, errors, batch sizes
     POST /admin/reload           load the artifact folder again and swap it in
+    GET  /                       the retrieval explorer page (``serving/explorer.py``)
+    GET  /explorer/...           the rows it shows: query features and history, items
 
 Requests never wait on each other's Python: handlers queue their queries on the
 micro-batcher and await the answers, so concurrent requests share one tower pass
@@ -36,12 +38,12 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twotower.errors import DataError
-from twotower.serving import schemas
+from twotower.serving import explorer, schemas
 from twotower.serving.batching import MicroBatcher
 from twotower.serving.middleware import BodyLimitMiddleware, MetricsMiddleware, ServiceMetrics
 from twotower.serving.retriever import Query as RetrievalQuery
@@ -217,7 +219,57 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
         _authorize(config.admin_token, authorization, request.client)
         return await reload()
 
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def explorer_page() -> HTMLResponse:
+        """The retrieval explorer: a user's history and results, text search, neighbours."""
+        return HTMLResponse(explorer.page(), headers={"Content-Security-Policy": PAGE_POLICY})
+
+    @app.get("/explorer/info", response_model=schemas.ExplorerInfo)
+    async def explorer_info() -> JSONResponse:
+        """The artifact's keys, sizes, item fields and whether text search applies."""
+        return AsciiJSONResponse(explorer.info(state.retriever.artifact))
+
+    @app.get("/explorer/queries", response_model=schemas.Suggestions)
+    async def explorer_suggest(
+        prefix: Annotated[str, Query(max_length=200, description="The id's beginning.")] = "",
+        limit: Annotated[
+            int, Query(ge=1, le=explorer.MAX_SUGGESTIONS, description="How many ids at most.")
+        ] = 10,
+    ) -> JSONResponse:
+        """Known query ids starting with ``prefix`` (for suggestions as one types)."""
+        artifact = state.retriever.artifact
+        ids = await asyncio.to_thread(explorer.suggest, artifact, prefix, limit)
+        return AsciiJSONResponse({"ids": ids})
+
+    @app.get("/explorer/queries/{query_id}", response_model=schemas.QueryRecord, responses=errors)
+    async def explorer_query(
+        query_id: Annotated[str, PathParam(description="A query id, matched by value.")],
+    ) -> JSONResponse:
+        """A known query's raw features and its history, with the items' fields."""
+        artifact = state.retriever.artifact
+        try:
+            record = await asyncio.to_thread(explorer.query_record, artifact, query_id)
+        except DataError as err:
+            raise HTTPException(_status(err), str(err)) from None
+        return AsciiJSONResponse(record)
+
+    @app.post("/explorer/items", response_model=schemas.ItemRecords, responses=errors)
+    async def explorer_items(body: schemas.ItemsRequest) -> JSONResponse:
+        """Items' raw fields (title, genres, ...), in the order asked."""
+        try:
+            items = explorer.item_records(state.retriever.artifact, body.ids)
+        except DataError as err:
+            raise HTTPException(_status(err), str(err)) from None
+        return AsciiJSONResponse({"items": items})
+
     return app
+
+
+# The page loads nothing from elsewhere; its script and styles are inline.
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+)
 
 
 class AsciiJSONResponse(JSONResponse):

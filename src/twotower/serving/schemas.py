@@ -176,3 +176,45 @@ class ReloadResponse(BaseModel):
     artifact: str = Field(description="The fingerprint of the artifact now served.")
     previous: str = Field(description="The fingerprint of the one it replaced.")
     seconds: float = Field(description="How long loading and verifying it took.")
+
+
+class ExplorerInfo(BaseModel):
+    """What the explorer page needs before its first lookup."""
+
+    artifact: str = Field(description="The fingerprint of the artifact served.")
+    query_key: str = Field(description="The query table's key column.")
+    item_key: str = Field(description="The item table's key column.")
+    items: int = Field(description="Items in the corpus.")
+    queries: int = Field(description="Known queries (users).")
+    text_search: bool = Field(description="Whether the query side reads text.")
+    item_fields: list[str] = Field(description="The item table's other columns.")
+
+
+class Suggestions(BaseModel):
+    """Known query ids that start with a prefix."""
+
+    ids: list[Any] = Field(description="Query ids, in table order.")
+
+
+class ItemRecords(BaseModel):
+    """Items' raw fields."""
+
+    items: list[dict[str, Any]] = Field(description="One row per id asked, in that order.")
+
+
+class QueryRecord(BaseModel):
+    """A known query: its raw features and its history."""
+
+    id: Any = Field(description="The query id.")
+    features: dict[str, Any] = Field(description="The query table's row.")
+    history: list[dict[str, Any]] = Field(description="Items (their rows), at most 50.")
+    history_kind: str = Field(description="Where the history comes from.")
+    history_total: int = Field(description="How many items the whole history holds.")
+
+
+class ItemsRequest(BaseModel):
+    """Item ids to look up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Id] = Field(min_length=1, max_length=MAX_K, description=f"1 to {MAX_K} item ids.")

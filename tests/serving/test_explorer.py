@@ -1,0 +1,181 @@
+"""The retrieval explorer: its lookups against the artifact, and the page in a real
+browser (Debian's headless Chromium driven by Playwright) against the library.
+
+The browser test skips where Chromium or Playwright is missing; ``.ci/run`` installs
+both. ``TWOTOWER_SCREENSHOTS=DIR`` saves a screenshot of each view into DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from twotower.serving.http import create_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+LOOPBACK = ("127.0.0.1", 50000)
+K = 10
+
+
+@pytest.fixture(scope="module")
+def client(demo_artifact):
+    with TestClient(create_app(demo_artifact[0]), client=LOOPBACK) as client:
+        yield client
+
+
+def test_query_record_holds_the_row_and_the_history_most_recent_first(client, retriever):
+    artifact = retriever.artifact
+    user = artifact.queries.column(artifact.query_key)[5].as_py()
+    record = client.get(f"/explorer/queries/{user}").json()
+    assert record["features"] == artifact.queries.slice(5, 1).to_pylist()[0]
+    history = [item["item_id"] for item in record["history"]]
+    transform = artifact.pipeline.transforms["query"]["history"]
+    codes = transform.transform(artifact.queries.column(artifact.query_key).slice(5, 1))[0]
+    vocabulary = artifact.pipeline.transforms["item"]["item_id"].vocabulary.values
+    assert history == [vocabulary[int(c) - 2].as_py() for c in codes if c >= 2]
+    assert record["history_total"] == len(history) > 0
+    assert set(history) <= set(artifact.item_ids.take(artifact.seen[5].indices).to_pylist())
+
+
+def test_items_come_back_in_the_order_asked_and_unknown_ids_are_named(client, retriever):
+    ids = retriever.artifact.item_ids.to_pylist()[:5][::-1]
+    items = client.post("/explorer/items", json={"ids": ids}).json()["items"]
+    assert [item["item_id"] for item in items] == ids
+    assert {"title", "genres"} <= set(items[0])
+    response = client.post("/explorer/items", json={"ids": [ids[0], "nope"]})
+    assert response.status_code == 404 and "'nope'" in response.json()["detail"]
+
+
+def test_suggestions_start_with_the_prefix(client, retriever):
+    keys = [str(k) for k in retriever.artifact.queries.column("user_id").to_pylist()]
+    ids = client.get("/explorer/queries", params={"prefix": "1", "limit": 50}).json()["ids"]
+    assert [str(i) for i in ids] == [k for k in keys if k.startswith("1")][:50]
+    assert client.get("/explorer/queries", params={"limit": 51}).status_code == 422
+
+
+def test_the_page_is_served_with_a_strict_policy(client):
+    response = client.get("/")
+    assert response.status_code == 200 and "twotower explorer" in response.text
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    assert client.get("/explorer/queries/nobody").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield browser
+        browser.close()
+
+
+def _shot(page, name: str) -> None:
+    folder = os.environ.get("TWOTOWER_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"explorer-{name}.png"), full_page=True)
+
+
+def _open(browser, url):
+    # The test's own probes are evaluated strings, which the page's policy forbids.
+    page = browser.new_page(viewport={"width": 1200, "height": 800}, bypass_csp=True)
+    page.goto(url)
+    page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+    return page
+
+
+def _shown_ids(page, selector: str) -> list[str]:
+    return page.eval_on_selector_all(f"{selector} li.item", "items => items.map(i => i.dataset.id)")
+
+
+def test_the_page_in_a_browser(browser, demo_artifact, retriever, live_service):
+    oracle = demo_artifact[1]
+    user = next(  # a user with a seen item among the top K when seen items are kept
+        u
+        for row, u in enumerate(oracle.query_ids)
+        if set(retriever.recall_users([u], K, exclude_seen=False)[0].items)
+        & {oracle.item_ids[i] for i in oracle.seen[row].nonzero()[0]}
+    )
+    with live_service(create_app(demo_artifact[0])) as url:
+        page = _open(browser, url)
+        # User: suggestions, then the user's features, history and K results.
+        page.fill("#user-id", str(user)[:1])
+        page.wait_for_function("document.querySelectorAll('#user-suggestions option').length > 0")
+        page.fill("#user-id", str(user))
+        page.click("#user-go")
+        page.wait_for_function(f"document.querySelectorAll('#user-results li.item').length == {K}")
+        expected = retriever.recall_users([user], K)[0].items
+        assert _shown_ids(page, "#user-results") == [str(i) for i in expected]
+        assert page.locator("#user-history li.item").count() > 0
+        assert page.locator("#user-features").inner_text().startswith("user_id")
+        _shot(page, "user")
+        # Seen items kept: the ones the user saw are marked.
+        page.uncheck("#exclude-seen")
+        page.click("#user-go")
+        page.wait_for_function(
+            "document.querySelector('#user-results-title').textContent.includes('marked')"
+        )
+        kept = retriever.recall_users([user], K, exclude_seen=False)[0].items
+        assert _shown_ids(page, "#user-results") == [str(i) for i in kept]
+        history = set(_shown_ids(page, "#user-history"))
+        marked = page.eval_on_selector_all(
+            "#user-results li.item", "items => items.map(i => !!i.querySelector('.badge'))"
+        )
+        assert marked == [str(i) in history for i in kept] and any(marked)
+        # Item: clicking a result opens its neighbours.
+        first = kept[0]
+        page.click("#user-results li.item >> nth=0")
+        page.wait_for_function(
+            f"document.querySelectorAll('#item-neighbours li.item').length == {K}"
+        )
+        assert page.is_visible("#view-item") and not page.is_visible("#view-user")
+        similar = retriever.similar_items(first, K).items
+        assert _shown_ids(page, "#item-neighbours") == [str(i) for i in similar]
+        assert str(first) in page.locator("#item-fields").inner_text()
+        _shot(page, "item")
+        # An unknown user: a readable message, not a blank page.
+        page.click("#tab-user")
+        page.fill("#user-id", "no-such-user")
+        page.click("#user-go")
+        page.wait_for_selector("#error.shown")
+        assert "unknown query id(s): 'no-such-user'" in page.inner_text("#error")
+        assert page.locator("#user-results li").count() == 0  # no stale answer beside it
+        _shot(page, "error")
+        # Search is unavailable on this artifact, and the page says why.
+        page.click("#tab-search")
+        assert "no text feature" in page.inner_text("#search-note")
+        assert page.is_disabled("#search-text")
+
+
+def test_search_updates_as_one_types(browser, text_artifact, live_service):
+    from twotower.serving import Retriever
+
+    folder, _ = text_artifact
+    library = Retriever.load(folder)
+    with live_service(create_app(folder)) as url:
+        page = _open(browser, url)
+        page.click("#tab-search")
+        page.type("#search-text", "red shoes", delay=30)  # keystrokes, debounced
+        expected = [str(i) for i in library.recall_text(["red shoes"], K)[0].items]
+        page.wait_for_function(
+            "ids => JSON.stringify([...document.querySelectorAll('#search-results li.item')]"
+            ".map(i => i.dataset.id)) === JSON.stringify(ids)",
+            arg=expected,
+            timeout=30_000,
+        )
+        titles = page.eval_on_selector_all(
+            "#search-results li.item .title", "items => items.map(i => i.textContent)"
+        )
+        assert len(titles) == K and all(
+            title.split()[0] in ("red", "blue", "green") for title in titles
+        )
+        _shot(page, "search")
