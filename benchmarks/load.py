@@ -38,21 +38,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import _known_users, build, requests_for, rss_mib, start_server  # noqa: E402
+from serving import (  # noqa: E402
+    _known_users,
+    build,
+    exchange,
+    requests_for,
+    rss_mib,
+    start_server,
+)
 
 TIMEOUT_S = 10.0
-
-
-async def _exchange(reader, writer, request: bytes) -> bytes:
-    """Sends one request on a keep-alive connection; returns the status line."""
-    writer.write(request)
-    status = await reader.readline()
-    length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    await reader.readexactly(length)
-    return status
 
 
 async def _connection(host, port, requests, offset, until, log) -> None:
@@ -65,7 +60,7 @@ async def _connection(host, port, requests, offset, until, log) -> None:
             if connection is None:
                 connection = await asyncio.open_connection(host, port)
             request = requests[i % len(requests)]
-            status = await asyncio.wait_for(_exchange(*connection, request), TIMEOUT_S)
+            status = await asyncio.wait_for(exchange(*connection, request), TIMEOUT_S)
             ok = b" 200 " in status
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
             ok = False
@@ -89,7 +84,7 @@ async def _reloader(host, port, token, every, until, log) -> None:
         await asyncio.sleep(every)
         try:
             reader, writer = await asyncio.open_connection(host, port)
-            status = await asyncio.wait_for(_exchange(reader, writer, request), 120)
+            status = await asyncio.wait_for(exchange(reader, writer, request), 120)
             writer.close()
             log.append((time.perf_counter(), int(status.split()[1])))
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as err:

@@ -154,20 +154,27 @@ def requests_for(users: list, count: int = 512) -> list[bytes]:
     return out
 
 
+async def exchange(reader, writer, request: bytes) -> bytes:
+    """Sends one request on a keep-alive connection, reads the whole answer; returns
+    its status line."""
+    writer.write(request)
+    status = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return status
+
+
 async def _connection(host: str, port: int, requests: list[bytes], offset: int, until: float):
     reader, writer = await asyncio.open_connection(host, port)
     latencies, errors, i = [], 0, offset
     try:
         while time.perf_counter() < until:
             clock = time.perf_counter()
-            writer.write(requests[i % len(requests)])
+            status = await exchange(reader, writer, requests[i % len(requests)])
             i += 1
-            status = await reader.readline()
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
             latencies.append(time.perf_counter() - clock)
             errors += b" 200 " not in status
     finally:
