@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -48,6 +49,22 @@ def test_items_come_back_in_the_order_asked_and_unknown_ids_are_named(client, re
     assert {"title", "genres"} <= set(items[0])
     response = client.post("/explorer/items", json={"ids": [ids[0], "nope"]})
     assert response.status_code == 404 and "'nope'" in response.json()["detail"]
+
+
+def test_the_map_is_the_first_two_principal_components(client, retriever):
+    vectors = retriever.artifact.item_vectors.astype(np.float64)
+    centered = vectors - vectors.mean(axis=0)
+    _, _, components = np.linalg.svd(centered, full_matrices=False)  # the oracle: an SVD
+    expected = centered @ components[:2].T
+    expected /= np.abs(expected).max()
+    ids = retriever.artifact.item_ids.to_pylist()
+    points = np.array(client.post("/explorer/items", json={"ids": ids}).json()["points"])
+    signs = np.sign((points * expected).sum(axis=0))  # each axis is defined up to its sign
+    np.testing.assert_allclose(points, expected * signs, atol=2e-4)
+    sample = client.get("/explorer/map", params={"limit": 10}).json()
+    rows = retriever.artifact.item_rows(sample["ids"])
+    assert len(rows) == 10 and rows[0] == 0 and rows[-1] == len(ids) - 1
+    np.testing.assert_allclose(sample["points"], points[rows], atol=1e-6)
 
 
 def test_suggestions_start_with_the_prefix(client, retriever):
@@ -117,6 +134,8 @@ def test_the_page_in_a_browser(browser, demo_artifact, retriever, live_service):
         assert _shown_ids(page, "#user-results") == [str(i) for i in expected]
         assert page.locator("#user-history li.item").count() > 0
         assert page.locator("#user-features").inner_text().startswith("user_id")
+        shown = K + page.locator("#user-history li.item").count()
+        page.wait_for_function(f"document.querySelector('#user-map').dataset.drawn == '{shown}'")
         _shot(page, "user")
         # Seen items kept: the ones the user saw are marked.
         page.uncheck("#exclude-seen")

@@ -8,7 +8,10 @@ at ``GET /``; it retrieves through the service's own ``/recall`` and
 - ``query_record``: a query's raw feature values and its history: the items its
   history feature holds (most recent first) where it has one, else every item it
   interacted with;
-- ``item_records``: items' raw fields (title, genres, ...) by id.
+- ``item_records``: items' raw fields (title, genres, ...) by id;
+- ``projection``: every item vector's coordinates on the first two principal
+  components (computed once per artifact from the item vectors: a D x D covariance
+  and its eigenvectors), for a map of the corpus with the items on screen marked.
 
 Each is a handful of vectorized Arrow operations on the artifact's tables.
 """
@@ -16,6 +19,7 @@ Each is a handful of vectorized Arrow operations on the artifact's tables.
 from __future__ import annotations
 
 import math
+import threading
 from importlib.resources import files
 from typing import Any
 
@@ -30,6 +34,7 @@ from twotower.serving.retriever import UnknownItemError, UnknownQueryError
 
 MAX_SUGGESTIONS = 50
 MAX_HISTORY = 50
+MAX_MAP_POINTS = 5000
 
 
 def page() -> str:
@@ -93,6 +98,47 @@ def item_records(artifact: Artifact, item_ids: list[Any]) -> list[dict[str, Any]
         raise UnknownItemError([i for i, r in zip(item_ids, rows, strict=True) if r < 0])
     table = artifact.items.take(pa.array(rows, pa.int64()))
     return [_plain(record) for record in table.to_pylist()]
+
+
+def item_points(artifact: Artifact, item_ids: list[Any]) -> list[list[float]]:
+    """Each item's map coordinates (``projection``), in the order asked."""
+    rows = artifact.item_rows(item_ids)
+    if (rows < 0).any():
+        raise UnknownItemError([i for i, r in zip(item_ids, rows, strict=True) if r < 0])
+    return np.round(projection(artifact)[rows], 4).tolist()
+
+
+_projections: dict[str, np.ndarray] = {}  # artifact fingerprint -> (N, 2)
+_projection_lock = threading.Lock()
+
+
+def projection(artifact: Artifact) -> np.ndarray:
+    """(N, 2) float32: the item vectors on their first two principal components, scaled
+    so that the larger coordinate range is [-1, 1]. Cached for the last few artifacts."""
+    with _projection_lock:
+        cached = _projections.get(artifact.fingerprint)
+        if cached is not None:
+            return cached
+        vectors = artifact.item_vectors.astype(np.float64)
+        centered = vectors - vectors.mean(axis=0)
+        _, axes = np.linalg.eigh(centered.T @ centered)  # ascending eigenvalues
+        points = centered @ axes[:, ::-1][:, :2]
+        points /= max(float(np.abs(points).max()), 1e-12)
+        points = points.astype(np.float32)
+        while len(_projections) >= 2:  # one artifact served, one being swapped in
+            _projections.pop(next(iter(_projections)))
+        _projections[artifact.fingerprint] = points
+        return points
+
+
+def corpus_map(artifact: Artifact, limit: int) -> dict[str, Any]:
+    """Up to ``limit`` items' map coordinates, evenly strided over the corpus."""
+    points = projection(artifact)
+    rows = np.unique(np.linspace(0, len(points) - 1, min(limit, len(points))).astype(np.int64))
+    return {
+        "ids": artifact.item_ids.take(pa.array(rows)).to_pylist(),
+        "points": np.round(points[rows], 4).tolist(),
+    }
 
 
 def _history(artifact: Artifact, key: pa.Scalar) -> tuple[np.ndarray | None, str]:

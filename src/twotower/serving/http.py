@@ -256,11 +256,23 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
     @app.post("/explorer/items", response_model=schemas.ItemRecords, responses=errors)
     async def explorer_items(body: schemas.ItemsRequest) -> JSONResponse:
         """Items' raw fields (title, genres, ...), in the order asked."""
+        artifact = state.retriever.artifact
         try:
-            items = explorer.item_records(state.retriever.artifact, body.ids)
+            items = explorer.item_records(artifact, body.ids)
+            points = await asyncio.to_thread(explorer.item_points, artifact, body.ids)
         except DataError as err:
             raise HTTPException(_status(err), str(err)) from None
-        return AsciiJSONResponse({"items": items})
+        return AsciiJSONResponse({"items": items, "points": points})
+
+    @app.get("/explorer/map", response_model=schemas.CorpusMap)
+    async def explorer_map(
+        limit: Annotated[
+            int, Query(ge=1, le=explorer.MAX_MAP_POINTS, description="How many items at most.")
+        ] = 2000,
+    ) -> JSONResponse:
+        """Items on the first two principal components of the item vectors (a sample)."""
+        artifact = state.retriever.artifact
+        return AsciiJSONResponse(await asyncio.to_thread(explorer.corpus_map, artifact, limit))
 
     return app
 

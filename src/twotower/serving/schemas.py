@@ -200,6 +200,14 @@ class ItemRecords(BaseModel):
     """Items' raw fields."""
 
     items: list[dict[str, Any]] = Field(description="One row per id asked, in that order.")
+    points: list[list[float]] = Field(description="Their (x, y) on the corpus map.")
+
+
+class CorpusMap(BaseModel):
+    """Items on the first two principal components of the item vectors."""
+
+    ids: list[Any] = Field(description="Item ids, strided over the corpus.")
+    points: list[list[float]] = Field(description="Their (x, y), within [-1, 1].")
 
 
 class QueryRecord(BaseModel):
