@@ -37,12 +37,14 @@ import torch
 from twotower.config import Config, to_dict
 from twotower.data.dataset import Dataset
 from twotower.data.matrix import interaction_matrix
+from twotower.data.splits import Split
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.index import INDEXES, Index, build_index, choose_index, recall_against_exact
 from twotower.serving.artifact import (
     FEATURES_DIR,
     FORMAT_VERSION,
+    HELDOUT_FILE,
     INDEX_DIR,
     ITEM_VECTORS_FILE,
     ITEMS_FILE,
@@ -91,10 +93,10 @@ def export_run(run_dir: Path, out: Path, index: str = "exact") -> dict[str, Any]
         _recover(out, remove_leftovers=locked)
         _check_replaceable(out)
         config, pipeline, model = load_model(run_dir)
-        dataset, _ = load_data(config)
+        dataset, split = load_data(config)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
         try:
-            manifest = _write_artifact(staging, config, pipeline, model, dataset, index)
+            manifest = _write_artifact(staging, config, pipeline, model, dataset, split, index)
             manifest["metrics"] = _read_metrics(run_dir)
             text = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
             atomic_write(staging / MANIFEST_FILE, lambda f: f.write(text))
@@ -146,6 +148,7 @@ def _write_artifact(
     pipeline: FeaturePipeline,
     model: TwoTower,
     dataset: Dataset,
+    split: Split,
     index: str,
 ) -> dict[str, Any]:
     """Writes every file but the manifest into ``folder``; returns the manifest."""
@@ -160,12 +163,9 @@ def _write_artifact(
     _write_parquet(folder / ITEMS_FILE, dataset.items)
     _write_parquet(folder / QUERIES_FILE, dataset.queries)
     seen = interaction_matrix(dataset.interactions, dataset.num_queries, dataset.num_items)
-    atomic_write(
-        folder / SEEN_FILE,
-        lambda f: np.savez(
-            f, indptr=seen.indptr, indices=seen.indices, shape=np.array(seen.shape, np.int64)
-        ),
-    )
+    _write_sparse(folder / SEEN_FILE, seen)
+    heldout = interaction_matrix(split.test, dataset.num_queries, dataset.num_items)
+    _write_sparse(folder / HELDOUT_FILE, heldout)
     index = choose_index(index, len(vectors))
     built = build_index(index, vectors)
     built.save(folder / INDEX_DIR)
@@ -214,6 +214,14 @@ def _index_recall(
     queries = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
     recall = recall_against_exact(index, vectors, queries, RECALL_K, seen[rows])
     return {"k": RECALL_K, "queries": count, "recall": recall, "exact": index.is_exact}
+
+
+def _write_sparse(path: Path, matrix: sp.csr_matrix) -> None:
+    """A 0/1 CSR matrix as its index arrays (no pickle)."""
+    shape = np.array(matrix.shape, np.int64)
+    atomic_write(
+        path, lambda f: np.savez(f, indptr=matrix.indptr, indices=matrix.indices, shape=shape)
+    )
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:

@@ -12,10 +12,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from fastapi.testclient import TestClient
 
+from twotower.data.dataset import ITEM_ID, QUERY_ID
 from twotower.serving.http import create_app
+from twotower.training.run import load_data, load_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LOOPBACK = ("127.0.0.1", 50000)
@@ -28,7 +31,9 @@ def client(demo_artifact):
         yield client
 
 
-def test_query_record_holds_the_row_and_the_history_most_recent_first(client, retriever):
+def test_query_record_holds_the_row_the_history_and_the_held_out_items(
+    client, retriever, demo_artifact
+):
     artifact = retriever.artifact
     user = artifact.queries.column(artifact.query_key)[5].as_py()
     record = client.get(f"/explorer/queries/{user}").json()
@@ -39,7 +44,11 @@ def test_query_record_holds_the_row_and_the_history_most_recent_first(client, re
     vocabulary = artifact.pipeline.transforms["item"]["item_id"].vocabulary.values
     assert history == [vocabulary[int(c) - 2].as_py() for c in codes if c >= 2]
     assert record["history_total"] == len(history) > 0
-    assert set(history) <= set(artifact.item_ids.take(artifact.seen[5].indices).to_pylist())
+    seen = set(artifact.item_ids.take(artifact.seen[5].indices).to_pylist())
+    assert set(history) <= seen
+    heldout = _test_items(demo_artifact[1].run_dir, user)
+    assert sorted(record["heldout"]) == sorted(set(heldout)) and heldout
+    assert sorted(record["before_heldout"]) == sorted(seen - set(heldout))
 
 
 def test_items_come_back_in_the_order_asked_and_unknown_ids_are_named(client, retriever):
@@ -114,6 +123,31 @@ def _shown_ids(page, selector: str) -> list[str]:
     return page.eval_on_selector_all(f"{selector} li.item", "items => items.map(i => i.dataset.id)")
 
 
+def _ranked(page, mode: str, title: str) -> list[str]:
+    page.select_option("#seen-mode", mode)
+    page.click("#user-go")
+    page.wait_for_function(
+        f"document.querySelector('#user-results-title').textContent.includes('{title}')"
+    )
+    return _shown_ids(page, "#user-results")
+
+
+def _badges(page) -> list[str | None]:
+    return page.eval_on_selector_all(
+        "#user-results li.item",
+        "items => items.map(i => i.querySelector('.badge') ? i.querySelector('.badge')"
+        ".textContent : null)",
+    )
+
+
+def _test_items(run_dir: Path, user) -> list:
+    """The oracle for held-out items: the run's own split, computed again."""
+    config, _, _ = load_model(run_dir)
+    _, split = load_data(config)
+    mine = pc.equal(split.test.column(QUERY_ID), user)
+    return split.test.filter(mine).column(ITEM_ID).to_pylist()
+
+
 def test_the_page_in_a_browser(browser, demo_artifact, retriever, live_service):
     oracle = demo_artifact[1]
     user = next(  # a user with a seen item among the top K when seen items are kept
@@ -136,20 +170,26 @@ def test_the_page_in_a_browser(browser, demo_artifact, retriever, live_service):
         assert page.locator("#user-features").inner_text().startswith("user_id")
         shown = K + page.locator("#user-history li.item").count()
         page.wait_for_function(f"document.querySelector('#user-map').dataset.drawn == '{shown}'")
+        # Seen items kept: the ones the user interacted with are marked.
+        seen = {
+            str(oracle.item_ids[i]) for i in oracle.seen[oracle.query_ids.index(user)].nonzero()[0]
+        }
+        kept = _ranked(page, "mark", "marked")
+        assert kept == [
+            str(i) for i in retriever.recall_users([user], K, exclude_seen=False)[0].items
+        ]
+        assert _badges(page) == [("seen" if i in seen else None) for i in kept]
+        assert any(_badges(page))
+        # Every seen item but the held-out ones excluded, those marked.
+        heldout = {str(i) for i in _test_items(oracle.run_dir, user)}
+        assert heldout and heldout <= seen
+        ranked = _ranked(page, "evaluate", "held-out items found")
+        before = [i for i in oracle.item_ids if str(i) in seen - heldout]
+        expected = retriever.recall_users([user], K, exclude_seen=False, exclude_items=before)
+        assert ranked == [str(i) for i in expected[0].items]
+        assert _badges(page) == [("held-out" if i in heldout else None) for i in ranked]
         _shot(page, "user")
-        # Seen items kept: the ones the user saw are marked.
-        page.uncheck("#exclude-seen")
-        page.click("#user-go")
-        page.wait_for_function(
-            "document.querySelector('#user-results-title').textContent.includes('marked')"
-        )
-        kept = retriever.recall_users([user], K, exclude_seen=False)[0].items
-        assert _shown_ids(page, "#user-results") == [str(i) for i in kept]
-        history = set(_shown_ids(page, "#user-history"))
-        marked = page.eval_on_selector_all(
-            "#user-results li.item", "items => items.map(i => !!i.querySelector('.badge'))"
-        )
-        assert marked == [str(i) in history for i in kept] and any(marked)
+        kept = [int(i) for i in kept]
         # Item: clicking a result opens its neighbours.
         first = kept[0]
         page.click("#user-results li.item >> nth=0")

@@ -45,6 +45,9 @@ ITEM_VECTORS_FILE = "item_vectors.npy"
 ITEMS_FILE = "items.parquet"
 QUERIES_FILE = "queries.parquet"
 SEEN_FILE = "seen.npz"
+# Optional: each known query's held-out test items under the run's split (the explorer
+# marks them); read where the manifest lists it.
+HELDOUT_FILE = "heldout.npz"
 INDEX_DIR = "index"
 # What the loader reads from the manifest besides its format version.
 MANIFEST_KEYS = (
@@ -84,6 +87,8 @@ class Artifact:
         queries: the raw query table of the known queries.
         item_vectors: (N, D) float32 item vectors.
         seen: (num_queries, N) CSR of the items each known query interacted with.
+        heldout: (num_queries, N) CSR of each query's test items under the run's split
+            (a subset of ``seen``), or None for an artifact exported without it.
         index: the item index, built on ``item_vectors``.
         fingerprint: the first 16 hex digits of ``manifest.json``'s SHA-256; as the
             manifest lists every file's checksum, it names this exact artifact.
@@ -100,6 +105,7 @@ class Artifact:
     seen: sp.csr_matrix
     index: Index
     fingerprint: str
+    heldout: sp.csr_matrix | None = None
 
     @property
     def query_key(self) -> str:
@@ -152,6 +158,9 @@ class Artifact:
                 f"vectors, the manifest says {shape[0]} x {shape[1]}"
             )
         tower = _read_query_tower(folder / QUERY_TOWER_FILE, config, pipeline)
+        heldout = None
+        if HELDOUT_FILE in manifest["files"]:
+            heldout = _read_seen(folder / HELDOUT_FILE, seen.shape)
         return cls(
             folder,
             manifest,
@@ -164,6 +173,7 @@ class Artifact:
             seen,
             index,
             fingerprint,
+            heldout,
         )
 
     def query_rows(self, ids: Sequence[Any]) -> np.ndarray:

@@ -7,7 +7,8 @@ at ``GET /``; it retrieves through the service's own ``/recall`` and
 - ``suggest``: known query ids that start with what was typed;
 - ``query_record``: a query's raw feature values and its history: the items its
   history feature holds (most recent first) where it has one, else every item it
-  interacted with;
+  interacted with; and, for artifacts that carry the run's split, its held-out test
+  items and the items it saw before them (to rank as the evaluation does);
 - ``item_records``: items' raw fields (title, genres, ...) by id;
 - ``projection``: every item vector's coordinates on the first two principal
   components (computed once per artifact from the item vectors: a D x D covariance
@@ -31,6 +32,7 @@ from twotower.features.categorical import IdTransform
 from twotower.features.history import HistoryTransform
 from twotower.serving.artifact import Artifact
 from twotower.serving.retriever import UnknownItemError, UnknownQueryError
+from twotower.serving.schemas import MAX_EXCLUDE
 
 MAX_SUGGESTIONS = 50
 MAX_HISTORY = 50
@@ -51,6 +53,7 @@ def info(artifact: Artifact) -> dict[str, Any]:
         "items": artifact.items.num_rows,
         "queries": artifact.queries.num_rows,
         "text_search": bool(_text_columns(artifact)),
+        "heldout": artifact.heldout is not None,
         "item_fields": [c for c in artifact.items.column_names if c != artifact.item_key],
     }
 
@@ -78,13 +81,21 @@ def query_record(artifact: Artifact, query_id: Any) -> dict[str, Any]:
         seen = artifact.seen[int(row)].indices
         items, kind = np.sort(seen), "every item it interacted with"
     ids = artifact.item_ids.take(pa.array(items[:MAX_HISTORY], pa.int64())).to_pylist()
-    return {
+    record = {
         "id": features[artifact.query_key],
         "features": features,
         "history": item_records(artifact, ids),
         "history_kind": kind,
         "history_total": int(len(items)),
+        "heldout": [],
+        "before_heldout": [],
     }
+    if artifact.heldout is not None:  # the split's test items, and what came before them
+        heldout = artifact.heldout[int(row)].indices
+        before = np.setdiff1d(artifact.seen[int(row)].indices, heldout)[:MAX_EXCLUDE]
+        record["heldout"] = artifact.item_ids.take(pa.array(heldout, pa.int64())).to_pylist()
+        record["before_heldout"] = artifact.item_ids.take(pa.array(before, pa.int64())).to_pylist()
+    return record
 
 
 def item_records(artifact: Artifact, item_ids: list[Any]) -> list[dict[str, Any]]:

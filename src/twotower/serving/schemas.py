@@ -187,6 +187,7 @@ class ExplorerInfo(BaseModel):
     items: int = Field(description="Items in the corpus.")
     queries: int = Field(description="Known queries (users).")
     text_search: bool = Field(description="Whether the query side reads text.")
+    heldout: bool = Field(description="Whether the artifact carries the split's test items.")
     item_fields: list[str] = Field(description="The item table's other columns.")
 
 
@@ -218,6 +219,10 @@ class QueryRecord(BaseModel):
     history: list[dict[str, Any]] = Field(description="Items (their rows), at most 50.")
     history_kind: str = Field(description="Where the history comes from.")
     history_total: int = Field(description="How many items the whole history holds.")
+    heldout: list[Any] = Field(description="Its test items under the run's split.")
+    before_heldout: list[Any] = Field(
+        description="The items it interacted with besides those (at most 10,000)."
+    )
 
 
 class ItemsRequest(BaseModel):
