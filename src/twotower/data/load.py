@@ -24,7 +24,7 @@ from twotower.data.dataset import (
 )
 from twotower.data.stream import StreamConfig
 from twotower.data.synthetic import SyntheticConfig, generate
-from twotower.data.tables import TableSpec, first_failure, line_of, read_table
+from twotower.data.tables import TableSpec, first_failure, position, read_table
 from twotower.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -237,17 +237,15 @@ def _numeric_time(table: pa.Table, spec: TableSpec, name: str) -> pa.Table:
         if bad is None:  # numbers stored as text (a Parquet string column)
             column = pc.cast(column, pa.float64())
         else:
-            where = f"line {line_of(spec, bad)}" if not spec.is_parquet else f"row {bad} (0-based)"
             raise DataError(
-                f"{spec.path}, {where}, column {name!r} (the timestamp): "
+                f"{spec.path}, {position(spec, bad)}, column {name!r} (the timestamp): "
                 f"{column[bad].as_py()!r} is not a number or a date"
             )
     if column.null_count:
         first = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
-        where = f"line {line_of(spec, first)}" if not spec.is_parquet else f"row {first} (0-based)"
         raise DataError(
             f"{spec.path}: {column.null_count} interaction(s) have no timestamp "
-            f"(column {name!r}); the first is on {where}"
+            f"(column {name!r}); the first is on {position(spec, first)}"
         )
     return table.set_column(table.schema.get_field_index(TIMESTAMP), TIMESTAMP, column)
 

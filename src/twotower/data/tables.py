@@ -139,7 +139,7 @@ def _read_parquet(spec: TableSpec, types: dict[str, pa.DataType | None]) -> Tabl
         bad = first_failure(column, lambda a, tp=tp: pc.cast(a, tp))
         if bad is not None:
             raise DataError(
-                f"{spec.path}: row {bad} (0-based), column {name!r}: cannot convert "
+                f"{spec.path}: {position(spec, bad)}, column {name!r}: cannot convert "
                 f"{column[bad].as_py()!r} to {tp}"
             )
         table = table.set_column(table.schema.get_field_index(name), name, pc.cast(column, tp))
@@ -327,6 +327,11 @@ def _check_text_encoding(spec: TableSpec, table: pa.Table) -> None:
             f"{column[bad].as_py()[:40]!r} are not valid {spec.encoding}; "
             "set 'encoding' (for example latin-1) to the file's encoding"
         )
+
+
+def position(spec: TableSpec, row: int) -> str:
+    """Where data row ``row`` is, as a user finds it: a CSV line, or a Parquet row."""
+    return f"row {row} (0-based)" if spec.is_parquet else f"line {line_of(spec, row)}"
 
 
 def line_of(spec: TableSpec, row: int) -> int:

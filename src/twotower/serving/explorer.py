@@ -19,6 +19,7 @@ Each is a handful of vectorized Arrow operations on the artifact's tables.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from importlib.resources import files
@@ -39,6 +40,7 @@ MAX_HISTORY = 50
 MAX_MAP_POINTS = 5000
 
 
+@functools.cache
 def page() -> str:
     """The explorer page's HTML."""
     return files("twotower.serving").joinpath("explorer.html").read_text(encoding="utf-8")
@@ -104,19 +106,25 @@ def item_records(artifact: Artifact, item_ids: list[Any]) -> list[dict[str, Any]
     Raises:
         UnknownItemError: an id is not in the item table.
     """
-    rows = artifact.item_rows(item_ids)
-    if (rows < 0).any():
-        raise UnknownItemError([i for i, r in zip(item_ids, rows, strict=True) if r < 0])
-    table = artifact.items.take(pa.array(rows, pa.int64()))
+    table = artifact.items.take(pa.array(_item_rows(artifact, item_ids), pa.int64()))
     return [_plain(record) for record in table.to_pylist()]
 
 
-def item_points(artifact: Artifact, item_ids: list[Any]) -> list[list[float]]:
-    """Each item's map coordinates (``projection``), in the order asked."""
+def items_on_map(artifact: Artifact, item_ids: list[Any]) -> dict[str, list]:
+    """``{"items": item_records, "points": their (x, y) on the map}``, in the order asked."""
+    rows = _item_rows(artifact, item_ids)
+    table = artifact.items.take(pa.array(rows, pa.int64()))
+    return {
+        "items": [_plain(record) for record in table.to_pylist()],
+        "points": np.round(projection(artifact)[rows], 4).tolist(),
+    }
+
+
+def _item_rows(artifact: Artifact, item_ids: list[Any]) -> np.ndarray:
     rows = artifact.item_rows(item_ids)
     if (rows < 0).any():
         raise UnknownItemError([i for i, r in zip(item_ids, rows, strict=True) if r < 0])
-    return np.round(projection(artifact)[rows], 4).tolist()
+    return rows
 
 
 _projections: dict[str, np.ndarray] = {}  # artifact fingerprint -> (N, 2)

@@ -258,11 +258,10 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
         """Items' raw fields (title, genres, ...), in the order asked."""
         artifact = state.retriever.artifact
         try:
-            items = explorer.item_records(artifact, body.ids)
-            points = await asyncio.to_thread(explorer.item_points, artifact, body.ids)
+            found = await asyncio.to_thread(explorer.items_on_map, artifact, body.ids)
         except DataError as err:
             raise HTTPException(_status(err), str(err)) from None
-        return AsciiJSONResponse({"items": items, "points": points})
+        return AsciiJSONResponse(found)
 
     @app.get("/explorer/map", response_model=schemas.CorpusMap)
     async def explorer_map(
