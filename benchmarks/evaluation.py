@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from twotower.prepare import load_data
 from twotower.training.data import TrainingData
-from twotower.training.run import load_data, load_model
+from twotower.training.run import load_model
 from twotower.training.trainer import embed_all, evaluate_model
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     timings, baseline = [], []
     for _ in range(args.repeats):
         clock = time.perf_counter()
-        metrics = evaluate_model(model, data, split, "test", ks)
+        metrics = evaluate_model(model, data, "test", ks)
         timings.append(time.perf_counter() - clock)
         clock = time.perf_counter()
         queries, items = embed_all(model, data, 1024, "test")

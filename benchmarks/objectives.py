@@ -22,7 +22,7 @@ from twotower.config import apply_overrides, load_config
 from twotower.training.run import train_run
 
 OBJECTIVES = {
-    "pointwise": ["kind=pointwise", "neg_per_pos=3"],
+    "pointwise": ["kind=pointwise", "num_negatives=3"],
     "hinge": ["kind=hinge", "margin=0.5", "num_negatives=8"],
     "logistic": ["kind=logistic", "sigma=10.0", "num_negatives=8"],
     "listwise": ["kind=listwise", "num_negatives=64"],

@@ -42,8 +42,9 @@ from pathlib import Path
 from twotower.baselines.run import evaluate_baseline
 from twotower.config import Config, apply_overrides, load_config
 from twotower.data.load import with_data_dir
+from twotower.prepare import load_data
 from twotower.training.checkpoint import CheckpointStore
-from twotower.training.run import METRICS_FILE, load_data, train_run
+from twotower.training.run import METRICS_FILE, train_run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from objectives import OBJECTIVES  # noqa: E402  (the objective settings, shared)

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from twotower.config import Config, apply_overrides, load_config
 from twotower.data.load import with_data_dir
 from twotower.features.pipeline import FeaturePipeline
+from twotower.prepare import load_data
 from twotower.towers.model import TwoTower
 from twotower.training.data import TrainingData
-from twotower.training.run import load_data, train_run
+from twotower.training.run import train_run
 from twotower.training.trainer import Trainer, evaluate_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -73,7 +74,7 @@ def one_objective(objective: str, data_dir: Path | None, quick: bool, out: Path)
     times = []
     for _ in range(3):
         clock = time.perf_counter()
-        metrics = evaluate_model(model, data, split, "test", config.training.ks)
+        metrics = evaluate_model(model, data, "test", config.training.ks)
         times.append(time.perf_counter() - clock)
     return {
         "objective": objective,
@@ -137,7 +138,7 @@ def against_reference(data_dir: Path | None, quick: bool, out: Path, steps: int)
         Examples(data), batch_size=config.training.batch_size, shuffle=True
     )
     optimizer = torch.optim.Adam(naive_model.parameters(), lr=config.training.lr)
-    trainer = Trainer(ours_model, data, dataset, split, config.training, out / "reference", seed=0)
+    trainer = Trainer(ours_model, data, config.training, out / "reference", seed=0)
     naive_rates, ours_rates = [], []
     for repeat in range(3):
         clock = time.perf_counter()

@@ -17,19 +17,18 @@ import pytest
 import uvicorn
 
 from twotower.config import Config
-from twotower.data.load import DataConfig, FeatureTableConfig, InteractionsConfig
+from twotower.data.config import DataConfig, FeatureTableConfig, InteractionsConfig, SplitConfig
 from twotower.data.matrix import interaction_matrix
-from twotower.data.splits import SplitConfig
 from twotower.demo import _write_synthetic, demo_config
 from twotower.export import export_run
 from twotower.features.specs import FeaturesConfig, IdFeature, TextFeature
+from twotower.prepare import load_data
 from twotower.serving import Retriever
 from twotower.serving.server import bind
-from twotower.towers.config import ModelConfig
+from twotower.towers.config import MLPConfig, ModelConfig
 from twotower.towers.model import embed_rows
-from twotower.towers.networks import MLPConfig
 from twotower.training.config import TrainingConfig
-from twotower.training.run import load_data, load_model, train_run
+from twotower.training.run import load_model, train_run
 
 
 @dataclasses.dataclass(frozen=True)

@@ -224,7 +224,8 @@ def test_recall_needs_exactly_one_kind_of_query(tiny_run):
 
 
 def test_data_dir_points_a_movielens_config_at_another_folder(tmp_path):
-    from twotower.data.load import DataConfig, with_data_dir
+    from twotower.data.config import DataConfig
+    from twotower.data.load import with_data_dir
     from twotower.errors import ConfigError
 
     moved = with_data_dir(DataConfig(source="movielens-1m", path=Path("old")), tmp_path)

@@ -15,8 +15,7 @@ from twotower.config import (
     save_config,
     to_dict,
 )
-from twotower.data.load import DataConfig, FeatureTableConfig, InteractionsConfig
-from twotower.data.splits import SplitConfig
+from twotower.data.config import DataConfig, FeatureTableConfig, InteractionsConfig, SplitConfig
 from twotower.errors import ConfigError
 from twotower.features.specs import DenseFeature, IdFeature, TextFeature
 

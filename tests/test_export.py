@@ -12,17 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-import twotower.export
 import twotower.index
+import twotower.serving.artifact
+import twotower.storage
 from twotower.config import to_dict
 from twotower.data.matrix import interaction_matrix
 from twotower.demo import _write_synthetic, demo_config
 from twotower.errors import ConfigError, DataError
 from twotower.export import export_run
+from twotower.prepare import load_data
 from twotower.serving import Artifact
 from twotower.storage import sha256_file
 from twotower.towers.model import embed_rows
-from twotower.training.run import load_data, load_model, train_run
+from twotower.training.run import load_model, train_run
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,8 @@ def test_a_crash_while_building_leaves_the_previous_artifact(run_dir, tmp_path, 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(twotower.export, "build_index", crash)  # after most files are written
+    # seen.npz is written after the features, the tower, the vectors and the tables
+    monkeypatch.setattr(twotower.serving.artifact, "save_csr", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         export_run(run_dir, out)
     assert Artifact.load(out).manifest == before
@@ -153,8 +156,8 @@ def test_a_failed_switch_puts_the_previous_artifact_back(run_dir, tmp_path, monk
             raise OSError("rename failed")
         rename(src, dst)
 
-    monkeypatch.setattr(twotower.export, "exchange_paths", lambda a, b: False)  # two renames
-    monkeypatch.setattr(twotower.export.os, "rename", fail_moving_in)
+    monkeypatch.setattr(twotower.storage, "exchange_paths", lambda a, b: False)  # two renames
+    monkeypatch.setattr(twotower.storage.os, "rename", fail_moving_in)
     with pytest.raises(OSError, match="rename failed"):
         export_run(run_dir, out)
     monkeypatch.undo()
@@ -167,7 +170,7 @@ def test_the_swap_is_one_step_where_the_file_system_can(run_dir, tmp_path, monke
     export_run(run_dir, out)
     renames = []
     rename = os.rename
-    monkeypatch.setattr(twotower.export.os, "rename", lambda *a: renames.append(a) or rename(*a))
+    monkeypatch.setattr(twotower.storage.os, "rename", lambda *a: renames.append(a) or rename(*a))
     manifest = export_run(run_dir, out)
     assert renames == []  # renameat2(RENAME_EXCHANGE): never a moment without ``out``
     assert Artifact.load(out).manifest == manifest
@@ -186,7 +189,7 @@ def test_the_next_export_repairs_what_a_killed_one_left(run_dir, tmp_path, monke
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(twotower.export, "build_index", crash)
+    monkeypatch.setattr(twotower.serving.artifact, "save_csr", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         export_run(run_dir, out)  # fails, but only after putting things right
     assert Artifact.load(out).manifest == before

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -131,7 +130,7 @@ def baseline(
     from twotower.baselines import BASELINES
     from twotower.baselines.run import evaluate_baseline, write_metrics
     from twotower.config import save_config
-    from twotower.training.run import load_data
+    from twotower.prepare import load_data
 
     if model not in BASELINES:
         raise ConfigError(f"--model {model!r}: choose one of {', '.join(BASELINES)}")
@@ -342,7 +341,8 @@ def data_synth(
     bounded memory (``twotower.data.synthetic_stream``), e.g. --interactions 20000000
     --items 1000000.
     """
-    from twotower.data.synthetic import SyntheticConfig, generate, write_parquet
+    from twotower.data.config import SyntheticConfig
+    from twotower.data.synthetic import generate, write_parquet
 
     if interactions is not None:
         from twotower.data.synthetic_stream import StreamSynthConfig, write_stream
@@ -380,42 +380,10 @@ def data_prepare(
     data_dir: DataDir = None,
 ) -> None:
     """Load and check a dataset, split it, fit the features on train, and save them."""
-    from twotower.config import save_config
-    from twotower.data.load import load_dataset
-    from twotower.data.splits import split_interactions
-    from twotower.features.pipeline import FeaturePipeline
+    from twotower.prepare import prepare_data
 
     config = _config(config_path, overrides, data_dir)
-    clock = time.perf_counter()
-    dataset = load_dataset(
-        config.data,
-        config.features.required_columns("query"),
-        config.features.required_columns("item"),
-    )
-    loaded = time.perf_counter()
-    split = split_interactions(dataset, config.split)
-    split_done = time.perf_counter()
-    pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
-    fitted = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    pipeline.save(out)
-    save_config(config, out / "config.yaml")
-    summary = {
-        "dataset": dataset.name,
-        "interactions": dataset.interactions.num_rows,
-        "queries": dataset.num_queries,
-        "items": dataset.num_items,
-        "train": split.train.num_rows,
-        "valid": split.valid.num_rows,
-        "test": split.test.num_rows,
-        "feature_sizes": {side: pipeline.sizes(side) for side in ("query", "item")},
-        "seconds": {
-            "load": round(loaded - clock, 3),
-            "split": round(split_done - loaded, 3),
-            "fit_features": round(fitted - split_done, 3),
-        },
-    }
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json.dumps(prepare_data(config, out), indent=2))
 
 
 def main() -> None:

@@ -1,26 +1,25 @@
 """One ``Config`` composed of each part's frozen dataclass: YAML in, ``--set`` overrides.
 
-Every part of the pipeline defines its own dataclass beside its code; this module
-only composes them and turns plain YAML into those dataclasses with type checks.
-An unknown key fails loudly and names the nearest valid one. Relative paths in a
-YAML file are resolved against that file's folder; paths given with ``--set`` are
-resolved against the current directory.
+Every part of the pipeline defines its own config dataclasses in a module beside its
+code (``data/config.py``, ``features/specs.py``, ``towers/config.py``,
+``training/config.py``, ``baselines/config.py``) that imports none of that part's
+code; this module only composes them. The converters (type checks, nearest-key
+errors, overrides) are ``twotower.config_io``'s. Relative paths in a YAML file are
+resolved against that file's folder; paths given with ``--set`` are resolved against
+the current directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
 
 import yaml
 
 from twotower.baselines.config import BaselinesConfig
-from twotower.data.load import DataConfig
-from twotower.data.splits import SplitConfig
+from twotower.config_io import apply_overrides, from_dict, to_dict
+from twotower.data.config import DataConfig, SplitConfig
 from twotower.errors import ConfigError
 from twotower.features.specs import FeaturesConfig
 from twotower.storage import atomic_write
@@ -65,193 +64,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     return apply_overrides(config, overrides)
 
 
-def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
-    """Returns ``config`` with each ``dotted.key=value`` override applied and type-checked."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        value = yaml.safe_load(text) if text else ""
-        # a tagged section's "kind" (e.g. training.objective.kind=hinge) switches it
-        # to that kind with its defaults; later overrides then set its fields
-        config = _replace_path(config, key.split("."), value, where=f"--set {key}")
-    return config
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain, YAML/JSON-ready form of a config (paths become strings)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def save_config(config: Config, path: Path) -> None:
     """Writes the resolved config as YAML (atomically)."""
     text = yaml.safe_dump(to_dict(config), sort_keys=False).encode("utf-8")
     atomic_write(Path(path), lambda f: f.write(text))
-
-
-def from_dict(cls: type, raw: Any, where: str, base_dir: Path = Path(".")) -> Any:
-    """Builds dataclass ``cls`` from plain data, checking every key and type.
-
-    Args:
-        cls: a dataclass type (or any annotation this module understands).
-        raw: the parsed YAML value.
-        where: a dotted location used in error messages.
-        base_dir: the folder that relative paths are resolved against.
-    """
-    return _convert(cls, raw, where, base_dir)
-
-
-def _convert(tp: Any, value: Any, where: str, base_dir: Path) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return _convert_union(tp, value, where, base_dir)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            choices = ", ".join(repr(a) for a in typing.get_args(tp))
-            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp)
-        items = [_convert(item_tp, v, f"{where}[{i}]", base_dir) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        _, val_tp = typing.get_args(tp)
-        return {str(k): _convert(val_tp, v, f"{where}.{k}", base_dir) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _convert_dataclass(tp, value, where, base_dir)
-    return _convert_scalar(tp, value, where, base_dir)
-
-
-def _convert_union(tp: Any, value: Any, where: str, base_dir: Path) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if value is None:
-        if len(args) < len(typing.get_args(tp)):
-            return None
-        raise ConfigError(f"{where}: a value is required")
-    tagged = [a for a in args if dataclasses.is_dataclass(a) and "kind" in _field_types(a)]
-    if tagged:
-        return _convert_tagged(tagged, value, where, base_dir)
-    errors = []
-    for arg in args:
-        try:
-            return _convert(arg, value, where, base_dir)
-        except ConfigError as err:
-            errors.append(str(err))
-    raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {args}")
-
-
-def _convert_tagged(options: list[type], value: Any, where: str, base_dir: Path) -> Any:
-    """A union of dataclasses told apart by their ``kind`` field (e.g. feature specs)."""
-    by_kind = {typing.get_args(_field_types(c)["kind"])[0]: c for c in options}
-    if not isinstance(value, dict) or "kind" not in value:
-        raise ConfigError(f"{where}: expected a mapping with a 'kind' (one of {sorted(by_kind)})")
-    kind = value["kind"]
-    if kind not in by_kind:
-        raise ConfigError(f"{where}.kind: unknown kind {kind!r}{_nearest(kind, by_kind)}")
-    return _convert_dataclass(by_kind[kind], value, where, base_dir)
-
-
-def _convert_dataclass(cls: type, value: Any, where: str, base_dir: Path) -> Any:
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(
-            f"{where or 'top level'}: expected a mapping for {cls.__name__}, got {value!r}"
-        )
-    hints = _field_types(cls)
-    for key in value:
-        if key not in hints:
-            place = f"{where}: unknown key" if where else "unknown top-level key"
-            raise ConfigError(f"{place} {key!r}{_nearest(str(key), hints)}")
-    kwargs = {
-        key: _convert(hints[key], val, f"{where}.{key}" if where else key, base_dir)
-        for key, val in value.items()
-    }
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required field without a default
-        raise ConfigError(f"{where}: {err}") from None
-    except ValueError as err:  # a dataclass's own __post_init__ check
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def _convert_scalar(tp: Any, value: Any, where: str, base_dir: Path) -> Any:
-    if tp is Any:
-        return value
-    if tp is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{where}: expected a path, got {value!r}")
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else base_dir / path
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported config type {tp!r}")
-
-
-def _replace_path(obj: Any, keys: list[str], value: Any, where: str) -> Any:
-    """Returns a copy of ``obj`` with the field at ``keys`` set to ``value``."""
-    head, rest = keys[0], keys[1:]
-    if isinstance(obj, list):  # a list of named specs: select the element by its name
-        names = [getattr(item, "name", None) for item in obj]
-        if head not in names:
-            raise ConfigError(f"{where}: no entry named {head!r}{_nearest(head, names)}")
-        i = names.index(head)
-        if not rest:
-            raise ConfigError(f"{where}: name a field of {head!r} to override")
-        return [*obj[:i], _replace_path(obj[i], rest, value, where), *obj[i + 1 :]]
-    if not dataclasses.is_dataclass(obj):
-        raise ConfigError(f"{where}: {head!r} is not a section")
-    hints = _field_types(type(obj))
-    if head not in hints:
-        raise ConfigError(f"{where}: unknown key {head!r}{_nearest(head, hints)}")
-    if rest == ["kind"] and _is_tagged_union(hints[head]):
-        # switching kind (an objective, a network) starts from that kind's defaults
-        current = getattr(obj, head)
-        kept = current.kind == value
-        new = current if kept else _convert(hints[head], {"kind": value}, where, Path.cwd())
-    elif rest:
-        new = _replace_path(getattr(obj, head), rest, value, where)
-    else:
-        new = _convert(hints[head], value, where, Path.cwd())
-    try:
-        return dataclasses.replace(obj, **{head: new})
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def _is_tagged_union(tp: Any) -> bool:
-    """A union of dataclasses told apart by ``kind`` (feature specs, objectives, networks)."""
-    if typing.get_origin(tp) not in (Union, types.UnionType):
-        return False
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return all(dataclasses.is_dataclass(a) and "kind" in _field_types(a) for a in args)
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _nearest(key: str, valid: typing.Iterable[Any]) -> str:
-    names = [str(v) for v in valid if v is not None]
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} (valid: {', '.join(sorted(names))})"

@@ -20,11 +20,12 @@ from twotower.baselines import BASELINES
 from twotower.baselines.config import BaselinesConfig
 from twotower.baselines.run import evaluate_baseline
 from twotower.config import Config, load_config, save_config
+from twotower.data.config import DataConfig, FeatureTableConfig, InteractionsConfig
 from twotower.data.dataset import Dataset
-from twotower.data.load import DataConfig, FeatureTableConfig, InteractionsConfig, load_dataset
-from twotower.data.splits import Split, split_interactions
+from twotower.data.splits import Split
 from twotower.data.synthetic import generate, write_parquet
 from twotower.export import export_run
+from twotower.prepare import load_data
 from twotower.training.run import train_run
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,7 @@ def run_demo(out: Path, overrides: list[str] | None = None) -> DemoResult:
     config = dataclasses.replace(config, data=_write_synthetic(config, out / "data"))
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    dataset = load_dataset(
-        config.data,
-        config.features.required_columns("query"),
-        config.features.required_columns("item"),
-    )
-    split = split_interactions(dataset, config.split)
+    dataset, split = load_data(config)
     seconds["data"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

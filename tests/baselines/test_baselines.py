@@ -7,7 +7,8 @@ import torch
 from twotower.baselines import BASELINES, EASE, ItemKNN, Popularity
 from twotower.data.matrix import interaction_matrix
 from twotower.data.splits import Split
-from twotower.evaluation.ranking import evaluate, top_k
+from twotower.evaluation.ranking import evaluate
+from twotower.index.topk import top_k
 
 
 def _train(seed: int = 0, shape: tuple[int, int] = (40, 15), p: float = 0.3) -> sp.csr_matrix:

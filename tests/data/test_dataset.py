@@ -7,10 +7,16 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from twotower.data.config import (
+    DataConfig,
+    FeatureTableConfig,
+    InteractionsConfig,
+    SplitConfig,
+    TableSpec,
+)
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, SPLIT, WEIGHT, Dataset
-from twotower.data.load import DataConfig, FeatureTableConfig, InteractionsConfig, load_dataset
-from twotower.data.splits import SplitConfig, split_interactions
-from twotower.data.tables import TableSpec
+from twotower.data.load import load_dataset
+from twotower.data.splits import split_interactions
 from twotower.errors import DataError
 
 

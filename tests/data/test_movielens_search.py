@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from twotower.data.load import DataConfig, load_dataset
+from twotower.data.config import DataConfig
+from twotower.data.load import load_dataset
 from twotower.data.movielens import (
     ADAPTERS,
     load_movielens_latest_small,

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twotower.data.config import SplitConfig, SyntheticConfig
 from twotower.data.dataset import Dataset
-from twotower.data.splits import SPLIT_NAMES, Split, SplitConfig, split_interactions
-from twotower.data.synthetic import SyntheticConfig, generate
+from twotower.data.splits import SPLIT_NAMES, Split, split_interactions
+from twotower.data.synthetic import generate
 from twotower.errors import DataError
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from twotower.data.load import DataConfig, FeatureTableConfig, InteractionsConfig, load_dataset
-from twotower.data.synthetic import SyntheticConfig, SyntheticData, generate, write_parquet
+from twotower.data.config import DataConfig, FeatureTableConfig, InteractionsConfig, SyntheticConfig
+from twotower.data.load import load_dataset
+from twotower.data.synthetic import SyntheticData, generate, write_parquet
 
 SMALL = SyntheticConfig(num_queries=300, num_items=200, num_clusters=8, interactions_per_query=10)
 

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from twotower.data.tables import TableSpec, read_table
+from twotower.data.config import TableSpec
+from twotower.data.tables import read_table
 from twotower.errors import DataError
 
 

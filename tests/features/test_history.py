@@ -6,9 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from twotower.data.config import SplitConfig, SyntheticConfig
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP, Dataset
-from twotower.data.splits import SplitConfig, split_interactions
-from twotower.data.synthetic import SyntheticConfig, generate
+from twotower.data.splits import split_interactions
+from twotower.data.synthetic import generate
 from twotower.errors import DataError
 from twotower.features.history import HistoryTransform
 from twotower.features.pipeline import FeaturePipeline

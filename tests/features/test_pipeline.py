@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twotower.config import load_config
+from twotower.data.config import SplitConfig
 from twotower.data.dataset import ITEM_IDX, Dataset
 from twotower.data.load import load_dataset
-from twotower.data.splits import SplitConfig, split_interactions
+from twotower.data.splits import split_interactions
 from twotower.errors import DataError
 from twotower.features.pipeline import ARRAYS_FILE, STATE_FILE, FeaturePipeline
 from twotower.features.specs import (

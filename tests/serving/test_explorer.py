@@ -17,8 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from twotower.data.dataset import ITEM_ID, QUERY_ID
+from twotower.prepare import load_data
 from twotower.serving.http import create_app
-from twotower.training.run import load_data, load_model
+from twotower.training.run import load_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LOOPBACK = ("127.0.0.1", 50000)

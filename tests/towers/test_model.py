@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 import torch
 
+from twotower.data.config import SplitConfig
 from twotower.data.dataset import Dataset
-from twotower.data.splits import SplitConfig, split_interactions
+from twotower.data.splits import split_interactions
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import (
     DenseFeature,
@@ -21,10 +22,9 @@ from twotower.features.specs import (
     OneHotFeature,
     TextFeature,
 )
-from twotower.towers.config import ModelConfig
+from twotower.towers.config import MLPConfig, ModelConfig
 from twotower.towers.encoders import FeatureEncoders, PooledEncoder, embedding_table
 from twotower.towers.model import Temperature, TwoTower, embed_rows
-from twotower.towers.networks import MLPConfig
 
 FEATURES = FeaturesConfig(
     query=[

@@ -4,16 +4,8 @@ from torch import nn
 
 from twotower.config import from_dict
 from twotower.errors import ConfigError
-from twotower.towers.networks import (
-    DCN,
-    MLP,
-    NETWORKS,
-    CrossLayer,
-    DCNConfig,
-    MLPConfig,
-    NetworkConfig,
-    build_network,
-)
+from twotower.towers.config import DCNConfig, MLPConfig, NetworkConfig
+from twotower.towers.networks import DCN, MLP, NETWORKS, CrossLayer, build_network
 
 
 def _types(module: nn.Sequential) -> list[type]:

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pytest
 import torch
 
+from twotower.data.config import SplitConfig
 from twotower.data.dataset import Dataset
-from twotower.data.splits import SplitConfig, split_interactions
+from twotower.data.splits import split_interactions
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
 from twotower.training.data import TrainingData

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from twotower.config import load_config
+from twotower.prepare import load_data
 from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
-from twotower.training.run import load_data
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "synthetic.yaml"

@@ -10,7 +10,8 @@ import pytest
 from twotower.baselines import Popularity
 from twotower.data.matrix import interaction_matrix
 from twotower.evaluation.ranking import evaluate
-from twotower.training.objectives import (
+from twotower.prepare import load_data
+from twotower.training.config import (
     HingeConfig,
     InBatchConfig,
     ListwiseConfig,
@@ -18,10 +19,10 @@ from twotower.training.objectives import (
     MixedConfig,
     PointwiseConfig,
 )
-from twotower.training.run import load_data, train_run
+from twotower.training.run import train_run
 
 OBJECTIVES = {
-    "pointwise": PointwiseConfig(neg_per_pos=3),
+    "pointwise": PointwiseConfig(num_negatives=3),
     "hinge": HingeConfig(margin=0.5),
     "logistic": LogisticConfig(sigma=10.0),
     "listwise": ListwiseConfig(num_negatives=16),

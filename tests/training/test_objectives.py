@@ -10,17 +10,15 @@ import torch
 
 from twotower.losses import ListwiseSoftmax, TripletHinge
 from twotower.sampling import CountFrequency, InBatchSampler, MixedSampler
-from twotower.training.objectives import (
+from twotower.training.config import (
     HingeConfig,
     InBatchConfig,
     ListwiseConfig,
     LogisticConfig,
     MixedConfig,
     PointwiseConfig,
-    RowNegatives,
-    SharedCandidates,
-    build_objective,
 )
+from twotower.training.objectives import RowNegatives, SharedCandidates, build_objective
 
 # Item vectors of a 4-item corpus (unit vectors in 2-d) and two query vectors.
 ITEMS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
@@ -129,7 +127,7 @@ def test_every_objective_config_builds_and_gives_a_finite_differentiable_loss(co
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: PointwiseConfig(neg_per_pos=0),
+        lambda: PointwiseConfig(num_negatives=0),
         lambda: ListwiseConfig(num_negatives=0),
         lambda: HingeConfig(alpha=-1.0),
         lambda: InBatchConfig(hard_negatives=-1),

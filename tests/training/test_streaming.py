@@ -13,9 +13,11 @@ import torch
 from twotower.config import load_config
 from twotower.data.synthetic_stream import StreamSynthConfig, write_stream
 from twotower.errors import ConfigError, DataError
+from twotower.features.streaming import fit_stream_pipeline
+from twotower.prepare import load_data
 from twotower.training.distributed import Collective
-from twotower.training.run import load_data, train_run
-from twotower.training.streaming import StreamingTrainingData, fit_stream_pipeline
+from twotower.training.run import train_run
+from twotower.training.streaming import StreamingTrainingData
 
 CONFIG = """
 data:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from twotower.config import Config, apply_overrides
-from twotower.training.run import load_data, load_model, train_run
+from twotower.prepare import load_data
+from twotower.training.run import load_model, train_run
 from twotower.training.trainer import build_optimizers
 
 

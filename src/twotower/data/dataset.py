@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from twotower.data.config import MissingRows
 from twotower.data.tables import first_failure
 from twotower.errors import DataError
 
@@ -28,8 +28,6 @@ QUERY_IDX = "query_idx"
 ITEM_IDX = "item_idx"
 # Set only when the user gave their own train/valid/test files: 0, 1 or 2.
 SPLIT = "split"
-
-MissingRows = Literal["error", "impute", "drop"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,12 +6,12 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from twotower.data.config import DataConfig, FeatureTableConfig, InteractionsConfig, TableSpec
 from twotower.data.dataset import (
     ITEM_ID,
     QUERY_ID,
@@ -20,93 +20,14 @@ from twotower.data.dataset import (
     TIMESTAMP,
     WEIGHT,
     Dataset,
-    MissingRows,
 )
-from twotower.data.stream import StreamConfig
-from twotower.data.synthetic import SyntheticConfig, generate
-from twotower.data.tables import TableSpec, first_failure, position, read_table
+from twotower.data.synthetic import generate
+from twotower.data.tables import first_failure, position, read_table
 from twotower.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 ColumnTypes = Mapping[str, pa.DataType | None]
-
-
-@dataclasses.dataclass(frozen=True)
-class InteractionsConfig(TableSpec):
-    """The interactions file and which of its columns play which role.
-
-    Attributes:
-        query_id: the column holding the query (user) id.
-        item_id: the column holding the item id.
-        timestamp: the time column, if any (numbers or Arrow timestamps).
-        weight: a label / rating / weight column, if any.
-    """
-
-    query_id: str = "user_id"
-    item_id: str = "item_id"
-    timestamp: str | None = None
-    weight: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureTableConfig(TableSpec):
-    """A side's feature table: one row per key."""
-
-    key: str = "id"
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where the data comes from.
-
-    Attributes:
-        source: ``files`` (the tables below), ``synthetic`` (the built-in generator) or
-            a MovieLens adapter reading the folder ``path``.
-        path: the dataset folder, for adapters.
-        interactions: the interactions file (``files``); with ``split.method: given``
-            it holds the training interactions.
-        valid: the user's own validation interactions (same columns).
-        test: the user's own test interactions (same columns).
-        queries: the query-side feature table.
-        items: the item-side feature table (the retrieval corpus).
-        min_weight: keep only interactions whose weight is at least this (e.g. rating >= 4).
-        on_missing_rows: an id with no feature row: ``error``, ``impute`` or ``drop``.
-        synthetic: the generator's settings, for ``source: synthetic``.
-        sample_queries: keep the interactions of only this many queries (users), drawn
-            at random among those with interactions; for quick experiments.
-        sample_seed: the seed of that draw.
-        stream: for ``source: stream``, Parquet streamed in bounded memory (training
-            on data larger than memory; ``twotower.data.stream``).
-    """
-
-    source: Literal[
-        "files",
-        "synthetic",
-        "movielens-100k",
-        "movielens-1m",
-        "movielens-latest-small",
-        "movielens-latest-small-search",
-        "stream",
-    ] = "synthetic"
-    path: Path | None = None
-    interactions: InteractionsConfig | None = None
-    valid: TableSpec | None = None
-    test: TableSpec | None = None
-    queries: FeatureTableConfig | None = None
-    items: FeatureTableConfig | None = None
-    min_weight: float | None = None
-    on_missing_rows: MissingRows = "error"
-    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
-    sample_queries: int | None = None
-    sample_seed: int = 0
-    stream: StreamConfig | None = None
-
-    def __post_init__(self) -> None:
-        if (self.source == "stream") != (self.stream is not None):
-            raise ValueError("data.source 'stream' goes with a data.stream section, and only it")
-        if self.sample_queries is not None and self.sample_queries < 1:
-            raise ValueError(f"sample_queries must be >= 1, got {self.sample_queries}")
 
 
 # The folder each MovieLens adapter reads, named as GroupLens ships it.

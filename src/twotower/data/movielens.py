@@ -18,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from twotower.data.config import TableSpec
 from twotower.data.dataset import ITEM_ID, QUERY_ID, TIMESTAMP, WEIGHT, Dataset
-from twotower.data.tables import TableSpec, read_table
+from twotower.data.tables import read_table
 from twotower.errors import DataError
 
 USER_KEY = "user_id"

@@ -18,33 +18,16 @@ Methods:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
+from twotower.data.config import SplitConfig
 from twotower.data.dataset import QUERY_IDX, SPLIT, TIMESTAMP, Dataset
 from twotower.errors import DataError
 
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "valid", "test")
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitConfig:
-    """How interactions are split (see the module docstring for each method)."""
-
-    method: Literal["leave_last_out", "random", "time", "given"] = "leave_last_out"
-    ratios: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
-    valid_from: float | None = None
-    test_from: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6:
-            raise ValueError(
-                f"ratios must be three non-negative numbers summing to 1: {self.ratios}"
-            )
 
 
 @dataclasses.dataclass(frozen=True)

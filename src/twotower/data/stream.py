@@ -19,58 +19,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twotower.errors import DataError
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamConfig:
-    """Training interactions streamed from Parquet (``data.source: stream``).
-
-    The interaction rows carry the query side's feature columns themselves (the
-    form logs take: one row per event, with the user's features as of then); items
-    come from ``items``, the corpus, which is held in memory.
-
-    Attributes:
-        train: a Parquet file or a folder of them: the training interactions.
-        valid: the validation interactions (same columns), ranked after each epoch.
-        test: the test interactions, ranked once at the end.
-        items: the item feature table (the retrieval corpus): a Parquet file.
-        query_id: the query (user) key column of the interaction rows.
-        item_id: the item key column, of the interaction rows and of ``items``.
-        buffer_rows: the shuffle buffer, in rows, per reading process.
-        workers: DataLoader worker processes reading and transforming batches.
-        eval_queries: rank at most this many held-out queries (a seeded sample).
-        max_distinct: counters per categorical feature when fitting from the stream;
-            past it counts are approximate (``twotower.features.streaming``).
-        max_sample: values kept per bucketized feature when fitting quantiles.
-        unknown_items: an interaction whose item is not in ``items``: ``error`` or
-            ``drop`` (counted and logged).
-    """
-
-    train: Path
-    valid: Path
-    test: Path
-    items: Path
-    query_id: str = "user_id"
-    item_id: str = "item_id"
-    buffer_rows: int = 200_000
-    workers: int = 1
-    eval_queries: int = 20_000
-    max_distinct: int = 5_000_000
-    max_sample: int = 1_000_000
-    unknown_items: Literal["error", "drop"] = "error"
-
-    def __post_init__(self) -> None:
-        if min(self.buffer_rows, self.eval_queries, self.max_distinct, self.max_sample) < 1:
-            raise ValueError("buffer_rows, eval_queries, max_distinct and max_sample must be >= 1")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,3 +207,19 @@ def shard_bounds(count: int, parts: int) -> list[int]:
     """
     base, extra = divmod(count, parts)
     return [i * base + min(i, extra) for i in range(parts + 1)]
+
+
+def read_item_table(path: Path, columns: list[str]) -> pa.Table:
+    """A streamed dataset's item table (the corpus, held in memory): these columns.
+
+    Raises:
+        DataError: nothing to read at ``path``, a column missing, or no rows.
+    """
+    parquet_files(path)  # a clear error if there is nothing to read
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        raise DataError(f"{path}: cannot read the item columns {columns} ({err})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the item table has no rows")
+    return table

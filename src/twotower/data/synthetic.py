@@ -12,6 +12,11 @@ Every feature carries some of the cluster signal, through noise:
     item side: ``category`` (low-cardinality), ``price`` (continuous, 2% missing),
     ``views`` (a long-tailed count following popularity), ``genres`` (a multi-hot
     list like ``"g03|g07"``) and ``title`` (a short text of cluster-typical words).
+
+The draws themselves (``draw_centres``, ``draw_vectors``, ``draw_log_popularity``,
+``draw_activity``, ``draw_timestamps``) and the feature columns (``user_columns``,
+``item_columns``) are public: ``twotower.data.synthetic_stream`` builds the same
+structure at scale from them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from twotower.data.config import SyntheticConfig
 from twotower.data.dataset import Dataset
 
 _LATENT_DIM = 16
@@ -33,35 +39,6 @@ _WORDS_PER_CLUSTER = 12
 _START_TIME = 1_600_000_000  # seconds; the interactions span 180 days from here
 _SPAN = 180 * 24 * 3600
 _SYLLABLES = np.array(["ka", "lo", "mi", "ru", "ze", "to", "vi", "na", "pe", "sor", "dun", "qua"])
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticConfig:
-    """Settings of the generator.
-
-    Attributes:
-        num_queries: number of users.
-        num_items: number of items.
-        num_clusters: number of latent clusters.
-        interactions_per_query: mean interactions per user (at least 5 each).
-        affinity: how strongly clusters drive the choice (vs. popularity).
-        popularity_exponent: Zipf exponent of the item popularity tail.
-        seed: random seed; the same seed gives the same data.
-    """
-
-    num_queries: int = 2000
-    num_items: int = 1000
-    num_clusters: int = 8
-    interactions_per_query: int = 20
-    affinity: float = 10.0
-    popularity_exponent: float = 0.9
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if min(self.num_queries, self.num_items, self.num_clusters) < 1:
-            raise ValueError("num_queries, num_items and num_clusters must be positive")
-        if self.interactions_per_query < 5 or self.interactions_per_query > self.num_items:
-            raise ValueError("interactions_per_query must be between 5 and num_items")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,24 +83,19 @@ def logits(
 def generate(config: SyntheticConfig) -> SyntheticData:
     """Draws a dataset from the config's latent clusters (deterministic given ``seed``)."""
     rng = np.random.default_rng(config.seed)
-    centres = _unit(rng.normal(size=(config.num_clusters, _LATENT_DIM)))
+    centres = draw_centres(rng, config.num_clusters)
     query_cluster = rng.integers(config.num_clusters, size=config.num_queries)
     item_cluster = rng.integers(config.num_clusters, size=config.num_items)
-    query_vec = _unit(
-        centres[query_cluster] + 0.35 * rng.normal(size=(config.num_queries, _LATENT_DIM))
-    )
-    item_vec = _unit(
-        centres[item_cluster] + 0.35 * rng.normal(size=(config.num_items, _LATENT_DIM))
-    )
-    popularity_rank = rng.permutation(config.num_items) + 1
-    log_popularity = -config.popularity_exponent * np.log(popularity_rank)
-    counts = _activity(rng, config)
+    query_vec = draw_vectors(rng, centres, query_cluster)
+    item_vec = draw_vectors(rng, centres, item_cluster)
+    log_popularity = draw_log_popularity(rng, config.num_items, config.popularity_exponent)
+    counts = draw_activity(rng, config.interactions_per_query, config.num_queries, config.num_items)
 
     def block_logits(rows: slice) -> np.ndarray:
         return logits(query_vec[rows], item_vec, log_popularity, config.affinity)
 
     query_idx, item_idx = _sample_interactions(rng, block_logits, counts, config.num_items)
-    timestamps = _timestamps(rng, query_idx)
+    timestamps = draw_timestamps(rng, len(query_idx))
     interactions = pa.table(
         {
             "query_id": query_idx + 1,
@@ -131,8 +103,8 @@ def generate(config: SyntheticConfig) -> SyntheticData:
             "timestamp": timestamps,
         }
     )
-    queries = _query_table(rng, config, query_cluster, counts)
-    items = _item_table(rng, config, item_cluster, log_popularity)
+    queries = pa.table(user_columns(rng, query_cluster, config.num_clusters, counts))
+    items = pa.table(item_columns(rng, item_cluster, config.num_clusters, log_popularity))
     dataset = Dataset.from_tables(
         interactions, queries, items, query_key="user_id", item_key="item_id", name="synthetic"
     )
@@ -161,12 +133,76 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _activity(rng: np.random.Generator, config: SyntheticConfig) -> np.ndarray:
-    """Interactions per query: at least 5, long-tailed, mean about the configured one."""
-    extra_mean = config.interactions_per_query - 5
-    extra = rng.lognormal(np.log(max(extra_mean, 1e-9)) - 0.5, 1.0, size=config.num_queries)
+def draw_centres(rng: np.random.Generator, num_clusters: int) -> np.ndarray:
+    """Draws the clusters' centres: random unit vectors.
+
+    Args:
+        rng: the generator's random state (advanced).
+        num_clusters: how many clusters, C.
+
+    Returns:
+        (C, L) one latent unit vector per cluster.
+    """
+    return _unit(rng.normal(size=(num_clusters, _LATENT_DIM)))
+
+
+def draw_vectors(rng: np.random.Generator, centres: np.ndarray, cluster: np.ndarray) -> np.ndarray:
+    """Draws a latent unit vector near its cluster's centre for each query or item.
+
+    Args:
+        rng: the generator's random state (advanced).
+        centres: (C, L) the clusters' centres, from ``draw_centres``.
+        cluster: (R,) the cluster of each row.
+
+    Returns:
+        (R, L) unit vectors: the centre plus Gaussian noise, normalized.
+    """
+    return _unit(centres[cluster] + 0.35 * rng.normal(size=(len(cluster), _LATENT_DIM)))
+
+
+def draw_log_popularity(rng: np.random.Generator, num_items: int, exponent: float) -> np.ndarray:
+    """Draws the items' popularity term of the logits: a Zipf tail over a random ranking.
+
+    Args:
+        rng: the generator's random state (advanced).
+        num_items: how many items, N.
+        exponent: the Zipf exponent (``popularity_exponent``).
+
+    Returns:
+        (N,) ``-exponent * log(rank)``, ranks 1..N in random order.
+    """
+    return -exponent * np.log(rng.permutation(num_items) + 1)
+
+
+def draw_activity(rng: np.random.Generator, mean: int, size: int, most: int) -> np.ndarray:
+    """Draws interactions per query: at least 5, long-tailed, mean about ``mean``.
+
+    Args:
+        rng: the generator's random state (advanced).
+        mean: the mean interactions per query (at least 5).
+        size: how many queries, Q.
+        most: the cap on any one query's count.
+
+    Returns:
+        (Q,) int64 counts in [5, most] (``most`` at least 5).
+    """
+    extra_mean = mean - 5
+    extra = rng.lognormal(np.log(max(extra_mean, 1e-9)) - 0.5, 1.0, size=size)
     counts = 5 + np.round(extra if extra_mean > 0 else 0 * extra).astype(np.int64)
-    return np.minimum(counts, config.num_items)
+    return np.minimum(counts, most)
+
+
+def draw_timestamps(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Draws event times, uniform over 180 days and independent of the sampling order.
+
+    Args:
+        rng: the generator's random state (advanced).
+        count: how many events, E.
+
+    Returns:
+        (E,) integer seconds from 1,600,000,000.
+    """
+    return _START_TIME + rng.integers(0, _SPAN, size=count)
 
 
 def _sample_interactions(
@@ -201,11 +237,6 @@ def _sample_interactions(
     return np.concatenate(query_idx), np.concatenate(item_idx)
 
 
-def _timestamps(rng: np.random.Generator, query_idx: np.ndarray) -> np.ndarray:
-    """Integer seconds, uniform over 180 days and independent of the sampling order."""
-    return _START_TIME + rng.integers(0, _SPAN, size=len(query_idx))
-
-
 def _noisy_label(rng: np.random.Generator, cluster: np.ndarray, levels: int, noise: float):
     """A categorical that equals ``cluster % levels`` except for a ``noise`` fraction."""
     label = cluster % levels
@@ -217,12 +248,6 @@ def _with_missing(rng: np.random.Generator, values: np.ndarray, rate: float) -> 
     return pa.array(values, mask=rng.random(len(values)) < rate)
 
 
-def _query_table(
-    rng: np.random.Generator, config: SyntheticConfig, cluster: np.ndarray, counts: np.ndarray
-) -> pa.Table:
-    return pa.table(user_columns(rng, cluster, config.num_clusters, counts))
-
-
 def user_columns(
     rng: np.random.Generator,
     cluster: np.ndarray,
@@ -230,7 +255,18 @@ def user_columns(
     counts: np.ndarray,
     first_id: int = 1,
 ) -> dict[str, pa.Array]:
-    """The user table's columns for users of these clusters and interaction counts."""
+    """Draws the user table's columns for users of these clusters and interaction counts.
+
+    Args:
+        rng: the generator's random state (advanced).
+        cluster: (U,) the cluster of each user.
+        num_clusters: how many clusters there are (spreads ``age`` over them).
+        counts: (U,) each user's interactions (``sessions`` follows it).
+        first_id: the ``user_id`` of the first user; the rest count up from it.
+
+    Returns:
+        The columns by name: ``user_id``, ``segment``, ``age`` and ``sessions``.
+    """
     segment = _noisy_label(rng, cluster, 4, 0.2)
     age = 22 + 35 * cluster / max(num_clusters - 1, 1) + rng.normal(0, 5, len(cluster))
     sessions = np.round(counts * rng.lognormal(0.5, 0.8, len(cluster))).astype(np.int64)
@@ -242,23 +278,34 @@ def user_columns(
     }
 
 
-def _item_table(
-    rng: np.random.Generator, config: SyntheticConfig, cluster: np.ndarray, log_pop: np.ndarray
-) -> pa.Table:
-    n = config.num_items
+def item_columns(
+    rng: np.random.Generator, cluster: np.ndarray, num_clusters: int, log_popularity: np.ndarray
+) -> dict[str, pa.Array]:
+    """Draws the item table's columns for items of these clusters and popularity.
+
+    Args:
+        rng: the generator's random state (advanced).
+        cluster: (N,) the cluster of each item.
+        num_clusters: how many clusters there are (sizes the title vocabulary).
+        log_popularity: (N,) each item's popularity term, from ``draw_log_popularity``.
+
+    Returns:
+        The columns by name: ``item_id`` (1..N), ``category``, ``price``, ``views``,
+        ``genres`` and ``title``.
+    """
+    n = len(cluster)
     category = _noisy_label(rng, cluster, 5, 0.2)
     price = np.exp(2 + 0.3 * (cluster % 4) + rng.normal(0, 0.4, n))
-    views = np.round(np.exp(log_pop - log_pop.min()) * rng.lognormal(2.0, 0.5, n)).astype(np.int64)
-    return pa.table(
-        {
-            "item_id": np.arange(1, n + 1),
-            "category": pc.take(pa.array([f"c{i}" for i in range(5)]), pa.array(category)),
-            "price": _with_missing(rng, np.round(price, 2), 0.02),
-            "views": views,
-            "genres": _genres(rng, cluster),
-            "title": _titles(rng, cluster, config.num_clusters),
-        }
-    )
+    scale = np.exp(log_popularity - log_popularity.min())
+    views = np.round(scale * rng.lognormal(2.0, 0.5, n)).astype(np.int64)
+    return {
+        "item_id": pa.array(np.arange(1, n + 1)),
+        "category": pc.take(pa.array([f"c{i}" for i in range(5)]), pa.array(category)),
+        "price": _with_missing(rng, np.round(price, 2), 0.02),
+        "views": pa.array(views),
+        "genres": _genres(rng, cluster),
+        "title": _titles(rng, cluster, num_clusters),
+    }
 
 
 def _joined(words: np.ndarray, keep: np.ndarray, separator: str) -> pa.Array:

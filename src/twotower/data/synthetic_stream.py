@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from twotower.data.synthetic import (
-    _LATENT_DIM,
-    _SPAN,
-    _START_TIME,
-    SyntheticConfig,
-    _item_table,
-    _unit,
+    draw_activity,
+    draw_centres,
+    draw_log_popularity,
+    draw_timestamps,
+    draw_vectors,
+    item_columns,
     user_columns,
 )
 
@@ -75,75 +75,37 @@ class StreamSynthConfig:
 
     @property
     def num_users(self) -> int:
+        """Users to generate: ``interactions // per_user``, at least one."""
         return max(1, self.interactions // self.per_user)
 
 
 def write_stream(config: StreamSynthConfig, out: Path) -> dict[str, Path]:
-    """Generates the data block by block and writes it under ``out``; returns the paths."""
-    rng = np.random.default_rng(config.seed)
-    n, clusters = config.num_items, config.num_clusters
-    centres = _unit(rng.normal(size=(clusters, _LATENT_DIM)))
-    item_cluster = rng.integers(clusters, size=n)
-    item_vec = _unit(centres[item_cluster] + 0.35 * rng.normal(size=(n, _LATENT_DIM)))
-    log_pop = -config.popularity_exponent * np.log(rng.permutation(n) + 1)
-    by_cluster = np.argsort(item_cluster, kind="stable")
-    cluster_start = np.searchsorted(item_cluster[by_cluster], np.arange(clusters + 1))
-    popularity_cdf = np.cumsum(np.exp(log_pop - log_pop.max()))
-    popularity_cdf /= popularity_cdf[-1]
+    """Generates the data block by block and writes it under ``out``.
 
+    Args:
+        config: the generator's settings.
+        out: the folder to write into; made if missing.
+
+    Returns:
+        The paths by role: ``train`` (a folder of parts), ``valid``, ``test`` and ``items``.
+    """
+    rng = np.random.default_rng(config.seed)
+    corpus = _Corpus.draw(rng, config)
     out = Path(out)
     (out / "train").mkdir(parents=True, exist_ok=True)
-    items_config = SyntheticConfig(num_items=n, num_clusters=clusters, seed=config.seed)
-    pq.write_table(_item_table(rng, items_config, item_cluster, log_pop), out / "items.parquet")
+    items = item_columns(rng, corpus.item_cluster, config.num_clusters, corpus.log_popularity)
+    pq.write_table(pa.table(items), out / "items.parquet")
 
     writer = _PartWriter(out / "train")
     held_out: dict[str, list[pa.Table]] = {"valid": [], "test": []}
     users = config.num_users
     bar = tqdm(total=users * config.per_user, desc="synth", unit="row", unit_scale=True)
     for start in range(0, users, BLOCK_USERS):
-        count = min(BLOCK_USERS, users - start)
-        user_cluster = rng.integers(clusters, size=count)
-        user_vec = _unit(centres[user_cluster] + 0.35 * rng.normal(size=(count, _LATENT_DIM)))
-        half = config.pool // 2
-        # half of each pool from the user's cluster, half by popularity
-        size = cluster_start[user_cluster + 1] - cluster_start[user_cluster]
-        own = by_cluster[
-            cluster_start[user_cluster, None]
-            + (rng.random((count, half)) * np.maximum(size, 1)[:, None]).astype(np.int64)
-        ]
-        popular = np.searchsorted(popularity_cdf, rng.random((count, half)))
-        pool = np.sort(np.minimum(np.concatenate([own, popular], axis=1), n - 1), axis=1)
-        logits = config.affinity * np.einsum("ud,upd->up", user_vec, item_vec[pool])
-        logits += log_pop[pool]
-        # a pool may hold an item twice; the copy can never be drawn
-        repeated = np.c_[np.zeros(count, bool), pool[:, 1:] == pool[:, :-1]]
-        noisy = np.where(repeated, -np.inf, logits + rng.gumbel(size=logits.shape))
-        extra = rng.lognormal(np.log(config.per_user - 5) - 0.5, 1.0, size=count)
-        per_user = np.clip(5 + np.round(extra), 5, half).astype(np.int64)
-        k = int(per_user.max())
-        top = np.argpartition(-noisy, k - 1, axis=1)[:, :k]
-        keep = np.arange(k) < per_user[:, None]
-        rows = np.broadcast_to(np.arange(count)[:, None], top.shape)[keep]
-        items = np.take_along_axis(pool, top, axis=1)[keep]
-        times = _START_TIME + rng.integers(0, _SPAN, size=len(rows))
-        # sort each user's events by time; the last two are test and valid
-        order = np.lexsort((times, rows))
-        rows, items, times = rows[order], items[order], times[order]
-        ends = np.searchsorted(rows, np.arange(count), side="right")
-        position = np.arange(len(rows)) - np.repeat(ends - per_user, per_user)
-        from_end = per_user[rows] - position  # 1: the last event
-        features = user_columns(rng, user_cluster, clusters, per_user, start + 1)
-        table = pa.table(
-            {
-                **{name: column.take(pa.array(rows)) for name, column in features.items()},
-                "item_id": pa.array(items + 1),
-                "timestamp": pa.array(times),
-            }
-        )
+        table, from_end = _user_block(rng, config, corpus, start, min(BLOCK_USERS, users - start))
         writer.write(table.filter(pa.array(from_end > 2)))
         held_out["test"].append(table.filter(pa.array(from_end == 1)))
         held_out["valid"].append(table.filter(pa.array(from_end == 2)))
-        bar.update(len(rows))
+        bar.update(table.num_rows)
     bar.close()
     writer.close()
     paths = {"train": out / "train", "items": out / "items.parquet"}
@@ -151,6 +113,112 @@ def write_stream(config: StreamSynthConfig, out: Path) -> dict[str, Path]:
         paths[part] = out / f"{part}.parquet"
         pq.write_table(pa.concat_tables(tables), paths[part])
     return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class _Corpus:
+    """The items' latent side, indexed so that users' candidate pools are cheap to draw.
+
+    Attributes:
+        centres: (C, L) the clusters' centres.
+        item_cluster: (N,) the cluster of each item.
+        item_vectors: (N, L) each item's latent unit vector.
+        log_popularity: (N,) each item's popularity term of the logits.
+        by_cluster: (N,) the item indices ordered by cluster.
+        cluster_start: (C + 1,) where each cluster's items begin in ``by_cluster``.
+        popularity_cdf: (N,) the cumulative popularity share, in item order.
+    """
+
+    centres: np.ndarray
+    item_cluster: np.ndarray
+    item_vectors: np.ndarray
+    log_popularity: np.ndarray
+    by_cluster: np.ndarray
+    cluster_start: np.ndarray
+    popularity_cdf: np.ndarray
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, config: StreamSynthConfig) -> _Corpus:
+        centres = draw_centres(rng, config.num_clusters)
+        item_cluster = rng.integers(config.num_clusters, size=config.num_items)
+        item_vectors = draw_vectors(rng, centres, item_cluster)
+        log_pop = draw_log_popularity(rng, config.num_items, config.popularity_exponent)
+        by_cluster = np.argsort(item_cluster, kind="stable")
+        cluster_start = np.searchsorted(
+            item_cluster[by_cluster], np.arange(config.num_clusters + 1)
+        )
+        popularity_cdf = np.cumsum(np.exp(log_pop - log_pop.max()))
+        popularity_cdf /= popularity_cdf[-1]
+        return cls(
+            centres, item_cluster, item_vectors, log_pop, by_cluster, cluster_start, popularity_cdf
+        )
+
+    def pools(self, rng: np.random.Generator, user_cluster: np.ndarray, half: int) -> np.ndarray:
+        """(U, 2 * half) each user's candidates, sorted: half of its cluster, half by popularity."""
+        count = len(user_cluster)
+        size = self.cluster_start[user_cluster + 1] - self.cluster_start[user_cluster]
+        offset = (rng.random((count, half)) * np.maximum(size, 1)[:, None]).astype(np.int64)
+        own = self.by_cluster[self.cluster_start[user_cluster, None] + offset]
+        popular = np.searchsorted(self.popularity_cdf, rng.random((count, half)))
+        pool = np.concatenate([own, popular], axis=1)
+        return np.sort(np.minimum(pool, len(self.item_cluster) - 1), axis=1)
+
+
+def _user_block(
+    rng: np.random.Generator, config: StreamSynthConfig, corpus: _Corpus, start: int, count: int
+) -> tuple[pa.Table, np.ndarray]:
+    """Draws one block of users' events, with each user's features inline.
+
+    Returns the events as a table ordered by user, then time, and each event's place
+    from its user's end (1: the last event).
+    """
+    user_cluster = rng.integers(config.num_clusters, size=count)
+    user_vectors = draw_vectors(rng, corpus.centres, user_cluster)
+    rows, items, per_user = _draw_events(rng, config, corpus, user_cluster, user_vectors)
+    times = draw_timestamps(rng, len(rows))
+    # sort each user's events by time; the last two are test and valid
+    order = np.lexsort((times, rows))
+    rows, items, times = rows[order], items[order], times[order]
+    ends = np.searchsorted(rows, np.arange(count), side="right")
+    position = np.arange(len(rows)) - np.repeat(ends - per_user, per_user)
+    from_end = per_user[rows] - position  # 1: the last event
+    features = user_columns(rng, user_cluster, config.num_clusters, per_user, start + 1)
+    table = pa.table(
+        {
+            **{name: column.take(pa.array(rows)) for name, column in features.items()},
+            "item_id": pa.array(items + 1),
+            "timestamp": pa.array(times),
+        }
+    )
+    return table, from_end
+
+
+def _draw_events(
+    rng: np.random.Generator,
+    config: StreamSynthConfig,
+    corpus: _Corpus,
+    user_cluster: np.ndarray,
+    user_vectors: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draws each user's items without replacement (Gumbel-top-k) from its pool.
+
+    Returns (E,) each event's user, by place in the block, (E,) its item index and
+    (U,) the events per user.
+    """
+    count, half = len(user_cluster), config.pool // 2
+    pool = corpus.pools(rng, user_cluster, half)  # (U, P)
+    logits = config.affinity * np.einsum("ud,upd->up", user_vectors, corpus.item_vectors[pool])
+    logits += corpus.log_popularity[pool]
+    # a pool may hold an item twice; the copy can never be drawn
+    repeated = np.c_[np.zeros(count, bool), pool[:, 1:] == pool[:, :-1]]
+    noisy = np.where(repeated, -np.inf, logits + rng.gumbel(size=logits.shape))
+    per_user = draw_activity(rng, config.per_user, count, half)
+    k = int(per_user.max())
+    top = np.argpartition(-noisy, k - 1, axis=1)[:, :k]
+    keep = np.arange(k) < per_user[:, None]
+    rows = np.broadcast_to(np.arange(count)[:, None], top.shape)[keep]
+    items = np.take_along_axis(pool, top, axis=1)[keep]
+    return rows, items, per_user
 
 
 class _PartWriter:

@@ -13,8 +13,6 @@ import io
 import logging
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from twotower.data.config import TableSpec
 from twotower.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -29,45 +28,6 @@ log = logging.getLogger(__name__)
 # A byte that never occurs in text data; multi-character delimiters ("::") become it.
 _UNIT_SEPARATOR = "\x1f"
 _CONVERSION_ERROR = re.compile(r"In CSV column #(\d+): .*CSV conversion error to (\S+): (.*)")
-
-
-@dataclasses.dataclass(frozen=True)
-class TableSpec:
-    """Where a table lives and how to parse it.
-
-    Attributes:
-        path: a CSV file, a Parquet file, or a folder of Parquet files.
-        format: ``auto`` chooses by extension (``.parquet``/``.pq``/folder: Parquet).
-        delimiter: CSV field separator; may be several characters (``"::"``).
-        header: whether the first CSV line holds the column names.
-        columns: the column names when the file has no header.
-        encoding: the CSV text encoding (``latin-1`` for the MovieLens files).
-        quote_char: the CSV quote character, or None for none. A multi-character
-            delimiter is replaced before parsing and so cannot be quoted: such
-            files are read without quoting.
-        skip_bad_rows: drop malformed rows and report how many, instead of failing.
-    """
-
-    path: Path
-    format: Literal["auto", "csv", "parquet"] = "auto"
-    delimiter: str = ","
-    header: bool = True
-    columns: list[str] | None = None
-    encoding: str = "utf-8"
-    quote_char: str | None = '"'
-    skip_bad_rows: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.delimiter:
-            raise ValueError("delimiter must not be empty")
-        if not self.header and not self.columns:
-            raise ValueError(f"{self.path}: a file without a header needs 'columns'")
-
-    @property
-    def is_parquet(self) -> bool:
-        if self.format != "auto":
-            return self.format == "parquet"
-        return self.path.is_dir() or self.path.suffix.lower() in (".parquet", ".pq")
 
 
 @dataclasses.dataclass(frozen=True)

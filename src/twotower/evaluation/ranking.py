@@ -1,9 +1,8 @@
-"""Exact full-corpus ranking in chunks of queries, and the evaluation built on it.
+"""Evaluation by exact full-corpus ranking: every query scored against every item.
 
-Every query is scored against every item (no sampled candidates), a chunk of queries
-at a time so that memory stays at ``chunk_size x N`` scores. The ranking is a pure
-function of the scores: equal scores go to the lower item index, so the result does
-not depend on ``chunk_size`` or on how ``torch.topk`` orders ties.
+The ranking is the index's exact, tie-deterministic ``twotower.index.topk.top_k``
+(equal scores go to the lower item index), so the metrics do not depend on the chunk
+size; a progress bar counts the ranked queries on a terminal.
 
 Seen-item filtering (``exclude_seen=True``): the items a query already interacted
 with before the evaluated part (train for ``valid``; train + valid for ``test``) are
@@ -14,152 +13,17 @@ the same unreachable amount. A query with no held-out item left is not evaluated
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
 from twotower.data.matrix import interaction_matrix, known_before
 from twotower.data.splits import Split
 from twotower.evaluation.metrics import ranking_metrics
-
-# Maps a chunk of query indices (B,) to the scores of every item (B, N).
-ScoreFn = Callable[[np.ndarray], torch.Tensor]
-
-# The most scores one chunk holds (128 MiB of float32): on a large corpus a chunk has
-# fewer queries than ``chunk_size``, so memory does not grow with N.
-MAX_CHUNK_SCORES = 2**25
-
-
-def top_k(
-    score_fn: ScoreFn,
-    query_idx: np.ndarray,
-    k: int,
-    exclude: sp.csr_matrix | None = None,
-    chunk_size: int = 1024,
-    progress: bool = True,
-    num_items: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks every item for every query and keeps the best k, exactly.
-
-    Args:
-        score_fn: (B,) query indices -> (B, N) float scores of every item, on any
-            device; the top k is taken there and only (B, k) comes back to the CPU.
-        query_idx: (Q,) int64 the queries to rank for.
-        k: how many items to keep per query.
-        exclude: (num_queries, N) CSR; items set in row q are never returned for q.
-        chunk_size: queries scored at once; bounds memory, never changes the result.
-        progress: show a progress bar on a terminal (off for a server's searches).
-        num_items: N, when known: a chunk then holds at most ``MAX_CHUNK_SCORES``
-            scores, fewer queries than ``chunk_size`` on a large corpus.
-
-    Returns:
-        ``(ids, scores)``: (Q, k) int64 item indices, best first, ties toward the lower
-        index; (Q, k) float32 their scores. Where fewer than k items remain (excluded
-        items, or any item scored -inf), the row ends with -1 / -inf.
-
-    Raises:
-        ValueError: bad ``k`` or ``chunk_size``, a score matrix of the wrong shape,
-            or NaN scores.
-    """
-    if k < 1 or chunk_size < 1:
-        raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
-    query_idx = np.asarray(query_idx, dtype=np.int64)
-    if num_items:
-        chunk_size = max(1, min(chunk_size, MAX_CHUNK_SCORES // num_items))
-    ids = np.full((len(query_idx), k), -1, dtype=np.int64)
-    scores = np.full((len(query_idx), k), -np.inf, dtype=np.float32)
-    starts = range(0, len(query_idx), chunk_size)
-    bar = tqdm(
-        starts, desc="ranking", unit="chunk", disable=None if progress else True, leave=False
-    )
-    for start in bar:
-        chunk = query_idx[start : start + chunk_size]
-        chunk_scores = _checked_scores(score_fn(chunk), len(chunk), exclude)
-        if exclude is not None:
-            chunk_scores = _mask(chunk_scores, exclude[chunk])
-        chunk_ids, chunk_top = _exact_top_k(chunk_scores, k)
-        ids[start : start + len(chunk)] = chunk_ids.cpu().numpy()
-        scores[start : start + len(chunk)] = chunk_top.cpu().numpy()
-    return ids, scores
-
-
-def _checked_scores(
-    scores: torch.Tensor, num_queries: int, exclude: sp.csr_matrix | None
-) -> torch.Tensor:
-    scores = scores.detach().to(dtype=torch.float32)
-    if scores.ndim != 2 or scores.shape[0] != num_queries:
-        raise ValueError(
-            f"score_fn must return ({num_queries}, N) scores, got {tuple(scores.shape)}"
-        )
-    if exclude is not None and scores.shape[1] != exclude.shape[1]:
-        raise ValueError(f"score_fn scored {scores.shape[1]} items, exclude has {exclude.shape[1]}")
-    if torch.isnan(scores).any():
-        raise ValueError("score_fn returned NaN scores")
-    return scores
-
-
-def _mask(scores: torch.Tensor, exclude: sp.csr_matrix) -> torch.Tensor:
-    """Sets the excluded (B, N) positions to -inf, on a copy: score_fn owns its tensor."""
-    coo = exclude.tocoo()
-    rows = torch.from_numpy(coo.row.astype(np.int64)).to(scores.device)
-    cols = torch.from_numpy(coo.col.astype(np.int64)).to(scores.device)
-    return scores.index_put((rows, cols), torch.tensor(-torch.inf, device=scores.device))
-
-
-def _exact_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best of each row of (B, N) scores; equal scores go to the lower index.
-
-    ``torch.topk`` finds the k best values fast, but which of several items tied at
-    the k-th value it returns is unspecified. So a row is only taken from it when no
-    item outside its result ties with the k-th value (the count of items at that
-    value shows it), with equal values put in index order; the rare rows where a tie
-    crosses the cut go through ``_top_k_with_ties``.
-
-    Returns:
-        (B, k) int64 item ids and (B, k) float32 scores; -1 / -inf pad rows with fewer
-        than k items above -inf.
-    """
-    B, N = scores.shape
-    kept = min(k, N)
-    ids = torch.full((B, k), -1, dtype=torch.int64, device=scores.device)
-    top = torch.full((B, k), -torch.inf, dtype=torch.float32, device=scores.device)
-    if kept == 0 or B == 0:
-        return ids, top
-    values, cols = torch.topk(scores, kept, dim=1)  # (B, kept)
-    threshold = values[:, -1:]  # (B, 1) the k-th best
-    crossing = (values > threshold).sum(dim=1) + (scores == threshold).sum(dim=1) > kept
-    by_index = torch.argsort(cols, dim=1)  # equal values in index order after a stable sort
-    cols, values = cols.gather(1, by_index), values.gather(1, by_index)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    ids[:, :kept], top[:, :kept] = cols.gather(1, order), values.gather(1, order)
-    if crossing.any():
-        rows = crossing.nonzero()[:, 0]
-        ids[rows, :kept], top[rows, :kept] = _top_k_with_ties(scores[rows], kept)
-    ids[top == -torch.inf] = -1  # excluded (or -inf scored) items are never returned
-    return ids, top
-
-
-def _top_k_with_ties(scores: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, kept) ids and scores where ties cross the cut: the lowest-index tied items win.
-
-    Every item above the k-th value is kept, the remaining slots go to the
-    lowest-index items equal to it, and a stable sort orders the kept items (which
-    ``nonzero`` lists by ascending index).
-    """
-    B = scores.shape[0]
-    threshold = torch.topk(scores, kept, dim=1).values[:, -1:]  # (B, 1) the k-th best
-    above = scores > threshold
-    tied = scores == threshold
-    room = kept - above.sum(dim=1, keepdim=True)  # (B, 1) slots left for tied items
-    keep = above | (tied & (tied.cumsum(dim=1) <= room))  # exactly `kept` per row
-    cols = keep.nonzero()[:, 1].view(B, kept)  # (B, kept) ascending item index
-    values = scores.gather(1, cols)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    return cols.gather(1, order), values.gather(1, order)
+from twotower.index.topk import ScoreFn, top_k
 
 
 def evaluate(
@@ -202,10 +66,23 @@ def evaluate(
     queries = np.flatnonzero(np.diff(held_out.indptr) > 0)
     exclude = seen if exclude_seen else None
     k = max(ks, default=1)  # an empty ks is rejected by ranking_metrics below
-    ranked, _ = top_k(score_fn, queries, k, exclude, chunk_size, num_items=num_items)
+    bar = tqdm(total=len(queries), desc="ranking", unit="query", leave=False, disable=None)
+    with bar:
+        ranked, _ = top_k(_counted(score_fn, bar), queries, k, exclude, chunk_size, num_items)
     if isinstance(item_popularity, str):
         item_popularity = np.asarray(seen.sum(axis=0), dtype=np.float32).ravel()
     metrics = ranking_metrics(ranked, held_out[queries], ks, item_popularity)
     result: dict[str, float] = {f"{part}/{name}": value for name, value in metrics.items()}
     result[f"{part}/queries"] = len(queries)
     return result
+
+
+def _counted(score_fn: ScoreFn, bar: tqdm) -> ScoreFn:
+    """``score_fn``, advancing ``bar`` by the queries of each chunk it scores."""
+
+    def score(chunk: np.ndarray) -> torch.Tensor:
+        scores = score_fn(chunk)
+        bar.update(len(chunk))
+        return scores
+
+    return score

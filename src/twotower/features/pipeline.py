@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from twotower.config import from_dict, to_dict
+from twotower.config_io import from_dict, to_dict
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, Dataset
 from twotower.errors import DataError
 from twotower.features.categorical import IdTransform, MultiHotTransform, OneHotTransform

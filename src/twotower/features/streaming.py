@@ -17,22 +17,39 @@ same fitted transform ``FeaturePipeline.fit`` makes from a whole table:
 
 Rows count once per interaction: a query feature streamed from interaction rows
 counts a user as often as the user interacts.
+
+``fit_stream_pipeline`` runs that over a training stream (``data.source: stream``):
+one pass fits the query features and counts the items; the item features are
+fitted from the item table, which is held in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm.auto import tqdm
 
-from twotower.errors import ConfigError
-from twotower.features.categorical import IdTransform, MultiHotTransform, OneHotTransform
+from twotower.data.config import StreamConfig
+from twotower.data.stream import ParquetStream, read_item_table
+from twotower.errors import ConfigError, DataError
+from twotower.features.categorical import (
+    IdTransform,
+    MultiHotTransform,
+    OneHotTransform,
+    SortedKeys,
+)
 from twotower.features.dense import DenseTransform, as_float
 from twotower.features.history import HistoryTransform
+from twotower.features.pipeline import FeaturePipeline
+from twotower.features.specs import FeaturesConfig
 from twotower.features.transform import FitContext, Transform
+
+log = logging.getLogger(__name__)
 
 
 class CountSummary:
@@ -197,3 +214,68 @@ class StreamingFit:
                 transform.fit_moments(summary.count, summary.mean, std)
                 exact[name] = True
         return exact
+
+
+class ItemKeys:
+    """The corpus's item keys, found by binary search (integer or text keys)."""
+
+    def __init__(self, keys: pa.Array, where: str) -> None:
+        if pc.count_distinct(keys).as_py() != len(keys) or keys.null_count:
+            raise DataError(f"{where}: item keys must be unique and not null")
+        self.integer = pa.types.is_integer(keys.type)
+        self._keys = SortedKeys(self._numpy(keys))
+
+    def _numpy(self, values: pa.Array) -> np.ndarray:
+        if self.integer:
+            return pc.cast(pc.fill_null(values, 0), pa.int64()).to_numpy()
+        text = pc.cast(pc.fill_null(values, ""), pa.string())
+        return text.to_numpy(zero_copy_only=False).astype(str)
+
+    def find(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """(rows,) item index of each key; -1 for keys not in the corpus."""
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        if self.integer and not pa.types.is_integer(values.type):
+            return np.full(len(values), -1, np.int64)
+        found = self._keys.find(self._numpy(values))
+        return np.where(pc.is_null(values).to_numpy(zero_copy_only=False), -1, found)
+
+
+def fit_stream_pipeline(
+    config: StreamConfig, features: FeaturesConfig, seed: int = 0
+) -> tuple[FeaturePipeline, pa.Table, np.ndarray, dict[str, bool]]:
+    """Fits the features from one pass over the training stream, in bounded memory.
+
+    Returns:
+        The fitted pipeline, the item table, the (N,) training count of each item,
+        and whether each query feature's fit is exact (``twotower.features.streaming``).
+    """
+    items = read_items(config, features)
+    item_keys = ItemKeys(items.column(config.item_id).combine_chunks(), str(config.items))
+    pipeline = FeaturePipeline(features)
+    query_fit = StreamingFit(
+        pipeline.transforms["query"], config.max_distinct, config.max_sample, seed
+    )
+    columns = sorted({spec.column for spec in features.query} | {config.item_id})
+    stream = ParquetStream(config.train, columns)
+    counts = np.zeros(items.num_rows, np.int64)
+    pieces = stream.share(None, 0, 1)
+    bar = tqdm(total=stream.num_rows, desc="fit features", unit="row", unit_scale=True)
+    with bar:
+        for table in stream.read(pieces):
+            query_fit.update(table)
+            found = item_keys.find(table.column(config.item_id))
+            counts += np.bincount(found[found >= 0], minlength=len(counts))
+            bar.update(table.num_rows)
+    exact = query_fit.finish()
+    pipeline.fit_side("item", items, config.item_id, counts)
+    approximate = [name for name, ok in exact.items() if not ok]
+    if approximate:
+        log.info("fitted approximately (past max_distinct / max_sample): %s", approximate)
+    return pipeline, items, counts, exact
+
+
+def read_items(config: StreamConfig, features: FeaturesConfig) -> pa.Table:
+    """The item table (the corpus), with the columns the item features read."""
+    columns = sorted({spec.column for spec in features.item} | {config.item_id})
+    return read_item_table(config.items, columns)

@@ -1,8 +1,9 @@
 """The exact index: every query scored against every item, the reference for ANN indexes.
 
-Scores are one matrix product per chunk of queries; the top k is the evaluator's
-exact, tie-deterministic ``top_k`` (equal scores go to the lower item row), so a
-search gives the same answer for any chunk size and on any device.
+Scores are one matrix product per chunk of queries; the top k is the exact,
+tie-deterministic ``twotower.index.topk.top_k`` (equal scores go to the lower item
+row) that evaluation ranks with too, so a search gives the same answer for any chunk
+size and on any device.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import scipy.sparse as sp
 import torch
 
 from twotower.errors import DataError
-from twotower.evaluation.ranking import top_k
 from twotower.index.base import Index, check_search, check_vectors, read_meta, write_meta
+from twotower.index.topk import top_k
 from twotower.storage import atomic_write
 
 VECTORS_FILE = "vectors.npy"
@@ -60,7 +61,6 @@ class ExactIndex(Index):
             k,
             exclude=exclude,
             chunk_size=self.chunk_size,
-            progress=False,
             num_items=self.num_items,
         )
 

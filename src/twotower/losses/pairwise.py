@@ -69,7 +69,7 @@ class TripletLogistic(nn.Module):
         sigma: the slope applied to the cosine gap (an inverse temperature); > 0.
     """
 
-    def __init__(self, sigma: float = 5.0) -> None:
+    def __init__(self, sigma: float = 10.0) -> None:
         super().__init__()
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")

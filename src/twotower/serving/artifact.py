@@ -1,6 +1,5 @@
-"""An exported artifact: everything retrieval needs, verified file by file when loaded.
-
-The layout (written by ``twotower.export.export_run``; no pickle anywhere):
+"""The artifact format: everything retrieval needs, written here and verified file by
+file when loaded. This module alone knows the layout (no pickle anywhere):
 
     manifest.json        format version, package version, creation time, resolved config,
                          the run's metrics, sizes, index kind, and {file: sha256} of
@@ -11,13 +10,18 @@ The layout (written by ``twotower.export.export_run``; no pickle anywhere):
     items.parquet        the raw item table: the corpus, its key and feature columns
     queries.parquet      the raw query table of the known queries (users)
     seen.npz             CSR arrays (indptr, indices, shape): the logged items of each query
+    heldout.npz          optional: the same for each query's test items under the split
     index/               the item index (``index/index.json`` names its kind)
+
+``write_artifact`` writes a folder (``twotower.export`` fills it from a run and swaps
+it into place); ``Artifact.load`` reads one back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -28,14 +32,23 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
 
-from twotower.config import Config, from_dict
+from twotower.config_io import from_dict
 from twotower.errors import DataError
 from twotower.features.pipeline import ARRAYS_FILE, STATE_FILE, FeaturePipeline
 from twotower.index import Index, load_index
 from twotower.index.base import META_FILE
 from twotower.serving.keys import KeyIndex
-from twotower.storage import read_json, sha256_file
-from twotower.towers.model import Tower, TwoTower
+from twotower.storage import (
+    atomic_write,
+    load_array,
+    load_csr,
+    read_json,
+    save_array,
+    save_csr,
+    sha256_file,
+)
+from twotower.towers.config import ModelConfig
+from twotower.towers.model import Tower, build_query_tower
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -74,13 +87,85 @@ REQUIRED_FILES = (
 
 
 @dataclasses.dataclass(frozen=True)
+class ArtifactContents:
+    """What an artifact holds, before it is written.
+
+    Attributes:
+        config: the run's resolved config, as plain data (``config_io.to_dict``).
+        pipeline: the fitted features, histories covering every logged interaction.
+        query_tower: the trained query tower.
+        items: the raw item table; row i is item row i everywhere.
+        queries: the raw query table of the known queries.
+        query_key: the key column of ``queries``.
+        item_key: the key column of ``items``.
+        item_vectors: (N, D) float32 item vectors.
+        seen: (num_queries, N) CSR of the items each known query interacted with.
+        heldout: (num_queries, N) CSR of each query's test items under the split.
+        index: the item index, built on ``item_vectors``.
+        manifest: more manifest entries (``twotower_version``, ``index_recall``, ...).
+    """
+
+    config: dict[str, Any]
+    pipeline: FeaturePipeline
+    query_tower: Tower
+    items: pa.Table
+    queries: pa.Table
+    query_key: str
+    item_key: str
+    item_vectors: np.ndarray
+    seen: sp.csr_matrix
+    heldout: sp.csr_matrix
+    index: Index
+    manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def write_artifact(folder: Path, contents: ArtifactContents) -> dict[str, Any]:
+    """Writes every file of an artifact into ``folder``, the manifest last.
+
+    Returns:
+        The manifest written to ``folder/manifest.json``.
+    """
+    contents.pipeline.save(folder / FEATURES_DIR)
+    # The query tower's state includes the item-id table a history feature shares.
+    tower = {name: t.detach().cpu() for name, t in contents.query_tower.state_dict().items()}
+    atomic_write(folder / QUERY_TOWER_FILE, lambda f: torch.save(tower, f))
+    save_array(folder / ITEM_VECTORS_FILE, contents.item_vectors)
+    for name, table in ((ITEMS_FILE, contents.items), (QUERIES_FILE, contents.queries)):
+        atomic_write(folder / name, lambda f, table=table: pq.write_table(table, f))
+    save_csr(folder / SEEN_FILE, contents.seen)
+    save_csr(folder / HELDOUT_FILE, contents.heldout)
+    contents.index.save(folder / INDEX_DIR)
+    manifest = {
+        **contents.manifest,
+        "format_version": FORMAT_VERSION,
+        "config": contents.config,
+        "embedding_dim": int(contents.item_vectors.shape[1]),
+        "num_items": contents.items.num_rows,
+        "num_queries": contents.queries.num_rows,
+        "query_key": contents.query_key,
+        "item_key": contents.item_key,
+        "index": contents.index.kind,
+        "files": {
+            path.relative_to(folder).as_posix(): sha256_file(path)
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        },
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    atomic_write(folder / MANIFEST_FILE, lambda f: f.write(text))
+    return manifest
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Artifact:
     """A loaded, verified artifact. Read-only: safe to share between threads.
 
     Attributes:
         folder: where it was loaded from.
-        manifest: the parsed ``manifest.json``.
-        config: the run's resolved config.
+        manifest: the parsed ``manifest.json`` (``manifest["config"]``: the run's config).
+        fingerprint: the first 16 hex digits of ``manifest.json``'s SHA-256; as the
+            manifest lists every file's checksum, it names this exact artifact.
+        model_config: the run's model config (the towers' networks).
         pipeline: the fitted features (histories: every logged interaction).
         query_tower: the query tower, on the CPU, in evaluation mode.
         items: the raw item table; row i is item row i everywhere.
@@ -90,22 +175,20 @@ class Artifact:
         heldout: (num_queries, N) CSR of each query's test items under the run's split
             (a subset of ``seen``), or None for an artifact exported without it.
         index: the item index, built on ``item_vectors``.
-        fingerprint: the first 16 hex digits of ``manifest.json``'s SHA-256; as the
-            manifest lists every file's checksum, it names this exact artifact.
     """
 
     folder: Path
     manifest: dict[str, Any]
-    config: Config
+    fingerprint: str
+    model_config: ModelConfig
     pipeline: FeaturePipeline
     query_tower: Tower
     items: pa.Table
     queries: pa.Table
     item_vectors: np.ndarray
     seen: sp.csr_matrix
+    heldout: sp.csr_matrix | None
     index: Index
-    fingerprint: str
-    heldout: sp.csr_matrix | None = None
 
     @property
     def query_key(self) -> str:
@@ -143,37 +226,37 @@ class Artifact:
         fingerprint = sha256_file(folder / MANIFEST_FILE)[:16]
         verify_files(folder, manifest)
         pipeline = FeaturePipeline.load(folder / FEATURES_DIR)
-        config = from_dict(Config, manifest["config"], where=f"{folder / MANIFEST_FILE}: config")
-        items = _read_parquet(folder / ITEMS_FILE, manifest["item_key"], manifest["num_items"])
-        queries = _read_parquet(
-            folder / QUERIES_FILE, manifest["query_key"], manifest["num_queries"]
-        )
-        shape = (manifest["num_items"], manifest["embedding_dim"])
-        item_vectors = _read_vectors(folder / ITEM_VECTORS_FILE, shape)
-        seen = _read_seen(folder / SEEN_FILE, (manifest["num_queries"], manifest["num_items"]))
+        where = f"{folder / MANIFEST_FILE}: config.model"
+        model_config = from_dict(ModelConfig, manifest["config"].get("model", {}), where=where)
+        num_queries, num_items = manifest["num_queries"], manifest["num_items"]
+        items = _read_parquet(folder / ITEMS_FILE, manifest["item_key"], num_items)
+        queries = _read_parquet(folder / QUERIES_FILE, manifest["query_key"], num_queries)
+        shape = (num_items, manifest["embedding_dim"])
+        item_vectors = load_array(folder / ITEM_VECTORS_FILE, shape)
+        seen = load_csr(folder / SEEN_FILE, (num_queries, num_items))
         index = load_index(folder / INDEX_DIR)
         if (index.num_items, index.dim) != shape:
             raise DataError(
                 f"{folder / INDEX_DIR}: the index holds {index.num_items} x {index.dim} "
                 f"vectors, the manifest says {shape[0]} x {shape[1]}"
             )
-        tower = _read_query_tower(folder / QUERY_TOWER_FILE, config, pipeline)
+        tower = _read_query_tower(folder / QUERY_TOWER_FILE, model_config, pipeline)
         heldout = None
         if HELDOUT_FILE in manifest["files"]:
-            heldout = _read_seen(folder / HELDOUT_FILE, seen.shape)
+            heldout = load_csr(folder / HELDOUT_FILE, seen.shape)
         return cls(
-            folder,
-            manifest,
-            config,
-            pipeline,
-            tower,
-            items,
-            queries,
-            item_vectors,
-            seen,
-            index,
-            fingerprint,
-            heldout,
+            folder=folder,
+            manifest=manifest,
+            fingerprint=fingerprint,
+            model_config=model_config,
+            pipeline=pipeline,
+            query_tower=tower,
+            items=items,
+            queries=queries,
+            item_vectors=item_vectors,
+            seen=seen,
+            heldout=heldout,
+            index=index,
         )
 
     def query_rows(self, ids: Sequence[Any]) -> np.ndarray:
@@ -240,38 +323,13 @@ def _read_parquet(path: Path, key: str, rows: int) -> pa.Table:
     return table.combine_chunks()
 
 
-def _read_vectors(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    try:
-        vectors = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise DataError(f"{path}: not a readable array ({err})") from None
-    if vectors.dtype != np.float32 or vectors.shape != shape:
-        raise DataError(
-            f"{path}: expected {shape} float32 vectors, got {vectors.shape} {vectors.dtype}"
-        )
-    return vectors
-
-
-def _read_seen(path: Path, shape: tuple[int, int]) -> sp.csr_matrix:
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            indptr, indices = arrays["indptr"], arrays["indices"]
-            stored = tuple(int(n) for n in arrays["shape"])
-    except (ValueError, OSError, EOFError, KeyError) as err:
-        raise DataError(f"{path}: not readable seen-item arrays ({err})") from None
-    if stored != shape or len(indptr) != shape[0] + 1 or indptr[-1] != len(indices):
-        raise DataError(f"{path}: expected a {shape} matrix, got shape {stored}")
-    ones = np.ones(len(indices), dtype=np.float32)
-    return sp.csr_matrix((ones, indices, indptr), shape=shape)
-
-
-def _read_query_tower(path: Path, config: Config, pipeline: FeaturePipeline) -> Tower:
-    """Rebuilds the model's shape from the config and features, then loads the query tower.
+def _read_query_tower(path: Path, config: ModelConfig, pipeline: FeaturePipeline) -> Tower:
+    """Builds the query tower's shape from the config and features, then loads its weights.
 
     The query tower's state includes any item-id table its history features share
     with the item tower, so it loads completely on its own.
     """
-    tower = TwoTower.build(config.model, pipeline.config, pipeline).query_tower
+    tower = build_query_tower(config, pipeline.config, pipeline)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         tower.load_state_dict(state)

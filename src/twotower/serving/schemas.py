@@ -29,6 +29,9 @@ MAX_TEXT = 10_000
 MAX_FEATURES = 256
 
 Id = StrictInt | StrictStr
+# An item id in an answer is the artifact's key as stored: integers and text, or, for a
+# corpus keyed by numbers with a fraction, floats.
+KeyValue = StrictInt | StrictStr | StrictFloat
 Scalar = StrictInt | StrictFloat | StrictStr | StrictBool | None
 FeatureValue = Scalar | list[Scalar]
 
@@ -122,7 +125,7 @@ class RecallResponse(BaseModel):
         description="The user id, the text, the item id, or a feature row's user key (null "
         "when the row has none)."
     )
-    items: list[Id] = Field(description="Item ids, best first.")
+    items: list[KeyValue] = Field(description="Item ids, best first.")
     scores: list[float] = Field(description="Their cosine similarities to the query.")
 
 
@@ -130,7 +133,7 @@ class BatchResult(BaseModel):
     """One query's answer in a batch: items and scores, or an error."""
 
     query: Any = Field(None, description="As in RecallResponse.")
-    items: list[Id] = Field(default_factory=list, description="Item ids, best first.")
+    items: list[KeyValue] = Field(default_factory=list, description="Item ids, best first.")
     scores: list[float] = Field(default_factory=list, description="Their cosine similarities.")
     error: str | None = Field(None, description="Why this query has no answer, if it has none.")
     status: int = Field(200, description="The status a POST /recall of this query gets.")

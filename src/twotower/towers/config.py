@@ -1,13 +1,97 @@
 """The model's part of the config: each tower's network and the score's temperature.
 
-Kept apart from the modules so the config can be read without building anything.
+Kept apart from the modules (``networks.py``, ``model.py``) so the config can be read
+without importing them: this module imports only the standard library.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
+from dataclasses import field
+from typing import Literal
 
-from twotower.towers.networks import MLPConfig, NetworkConfig
+Activation = Literal["relu", "tanh", "gelu"]
+
+
+def _check_layer_fields(widths: list[int], activation: str, dropout: float) -> None:
+    """The checks shared by both configs; messages name the offending field."""
+    if any(w <= 0 for w in widths):
+        raise ValueError(f"widths must all be > 0, got {list(widths)}")
+    if activation not in typing.get_args(Activation):
+        choices = sorted(typing.get_args(Activation))
+        raise ValueError(f"activation must be one of {choices}, got {activation!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """A plain multilayer perceptron.
+
+    Attributes:
+        widths: the width of each Linear layer; the last is the output width.
+            ``[]`` is the identity (the output is the input).
+        activation: applied after every hidden layer.
+        dropout: dropout probability after each hidden activation (never on the output).
+        layer_norm: LayerNorm between each hidden Linear and its activation.
+        activate_input: apply the activation to the input first (DSSM: the trigram
+            embedding, a linear map, goes through tanh before the next layer).
+        activate_output: apply the activation after the last Linear too (DSSM's
+            128-d output is tanh). No effect when ``widths`` is empty.
+    """
+
+    kind: Literal["mlp"] = "mlp"
+    widths: list[int] = field(default_factory=lambda: [256, 128])
+    activation: Activation = "relu"
+    dropout: float = 0.0
+    layer_norm: bool = False
+    activate_input: bool = False
+    activate_output: bool = False
+
+    def __post_init__(self) -> None:
+        _check_layer_fields(self.widths, self.activation, self.dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class DCNConfig:
+    """Deep & Cross Network v2 (Wang et al. 2021): cross layers and an MLP, then a projection.
+
+    Attributes:
+        cross_layers: number of cross layers (0: the cross part is the identity).
+        low_rank: 0 for a full-rank D x D cross weight; r > 0 factorises it as U V^T
+            of rank r, with 2 D r instead of D^2 weights.
+        structure: ``stacked`` feeds the cross output into the MLP; ``parallel`` runs
+            both on the input and concatenates their outputs.
+        widths: the hidden widths of the deep part; ``[]`` means no deep part.
+        dim: the output width (a final Linear projection).
+        activation, dropout, layer_norm: as in ``MLPConfig``, for the deep part, whose
+            every layer (its last included) is activated.
+    """
+
+    kind: Literal["dcn"] = "dcn"
+    cross_layers: int = 2
+    low_rank: int = 0
+    structure: Literal["stacked", "parallel"] = "stacked"
+    widths: list[int] = field(default_factory=lambda: [256, 128])
+    dim: int = 128
+    activation: Activation = "relu"
+    dropout: float = 0.0
+    layer_norm: bool = False
+
+    def __post_init__(self) -> None:
+        _check_layer_fields(self.widths, self.activation, self.dropout)
+        if self.cross_layers < 0:
+            raise ValueError(f"cross_layers must be >= 0, got {self.cross_layers}")
+        if self.low_rank < 0:
+            raise ValueError(f"low_rank must be >= 0 (0: full rank), got {self.low_rank}")
+        if self.structure not in ("stacked", "parallel"):
+            raise ValueError(f"structure must be 'stacked' or 'parallel', got {self.structure!r}")
+        if self.dim <= 0:
+            raise ValueError(f"dim must be > 0, got {self.dim}")
+
+
+NetworkConfig = MLPConfig | DCNConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from twotower.features.pipeline import FeaturePipeline
-from twotower.features.specs import FeaturesConfig
-from twotower.towers.config import ModelConfig
+from twotower.features.specs import FeaturesConfig, HistoryFeature
+from twotower.towers.config import ModelConfig, NetworkConfig
 from twotower.towers.encoders import FeatureEncoders
-from twotower.towers.networks import NetworkConfig, build_network
+from twotower.towers.networks import build_network
 
 
 class Tower(nn.Module):
@@ -76,11 +76,8 @@ class TwoTower(nn.Module):
         """The model for fitted features: table sizes come from the pipeline."""
         sparse = config.sparse_embeddings
         item_encoders = FeatureEncoders(features.item, pipeline.sizes("item"), sparse=sparse)
-        query_encoders = FeatureEncoders(
-            features.query, pipeline.sizes("query"), item_encoders.tables(), sparse
-        )
         return cls(
-            Tower(query_encoders, config.query),
+            _query_tower(config, features, pipeline, item_encoders.tables()),
             Tower(item_encoders, config.item),
             Temperature(config.temperature, config.learn_temperature, config.min_temperature),
         )
@@ -92,6 +89,33 @@ class TwoTower(nn.Module):
     def score(self, query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(B, M) scaled cosines of (B, D) query and (M, D) item unit vectors."""
         return query @ items.T * self.scale()
+
+
+def build_query_tower(
+    config: ModelConfig, features: FeaturesConfig, pipeline: FeaturePipeline
+) -> Tower:
+    """The query tower alone, shaped as ``TwoTower.build`` shapes it (for loading its
+    saved weights): its history features get tables of the shapes of the item id
+    tables they share, and no other part of the item tower is built."""
+    shared_names = {
+        spec.item_feature for spec in features.query if isinstance(spec, HistoryFeature)
+    }
+    shared_specs = [spec for spec in features.item if spec.name in shared_names]
+    sizes, sparse = pipeline.sizes("item"), config.sparse_embeddings
+    shared = FeatureEncoders(shared_specs, sizes, sparse=sparse).tables() if shared_specs else {}
+    return _query_tower(config, features, pipeline, shared)
+
+
+def _query_tower(
+    config: ModelConfig,
+    features: FeaturesConfig,
+    pipeline: FeaturePipeline,
+    shared: dict[str, nn.Embedding],
+) -> Tower:
+    encoders = FeatureEncoders(
+        features.query, pipeline.sizes("query"), shared, config.sparse_embeddings
+    )
+    return Tower(encoders, config.query)
 
 
 @torch.inference_mode()

@@ -1,14 +1,118 @@
 """The training part of the config: objective, optimizer, epochs, validation.
 
-Kept apart from the trainer so the config can be read without building anything.
+Kept apart from the trainer and the objectives so the config can be read without
+importing them: this module imports only the standard library.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
-from twotower.training.objectives import InBatchConfig, ObjectiveConfig
+SamplerName = Literal["uniform", "popularity"]
+FrequencyName = Literal["counts", "streaming", "none"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledNegatives:
+    """Per-row negatives, shared by the pointwise, pairwise and listwise objectives.
+
+    Attributes:
+        sampler: ``uniform`` over the corpus or ``popularity`` (count^alpha).
+        alpha: the popularity exponent.
+        num_negatives: negatives drawn for each positive (each objective sets its default).
+    """
+
+    sampler: SamplerName = "uniform"
+    alpha: float = 0.75
+    num_negatives: int = 1
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.num_negatives < 1:
+            raise ValueError(
+                f"need alpha >= 0 and num_negatives >= 1, got alpha={self.alpha}, "
+                f"num_negatives={self.num_negatives}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class PointwiseConfig(SampledNegatives):
+    """Each positive with ``num_negatives`` sampled negatives; binary cross-entropy."""
+
+    # the name this field had before it was unified with the other objectives'
+    RENAMED: ClassVar[dict[str, str]] = {"neg_per_pos": "num_negatives"}
+
+    kind: Literal["pointwise"] = "pointwise"
+    num_negatives: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class HingeConfig(SampledNegatives):
+    """Triplets (q, i+, i-) with ``num_negatives`` negatives per positive; hinge with margin."""
+
+    kind: Literal["hinge"] = "hinge"
+    margin: float = 0.5
+    num_negatives: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LogisticConfig(SampledNegatives):
+    """Triplets with a logistic (soft) hinge of sharpness ``sigma``."""
+
+    kind: Literal["logistic"] = "logistic"
+    sigma: float = 10.0
+    num_negatives: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ListwiseConfig(SampledNegatives):
+    """One positive and ``num_negatives`` sampled negatives in one softmax."""
+
+    kind: Literal["listwise"] = "listwise"
+    num_negatives: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxCorrections:
+    """The corrections of the shared-candidate softmax objectives.
+
+    Attributes:
+        logq: the sampling-probability estimate subtracted from the logits:
+            ``counts`` (training counts), ``streaming`` (Yi et al. 2019) or ``none``.
+        mask_hits: mask a candidate equal to the row's positive (the item twice).
+        hard_negatives: if > 0, keep only this many highest-scoring negatives per row.
+        streaming_buckets: hash buckets of the streaming frequency estimate.
+    """
+
+    logq: FrequencyName = "counts"
+    mask_hits: bool = True
+    hard_negatives: int = 0
+    streaming_buckets: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.hard_negatives < 0 or self.streaming_buckets < 1:
+            raise ValueError("need hard_negatives >= 0 and streaming_buckets >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class InBatchConfig(SoftmaxCorrections):
+    """In-batch softmax: the batch's positives are every row's candidates."""
+
+    kind: Literal["in_batch"] = "in_batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedConfig(SoftmaxCorrections):
+    """In-batch plus ``num_sampled`` uniformly drawn corpus items (Yang et al. 2020)."""
+
+    kind: Literal["mixed"] = "mixed"
+    num_sampled: int = 512
+
+
+ObjectiveConfig = (
+    PointwiseConfig | HingeConfig | LogisticConfig | ListwiseConfig | InBatchConfig | MixedConfig
+)
+
 
 HistoryRule = Literal["auto", "before_event", "mask_target"]
 

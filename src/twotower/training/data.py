@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -44,11 +45,54 @@ class Batch:
     positives: torch.Tensor
 
 
+class TrainingExamples(Protocol):
+    """What the trainer and the evaluator read of training data: the in-memory
+    ``TrainingData`` and the streamed ``StreamingTrainingData`` both offer it.
+
+    Attributes:
+        device: where batches and inputs live.
+        num_items: N, the corpus size.
+        num_queries: the query rows ``query_inputs`` indexes (all queries, or the
+            evaluation sample of a stream).
+        split: the held-out parts ranked by evaluation, indexed by those query rows
+            (and the training interactions, to exclude seen items).
+        popularity: what ``popularity@k`` counts when evaluating: ``"known"`` (the
+            interactions known before the part), or None (not reported).
+    """
+
+    device: torch.device
+    num_items: int
+    num_queries: int
+    split: Split
+    popularity: Literal["known"] | None
+
+    def __len__(self) -> int:
+        """Training interactions in one epoch."""
+        ...
+
+    def item_counts(self) -> np.ndarray:
+        """(N,) training interactions per item (popularity sampling, logQ)."""
+        ...
+
+    def item_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The item tower's inputs of (M,) item indices."""
+        ...
+
+    def query_inputs(self, queries: torch.Tensor, part: str = "train") -> dict[str, torch.Tensor]:
+        """The query tower's inputs of (B,) query rows, with histories as of ``part``."""
+        ...
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator, collective: Collective | None = None
+    ) -> Iterator[Batch]:
+        """One epoch of shuffled batches, this process's share of each global batch."""
+        ...
+
+
 class TrainingData:
     """The training interactions and both sides' model inputs, on one device.
 
-    ``popularity``: what ``popularity@k`` counts when evaluating (``known``: the
-    interactions known before the part).
+    Implements ``TrainingExamples``.
 
     Args:
         dataset: the whole dataset (every query and item row).
@@ -59,7 +103,7 @@ class TrainingData:
         device: where tensors live.
     """
 
-    popularity = "known"
+    popularity: Literal["known"] | None = "known"
 
     def __init__(
         self,
@@ -70,16 +114,18 @@ class TrainingData:
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
-        self.queries = _to(pipeline.transform("query", dataset.queries), self.device)
+        self.split, self.pipeline = split, pipeline
+        self.num_queries = dataset.num_queries
+        self.queries = to_device(pipeline.transform("query", dataset.queries), self.device)
         # At the test step a history also holds the validation interactions.
         seen_by_test = pa.concat_tables([split.train, split.valid], promote_options="default")
         test_pipeline = pipeline.with_histories(dataset, seen_by_test)
         self.test_queries = (
             self.queries
             if test_pipeline is pipeline
-            else _to(test_pipeline.transform("query", dataset.queries), self.device)
+            else to_device(test_pipeline.transform("query", dataset.queries), self.device)
         )
-        self.items = _to(pipeline.transform("item", dataset.items), self.device)
+        self.items = to_device(pipeline.transform("item", dataset.items), self.device)
         train = split.train
         query = train.column(QUERY_IDX).to_numpy()
         self.query_idx = torch.tensor(query, device=self.device)
@@ -165,5 +211,6 @@ class TrainingData:
         return torch.where(earlier, self.items[spec.item_feature][items], 0)
 
 
-def _to(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The same inputs, each tensor on ``device``."""
     return {name: tensor.to(device) for name, tensor in inputs.items()}

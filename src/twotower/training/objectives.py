@@ -14,127 +14,33 @@ one item tower, and hands scores (never the model) to the loss:
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 from collections.abc import Callable
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from twotower.losses import (
-    ListwiseSoftmax,
-    PointwiseBCE,
+    LOSSES,
     SampledSoftmax,
-    TripletHinge,
-    TripletLogistic,
     hardest_negatives,
     logq_correction,
     mask_accidental_hits,
     negative_mask,
 )
-from twotower.sampling import (
-    FREQUENCIES,
-    SAMPLERS,
-    InBatchSampler,
-    MixedSampler,
+from twotower.sampling import CANDIDATE_SAMPLERS, FREQUENCIES, SAMPLERS
+from twotower.training.config import (
+    InBatchConfig,
+    ListwiseConfig,
+    MixedConfig,
+    ObjectiveConfig,
+    PointwiseConfig,
 )
 from twotower.training.distributed import Collective
 
-SamplerName = Literal["uniform", "popularity"]
-FrequencyName = Literal["counts", "streaming", "none"]
-
 # (M,) item indices -> (M, D) item vectors, through the item tower.
 EmbedItems = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class SampledNegatives:
-    """Per-row negatives: ``uniform`` over the corpus or ``popularity`` (count^alpha)."""
-
-    sampler: SamplerName = "uniform"
-    alpha: float = 0.75
-
-    def __post_init__(self) -> None:
-        counts = {k: v for k, v in vars(self).items() if k in ("neg_per_pos", "num_negatives")}
-        if self.alpha < 0 or any(v < 1 for v in counts.values()):
-            raise ValueError(f"need alpha >= 0 and at least one negative, got {vars(self)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PointwiseConfig(SampledNegatives):
-    """Each positive with ``neg_per_pos`` sampled negatives; binary cross-entropy."""
-
-    kind: Literal["pointwise"] = "pointwise"
-    neg_per_pos: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class HingeConfig(SampledNegatives):
-    """Triplets (q, i+, i-) with ``num_negatives`` negatives per positive; hinge with margin."""
-
-    kind: Literal["hinge"] = "hinge"
-    margin: float = 0.5
-    num_negatives: int = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class LogisticConfig(SampledNegatives):
-    """Triplets with a logistic (soft) hinge of sharpness ``sigma``."""
-
-    kind: Literal["logistic"] = "logistic"
-    sigma: float = 10.0
-    num_negatives: int = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class ListwiseConfig(SampledNegatives):
-    """One positive and ``num_negatives`` sampled negatives in one softmax."""
-
-    kind: Literal["listwise"] = "listwise"
-    num_negatives: int = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class SoftmaxCorrections:
-    """The corrections of the shared-candidate softmax objectives.
-
-    Attributes:
-        logq: the sampling-probability estimate subtracted from the logits:
-            ``counts`` (training counts), ``streaming`` (Yi et al. 2019) or ``none``.
-        mask_hits: mask a candidate equal to the row's positive (the item twice).
-        hard_negatives: if > 0, keep only this many highest-scoring negatives per row.
-        streaming_buckets: hash buckets of the streaming frequency estimate.
-    """
-
-    logq: FrequencyName = "counts"
-    mask_hits: bool = True
-    hard_negatives: int = 0
-    streaming_buckets: int = 1 << 20
-
-    def __post_init__(self) -> None:
-        if self.hard_negatives < 0 or self.streaming_buckets < 1:
-            raise ValueError("need hard_negatives >= 0 and streaming_buckets >= 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class InBatchConfig(SoftmaxCorrections):
-    """In-batch softmax: the batch's positives are every row's candidates."""
-
-    kind: Literal["in_batch"] = "in_batch"
-
-
-@dataclasses.dataclass(frozen=True)
-class MixedConfig(SoftmaxCorrections):
-    """In-batch plus ``num_sampled`` uniformly drawn corpus items (Yang et al. 2020)."""
-
-    kind: Literal["mixed"] = "mixed"
-    num_sampled: int = 512
-
-
-ObjectiveConfig = (
-    PointwiseConfig | HingeConfig | LogisticConfig | ListwiseConfig | InBatchConfig | MixedConfig
-)
 
 
 class RowNegatives(nn.Module):
@@ -249,7 +155,8 @@ def embed_unique(items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:
 
 
 def build_objective(config: ObjectiveConfig, counts: np.ndarray) -> nn.Module:
-    """The objective a config names.
+    """The objective a config names: its ``kind`` picks the loss from ``LOSSES`` and,
+    for the shared-candidate softmax, the sampler from ``CANDIDATE_SAMPLERS``.
 
     Args:
         config: one of the objective configs.
@@ -258,10 +165,8 @@ def build_objective(config: ObjectiveConfig, counts: np.ndarray) -> nn.Module:
     num_items = len(counts)
     if isinstance(config, (InBatchConfig, MixedConfig)):
         frequency = _frequency(config, counts)
-        if isinstance(config, InBatchConfig):
-            sampler = InBatchSampler(frequency)
-        else:
-            sampler = MixedSampler(frequency, num_items, config.num_sampled)
+        sizes = (num_items, config.num_sampled) if isinstance(config, MixedConfig) else ()
+        sampler = CANDIDATE_SAMPLERS[config.kind](frequency, *sizes)
         return SharedCandidates(
             sampler, frequency, config.logq != "none", config.mask_hits, config.hard_negatives
         )
@@ -269,13 +174,16 @@ def build_objective(config: ObjectiveConfig, counts: np.ndarray) -> nn.Module:
         sampler = SAMPLERS["popularity"](counts, config.alpha)
     else:
         sampler = SAMPLERS["uniform"](num_items)
-    if isinstance(config, PointwiseConfig):
-        return RowNegatives(PointwiseBCE(), sampler, config.neg_per_pos, scaled=True)
-    if isinstance(config, HingeConfig):
-        return RowNegatives(TripletHinge(config.margin), sampler, config.num_negatives, False)
-    if isinstance(config, LogisticConfig):
-        return RowNegatives(TripletLogistic(config.sigma), sampler, config.num_negatives, False)
-    return RowNegatives(ListwiseSoftmax(), sampler, config.num_negatives, scaled=True)
+    # a loss's settings are the config fields of the same names (margin, sigma)
+    options = {
+        name: getattr(config, name)
+        for name in inspect.signature(LOSSES[config.kind]).parameters
+        if hasattr(config, name)
+    }
+    loss = LOSSES[config.kind](**options)
+    # BCE and softmax take cosines / temperature; the triplet margins are in cosine units
+    scaled = isinstance(config, (PointwiseConfig, ListwiseConfig))
+    return RowNegatives(loss, sampler, config.num_negatives, scaled)
 
 
 def _frequency(config: InBatchConfig | MixedConfig, counts: np.ndarray):

@@ -21,18 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from twotower.config import Config, from_dict, save_config, to_dict
-from twotower.data.dataset import Dataset
-from twotower.data.load import load_dataset
-from twotower.data.splits import Split, split_interactions
+from twotower.config import Config, save_config
+from twotower.config_io import from_dict, to_dict
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
+from twotower.features.streaming import fit_stream_pipeline, read_items
+from twotower.prepare import load_data
 from twotower.storage import atomic_write, remove_partial_files
 from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
-from twotower.training.streaming import StreamingTrainingData, fit_stream_pipeline, read_items
+from twotower.training.streaming import StreamingTrainingData
 from twotower.training.trainer import RunState, Trainer, evaluate_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -57,21 +57,6 @@ class TrainResult:
     out: Path
 
 
-def load_data(config: Config) -> tuple[Dataset, Split]:
-    """The dataset the config names and its train / valid / test split."""
-    if config.data.source == "stream":
-        raise ConfigError(
-            "data.source 'stream' is read by training only, in bounded memory; this command "
-            "needs the data in memory (a 'files' source over the same Parquet files)"
-        )
-    dataset = load_dataset(
-        config.data,
-        config.features.required_columns("query"),
-        config.features.required_columns("item"),
-    )
-    return dataset, split_interactions(dataset, config.split)
-
-
 def _stream_data(
     config: Config, out: Path, resume: bool, device: torch.device, main: bool
 ) -> StreamingTrainingData:
@@ -92,6 +77,20 @@ def _stream_data(
                 out / "features" / "fit.json", lambda f: f.write(json.dumps(fits).encode())
             )
     return StreamingTrainingData(stream, pipeline, items, counts, device, config.seed)
+
+
+def _memory_data(
+    config: Config, out: Path, resume: bool, device: torch.device, main: bool
+) -> TrainingData:
+    """The data in memory, with features fitted on its training split (or the run's own)."""
+    dataset, split = load_data(config)
+    if resume:
+        pipeline = FeaturePipeline.load(out / "features")
+    else:  # deterministic, so every rank fits the same state; rank 0 saves it
+        pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
+        if main:
+            pipeline.save(out / "features")
+    return TrainingData(dataset, split, pipeline, config.training.history, device)
 
 
 def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
@@ -122,25 +121,16 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
                 log.info("removed %s, left by a write that was killed", path)
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    torch.manual_seed(config.seed)
     if config.data.source == "stream":
-        dataset, data = None, _stream_data(config, out, resume, device, collective.is_main)
-        split, pipeline = data.split, data.pipeline
+        data = _stream_data(config, out, resume, device, collective.is_main)
     else:
-        dataset, split = load_data(config)
-        if resume:
-            pipeline = FeaturePipeline.load(out / "features")
-        else:  # deterministic, so every rank fits the same state; rank 0 saves it
-            pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
-            if collective.is_main:
-                pipeline.save(out / "features")
-        data = TrainingData(dataset, split, pipeline, config.training.history, device)
+        data = _memory_data(config, out, resume, device, collective.is_main)
+    # seeded after the data is ready, so the initial weights do not depend on whatever
+    # randomness reading and fitting the data used
     torch.manual_seed(config.seed)
-    model = TwoTower.build(config.model, config.features, pipeline).to(device)
-    extra = _extra(config, pipeline)
-    trainer = Trainer(
-        model, data, dataset, split, config.training, out, config.seed, extra, collective
-    )
+    model = TwoTower.build(config.model, config.features, data.pipeline).to(device)
+    extra = _extra(config, data.pipeline)
+    trainer = Trainer(model, data, config.training, out, config.seed, extra, collective)
     state = trainer.fit(resume=resume)
     if not collective.is_main:  # rank 0 alone evaluates the best model and writes metrics
         return TrainResult({}, state, out)
@@ -186,7 +176,6 @@ def evaluate_run(
             evaluate_model(
                 model,
                 data,
-                split,
                 part,
                 ks or config.training.ks,
                 exclude_seen=exclude_seen,

@@ -8,65 +8,36 @@ are read row group by row group, every epoch; the query features are transformed
 batch by batch with the fitted state, inside DataLoader workers.
 
 Two passes over the training files come before the first epoch: one fits the
-features (``twotower.features.streaming``) and counts items, one collects the
-evaluation queries' training items.
+features and counts items (``twotower.features.streaming.fit_stream_pipeline``), one
+collects the evaluation queries' training items.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
+from twotower.data.config import StreamConfig
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX
 from twotower.data.splits import Split
-from twotower.data.stream import ParquetStream, Piece, StreamConfig, parquet_files
+from twotower.data.stream import ParquetStream, Piece
 from twotower.errors import DataError
-from twotower.features.categorical import SortedKeys
 from twotower.features.pipeline import FeaturePipeline
-from twotower.features.specs import FeaturesConfig
-from twotower.features.streaming import StreamingFit
-from twotower.training.data import Batch
+from twotower.features.streaming import ItemKeys
+from twotower.training.data import Batch, to_device
 from twotower.training.distributed import Collective
 
 log = logging.getLogger(__name__)
 
-READ_ROWS = 65_536  # rows per table in the fitting passes
-
-
-class ItemKeys:
-    """The corpus's item keys, found by binary search (integer or text keys)."""
-
-    def __init__(self, keys: pa.Array, where: str) -> None:
-        if pc.count_distinct(keys).as_py() != len(keys) or keys.null_count:
-            raise DataError(f"{where}: item keys must be unique and not null")
-        self.integer = pa.types.is_integer(keys.type)
-        self._keys = SortedKeys(self._numpy(keys))
-
-    def _numpy(self, values: pa.Array) -> np.ndarray:
-        if self.integer:
-            return pc.cast(pc.fill_null(values, 0), pa.int64()).to_numpy()
-        text = pc.cast(pc.fill_null(values, ""), pa.string())
-        return text.to_numpy(zero_copy_only=False).astype(str)
-
-    def find(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        """(rows,) item index of each key; -1 for keys not in the corpus."""
-        if isinstance(values, pa.ChunkedArray):
-            values = values.combine_chunks()
-        if self.integer and not pa.types.is_integer(values.type):
-            return np.full(len(values), -1, np.int64)
-        found = self._keys.find(self._numpy(values))
-        return np.where(pc.is_null(values).to_numpy(zero_copy_only=False), -1, found)
-
 
 class StreamingTrainingData:
-    """``TrainingData``'s interface over a stream: batches, item inputs, evaluation.
+    """``TrainingExamples`` over a stream: batches, item inputs, evaluation.
 
     Args:
         config: the stream's files and settings.
@@ -76,7 +47,7 @@ class StreamingTrainingData:
         seed: the evaluation sample's seed.
     """
 
-    popularity = None  # popularity@k would need every query's history; not reported
+    popularity: Literal["known"] | None = None  # would need every query's history
 
     def __init__(
         self,
@@ -90,7 +61,7 @@ class StreamingTrainingData:
         self.config, self.pipeline = config, pipeline
         self.device = torch.device(device)
         self.item_keys = ItemKeys(items.column(config.item_id).combine_chunks(), str(config.items))
-        self.items = _to(pipeline.transform("item", items), self.device)
+        self.items = to_device(pipeline.transform("item", items), self.device)
         self.num_items = items.num_rows
         self._counts = item_counts
         self.query_columns = sorted(
@@ -98,8 +69,8 @@ class StreamingTrainingData:
         )
         self.stream = ParquetStream(config.train, [*self.query_columns, config.item_id])
         self.split, eval_queries = self._held_out(seed)
-        self.queries = _to(pipeline.transform("query", eval_queries), self.device)
-        self.test_queries = self.queries
+        self.num_queries = eval_queries.num_rows
+        self.queries = to_device(pipeline.transform("query", eval_queries), self.device)
 
     def __len__(self) -> int:
         return self.stream.num_rows
@@ -137,11 +108,11 @@ class StreamingTrainingData:
         for query, positives in loader:
             steps += 1
             empty = empty or ({k: v[:0] for k, v in query.items()}, positives[:0])
-            yield Batch(_to(query, self.device), positives.to(self.device))
+            yield Batch(to_device(query, self.device), positives.to(self.device))
         if empty is None:
             empty = self._empty()
         for _ in range(int(per_rank.max()) - steps):
-            yield Batch(_to(empty[0], self.device), empty[1].to(self.device))
+            yield Batch(to_device(empty[0], self.device), empty[1].to(self.device))
 
     def _empty(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         table = next(self.stream.read(self.stream.share(None, 0, 1)[:1])).slice(0, 0)
@@ -235,60 +206,9 @@ class _StreamExamples(torch.utils.data.IterableDataset):
             yield query, torch.from_numpy(table.column(ITEM_IDX).to_numpy().copy())
 
 
-def fit_stream_pipeline(
-    config: StreamConfig, features: FeaturesConfig, seed: int = 0
-) -> tuple[FeaturePipeline, pa.Table, np.ndarray, dict[str, bool]]:
-    """Fits the features from one pass over the training stream, in bounded memory.
-
-    Returns:
-        The fitted pipeline, the item table, the (N,) training count of each item,
-        and whether each query feature's fit is exact (``twotower.features.streaming``).
-    """
-    items = read_items(config, features)
-    item_keys = ItemKeys(items.column(config.item_id).combine_chunks(), str(config.items))
-    pipeline = FeaturePipeline(features)
-    query_fit = StreamingFit(
-        pipeline.transforms["query"], config.max_distinct, config.max_sample, seed
-    )
-    columns = sorted({spec.column for spec in features.query} | {config.item_id})
-    stream = ParquetStream(config.train, columns)
-    counts = np.zeros(items.num_rows, np.int64)
-    pieces = stream.share(None, 0, 1)
-    bar = tqdm(total=stream.num_rows, desc="fit features", unit="row", unit_scale=True)
-    with bar:
-        for table in stream.read(pieces):
-            query_fit.update(table)
-            found = item_keys.find(table.column(config.item_id))
-            counts += np.bincount(found[found >= 0], minlength=len(counts))
-            bar.update(table.num_rows)
-    exact = query_fit.finish()
-    pipeline.fit_side("item", items, config.item_id, counts)
-    approximate = [name for name, ok in exact.items() if not ok]
-    if approximate:
-        log.info("fitted approximately (past max_distinct / max_sample): %s", approximate)
-    return pipeline, items, counts, exact
-
-
-def read_items(config: StreamConfig, features: FeaturesConfig) -> pa.Table:
-    """The item table (the corpus), with the columns the item features read."""
-    columns = sorted({spec.column for spec in features.item} | {config.item_id})
-    parquet_files(config.items)  # a clear error if there is nothing to read
-    try:
-        table = pq.read_table(config.items, columns=columns)
-    except (pa.ArrowInvalid, OSError, KeyError) as err:
-        raise DataError(f"{config.items}: cannot read the item columns {columns} ({err})") from None
-    if table.num_rows == 0:
-        raise DataError(f"{config.items}: the item table has no rows")
-    return table
-
-
 def _read_all(path, query_columns: list[str], item_id: str) -> pa.Table:
     stream = ParquetStream(path, [*query_columns, item_id])
     tables = list(stream.read(stream.share(None, 0, 1)))
     if not tables:
         raise DataError(f"{path}: no held-out interactions")
     return pa.concat_tables(tables)
-
-
-def _to(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: tensor.to(device) for name, tensor in inputs.items()}

@@ -20,14 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from twotower.data.dataset import Dataset
-from twotower.data.splits import Split
 from twotower.errors import ConfigError, DataError
 from twotower.evaluation.ranking import evaluate
 from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.config import TrainingConfig
-from twotower.training.data import Batch, TrainingData
+from twotower.training.data import Batch, TrainingExamples
 from twotower.training.distributed import Collective
 from twotower.training.objectives import SharedCandidates, build_objective
 from twotower.training.run_log import RunLog
@@ -82,7 +80,7 @@ def build_optimizers(model: torch.nn.Module, config: TrainingConfig) -> list[tor
 
 @torch.inference_mode()
 def embed_all(
-    model: TwoTower, data: TrainingData, batch_size: int, part: str = "valid"
+    model: TwoTower, data: TrainingExamples, batch_size: int, part: str = "valid"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, D) every query's vector as of ``part`` and (N, D) every item's, in eval mode."""
     was_training = model.training
@@ -90,11 +88,7 @@ def embed_all(
     try:
         sides = []
         for tower, inputs, count in (
-            (
-                model.query_tower,
-                lambda rows: data.query_inputs(rows, part),
-                len(next(iter(data.queries.values()))),
-            ),
+            (model.query_tower, lambda rows: data.query_inputs(rows, part), data.num_queries),
             (model.item_tower, data.item_inputs, data.num_items),
         ):
             rows = torch.arange(count, device=data.device)
@@ -106,14 +100,13 @@ def embed_all(
 
 def evaluate_model(
     model: TwoTower,
-    data: TrainingData,
-    split: Split,
+    data: TrainingExamples,
     part: str,
     ks: list[int] | tuple[int, ...],
     exclude_seen: bool = True,
     batch_size: int = 1024,
 ) -> dict[str, float]:
-    """Exact full-corpus metrics of a model on ``valid`` or ``test``.
+    """Exact full-corpus metrics of a model on ``valid`` or ``test`` of ``data.split``.
 
     Every item is embedded once, every query with the history known at that step;
     scores are (B, N) inner products of unit vectors (the temperature does not
@@ -127,7 +120,7 @@ def evaluate_model(
 
     return evaluate(
         score,
-        split,
+        data.split,
         part,
         len(queries),
         len(items),
@@ -141,7 +134,7 @@ def evaluate_model(
 class _StepLoss(torch.nn.Module):
     """A batch's training loss as one module call, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, model: TwoTower, objective: torch.nn.Module, data: TrainingData) -> None:
+    def __init__(self, model: TwoTower, objective: torch.nn.Module, data: TrainingExamples) -> None:
         super().__init__()
         self.model, self.objective, self.data = model, objective, data
 
@@ -162,9 +155,8 @@ class Trainer:
 
     Args:
         model: the model, on ``data.device``.
-        data: the training examples and feature inputs.
-        dataset: for the corpus and query counts used by validation.
-        split: its ``valid`` part is ranked after each epoch.
+        data: the training examples and feature inputs; the ``valid`` part of its
+            split is ranked after each epoch.
         config: the training options.
         out: the run folder.
         seed: seeds the shuffles and the negative sampler.
@@ -177,16 +169,14 @@ class Trainer:
     def __init__(
         self,
         model: TwoTower,
-        data: TrainingData,
-        dataset: Dataset,
-        split: Split,
+        data: TrainingExamples,
         config: TrainingConfig,
         out: Path,
         seed: int,
         extra: dict[str, Any] | None = None,
         collective: Collective | None = None,
     ) -> None:
-        self.model, self.data, self.dataset, self.split = model, data, dataset, split
+        self.model, self.data = model, data
         self.config, self.out, self.seed, self.extra = config, Path(out), seed, extra or {}
         self.collective = collective or Collective()
         self.objective = build_objective(config.objective, data.item_counts()).to(data.device)
@@ -284,7 +274,6 @@ class Trainer:
         return evaluate_model(
             self.model,
             self.data,
-            self.split,
             part,
             self.config.ks,
             exclude_seen=exclude_seen,

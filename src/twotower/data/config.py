@@ -1,0 +1,220 @@
+"""The data part of the config: where the tables are, how they are read and split.
+
+Kept apart from the readers so a config can be read without importing them: this
+module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+MissingRows = Literal["error", "impute", "drop"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """Settings of the generator.
+
+    Attributes:
+        num_queries: number of users.
+        num_items: number of items.
+        num_clusters: number of latent clusters.
+        interactions_per_query: mean interactions per user (at least 5 each).
+        affinity: how strongly clusters drive the choice (vs. popularity).
+        popularity_exponent: Zipf exponent of the item popularity tail.
+        seed: random seed; the same seed gives the same data.
+    """
+
+    num_queries: int = 2000
+    num_items: int = 1000
+    num_clusters: int = 8
+    interactions_per_query: int = 20
+    affinity: float = 10.0
+    popularity_exponent: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.num_queries, self.num_items, self.num_clusters) < 1:
+            raise ValueError("num_queries, num_items and num_clusters must be positive")
+        if self.interactions_per_query < 5 or self.interactions_per_query > self.num_items:
+            raise ValueError("interactions_per_query must be between 5 and num_items")
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """Where a table lives and how to parse it.
+
+    Attributes:
+        path: a CSV file, a Parquet file, or a folder of Parquet files.
+        format: ``auto`` chooses by extension (``.parquet``/``.pq``/folder: Parquet).
+        delimiter: CSV field separator; may be several characters (``"::"``).
+        header: whether the first CSV line holds the column names.
+        columns: the column names when the file has no header.
+        encoding: the CSV text encoding (``latin-1`` for the MovieLens files).
+        quote_char: the CSV quote character, or None for none. A multi-character
+            delimiter is replaced before parsing and so cannot be quoted: such
+            files are read without quoting.
+        skip_bad_rows: drop malformed rows and report how many, instead of failing.
+    """
+
+    path: Path
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    delimiter: str = ","
+    header: bool = True
+    columns: list[str] | None = None
+    encoding: str = "utf-8"
+    quote_char: str | None = '"'
+    skip_bad_rows: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.delimiter:
+            raise ValueError("delimiter must not be empty")
+        if not self.header and not self.columns:
+            raise ValueError(f"{self.path}: a file without a header needs 'columns'")
+
+    @property
+    def is_parquet(self) -> bool:
+        if self.format != "auto":
+            return self.format == "parquet"
+        return self.path.is_dir() or self.path.suffix.lower() in (".parquet", ".pq")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """Training interactions streamed from Parquet (``data.source: stream``).
+
+    The interaction rows carry the query side's feature columns themselves (the
+    form logs take: one row per event, with the user's features as of then); items
+    come from ``items``, the corpus, which is held in memory.
+
+    Attributes:
+        train: a Parquet file or a folder of them: the training interactions.
+        valid: the validation interactions (same columns), ranked after each epoch.
+        test: the test interactions, ranked once at the end.
+        items: the item feature table (the retrieval corpus): a Parquet file.
+        query_id: the query (user) key column of the interaction rows.
+        item_id: the item key column, of the interaction rows and of ``items``.
+        buffer_rows: the shuffle buffer, in rows, per reading process.
+        workers: DataLoader worker processes reading and transforming batches.
+        eval_queries: rank at most this many held-out queries (a seeded sample).
+        max_distinct: counters per categorical feature when fitting from the stream;
+            past it counts are approximate (``twotower.features.streaming``).
+        max_sample: values kept per bucketized feature when fitting quantiles.
+        unknown_items: an interaction whose item is not in ``items``: ``error`` or
+            ``drop`` (counted and logged).
+    """
+
+    train: Path
+    valid: Path
+    test: Path
+    items: Path
+    query_id: str = "user_id"
+    item_id: str = "item_id"
+    buffer_rows: int = 200_000
+    workers: int = 1
+    eval_queries: int = 20_000
+    max_distinct: int = 5_000_000
+    max_sample: int = 1_000_000
+    unknown_items: Literal["error", "drop"] = "error"
+
+    def __post_init__(self) -> None:
+        if min(self.buffer_rows, self.eval_queries, self.max_distinct, self.max_sample) < 1:
+            raise ValueError("buffer_rows, eval_queries, max_distinct and max_sample must be >= 1")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InteractionsConfig(TableSpec):
+    """The interactions file and which of its columns play which role.
+
+    Attributes:
+        query_id: the column holding the query (user) id.
+        item_id: the column holding the item id.
+        timestamp: the time column, if any (numbers or Arrow timestamps).
+        weight: a label / rating / weight column, if any.
+    """
+
+    query_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str | None = None
+    weight: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTableConfig(TableSpec):
+    """A side's feature table: one row per key."""
+
+    key: str = "id"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from.
+
+    Attributes:
+        source: ``files`` (the tables below), ``synthetic`` (the built-in generator) or
+            a MovieLens adapter reading the folder ``path``.
+        path: the dataset folder, for adapters.
+        interactions: the interactions file (``files``); with ``split.method: given``
+            it holds the training interactions.
+        valid: the user's own validation interactions (same columns).
+        test: the user's own test interactions (same columns).
+        queries: the query-side feature table.
+        items: the item-side feature table (the retrieval corpus).
+        min_weight: keep only interactions whose weight is at least this (e.g. rating >= 4).
+        on_missing_rows: an id with no feature row: ``error``, ``impute`` or ``drop``.
+        synthetic: the generator's settings, for ``source: synthetic``.
+        sample_queries: keep the interactions of only this many queries (users), drawn
+            at random among those with interactions; for quick experiments.
+        sample_seed: the seed of that draw.
+        stream: for ``source: stream``, Parquet streamed in bounded memory (training
+            on data larger than memory; ``twotower.data.stream``).
+    """
+
+    source: Literal[
+        "files",
+        "synthetic",
+        "movielens-100k",
+        "movielens-1m",
+        "movielens-latest-small",
+        "movielens-latest-small-search",
+        "stream",
+    ] = "synthetic"
+    path: Path | None = None
+    interactions: InteractionsConfig | None = None
+    valid: TableSpec | None = None
+    test: TableSpec | None = None
+    queries: FeatureTableConfig | None = None
+    items: FeatureTableConfig | None = None
+    min_weight: float | None = None
+    on_missing_rows: MissingRows = "error"
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    sample_queries: int | None = None
+    sample_seed: int = 0
+    stream: StreamConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.source == "stream") != (self.stream is not None):
+            raise ValueError("data.source 'stream' goes with a data.stream section, and only it")
+        if self.sample_queries is not None and self.sample_queries < 1:
+            raise ValueError(f"sample_queries must be >= 1, got {self.sample_queries}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """How interactions are split (see the module docstring for each method)."""
+
+    method: Literal["leave_last_out", "random", "time", "given"] = "leave_last_out"
+    ratios: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
+    valid_from: float | None = None
+    test_from: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6:
+            raise ValueError(
+                f"ratios must be three non-negative numbers summing to 1: {self.ratios}"
+            )

@@ -1,0 +1,186 @@
+"""What the HTTP service's handlers share: the artifact served, its batcher and metrics.
+
+One ``ServiceState`` per app, created by ``create_app`` and kept on ``app.state``;
+handlers receive it through ``Depends(service)``. A reload (the endpoint, or SIGHUP
+when enabled) loads and verifies the new artifact beside the old one and swaps the
+single ``retriever`` reference: batches in flight finish on the old artifact, the next
+ones use the new one, and no request is dropped. A reload that fails leaves the old
+artifact serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+
+from twotower.errors import DataError
+from twotower.serving import schemas
+from twotower.serving.batching import MicroBatcher
+from twotower.serving.middleware import ServiceMetrics
+from twotower.serving.retriever import Query, Result, Retriever
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """How the service runs.
+
+    Args:
+        max_body_bytes: the largest request body accepted (413 above it).
+        batch_queries: the most queries one micro-batch takes.
+        batch_wait_ms: how long a micro-batch waits for more requests before it runs.
+        admin_token: when set, ``/admin/*`` needs ``Authorization: Bearer <token>``;
+            when not, ``/admin/*`` answers only clients on the loopback address.
+        reload_on_sighup: reload the artifact when the process gets SIGHUP (needs the
+            main thread's event loop, as under ``twotower serve``).
+    """
+
+    max_body_bytes: int = 1 << 20
+    batch_queries: int = 256
+    batch_wait_ms: float = 0.0
+    admin_token: str | None = None
+    reload_on_sighup: bool = False
+
+
+class ServiceState:
+    """The artifact being served (swapped whole by a reload), its batcher and metrics.
+
+    Args:
+        folder: the artifact folder; loaded and verified now, and again on each reload.
+        config: how the service runs.
+
+    Raises:
+        DataError: the artifact is missing, corrupt or of another format version.
+    """
+
+    def __init__(self, folder: Path, config: ServiceConfig) -> None:
+        self.folder = Path(folder)
+        self.config = config
+        self.retriever = _warmed(Retriever.load(self.folder))
+        self.metrics = ServiceMetrics()
+        self.metrics.serving(self.fingerprint, self.retriever.artifact.index.kind)
+        self.batcher = MicroBatcher(
+            lambda: self.retriever,
+            config.batch_queries,
+            config.batch_wait_ms,
+            self.metrics.observe_batch,
+        )
+        self.reload_lock = asyncio.Lock()
+        self.closing = False
+        self._reloads: set[asyncio.Task] = set()  # held, or a running task may be collected
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the artifact being served."""
+        return self.retriever.artifact.fingerprint
+
+    @property
+    def ready(self) -> bool:
+        """Whether requests are answered: the batch worker runs and no shutdown began."""
+        return self.batcher.running and not self.closing
+
+    async def answer(self, queries: list[Query]) -> tuple[list[Result | DataError], str]:
+        """Each query's result (or why it has none), by way of the micro-batcher.
+
+        Args:
+            queries: this request's queries, answered in one batch with other requests'.
+
+        Returns:
+            One answer per query, in order, and the fingerprint of the artifact that
+            gave them.
+
+        Raises:
+            HTTPException: 503 while the service is shutting down.
+        """
+        if not self.ready:
+            raise HTTPException(503, "the service is shutting down")
+        answers, retriever = await self.batcher.submit(queries)
+        return answers, retriever.artifact.fingerprint
+
+    async def reload(self) -> schemas.ReloadResponse:
+        """Loads the artifact folder again, verifies it, and serves it from now on.
+
+        Returns:
+            The fingerprints of the new and the replaced artifact, and the time taken.
+
+        Raises:
+            HTTPException: 409 when the folder holds no valid artifact; the old one
+                keeps serving.
+        """
+        async with self.reload_lock:
+            previous = self.fingerprint
+            started = time.perf_counter()
+            try:
+                retriever = await asyncio.to_thread(lambda: _warmed(Retriever.load(self.folder)))
+            except DataError as err:
+                self.metrics.reloads.labels("failed").inc()
+                log.error("reload failed, still serving %s: %s", previous, err)
+                detail = f"reload failed: {err}; still serving {previous}"
+                raise HTTPException(409, detail) from None
+            self.retriever = retriever
+            self.metrics.serving(self.fingerprint, retriever.artifact.index.kind)
+            self.metrics.reloads.labels("ok").inc()
+            log.info("now serving artifact %s (was %s)", self.fingerprint, previous)
+            return schemas.ReloadResponse(
+                artifact=self.fingerprint, previous=previous, seconds=time.perf_counter() - started
+            )
+
+    async def start(self) -> None:
+        """Starts the batch worker and, when configured, reloading on SIGHUP."""
+        self.batcher.start()
+        if self.config.reload_on_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    async def stop(self) -> None:
+        """Refuses new requests, then lets the batch worker finish the queued ones."""
+        self.closing = True
+        if self.config.reload_on_sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await asyncio.to_thread(self.batcher.stop)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """The app's lifespan: ``start`` before the first request, ``stop`` after the last."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._logged_reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _logged_reload(self) -> None:
+        """A SIGHUP reload: its failure is logged (and the old artifact kept), never raised."""
+        with contextlib.suppress(HTTPException):
+            await self.reload()
+
+
+def service(request: Request) -> ServiceState:
+    """The app's ``ServiceState``: a dependency for handlers (``Service``)."""
+    return request.app.state.service
+
+
+Service = Annotated[ServiceState, Depends(service)]
+
+
+def _warmed(retriever: Retriever) -> Retriever:
+    """Runs one query of each cheap kind, so the first request is not the slow one."""
+    artifact = retriever.artifact
+    queries = [Query(item=artifact.item_ids[0].as_py(), k=1)]
+    if artifact.queries.num_rows:
+        queries.append(Query(user=artifact.queries.column(artifact.query_key)[0].as_py()))
+    retriever.retrieve(queries)
+    return retriever

@@ -1,0 +1,76 @@
+"""The layering of docs/architecture.md, as import-linter contracts in pyproject.toml.
+
+The contracts are checked on the package as it is, and shown to fail when a forbidden
+import is added to a copy of it; serving is imported in a fresh interpreter to see
+that it loads no training code.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = Path(sys.executable).parent / "lint-imports"
+
+pytestmark = pytest.mark.skipif(
+    not LINT.exists(), reason="import-linter is not installed (pip install -e '.[dev]')"
+)
+
+
+def _lint(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(LINT), "--config", str(root / "pyproject.toml"), "--no-cache", *args],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root / "src")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_every_contract_holds() -> None:
+    result = _lint(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "contract", "broken"),
+    [
+        ("serving/retriever.py", "import twotower.training.trainer", "serving", "Serving never"),
+        ("losses/pointwise.py", "import twotower.towers.model", "losses", "Losses take scores"),
+        ("training/config.py", "import torch", "config", "Config modules import no torch"),
+        ("index/exact.py", "import twotower.evaluation.ranking", "index", "The index never"),
+        ("data/dataset.py", "import twotower.cli", "pipeline", "Imports point down"),
+    ],
+)
+def test_a_forbidden_import_breaks_its_contract(
+    tmp_path: Path, module: str, line: str, contract: str, broken: str
+) -> None:
+    shutil.copytree(ROOT / "src" / "twotower", tmp_path / "src" / "twotower")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    path = tmp_path / "src" / "twotower" / module
+    path.write_text(path.read_text(encoding="utf-8") + f"\n{line}\n", encoding="utf-8")
+    result = _lint(tmp_path, "--contract", contract)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{broken}" in result.stdout and "BROKEN" in result.stdout
+    assert line.removeprefix("import ") in result.stdout  # the offending import is named
+
+
+def test_serving_loads_no_training_code() -> None:
+    code = (
+        "import json, sys; import twotower.serving.http; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('twotower'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    loaded = json.loads(result.stdout)
+    assert "twotower.serving.http" in loaded
+    forbidden = ("twotower.training", "twotower.losses", "twotower.sampling")
+    assert [m for m in loaded if m.startswith(forbidden)] == []
