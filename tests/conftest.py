@@ -28,6 +28,7 @@ from twotower.serving.server import bind
 from twotower.towers.config import MLPConfig, ModelConfig
 from twotower.towers.model import embed_rows
 from twotower.training.config import TrainingConfig
+from twotower.training.data import TrainingExamples
 from twotower.training.run import load_model, train_run
 
 
@@ -65,18 +66,22 @@ def tiny_demo_config(folder: Path) -> Config:
     return dataclasses.replace(config, data=_write_synthetic(config, folder))
 
 
-def tiny_text_config(folder: Path) -> Config:
-    """Search logs by hand: query texts like "red shoes", items titled "red shoes 2"."""
+def tiny_text_config(folder: Path, item_key_offset: float = 0) -> Config:
+    """Search logs by hand: query texts like "red shoes", items titled "red shoes 2".
+
+    A fractional ``item_key_offset`` keys the items by floats (0.5, 1.5, ...).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     pairs = [(c, t) for c in ("red", "blue", "green") for t in ("shoes", "shirt", "hat")]
     titles = [f"{c} {t} {n}" for c, t in pairs for n in range(3)]  # 27 items
     texts = [f"{c} {t}" for c, t in pairs for _ in range(5)]  # 45 queries
     query = np.repeat(np.arange(len(texts)), 3)
-    item = (query // 5) * 3 + np.tile(np.arange(3), len(texts))  # the query's pair's items
+    item = (query // 5) * 3 + np.tile(np.arange(3), len(texts)) + item_key_offset
     paths = {name: folder / f"{name}.parquet" for name in ("log", "queries", "items")}
     pq.write_table(pa.table({"q": query, "i": item, "t": np.arange(len(query))}), paths["log"])
     pq.write_table(pa.table({"q": np.arange(len(texts)), "text": texts}), paths["queries"])
-    pq.write_table(pa.table({"i": np.arange(len(titles)), "title": titles}), paths["items"])
+    keys = np.arange(len(titles)) + item_key_offset
+    pq.write_table(pa.table({"i": keys, "title": titles}), paths["items"])
     return Config(
         data=DataConfig(
             source="files",
@@ -130,6 +135,22 @@ def text_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     train_run(tiny_text_config(folder / "data"), folder / "run")
     export_run(folder / "run", folder / "artifact")
     return folder / "artifact", folder / "run"
+
+
+@pytest.fixture(scope="session")
+def float_key_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The artifact of a tiny text run whose items are keyed by floats (0.5, 1.5, ...)."""
+    folder = Path(tmp_path_factory.mktemp("float-keys"))
+    train_run(tiny_text_config(folder / "data", item_key_offset=0.5), folder / "run")
+    export_run(folder / "run", folder / "artifact")
+    return folder / "artifact"
+
+
+@pytest.fixture(scope="session")
+def training_examples_members() -> list[str]:
+    """Every attribute and method the ``TrainingExamples`` protocol declares."""
+    declared = [name for name in vars(TrainingExamples) if not name.startswith("_")]
+    return sorted({*TrainingExamples.__annotations__, *declared, "__len__"})
 
 
 @contextlib.contextmanager

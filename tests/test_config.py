@@ -293,3 +293,24 @@ def test_synthetic_config_is_the_demo_recipe():
     from twotower.demo import demo_config
 
     assert load_config(CONFIGS / "synthetic.yaml") == demo_config()
+
+
+def test_a_renamed_key_still_loads_under_its_old_name(tmp_path: Path, caplog) -> None:
+    """Configs saved before ``neg_per_pos`` became ``num_negatives`` (every objective's
+    name for it) still load, with a warning; giving both names is an error."""
+    path = tmp_path / "old.yaml"
+    path.write_text("training: {objective: {kind: pointwise, neg_per_pos: 7}}\n")
+    with caplog.at_level("WARNING", logger="twotower.config_io"):
+        config = load_config(path)
+    assert config.training.objective.num_negatives == 7
+    assert "'neg_per_pos' is now called 'num_negatives'" in caplog.text
+    assert apply_overrides(config, ["training.objective.neg_per_pos=3"]) == apply_overrides(
+        config, ["training.objective.num_negatives=3"]
+    )
+    both = "training: {objective: {kind: pointwise, neg_per_pos: 7, num_negatives: 2}}\n"
+    path.write_text(both)
+    with pytest.raises(ConfigError, match="'neg_per_pos' is the old name of 'num_negatives'"):
+        load_config(path)
+    path.write_text("training: {objective: {kind: hinge, neg_per_pos: 7}}\n")
+    with pytest.raises(ConfigError, match="unknown key 'neg_per_pos'"):  # only pointwise had it
+        load_config(path)

@@ -62,15 +62,30 @@ def test_a_forbidden_import_breaks_its_contract(
     assert line.removeprefix("import ") in result.stdout  # the offending import is named
 
 
-def test_serving_loads_no_training_code() -> None:
-    code = (
-        "import json, sys; import twotower.serving.http; "
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('twotower'))))"
-    )
+def _loaded_after(code: str) -> list[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    code += "; import json, sys; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
-    loaded = json.loads(result.stdout)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_serving_loads_no_training_code() -> None:
+    loaded = _loaded_after("import twotower.serving.http")
     assert "twotower.serving.http" in loaded
     forbidden = ("twotower.training", "twotower.losses", "twotower.sampling")
     assert [m for m in loaded if m.startswith(forbidden)] == []
+
+
+def test_reading_and_writing_a_config_imports_no_torch(tmp_path: Path) -> None:
+    """Package ``__init__`` files count too: import-linter does not see that importing
+    ``twotower.baselines.config`` runs ``twotower/baselines/__init__.py``."""
+    code = (
+        "from twotower.config import load_config, save_config; "
+        f"save_config(load_config({str(ROOT / 'configs' / 'ml1m.yaml')!r}), "
+        f"__import__('pathlib').Path({str(tmp_path / 'config.yaml')!r}))"
+    )
+    loaded = _loaded_after(code)
+    assert "twotower.config" in loaded and (tmp_path / "config.yaml").is_file()
+    assert [m for m in loaded if m == "torch" or m.startswith("torch.")] == []

@@ -127,8 +127,7 @@ def baseline(
     data_dir: DataDir = None,
 ) -> None:
     """Fit a reference baseline and rank the full corpus beside the model's protocol."""
-    from twotower.baselines import BASELINES
-    from twotower.baselines.run import evaluate_baseline, write_metrics
+    from twotower.baselines.run import BASELINES, evaluate_baseline, write_metrics
     from twotower.config import save_config
     from twotower.prepare import load_data
 
@@ -343,31 +342,22 @@ def data_synth(
     """
     from twotower.data.config import SyntheticConfig
     from twotower.data.synthetic import generate, write_parquet
+    from twotower.data.synthetic_stream import StreamSynthConfig, write_stream
 
-    if interactions is not None:
-        from twotower.data.synthetic_stream import StreamSynthConfig, write_stream
-
-        try:
-            stream = StreamSynthConfig(
-                interactions=interactions,
-                num_items=items,
-                per_user=per_query,
-                num_clusters=clusters,
-                seed=seed,
+    planted = {"num_items": items, "num_clusters": clusters, "seed": seed}
+    try:
+        if interactions is not None:
+            stream = StreamSynthConfig(interactions=interactions, per_user=per_query, **planted)
+        else:
+            config = SyntheticConfig(
+                num_queries=queries, interactions_per_query=per_query, **planted
             )
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        for role, path in write_stream(stream, out).items():
-            typer.echo(f"{role}: {path}")
-        return
-    config = SyntheticConfig(
-        num_queries=queries,
-        num_items=items,
-        num_clusters=clusters,
-        interactions_per_query=per_query,
-        seed=seed,
-    )
-    paths = write_parquet(generate(config).dataset, out)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if interactions is not None:
+        paths = write_stream(stream, out)
+    else:
+        paths = write_parquet(generate(config).dataset, out)
     for role, path in paths.items():
         typer.echo(f"{role}: {path}")
 

@@ -16,9 +16,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from twotower.baselines import BASELINES
 from twotower.baselines.config import BaselinesConfig
-from twotower.baselines.run import evaluate_baseline
+from twotower.baselines.run import BASELINES, evaluate_baseline
 from twotower.config import Config, load_config, save_config
 from twotower.data.config import DataConfig, FeatureTableConfig, InteractionsConfig
 from twotower.data.dataset import Dataset

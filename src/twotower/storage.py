@@ -20,12 +20,14 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import scipy.sparse as sp
 
 from twotower.errors import DataError
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
@@ -255,5 +257,7 @@ def load_csr(path: Path, shape: tuple[int, int]) -> sp.csr_matrix:
         raise DataError(f"{path}: not readable sparse-matrix arrays ({err})") from None
     if stored != shape or len(indptr) != shape[0] + 1 or indptr[-1] != len(indices):
         raise DataError(f"{path}: expected a {shape} matrix, got shape {stored}")
+    import scipy.sparse as sp  # here: the config, which writes through this module, never needs it
+
     ones = np.ones(len(indices), dtype=np.float32)
     return sp.csr_matrix((ones, indices, indptr), shape=shape)

@@ -4,7 +4,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from twotower.baselines import BASELINES, EASE, ItemKNN, Popularity
+from twotower.baselines.ease import EASE
+from twotower.baselines.itemknn import ItemKNN
+from twotower.baselines.popularity import Popularity
+from twotower.baselines.run import BASELINES
 from twotower.data.matrix import interaction_matrix
 from twotower.data.splits import Split
 from twotower.evaluation.ranking import evaluate

@@ -79,6 +79,18 @@ def test_text_queries_equal_the_library(text_client, text_artifact):
     assert answer["items"] == expected.items and answer["query"] == "red shoes"
 
 
+def test_an_artifact_keyed_by_floats_answers_with_its_keys(float_key_artifact):
+    """Item keys are answered as stored: the response model declares float keys too,
+    so such a corpus is not a 500."""
+    (expected,) = Retriever.load(float_key_artifact).recall_text(["red shoes"], 5)
+    with TestClient(create_app(float_key_artifact), client=LOOPBACK) as client:
+        answer = client.post("/recall", json={"text": "red shoes", "k": 5})
+        batch = client.post("/recall/batch", json={"queries": [{"text": "red shoes", "k": 5}]})
+    assert answer.status_code == 200 and batch.status_code == 200
+    assert answer.json()["items"] == expected.items == batch.json()["results"][0]["items"]
+    assert all(isinstance(item, float) for item in expected.items)
+
+
 def test_batch_equals_one_request_per_query(client, demo_artifact):
     _, oracle = demo_artifact
     queries = [

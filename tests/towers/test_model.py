@@ -24,7 +24,7 @@ from twotower.features.specs import (
 )
 from twotower.towers.config import MLPConfig, ModelConfig
 from twotower.towers.encoders import FeatureEncoders, PooledEncoder, embedding_table
-from twotower.towers.model import Temperature, TwoTower, embed_rows
+from twotower.towers.model import Temperature, TwoTower, build_query_tower, embed_rows
 
 FEATURES = FeaturesConfig(
     query=[
@@ -184,3 +184,18 @@ def test_sparse_embeddings_give_sparse_gradients(fitted):
     assert table.weight.grad.is_sparse
     dense = model.item_tower.network.layers[0].weight
     assert not dense.grad.is_sparse and np.isfinite(dense.grad.numpy()).all()
+
+
+def test_the_query_tower_alone_loads_and_matches_the_whole_model(fitted):
+    """Serving builds only the query tower: the same parameters, shapes and answers as
+    the two-tower model's, the item id table its history shares included."""
+    dataset, pipeline = fitted
+    model = build(pipeline).eval()
+    alone = build_query_tower(ModelConfig(query=MLPConfig(widths=[8])), FEATURES, pipeline)
+    state = model.query_tower.state_dict()
+    assert {k: v.shape for k, v in alone.state_dict().items()} == {
+        k: v.shape for k, v in state.items()
+    }
+    alone.load_state_dict(state)
+    inputs = pipeline.transform("query", dataset.queries)
+    torch.testing.assert_close(alone.eval()(inputs), model.query_tower(inputs))

@@ -106,3 +106,11 @@ def test_test_step_histories_also_hold_the_validation_interaction():
     assert data.query_inputs(everyone, "valid")["history"].tolist() == (
         data.query_inputs(everyone)["history"].tolist()
     )
+
+
+def test_in_memory_data_offers_the_training_examples_interface(training_examples_members):
+    data, _ = make(timestamps=True, history="auto")
+    missing = [name for name in training_examples_members if not hasattr(data, name)]
+    assert missing == []
+    assert data.num_queries == len(next(iter(data.queries.values())))
+    assert data.popularity == "known" and len(data.split.valid) > 0

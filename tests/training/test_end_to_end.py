@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from twotower.baselines import Popularity
+from twotower.baselines.popularity import Popularity
 from twotower.data.matrix import interaction_matrix
 from twotower.evaluation.ranking import evaluate
 from twotower.prepare import load_data

@@ -133,3 +133,13 @@ def test_in_memory_commands_refuse_a_stream_source(stream_dir):
     config = load_config(stream_dir / "config.yaml")
     with pytest.raises(ConfigError, match="read by training only"):
         load_data(config)
+
+
+def test_streamed_data_offers_the_training_examples_interface(
+    stream_dir, training_examples_members
+):
+    data = _data(stream_dir)
+    missing = [name for name in training_examples_members if not hasattr(data, name)]
+    assert missing == []
+    assert data.num_queries == len(next(iter(data.queries.values())))
+    assert data.popularity is None

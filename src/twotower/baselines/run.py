@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 PARTS = ("valid", "test")
 
+BASELINES: dict[str, type[Popularity | ItemKNN | EASE]] = {
+    "pop": Popularity,
+    "itemknn": ItemKNN,
+    "ease": EASE,
+}
+
 
 def build_baseline(name: str, config: BaselinesConfig) -> Popularity | ItemKNN | EASE:
     """The baseline called ``name`` (``pop``, ``itemknn``, ``ease``) with its settings."""

@@ -14,26 +14,38 @@ MissingRows = Literal["error", "impute", "drop"]
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticConfig:
-    """Settings of the generator.
+class PlantedClusters:
+    """The latent structure both synthetic generators plant: clustered users and items
+    and a long tail of item popularity.
 
     Attributes:
-        num_queries: number of users.
         num_items: number of items.
         num_clusters: number of latent clusters.
-        interactions_per_query: mean interactions per user (at least 5 each).
         affinity: how strongly clusters drive the choice (vs. popularity).
         popularity_exponent: Zipf exponent of the item popularity tail.
         seed: random seed; the same seed gives the same data.
     """
 
-    num_queries: int = 2000
     num_items: int = 1000
     num_clusters: int = 8
-    interactions_per_query: int = 20
     affinity: float = 10.0
     popularity_exponent: float = 0.9
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig(PlantedClusters):
+    """Settings of the in-memory generator (``data.source: synthetic``).
+
+    Attributes:
+        num_queries: number of users.
+        interactions_per_query: mean interactions per user (at least 5 each).
+        num_items, num_clusters, affinity, popularity_exponent, seed: as in
+            ``PlantedClusters``.
+    """
+
+    num_queries: int = 2000
+    interactions_per_query: int = 20
 
     def __post_init__(self) -> None:
         if min(self.num_queries, self.num_items, self.num_clusters) < 1:

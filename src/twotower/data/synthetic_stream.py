@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from twotower.data.config import PlantedClusters
 from twotower.data.synthetic import (
     draw_activity,
     draw_centres,
@@ -46,26 +47,22 @@ BLOCK_USERS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamSynthConfig:
+class StreamSynthConfig(PlantedClusters):
     """Settings of the stream generator.
 
     Attributes:
         interactions: about this many interactions in all (train + valid + test).
-        num_items: the corpus size.
         per_user: mean interactions per user (at least 5 each, at most ``pool / 2``).
-        num_clusters: latent clusters.
         pool: candidates per user that the user's items are drawn from.
-        affinity, popularity_exponent, seed: as in ``SyntheticConfig``.
+        num_items, num_clusters, affinity, popularity_exponent, seed: as in
+            ``PlantedClusters`` (here 100,000 items in 64 clusters by default).
     """
 
-    interactions: int = 1_000_000
     num_items: int = 100_000
-    per_user: int = 50
     num_clusters: int = 64
+    interactions: int = 1_000_000
+    per_user: int = 50
     pool: int = 512
-    affinity: float = 10.0
-    popularity_exponent: float = 0.9
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.per_user < 5 or self.per_user > self.pool // 2:

@@ -17,7 +17,7 @@ import torch
 from twotower.errors import DataError
 from twotower.index.base import Index, check_search, check_vectors, read_meta, write_meta
 from twotower.index.topk import top_k
-from twotower.storage import atomic_write
+from twotower.storage import load_array, save_array
 
 VECTORS_FILE = "vectors.npy"
 
@@ -68,8 +68,7 @@ class ExactIndex(Index):
         """Writes ``index.json`` and the vectors as ``vectors.npy``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        vectors = self._vectors.cpu().numpy()
-        atomic_write(folder / VECTORS_FILE, lambda f: np.save(f, vectors, allow_pickle=False))
+        save_array(folder / VECTORS_FILE, self._vectors.cpu().numpy())
         write_meta(folder, self)
 
     @classmethod
@@ -79,18 +78,7 @@ class ExactIndex(Index):
         meta = read_meta(folder)
         if meta["kind"] != cls.kind:
             raise DataError(f"{folder}: holds a {meta['kind']!r} index, not {cls.kind!r}")
-        path = folder / VECTORS_FILE
-        try:
-            vectors = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise DataError(f"{path}: missing") from None
-        except (ValueError, OSError, EOFError) as err:
-            raise DataError(f"{path}: not a readable array ({err})") from None
-        if vectors.dtype != np.float32 or vectors.shape != (meta["num_items"], meta["dim"]):
-            raise DataError(
-                f"{path}: expected ({meta['num_items']}, {meta['dim']}) float32 vectors, "
-                f"got {vectors.shape} {vectors.dtype}"
-            )
+        vectors = load_array(folder / VECTORS_FILE, (meta["num_items"], meta["dim"]))
         index = cls(chunk_size=chunk_size, device=device)
         index.build(vectors)
         return index

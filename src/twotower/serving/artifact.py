@@ -229,34 +229,25 @@ class Artifact:
         where = f"{folder / MANIFEST_FILE}: config.model"
         model_config = from_dict(ModelConfig, manifest["config"].get("model", {}), where=where)
         num_queries, num_items = manifest["num_queries"], manifest["num_items"]
-        items = _read_parquet(folder / ITEMS_FILE, manifest["item_key"], num_items)
-        queries = _read_parquet(folder / QUERIES_FILE, manifest["query_key"], num_queries)
-        shape = (num_items, manifest["embedding_dim"])
-        item_vectors = load_array(folder / ITEM_VECTORS_FILE, shape)
-        seen = load_csr(folder / SEEN_FILE, (num_queries, num_items))
-        index = load_index(folder / INDEX_DIR)
-        if (index.num_items, index.dim) != shape:
-            raise DataError(
-                f"{folder / INDEX_DIR}: the index holds {index.num_items} x {index.dim} "
-                f"vectors, the manifest says {shape[0]} x {shape[1]}"
-            )
-        tower = _read_query_tower(folder / QUERY_TOWER_FILE, model_config, pipeline)
-        heldout = None
-        if HELDOUT_FILE in manifest["files"]:
-            heldout = load_csr(folder / HELDOUT_FILE, seen.shape)
+        vectors_shape = (num_items, manifest["embedding_dim"])
+        # read in this order, so a manifest at odds with the files is named by its tables
         return cls(
             folder=folder,
             manifest=manifest,
             fingerprint=fingerprint,
             model_config=model_config,
             pipeline=pipeline,
-            query_tower=tower,
-            items=items,
-            queries=queries,
-            item_vectors=item_vectors,
-            seen=seen,
-            heldout=heldout,
-            index=index,
+            items=_read_parquet(folder / ITEMS_FILE, manifest["item_key"], num_items),
+            queries=_read_parquet(folder / QUERIES_FILE, manifest["query_key"], num_queries),
+            item_vectors=load_array(folder / ITEM_VECTORS_FILE, vectors_shape),
+            seen=load_csr(folder / SEEN_FILE, (num_queries, num_items)),
+            index=_read_index(folder / INDEX_DIR, vectors_shape),
+            query_tower=_read_query_tower(folder / QUERY_TOWER_FILE, model_config, pipeline),
+            heldout=(
+                load_csr(folder / HELDOUT_FILE, (num_queries, num_items))
+                if HELDOUT_FILE in manifest["files"]
+                else None
+            ),
         )
 
     def query_rows(self, ids: Sequence[Any]) -> np.ndarray:
@@ -321,6 +312,17 @@ def _read_parquet(path: Path, key: str, rows: int) -> pa.Table:
     if key not in table.column_names or table.num_rows != rows:
         raise DataError(f"{path}: expected {rows} rows with key column {key!r}")
     return table.combine_chunks()
+
+
+def _read_index(folder: Path, shape: tuple[int, int]) -> Index:
+    """The item index, refused unless it holds ``shape`` (N, D) vectors."""
+    index = load_index(folder)
+    if (index.num_items, index.dim) != shape:
+        raise DataError(
+            f"{folder}: the index holds {index.num_items} x {index.dim} "
+            f"vectors, the manifest says {shape[0]} x {shape[1]}"
+        )
+    return index
 
 
 def _read_query_tower(path: Path, config: ModelConfig, pipeline: FeaturePipeline) -> Tower:
