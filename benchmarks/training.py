@@ -19,6 +19,9 @@ machine, where absolute rates do not.
 
 ``--quick``: 300 sampled users, 20 reference steps. Writes ``training.json`` and
 ``training.md`` into ``--out``.
+
+``--encoders mean,attention,transformer,gru --objectives ''``: one epoch of in-batch
+softmax with each history encoder instead (``encoders.json``, ``encoders.md``).
 """
 
 from __future__ import annotations
@@ -53,8 +56,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/ml1m.yaml"
 
 
-def config_for(data_dir: Path | None, quick: bool, objective: str = "in_batch") -> Config:
+def config_for(
+    data_dir: Path | None, quick: bool, objective: str = "in_batch", encoder: str | None = None
+) -> Config:
     settings = [f"training.objective.{s}" for s in OBJECTIVES[objective]]
+    if encoder is not None:
+        settings.append(f"features.query.history.encoder={encoder}")
     common = ["training.epochs=1", "training.tensorboard=false", "training.device=cpu"]
     config = load_config(CONFIG, [*common, *settings])
     if data_dir is not None:
@@ -62,13 +69,16 @@ def config_for(data_dir: Path | None, quick: bool, objective: str = "in_batch") 
     return apply_overrides(config, ["data.sample_queries=300"]) if quick else config
 
 
-def one_objective(objective: str, data_dir: Path | None, quick: bool, out: Path) -> dict:
+def one_objective(
+    objective: str, data_dir: Path | None, quick: bool, out: Path, encoder: str | None = None
+) -> dict:
     """One epoch's speed, the evaluation time and this process's peak memory."""
-    config = config_for(data_dir, quick, objective)
-    result = train_run(config, out / objective)
+    config = config_for(data_dir, quick, objective, encoder)
+    name = objective if encoder is None else f"{objective}-{encoder}"
+    result = train_run(config, out / name)
     record = result.state.records[-1]
     dataset, split = load_data(config)
-    pipeline = FeaturePipeline.load(out / objective / "features")
+    pipeline = FeaturePipeline.load(out / name / "features")
     data = TrainingData(dataset, split, pipeline, config.training.history)
     model = TwoTower.build(config.model, config.features, pipeline).eval()
     times = []
@@ -78,6 +88,7 @@ def one_objective(objective: str, data_dir: Path | None, quick: bool, out: Path)
         times.append(time.perf_counter() - clock)
     return {
         "objective": objective,
+        "encoder": encoder or "mean",
         "examples": len(data),
         "examples_per_s": record["examples_per_s"],
         "epoch_seconds": record["train_seconds"],
@@ -175,29 +186,62 @@ def markdown(rows: list[dict], reference: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def encoders_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| history encoder (in_batch) | examples/s | epoch (train) | evaluation | peak memory |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['encoder']} | {r['examples_per_s']:,.0f} | {r['epoch_seconds']:.1f} s "
+            f"| {r['eval_seconds']:.2f} s | {r['peak_rss_mib']:,.0f} MiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def child(args: argparse.Namespace, objective: str, encoder: str | None = None) -> dict:
+    """One measurement in a fresh process, so that its peak memory is its own."""
+    command = [sys.executable, __file__, "--one", objective, "--out", str(args.out)]
+    command += ["--quick"] if args.quick else []
+    command += ["--data-dir", str(args.data_dir)] if args.data_dir else []
+    command += ["--encoder", encoder] if encoder else []
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/training"))
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
+    parser.add_argument(
+        "--encoders",
+        default="",
+        help="Also time in_batch with each of these history encoders (e.g. "
+        "mean,attention,transformer,gru); only those with --objectives ''.",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process's objective
+    parser.add_argument("--encoder", help=argparse.SUPPRESS)  # and its history encoder
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_objective(args.one, args.data_dir, args.quick, args.out)))
+        row = one_objective(args.one, args.data_dir, args.quick, args.out, args.encoder)
+        print(json.dumps(row))
         return
-    rows = []
-    for objective in args.objectives.split(","):
-        command = [sys.executable, __file__, "--one", objective, "--out", str(args.out)]
-        command += ["--quick"] if args.quick else []
-        command += ["--data-dir", str(args.data_dir)] if args.data_dir else []
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    encoders = [child(args, "in_batch", e) for e in args.encoders.split(",") if e]
+    if encoders:
+        (args.out / "encoders.json").write_text(json.dumps(encoders, indent=2))
+        (args.out / "encoders.md").write_text(encoders_markdown(encoders))
+        print(encoders_markdown(encoders))
+    rows = [child(args, objective) for objective in args.objectives.split(",") if objective]
+    if not rows:
+        return
     steps = 20 if args.quick else 200
     reference = against_reference(args.data_dir, args.quick, args.out, steps)
     print(json.dumps(reference), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "training.json").write_text(
         json.dumps({"objectives": rows, "reference": reference}, indent=2)
     )

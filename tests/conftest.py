@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import uvicorn
 
-from twotower.config import Config
+from twotower.config import Config, apply_overrides
 from twotower.data.config import DataConfig, FeatureTableConfig, InteractionsConfig, SplitConfig
 from twotower.data.matrix import interaction_matrix
 from twotower.demo import _write_synthetic, demo_config
@@ -119,6 +119,19 @@ def demo_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Oracl
     """An exported artifact of a tiny demo run, and the trained model's own answers."""
     folder = Path(tmp_path_factory.mktemp("demo"))
     train_run(tiny_demo_config(folder / "data"), folder / "run")
+    export_run(folder / "run", folder / "artifact")
+    return folder / "artifact", oracle_of(folder / "run")
+
+
+@pytest.fixture(scope="session")
+def sequence_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Oracle]:
+    """As ``demo_artifact``, with the history encoded by a causal transformer."""
+    folder = Path(tmp_path_factory.mktemp("sequence"))
+    config = apply_overrides(
+        tiny_demo_config(folder / "data"),
+        ["features.query.history.encoder=transformer", "features.query.history.heads=2"],
+    )
+    train_run(config, folder / "run")
     export_run(folder / "run", folder / "artifact")
     return folder / "artifact", oracle_of(folder / "run")
 

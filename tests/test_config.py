@@ -314,3 +314,17 @@ def test_a_renamed_key_still_loads_under_its_old_name(tmp_path: Path, caplog) ->
     path.write_text("training: {objective: {kind: hinge, neg_per_pos: 7}}\n")
     with pytest.raises(ConfigError, match="unknown key 'neg_per_pos'"):  # only pointwise had it
         load_config(path)
+
+
+def test_a_history_feature_written_with_pooling_loads_as_its_encoder(tmp_path: Path) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text(
+        "features:\n"
+        "  query: [{name: h, kind: history, column: user, item_feature: movie, pooling: sum}]\n"
+        "  item: [{name: movie, kind: id, column: movie}]\n"
+    )
+    (history,) = load_config(path).features.query
+    assert history.encoder == "sum"
+    path.write_text(path.read_text().replace("pooling: sum", "encoder: transformer, heads: 3"))
+    with pytest.raises(ConfigError, match="3 heads do not divide the width 32"):
+        load_config(path)

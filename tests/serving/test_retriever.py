@@ -53,6 +53,15 @@ def test_recall_users_equals_the_trained_model_by_brute_force(
         assert result.scores == sorted(result.scores, reverse=True)
 
 
+def test_a_transformer_history_serves_what_the_trained_model_computes(sequence_artifact):
+    """The artifact's query tower alone (its causal blocks included) gives the model's
+    own answers, with every logged interaction in the served histories."""
+    folder, oracle = sequence_artifact
+    rows = list(range(0, 200, 9))
+    results = Retriever.load(folder).recall_users([oracle.query_ids[r] for r in rows], 10)
+    assert [r.items for r in results] == expected_items(oracle, rows, 10, exclude_seen=True)
+
+
 def test_seen_items_are_never_returned(retriever, demo_artifact):
     _, oracle = demo_artifact
     N = len(oracle.item_ids)

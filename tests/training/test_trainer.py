@@ -44,6 +44,20 @@ def test_resumed_run_equals_uninterrupted_run(small_config, tmp_path, objective)
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("encoder", ["attention", "transformer", "gru"])
+def test_resume_is_exact_for_each_history_encoder(small_config, tmp_path, encoder):
+    history = "features.query.history"
+    config = apply_overrides(
+        small_config, [f"{history}.encoder={encoder}", f"{history}.dropout=0.2"]
+    )
+    config = with_training(config, "epochs=2", "patience=0")
+    straight = train_run(config, tmp_path / "straight")
+    train_run(with_training(config, "epochs=1"), tmp_path / "resumed")
+    resumed = train_run(config, tmp_path / "resumed", resume=True)
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    assert resumed.metrics == straight.metrics
+
+
 def test_same_seed_same_model_other_seed_other_model(small_config, tmp_path):
     config = with_training(small_config, "epochs=1")
     train_run(config, tmp_path / "a")

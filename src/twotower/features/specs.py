@@ -9,11 +9,12 @@ Hashed features use 0 for missing and 1..buckets for the hash buckets.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pyarrow as pa
 
 Pooling = Literal["mean", "sum"]
+HistoryEncoder = Literal["mean", "sum", "attention", "transformer", "gru"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,14 +106,41 @@ class HistoryFeature:
     Built from the training interactions only. ``column`` is the query key;
     ``item_feature`` names the item-side ``id`` feature whose vocabulary (and,
     in the towers, embedding table) is shared.
+
+    Attributes:
+        max_len: the most recent items kept.
+        encoder: how the items become one vector (``twotower.towers.history``):
+            ``mean`` / ``sum`` pool them; ``attention`` pools them with learned
+            weights and recency (position) embeddings; ``transformer`` runs causal
+            self-attention blocks (SASRec) and takes the most recent position's
+            output; ``gru`` runs a GRU (GRU4Rec) from the oldest item and takes its
+            last state.
+        layers: transformer blocks, or GRU layers.
+        heads: attention heads of each transformer block; must divide the item
+            table's width.
+        dropout: dropout inside the transformer and between GRU layers.
     """
+
+    # the name ``encoder`` had while histories could only be pooled
+    RENAMED: ClassVar[dict[str, str]] = {"pooling": "encoder"}
 
     name: str
     column: str
     item_feature: str
     kind: Literal["history"] = "history"
     max_len: int = 50
-    pooling: Pooling = "mean"
+    encoder: HistoryEncoder = "mean"
+    layers: int = 2
+    heads: int = 1
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.max_len < 1 or self.layers < 1 or self.heads < 1:
+            raise ValueError(
+                f"history feature {self.name!r}: max_len, layers and heads must be >= 1"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"history feature {self.name!r}: dropout must be in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +184,7 @@ class FeaturesConfig:
                 raise ValueError(
                     f"features.{side}: duplicated feature name(s) {sorted(duplicated)}"
                 )
-        item_ids = {s.name for s in self.item if isinstance(s, IdFeature)}
+        item_ids = {s.name: s.dim for s in self.item if isinstance(s, IdFeature)}
         double = {s.name for s in self.item if isinstance(s, IdFeature) and s.hash_functions > 1}
         for spec in self.query:
             if isinstance(spec, HistoryFeature) and spec.item_feature in double:
@@ -168,6 +196,12 @@ class FeaturesConfig:
                 raise ValueError(
                     f"features.query.{spec.name}: item_feature {spec.item_feature!r} is not an "
                     f"item-side id feature (item id features: {sorted(item_ids)})"
+                )
+            width = item_ids.get(spec.item_feature, 0) if isinstance(spec, HistoryFeature) else 0
+            if width and spec.encoder == "transformer" and width % spec.heads:
+                raise ValueError(
+                    f"features.query.{spec.name}: {spec.heads} heads do not divide the width "
+                    f"{width} of item feature {spec.item_feature!r}"
                 )
         for spec in self.item:
             if isinstance(spec, HistoryFeature):

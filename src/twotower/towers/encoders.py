@@ -7,7 +7,9 @@ evaluation and serving feed a tower the same tensors:
     id, two hash functions   (B, 2) int64 -> the sum of its two rows of the table
     onehot, dense            (B, C) float -> passed through as they are
     multihot, text           (B, L) int64 -> pooled embedding (0 pads, left out)
-    history                  (B, L) int64 -> pooled over the item-id table it names
+    history                  (B, L) int64 -> pooled, attention-pooled, or encoded as a
+                                             sequence (``towers/history/``) over the
+                                             item-id table it names
 
 A history feature shares the embedding table of an item-side id feature (the
 item tower's), so a user is described by the same item vectors the item tower
@@ -30,6 +32,7 @@ from twotower.features.specs import (
     OneHotFeature,
     TextFeature,
 )
+from twotower.towers.history import HISTORY_ENCODERS
 
 
 def embedding_table(rows: int, dim: int, sparse: bool) -> nn.Embedding:
@@ -140,5 +143,8 @@ def _encoder(
                 f"history feature {spec.name!r} shares the table of item id feature "
                 f"{spec.item_feature!r}, which the item tower lacks"
             )
-        return PooledEncoder(shared[spec.item_feature], spec.pooling)
+        table = shared[spec.item_feature]
+        if spec.encoder in ("mean", "sum"):
+            return PooledEncoder(table, spec.encoder)
+        return HISTORY_ENCODERS[spec.encoder](table, spec)
     raise TypeError(f"no encoder for feature kind {type(spec).__name__}")

@@ -1,0 +1,42 @@
+"""The orderings every history encoder reads its (B, L) item codes in.
+
+A history feature is (B, L) item codes, most recent first, 0 where there is no item.
+Training may blank a code in the middle (``mask_target`` removes the target), so the
+encoders first move the real codes to the front, keeping their order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def most_recent_first(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) the real codes first, most recent first, then 0s; and (B,) their counts."""
+    order = torch.argsort((history == 0).to(torch.int8), dim=1, stable=True)  # (B, L)
+    return history.gather(1, order), (history != 0).sum(dim=1)
+
+
+def oldest_first(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) the real codes oldest first, then 0s; and (B,) their counts.
+
+    Position j of a row holds its j-th oldest item, whatever the padding: the same
+    history padded to any length has the same real positions.
+    """
+    recent, lengths = most_recent_first(history)
+    j = torch.arange(history.shape[1], device=history.device)  # (L,)
+    source = (lengths[:, None] - 1 - j).clamp(min=0)  # (B, L) position in ``recent``
+    real = j < lengths[:, None]
+    return torch.where(real, recent.gather(1, source), 0), lengths
+
+
+def last_real(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, D) the output at each row's last real position of (B, L, D) oldest-first
+    outputs; zeros for a row without items (as mean pooling of nothing gives)."""
+    index = (lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, outputs.shape[2])
+    last = outputs.gather(1, index).squeeze(1)  # (B, D)
+    return torch.where(lengths[:, None] > 0, last, 0.0)
+
+
+def positions(length: int, max_len: int, device: torch.device) -> torch.Tensor:
+    """(length,) position indices, the ones past ``max_len`` (padding only) clamped."""
+    return torch.arange(length, device=device).clamp(max=max_len - 1)
