@@ -57,11 +57,16 @@ CONFIG = ROOT / "configs/ml1m.yaml"
 
 
 def config_for(
-    data_dir: Path | None, quick: bool, objective: str = "in_batch", encoder: str | None = None
+    data_dir: Path | None,
+    quick: bool,
+    objective: str = "in_batch",
+    encoder: str | None = None,
+    overrides: list[str] = (),
 ) -> Config:
     settings = [f"training.objective.{s}" for s in OBJECTIVES[objective]]
     if encoder is not None:
         settings.append(f"features.query.history.encoder={encoder}")
+    settings += overrides
     common = ["training.epochs=1", "training.tensorboard=false", "training.device=cpu"]
     config = load_config(CONFIG, [*common, *settings])
     if data_dir is not None:
@@ -70,10 +75,15 @@ def config_for(
 
 
 def one_objective(
-    objective: str, data_dir: Path | None, quick: bool, out: Path, encoder: str | None = None
+    objective: str,
+    data_dir: Path | None,
+    quick: bool,
+    out: Path,
+    encoder: str | None = None,
+    overrides: list[str] = (),
 ) -> dict:
     """One epoch's speed, the evaluation time and this process's peak memory."""
-    config = config_for(data_dir, quick, objective, encoder)
+    config = config_for(data_dir, quick, objective, encoder, overrides)
     name = objective if encoder is None else f"{objective}-{encoder}"
     result = train_run(config, out / name)
     record = result.state.records[-1]
@@ -89,6 +99,7 @@ def one_objective(
     return {
         "objective": objective,
         "encoder": encoder or "mean",
+        "max_len": next(s.max_len for s in config.features.query if s.kind == "history"),
         "examples": len(data),
         "examples_per_s": record["examples_per_s"],
         "epoch_seconds": record["train_seconds"],
@@ -188,12 +199,14 @@ def markdown(rows: list[dict], reference: dict) -> str:
 
 def encoders_markdown(rows: list[dict]) -> str:
     lines = [
-        "| history encoder (in_batch) | examples/s | epoch (train) | evaluation | peak memory |",
-        "|---|---:|---:|---:|---:|",
+        "| history encoder (in_batch) | max_len | examples/s | epoch (train) | evaluation "
+        "| peak memory |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['encoder']} | {r['examples_per_s']:,.0f} | {r['epoch_seconds']:.1f} s "
+            f"| {r['encoder']} | {r['max_len']} | {r['examples_per_s']:,.0f} "
+            f"| {r['epoch_seconds']:.1f} s "
             f"| {r['eval_seconds']:.2f} s | {r['peak_rss_mib']:,.0f} MiB |"
         )
     return "\n".join(lines) + "\n"
@@ -205,6 +218,7 @@ def child(args: argparse.Namespace, objective: str, encoder: str | None = None) 
     command += ["--quick"] if args.quick else []
     command += ["--data-dir", str(args.data_dir)] if args.data_dir else []
     command += ["--encoder", encoder] if encoder else []
+    command += [f"--set={item}" for item in args.overrides]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(row), flush=True)
@@ -223,11 +237,16 @@ def main() -> None:
         help="Also time in_batch with each of these history encoders (e.g. "
         "mean,attention,transformer,gru); only those with --objectives ''.",
     )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="A config override."
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process's objective
     parser.add_argument("--encoder", help=argparse.SUPPRESS)  # and its history encoder
     args = parser.parse_args()
     if args.one:
-        row = one_objective(args.one, args.data_dir, args.quick, args.out, args.encoder)
+        row = one_objective(
+            args.one, args.data_dir, args.quick, args.out, args.encoder, args.overrides
+        )
         print(json.dumps(row))
         return
     args.out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,14 @@ Overrides = Annotated[
     typer.Option("--set", help="Override a config value: section.key=value (repeatable)."),
 ]
 
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads torch computes with (default: the config's threads, else the CPUs "
+        "this process may use); 1 where other processes share the cores."
+    ),
+]
+
 DataDir = Annotated[
     Path | None,
     typer.Option(help="Folder holding the MovieLens folders (ml-100k/, ml-1m/, ...)."),
@@ -41,11 +49,13 @@ DEMO_COLUMNS = ["test/recall@10", "test/ndcg@10", "test/hr@10", "test/mrr@10", "
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
     overrides: Overrides = None,
+    threads: Threads = None,
 ) -> None:
     """Generate the built-in synthetic data, fit features, evaluate, print a table."""
     from twotower.demo import format_table, run_demo
 
-    result = run_demo(out, overrides or [])
+    given = [f"threads={threads}"] if threads is not None else []
+    result = run_demo(out, [*(overrides or []), *given])
     typer.echo(f"\nFull-corpus ranking, seen items excluded (test split, run folder {out}):\n")
     typer.echo(format_table(result.metrics, DEMO_COLUMNS))
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
@@ -63,6 +73,7 @@ def train(
         bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
     ] = False,
     data_dir: DataDir = None,
+    threads: Threads = None,
 ) -> None:
     """Train a two-tower model: checkpoints, logs, curves and metrics.json in --out.
 
@@ -72,7 +83,7 @@ def train(
     from twotower.training.distributed import close_process_group
     from twotower.training.run import train_run
 
-    config = _config(config_path, overrides, data_dir)
+    config = _config(config_path, overrides, data_dir, threads)
     if int(os.environ.get("RANK", "0")) > 0:  # another rank of a torchrun job: quiet
         logging.getLogger().setLevel(logging.WARNING)
         try:
@@ -103,6 +114,7 @@ def evaluate_command(
         bool, typer.Option(help="Keep items the user already saw in the ranking.")
     ] = False,
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    threads: Threads = None,
 ) -> None:
     """Rank the whole corpus with a trained run's model; print and save the metrics."""
     from twotower.baselines.run import write_metrics
@@ -110,7 +122,9 @@ def evaluate_command(
 
     parts = _parts(split)
     ks = _ks(k)
-    metrics = evaluate_run(run_dir, parts, ks, exclude_seen=not keep_seen, checkpoint=checkpoint)
+    metrics = evaluate_run(
+        run_dir, parts, ks, exclude_seen=not keep_seen, checkpoint=checkpoint, threads=threads
+    )
     suffix = "-keep-seen" if keep_seen else ""
     path = run_dir / f"evaluation-{split}{suffix}.json"
     write_metrics(metrics, path)
@@ -152,11 +166,12 @@ def export(
     index: Annotated[
         str, typer.Option(help="exact, flat, hnsw, ivfpq, or auto (by corpus size).")
     ] = "exact",
+    threads: Threads = None,
 ) -> None:
     """Write a self-contained, checksummed serving artifact from a run's best model."""
     from twotower.export import export_run
 
-    manifest = export_run(run_dir, out, index=index)
+    manifest = export_run(run_dir, out, index=index, threads=threads)
     typer.echo(
         f"Exported {manifest['num_items']} item vectors of dimension {manifest['embedding_dim']} "
         f"and {manifest['num_queries']} known queries, index {manifest['index']!r}, to {out}"
@@ -180,9 +195,11 @@ def recall(
     keep_seen: Annotated[
         bool, typer.Option(help="Allow items the user already interacted with.")
     ] = False,
+    threads: Threads = None,
 ) -> None:
     """Print the top K items as JSON lines: {"query": ..., "items": [...], "scores": [...]}."""
     from twotower.serving import Retriever
+    from twotower.threads import set_threads
 
     given = [
         name
@@ -191,6 +208,7 @@ def recall(
     ]
     if len(given) != 1:
         raise ConfigError("give exactly one of --user, --users-file or --query")
+    set_threads(threads)
     retriever = Retriever.load(artifact)
     if query is not None:
         results = retriever.recall_text([query], k)
@@ -217,6 +235,7 @@ def serve(
         float, typer.Option(help="How long a micro-batch waits for more requests.")
     ] = 0.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
+    threads: Threads = None,
 ) -> None:
     """Serve top-K recall over HTTP: POST /recall, /recall/batch, GET /items/{id}/similar.
 
@@ -235,6 +254,7 @@ def serve(
         batch_wait_ms=batch_wait_ms,
         admin_token=read_admin_token(admin_token_file),
         reload_on_sighup=True,
+        threads=threads,
     )
 
     def ready(url: str) -> None:
@@ -254,12 +274,16 @@ def _read_ids(path: Path) -> list[str]:
     return ids
 
 
-def _config(path: Path, overrides: list[str] | None, data_dir: Path | None):
-    """The config at ``path`` with ``--set`` overrides and, if given, ``--data-dir``."""
+def _config(
+    path: Path, overrides: list[str] | None, data_dir: Path | None, threads: int | None = None
+):
+    """The config at ``path`` with ``--set`` overrides and, if given, ``--data-dir`` and
+    ``--threads``."""
     from twotower.config import load_config
     from twotower.data.load import with_data_dir
 
-    config = load_config(path, overrides or [])
+    given = [f"threads={threads}"] if threads is not None else []
+    config = load_config(path, [*(overrides or []), *given])
     if data_dir is None:
         return config
     return dataclasses.replace(config, data=with_data_dir(config.data, data_dir))

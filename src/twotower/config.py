@@ -29,7 +29,13 @@ from twotower.training.config import TrainingConfig
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole recipe of a run; saved resolved beside every result."""
+    """The whole recipe of a run; saved resolved beside every result.
+
+    Attributes:
+        seed: seeds the split's shuffle, the weights, the shuffles and the negatives.
+        threads: CPU threads torch computes with (training, evaluation, export);
+            None: the CPUs this process may use (``twotower.threads``).
+    """
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
@@ -38,6 +44,13 @@ class Config:
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     baselines: BaselinesConfig = dataclasses.field(default_factory=BaselinesConfig)
     seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(
+                f"threads must be >= 1 (or unset: the CPUs available), got {self.threads}"
+            )
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:

@@ -2,8 +2,10 @@
 
 ``from_dict`` builds a dataclass from parsed YAML or JSON, checking every key and
 type: an unknown key fails loudly and names the nearest valid one; a tagged union
-(feature specs, objectives, networks) is told apart by its ``kind``. ``to_dict`` is
-its inverse, and ``apply_overrides`` sets ``dotted.key=value`` strings. This module
+(feature specs, objectives, networks) is told apart by its ``kind``; a field that a
+dataclass renamed (its ``RENAMED``: old -> new name) is still read under its old name,
+with a warning, so configs saved before the rename load. ``to_dict`` is its inverse,
+and ``apply_overrides`` sets ``dotted.key=value`` strings. This module
 imports nothing of the pipeline, so reading or writing a config never builds, or
 even imports, a model.
 """

@@ -31,6 +31,7 @@ from twotower.index import INDEXES, Index, build_index, choose_index, recall_aga
 from twotower.prepare import load_data
 from twotower.serving.artifact import MANIFEST_FILE, ArtifactContents, write_artifact
 from twotower.storage import replaced_folder
+from twotower.threads import set_threads
 from twotower.towers.model import Tower, embed_rows
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import METRICS_FILE, load_model
@@ -40,7 +41,9 @@ RECALL_QUERIES = 1000
 RECALL_K = 10
 
 
-def export_run(run_dir: Path, out: Path, index: str = "exact") -> dict[str, Any]:
+def export_run(
+    run_dir: Path, out: Path, index: str = "exact", threads: int | None = None
+) -> dict[str, Any]:
     """Exports a run's best checkpoint as the artifact folder ``out``.
 
     The run's data is read again from the config in its checkpoint, so the files
@@ -51,6 +54,7 @@ def export_run(run_dir: Path, out: Path, index: str = "exact") -> dict[str, Any]
         out: the artifact folder; an existing artifact there is replaced.
         index: the item index kind, a key of ``twotower.index.INDEXES``, or ``auto``
             to choose by corpus size (``twotower.index.choose_index``).
+        threads: CPU threads; default the run's ``threads``.
 
     Returns:
         The manifest written to ``out/manifest.json``.
@@ -68,13 +72,14 @@ def export_run(run_dir: Path, out: Path, index: str = "exact") -> dict[str, Any]
             f"{run_dir}: no best checkpoint (checkpoints/best.json); train the run first"
         )
     with replaced_folder(out, MANIFEST_FILE, "an exported artifact") as staging:
-        contents = artifact_contents(run_dir, index)
+        contents = artifact_contents(run_dir, index, threads)
         return write_artifact(staging, contents)
 
 
-def artifact_contents(run_dir: Path, index: str) -> ArtifactContents:
+def artifact_contents(run_dir: Path, index: str, threads: int | None = None) -> ArtifactContents:
     """Everything the artifact of a run's best model holds, computed in memory."""
     config, pipeline, model = load_model(run_dir)
+    set_threads(threads or config.threads)
     dataset, split = load_data(config)
     served = pipeline.with_histories(dataset, dataset.interactions)
     vectors = embed_rows(model.item_tower, served, "item", dataset.items).cpu().numpy()

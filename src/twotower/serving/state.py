@@ -27,6 +27,7 @@ from twotower.serving import schemas
 from twotower.serving.batching import MicroBatcher
 from twotower.serving.middleware import ServiceMetrics
 from twotower.serving.retriever import Query, Result, Retriever
+from twotower.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class ServiceConfig:
             when not, ``/admin/*`` answers only clients on the loopback address.
         reload_on_sighup: reload the artifact when the process gets SIGHUP (needs the
             main thread's event loop, as under ``twotower serve``).
+        threads: CPU threads torch computes with, for the whole process; None: the
+            CPUs this process may use (``twotower.threads``).
     """
 
     max_body_bytes: int = 1 << 20
@@ -50,6 +53,7 @@ class ServiceConfig:
     batch_wait_ms: float = 0.0
     admin_token: str | None = None
     reload_on_sighup: bool = False
+    threads: int | None = None
 
 
 class ServiceState:
@@ -66,6 +70,7 @@ class ServiceState:
     def __init__(self, folder: Path, config: ServiceConfig) -> None:
         self.folder = Path(folder)
         self.config = config
+        set_threads(config.threads)
         self.retriever = _warmed(Retriever.load(self.folder))
         self.metrics = ServiceMetrics()
         self.metrics.serving(self.fingerprint, self.retriever.artifact.index.kind)

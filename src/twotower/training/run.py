@@ -28,6 +28,7 @@ from twotower.features.pipeline import FeaturePipeline
 from twotower.features.streaming import fit_stream_pipeline, read_items
 from twotower.prepare import load_data
 from twotower.storage import atomic_write, remove_partial_files
+from twotower.threads import set_threads
 from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.data import TrainingData
@@ -108,6 +109,7 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
             so a pipeline can always pass ``resume=True``.
     """
     out = Path(out)
+    set_threads(config.threads)
     device = resolve_device(config.training.device)
     collective = Collective.from_env(device)  # several processes under torchrun
     if resume and not CheckpointStore(out / "checkpoints").exists("last"):
@@ -144,7 +146,7 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
 
 # What may change when a run is resumed: how long it goes on and where it runs.
 RESUMABLE_CHANGES = frozenset(
-    {"training.epochs", "training.patience", "training.device", "training.tensorboard"}
+    {"training.epochs", "training.patience", "training.device", "training.tensorboard", "threads"}
 )
 
 
@@ -154,6 +156,7 @@ def evaluate_run(
     ks: list[int] | None = None,
     exclude_seen: bool = True,
     checkpoint: str = "best",
+    threads: int | None = None,
 ) -> dict[str, float]:
     """Ranks the full corpus with a run's saved model, on its own data and split.
 
@@ -164,8 +167,10 @@ def evaluate_run(
         exclude_seen: drop the items each query saw before the part (default), or
             keep them in the ranking.
         checkpoint: ``best`` or ``last``.
+        threads: CPU threads; default the run's ``threads``.
     """
     config, pipeline, model = load_model(run_dir, checkpoint)
+    set_threads(threads or config.threads)
     dataset, split = load_data(config)
     device = resolve_device(config.training.device)
     data = TrainingData(dataset, split, pipeline, config.training.history, device)
