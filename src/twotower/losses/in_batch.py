@@ -16,7 +16,8 @@ class SampledSoftmax(nn.Module):
     (``labels = arange(B)``); with mixed negatives, sampled corpus items are appended
     as extra columns.
 
-    Formula: ``mean over b of -log softmax(logits[b])[labels[b]]``.
+    Formula: ``mean over b of -log softmax(logits[b])[labels[b]]``, or its
+    ``weights``-weighted mean.
 
     Sampler: the in-batch sampler (candidates = the batch's positives) or the mixed
     sampler (in-batch plus items drawn from the corpus). The logits arrive already
@@ -29,16 +30,22 @@ class SampledSoftmax(nn.Module):
     ``TripletHinge``, ``TripletLogistic``.
     """
 
-    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
         """Mean cross-entropy of each row's positive column.
 
         Args:
             logits: (B, M) scaled cosines of every query against every candidate; -inf
                 removes an entry. The label column of each row must be finite.
             labels: (B,) int64, the column of row b's positive.
+            weights: (B,) non-negative weight of each row; None weighs them alike.
 
         Returns:
-            () the loss, averaged over the B queries.
+            () the loss, averaged over the B queries (weighted by ``weights``).
         """
         check_logits_and_labels(logits, labels)
-        return F.cross_entropy(logits, labels)
+        if weights is None:
+            return F.cross_entropy(logits, labels)
+        if weights.shape != labels.shape:
+            raise ValueError(f"weights must be ({len(labels)},), got {tuple(weights.shape)}")
+        losses = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+        return (losses * weights).sum() / weights.sum().clamp(min=1e-12)

@@ -33,6 +33,7 @@ from twotower.features.specs import (
     TextFeature,
 )
 from twotower.towers.history import HISTORY_ENCODERS
+from twotower.towers.history.order import oldest_first
 
 
 def embedding_table(rows: int, dim: int, sparse: bool) -> nn.Embedding:
@@ -114,6 +115,32 @@ class FeatureEncoders(nn.Module):
         if missing:
             raise KeyError(f"model inputs lack feature(s) {missing}; got {sorted(inputs)}")
         return torch.cat([enc(inputs[name]) for name, enc in self.encoders.items()], dim=1)
+
+    def at_positions(self, inputs: dict[str, torch.Tensor], history: str) -> torch.Tensor:
+        """(P, output_dim) the encodings of every real position of a sequence-encoded
+        history feature, each with its row's other features.
+
+        Args:
+            inputs: model inputs of B rows; ``inputs[history]`` (B, L) most recent first.
+            history: a history feature whose encoder has ``sequence`` (transformer, gru).
+
+        Returns:
+            One row per real history position: row b's positions oldest first, rows in
+            order; position t encodes the history up to its t-th oldest item.
+        """
+        encoder = self.encoders[history]
+        if not hasattr(encoder, "sequence"):
+            raise ValueError(f"history feature {history!r} has no sequence encoder")
+        codes, lengths = oldest_first(inputs[history])  # (B, L), (B,)
+        real = torch.arange(codes.shape[1], device=codes.device) < lengths[:, None]  # (B, L)
+        rows = real.nonzero()[:, 0]  # (P,) the row of each position
+        parts = [
+            encoder.sequence(encoder.table(codes), lengths)[real]
+            if name == history
+            else other(inputs[name])[rows]
+            for name, other in self.encoders.items()
+        ]
+        return torch.cat(parts, dim=1)
 
     def tables(self) -> dict[str, nn.Embedding]:
         """The id features' embedding tables, by feature name (shared with history)."""

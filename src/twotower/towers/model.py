@@ -37,6 +37,12 @@ class Tower(nn.Module):
         """(B, D) unit vectors of a batch of model inputs (``FeaturePipeline.transform``)."""
         return F.normalize(self.network(self.encoders(inputs)), dim=-1)
 
+    def at_positions(self, inputs: dict[str, torch.Tensor], history: str) -> torch.Tensor:
+        """(P, D) unit vectors of every prefix of the ``history`` feature in one pass:
+        position t of row b (oldest first) sees that row's other features and its
+        history up to item t; rows in order, then positions (``FeatureEncoders``)."""
+        return F.normalize(self.network(self.encoders.at_positions(inputs, history)), dim=-1)
+
 
 class Temperature(nn.Module):
     """The score's scale 1 / temperature, fixed or learned with a floor on temperature."""

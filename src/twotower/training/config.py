@@ -141,6 +141,13 @@ class TrainingConfig:
         steps_per_epoch: end an epoch (validate, checkpoint) after this many steps
             instead of after every interaction: for streams too long to wait for a
             whole pass. The next epoch starts a new shuffled pass. None: whole passes.
+        one_pass: train a sequence-encoded history (``transformer``, ``gru``) on every
+            prefix of each query's training items in one forward pass (SASRec): position
+            t predicts item t + 1. A batch holds about ``batch_size`` positions. Needs
+            the ``in_batch`` or ``mixed`` objective.
+        position_weights: in one-pass training, ``query``: each query's positions share
+            one weight, so long histories do not swamp short ones; ``position``: every
+            position counts alike.
     """
 
     objective: ObjectiveConfig = dataclasses.field(default_factory=InBatchConfig)
@@ -158,8 +165,14 @@ class TrainingConfig:
     eval_batch_size: int = 1024
     tensorboard: bool = True
     steps_per_epoch: int | None = None
+    one_pass: bool = False
+    position_weights: Literal["query", "position"] = "query"
 
     def __post_init__(self) -> None:
+        if self.one_pass and self.objective.kind not in ("in_batch", "mixed"):
+            raise ValueError(
+                f"one_pass trains with the in_batch or mixed objective, not {self.objective.kind!r}"
+            )
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:

@@ -38,11 +38,17 @@ class Batch:
 
     Attributes:
         query: feature name -> the batch's query inputs, (B, ...).
-        positives: (B,) int64 item indices of the interacted items.
+        positives: (B,) int64 item indices of the interacted items; in one-pass
+            sequence batches (P,), one per real position of ``query[sequence]``.
+        sequence: the history feature trained in one pass (``SequenceTrainingData``),
+            or None: one example per row.
+        weights: (P,) each position's weight in the loss, or None: all alike.
     """
 
     query: dict[str, torch.Tensor]
     positives: torch.Tensor
+    sequence: str | None = None
+    weights: torch.Tensor | None = None
 
 
 class TrainingExamples(Protocol):
@@ -68,6 +74,10 @@ class TrainingExamples(Protocol):
 
     def __len__(self) -> int:
         """Training interactions in one epoch."""
+        ...
+
+    def steps(self, batch_size: int, world: int) -> int:
+        """Optimizer steps in one epoch of ``batches``."""
         ...
 
     def item_counts(self) -> np.ndarray:
@@ -153,6 +163,10 @@ class TrainingData:
 
     def __len__(self) -> int:
         return len(self.query_idx)
+
+    def steps(self, batch_size: int, world: int) -> int:
+        """Optimizer steps in one epoch: global batches of ``batch_size * world`` rows."""
+        return -(-len(self) // (batch_size * world))
 
     def item_counts(self) -> np.ndarray:
         """(N,) training interactions per item."""

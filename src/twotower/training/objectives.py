@@ -68,8 +68,11 @@ class RowNegatives(nn.Module):
         embed_items: EmbedItems,
         scale: torch.Tensor,
         generator: torch.Generator,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items."""
+        if weights is not None:
+            raise ValueError("per-row weights need a shared-candidate softmax objective")
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
             return query.sum() + embed_items(positives).sum()
         negatives = self.sampler.sample(positives.cpu(), self.num_negatives, generator)
@@ -109,8 +112,10 @@ class SharedCandidates(nn.Module):
         embed_items: EmbedItems,
         scale: torch.Tensor,
         generator: torch.Generator,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The loss of (B, D) query vectors against their (B,) positive items."""
+        """The loss of (B, D) query vectors against their (B,) positive items, each row
+        weighted by ``weights`` (B,) if given."""
         self.step += 1
         device = positives.device
         # with several processes every rank's positives are candidates (the global batch)
@@ -137,7 +142,7 @@ class SharedCandidates(nn.Module):
             logits = mask_accidental_hits(logits, labels, positives, candidates)
         if self.hard_negatives:
             logits, labels = hardest_negatives(logits, labels, self.hard_negatives)
-        return self.loss(logits, labels)
+        return self.loss(logits, labels, weights)
 
     def get_extra_state(self) -> dict:
         """The step count and frequency estimate, saved in checkpoints for resuming."""

@@ -33,6 +33,7 @@ from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
+from twotower.training.sequences import SequenceTrainingData
 from twotower.training.streaming import StreamingTrainingData
 from twotower.training.trainer import RunState, Trainer, evaluate_model, resolve_device
 
@@ -91,6 +92,9 @@ def _memory_data(
         pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
         if main:
             pipeline.save(out / "features")
+    if config.training.one_pass:
+        weights = config.training.position_weights
+        return SequenceTrainingData(dataset, split, pipeline, device, weights)
     return TrainingData(dataset, split, pipeline, config.training.history, device)
 
 

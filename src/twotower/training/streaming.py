@@ -75,6 +75,10 @@ class StreamingTrainingData:
     def __len__(self) -> int:
         return self.stream.num_rows
 
+    def steps(self, batch_size: int, world: int) -> int:
+        """About the optimizer steps of one epoch (every reading process ends short)."""
+        return -(-len(self) // (batch_size * world))
+
     def item_counts(self) -> np.ndarray:
         return self._counts
 

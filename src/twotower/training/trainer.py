@@ -138,15 +138,19 @@ class _StepLoss(torch.nn.Module):
         super().__init__()
         self.model, self.objective, self.data = model, objective, data
 
-    def forward(
-        self, query: dict[str, torch.Tensor], positives: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
+    def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        tower = self.model.query_tower
+        if batch.sequence is None:
+            query = tower(batch.query)  # (B, D)
+        else:
+            query = tower.at_positions(batch.query, batch.sequence)  # (P, D)
         return self.objective(
-            self.model.query_tower(query),
-            positives,
+            query,
+            batch.positives,
             lambda items: self.model.item_tower(self.data.item_inputs(items)),
             self.model.scale(),
             generator,
+            batch.weights,
         )
 
 
@@ -219,7 +223,7 @@ class Trainer:
         total, examples, clock = 0.0, 0, time.perf_counter()
         world = self.collective.world_size
         batches = self.data.batches(self.config.batch_size, generator, self.collective)
-        steps = math.ceil(len(self.data) / (self.config.batch_size * world))
+        steps = self.data.steps(self.config.batch_size, world)
         if self.config.steps_per_epoch is not None:
             batches = itertools.islice(batches, self.config.steps_per_epoch)
             steps = min(steps, self.config.steps_per_epoch)
@@ -253,7 +257,7 @@ class Trainer:
         the loss is weighted so that the averaged gradient is that of the mean over
         the global batch, and a rank with no rows (the end of an epoch) still joins.
         """
-        loss = self.step_loss(batch.query, batch.positives, self.sampler_generator)
+        loss = self.step_loss(batch, self.sampler_generator)
         value = float(loss.detach())
         if self.collective.distributed:
             rows = len(batch.positives)

@@ -1,0 +1,146 @@
+"""One-pass sequence training (SASRec): every prefix of a query's history at once.
+
+Each query's training items, oldest first, are cut into windows of ``max_len + 1``
+items that overlap by one: items 1 .. n - 1 are each the target of exactly one
+position. Position t of a window sees the window's items up to t (the causal history
+encoder guarantees it) and predicts item t + 1, so one forward pass of the sequence
+encoder gives ``max_len`` training examples where per-interaction training runs it
+once per example. A target's history is the items of its own window before it: at
+most ``max_len``, as at evaluation time, but fewer after a window's start.
+
+    query q's items (oldest first):  a b c d e f g      max_len = 3
+    windows:                         a b c d | d e f g
+    positions -> targets:            a->b, ab->c, abc->d | d->e, de->f, def->g
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+
+from twotower.data.dataset import Dataset
+from twotower.data.splits import Split
+from twotower.data.stream import shard_bounds
+from twotower.errors import ConfigError
+from twotower.features.pipeline import FeaturePipeline
+from twotower.features.specs import HistoryFeature
+from twotower.training.data import Batch, TrainingData
+from twotower.training.distributed import Collective
+
+SEQUENCE_ENCODERS = ("transformer", "gru")
+
+
+class SequenceTrainingData(TrainingData):
+    """``TrainingData`` whose batches are windows of each query's history, trained in one
+    pass; evaluation is unchanged. Implements ``TrainingExamples``.
+
+    Args:
+        dataset, split, pipeline, device: as for ``TrainingData``.
+        position_weights: ``query``: a query's positions share one weight (1 / its
+            targets); ``position``: every position weighs 1.
+
+    Raises:
+        ConfigError: the query side has no history feature with a sequence encoder, or
+            more than one history feature.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: Split,
+        pipeline: FeaturePipeline,
+        device: torch.device | str = "cpu",
+        position_weights: Literal["query", "position"] = "query",
+    ) -> None:
+        super().__init__(dataset, split, pipeline, "before_event", device)
+        self.spec = _sequence_feature(self.history_features)
+        windows, window_query = self._windows(self.spec.max_len)  # (W, max_len + 1), (W,)
+        self.window_query = window_query
+        self.window_items = windows
+        targets = (windows[:, 1:] >= 0).sum(dim=1)  # (W,)
+        per_query = torch.zeros(dataset.num_queries, dtype=torch.float32, device=self.device)
+        per_query.index_add_(0, window_query, targets.to(torch.float32))
+        self.window_weight = (
+            1.0 / per_query[window_query]
+            if position_weights == "query"
+            else torch.ones(len(windows), device=self.device)
+        )
+        self.num_targets = int(targets.sum())
+
+    def __len__(self) -> int:
+        """Training positions (targets) in one epoch."""
+        return self.num_targets
+
+    def windows_per_batch(self, batch_size: int) -> int:
+        """Windows in a batch: about ``batch_size`` positions."""
+        return max(1, batch_size // self.spec.max_len)
+
+    def steps(self, batch_size: int, world: int) -> int:
+        """Optimizer steps in one epoch: global batches of windows."""
+        return -(-len(self.window_items) // (self.windows_per_batch(batch_size) * world))
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator, collective: Collective | None = None
+    ) -> Iterator[Batch]:
+        """One epoch of shuffled windows, every window once; with W processes each rank
+        takes its contiguous share of every global batch (as ``TrainingData.batches``)."""
+        collective = collective or Collective()
+        world, rank = collective.world_size, collective.rank
+        per_batch = self.windows_per_batch(batch_size) * world
+        permutation = torch.randperm(len(self.window_items), generator=generator)
+        permutation = permutation.to(self.device)
+        for start in range(0, len(permutation), per_batch):
+            rows = permutation[start : start + per_batch]
+            bounds = shard_bounds(len(rows), world)
+            yield self.window_batch(rows[bounds[rank] : bounds[rank + 1]])
+
+    def window_batch(self, windows: torch.Tensor) -> Batch:
+        """The batch of (B,) windows: each one's query inputs with its window as history
+        (most recent first), and the (P,) targets of its positions, oldest first."""
+        items = self.window_items[windows]  # (B, max_len + 1) item indices, -1 pads
+        inputs, targets = items[:, :-1], items[:, 1:]  # (B, max_len) each
+        real = targets >= 0  # a position is real where it has a target
+        codes = torch.where(inputs >= 0, self.items[self.spec.item_feature][inputs.clamp(0)], 0)
+        lengths = real.sum(dim=1, keepdim=True)  # (B, 1)
+        j = torch.arange(codes.shape[1], device=self.device)
+        recent = codes.gather(1, (lengths - 1 - j).clamp(min=0))  # most recent first
+        query = self.query_inputs(self.window_query[windows])
+        query[self.spec.name] = torch.where(j < lengths, recent, 0)
+        weights = self.window_weight[windows][:, None].expand_as(real)[real]  # (P,)
+        return Batch(query, targets[real], sequence=self.spec.name, weights=weights)
+
+    def _windows(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, max_len + 1) training item indices of every window, oldest first, -1
+        padded; and (W,) each window's query."""
+        order = self._sequence_order.cpu().numpy()  # training rows by query, oldest first
+        query = self.query_idx.cpu().numpy()[order]
+        firsts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]]) if len(query) else []
+        counts = np.diff(np.r_[firsts, len(query)]).astype(np.int64)
+        per_query = np.where(counts > 1, -(-(counts - 1) // max_len), 0)  # windows of each
+        owner = np.repeat(np.arange(len(counts)), per_query)  # (W,) index into firsts
+        nth = np.arange(len(owner)) - np.repeat(np.cumsum(per_query) - per_query, per_query)
+        starts = np.asarray(firsts, dtype=np.int64)[owner] + nth * max_len  # (W,)
+        ends = np.asarray(firsts, dtype=np.int64)[owner] + counts[owner]  # (W,)
+        position = starts[:, None] + np.arange(max_len + 1)  # (W, max_len + 1)
+        inside = position < ends[:, None]
+        rows = order[np.minimum(position, len(order) - 1)]
+        items = np.where(inside, self.item_idx.cpu().numpy()[rows], -1)
+        window_query = query[np.asarray(firsts, dtype=np.int64)[owner]]
+        return (
+            torch.as_tensor(items.reshape(-1, max_len + 1), device=self.device),
+            torch.as_tensor(window_query, dtype=torch.int64, device=self.device),
+        )
+
+
+def _sequence_feature(features: list[HistoryFeature]) -> HistoryFeature:
+    """The one history feature, which must have a sequence encoder."""
+    if len(features) != 1 or features[0].encoder not in SEQUENCE_ENCODERS:
+        encoders = {spec.name: spec.encoder for spec in features}
+        raise ConfigError(
+            "training.one_pass needs exactly one history feature, with a sequence encoder "
+            f"({' or '.join(SEQUENCE_ENCODERS)}); the query side has {encoders or 'none'}"
+        )
+    return features[0]

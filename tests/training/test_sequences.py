@@ -1,0 +1,136 @@
+"""One-pass sequence training: windows against a Python loop over each query's items,
+every position's vector against the tower run on that prefix alone, config checks,
+and a run that learns and resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from twotower.baselines.popularity import Popularity
+from twotower.config import apply_overrides
+from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP
+from twotower.data.matrix import interaction_matrix
+from twotower.errors import ConfigError
+from twotower.evaluation.ranking import evaluate
+from twotower.features.pipeline import FeaturePipeline
+from twotower.prepare import load_data
+from twotower.towers.model import TwoTower
+from twotower.training.run import train_run
+from twotower.training.sequences import SequenceTrainingData
+
+HISTORY = "features.query.history"
+
+
+@pytest.fixture(scope="module")
+def sequence_config(small_config):
+    return apply_overrides(
+        small_config,
+        [f"{HISTORY}.encoder=transformer", f"{HISTORY}.max_len=4", f"{HISTORY}.heads=2"],
+    )
+
+
+@pytest.fixture(scope="module")
+def data(sequence_config) -> SequenceTrainingData:
+    dataset, split = load_data(sequence_config)
+    pipeline = FeaturePipeline.fit(sequence_config.features, dataset, split.train)
+    return SequenceTrainingData(dataset, split, pipeline)
+
+
+def python_examples(data: SequenceTrainingData) -> dict[int, list[tuple[list[int], int]]]:
+    """Each query's (history item codes, most recent first; target item) examples, by a
+    plain loop: every training item but the first, with the items of its window."""
+    train = data.split.train
+    query, item = train[QUERY_IDX].to_pylist(), train[ITEM_IDX].to_pylist()
+    time = train[TIMESTAMP].to_pylist()
+    codes = data.items[data.spec.item_feature].tolist()
+    max_len, examples = data.spec.max_len, {}
+    for q in sorted(set(query)):
+        rows = sorted((r for r in range(len(query)) if query[r] == q), key=lambda r: (time[r], r))
+        items = [item[r] for r in rows]
+        for n in range(1, len(items)):
+            start = (n - 1) // max_len * max_len  # the first item of n's window
+            history = [codes[i] for i in reversed(items[start:n])]
+            examples.setdefault(q, []).append((history, items[n]))
+    return examples
+
+
+def test_windows_hold_every_target_once_with_its_earlier_items(data):
+    batch = data.window_batch(torch.arange(len(data.window_items)))
+    histories = batch.query[data.spec.name]
+    got: dict[int, list] = {}
+    position = 0
+    for row, q in enumerate(data.window_query.tolist()):
+        codes = [c for c in histories[row].tolist() if c]
+        for t in range(1, len(codes) + 1):  # position t - 1 sees the oldest t items
+            got.setdefault(q, []).append((codes[-t:], int(batch.positives[position])))
+            position += 1
+    assert position == len(batch.positives) == len(data)
+    assert got == python_examples(data)
+
+
+def test_every_position_is_the_tower_on_that_prefix_alone(data, sequence_config):
+    torch.manual_seed(0)
+    model = TwoTower.build(sequence_config.model, sequence_config.features, data.pipeline)
+    tower = model.query_tower.eval()
+    batch = data.window_batch(torch.arange(12))
+    name = data.spec.name
+    every = tower.at_positions(batch.query, name)  # (P, D)
+    expected, history = [], batch.query[name]
+    for row in range(len(history)):
+        length = int((history[row] > 0).sum())
+        for t in range(1, length + 1):  # the t oldest items, most recent first
+            alone = {k: v[row : row + 1] for k, v in batch.query.items()}
+            prefix = torch.zeros_like(history[row : row + 1])
+            prefix[0, :t] = history[row, length - t : length]
+            expected.append(tower({**alone, name: prefix})[0])
+    torch.testing.assert_close(every, torch.stack(expected), rtol=0, atol=1e-5)
+
+
+def test_weights_share_one_per_query_unless_positions_count_alike(data, sequence_config):
+    batch = data.window_batch(torch.arange(len(data.window_items)))
+    owner = data.window_query[:, None].expand(-1, data.spec.max_len)
+    owner = owner[batch.query[data.spec.name] > 0]  # (P,) the query of each position
+    per_query = torch.zeros(int(owner.max()) + 1).index_add_(0, owner, batch.weights)
+    assert torch.allclose(per_query[owner.unique()], torch.ones(len(owner.unique())))
+    dataset, split = load_data(sequence_config)
+    alike = SequenceTrainingData(dataset, split, data.pipeline, position_weights="position")
+    weights = alike.window_batch(torch.arange(5)).weights
+    assert torch.equal(weights, torch.ones_like(weights))
+
+
+def test_one_pass_needs_a_sequence_encoder_and_a_shared_softmax(small_config, data):
+    with pytest.raises(ConfigError, match="one_pass trains with the in_batch or mixed"):
+        apply_overrides(small_config, ["training.objective.kind=hinge", "training.one_pass=true"])
+    dataset, split = load_data(small_config)  # the recipe's history is mean-pooled
+    pipeline = FeaturePipeline.fit(small_config.features, dataset, split.train)
+    with pytest.raises(ConfigError, match=r"exactly one history feature.*'history': 'mean'"):
+        SequenceTrainingData(dataset, split, pipeline)
+
+
+def test_a_one_pass_run_resumes_exactly(sequence_config, tmp_path):
+    config = apply_overrides(
+        sequence_config, ["training.one_pass=true", "training.epochs=2", "training.patience=0"]
+    )
+    straight = train_run(config, tmp_path / "straight")
+    train_run(apply_overrides(config, ["training.epochs=1"]), tmp_path / "resumed")
+    resumed = train_run(config, tmp_path / "resumed", resume=True)
+    assert resumed.metrics == straight.metrics
+
+
+@pytest.mark.parametrize("encoder", ["transformer", "gru"])
+def test_a_one_pass_run_beats_popularity(small_config, tmp_path, encoder):
+    settings = [f"{HISTORY}.encoder={encoder}", f"{HISTORY}.max_len=10", f"{HISTORY}.heads=2"]
+    config = apply_overrides(small_config, [*settings, "training.one_pass=true"])
+    recall = train_run(config, tmp_path).metrics["valid/recall@10"]
+    dataset, split = load_data(config)
+    train = interaction_matrix(split.train, dataset.num_queries, dataset.num_items)
+    popularity = evaluate(
+        Popularity().fit(train).score,
+        split,
+        "valid",
+        dataset.num_queries,
+        dataset.num_items,
+        ks=[10],
+    )["valid/recall@10"]
+    assert recall > 1.4 * popularity, (recall, popularity)
