@@ -1,4 +1,4 @@
-"""Retrieval quality on MovieLens: every objective, two tower variants, three seeds, baselines.
+"""Retrieval quality on MovieLens: every objective, tower variants, three seeds, baselines.
 
     python benchmarks/quality.py --out runs/quality [--datasets ml100k,ml1m]
         [--seeds 0,1,2] [--variants mlp,dcn] [--objectives in_batch,...]
@@ -13,10 +13,12 @@ Protocols (full-corpus ranking, seen items excluded, ``docs/evaluation.md``):
 
 Rows: popularity, item-KNN and EASE (fitted on train for validation, on train +
 validation for test), and the two-tower model under each objective with each tower
-variant (``mlp``: the recipe's MLP towers; ``dcn``: DCN-v2 towers of the same width),
-each trained once per seed. A "best" row per objective takes the variant with the
-higher mean *validation* metric (the recipe's early-stopping metric); test metrics
-are only reported, never used to choose. Two-tower cells are mean ± standard
+variant (``mlp``: the recipe's MLP towers; ``dcn``: DCN-v2 towers of the same width;
+``attention``, ``transformer``, ``gru``: the MLP towers with that history encoder, the
+last two trained in one pass, with in_batch or mixed only), each trained once per
+seed. A "best" row per objective takes the variant with the higher mean *validation*
+metric (the recipe's early-stopping metric); test metrics are only reported, never
+used to choose. Two-tower cells are mean ± standard
 deviation over seeds.
 
 ``--quick`` runs a few minutes: 200 sampled users per dataset, one epoch, one seed,
@@ -63,13 +65,26 @@ VARIANTS = {
         for side in ("query", "item")
         for setting in ("kind=dcn", "cross_layers=2", "widths=[256]", "dim=64")
     ],
+    # the recipe's MLP towers with another history encoder (docs/training.md); the
+    # sequence encoders train in one pass, so only beside in_batch and mixed
+    "attention": ["features.query.history.encoder=attention"],
+    "transformer": [
+        "features.query.history.encoder=transformer",
+        "features.query.history.heads=2",
+        "training.one_pass=true",
+    ],
+    "gru": ["features.query.history.encoder=gru", "training.one_pass=true"],
 }
 QUICK = ["data.sample_queries=200", "training.epochs=1", "training.tensorboard=false"]
 
 
-def base_config(name: str, data_dir: Path | None, quick: bool) -> Config:
+def base_config(
+    name: str, data_dir: Path | None, quick: bool, threads: int | None = None
+) -> Config:
     path, _ = DATASETS[name]
-    config = load_config(path, [f"training.ks={KS}", "training.tensorboard=false"])
+    settings = [f"training.ks={KS}", "training.tensorboard=false"]
+    settings += [f"threads={threads}"] if threads is not None else []
+    config = load_config(path, settings)
     if data_dir is not None:
         config = dataclasses.replace(config, data=with_data_dir(config.data, data_dir))
     return apply_overrides(config, QUICK) if quick else config
@@ -117,7 +132,7 @@ def summarize(runs: list[dict[str, float]], keys: list[str]) -> dict[str, list[f
 
 
 def evaluate_dataset(name: str, args: argparse.Namespace) -> dict:
-    config = base_config(name, args.data_dir, args.quick)
+    config = base_config(name, args.data_dir, args.quick, args.threads)
     _, metrics = DATASETS[name]
     selection = config.training.metric
     keys = [f"test/{m}" for m in metrics] + [selection] + [f"test/recall@{k}" for k in KS]
@@ -191,6 +206,9 @@ def main() -> None:
     parser.add_argument("--datasets", default="ml100k,ml1m")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default="mlp,dcn")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per run (1 when runs share cores)."
+    )
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument(
