@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from twotower.features.specs import HistoryFeature
-from twotower.towers.history.order import most_recent_first, positions
+from twotower.towers.history.order import most_recent_first, position_table, positions
 
 
 class AttentionPooling(nn.Module):
@@ -31,8 +31,7 @@ class AttentionPooling(nn.Module):
         self.table = table
         self.width = table.embedding_dim
         self.max_len = spec.max_len
-        self.recency = nn.Embedding(spec.max_len, self.width)
-        nn.init.normal_(self.recency.weight, std=self.width**-0.5)
+        self.recency = position_table(spec.max_len, self.width)
         self.project = nn.Linear(self.width, self.width)
         self.score = nn.Linear(self.width, 1, bias=False)
 

@@ -8,6 +8,7 @@ encoders first move the real codes to the front, keeping their order.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def most_recent_first(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +36,14 @@ def last_real(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     index = (lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, outputs.shape[2])
     last = outputs.gather(1, index).squeeze(1)  # (B, D)
     return torch.where(lengths[:, None] > 0, last, 0.0)
+
+
+def position_table(max_len: int, width: int) -> nn.Embedding:
+    """``max_len`` learned position (or recency) vectors of ``width``, started at the
+    item vectors' scale (N(0, 1/width) entries)."""
+    table = nn.Embedding(max_len, width)
+    nn.init.normal_(table.weight, std=width**-0.5)
+    return table
 
 
 def positions(length: int, max_len: int, device: torch.device) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from twotower.features.specs import HistoryFeature
-from twotower.towers.history.order import last_real, oldest_first, positions
+from twotower.towers.history.order import last_real, oldest_first, position_table, positions
 
 
 class CausalBlock(nn.Module):
@@ -56,8 +56,7 @@ class CausalTransformer(nn.Module):
         self.table = table
         self.width = table.embedding_dim
         self.max_len = spec.max_len
-        self.position = nn.Embedding(spec.max_len, self.width)
-        nn.init.normal_(self.position.weight, std=self.width**-0.5)
+        self.position = position_table(spec.max_len, self.width)
         self.dropout = nn.Dropout(spec.dropout)
         self.blocks = nn.ModuleList(
             CausalBlock(self.width, spec.heads, spec.dropout) for _ in range(spec.layers)
