@@ -207,6 +207,9 @@ def test_the_page_in_a_browser(browser, demo_artifact, retriever, live_service):
         page.fill("#user-id", "no-such-user")
         page.click("#user-go")
         page.wait_for_selector("#error.shown")
+        # the suggestions looked up as the id was typed (none match) come in after or
+        # before the answer; either way they leave the message standing
+        page.wait_for_function("document.querySelectorAll('#user-suggestions option').length == 0")
         assert "unknown query id(s): 'no-such-user'" in page.inner_text("#error")
         assert page.locator("#user-results li").count() == 0  # no stale answer beside it
         _shot(page, "error")
