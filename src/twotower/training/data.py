@@ -53,7 +53,8 @@ class Batch:
 
 class TrainingExamples(Protocol):
     """What the trainer and the evaluator read of training data: the in-memory
-    ``TrainingData`` and the streamed ``StreamingTrainingData`` both offer it.
+    ``TrainingData``, its one-pass ``SequenceTrainingData`` and the streamed
+    ``StreamingTrainingData`` all offer it.
 
     Attributes:
         device: where batches and inputs live.

@@ -27,6 +27,7 @@ from twotower.data.stream import shard_bounds
 from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import HistoryFeature
+from twotower.towers.history.order import reversed_real
 from twotower.training.data import Batch, TrainingData
 from twotower.training.distributed import Collective
 
@@ -104,11 +105,8 @@ class SequenceTrainingData(TrainingData):
         inputs, targets = items[:, :-1], items[:, 1:]  # (B, max_len) each
         real = targets >= 0  # a position is real where it has a target
         codes = torch.where(inputs >= 0, self.items[self.spec.item_feature][inputs.clamp(0)], 0)
-        lengths = real.sum(dim=1, keepdim=True)  # (B, 1)
-        j = torch.arange(codes.shape[1], device=self.device)
-        recent = codes.gather(1, (lengths - 1 - j).clamp(min=0))  # most recent first
         query = self.query_inputs(self.window_query[windows])
-        query[self.spec.name] = torch.where(j < lengths, recent, 0)
+        query[self.spec.name] = reversed_real(codes, real.sum(dim=1))  # most recent first
         weights = self.window_weight[windows][:, None].expand_as(real)[real]  # (P,)
         return Batch(query, targets[real], sequence=self.spec.name, weights=weights)
 

@@ -24,10 +24,15 @@ def oldest_first(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     history padded to any length has the same real positions.
     """
     recent, lengths = most_recent_first(history)
-    j = torch.arange(history.shape[1], device=history.device)  # (L,)
-    source = (lengths[:, None] - 1 - j).clamp(min=0)  # (B, L) position in ``recent``
-    real = j < lengths[:, None]
-    return torch.where(real, recent.gather(1, source), 0), lengths
+    return reversed_real(recent, lengths), lengths
+
+
+def reversed_real(codes: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, L) each row's first ``lengths`` codes in reverse order, then 0s: most recent
+    first <-> oldest first, the padding left at the end."""
+    j = torch.arange(codes.shape[1], device=codes.device)  # (L,)
+    source = (lengths[:, None] - 1 - j).clamp(min=0)  # (B, L)
+    return torch.where(j < lengths[:, None], codes.gather(1, source), 0)
 
 
 def last_real(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
