@@ -44,12 +44,19 @@ def test_resumed_run_equals_uninterrupted_run(small_config, tmp_path, objective)
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("encoder", ["attention", "transformer", "gru"])
-def test_resume_is_exact_for_each_history_encoder(small_config, tmp_path, encoder):
+HISTORY_VARIANTS = {
+    "attention": ["encoder=attention", "dropout=0.2"],
+    "transformer": ["encoder=transformer", "dropout=0.2"],
+    "gru": ["encoder=gru", "dropout=0.2"],
+    "self-attentive interests": ["interests=3", "extractor=self_attention"],
+    "routed interests": ["interests=3", "extractor=routing"],
+}
+
+
+@pytest.mark.parametrize("variant", HISTORY_VARIANTS)
+def test_resume_is_exact_for_each_history_encoder(small_config, tmp_path, variant):
     history = "features.query.history"
-    config = apply_overrides(
-        small_config, [f"{history}.encoder={encoder}", f"{history}.dropout=0.2"]
-    )
+    config = apply_overrides(small_config, [f"{history}.{s}" for s in HISTORY_VARIANTS[variant]])
     config = with_training(config, "epochs=2", "patience=0")
     straight = train_run(config, tmp_path / "straight")
     train_run(with_training(config, "epochs=1"), tmp_path / "resumed")

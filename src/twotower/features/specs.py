@@ -15,6 +15,7 @@ import pyarrow as pa
 
 Pooling = Literal["mean", "sum"]
 HistoryEncoder = Literal["mean", "sum", "attention", "transformer", "gru"]
+InterestExtractor = Literal["self_attention", "routing"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,16 @@ class HistoryFeature:
         heads: attention heads of each transformer block; must divide the item
             table's width.
         dropout: dropout inside the transformer and between GRU layers.
+        interests: K > 1 makes the query tower multi-interest: the history becomes K
+            interest vectors (``extractor``), each combined with the query's other
+            features by the tower network, so the tower outputs K unit vectors and
+            retrieval merges their results (``twotower.towers.history.interests``).
+            1: one vector, through ``encoder``.
+        extractor: how K interests are drawn from the history: ``self_attention``
+            (ComiRec-SA: K attention heads over the items and their recency) or
+            ``routing`` (MIND / ComiRec-DR: dynamic routing of the items into K
+            capsules).
+        routing_iterations: the routing's iterations.
     """
 
     # the name ``encoder`` had while histories could only be pooled
@@ -133,6 +144,9 @@ class HistoryFeature:
     layers: int = 2
     heads: int = 1
     dropout: float = 0.1
+    interests: int = 1
+    extractor: InterestExtractor = "self_attention"
+    routing_iterations: int = 3
 
     def __post_init__(self) -> None:
         if self.max_len < 1 or self.layers < 1 or self.heads < 1:
@@ -141,6 +155,22 @@ class HistoryFeature:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"history feature {self.name!r}: dropout must be in [0, 1)")
+        if self.interests < 1 or self.routing_iterations < 1:
+            raise ValueError(
+                f"history feature {self.name!r}: interests and routing_iterations must be "
+                f">= 1, got {self.interests} and {self.routing_iterations}"
+            )
+        if self.interests > 1 and self.encoder != "mean":
+            raise ValueError(
+                f"history feature {self.name!r}: with interests {self.interests} the "
+                f"{self.extractor!r} extractor encodes the history, so encoder "
+                f"{self.encoder!r} would go unused; leave encoder at 'mean'"
+            )
+
+    @property
+    def multi_interest(self) -> bool:
+        """Whether this history gives the query tower several vectors."""
+        return self.interests > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +233,11 @@ class FeaturesConfig:
                     f"features.query.{spec.name}: {spec.heads} heads do not divide the width "
                     f"{width} of item feature {spec.item_feature!r}"
                 )
+        multi = [s.name for s in self.query if isinstance(s, HistoryFeature) and s.multi_interest]
+        if len(multi) > 1:
+            raise ValueError(
+                f"features.query: only one history feature may have interests > 1, got {multi}"
+            )
         for spec in self.item:
             if isinstance(spec, HistoryFeature):
                 raise ValueError(f"features.item.{spec.name}: history features are query-side")

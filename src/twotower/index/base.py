@@ -8,6 +8,11 @@ index is the reference an approximate one is tested against:
     scores  (B, k) float32  their inner products with the query
     where fewer than k items remain for a query, its row ends with -1 / -inf.
 
+``search_interests`` answers multi-interest queries (B, K, D), K vectors per query,
+on top of ``search``: the same ``ids`` and ``scores`` (each item once, at its best
+score over the K vectors) plus ``interests`` (B, k) int64, the vector (0..K-1) that
+gave each item that score, -1 in padding.
+
 An index saves itself into a folder of its own: ``index.json`` (its kind, format
 version, size) and whatever files the kind needs; ``load_index`` reads the kind
 back and lets that class load the rest. Nothing is pickled.
@@ -54,6 +59,47 @@ class Index(abc.ABC):
             ``(ids, scores)``: (B, k) int64 item rows, best first, and (B, k) float32
             scores; -1 / -inf where fewer than k items remain.
         """
+
+    def search_interests(
+        self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k items of highest score over each query's K interest vectors.
+
+        An item's score is its best inner product with any of the query's K vectors.
+        Each vector is searched for k items (one ``search`` over the (B*K, D) flattened
+        queries); the K lists are merged, each item kept once at its best score, and
+        the best k kept: score descending, equal scores to the lower item row.
+
+        Asking each vector for k is enough for an exact index: an item in the merged
+        top k is in the top k of the interest that gives it its best score, for if k
+        items beat it there, each of them has a merged score at least as high (and
+        the lower row on a tie), so k items would beat it in the merge too. For an
+        approximate index the merge is exactly as good as its K searches. With K = 1
+        this is ``search`` with every found item's interest 0 (for an approximate
+        index, whose ties FAISS orders its own way, up to the order of equal scores).
+
+        Args:
+            queries: (B, K, D) float32, K >= 1 vectors per query.
+            k: how many items to return per query (>= 1; more than remain pads).
+            exclude: (B, N) CSR; items set in row b are never returned for query b.
+
+        Returns:
+            ``(ids, scores, interests)``: (B, k) int64 item rows, best first; (B, k)
+            float32 their best scores; (B, k) int64 the interest that gave each item
+            its best score, the lower one on a tie. -1 / -inf / -1 where fewer than k
+            items remain.
+        """
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 3 or queries.shape[1] == 0:
+            raise ValueError(
+                f"queries must be a (B, K, D) array with K >= 1, got shape {queries.shape}"
+            )
+        B, K, D = queries.shape
+        # width, k and exclude checked against B queries, so the messages name B
+        _, exclude = check_search(self, queries[:, 0], k, exclude)
+        repeated = None if exclude is None else exclude[np.repeat(np.arange(B), K)]  # (B*K, N)
+        ids, scores = self.search(queries.reshape(B * K, D), k, repeated)  # (B*K, k)
+        return _merge_interests(ids.reshape(B, K * k), scores.reshape(B, K * k), K, k)
 
     @abc.abstractmethod
     def save(self, folder: Path) -> None:
@@ -109,6 +155,33 @@ def check_search(
             f"exclude must be ({len(queries)}, {index.num_items}), got {exclude.shape}"
         )
     return queries, exclude
+
+
+def _merge_interests(
+    ids: np.ndarray, scores: np.ndarray, K: int, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best k distinct items of (B, K*k) candidates laid out interest by interest.
+
+    Returns:
+        (B, k) ids, scores and interests as in ``Index.search_interests``.
+    """
+    interests = np.broadcast_to(np.repeat(np.arange(K, dtype=np.int64), k), ids.shape)
+    # grouped by item, its best score and then its lowest interest first
+    order = np.lexsort((interests, -scores, ids), axis=-1)
+    ids, scores, interests = (
+        np.take_along_axis(a, order, axis=1) for a in (ids, scores, interests)
+    )
+    dropped = ids < 0  # (B, K*k) padding, and every later copy of an item
+    dropped[:, 1:] |= ids[:, 1:] == ids[:, :-1]
+    order = np.lexsort((ids, -scores, dropped), axis=-1)[:, :k]  # kept first, best first
+    ids, scores, interests, dropped = (
+        np.take_along_axis(a, order, axis=1) for a in (ids, scores, interests, dropped)
+    )
+    return (
+        np.where(dropped, -1, ids),
+        np.where(dropped, -np.inf, scores).astype(np.float32),
+        np.where(dropped, -1, interests),
+    )
 
 
 def write_meta(folder: Path, index: Index, **extra: Any) -> None:

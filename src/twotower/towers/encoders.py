@@ -9,7 +9,11 @@ evaluation and serving feed a tower the same tensors:
     multihot, text           (B, L) int64 -> pooled embedding (0 pads, left out)
     history                  (B, L) int64 -> pooled, attention-pooled, or encoded as a
                                              sequence (``towers/history/``) over the
-                                             item-id table it names
+                                             item-id table it names; or, with
+                                             ``interests`` K > 1, (B, K, D) interests
+
+With a multi-interest history the side's encoding is (B, K, output_dim): each
+interest beside the same encodings of the other features.
 
 A history feature shares the embedding table of an item-side id feature (the
 item tower's), so a user is described by the same item vectors the item tower
@@ -32,7 +36,7 @@ from twotower.features.specs import (
     OneHotFeature,
     TextFeature,
 )
-from twotower.towers.history import HISTORY_ENCODERS
+from twotower.towers.history import HISTORY_ENCODERS, INTEREST_EXTRACTORS
 from twotower.towers.history.order import oldest_first
 
 
@@ -108,13 +112,19 @@ class FeatureEncoders(nn.Module):
             {spec.name: _encoder(spec, sizes[spec.name], shared or {}, sparse) for spec in specs}
         )
         self.output_dim = sum(encoder.width for encoder in self.encoders.values())
+        self.interests = max(getattr(e, "interests", 1) for e in self.encoders.values())
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, output_dim) the concatenated encodings of a batch of model inputs."""
+        """(B, output_dim) the concatenated encodings of a batch of model inputs;
+        (B, K, output_dim) with a K-interest history, the other features repeated."""
         missing = [name for name in self.encoders if name not in inputs]
         if missing:
             raise KeyError(f"model inputs lack feature(s) {missing}; got {sorted(inputs)}")
-        return torch.cat([enc(inputs[name]) for name, enc in self.encoders.items()], dim=1)
+        parts = [enc(inputs[name]) for name, enc in self.encoders.items()]
+        if self.interests == 1:
+            return torch.cat(parts, dim=1)
+        K = self.interests
+        return torch.cat([p if p.ndim == 3 else p[:, None].expand(-1, K, -1) for p in parts], 2)
 
     def at_positions(self, inputs: dict[str, torch.Tensor], history: str) -> torch.Tensor:
         """(P, output_dim) the encodings of every real position of a sequence-encoded
@@ -129,6 +139,8 @@ class FeatureEncoders(nn.Module):
             order; position t encodes the history up to its t-th oldest item.
         """
         encoder = self.encoders[history]
+        if self.interests > 1:
+            raise ValueError("a multi-interest tower is not trained one position at a time")
         if not hasattr(encoder, "sequence"):
             raise ValueError(f"history feature {history!r} has no sequence encoder")
         codes, lengths = oldest_first(inputs[history])  # (B, L), (B,)
@@ -171,6 +183,8 @@ def _encoder(
                 f"{spec.item_feature!r}, which the item tower lacks"
             )
         table = shared[spec.item_feature]
+        if spec.multi_interest:
+            return INTEREST_EXTRACTORS[spec.extractor](table, spec)
         if spec.encoder in ("mean", "sum"):
             return PooledEncoder(table, spec.encoder)
         return HISTORY_ENCODERS[spec.encoder](table, spec)

@@ -6,6 +6,11 @@
 
 The towers meet only in the score (late fusion), so item vectors can be computed
 once and indexed. One item tower embeds positives and negatives alike.
+
+A multi-interest query tower (a history with ``interests`` K > 1) outputs K unit
+vectors per query, q (B, K, D): the network runs on each interest beside the other
+features. An item's score is then its best interest's (``interest_scores``), and
+training scores a positive with the interest closest to it (``select_interests``).
 """
 
 from __future__ import annotations
@@ -32,10 +37,16 @@ class Tower(nn.Module):
         self.encoders = encoders
         self.network = build_network(network, encoders.output_dim)
         self.output_dim: int = self.network.output_dim
+        self.interests: int = encoders.interests
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, D) unit vectors of a batch of model inputs (``FeaturePipeline.transform``)."""
-        return F.normalize(self.network(self.encoders(inputs)), dim=-1)
+        """(B, D) unit vectors of a batch of model inputs (``FeaturePipeline.transform``);
+        (B, K, D) from a K-interest tower."""
+        encoded = self.encoders(inputs)
+        if encoded.ndim == 2:
+            return F.normalize(self.network(encoded), dim=-1)
+        B, K, _ = encoded.shape
+        return F.normalize(self.network(encoded.flatten(0, 1)), dim=-1).view(B, K, -1)
 
     def at_positions(self, inputs: dict[str, torch.Tensor], history: str) -> torch.Tensor:
         """(P, D) unit vectors of every prefix of the ``history`` feature in one pass:
@@ -97,6 +108,32 @@ class TwoTower(nn.Module):
         return query @ items.T * self.scale()
 
 
+def select_interests(queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Label-aware selection (MIND, ComiRec): each row's interest closest to its target.
+
+    Args:
+        queries: (B, K, D) a multi-interest tower's vectors, or (B, D) (returned as is).
+        targets: (B, D) each row's target (positive) item vector; only its direction
+            picks the interest, so no gradient flows through it.
+
+    Returns:
+        (B, D) ``queries[b, argmax_k <queries[b, k], targets[b]>]``; the gradient
+        reaches the chosen interest only.
+    """
+    if queries.ndim == 2:
+        return queries
+    choice = torch.einsum("bkd,bd->bk", queries.detach(), targets.detach()).argmax(dim=1)
+    return queries[torch.arange(len(queries), device=queries.device), choice]
+
+
+def interest_scores(queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """(B, N) inner products of (B, D) queries with (N, D) items; for (B, K, D)
+    multi-interest queries, each item's best interest's."""
+    if queries.ndim == 2:
+        return queries @ items.T
+    return (queries @ items.T).amax(dim=1)
+
+
 def build_query_tower(
     config: ModelConfig, features: FeaturesConfig, pipeline: FeaturePipeline
 ) -> Tower:
@@ -132,7 +169,8 @@ def embed_rows(
     table: pa.Table,
     batch_size: int = 4096,
 ) -> torch.Tensor:
-    """(rows, D) vectors of raw feature rows, through the fitted transforms and the tower.
+    """(rows, D) vectors of raw feature rows, through the fitted transforms and the tower
+    ((rows, K, D) from a K-interest query tower).
 
     The path serving takes: raw columns -> ``pipeline.transform`` -> ``tower``, in
     evaluation mode, a batch of rows at a time.
@@ -154,4 +192,9 @@ def embed_rows(
     finally:
         if was_training:
             tower.train()
-    return torch.cat(chunks) if chunks else torch.zeros((0, tower.output_dim), device=device)
+    if chunks:
+        return torch.cat(chunks)
+    shape = (
+        (0, tower.output_dim) if tower.interests == 1 else (0, tower.interests, tower.output_dim)
+    )
+    return torch.zeros(shape, device=device)

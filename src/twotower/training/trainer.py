@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 
 from twotower.errors import ConfigError, DataError
 from twotower.evaluation.ranking import evaluate
-from twotower.towers.model import TwoTower
+from twotower.towers.model import TwoTower, interest_scores, select_interests
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.config import TrainingConfig
 from twotower.training.data import Batch, TrainingExamples
 from twotower.training.distributed import Collective
-from twotower.training.objectives import SharedCandidates, build_objective
+from twotower.training.objectives import SharedCandidates, build_objective, embed_unique
 from twotower.training.run_log import RunLog
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def evaluate_model(
     queries, items = embed_all(model, data, batch_size, part)
 
     def score(chunk: np.ndarray) -> torch.Tensor:
-        return queries[torch.from_numpy(chunk).to(queries.device)] @ items.T  # (B, N)
+        return interest_scores(queries[torch.from_numpy(chunk).to(queries.device)], items)
 
     return evaluate(
         score,
@@ -140,18 +140,26 @@ class _StepLoss(torch.nn.Module):
 
     def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         tower = self.model.query_tower
-        if batch.sequence is None:
-            query = tower(batch.query)  # (B, D)
-        else:
+        if batch.sequence is not None:
             query = tower.at_positions(batch.query, batch.sequence)  # (P, D)
+        elif tower.interests == 1:
+            query = tower(batch.query)  # (B, D)
+        else:  # each row's positive is scored by the interest closest to it
+            with torch.no_grad():
+                targets = embed_unique(batch.positives, self.embed_items)  # (B, D)
+            query = select_interests(tower(batch.query), targets)  # (B, K, D) -> (B, D)
         return self.objective(
             query,
             batch.positives,
-            lambda items: self.model.item_tower(self.data.item_inputs(items)),
+            self.embed_items,
             self.model.scale(),
             generator,
             batch.weights,
         )
+
+    def embed_items(self, items: torch.Tensor) -> torch.Tensor:
+        """(M, D) vectors of (M,) item indices, through the item tower."""
+        return self.model.item_tower(self.data.item_inputs(items))
 
 
 class Trainer:

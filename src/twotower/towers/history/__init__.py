@@ -6,6 +6,7 @@ tower, and outputs that table's width D:
     attention.py    attention pooling with learned recency embeddings
     transformer.py  causal self-attention blocks (SASRec); the most recent position
     gru.py          a GRU from the oldest item (GRU4Rec); its last state
+    interests.py    K interest vectors (B, K, D) for multi-interest query towers
     order.py        the orderings they share (padding moved to the end)
 
 ``mean`` and ``sum`` pooling are ``twotower.towers.encoders.PooledEncoder``.
@@ -17,6 +18,11 @@ from torch import nn
 
 from twotower.towers.history.attention import AttentionPooling
 from twotower.towers.history.gru import GRUEncoder
+from twotower.towers.history.interests import (
+    INTEREST_EXTRACTORS,
+    RoutingInterests,
+    SelfAttentiveInterests,
+)
 from twotower.towers.history.transformer import CausalTransformer
 
 HISTORY_ENCODERS: dict[str, type[nn.Module]] = {
@@ -25,4 +31,12 @@ HISTORY_ENCODERS: dict[str, type[nn.Module]] = {
     "gru": GRUEncoder,
 }
 
-__all__ = ["HISTORY_ENCODERS", "AttentionPooling", "CausalTransformer", "GRUEncoder"]
+__all__ = [
+    "HISTORY_ENCODERS",
+    "INTEREST_EXTRACTORS",
+    "AttentionPooling",
+    "CausalTransformer",
+    "GRUEncoder",
+    "RoutingInterests",
+    "SelfAttentiveInterests",
+]
