@@ -137,6 +137,19 @@ def sequence_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, O
 
 
 @pytest.fixture(scope="session")
+def interests_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Oracle]:
+    """As ``demo_artifact``, with a three-interest (self-attentive) query tower; the
+    oracle's query vectors are (Q, 3, D)."""
+    folder = Path(tmp_path_factory.mktemp("interests"))
+    config = apply_overrides(
+        tiny_demo_config(folder / "data"), ["features.query.history.interests=3"]
+    )
+    train_run(config, folder / "run")
+    export_run(folder / "run", folder / "artifact")
+    return folder / "artifact", oracle_of(folder / "run")
+
+
+@pytest.fixture(scope="session")
 def retriever(demo_artifact) -> Retriever:
     return Retriever.load(demo_artifact[0])
 

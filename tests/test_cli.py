@@ -209,12 +209,25 @@ def test_export_then_recall_prints_json_lines(tiny_run, monkeypatch, capsys):
     assert [line["query"] for line in lines] == [1, 3]  # the stored (integer) keys
     assert all(len(line["items"]) == len(line["scores"]) == 4 for line in lines)
     assert all(line["scores"] == sorted(line["scores"], reverse=True) for line in lines)
+    assert all("interests" not in line for line in lines)  # a single-vector model
 
     monkeypatch.setattr("sys.argv", ["twotower", "recall", str(artifact), "--user", "nobody"])
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2
     assert "unknown query id(s): 'nobody'" in capsys.readouterr().err
+
+
+def test_recall_from_a_multi_interest_artifact_names_each_items_interest(interests_artifact):
+    from twotower.serving import Retriever
+
+    folder, oracle = interests_artifact
+    users = [str(u) for u in oracle.query_ids[:3]]
+    result = CliRunner().invoke(app, ["recall", str(folder), "--user", users[1], "-k", "6"])
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(text) for text in result.output.splitlines()]
+    (expected,) = Retriever.load(folder).recall_users([oracle.query_ids[1]], 6)
+    assert line["items"] == expected.items and line["interests"] == expected.interests
 
 
 def test_recall_needs_exactly_one_kind_of_query(tiny_run):

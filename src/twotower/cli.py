@@ -197,7 +197,8 @@ def recall(
     ] = False,
     threads: Threads = None,
 ) -> None:
-    """Print the top K items as JSON lines: {"query": ..., "items": [...], "scores": [...]}."""
+    """Print the top K items as JSON lines: {"query": ..., "items": [...], "scores": [...]},
+    and "interests": [...] (which interest found each item) from a multi-interest model."""
     from twotower.serving import Retriever
     from twotower.threads import set_threads
 
@@ -216,7 +217,10 @@ def recall(
         ids = [user] if user is not None else _read_ids(users_file)
         results = retriever.recall_users(ids, k, exclude_seen=not keep_seen)
     for result in results:
-        typer.echo(json.dumps(dataclasses.asdict(result), default=str))
+        line = dataclasses.asdict(result)
+        if line["interests"] is None:  # a single-vector model's lines stay as they were
+            del line["interests"]
+        typer.echo(json.dumps(line, default=str))
 
 
 @app.command()

@@ -242,3 +242,37 @@ def test_search_updates_as_one_types(browser, text_artifact, live_service):
             title.split()[0] in ("red", "blue", "green") for title in titles
         )
         _shot(page, "search")
+
+
+def test_a_multi_interest_model_colours_each_result_by_its_interest(
+    browser, interests_artifact, live_service
+):
+    from twotower.serving import Retriever
+
+    folder, oracle = interests_artifact
+    library = Retriever.load(folder)
+    user = next(  # a user whose top K comes from more than one interest
+        u for u in oracle.query_ids if len(set(library.recall_users([u], K)[0].interests)) > 1
+    )
+    (expected,) = library.recall_users([user], K)
+    with live_service(create_app(folder)) as url:
+        page = _open(browser, url)
+        page.fill("#user-id", str(user))
+        page.click("#user-go")
+        page.wait_for_function(f"document.querySelectorAll('#user-results li.item').length == {K}")
+        assert _shown_ids(page, "#user-results") == [str(i) for i in expected.items]
+        shown = page.eval_on_selector_all(
+            "#user-results li.item", "items => items.map(i => Number(i.dataset.interest))"
+        )
+        assert shown == expected.interests
+        chips = page.eval_on_selector_all(
+            "#user-results li.item .interest",
+            "chips => chips.map(c => [c.textContent, getComputedStyle(c).backgroundColor])",
+        )
+        assert [text for text, _ in chips] == [f"interest {k + 1}" for k in expected.interests]
+        colour = dict(zip(expected.interests, (c for _, c in chips), strict=True))
+        assert len(set(colour.values())) == len(colour)  # one colour per interest
+        legend = page.inner_text("#user-legend")
+        for k in set(expected.interests):
+            assert f"retrieved by interest {k + 1}" in legend
+        _shot(page, "interests")

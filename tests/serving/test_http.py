@@ -31,7 +31,12 @@ def text_client(text_artifact):
 
 
 def _items(result) -> dict:
-    return {"query": result.query, "items": result.items, "scores": result.scores}
+    return {
+        "query": result.query,
+        "items": result.items,
+        "scores": result.scores,
+        "interests": result.interests,
+    }
 
 
 def test_recall_of_known_users_equals_the_library(client, retriever, demo_artifact):
@@ -293,3 +298,34 @@ def test_results_are_what_the_dataclass_holds(client, retriever, demo_artifact):
     (result,) = retriever.recall_users(oracle.query_ids[:1], 3)
     body = client.post("/recall", json={"user_id": oracle.query_ids[0], "k": 3}).json()
     assert {k: body[k] for k in dataclasses.asdict(result)} == dataclasses.asdict(result)
+
+
+def test_a_multi_interest_artifact_answers_as_the_library_does(interests_artifact):
+    """Users, feature rows, batches and similar items over HTTP equal the retriever's
+    answers, the interest that found each item included."""
+    folder, oracle = interests_artifact
+    retriever = Retriever.load(folder)
+    fingerprint = retriever.artifact.fingerprint
+    users = [oracle.query_ids[r] for r in (0, 5, 11)]
+    with TestClient(create_app(folder), client=LOOPBACK) as client:
+        for user in users:
+            answer = client.post("/recall", json={"user_id": user, "k": 12}).json()
+            (expected,) = retriever.recall_users([user], 12)
+            assert answer == {"artifact": fingerprint, **_items(expected)}
+            assert len(answer["interests"]) == 12
+        batch = client.post("/recall/batch", json={"queries": [{"user_id": u} for u in users]})
+        expected = retriever.recall_users(users, 10)
+        assert [
+            {k: e[k] for k in ("query", "items", "scores", "interests")}
+            for e in batch.json()["results"]
+        ] == [_items(e) for e in expected]
+        row = retriever.artifact.queries.slice(2, 1).to_pylist()[0]
+        answer = client.post("/recall", json={"features": row, "k": 5}).json()
+        (expected,) = retriever.recall_rows(retriever.artifact.queries.slice(2, 1), 5)
+        assert {k: answer[k] for k in ("items", "scores", "interests")} == {
+            k: v for k, v in _items(expected).items() if k != "query"
+        }
+        item = oracle.item_ids[3]
+        answer = client.get(f"/items/{item}/similar", params={"k": 4}).json()
+        assert answer["interests"] is None
+        assert answer["items"] == retriever.similar_items(item, 4).items

@@ -62,6 +62,44 @@ def test_a_transformer_history_serves_what_the_trained_model_computes(sequence_a
     assert [r.items for r in results] == expected_items(oracle, rows, 10, exclude_seen=True)
 
 
+def brute_force_interests(queries: np.ndarray, items: np.ndarray, k: int, banned):
+    """Item rows and the interest that found each, by the best of K inner products."""
+    by_interest = items.astype(np.float64) @ queries.astype(np.float64).T  # (N, K)
+    scores = by_interest.max(axis=1)
+    scores[banned] = -np.inf
+    order = [int(i) for i in np.lexsort((np.arange(len(scores)), -scores))[:k]]
+    return order, [int(by_interest[i].argmax()) for i in order], scores[order]
+
+
+def test_a_multi_interest_artifact_serves_each_items_best_interest(interests_artifact):
+    """Known users: the merged search over K vectors equals brute force over the model's
+    own (Q, K, D) vectors, and names the interest that found each item; an item query
+    uses its one vector and names none."""
+    folder, oracle = interests_artifact
+    assert oracle.query_vectors.shape[1:] == (3, oracle.item_vectors.shape[1])
+    retriever = Retriever.load(folder)
+    assert retriever.interests == 3
+    rows = list(range(0, 200, 9))
+    results = retriever.recall_users([oracle.query_ids[r] for r in rows], 10)
+    found = set()
+    for row, result in zip(rows, results, strict=True):
+        best, interests, scores = brute_force_interests(
+            oracle.query_vectors[row], oracle.item_vectors, 10, oracle.seen[row]
+        )
+        assert result.items == [oracle.item_ids[i] for i in best]
+        assert result.interests == interests
+        np.testing.assert_allclose(result.scores, scores, rtol=1e-5, atol=1e-6)
+        found |= set(interests)
+    assert len(found) > 1  # the interests do find different items
+    similar = retriever.similar_items(oracle.item_ids[3], 5)
+    assert similar.interests is None and len(similar.items) == 5
+    (row,) = retriever.recall_rows(retriever.artifact.queries.slice(4, 1), 10)
+    best, interests, _ = brute_force_interests(
+        oracle.query_vectors[4], oracle.item_vectors, 10, np.zeros(len(oracle.item_ids), bool)
+    )
+    assert row.items == [oracle.item_ids[i] for i in best] and row.interests == interests
+
+
 def test_seen_items_are_never_returned(retriever, demo_artifact):
     _, oracle = demo_artifact
     N = len(oracle.item_ids)
@@ -190,7 +228,12 @@ def test_results_are_json_ready_and_empty_requests_are_empty(retriever, demo_art
     (result,) = retriever.recall_users(oracle.query_ids[:1], 3)
     assert isinstance(result, Result)
     decoded = json.loads(json.dumps(dataclasses.asdict(result)))
-    assert decoded == {"query": result.query, "items": result.items, "scores": result.scores}
+    assert decoded == {
+        "query": result.query,
+        "items": result.items,
+        "scores": result.scores,
+        "interests": None,  # a single-vector model
+    }
     assert all(type(i) is int for i in result.items)
     assert retriever.recall_users([], 3) == []
     assert retriever.recall_rows(retriever.artifact.queries.slice(0, 0), 3) == []

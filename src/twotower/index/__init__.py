@@ -66,14 +66,19 @@ def recall_against_exact(
     Args:
         index: the index to measure, built on ``vectors``.
         vectors: (N, D) the indexed item vectors.
-        queries: (B, D) query vectors.
+        queries: (B, D) query vectors, or (B, K, D) multi-interest queries (searched
+            with ``search_interests`` by both indexes).
         k: the cutoff.
         exclude: (B, N) items excluded for each query, as in a served search.
     """
     exact = ExactIndex()
     exact.build(vectors)
-    truth, _ = exact.search(queries, k, exclude)
-    found, _ = index.search(queries, k, exclude)
+    if queries.ndim == 3:
+        truth = exact.search_interests(queries, k, exclude)[0]
+        found = index.search_interests(queries, k, exclude)[0]
+    else:
+        truth, _ = exact.search(queries, k, exclude)
+        found, _ = index.search(queries, k, exclude)
     relevant = truth >= 0
     hits = (found[:, :, None] == truth[:, None, :]).any(axis=1) & relevant  # (B, k)
     return float(hits.sum() / max(relevant.sum(), 1))

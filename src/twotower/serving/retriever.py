@@ -14,6 +14,11 @@ concurrent requests in one pass:
         -> one index.search with k = the largest k, excluding per query: the user's
            logged items (``exclude_seen``), ``exclude_items``, and an item itself
 
+A multi-interest query tower gives each user, row or text K vectors (B, K, D): the
+search is then ``index.search_interests`` (each vector searched, the results merged
+by best score), and each result says which interest found each item. An item query
+uses its one vector for every interest (its result names no interests).
+
 Scores are inner products of unit vectors (cosines), without the temperature.
 ``exclude_items`` ids that are not in the item table are ignored: such an item can
 never be returned anyway. A ``k`` above the corpus size returns the whole corpus;
@@ -85,11 +90,14 @@ class Result:
             (``retrieve``: None when it has none; ``recall_rows``: its position).
         items: item ids as in the item table's key column (int or str).
         scores: their scores (cosines), same order.
+        interests: for a multi-interest query tower, which of the query's interest
+            vectors (0..K-1) found each item, same order; None otherwise.
     """
 
     query: Any
     items: list[Any]
     scores: list[float]
+    interests: list[int] | None = None
 
 
 class UnknownQueryError(DataError):
@@ -115,12 +123,13 @@ class UnknownItemError(DataError):
 class _Batch:
     """The working state of one ``retrieve`` call, one slot per query."""
 
-    def __init__(self, queries: list[Query], dim: int) -> None:
+    def __init__(self, queries: list[Query], dim: int, interests: int) -> None:
         B = len(queries)
         self.queries = queries
         self.out: list[Result | DataError | None] = [None] * B  # an error, once known
         self.labels: list[Any] = [None] * B  # what each result is labelled with
-        self.vectors = np.zeros((B, dim), dtype=np.float32)  # (B, D) query vectors
+        shape = (B, dim) if interests == 1 else (B, interests, dim)
+        self.vectors = np.zeros(shape, dtype=np.float32)  # (B, D) or (B, K, D) queries
         self.seen_rows = np.full(B, -1, dtype=np.int64)  # query rows whose seen items go
         self.self_rows = np.full(B, -1, dtype=np.int64)  # item rows excluded as themselves
 
@@ -155,6 +164,11 @@ class Retriever:
     def num_items(self) -> int:
         return self.artifact.index.num_items
 
+    @property
+    def interests(self) -> int:
+        """K, the vectors the query tower gives each query (1 unless multi-interest)."""
+        return self.artifact.query_tower.interests
+
     def retrieve(self, queries: Sequence[Query]) -> list[Result | DataError]:
         """Answers any mix of queries in one tower pass per source and one index search.
 
@@ -164,7 +178,7 @@ class Retriever:
             text for an artifact without a text feature). One bad query never
             fails the others.
         """
-        batch = _Batch(list(queries), self.artifact.index.dim)
+        batch = _Batch(list(queries), self.artifact.index.dim, self.interests)
         groups: dict[str, list[int]] = {name: [] for name in SOURCES}
         for position, query in enumerate(batch.queries):
             try:
@@ -184,10 +198,13 @@ class Retriever:
                 batch.seen_rows[live],
                 batch.self_rows[live],
             )
-            ids, scores = self.artifact.index.search(batch.vectors[live], int(ks.max()), exclude)
             labels = [batch.labels[i] for i in live]
-            for position, result in zip(live, self._results(labels, ids, scores, ks), strict=True):
-                batch.out[position] = result
+            results = self._search(batch.vectors[live], labels, ks, exclude)
+            for position, result in zip(live, results, strict=True):
+                item_query = batch.self_rows[position] >= 0
+                batch.out[position] = (
+                    dataclasses.replace(result, interests=None) if item_query else result
+                )
         return batch.out  # type: ignore[return-value]
 
     def recall_users(
@@ -249,8 +266,7 @@ class Retriever:
         none = np.full(rows.num_rows, -1)
         exclude = self._exclusions([tuple(exclude_items or ())] * rows.num_rows, none, none)
         ks = np.full(rows.num_rows, min(k, self.num_items))
-        ids, scores = self.artifact.index.search(vectors, int(ks[0]), exclude)
-        return self._results(labels, ids, scores, ks)
+        return self._search(vectors, labels, ks, exclude)
 
     def recall_text(
         self, texts: Sequence[str], k: int, exclude_items: Sequence[Any] | None = None
@@ -302,7 +318,8 @@ class Retriever:
             return
         rows = self.artifact.item_rows([batch.queries[i].item for i in positions])  # (I,)
         known, found = batch.resolve(positions, rows, UnknownItemError, "item"), rows[rows >= 0]
-        batch.vectors[known] = self.artifact.item_vectors[found]
+        vectors = self.artifact.item_vectors[found]  # (I, D): every interest, for K > 1
+        batch.vectors[known] = vectors if self.interests == 1 else vectors[:, None]
         batch.self_rows[known] = found
         batch.relabel(known, pc.take(self.artifact.item_ids, pa.array(found)).to_pylist())
 
@@ -383,17 +400,28 @@ class Retriever:
         ones = np.ones(known.sum(), np.float32)
         return sp.csr_matrix((ones, (rows[known], cols[known])), shape=(B, N))  # sums repeats
 
-    def _results(
-        self, labels: list[Any], ids: np.ndarray, scores: np.ndarray, ks: np.ndarray
+    def _search(
+        self,
+        vectors: np.ndarray,
+        labels: list[Any],
+        ks: np.ndarray,
+        exclude: sp.csr_matrix | None,
     ) -> list[Result]:
-        """(B, k) item rows and scores -> one Result per label: its own k, padding left out."""
+        """One index search of (B, D) or (B, K, D) query vectors for the largest of ``ks``,
+        then one Result per label: its own k, padding left out."""
+        index, k = self.artifact.index, int(ks.max())
+        if vectors.ndim == 3:
+            ids, scores, interests = index.search_interests(vectors, k, exclude)
+        else:
+            (ids, scores), interests = index.search(vectors, k, exclude), None
         kept = (ids >= 0) & (np.arange(ids.shape[1]) < ks[:, None])
         items = pc.take(self.artifact.item_ids, pa.array(ids[kept])).to_pylist()
         values = scores[kept].tolist()
+        found = interests[kept].tolist() if interests is not None else None
         ends = np.cumsum(kept.sum(axis=1)).tolist()
         starts = [0, *ends[:-1]]
         return [
-            Result(label, items[s:e], values[s:e])
+            Result(label, items[s:e], values[s:e], found[s:e] if found is not None else None)
             for label, s, e in zip(labels, starts, ends, strict=True)
         ]
 

@@ -127,6 +127,11 @@ class RecallResponse(BaseModel):
     )
     items: list[KeyValue] = Field(description="Item ids, best first.")
     scores: list[float] = Field(description="Their cosine similarities to the query.")
+    interests: list[int] | None = Field(
+        None,
+        description="For a multi-interest model, which of the query's interest vectors "
+        "(0 to K-1) found each item, same order; null otherwise (and for item queries).",
+    )
 
 
 class BatchResult(BaseModel):
@@ -135,6 +140,7 @@ class BatchResult(BaseModel):
     query: Any = Field(None, description="As in RecallResponse.")
     items: list[KeyValue] = Field(default_factory=list, description="Item ids, best first.")
     scores: list[float] = Field(default_factory=list, description="Their cosine similarities.")
+    interests: list[int] | None = Field(None, description="As in RecallResponse.")
     error: str | None = Field(None, description="Why this query has no answer, if it has none.")
     status: int = Field(200, description="The status a POST /recall of this query gets.")
 

@@ -47,7 +47,11 @@ def _response(answer: Result | DataError, fingerprint: str) -> schemas.RecallRes
     if isinstance(answer, DataError):
         raise refusal(answer)
     return schemas.RecallResponse(
-        artifact=fingerprint, query=answer.query, items=answer.items, scores=answer.scores
+        artifact=fingerprint,
+        query=answer.query,
+        items=answer.items,
+        scores=answer.scores,
+        interests=answer.interests,
     )
 
 
@@ -55,4 +59,6 @@ def _entry(answer: Result | DataError) -> schemas.BatchResult:
     """One query's answer in a batch: its items, or its error and status."""
     if isinstance(answer, DataError):
         return schemas.BatchResult(error=str(answer), status=status_of(answer))
-    return schemas.BatchResult(query=answer.query, items=answer.items, scores=answer.scores)
+    return schemas.BatchResult(
+        query=answer.query, items=answer.items, scores=answer.scores, interests=answer.interests
+    )
