@@ -15,8 +15,9 @@ Rows: popularity, item-KNN and EASE (fitted on train for validation, on train +
 validation for test), and the two-tower model under each objective with each tower
 variant (``mlp``: the recipe's MLP towers; ``dcn``: DCN-v2 towers of the same width;
 ``attention``, ``transformer``, ``gru``: the MLP towers with that history encoder, the
-last two trained in one pass, with in_batch or mixed only), each trained once per
-seed. A "best" row per objective takes the variant with the higher mean *validation*
+last two trained in one pass, with in_batch or mixed only; ``interests-sa``,
+``interests-routing``: a four-interest query tower, self-attentive or routed), each
+trained once per seed. A "best" row per objective takes the variant with the higher mean *validation*
 metric (the recipe's early-stopping metric); test metrics are only reported, never
 used to choose. Two-tower cells are mean ± standard
 deviation over seeds.
@@ -74,6 +75,12 @@ VARIANTS = {
         "training.one_pass=true",
     ],
     "gru": ["features.query.history.encoder=gru", "training.one_pass=true"],
+    # multi-interest query towers: four interests from the history (ComiRec's default K)
+    "interests-sa": ["features.query.history.interests=4"],
+    "interests-routing": [
+        "features.query.history.interests=4",
+        "features.query.history.extractor=routing",
+    ],
 }
 QUICK = ["data.sample_queries=200", "training.epochs=1", "training.tensorboard=false"]
 
