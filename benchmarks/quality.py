@@ -17,10 +17,10 @@ variant (``mlp``: the recipe's MLP towers; ``dcn``: DCN-v2 towers of the same wi
 ``attention``, ``transformer``, ``gru``: the MLP towers with that history encoder, the
 last two trained in one pass, with in_batch or mixed only; ``interests-sa``,
 ``interests-routing``: a four-interest query tower, self-attentive or routed), each
-trained once per seed. A "best" row per objective takes the variant with the higher mean *validation*
-metric (the recipe's early-stopping metric); test metrics are only reported, never
-used to choose. Two-tower cells are mean ± standard
-deviation over seeds.
+trained once per seed. A "best" row per objective takes the variant with the higher
+mean *validation* metric (the recipe's early-stopping metric); test metrics are only
+reported, never used to choose. Two-tower cells are mean ± standard deviation over
+seeds.
 
 ``--quick`` runs a few minutes: 200 sampled users per dataset, one epoch, one seed,
 the MLP variant. Writes ``quality.json``, ``quality.md`` and one bar chart per
