@@ -14,7 +14,8 @@ Protocols (full-corpus ranking, seen items excluded, ``docs/evaluation.md``):
 Rows: popularity, item-KNN and EASE (fitted on train for validation, on train +
 validation for test), and the two-tower model under each objective with each tower
 variant (``mlp``: the recipe's MLP towers; ``dcn``: DCN-v2 towers of the same width;
-``attention``, ``transformer``, ``gru``: the MLP towers with that history encoder, the
+``attention``, ``transformer``, ``gru``: the MLP towers with that history encoder
+(``attention-time``: attention with time-gap buckets, where there are timestamps), the
 last two trained in one pass, with in_batch or mixed only; ``interests-sa``,
 ``interests-routing``: a four-interest query tower, self-attentive or routed), each
 trained once per seed. A "best" row per objective takes the variant with the higher
@@ -69,6 +70,11 @@ VARIANTS = {
     # the recipe's MLP towers with another history encoder (docs/training.md); the
     # sequence encoders train in one pass, so only beside in_batch and mixed
     "attention": ["features.query.history.encoder=attention"],
+    # attention with time-gap buckets: log2 of hours to the latest item (needs timestamps)
+    "attention-time": [
+        "features.query.history.encoder=attention",
+        "features.query.history.time_buckets=16",
+    ],
     "transformer": [
         "features.query.history.encoder=transformer",
         "features.query.history.heads=2",

@@ -137,6 +137,20 @@ def sequence_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, O
 
 
 @pytest.fixture(scope="session")
+def timed_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Oracle]:
+    """As ``demo_artifact``, with attention pooling that reads time gaps."""
+    folder = Path(tmp_path_factory.mktemp("timed"))
+    history = "features.query.history"
+    config = apply_overrides(
+        tiny_demo_config(folder / "data"),
+        [f"{history}.encoder=attention", f"{history}.time_buckets=8", f"{history}.time_unit=1"],
+    )
+    train_run(config, folder / "run")
+    export_run(folder / "run", folder / "artifact")
+    return folder / "artifact", oracle_of(folder / "run")
+
+
+@pytest.fixture(scope="session")
 def interests_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Oracle]:
     """As ``demo_artifact``, with a three-interest (self-attentive) query tower; the
     oracle's query vectors are (Q, 3, D)."""

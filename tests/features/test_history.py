@@ -147,3 +147,46 @@ def test_synthetic_history_matches_a_plain_loop_over_training_rows(method: str) 
         )
         for user, item in held_out:
             assert item_index[item] not in history[user]
+
+
+def _timed_pipeline(dataset: Dataset) -> FeaturePipeline:
+    config = FeaturesConfig(
+        query=[
+            HistoryFeature(
+                "history",
+                "query_id",
+                item_feature="item_id",
+                max_len=6,
+                encoder="attention",
+                time_buckets=4,
+            )
+        ],
+        item=[IdFeature("item_id", "item_id")],
+    )
+    return FeaturePipeline.fit(config, dataset, split_interactions(dataset, SplitConfig()).train)
+
+
+def test_time_buckets_give_each_history_items_timestamp_beside_it() -> None:
+    pipeline = _timed_pipeline(_dataset())
+    inputs = pipeline.transform("query", pa.table({"query_id": pa.array([1, 2, 3, 9], pa.int64())}))
+    times = inputs["history:times"].numpy()
+    assert times.dtype == np.float64 and times.shape == inputs["history"].shape == (4, 6)
+    # the items of test_most_recent_training_items_first_padded_with_0, their times
+    expected = [[3, 3, 2, 1], [4, 4], [5], []]
+    for row, stamps in zip(times, expected, strict=True):
+        np.testing.assert_array_equal(row, stamps + [0] * (6 - len(stamps)))
+    restored = FeaturePipeline.from_bytes(*pipeline.to_bytes(), "a test")
+    keys = pa.table({"query_id": pa.array([1, 2], pa.int64())})
+    np.testing.assert_array_equal(restored.transform("query", keys)["history:times"], times[:2])
+
+
+def test_time_buckets_without_timestamps_are_refused_naming_the_feature() -> None:
+    with pytest.raises(DataError, match="'history' has time_buckets, but the interactions"):
+        _timed_pipeline(_dataset(timestamps=False))
+
+
+def test_time_buckets_are_read_by_attention_only() -> None:
+    with pytest.raises(ValueError, match="read by the 'attention' encoder only, not by 'mean'"):
+        HistoryFeature("h", "u", "i", time_buckets=8)
+    with pytest.raises(ValueError, match="time_buckets must be >= 0 and time_unit > 0"):
+        HistoryFeature("h", "u", "i", encoder="attention", time_buckets=8, time_unit=0)

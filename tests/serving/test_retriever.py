@@ -62,6 +62,21 @@ def test_a_transformer_history_serves_what_the_trained_model_computes(sequence_a
     assert [r.items for r in results] == expected_items(oracle, rows, 10, exclude_seen=True)
 
 
+def test_attention_with_time_gaps_serves_what_the_trained_model_computes(timed_artifact):
+    """The artifact carries the histories' timestamps: the served vectors are the model's."""
+    folder, oracle = timed_artifact
+    retriever = Retriever.load(folder)
+    table = retriever.artifact.queries.slice(0, 5)
+    inputs = retriever.artifact.pipeline.transform("query", table)
+    times = inputs["history:times"].numpy()
+    assert (times[:, 0] > 0).all() and (
+        np.diff(times, axis=1)[inputs["history"][:, 1:] > 0] <= 0
+    ).all()
+    rows = list(range(0, 200, 9))
+    results = retriever.recall_users([oracle.query_ids[r] for r in rows], 10)
+    assert [r.items for r in results] == expected_items(oracle, rows, 10, exclude_seen=True)
+
+
 def brute_force_interests(queries: np.ndarray, items: np.ndarray, k: int, banned):
     """Item rows and the interest that found each, by the best of K inner products."""
     by_interest = items.astype(np.float64) @ queries.astype(np.float64).T  # (N, K)

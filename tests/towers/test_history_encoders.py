@@ -149,3 +149,61 @@ def test_one_transformer_block_by_hand():
     h = h + second(torch.relu(first(norm(h, block.ffn_norm))))
     expected = norm(h, model.norm)
     torch.testing.assert_close(model(x)[0], expected, rtol=0, atol=1e-5)
+
+
+def timed(max_len: int = 6, buckets: int = 4) -> AttentionPooling:
+    torch.manual_seed(0)
+    feature = HistoryFeature(
+        "history", "user", "item_id", max_len=max_len, encoder="attention", time_buckets=buckets
+    )
+    return AttentionPooling(embedding_table(30, D, sparse=False), feature).eval()
+
+
+HOUR = 3600.0
+TIMES = (
+    torch.tensor(
+        [[9, 8, 1, 0, 0, 0], [5, 0, 0, 0, 0, 0], [60, 59, 50, 40, 20, 1]], dtype=torch.float64
+    )
+    * HOUR
+)
+
+
+def test_attention_with_time_gaps_by_hand():
+    """Two items 3 hours apart: gaps 0 and 3 hours, buckets floor(log2(1 + gap)) = 0, 2."""
+    table = nn.Embedding(4, 2)
+    feature = HistoryFeature("h", "u", "i", max_len=3, encoder="attention", time_buckets=3)
+    pooling = AttentionPooling(table, feature)
+    with torch.no_grad():
+        table.weight.copy_(torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]))
+        pooling.recency.weight.zero_()
+        pooling.gaps.weight.copy_(torch.tensor([[0.5, 0.0], [9.0, 9.0], [0.0, -1.0]]))
+        pooling.project.weight.copy_(torch.eye(2))
+        pooling.project.bias.zero_()
+        pooling.score.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    # item 2 (latest): k = (1, 0) + (0.5, 0), a = tanh(1.5); item 3: k = (0, 2) + (0, -1)
+    a, b = math.tanh(1.5), math.tanh(1.0)
+    w = math.exp(a) / (math.exp(a) + math.exp(b))
+    times = torch.tensor([[10 * HOUR, 7 * HOUR, 0.0]], dtype=torch.float64)
+    out = pooling(torch.tensor([[2, 3, 0]]), times)
+    torch.testing.assert_close(out, torch.tensor([[w * 1.0, (1 - w) * 2.0]]), rtol=0, atol=1e-6)
+    # gaps past the last bucket share it: 1,000 hours is bucket 2 as well
+    far = torch.tensor([[10 * HOUR, -990 * HOUR, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(pooling(torch.tensor([[2, 3, 0]]), far), out, rtol=0, atol=1e-6)
+
+
+def test_time_gaps_are_to_the_latest_item_and_ignore_padding_and_holes():
+    pooling = timed()
+    expected = pooling(HISTORIES, TIMES)
+    later = TIMES + 1e6 * HOUR  # the same spacing, any time
+    torch.testing.assert_close(pooling(HISTORIES, later), expected, rtol=0, atol=1e-6)
+    padded = torch.cat([HISTORIES, torch.zeros(3, 4, dtype=torch.long)], dim=1)
+    padded_times = torch.cat([TIMES, torch.full((3, 4), 7.0, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(pooling(padded, padded_times), expected, rtol=0, atol=1e-6)
+    holes = torch.tensor([[5, 0, 3, 2, 0, 0]])  # a blanked target; its time is never read
+    hole_times = torch.tensor([[9, 123, 8, 1, 0, 0]], dtype=torch.float64) * HOUR
+    torch.testing.assert_close(pooling(holes, hole_times), expected[:1], rtol=0, atol=1e-6)
+    spread = TIMES.clone()
+    spread[0, 1] = 2 * HOUR  # the second item now 7 hours before the first, not 1
+    assert not torch.allclose(pooling(HISTORIES, spread)[0], expected[0])
+    with pytest.raises(ValueError, match="needs 'history:times'"):
+        pooling(HISTORIES)

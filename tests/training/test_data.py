@@ -22,7 +22,9 @@ FEATURES = FeaturesConfig(
 )
 
 
-def make(timestamps: bool, history: str) -> tuple[TrainingData, FeaturePipeline]:
+def make(
+    timestamps: bool, history: str, features: FeaturesConfig = FEATURES
+) -> tuple[TrainingData, FeaturePipeline]:
     # u1 saw a, b, c, d, e and u2 a, b, c, e, in that order by timestamp; the file
     # order differs, so without timestamps "earlier" means earlier in the file.
     columns = {
@@ -36,7 +38,7 @@ def make(timestamps: bool, history: str) -> tuple[TrainingData, FeaturePipeline]
     items = pa.table({"item": ["a", "b", "c", "d", "e"]})
     dataset = Dataset.from_tables(interactions, users, items, query_key="user", item_key="item")
     split = split_interactions(dataset, SplitConfig(method="leave_last_out"))
-    pipeline = FeaturePipeline.fit(FEATURES, dataset, split.train)
+    pipeline = FeaturePipeline.fit(features, dataset, split.train)
     return TrainingData(dataset, split, pipeline, history=history), pipeline
 
 
@@ -64,6 +66,19 @@ def test_before_event_history_holds_only_earlier_items_most_recent_first():
         (1, "a"): [],
         (1, "b"): ["a"],
     }
+
+
+def test_before_event_timestamps_are_those_of_the_earlier_items():
+    timed = HistoryFeature(
+        "history", "user", item_feature="item_id", max_len=3, encoder="attention", time_buckets=4
+    )
+    data, pipeline = make(True, "auto", FeaturesConfig(query=[timed], item=FEATURES.item))
+    stamps = {"a": 1, "b": 2, "c": 3}  # both users' training items, at these times
+    batch = data.batch(torch.arange(len(data)))
+    for history, times in zip(batch.query["history"], batch.query["history:times"], strict=True):
+        items = names(pipeline, history)
+        assert times.dtype == torch.float64
+        assert times.tolist() == [stamps[i] for i in items] + [0.0] * (3 - len(items))
 
 
 def test_mask_target_removes_only_the_target():

@@ -25,6 +25,7 @@ class HistoryTransform(Transform):
     indices are those of the item-id feature named by ``item_feature``, whose
     embedding table the towers share.
     A query with no training interaction (or unseen) gets an all-padding row.
+    With ``time_buckets``, ``times`` gives the items' timestamps alike (float64).
     """
 
     spec: HistoryFeature
@@ -33,6 +34,7 @@ class HistoryTransform(Transform):
         super().__init__(spec)
         self.keys = Vocabulary()
         self.items = np.zeros((0, spec.max_len), np.int64)
+        self.item_times = np.zeros((0, spec.max_len), np.float64)  # with time_buckets
 
     def fit(self, values: pa.Array, context: FitContext) -> None:
         if context.train is None or context.query_keys is None:
@@ -42,6 +44,11 @@ class HistoryTransform(Transform):
         timestamps = None
         if TIMESTAMP in context.train.column_names:
             timestamps = context.train.column(TIMESTAMP).to_numpy()
+        elif self.spec.time_buckets:
+            raise DataError(
+                f"history feature {self.spec.name!r} has time_buckets, but the interactions "
+                "have no timestamp column; set time_buckets: 0"
+            )
         order = recency_order(query, timestamps)[::-1]  # query descending, most recent first
         order = order[np.argsort(query[order], kind="stable")]
         query_sorted = query[order]
@@ -49,6 +56,10 @@ class HistoryTransform(Transform):
         items = codes[context.train.column(ITEM_IDX).to_numpy()[order]]
         self.keys = Vocabulary(pc.take(context.query_keys, pa.array(owners)))
         self.items = ragged.pad(items, lengths, self.spec.max_len, width=self.spec.max_len)
+        if self.spec.time_buckets:
+            times = timestamps[order].astype(np.float64)
+            width = self.spec.max_len
+            self.item_times = ragged.pad(times, lengths, width, width, dtype=np.float64)
 
     def transform(self, values: pa.Array) -> np.ndarray:
         row = self.keys.lookup(values) - 2  # vocabulary indices start at 2
@@ -57,13 +68,26 @@ class HistoryTransform(Transform):
         out[known] = self.items[row[known]]
         return out
 
+    def times(self, values: pa.Array) -> np.ndarray:
+        """(rows, max_len) float64 timestamps of ``transform``'s items (0 with none)."""
+        row = self.keys.lookup(values) - 2
+        out = np.zeros((len(row), self.spec.max_len), np.float64)
+        known = row >= 0
+        out[known] = self.item_times[row[known]]
+        return out
+
     @property
     def size(self) -> int:
         return self.spec.max_len
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return {}, {"keys": to_numpy_array(self.keys.values), "items": self.items}
+        arrays = {"keys": to_numpy_array(self.keys.values), "items": self.items}
+        if self.spec.time_buckets:
+            arrays["times"] = self.item_times
+        return {}, arrays
 
     def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.keys = Vocabulary(from_numpy_array(arrays["keys"]))
         self.items = arrays["items"]
+        if self.spec.time_buckets:
+            self.item_times = arrays["times"]

@@ -155,12 +155,16 @@ class FeaturePipeline:
         Returns:
             Feature name -> tensor: ``id``/``bucketize``: (B,) int64; ``onehot``:
             (B, C) float32; ``dense``: (B, 2) float32; ``multihot``/``text``/
-            ``history``: (B, L) int64, 0-padded.
+            ``history``: (B, L) int64, 0-padded; and for a history with
+            ``time_buckets``, ``"{name}:times"``: (B, L) float64 its items' timestamps.
         """
         out = {}
         for name, transform in self.transforms[side].items():
             _require_column(table, transform.spec, side)
-            out[name] = torch.from_numpy(transform.transform(table.column(transform.spec.column)))
+            column = table.column(transform.spec.column)
+            out[name] = torch.from_numpy(transform.transform(column))
+            if isinstance(transform, HistoryTransform) and transform.spec.time_buckets:
+                out[transform.spec.times_input] = torch.from_numpy(transform.times(column))
         return out
 
     def sizes(self, side: str) -> dict[str, int]:

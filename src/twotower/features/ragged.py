@@ -15,18 +15,23 @@ def list_parts(lists: pa.Array) -> tuple[pa.Array, np.ndarray]:
 
 
 def pad(
-    values: np.ndarray, lengths: np.ndarray, max_len: int, width: int | None = None
+    values: np.ndarray,
+    lengths: np.ndarray,
+    max_len: int,
+    width: int | None = None,
+    dtype: type = np.int64,
 ) -> np.ndarray:
-    """Packs each row's values into a (rows, L) int64 matrix padded with 0.
+    """Packs each row's values into a (rows, L) matrix padded with 0.
 
     Args:
         values: (sum(lengths),) the rows' values, row after row.
         lengths: (rows,) how many values each row has.
         max_len: a row keeps at most its first ``max_len`` values.
         width: L; default the longest kept row (at least 1).
+        dtype: the matrix's type.
 
     Returns:
-        (rows, L) int64.
+        (rows, L) of ``dtype``.
     """
     kept = np.minimum(lengths, max_len)
     if width is None:
@@ -34,6 +39,6 @@ def pad(
     starts = np.cumsum(lengths) - lengths  # (rows,), also for zero rows
     row = np.repeat(np.arange(len(lengths)), kept)
     position = np.arange(len(row)) - np.repeat(np.cumsum(kept) - kept, kept)
-    out = np.zeros((len(lengths), width), np.int64)
+    out = np.zeros((len(lengths), width), dtype)
     out[row, position] = values[np.repeat(starts, kept) + position]
     return out

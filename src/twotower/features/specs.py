@@ -130,6 +130,13 @@ class HistoryFeature:
             ``routing`` (MIND / ComiRec-DR: dynamic routing of the items into K
             capsules).
         routing_iterations: the routing's iterations.
+        time_buckets: ``attention`` only, and only with timestamped interactions:
+            > 0 adds to each item's attention key a learned embedding of its time gap
+            to the history's most recent item, in this many buckets on a log2 scale
+            of ``time_unit`` (bucket b: gaps in [2^b - 1, 2^(b+1) - 1) units; the last
+            bucket takes everything longer). 0: no time gaps.
+        time_unit: the gap buckets' unit, in the timestamps' own unit (3600: an
+            hour of Unix seconds).
     """
 
     # the name ``encoder`` had while histories could only be pooled
@@ -147,6 +154,8 @@ class HistoryFeature:
     interests: int = 1
     extractor: InterestExtractor = "self_attention"
     routing_iterations: int = 3
+    time_buckets: int = 0
+    time_unit: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.max_len < 1 or self.layers < 1 or self.heads < 1:
@@ -166,6 +175,23 @@ class HistoryFeature:
                 f"{self.extractor!r} extractor encodes the history, so encoder "
                 f"{self.encoder!r} would go unused; leave encoder at 'mean'"
             )
+
+        if self.time_buckets < 0 or not self.time_unit > 0:
+            raise ValueError(
+                f"history feature {self.name!r}: time_buckets must be >= 0 and time_unit "
+                f"> 0, got {self.time_buckets} and {self.time_unit}"
+            )
+        if self.time_buckets and (self.encoder != "attention" or self.multi_interest):
+            raise ValueError(
+                f"history feature {self.name!r}: time_buckets are read by the 'attention' "
+                f"encoder only, not by {self.encoder!r}"
+                + (f" with interests {self.interests}" if self.multi_interest else "")
+            )
+
+    @property
+    def times_input(self) -> str:
+        """The model input holding its items' timestamps (with ``time_buckets``)."""
+        return f"{self.name}:times"
 
     @property
     def multi_interest(self) -> bool:

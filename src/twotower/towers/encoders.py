@@ -120,7 +120,7 @@ class FeatureEncoders(nn.Module):
         missing = [name for name in self.encoders if name not in inputs]
         if missing:
             raise KeyError(f"model inputs lack feature(s) {missing}; got {sorted(inputs)}")
-        parts = [enc(inputs[name]) for name, enc in self.encoders.items()]
+        parts = [_encode(enc, name, inputs) for name, enc in self.encoders.items()]
         if self.interests == 1:
             return torch.cat(parts, dim=1)
         K = self.interests
@@ -149,7 +149,7 @@ class FeatureEncoders(nn.Module):
         parts = [
             encoder.sequence(encoder.table(codes), lengths)[real]
             if name == history
-            else other(inputs[name])[rows]
+            else _encode(other, name, inputs)[rows]
             for name, other in self.encoders.items()
         ]
         return torch.cat(parts, dim=1)
@@ -159,6 +159,12 @@ class FeatureEncoders(nn.Module):
         return {
             name: enc.table for name, enc in self.encoders.items() if isinstance(enc, LookupEncoder)
         }
+
+
+def _encode(encoder: nn.Module, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One feature's encoding; an encoder that reads timestamps gets them beside."""
+    extra = getattr(encoder, "times_input", None)
+    return encoder(inputs[name]) if extra is None else encoder(inputs[name], inputs[extra])
 
 
 def _encoder(

@@ -149,6 +149,8 @@ class TrainingData:
             spec for spec in pipeline.config.query if isinstance(spec, HistoryFeature)
         ]
         timestamps = train.column(TIMESTAMP).to_numpy() if TIMESTAMP in train.column_names else None
+        if timestamps is not None and any(s.time_buckets for s in self.history_features):
+            self._times = torch.tensor(timestamps, dtype=torch.float64, device=self.device)
         order = torch.from_numpy(recency_order(query, timestamps)).to(self.device)
         self._sequence_order = order  # training rows, by query, oldest first
         self._position = torch.empty_like(order)
@@ -212,18 +214,30 @@ class TrainingData:
             history = query[spec.name]
             if self.history_rule == "before_event":
                 query[spec.name] = self._history_before(rows, spec, history.shape[1])
-            else:
+                if spec.time_buckets:
+                    query[spec.times_input] = self._times_before(rows, history.shape[1])
+            else:  # the target's code blanked; its timestamp is then never read
                 target = self.items[spec.item_feature][positives]  # (B,) the targets' codes
                 query[spec.name] = history.masked_fill(history == target[:, None], 0)
         return Batch(query, positives)
 
     def _history_before(self, rows: torch.Tensor, spec: HistoryFeature, width: int) -> torch.Tensor:
         """(B, width) item codes of each row's earlier interactions, most recent first."""
-        back = torch.arange(1, width + 1, device=self.device)  # (L,) 1 = just before
+        earlier, source = self._earlier(rows, width)
+        return torch.where(earlier, self.items[spec.item_feature][self.item_idx[source]], 0)
+
+    def _times_before(self, rows: torch.Tensor, width: int) -> torch.Tensor:
+        """(B, width) float64 timestamps of ``_history_before``'s items (0 where none)."""
+        earlier, source = self._earlier(rows, width)
+        return torch.where(earlier, self._times[source], 0.0)
+
+    def _earlier(self, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, width) whether each row has a j-th earlier interaction of its query (j = 1:
+        just before), and that interaction's training row (any row where it has none)."""
+        back = torch.arange(1, width + 1, device=self.device)  # (L,)
         earlier = self._rank[rows, None] >= back  # (B, L) that many earlier rows exist
         position = (self._position[rows, None] - back).clamp(min=0)
-        items = self.item_idx[self._sequence_order[position]]
-        return torch.where(earlier, self.items[spec.item_feature][items], 0)
+        return earlier, self._sequence_order[position]
 
 
 def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

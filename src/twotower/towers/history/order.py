@@ -13,8 +13,14 @@ from torch import nn
 
 def most_recent_first(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) the real codes first, most recent first, then 0s; and (B,) their counts."""
-    order = torch.argsort((history == 0).to(torch.int8), dim=1, stable=True)  # (B, L)
+    order = real_first(history)
     return history.gather(1, order), (history != 0).sum(dim=1)
+
+
+def real_first(history: torch.Tensor) -> torch.Tensor:
+    """(B, L) the permutation of each row that ``most_recent_first`` applies (for
+    values aligned with the codes, such as their timestamps)."""
+    return torch.argsort((history == 0).to(torch.int8), dim=1, stable=True)
 
 
 def oldest_first(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
