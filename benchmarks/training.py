@@ -106,9 +106,10 @@ def one_objective(
     out: Path,
     encoder: str | None = None,
     overrides: list[str] = (),
+    ceiling_seconds: float | None = None,
 ) -> dict:
     """One epoch's speed, the evaluation time, this process's peak memory and the
-    bare-step ceiling."""
+    bare-step ceiling (about ``ceiling_seconds`` of steps each way)."""
     config = config_for(data_dir, quick, objective, encoder, overrides)
     name = objective if encoder is None else f"{objective}-{encoder}"
     result = train_run(config, out / name)
@@ -125,7 +126,7 @@ def one_objective(
         metrics = evaluate_model(model, data, "test", config.training.ks)
         times.append(time.perf_counter() - clock)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    seconds = 3.0 if quick else 10.0
+    seconds = ceiling_seconds or (3.0 if quick else 10.0)
     steps = ceiling_steps(data, config.training.batch_size, record["examples_per_s"], seconds)
     return {
         "objective": objective,
@@ -342,6 +343,7 @@ def child(args: argparse.Namespace, objective: str, encoder: str | None = None) 
     command += ["--data-dir", str(args.data_dir)] if args.data_dir else []
     command += ["--encoder", encoder] if encoder else []
     command += [f"--set={item}" for item in args.overrides]
+    command += [f"--ceiling-seconds={args.ceiling_seconds}"] if args.ceiling_seconds else []
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(row), flush=True)
@@ -363,12 +365,24 @@ def main() -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="A config override."
     )
+    parser.add_argument(
+        "--ceiling-seconds",
+        type=float,
+        default=None,
+        help="About how long the ceiling times each way (default 3 with --quick, else 10).",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process's objective
     parser.add_argument("--encoder", help=argparse.SUPPRESS)  # and its history encoder
     args = parser.parse_args()
     if args.one:
         row = one_objective(
-            args.one, args.data_dir, args.quick, args.out, args.encoder, args.overrides
+            args.one,
+            args.data_dir,
+            args.quick,
+            args.out,
+            args.encoder,
+            args.overrides,
+            args.ceiling_seconds,
         )
         print(json.dumps(row))
         return

@@ -45,11 +45,13 @@ def test_quality_quick_writes_its_tables_and_plot(tmp_path):
     reason="MovieLens-1M is not in ../shared/datasets beside the repository",
 )
 def test_training_quick_measures_speed_memory_and_the_reference_ratio(tmp_path):
-    run_quick("training.py", tmp_path, "--objectives=in_batch")
+    run_quick("training.py", tmp_path, "--objectives=in_batch", "--ceiling-seconds=0.5")
     result = json.loads((tmp_path / "training.json").read_text())
     (row,) = result["objectives"]
     assert row["objective"] == "in_batch" and row["eval_users"] > 0
     assert row["examples_per_s"] > 0 and row["epoch_seconds"] > 0 and row["peak_rss_mib"] > 100
+    assert row["ceiling_steps"] >= 2 and 0 < row["build_share"] < 1
+    assert row["ceiling_ratio"] == pytest.approx(row["pipeline_per_s"] / row["ceiling_per_s"])
     reference = result["reference"]
     assert reference["steps"] == 20
     assert reference["ratio"] == pytest.approx(
