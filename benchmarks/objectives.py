@@ -28,6 +28,7 @@ OBJECTIVES = {
     "listwise": ["kind=listwise", "num_negatives=64"],
     "in_batch": ["kind=in_batch", "logq=counts"],
     "mixed": ["kind=mixed", "num_sampled=512", "logq=counts"],
+    "full": ["kind=full"],
 }
 
 

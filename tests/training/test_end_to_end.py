@@ -12,6 +12,7 @@ from twotower.data.matrix import interaction_matrix
 from twotower.evaluation.ranking import evaluate
 from twotower.prepare import load_data
 from twotower.training.config import (
+    FullConfig,
     HingeConfig,
     InBatchConfig,
     ListwiseConfig,
@@ -29,6 +30,7 @@ OBJECTIVES = {
     "in_batch": InBatchConfig(logq="counts"),
     "in_batch_streaming": InBatchConfig(logq="streaming", streaming_buckets=1024),
     "mixed": MixedConfig(num_sampled=64),
+    "full": FullConfig(),
 }
 
 

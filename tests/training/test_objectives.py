@@ -136,3 +136,40 @@ def test_every_objective_config_builds_and_gives_a_finite_differentiable_loss(co
 def test_impossible_objective_settings_are_refused(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_full_softmax_is_every_item_in_one_softmax_by_hand_with_its_gradient():
+    from twotower.training.config import FullConfig
+    from twotower.training.objectives import FullSoftmax
+
+    objective = build_objective(FullConfig(), np.ones(4))
+    assert isinstance(objective, FullSoftmax)
+    query = torch.tensor([[1.0, 0.0], [0.6, 0.8]], requires_grad=True)
+    positives = torch.tensor([2, 1])
+    scale = torch.tensor(2.0)
+    loss = objective(query, positives, embed, scale, torch.Generator())
+    # by hand: logits_bj = 2 q_b . i_j over all four items; row loss -log p_b[pos_b];
+    # d mean / d q_b = 2 (p_b - onehot(pos_b)) @ ITEMS / B
+    rows, gradient = [], []
+    for b in range(2):
+        logits = [2 * float(query[b].detach() @ ITEMS[j]) for j in range(4)]
+        p = [math.exp(x) / sum(math.exp(y) for y in logits) for x in logits]
+        rows.append(-math.log(p[positives[b]]))
+        delta = [p[j] - float(j == int(positives[b])) for j in range(4)]
+        gradient.append(
+            [sum(2 * delta[j] * float(ITEMS[j, d]) for j in range(4)) / 2 for d in (0, 1)]
+        )
+    assert loss.item() == pytest.approx(sum(rows) / 2, rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(query.grad, torch.tensor(gradient), rtol=1e-5, atol=1e-6)
+    weights = torch.tensor([3.0, 1.0])
+    weighted = objective(query, positives, embed, scale, torch.Generator(), weights)
+    assert weighted.item() == pytest.approx((3 * rows[0] + rows[1]) / 4, rel=1e-6)
+
+
+def test_full_softmax_refuses_a_corpus_above_its_limit_naming_it():
+    from twotower.errors import ConfigError
+    from twotower.training.config import FullConfig
+
+    with pytest.raises(ConfigError, match="scores all 5 items at every step, more than"):
+        build_objective(FullConfig(max_items=4), np.ones(5))

@@ -109,8 +109,35 @@ class MixedConfig(SoftmaxCorrections):
     num_sampled: int = 512
 
 
+@dataclasses.dataclass(frozen=True)
+class FullConfig:
+    """Softmax over the whole corpus: every step scores every item, exactly.
+
+    No sampling, so no logQ correction and no accidental hits: the ceiling the sampled
+    softmax objectives approach, and a strong objective where the corpus is small.
+    Each step runs the item tower on every item and holds (batch, N) scores.
+
+    Attributes:
+        max_items: the largest corpus it accepts; a larger one is refused when the
+            objective is built (raise it knowingly: a step costs N item-tower rows).
+    """
+
+    kind: Literal["full"] = "full"
+    max_items: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {self.max_items}")
+
+
 ObjectiveConfig = (
-    PointwiseConfig | HingeConfig | LogisticConfig | ListwiseConfig | InBatchConfig | MixedConfig
+    PointwiseConfig
+    | HingeConfig
+    | LogisticConfig
+    | ListwiseConfig
+    | InBatchConfig
+    | MixedConfig
+    | FullConfig
 )
 
 
@@ -123,7 +150,7 @@ class TrainingConfig:
 
     Attributes:
         objective: the loss and its negatives (``kind``: pointwise, hinge, logistic,
-            listwise, in_batch, mixed).
+            listwise, in_batch, mixed, full).
         epochs: at most this many passes over the training interactions.
         batch_size: interactions per step.
         optimizer: ``adam`` or ``adamw`` for dense parameters.

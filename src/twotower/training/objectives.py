@@ -10,6 +10,7 @@ one item tower, and hands scores (never the model) to the loss:
     listwise   per-row negatives, softmax over [pos, negs] of scaled cosines
     in_batch   the batch's positives are everyone's candidates; logQ, hit masking
     mixed      in-batch plus corpus items sampled uniformly, one softmax
+    full       every item of the corpus, one exact softmax (small corpora)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from twotower.errors import ConfigError
 from twotower.losses import (
     LOSSES,
     SampledSoftmax,
@@ -31,6 +33,7 @@ from twotower.losses import (
 )
 from twotower.sampling import CANDIDATE_SAMPLERS, FREQUENCIES, SAMPLERS
 from twotower.training.config import (
+    FullConfig,
     InBatchConfig,
     ListwiseConfig,
     MixedConfig,
@@ -153,6 +156,35 @@ class SharedCandidates(nn.Module):
         self.frequency.load_state_dict(state["frequency"])
 
 
+class FullSoftmax(nn.Module):
+    """Softmax over the whole corpus: each row's positive against every item, exactly.
+
+    Args:
+        num_items: N; every step embeds items 0..N-1 through the item tower.
+    """
+
+    def __init__(self, num_items: int) -> None:
+        super().__init__()
+        self.num_items = num_items
+        self.loss = SampledSoftmax()  # with every item as a candidate, the full softmax
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        positives: torch.Tensor,
+        embed_items: EmbedItems,
+        scale: torch.Tensor,
+        generator: torch.Generator,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of (B, D) query vectors against their (B,) positive items."""
+        items = embed_items(torch.arange(self.num_items, device=positives.device))  # (N, D)
+        logits = query @ items.T * scale  # (B, N); column j is item j
+        if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
+            return logits.sum()
+        return self.loss(logits, positives, weights)
+
+
 def embed_unique(items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:
     """(M, D) vectors of (M,) item ids, running each distinct item through the tower once."""
     unique, inverse = torch.unique(items, return_inverse=True)
@@ -168,6 +200,14 @@ def build_objective(config: ObjectiveConfig, counts: np.ndarray) -> nn.Module:
         counts: (N,) training interactions per item (popularity sampling, logQ).
     """
     num_items = len(counts)
+    if isinstance(config, FullConfig):
+        if num_items > config.max_items:
+            raise ConfigError(
+                f"the full softmax scores all {num_items:,} items at every step, more than "
+                f"training.objective.max_items={config.max_items:,}; raise max_items if "
+                "that is meant, or use in_batch or mixed"
+            )
+        return FullSoftmax(num_items)
     if isinstance(config, (InBatchConfig, MixedConfig)):
         frequency = _frequency(config, counts)
         sizes = (num_items, config.num_sampled) if isinstance(config, MixedConfig) else ()
