@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from twotower.data.config import SplitConfig
 from twotower.data.dataset import Dataset
 from twotower.data.splits import split_interactions
+from twotower.errors import DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
 from twotower.training.data import TrainingData
@@ -129,3 +132,46 @@ def test_in_memory_data_offers_the_training_examples_interface(training_examples
     assert missing == []
     assert data.num_queries == len(next(iter(data.queries.values())))
     assert data.popularity == "known" and len(data.split.valid) > 0
+
+
+def weighted(weights: str, column: list | None) -> TrainingData:
+    """u1 rated a..e, u2 a..d (leave-last-out keeps five training rows)."""
+    columns = {
+        "query_id": ["u1"] * 5 + ["u2"] * 4,
+        "item_id": ["a", "b", "c", "d", "e", "a", "b", "c", "d"],
+        "timestamp": [1, 2, 3, 4, 5, 1, 2, 3, 4],
+    }
+    if column is not None:
+        columns["weight"] = column
+    dataset = Dataset.from_tables(
+        pa.table(columns),
+        pa.table({"user": ["u1", "u2"]}),
+        pa.table({"item": ["a", "b", "c", "d", "e"]}),
+        query_key="user",
+        item_key="item",
+    )
+    split = split_interactions(dataset, SplitConfig(method="leave_last_out"))
+    pipeline = FeaturePipeline.fit(FEATURES, dataset, split.train)
+    return TrainingData(dataset, split, pipeline, weights=weights, weight_cap=3.0)
+
+
+RATINGS = [1.0, 4.0, 0.0, 7.0, 7.0, 2.5, 10.0, 7.0, 7.0]  # the training rows: the first 3, 2
+RULES = {"raw": lambda w: w, "log1p": math.log1p, "capped": lambda w: min(w, 3.0)}
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_each_example_carries_its_interactions_weight(rule):
+    data = weighted(rule, RATINGS)
+    assert sorted(data.split.train.column("weight").to_pylist()) == [0.0, 1.0, 2.5, 4.0, 10.0]
+    rows = torch.tensor([4, 0, 3, 1, 2])
+    batch = data.batch(rows)
+    raw = data.split.train.column("weight").to_pylist()
+    assert batch.weights.tolist() == pytest.approx([RULES[rule](raw[r]) for r in rows.tolist()])
+    assert weighted("none", RATINGS).batch(rows).weights is None
+
+
+def test_weights_without_a_weight_column_or_with_bad_ones_are_refused():
+    with pytest.raises(DataError, match="the interactions have no weight column"):
+        weighted("raw", None)
+    with pytest.raises(DataError, match="1 training interaction weight.* negative or not a number"):
+        weighted("log1p", [1.0, -2.0, *RATINGS[2:]])

@@ -39,6 +39,26 @@ def checked_negative_mask(
     return neg_mask
 
 
+def checked_weights(weights: Tensor | None, rows: int) -> Tensor | None:
+    """Validates (B,) per-row loss weights: finite, non-negative, one per row.
+
+    Raises:
+        ValueError: the shape is not (B,), or a weight is negative or not finite.
+    """
+    if weights is None:
+        return None
+    if weights.shape != (rows,):
+        raise ValueError(f"weights must be ({rows},), got {tuple(weights.shape)}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("weights must be finite and >= 0")
+    return weights
+
+
+def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """sum(weights * values) / sum(weights), 0 (still attached) where the weights sum to 0."""
+    return (values * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
 def check_logits_and_labels(logits: Tensor, labels: Tensor) -> None:
     """Validates (B, M) logits against (B,) int64 labels, each in [0, M).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twotower.losses._inputs import check_logits_and_labels
+from twotower.losses._inputs import check_logits_and_labels, checked_weights, weighted_mean
 
 
 class SampledSoftmax(nn.Module):
@@ -43,9 +43,7 @@ class SampledSoftmax(nn.Module):
             () the loss, averaged over the B queries (weighted by ``weights``).
         """
         check_logits_and_labels(logits, labels)
+        weights = checked_weights(weights, len(labels))
         if weights is None:
             return F.cross_entropy(logits, labels)
-        if weights.shape != labels.shape:
-            raise ValueError(f"weights must be ({len(labels)},), got {tuple(weights.shape)}")
-        losses = F.cross_entropy(logits, labels, reduction="none")  # (B,)
-        return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
+        return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)

@@ -142,6 +142,7 @@ ObjectiveConfig = (
 
 
 HistoryRule = Literal["auto", "before_event", "mask_target"]
+WeightRule = Literal["none", "raw", "log1p", "capped"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +176,11 @@ class TrainingConfig:
         position_weights: in one-pass training, ``query``: each query's positions share
             one weight, so long histories do not swamp short ones; ``position``: every
             position counts alike.
+        weights: how an interaction's ``weight`` column (a rating, a watch time, a
+            count) weighs its example in the loss, for every objective: ``none``
+            (alike), ``raw`` (the weight itself), ``log1p`` (log(1 + weight), for
+            heavy-tailed counts) or ``capped`` (min(weight, ``weight_cap``)).
+        weight_cap: the cap of ``capped``.
     """
 
     objective: ObjectiveConfig = dataclasses.field(default_factory=InBatchConfig)
@@ -194,8 +200,17 @@ class TrainingConfig:
     steps_per_epoch: int | None = None
     one_pass: bool = False
     position_weights: Literal["query", "position"] = "query"
+    weights: WeightRule = "none"
+    weight_cap: float = 5.0
 
     def __post_init__(self) -> None:
+        if not self.weight_cap > 0:
+            raise ValueError(f"weight_cap must be > 0, got {self.weight_cap}")
+        if self.one_pass and self.weights != "none":
+            raise ValueError(
+                f"weights {self.weights!r} apply to per-interaction training; one_pass "
+                "trains positions, weighted by position_weights"
+            )
         if self.one_pass and self.objective.kind not in ("in_batch", "mixed"):
             raise ValueError(
                 f"one_pass trains with the in_batch or mixed objective, not {self.objective.kind!r}"

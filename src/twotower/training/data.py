@@ -23,12 +23,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP, Dataset
+from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP, WEIGHT, Dataset
 from twotower.data.splits import Split, recency_order
 from twotower.data.stream import shard_bounds
+from twotower.errors import DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import HistoryFeature
-from twotower.training.config import HistoryRule
+from twotower.training.config import HistoryRule, WeightRule
 from twotower.training.distributed import Collective
 
 
@@ -42,7 +43,8 @@ class Batch:
             sequence batches (P,), one per real position of ``query[sequence]``.
         sequence: the history feature trained in one pass (``SequenceTrainingData``),
             or None: one example per row.
-        weights: (P,) each position's weight in the loss, or None: all alike.
+        weights: (B,) or (P,) each example's (or position's) weight in the loss, or
+            None: all alike.
     """
 
     query: dict[str, torch.Tensor]
@@ -112,6 +114,12 @@ class TrainingData:
         history: how history features avoid showing an example its own target;
             ``auto`` is ``before_event`` when interactions have timestamps.
         device: where tensors live.
+        weights: how each interaction's ``weight`` weighs its example in the loss
+            (``TrainingConfig.weights``); ``weight_cap`` for ``capped``.
+
+    Raises:
+        DataError: ``weights`` asks for a weight column the interactions lack, or a
+            weight is negative or not a number.
     """
 
     popularity: Literal["known"] | None = "known"
@@ -123,6 +131,8 @@ class TrainingData:
         pipeline: FeaturePipeline,
         history: HistoryRule = "auto",
         device: torch.device | str = "cpu",
+        weights: WeightRule = "none",
+        weight_cap: float = 5.0,
     ) -> None:
         self.device = torch.device(device)
         self.split, self.pipeline = split, pipeline
@@ -141,6 +151,7 @@ class TrainingData:
         query = train.column(QUERY_IDX).to_numpy()
         self.query_idx = torch.tensor(query, device=self.device)
         self.item_idx = torch.tensor(train.column(ITEM_IDX).to_numpy(), device=self.device)
+        self.row_weights = _row_weights(train, weights, weight_cap, self.device)
         self.num_items = dataset.num_items
         if history == "auto":
             history = "before_event" if TIMESTAMP in train.column_names else "mask_target"
@@ -219,7 +230,8 @@ class TrainingData:
             else:  # the target's code blanked; its timestamp is then never read
                 target = self.items[spec.item_feature][positives]  # (B,) the targets' codes
                 query[spec.name] = history.masked_fill(history == target[:, None], 0)
-        return Batch(query, positives)
+        weights = None if self.row_weights is None else self.row_weights[rows]
+        return Batch(query, positives, weights=weights)
 
     def _history_before(self, rows: torch.Tensor, spec: HistoryFeature, width: int) -> torch.Tensor:
         """(B, width) item codes of each row's earlier interactions, most recent first."""
@@ -238,6 +250,28 @@ class TrainingData:
         earlier = self._rank[rows, None] >= back  # (B, L) that many earlier rows exist
         position = (self._position[rows, None] - back).clamp(min=0)
         return earlier, self._sequence_order[position]
+
+
+def _row_weights(
+    train: pa.Table, rule: WeightRule, cap: float, device: torch.device
+) -> torch.Tensor | None:
+    """(rows,) float32 loss weights of the training interactions, or None for ``none``."""
+    if rule == "none":
+        return None
+    if WEIGHT not in train.column_names:
+        raise DataError(
+            f"training.weights={rule!r} weighs each example by its interaction's weight, "
+            "but the interactions have no weight column (name it in data.interactions)"
+        )
+    raw = train.column(WEIGHT).to_numpy(zero_copy_only=False).astype(np.float64)
+    bad = ~np.isfinite(raw) | (raw < 0)
+    if bad.any():
+        raise DataError(
+            f"training.weights={rule!r}: {int(bad.sum())} training interaction weight(s) are "
+            f"negative or not a number (the first: {raw[bad][0]})"
+        )
+    weights = {"raw": raw, "log1p": np.log1p(raw), "capped": np.minimum(raw, cap)}[rule]
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -73,9 +73,8 @@ class RowNegatives(nn.Module):
         generator: torch.Generator,
         weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The loss of (B, D) query vectors against their (B,) positive items."""
-        if weights is not None:
-            raise ValueError("per-row weights need a shared-candidate softmax objective")
+        """The loss of (B, D) query vectors against their (B,) positive items, each row
+        weighted by ``weights`` (B,) if given."""
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
             return query.sum() + embed_items(positives).sum()
         negatives = self.sampler.sample(positives.cpu(), self.num_negatives, generator)
@@ -86,7 +85,7 @@ class RowNegatives(nn.Module):
         neg = torch.einsum("bd,bnd->bn", query, neg_items.view(*negatives.shape, -1))  # (B, n)
         if self.scaled:
             pos, neg = pos * scale, neg * scale
-        return self.loss(pos, neg, negative_mask(positives, negatives))
+        return self.loss(pos, neg, negative_mask(positives, negatives), weights)
 
 
 class SharedCandidates(nn.Module):
