@@ -30,6 +30,7 @@ OBJECTIVES = {
     "in_batch": InBatchConfig(logq="counts"),
     "in_batch_streaming": InBatchConfig(logq="streaming", streaming_buckets=1024),
     "mixed": MixedConfig(num_sampled=64),
+    "mixed_mask_known": MixedConfig(num_sampled=64, mask_known=True),
     "full": FullConfig(),
 }
 

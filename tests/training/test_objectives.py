@@ -173,3 +173,50 @@ def test_full_softmax_refuses_a_corpus_above_its_limit_naming_it():
 
     with pytest.raises(ConfigError, match="scores all 5 items at every step, more than"):
         build_objective(FullConfig(max_items=4), np.ones(5))
+
+
+def test_known_pairs_answer_membership_for_every_query_and_candidate():
+    from twotower.training.objectives import KnownPairs
+
+    known = KnownPairs(torch.tensor([0, 0, 1, 2, 0]), torch.tensor([3, 1, 1, 0, 3]), num_items=4)
+    table = known(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]))
+    assert table.tolist() == [
+        [False, True, False, True],
+        [False, True, False, False],
+        [True, False, False, False],
+        [False, False, False, False],
+    ]
+
+
+def test_mask_known_removes_the_querys_other_positives_from_its_softmax():
+    """Rows 0 and 1 are one user who liked items 0 and 1; row 2 another user. In-batch,
+    row 0's candidate column 1 (item 1, the same user's other positive) is masked, as is
+    row 1's column 0; row 2 keeps both, and no row loses its own label."""
+    from twotower.training.objectives import KnownPairs
+
+    counts = np.array([1, 1, 1, 1])
+    known = KnownPairs(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2]), num_items=4)
+    masked = build_objective(InBatchConfig(logq="none", mask_known=True), counts, known)
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    positives, queries = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
+    scale = torch.tensor(2.0)
+    loss = masked(query, positives, embed, scale, torch.Generator(), queries=queries)
+    allowed = [[0, 2], [1, 2], [0, 1, 2]]  # each row's unmasked candidate columns
+    expected = 0.0
+    for b in range(3):
+        logits = {j: 2 * float(query[b] @ ITEMS[positives[j]]) for j in allowed[b]}
+        expected += -logits[b] + math.log(sum(math.exp(x) for x in logits.values()))
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-6)
+    plain = build_objective(InBatchConfig(logq="none"), counts)
+    assert plain(query, positives, embed, scale, torch.Generator()).item() != pytest.approx(
+        loss.item()
+    )
+    with pytest.raises(ValueError, match="needs each row's query"):
+        masked(query, positives, embed, scale, torch.Generator())
+
+
+def test_mask_known_without_the_pairs_is_refused():
+    from twotower.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mask_known needs every training"):
+        build_objective(MixedConfig(mask_known=True), np.ones(4))

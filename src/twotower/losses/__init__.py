@@ -6,7 +6,8 @@
 - ``ListwiseSoftmax``: softmax cross-entropy of the positive against its own negatives.
 - ``SampledSoftmax``: softmax cross-entropy over candidates shared by the batch
   (in-batch or mixed negatives).
-- ``corrections``: ``logq_correction``, ``mask_accidental_hits``, ``hardest_negatives``
+- ``corrections``: ``logq_correction``, ``mask_accidental_hits``,
+  ``mask_known_positives``, ``hardest_negatives``
   and ``negative_mask``, applied by the caller in a visible order.
 
 ``LOSSES`` maps the names used in configs to the loss classes.
@@ -20,6 +21,7 @@ from twotower.losses.corrections import (
     hardest_negatives,
     logq_correction,
     mask_accidental_hits,
+    mask_known_positives,
     negative_mask,
 )
 from twotower.losses.in_batch import SampledSoftmax
@@ -48,5 +50,6 @@ __all__ = [
     "hardest_negatives",
     "logq_correction",
     "mask_accidental_hits",
+    "mask_known_positives",
     "negative_mask",
 ]

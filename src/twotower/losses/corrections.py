@@ -5,6 +5,7 @@ caller chains them in a visible order, typically::
 
     logits = logq_correction(logits, log_q)
     logits = mask_accidental_hits(logits, labels, positive_ids, candidate_ids)
+    logits = mask_known_positives(logits, labels, known)  # optional
     logits, labels = hardest_negatives(logits, labels, num=32)  # optional
     loss = SampledSoftmax()(logits, labels)
 
@@ -74,6 +75,33 @@ def mask_accidental_hits(
     columns = torch.arange(M, device=logits.device)
     hits = same_item & (columns[None, :] != labels[:, None])
     return logits.masked_fill(hits, float("-inf"))
+
+
+def mask_known_positives(logits: Tensor, labels: Tensor, known: Tensor) -> Tensor:
+    """Sets to -inf each candidate that is another training positive of the row's query.
+
+    A user who watched ten films is a row ten times; in-batch, the other nine can sit
+    in the same batch as candidates, where the softmax would push them down as
+    negatives of the user who liked them. Masking them (beside the accidental hits,
+    which only catch the row's own item) keeps a query's positives from competing.
+
+    Args:
+        logits: (B, M) scores of each query against the M candidates.
+        labels: (B,) int64, the column of row b's positive (never masked).
+        known: (B, M) bool, True where candidate j is a training positive of row b's
+            query.
+
+    Returns:
+        (B, M) a copy of ``logits`` with those candidates set to -inf.
+    """
+    check_logits_and_labels(logits, labels)
+    if known.shape != logits.shape or known.dtype != torch.bool:
+        raise ValueError(
+            f"known must be a bool tensor of shape {tuple(logits.shape)}, "
+            f"got {known.dtype} {tuple(known.shape)}"
+        )
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    return logits.masked_fill(known & (columns[None, :] != labels[:, None]), float("-inf"))
 
 
 def hardest_negatives(logits: Tensor, labels: Tensor, num: int) -> tuple[Tensor, Tensor]:

@@ -80,12 +80,15 @@ class SoftmaxCorrections:
         logq: the sampling-probability estimate subtracted from the logits:
             ``counts`` (training counts), ``streaming`` (Yi et al. 2019) or ``none``.
         mask_hits: mask a candidate equal to the row's positive (the item twice).
+        mask_known: also mask a candidate that is any other training positive of the
+            row's query (in-memory training data).
         hard_negatives: if > 0, keep only this many highest-scoring negatives per row.
         streaming_buckets: hash buckets of the streaming frequency estimate.
     """
 
     logq: FrequencyName = "counts"
     mask_hits: bool = True
+    mask_known: bool = False
     hard_negatives: int = 0
     streaming_buckets: int = 1 << 20
 

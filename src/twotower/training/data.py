@@ -45,12 +45,15 @@ class Batch:
             or None: one example per row.
         weights: (B,) or (P,) each example's (or position's) weight in the loss, or
             None: all alike.
+        queries: (B,) or (P,) each example's query index (masking a query's other
+            known positives reads it), or None where unknown.
     """
 
     query: dict[str, torch.Tensor]
     positives: torch.Tensor
     sequence: str | None = None
     weights: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
 
 
 class TrainingExamples(Protocol):
@@ -85,6 +88,11 @@ class TrainingExamples(Protocol):
 
     def item_counts(self) -> np.ndarray:
         """(N,) training interactions per item (popularity sampling, logQ)."""
+        ...
+
+    def training_pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows,) query and item indices of every training interaction, or None where
+        they are not all at hand (a stream)."""
         ...
 
     def item_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -186,6 +194,10 @@ class TrainingData:
         """(N,) training interactions per item."""
         return np.bincount(self.item_idx.cpu().numpy(), minlength=self.num_items)
 
+    def training_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows,) query and item indices of every training interaction."""
+        return self.query_idx, self.item_idx
+
     def item_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
         """The item tower's inputs of (M,) item indices."""
         return {name: values[items] for name, values in self.items.items()}
@@ -231,7 +243,7 @@ class TrainingData:
                 target = self.items[spec.item_feature][positives]  # (B,) the targets' codes
                 query[spec.name] = history.masked_fill(history == target[:, None], 0)
         weights = None if self.row_weights is None else self.row_weights[rows]
-        return Batch(query, positives, weights=weights)
+        return Batch(query, positives, weights=weights, queries=self.query_idx[rows])
 
     def _history_before(self, rows: torch.Tensor, spec: HistoryFeature, width: int) -> torch.Tensor:
         """(B, width) item codes of each row's earlier interactions, most recent first."""

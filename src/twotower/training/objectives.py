@@ -29,6 +29,7 @@ from twotower.losses import (
     hardest_negatives,
     logq_correction,
     mask_accidental_hits,
+    mask_known_positives,
     negative_mask,
 )
 from twotower.sampling import CANDIDATE_SAMPLERS, FREQUENCIES, SAMPLERS
@@ -72,9 +73,10 @@ class RowNegatives(nn.Module):
         scale: torch.Tensor,
         generator: torch.Generator,
         weights: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items, each row
-        weighted by ``weights`` (B,) if given."""
+        weighted by ``weights`` (B,) if given (``queries``: unused here)."""
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
             return query.sum() + embed_items(positives).sum()
         negatives = self.sampler.sample(positives.cpu(), self.num_negatives, generator)
@@ -91,11 +93,18 @@ class RowNegatives(nn.Module):
 class SharedCandidates(nn.Module):
     """Softmax over candidates shared by the batch: in-batch, or in-batch + sampled.
 
-    Corrections run in this order: logQ, accidental-hit masking, hard negatives.
+    Corrections run in this order: logQ, accidental-hit masking, masking of the
+    query's other known positives (with ``known``), hard negatives.
     """
 
     def __init__(
-        self, sampler, frequency, logq: bool, mask_hits: bool, hard_negatives: int
+        self,
+        sampler,
+        frequency,
+        logq: bool,
+        mask_hits: bool,
+        hard_negatives: int,
+        known: KnownPairs | None = None,
     ) -> None:
         super().__init__()
         self.loss = SampledSoftmax()
@@ -104,6 +113,7 @@ class SharedCandidates(nn.Module):
         self.logq = logq
         self.mask_hits = mask_hits
         self.hard_negatives = hard_negatives
+        self.known = known
         self.step = 0
         self.collective = Collective()  # the trainer sets the process group's, if any
 
@@ -115,9 +125,11 @@ class SharedCandidates(nn.Module):
         scale: torch.Tensor,
         generator: torch.Generator,
         weights: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items, each row
-        weighted by ``weights`` (B,) if given."""
+        weighted by ``weights`` (B,) if given; ``queries`` (B,) are the rows' query
+        indices, which masking known positives needs."""
         self.step += 1
         device = positives.device
         # with several processes every rank's positives are candidates (the global batch)
@@ -142,6 +154,10 @@ class SharedCandidates(nn.Module):
             logits = logq_correction(logits, log_q)
         if self.mask_hits:
             logits = mask_accidental_hits(logits, labels, positives, candidates)
+        if self.known is not None:
+            if queries is None:
+                raise ValueError("masking known positives needs each row's query")
+            logits = mask_known_positives(logits, labels, self.known(queries, candidates))
         if self.hard_negatives:
             logits, labels = hardest_negatives(logits, labels, self.hard_negatives)
         return self.loss(logits, labels, weights)
@@ -153,6 +169,29 @@ class SharedCandidates(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.step = int(state["step"])
         self.frequency.load_state_dict(state["frequency"])
+
+
+class KnownPairs:
+    """The (query, item) pairs of the training interactions, for membership tests.
+
+    Kept as one sorted int64 key per pair, ``query * N + item``, so a (B, M) test is
+    one ``searchsorted``.
+
+    Args:
+        queries, items: (rows,) the training interactions' query and item indices.
+        num_items: N.
+    """
+
+    def __init__(self, queries: torch.Tensor, items: torch.Tensor, num_items: int) -> None:
+        self.num_items = num_items
+        self.keys = torch.unique(queries.long() * num_items + items.long())  # sorted
+
+    def __call__(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, M) bool: whether item ``items[j]`` is a training positive of ``queries[b]``."""
+        keys = self.keys.to(queries.device)
+        wanted = queries.long()[:, None] * self.num_items + items.long()[None, :]  # (B, M)
+        at = torch.searchsorted(keys, wanted).clamp(max=max(len(keys) - 1, 0))
+        return keys[at] == wanted if len(keys) else torch.zeros_like(wanted, dtype=torch.bool)
 
 
 class FullSoftmax(nn.Module):
@@ -175,8 +214,10 @@ class FullSoftmax(nn.Module):
         scale: torch.Tensor,
         generator: torch.Generator,
         weights: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The loss of (B, D) query vectors against their (B,) positive items."""
+        """The loss of (B, D) query vectors against their (B,) positive items, each row
+        weighted by ``weights`` (B,) if given (``queries``: unused here)."""
         items = embed_items(torch.arange(self.num_items, device=positives.device))  # (N, D)
         logits = query @ items.T * scale  # (B, N); column j is item j
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
@@ -190,13 +231,19 @@ def embed_unique(items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:
     return embed_items(unique).index_select(0, inverse)
 
 
-def build_objective(config: ObjectiveConfig, counts: np.ndarray) -> nn.Module:
+def build_objective(
+    config: ObjectiveConfig, counts: np.ndarray, known: KnownPairs | None = None
+) -> nn.Module:
     """The objective a config names: its ``kind`` picks the loss from ``LOSSES`` and,
     for the shared-candidate softmax, the sampler from ``CANDIDATE_SAMPLERS``.
 
     Args:
         config: one of the objective configs.
         counts: (N,) training interactions per item (popularity sampling, logQ).
+        known: the training (query, item) pairs, for ``mask_known``.
+
+    Raises:
+        ConfigError: ``mask_known`` without the pairs; a corpus too large for ``full``.
     """
     num_items = len(counts)
     if isinstance(config, FullConfig):
@@ -211,8 +258,18 @@ def build_objective(config: ObjectiveConfig, counts: np.ndarray) -> nn.Module:
         frequency = _frequency(config, counts)
         sizes = (num_items, config.num_sampled) if isinstance(config, MixedConfig) else ()
         sampler = CANDIDATE_SAMPLERS[config.kind](frequency, *sizes)
+        if config.mask_known and known is None:
+            raise ConfigError(
+                "training.objective.mask_known needs every training (query, item) pair, "
+                "which in-memory training data has and a stream does not"
+            )
         return SharedCandidates(
-            sampler, frequency, config.logq != "none", config.mask_hits, config.hard_negatives
+            sampler,
+            frequency,
+            config.logq != "none",
+            config.mask_hits,
+            config.hard_negatives,
+            known if config.mask_known else None,
         )
     if config.sampler == "popularity":
         sampler = SAMPLERS["popularity"](counts, config.alpha)

@@ -35,7 +35,13 @@ from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
 from twotower.training.sequences import SequenceTrainingData
 from twotower.training.streaming import StreamingTrainingData
-from twotower.training.trainer import RunState, Trainer, evaluate_model, resolve_device
+from twotower.training.trainer import (
+    EpochCallback,
+    RunState,
+    Trainer,
+    evaluate_model,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,11 @@ def _stream_data(
     config: Config, out: Path, resume: bool, device: torch.device, main: bool
 ) -> StreamingTrainingData:
     """Streamed training data: features fitted from the stream (or the run's saved ones)."""
+    if config.training.weights != "none":
+        raise ConfigError(
+            f"training.weights={config.training.weights!r} weighs in-memory interactions; "
+            "streamed training does not read a weight column yet"
+        )
     stream = config.data.stream
     counts_file = out / "features" / ITEM_COUNTS_FILE
     if resume:
@@ -95,10 +106,15 @@ def _memory_data(
     if config.training.one_pass:
         weights = config.training.position_weights
         return SequenceTrainingData(dataset, split, pipeline, device, weights)
-    return TrainingData(dataset, split, pipeline, config.training.history, device)
+    training = config.training
+    return TrainingData(
+        dataset, split, pipeline, training.history, device, training.weights, training.weight_cap
+    )
 
 
-def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
+def train_run(
+    config: Config, out: Path, resume: bool = False, on_epoch: EpochCallback | None = None
+) -> TrainResult:
     """Trains the model a config describes and writes the run folder ``out``.
 
     Under ``torchrun`` every process calls this; they train one model together and
@@ -111,6 +127,8 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
             reused, so the model sees the same inputs). A run killed before its first
             checkpoint has nothing to continue from and starts again from the beginning,
             so a pipeline can always pass ``resume=True``.
+        on_epoch: called after each epoch with its number and record (``Trainer``); an
+            exception it raises stops the run there, before the final metrics.
     """
     out = Path(out)
     set_threads(config.threads)
@@ -136,7 +154,7 @@ def train_run(config: Config, out: Path, resume: bool = False) -> TrainResult:
     torch.manual_seed(config.seed)
     model = TwoTower.build(config.model, config.features, data.pipeline).to(device)
     extra = _extra(config, data.pipeline)
-    trainer = Trainer(model, data, config.training, out, config.seed, extra, collective)
+    trainer = Trainer(model, data, config.training, out, config.seed, extra, collective, on_epoch)
     state = trainer.fit(resume=resume)
     if not collective.is_main:  # rank 0 alone evaluates the best model and writes metrics
         return TrainResult({}, state, out)

@@ -108,7 +108,10 @@ class SequenceTrainingData(TrainingData):
         query = self.query_inputs(self.window_query[windows])
         query[self.spec.name] = reversed_real(codes, real.sum(dim=1))  # most recent first
         weights = self.window_weight[windows][:, None].expand_as(real)[real]  # (P,)
-        return Batch(query, targets[real], sequence=self.spec.name, weights=weights)
+        queries = self.window_query[windows][:, None].expand_as(real)[real]  # (P,)
+        return Batch(
+            query, targets[real], sequence=self.spec.name, weights=weights, queries=queries
+        )
 
     def _windows(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, max_len + 1) training item indices of every window, oldest first, -1

@@ -82,6 +82,10 @@ class StreamingTrainingData:
     def item_counts(self) -> np.ndarray:
         return self._counts
 
+    def training_pairs(self) -> None:
+        """None: a stream's interactions are never all in memory at once."""
+        return None
+
     def item_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: values[items] for name, values in self.items.items()}
 

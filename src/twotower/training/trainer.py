@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,20 @@ from twotower.training.checkpoint import CheckpointStore
 from twotower.training.config import TrainingConfig
 from twotower.training.data import Batch, TrainingExamples
 from twotower.training.distributed import Collective
-from twotower.training.objectives import SharedCandidates, build_objective, embed_unique
+from twotower.training.objectives import (
+    KnownPairs,
+    SharedCandidates,
+    build_objective,
+    embed_unique,
+)
 from twotower.training.run_log import RunLog
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+
+# Called after each epoch's validation, checkpoints and logs: (epoch, that epoch's record).
+EpochCallback = Callable[[int, dict[str, Any]], None]
 
 
 @dataclasses.dataclass
@@ -131,6 +140,13 @@ def evaluate_model(
     )
 
 
+def _known_pairs(config: TrainingConfig, data: TrainingExamples) -> KnownPairs | None:
+    """The training (query, item) pairs, where the objective masks a query's known
+    positives and the data has them all."""
+    pairs = data.training_pairs() if getattr(config.objective, "mask_known", False) else None
+    return None if pairs is None else KnownPairs(*pairs, data.num_items)
+
+
 class _StepLoss(torch.nn.Module):
     """A batch's training loss as one module call, so DistributedDataParallel can wrap it."""
 
@@ -155,6 +171,7 @@ class _StepLoss(torch.nn.Module):
             self.model.scale(),
             generator,
             batch.weights,
+            batch.queries,
         )
 
     def embed_items(self, items: torch.Tensor) -> torch.Tensor:
@@ -176,6 +193,10 @@ class Trainer:
         collective: the training processes (``torchrun``); with several, the model is
             wrapped in DistributedDataParallel, each process trains on its share of
             every global batch and rank 0 alone validates and writes.
+        on_epoch: called with the epoch number and its record (``loss``, ``valid/...``)
+            once the epoch is validated, checkpointed and logged; an exception it raises
+            ends ``fit`` and propagates (a tuner prunes a trial so). Under ``torchrun``
+            every rank calls it with the same record and must decide alike.
     """
 
     def __init__(
@@ -187,11 +208,14 @@ class Trainer:
         seed: int,
         extra: dict[str, Any] | None = None,
         collective: Collective | None = None,
+        on_epoch: EpochCallback | None = None,
     ) -> None:
-        self.model, self.data = model, data
+        self.model, self.data, self.on_epoch = model, data, on_epoch
         self.config, self.out, self.seed, self.extra = config, Path(out), seed, extra or {}
         self.collective = collective or Collective()
-        self.objective = build_objective(config.objective, data.item_counts()).to(data.device)
+        self.objective = build_objective(
+            config.objective, data.item_counts(), _known_pairs(config, data)
+        ).to(data.device)
         if isinstance(self.objective, SharedCandidates):
             self.objective.collective = self.collective
         self.step_loss: torch.nn.Module = _StepLoss(model, self.objective, data)
@@ -219,6 +243,8 @@ class Trainer:
                 self._end_epoch(record)
                 if run_log is not None:
                     run_log.write(record, self.state.records, self.config.metric)
+                if self.on_epoch is not None:
+                    self.on_epoch(record["epoch"], record)
         finally:
             if run_log is not None:
                 run_log.close()
