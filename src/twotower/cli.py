@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -157,6 +158,66 @@ def baseline(
     typer.echo(f"{model}: full-corpus ranking, seen items excluded\n")
     typer.echo(format_metrics(metrics, ks))
     typer.echo(f"\nRun folder: {out}")
+
+
+@app.command()
+def tune(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config.")],
+    space: Annotated[
+        Path, typer.Option(help="YAML search space: config keys -> ranges (docs/tuning.md).")
+    ],
+    trials: Annotated[
+        int,
+        typer.Option(
+            help="Trials to finish (complete, pruned, or failed on values that do not go "
+            "together); a resumed tuning counts the ones already finished."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Tuning folder: study.db, trials/, best.yaml, ...")],
+    timeout: Annotated[
+        float | None, typer.Option(help="Start no new trial after this many seconds.")
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option(help="Trials at once, as threads sharing the CPU threads.")
+    ] = 1,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the tuning in --out; cut-short trials run again.")
+    ] = False,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    threads: Threads = None,
+) -> None:
+    """Search hyperparameters with Optuna (TPE, median pruning), each trial a training run.
+
+    Trials maximize the best validation value of training.metric; only the best trial
+    is ranked on test. The study lives in --out/study.db, so --resume continues it.
+    """
+    try:
+        from twotower.tuning.space import load_space
+        from twotower.tuning.study import TuneOptions
+        from twotower.tuning.study import tune as run_tuning
+    except ModuleNotFoundError as err:
+        if err.name != "optuna":
+            raise
+        raise ConfigError(
+            "twotower tune needs Optuna: pip install 'twotower[tune]' (or pip install optuna)"
+        ) from None
+
+    options = TuneOptions(trials=trials, timeout=timeout, jobs=jobs, resume=resume)
+    # an absolute config path gives absolute data paths, so best.yaml works from anywhere
+    config = _config(config_path.resolve(), overrides, data_dir, threads)
+    report = run_tuning(config, load_space(space, config), out, options)
+    states = collections.Counter(t.state.name.lower() for t in report.study.trials)
+    counted = ", ".join(f"{n} {state}" for state, n in states.items())
+    typer.echo(f"\nTrials: {counted}; the table: {out / 'trials.csv'}")
+    if report.best is None:
+        typer.echo("No trial completed, so there is no best config.")
+        return
+    best, metric = report.best, config.training.metric
+    typer.echo(f"Best: trial {best.number}, {metric} {best.value:.4f}, {json.dumps(best.params)}")
+    typer.echo("Its test metrics (the tuning's one look at test):\n")
+    typer.echo(format_metrics(report.test_metrics, config.training.ks, ("test",)))
+    typer.echo(f"\nBest config: {out / 'best.yaml'} (twotower train {out / 'best.yaml'} --out ...)")
 
 
 @app.command()

@@ -5,9 +5,9 @@ type: an unknown key fails loudly and names the nearest valid one; a tagged unio
 (feature specs, objectives, networks) is told apart by its ``kind``; a field that a
 dataclass renamed (its ``RENAMED``: old -> new name) is still read under its old name,
 with a warning, so configs saved before the rename load. ``to_dict`` is its inverse,
-and ``apply_overrides`` sets ``dotted.key=value`` strings. This module
-imports nothing of the pipeline, so reading or writing a config never builds, or
-even imports, a model.
+``apply_overrides`` sets ``dotted.key=value`` strings and ``set_value`` one parsed
+value. This module imports nothing of the pipeline, so reading or writing a config
+never builds, or even imports, a model.
 """
 
 from __future__ import annotations
@@ -36,10 +36,25 @@ def apply_overrides(config: T, overrides: typing.Sequence[str]) -> T:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         value = yaml.safe_load(text) if text else ""
-        # a tagged section's "kind" (e.g. training.objective.kind=hinge) switches it
-        # to that kind with its defaults; later overrides then set its fields
-        config = _replace_path(config, key.split("."), value, where=f"--set {key}")
+        config = set_value(config, key, value, where=f"--set {key}")
     return config
+
+
+def set_value(config: T, key: str, value: Any, where: str) -> T:
+    """Returns ``config`` with the field at ``dotted.key`` set to ``value``, type-checked.
+
+    The one path every override takes (``--set``, a tuner's trial): a feature is selected
+    by its name, an unknown key fails and names the nearest valid one.
+
+    Args:
+        config: a config dataclass.
+        key: e.g. ``"training.lr"`` or ``"features.query.history.max_len"``.
+        value: the new value, already parsed (a float, a list, ...).
+        where: what error messages start with, e.g. ``"--set training.lr"``.
+    """
+    # a tagged section's "kind" (e.g. training.objective.kind=hinge) switches it
+    # to that kind with its defaults; later overrides then set its fields
+    return _replace_path(config, key.split("."), value, where=where)
 
 
 def to_dict(obj: Any) -> Any:

@@ -87,6 +87,27 @@ def test_early_stopping_keeps_the_best_epoch(small_config, tmp_path):
     assert result.metrics["valid/ndcg@10"] == pytest.approx(values[best])
 
 
+def test_on_epoch_sees_each_validated_epoch_and_an_exception_stops_the_run(small_config, tmp_path):
+    config = with_training(small_config, "epochs=3", "patience=0")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch(epoch: int, record: dict) -> None:
+        seen.append((epoch, record["epoch"], record["valid/ndcg@10"]))
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_run(config, tmp_path, on_epoch=on_epoch)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # each epoch was validated, checkpointed and logged before the callback saw it
+    assert seen == [(r["epoch"], r["epoch"], r["valid/ndcg@10"]) for r in logged]
+    assert [epoch for epoch, _, _ in seen] == [1, 2]
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_run_folder_has_config_logs_plot_metrics_and_rebuilds(small_config, tmp_path):
     config = with_training(small_config, "epochs=2", "tensorboard=true")
     result = train_run(config, tmp_path)
