@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from twotower.features.specs import HistoryFeature
-from twotower.towers.history.order import position_table, positions, real_first
+from twotower.towers.history.order import position_table, positions, real_first, scattered
 
 
 class AttentionPooling(nn.Module):
@@ -53,15 +53,16 @@ class AttentionPooling(nn.Module):
         codes, lengths = x.gather(1, order), (x != 0).sum(dim=1)  # (B, L), (B,)
         real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, L)
         items = self.table(codes)  # (B, L, D)
-        keys = items + self.recency(positions(x.shape[1], self.max_len, x.device))
+        rows, at = real.nonzero(as_tuple=True)  # the R real items: scored alone
+        keys = items[rows, at] + self.recency(positions(x.shape[1], self.max_len, x.device))[at]
         if self.gaps is not None:
             if times is None:
                 raise ValueError(f"attention with time_buckets needs {self.times_input!r}")
             times = times.gather(1, order)
             gaps = (times[:, :1] - times).clamp(min=0) / self.time_unit  # to the latest
             buckets = torch.log2(1 + gaps).floor().clamp(max=self.time_buckets - 1)
-            keys = keys + self.gaps(torch.where(real, buckets.long(), 0))
-        logits = self.score(torch.tanh(self.project(keys))).squeeze(-1)  # (B, L)
-        logits = logits.masked_fill(~real, torch.finfo(logits.dtype).min)
+            keys = keys + self.gaps(buckets[rows, at].long())
+        scores = self.score(torch.tanh(self.project(keys))).squeeze(-1)  # (R,)
+        logits = scattered(scores, real, torch.finfo(scores.dtype).min)  # (B, L)
         weights = torch.softmax(logits, dim=1) * real  # a row without items: all 0
         return (weights[..., None] * items).sum(dim=1)

@@ -35,7 +35,12 @@ import torch
 from torch import nn
 
 from twotower.features.specs import HistoryFeature
-from twotower.towers.history.order import most_recent_first, position_table, positions
+from twotower.towers.history.order import (
+    most_recent_first,
+    position_table,
+    positions,
+    scattered,
+)
 
 
 class SelfAttentiveInterests(nn.Module):
@@ -58,12 +63,13 @@ class SelfAttentiveInterests(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, lengths = most_recent_first(x)  # (B, L), (B,)
-        real = (torch.arange(x.shape[1], device=x.device) < lengths[:, None])[..., None]
+        real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, L)
         items = self.table(codes)  # (B, L, D)
-        keys = items + self.recency(positions(x.shape[1], self.max_len, x.device))
-        logits = self.heads(torch.tanh(self.project(keys)))  # (B, L, K)
-        logits = logits.masked_fill(~real, torch.finfo(logits.dtype).min)
-        weights = torch.softmax(logits, dim=1) * real  # a row without items: all 0
+        rows, at = real.nonzero(as_tuple=True)  # the R real items: scored alone
+        keys = items[rows, at] + self.recency(positions(x.shape[1], self.max_len, x.device))[at]
+        scores = self.heads(torch.tanh(self.project(keys)))  # (R, K)
+        logits = scattered(scores, real, torch.finfo(scores.dtype).min)  # (B, L, K)
+        weights = torch.softmax(logits, dim=1) * real[..., None]  # a row without items: 0
         return torch.einsum("blk,bld->bkd", weights, items)
 
 
@@ -86,9 +92,10 @@ class RoutingInterests(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, lengths = most_recent_first(x)  # (B, L), (B,)
         B, L = codes.shape
-        real = (torch.arange(L, device=x.device) < lengths[:, None])[:, None, :]  # (B, 1, L)
-        votes = self.maps(self.table(codes)).view(B, L, self.interests, self.width)
-        votes = votes.transpose(1, 2)  # (B, K, L, D): u_kj
+        real = torch.arange(L, device=x.device) < lengths[:, None]  # (B, L)
+        votes = scattered(self.maps(self.table(codes[real])), real, 0.0)  # real items only
+        votes = votes.view(B, L, self.interests, self.width).transpose(1, 2)  # (B, K, L, D)
+        real = real[:, None, :]  # (B, 1, L)
         logits = votes.new_zeros(B, self.interests, L)  # b_kj
         for iteration in range(self.iterations):
             weights = torch.softmax(logits, dim=1) * real  # each item spreads over K

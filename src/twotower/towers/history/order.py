@@ -49,6 +49,19 @@ def last_real(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.where(lengths[:, None] > 0, last, 0.0)
 
 
+def scattered(values: torch.Tensor, real: torch.Tensor, fill: float) -> torch.Tensor:
+    """(B, L, ...) ``values`` (R, ...) put back at the ``real`` (B, L) positions, in
+    ``real.nonzero()`` order, ``fill`` elsewhere.
+
+    The pooling encoders compute their per-item scores on the R real items only (a
+    batch's histories are often mostly padding) and scatter them back for the
+    softmax over each row.
+    """
+    out = values.new_full((*real.shape, *values.shape[1:]), fill)
+    out[real] = values
+    return out
+
+
 def position_table(max_len: int, width: int) -> nn.Embedding:
     """``max_len`` learned position (or recency) vectors of ``width``, started at the
     item vectors' scale (N(0, 1/width) entries)."""
