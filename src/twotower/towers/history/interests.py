@@ -93,18 +93,19 @@ class RoutingInterests(nn.Module):
         codes, lengths = most_recent_first(x)  # (B, L), (B,)
         B, L = codes.shape
         real = torch.arange(L, device=x.device) < lengths[:, None]  # (B, L)
-        votes = scattered(self.maps(self.table(codes[real])), real, 0.0)  # real items only
-        votes = votes.view(B, L, self.interests, self.width).transpose(1, 2)  # (B, K, L, D)
-        real = real[:, None, :]  # (B, 1, L)
-        logits = votes.new_zeros(B, self.interests, L)  # b_kj
+        rows = real.nonzero()[:, 0]  # (R,) the row of each real item: only these route
+        votes = self.maps(self.table(codes[real])).view(-1, self.interests, self.width)
+        logits = votes.new_zeros(len(votes), self.interests)  # (R, K): b_kj
         for iteration in range(self.iterations):
-            weights = torch.softmax(logits, dim=1) * real  # each item spreads over K
+            weights = torch.softmax(logits, dim=1)  # each item spreads over the K
             last = iteration == self.iterations - 1
             # as in ComiRec-DR: gradients flow through the last iteration's votes only
-            routed = votes if last else votes.detach()
-            capsules = squash(torch.einsum("bkl,bkld->bkd", weights, routed))  # (B, K, D)
+            routed = votes if last else votes.detach()  # (R, K, D): u_kj
+            summed = votes.new_zeros(B, self.interests, self.width)
+            summed = summed.index_add(0, rows, weights[..., None] * routed)  # (B, K, D)
+            capsules = squash(summed)
             if not last:
-                logits = logits + torch.einsum("bkld,bkd->bkl", routed, capsules)
+                logits = logits + (routed * capsules[rows]).sum(dim=-1)  # agreement
         return capsules
 
 
