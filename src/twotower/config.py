@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from twotower.baselines.config import BaselinesConfig
-from twotower.config_io import apply_overrides, from_dict, to_dict
+from twotower.config_io import apply_overrides, from_dict, read_yaml, to_dict
 from twotower.data.config import DataConfig, SplitConfig
 from twotower.errors import ConfigError
 from twotower.features.specs import FeaturesConfig
@@ -64,12 +64,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         The resolved, type-checked ``Config``.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path, "config")
     try:
         config = from_dict(Config, raw or {}, where="", base_dir=path.parent)
     except ConfigError as err:

@@ -29,6 +29,17 @@ log = logging.getLogger(__name__)
 T = typing.TypeVar("T")
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The parsed contents of a YAML file; a missing or malformed one is a ``ConfigError``
+    naming the file (``what``: e.g. "config", "search space")."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
 def apply_overrides(config: T, overrides: typing.Sequence[str]) -> T:
     """Returns ``config`` with each ``dotted.key=value`` override applied and type-checked."""
     for item in overrides:

@@ -23,10 +23,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from twotower.config import Config
-from twotower.config_io import from_dict, set_value
+from twotower.config_io import from_dict, read_yaml, set_value
 from twotower.errors import ConfigError
 
 if typing.TYPE_CHECKING:
@@ -164,14 +162,7 @@ def load_space(path: Path, config: Config) -> SearchSpace:
         ConfigError: a missing or malformed file, a bad range or a key the config lacks,
             naming the file and the key.
     """
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"search space file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_space(raw, config, where=str(path))
+    return parse_space(read_yaml(path, "search space"), config, where=str(path))
 
 
 def parse_space(raw: Any, config: Config, where: str = "search space") -> SearchSpace:
