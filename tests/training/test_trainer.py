@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -139,3 +140,32 @@ def test_sparse_embeddings_train_with_a_sparse_optimizer(small_config, tmp_path)
     _, pipeline, model = load_model(tmp_path)
     optimizers = build_optimizers(model, config.training)
     assert [type(o).__name__ for o in optimizers] == ["Adam", "Adagrad"]
+
+
+@pytest.mark.parametrize(
+    "objective", ["pointwise", "hinge", "logistic", "listwise", "in_batch", "mixed", "full"]
+)
+def test_a_multi_interest_tower_trains_with_every_objective(small_config, tmp_path, objective):
+    """One step of each objective on a three-interest tower: a finite loss, and the
+    extractor and the network learn from the interest each positive selected."""
+    from twotower.features.pipeline import FeaturePipeline
+    from twotower.towers.model import TwoTower
+    from twotower.training.data import TrainingData
+    from twotower.training.trainer import Trainer
+
+    config = apply_overrides(
+        small_config,
+        ["features.query.history.interests=3", f"training.objective.kind={objective}"],
+    )
+    dataset, split = load_data(config)
+    pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
+    data = TrainingData(dataset, split, pipeline)
+    torch.manual_seed(0)
+    model = TwoTower.build(config.model, config.features, pipeline)
+    trainer = Trainer(model, data, config.training, tmp_path, seed=0)
+    batch = next(iter(data.batches(64, torch.Generator().manual_seed(0))))
+    extractor = model.query_tower.encoders.encoders["history"]
+    before = {n: p.detach().clone() for n, p in extractor.named_parameters() if n != "table.weight"}
+    assert math.isfinite(trainer.train_step(batch))
+    after = dict(extractor.named_parameters())
+    assert all(not torch.equal(before[n], after[n]) for n in before)
