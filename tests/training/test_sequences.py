@@ -4,6 +4,9 @@ and a run that learns and resumes exactly."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pyarrow as pa
 import pytest
 import torch
 
@@ -134,3 +137,18 @@ def test_a_one_pass_run_beats_popularity(small_config, tmp_path, encoder):
         ks=[10],
     )["valid/recall@10"]
     assert recall > 1.4 * popularity, (recall, popularity)
+
+
+def test_interaction_weights_multiply_each_positions_weight(sequence_config):
+    """Each training row weighs its item index + 1, so a position's weight shows which
+    interaction it trains: its target's."""
+    dataset, split = load_data(sequence_config)
+    weight = pa.array(split.train[ITEM_IDX].to_numpy() + 1.0)
+    split = dataclasses.replace(split, train=split.train.append_column("weight", weight))
+    pipeline = FeaturePipeline.fit(sequence_config.features, dataset, split.train)
+    plain = SequenceTrainingData(dataset, split, pipeline)
+    weighted = SequenceTrainingData(dataset, split, pipeline, weights="raw")
+    windows = torch.arange(len(plain.window_items))
+    alike, batch = plain.window_batch(windows), weighted.window_batch(windows)
+    assert torch.equal(batch.positives, alike.positives)
+    torch.testing.assert_close(batch.weights, alike.weights * (batch.positives + 1.0))

@@ -209,11 +209,6 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if not self.weight_cap > 0:
             raise ValueError(f"weight_cap must be > 0, got {self.weight_cap}")
-        if self.one_pass and self.weights != "none":
-            raise ValueError(
-                f"weights {self.weights!r} apply to per-interaction training; one_pass "
-                "trains positions, weighted by position_weights"
-            )
         if self.one_pass and self.objective.kind not in ("in_batch", "mixed"):
             raise ValueError(
                 f"one_pass trains with the in_batch or mixed objective, not {self.objective.kind!r}"

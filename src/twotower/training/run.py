@@ -104,8 +104,16 @@ def _memory_data(
         if main:
             pipeline.save(out / "features")
     if config.training.one_pass:
-        weights = config.training.position_weights
-        return SequenceTrainingData(dataset, split, pipeline, device, weights)
+        training = config.training
+        return SequenceTrainingData(
+            dataset,
+            split,
+            pipeline,
+            device,
+            training.position_weights,
+            training.weights,
+            training.weight_cap,
+        )
     training = config.training
     return TrainingData(
         dataset, split, pipeline, training.history, device, training.weights, training.weight_cap

@@ -28,6 +28,7 @@ from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import HistoryFeature
 from twotower.towers.history.order import reversed_real
+from twotower.training.config import WeightRule
 from twotower.training.data import Batch, TrainingData
 from twotower.training.distributed import Collective
 
@@ -42,6 +43,8 @@ class SequenceTrainingData(TrainingData):
         dataset, split, pipeline, device: as for ``TrainingData``.
         position_weights: ``query``: a query's positions share one weight (1 / its
             targets); ``position``: every position weighs 1.
+        weights, weight_cap: as for ``TrainingData``: each position's weight is then
+            also its target interaction's weight.
 
     Raises:
         ConfigError: the query side has no history feature with a sequence encoder, or
@@ -55,11 +58,15 @@ class SequenceTrainingData(TrainingData):
         pipeline: FeaturePipeline,
         device: torch.device | str = "cpu",
         position_weights: Literal["query", "position"] = "query",
+        weights: WeightRule = "none",
+        weight_cap: float = 5.0,
     ) -> None:
-        super().__init__(dataset, split, pipeline, "before_event", device)
+        super().__init__(dataset, split, pipeline, "before_event", device, weights, weight_cap)
         self.spec = _sequence_feature(self.history_features)
-        windows, window_query = self._windows(self.spec.max_len)  # (W, max_len + 1), (W,)
+        rows, window_query = self._windows(self.spec.max_len)  # (W, max_len + 1), (W,)
         self.window_query = window_query
+        self.window_rows = rows  # training rows, -1 pads
+        windows = torch.where(rows >= 0, self.item_idx[rows.clamp(min=0)], -1)
         self.window_items = windows
         targets = (windows[:, 1:] >= 0).sum(dim=1)  # (W,)
         per_query = torch.zeros(dataset.num_queries, dtype=torch.float32, device=self.device)
@@ -108,13 +115,15 @@ class SequenceTrainingData(TrainingData):
         query = self.query_inputs(self.window_query[windows])
         query[self.spec.name] = reversed_real(codes, real.sum(dim=1))  # most recent first
         weights = self.window_weight[windows][:, None].expand_as(real)[real]  # (P,)
+        if self.row_weights is not None:  # times each target interaction's own weight
+            weights = weights * self.row_weights[self.window_rows[windows, 1:][real]]
         queries = self.window_query[windows][:, None].expand_as(real)[real]  # (P,)
         return Batch(
             query, targets[real], sequence=self.spec.name, weights=weights, queries=queries
         )
 
     def _windows(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, max_len + 1) training item indices of every window, oldest first, -1
+        """(W, max_len + 1) the training rows of every window, oldest first, -1
         padded; and (W,) each window's query."""
         order = self._sequence_order.cpu().numpy()  # training rows by query, oldest first
         query = self.query_idx.cpu().numpy()[order]
@@ -128,10 +137,10 @@ class SequenceTrainingData(TrainingData):
         position = starts[:, None] + np.arange(max_len + 1)  # (W, max_len + 1)
         inside = position < ends[:, None]
         rows = order[np.minimum(position, len(order) - 1)]
-        items = np.where(inside, self.item_idx.cpu().numpy()[rows], -1)
+        rows = np.where(inside, rows, -1)
         window_query = query[np.asarray(firsts, dtype=np.int64)[owner]]
         return (
-            torch.as_tensor(items.reshape(-1, max_len + 1), device=self.device),
+            torch.as_tensor(rows.reshape(-1, max_len + 1), device=self.device),
             torch.as_tensor(window_query, dtype=torch.int64, device=self.device),
         )
 
