@@ -20,7 +20,7 @@ from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature, OneHotFeature
 from twotower.towers.config import MLPConfig, ModelConfig
 from twotower.towers.encoders import embedding_table
-from twotower.towers.history import INTEREST_EXTRACTORS, SelfAttentiveInterests
+from twotower.towers.history import INTEREST_EXTRACTORS, AttentionPooling, SelfAttentiveInterests
 from twotower.towers.history.interests import squash
 from twotower.towers.model import TwoTower, embed_rows, interest_scores, select_interests
 
@@ -225,3 +225,35 @@ def test_bad_interest_settings_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="only one history feature may have interests > 1"):
         specs = features(interests=2)
         dataclasses.replace(specs, query=[*specs.query, second])
+
+
+@pytest.mark.parametrize("name", ["attention", *INTEREST_EXTRACTORS])
+def test_gradients_are_the_same_on_every_call(name):
+    """The packed encoders' backward passes sum in a fixed order whatever the threads
+    (an index with repeats would not): an exact resume depends on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        feature = (
+            HistoryFeature("h", "u", "i", max_len=64, encoder="attention")
+            if name == "attention"
+            else HistoryFeature("h", "u", "i", max_len=64, interests=K, extractor=name)
+        )
+        encoder = (AttentionPooling if name == "attention" else INTEREST_EXTRACTORS[name])(
+            embedding_table(500, D, sparse=False), feature
+        )
+        codes = torch.randint(1, 500, (256, 64), generator=torch.Generator().manual_seed(1))
+        codes[torch.rand(256, 64, generator=torch.Generator().manual_seed(2)) < 0.4] = 0
+
+        def gradients() -> list[torch.Tensor]:
+            encoder.zero_grad()
+            out = encoder(codes)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            return [p.grad.clone() for p in encoder.parameters()]
+
+        first = gradients()
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(first, gradients(), strict=True))
+    finally:
+        torch.set_num_threads(threads)

@@ -52,17 +52,19 @@ class AttentionPooling(nn.Module):
         order = real_first(x)
         codes, lengths = x.gather(1, order), (x != 0).sum(dim=1)  # (B, L), (B,)
         real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, L)
-        items = self.table(codes)  # (B, L, D)
-        rows, at = real.nonzero(as_tuple=True)  # the R real items: scored alone
-        keys = items[rows, at] + self.recency(positions(x.shape[1], self.max_len, x.device))[at]
+        # the R real items alone are scored; lookups, never indexing with repeats, so
+        # the backward pass sums in a fixed order (resuming stays exact)
+        packed = self.table(codes[real])  # (R, D)
+        at = positions(x.shape[1], self.max_len, x.device).expand_as(codes)[real]  # (R,)
+        keys = packed + self.recency(at)
         if self.gaps is not None:
             if times is None:
                 raise ValueError(f"attention with time_buckets needs {self.times_input!r}")
             times = times.gather(1, order)
             gaps = (times[:, :1] - times).clamp(min=0) / self.time_unit  # to the latest
             buckets = torch.log2(1 + gaps).floor().clamp(max=self.time_buckets - 1)
-            keys = keys + self.gaps(buckets[rows, at].long())
+            keys = keys + self.gaps(buckets[real].long())
         scores = self.score(torch.tanh(self.project(keys))).squeeze(-1)  # (R,)
         logits = scattered(scores, real, torch.finfo(scores.dtype).min)  # (B, L)
         weights = torch.softmax(logits, dim=1) * real  # a row without items: all 0
-        return (weights[..., None] * items).sum(dim=1)
+        return (weights[..., None] * scattered(packed, real, 0.0)).sum(dim=1)

@@ -32,6 +32,7 @@ sees only the other features, so the K vectors coincide).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from twotower.features.specs import HistoryFeature
@@ -64,13 +65,14 @@ class SelfAttentiveInterests(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, lengths = most_recent_first(x)  # (B, L), (B,)
         real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, L)
-        items = self.table(codes)  # (B, L, D)
-        rows, at = real.nonzero(as_tuple=True)  # the R real items: scored alone
-        keys = items[rows, at] + self.recency(positions(x.shape[1], self.max_len, x.device))[at]
-        scores = self.heads(torch.tanh(self.project(keys)))  # (R, K)
+        # the R real items alone are scored; lookups, never indexing with repeats, so
+        # the backward pass sums in a fixed order (resuming stays exact)
+        packed = self.table(codes[real])  # (R, D)
+        at = positions(x.shape[1], self.max_len, x.device).expand_as(codes)[real]  # (R,)
+        scores = self.heads(torch.tanh(self.project(packed + self.recency(at))))  # (R, K)
         logits = scattered(scores, real, torch.finfo(scores.dtype).min)  # (B, L, K)
         weights = torch.softmax(logits, dim=1) * real[..., None]  # a row without items: 0
-        return torch.einsum("blk,bld->bkd", weights, items)
+        return torch.einsum("blk,bld->bkd", weights, scattered(packed, real, 0.0))
 
 
 class RoutingInterests(nn.Module):
@@ -104,8 +106,9 @@ class RoutingInterests(nn.Module):
             summed = votes.new_zeros(B, self.interests, self.width)
             summed = summed.index_add(0, rows, weights[..., None] * routed)  # (B, K, D)
             capsules = squash(summed)
-            if not last:
-                logits = logits + (routed * capsules[rows]).sum(dim=-1)  # agreement
+            if not last:  # agreement, each item with its row's capsules (a lookup)
+                mine = F.embedding(rows, capsules.flatten(1)).view_as(routed)  # (R, K, D)
+                logits = logits + (routed * mine).sum(dim=-1)
         return capsules
 
 
