@@ -1,6 +1,7 @@
 """Training from a Parquet stream: every example once per epoch across ranks and
 workers, the same run resumed, and clear errors for bad stream data."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -143,3 +144,22 @@ def test_streamed_data_offers_the_training_examples_interface(
     assert missing == []
     assert data.num_queries == len(next(iter(data.queries.values())))
     assert data.popularity is None
+
+
+def test_streamed_examples_carry_their_rows_weights(stream_dir):
+    """An epoch's weights are the weight column's values, each row's once (here the
+    rows' sessions count, capped)."""
+    data = _data(stream_dir, "data.stream.weight=sessions")
+    items = pq.read_table(stream_dir / "items.parquet")
+    counts = data.item_counts()
+    weighted = StreamingTrainingData(
+        data.config, data.pipeline, items, counts, weights="capped", weight_cap=8.0
+    )
+    batches = weighted.batches(500, torch.Generator().manual_seed(0))
+    got = torch.cat([batch.weights for batch in batches]).numpy()
+    column = pq.read_table(stream_dir / "train", columns=["sessions"]).column("sessions")
+    expected = np.minimum(column.to_numpy(), 8.0)
+    np.testing.assert_allclose(np.sort(got), np.sort(expected), rtol=1e-6)
+    unnamed = dataclasses.replace(data.config, weight=None)
+    with pytest.raises(ConfigError, match="name the rows' weight column in data.stream.weight"):
+        StreamingTrainingData(unnamed, data.pipeline, items, counts, weights="raw")

@@ -116,6 +116,8 @@ class StreamConfig:
         max_sample: values kept per bucketized feature when fitting quantiles.
         unknown_items: an interaction whose item is not in ``items``: ``error`` or
             ``drop`` (counted and logged).
+        weight: the interaction rows' weight column (a rating, a watch time), which
+            ``training.weights`` reads; None: none.
     """
 
     train: Path
@@ -130,6 +132,7 @@ class StreamConfig:
     max_distinct: int = 5_000_000
     max_sample: int = 1_000_000
     unknown_items: Literal["error", "drop"] = "error"
+    weight: str | None = None
 
     def __post_init__(self) -> None:
         if min(self.buffer_rows, self.eval_queries, self.max_distinct, self.max_sample) < 1:

@@ -275,15 +275,28 @@ def _row_weights(
             f"training.weights={rule!r} weighs each example by its interaction's weight, "
             "but the interactions have no weight column (name it in data.interactions)"
         )
-    raw = train.column(WEIGHT).to_numpy(zero_copy_only=False).astype(np.float64)
+    weights = interaction_weights(train.column(WEIGHT), rule, cap, "training interaction")
+    return torch.tensor(weights, device=device)
+
+
+def interaction_weights(
+    column: pa.ChunkedArray | pa.Array, rule: str, cap: float, where: str
+) -> np.ndarray:
+    """(rows,) float32 loss weights of raw interaction weights under ``rule``
+    (``raw``, ``log1p``, ``capped``; see ``TrainingConfig.weights``).
+
+    Raises:
+        DataError: a weight is negative, missing or not a number; ``where`` names the rows.
+    """
+    raw = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
     bad = ~np.isfinite(raw) | (raw < 0)
     if bad.any():
         raise DataError(
-            f"training.weights={rule!r}: {int(bad.sum())} training interaction weight(s) are "
+            f"training.weights={rule!r}: {int(bad.sum())} {where} weight(s) are "
             f"negative or not a number (the first: {raw[bad][0]})"
         )
     weights = {"raw": raw, "log1p": np.log1p(raw), "capped": np.minimum(raw, cap)}[rule]
-    return torch.tensor(weights, dtype=torch.float32, device=device)
+    return weights.astype(np.float32)
 
 
 def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

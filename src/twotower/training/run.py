@@ -69,11 +69,6 @@ def _stream_data(
     config: Config, out: Path, resume: bool, device: torch.device, main: bool
 ) -> StreamingTrainingData:
     """Streamed training data: features fitted from the stream (or the run's saved ones)."""
-    if config.training.weights != "none":
-        raise ConfigError(
-            f"training.weights={config.training.weights!r} weighs in-memory interactions; "
-            "streamed training does not read a weight column yet"
-        )
     stream = config.data.stream
     counts_file = out / "features" / ITEM_COUNTS_FILE
     if resume:
@@ -89,7 +84,10 @@ def _stream_data(
             atomic_write(
                 out / "features" / "fit.json", lambda f: f.write(json.dumps(fits).encode())
             )
-    return StreamingTrainingData(stream, pipeline, items, counts, device, config.seed)
+    training = config.training
+    return StreamingTrainingData(
+        stream, pipeline, items, counts, device, config.seed, training.weights, training.weight_cap
+    )
 
 
 def _memory_data(

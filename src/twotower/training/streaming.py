@@ -27,10 +27,11 @@ from twotower.data.config import StreamConfig
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX
 from twotower.data.splits import Split
 from twotower.data.stream import ParquetStream, Piece
-from twotower.errors import DataError
+from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.streaming import ItemKeys
-from twotower.training.data import Batch, to_device
+from twotower.training.config import WeightRule
+from twotower.training.data import Batch, interaction_weights, to_device
 from twotower.training.distributed import Collective
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ class StreamingTrainingData:
         item_counts: (N,) training interactions per item (``fit_stream_pipeline``).
         device: where batches and inputs go.
         seed: the evaluation sample's seed.
+        weights, weight_cap: how the rows' ``config.weight`` column weighs each
+            example (``TrainingConfig.weights``).
+
+    Raises:
+        ConfigError: ``weights`` without a weight column named in the stream config.
     """
 
     popularity: Literal["known"] | None = None  # would need every query's history
@@ -57,8 +63,16 @@ class StreamingTrainingData:
         item_counts: np.ndarray,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        weights: WeightRule = "none",
+        weight_cap: float = 5.0,
     ) -> None:
+        if weights != "none" and config.weight is None:
+            raise ConfigError(
+                f"training.weights={weights!r} weighs each example by its interaction's "
+                "weight: name the rows' weight column in data.stream.weight"
+            )
         self.config, self.pipeline = config, pipeline
+        self.weights, self.weight_cap = weights, weight_cap
         self.device = torch.device(device)
         self.item_keys = ItemKeys(items.column(config.item_id).combine_chunks(), str(config.items))
         self.items = to_device(pipeline.transform("item", items), self.device)
@@ -67,7 +81,8 @@ class StreamingTrainingData:
         self.query_columns = sorted(
             {spec.column for spec in pipeline.config.query} | {config.query_id}
         )
-        self.stream = ParquetStream(config.train, [*self.query_columns, config.item_id])
+        weight = [config.weight] if weights != "none" else []
+        self.stream = ParquetStream(config.train, [*self.query_columns, config.item_id, *weight])
         self.split, eval_queries = self._held_out(seed)
         self.num_queries = eval_queries.num_rows
         self.queries = to_device(pipeline.transform("query", eval_queries), self.device)
@@ -113,14 +128,20 @@ class StreamingTrainingData:
         shares = np.array(self.stream.share_rows(collective.world_size * readers))
         per_rank = (-(-shares // batch_size)).reshape(collective.world_size, readers).sum(1)
         steps, empty = 0, None
-        for query, positives in loader:
+        weighted = self.weights != "none"
+        for query, positives, weights in loader:
             steps += 1
             empty = empty or ({k: v[:0] for k, v in query.items()}, positives[:0])
-            yield Batch(to_device(query, self.device), positives.to(self.device))
+            yield Batch(
+                to_device(query, self.device),
+                positives.to(self.device),
+                weights=weights.to(self.device) if weighted else None,
+            )
         if empty is None:
             empty = self._empty()
         for _ in range(int(per_rank.max()) - steps):
-            yield Batch(to_device(empty[0], self.device), empty[1].to(self.device))
+            nothing = torch.zeros(0, device=self.device) if weighted else None
+            yield Batch(to_device(empty[0], self.device), empty[1].to(self.device), weights=nothing)
 
     def _empty(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         table = next(self.stream.read(self.stream.share(None, 0, 1)[:1])).slice(0, 0)
@@ -199,7 +220,8 @@ class _StreamExamples(torch.utils.data.IterableDataset):
         super().__init__()
         self.data, self.batch_size, self.seed, self.collective = data, batch_size, seed, collective
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+        """(query inputs, positive item indices, loss weights: empty when unweighted)."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         data, collective = self.data, self.collective
@@ -211,7 +233,15 @@ class _StreamExamples(torch.utils.data.IterableDataset):
         )
         for table in tables:
             query = data.pipeline.transform("query", table)
-            yield query, torch.from_numpy(table.column(ITEM_IDX).to_numpy().copy())
+            positives = torch.from_numpy(table.column(ITEM_IDX).to_numpy().copy())
+            weights = torch.zeros(0)
+            if data.weights != "none":
+                where = f"streamed interaction ({data.config.train})"
+                column = table.column(data.config.weight)
+                weights = torch.from_numpy(
+                    interaction_weights(column, data.weights, data.weight_cap, where)
+                )
+            yield query, positives, weights
 
 
 def _read_all(path, query_columns: list[str], item_id: str) -> pa.Table:
