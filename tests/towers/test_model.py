@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -199,3 +200,29 @@ def test_the_query_tower_alone_loads_and_matches_the_whole_model(fitted):
     alone.load_state_dict(state)
     inputs = pipeline.transform("query", dataset.queries)
     torch.testing.assert_close(alone.eval()(inputs), model.query_tower(inputs))
+
+
+def test_history_item_dropout_blanks_items_in_training_only(fitted):
+    """In training each history item is blanked with probability p (the tower then
+    reads exactly what it reads for those codes set to 0); evaluation sees them all."""
+    dataset, pipeline = fitted
+    history = HistoryFeature("history", "user", item_feature="item_id", max_len=4)
+    dropping = dataclasses.replace(history, item_dropout=0.5)
+    specs = FeaturesConfig(query=[*FEATURES.query[:3], dropping], item=FEATURES.item)
+    torch.manual_seed(0)
+    model = TwoTower.build(
+        ModelConfig(query=MLPConfig(widths=[8]), item=MLPConfig(widths=[8])), specs, pipeline
+    )
+    tower = model.query_tower
+    inputs = pipeline.transform("query", dataset.queries)
+    codes = inputs["history"]
+    torch.manual_seed(7)
+    dropped = tower(inputs)
+    torch.manual_seed(7)
+    blanked = codes.masked_fill(torch.rand(codes.shape) < 0.5, 0)
+    assert not torch.equal(blanked, codes)
+    tower.eval()
+    torch.testing.assert_close(dropped, tower({**inputs, "history": blanked}))
+    assert not torch.equal(tower(inputs), tower({**inputs, "history": blanked}))
+    with pytest.raises(ValueError, match="item_dropout must be in"):
+        dataclasses.replace(history, item_dropout=1.0)

@@ -109,6 +109,12 @@ def test_one_pass_needs_a_sequence_encoder_and_a_shared_softmax(small_config, da
     pipeline = FeaturePipeline.fit(small_config.features, dataset, split.train)
     with pytest.raises(ConfigError, match=r"exactly one history feature.*'history': 'mean'"):
         SequenceTrainingData(dataset, split, pipeline)
+    features = apply_overrides(
+        small_config, [f"{HISTORY}.encoder=gru", f"{HISTORY}.item_dropout=0.2"]
+    ).features
+    pipeline = FeaturePipeline.fit(features, dataset, split.train)
+    with pytest.raises(ConfigError, match=r"\['history'\] cannot drop items"):
+        SequenceTrainingData(dataset, split, pipeline)
 
 
 def test_a_one_pass_run_resumes_exactly(sequence_config, tmp_path):

@@ -137,6 +137,10 @@ class HistoryFeature:
             bucket takes everything longer). 0: no time gaps.
         time_unit: the gap buckets' unit, in the timestamps' own unit (3600: an
             hour of Unix seconds).
+        item_dropout: in training, blank each history item with this probability
+            (the encoders then read it as never there), so the tower does not lean on
+            any one item; evaluation and serving see every item. Not in one-pass
+            training, whose positions are the items themselves.
     """
 
     # the name ``encoder`` had while histories could only be pooled
@@ -156,8 +160,14 @@ class HistoryFeature:
     routing_iterations: int = 3
     time_buckets: int = 0
     time_unit: float = 3600.0
+    item_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.item_dropout < 1.0:
+            raise ValueError(
+                f"history feature {self.name!r}: item_dropout must be in [0, 1), "
+                f"got {self.item_dropout}"
+            )
         if self.max_len < 1 or self.layers < 1 or self.heads < 1:
             raise ValueError(
                 f"history feature {self.name!r}: max_len, layers and heads must be >= 1"

@@ -112,6 +112,11 @@ class FeatureEncoders(nn.Module):
             {spec.name: _encoder(spec, sizes[spec.name], shared or {}, sparse) for spec in specs}
         )
         self.output_dim = sum(encoder.width for encoder in self.encoders.values())
+        self.item_dropout = {  # history features whose items are dropped in training
+            spec.name: spec.item_dropout
+            for spec in specs
+            if isinstance(spec, HistoryFeature) and spec.item_dropout > 0
+        }
         self.interests = max(getattr(e, "interests", 1) for e in self.encoders.values())
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -120,6 +125,13 @@ class FeatureEncoders(nn.Module):
         missing = [name for name in self.encoders if name not in inputs]
         if missing:
             raise KeyError(f"model inputs lack feature(s) {missing}; got {sorted(inputs)}")
+        if self.training and self.item_dropout:
+            inputs = dict(inputs)
+            for name, p in self.item_dropout.items():
+                codes = inputs[name]
+                inputs[name] = codes.masked_fill(
+                    torch.rand(codes.shape, device=codes.device) < p, 0
+                )
         parts = [_encode(enc, name, inputs) for name, enc in self.encoders.items()]
         if self.interests == 1:
             return torch.cat(parts, dim=1)

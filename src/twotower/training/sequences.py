@@ -146,7 +146,13 @@ class SequenceTrainingData(TrainingData):
 
 
 def _sequence_feature(features: list[HistoryFeature]) -> HistoryFeature:
-    """The one history feature, which must have a sequence encoder."""
+    """The one history feature, which must have a sequence encoder and drop no items."""
+    dropped = [spec.name for spec in features if spec.item_dropout > 0]
+    if dropped:
+        raise ConfigError(
+            f"training.one_pass trains every position of the history, so history feature(s) "
+            f"{dropped} cannot drop items (set item_dropout: 0)"
+        )
     if len(features) != 1 or features[0].encoder not in SEQUENCE_ENCODERS:
         encoders = {spec.name: spec.encoder for spec in features}
         raise ConfigError(
