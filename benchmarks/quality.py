@@ -12,8 +12,9 @@ Protocols (full-corpus ranking, seen items excluded, ``docs/evaluation.md``):
   (``configs/ml1m.yaml``, RecBole's ML-1M protocol): Recall@10, NDCG@10, MRR@10, Hit@10.
 
 Rows: popularity, item-KNN and EASE (fitted on train for validation, on train +
-validation for test), and the two-tower model under each objective with each tower
-variant (``mlp``: the recipe's MLP towers; ``dcn``: DCN-v2 towers of the same width;
+validation for test), and the two-tower model under each objective (``recipe``: the
+config's own objective and settings, untouched: what a user running it gets) with each
+tower variant (``mlp``: the recipe's towers as they are; ``dcn``: DCN-v2 towers of the same width;
 ``attention``, ``transformer``, ``gru``: the MLP towers with that history encoder
 (``attention-time``: attention with time-gap buckets, where there are timestamps), the
 last two trained in one pass, with in_batch or mixed only; ``interests-sa``,
@@ -30,13 +31,18 @@ curves, checkpoints) is under ``--out/<dataset>/`` (``<dataset>-quick/``). A run
 finished earlier is read back and a stopped one resumed, so the suite can be run
 again after an interruption. ``--ledger DIR`` also keeps each finished run's metrics as
 ``DIR/<dataset>/<run>.json`` and reads them back instead of training again: the record
-of the published tables (``benchmarks/results/quality``).
+of the published tables (``benchmarks/results/quality``). Each entry carries a digest of
+the run's config (``recipe``); an entry whose digest differs from what today's config
+gives that run stops the suite, naming the file, so a changed recipe never reuses old
+numbers. The grid run before the recipe search (no digests) is kept under
+``benchmarks/results/quality/before-tuning``, read with the configs of that time.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import statistics
@@ -45,6 +51,7 @@ from pathlib import Path
 
 from twotower.baselines.run import evaluate_baseline
 from twotower.config import Config, apply_overrides, load_config
+from twotower.config_io import to_dict
 from twotower.data.load import with_data_dir
 from twotower.prepare import load_data
 from twotower.training.checkpoint import CheckpointStore
@@ -88,6 +95,8 @@ VARIANTS = {
         "features.query.history.extractor=routing",
     ],
 }
+# "recipe": the config's own objective and settings, as a user running it gets them
+RUNS = {"recipe": [], **OBJECTIVES}
 QUICK = ["data.sample_queries=200", "training.epochs=1", "training.tensorboard=false"]
 
 
@@ -115,22 +124,45 @@ def run_two_tower(
 ) -> dict:
     """One training run's metrics; a finished run is read back (from its folder, or from
     the ledger), a stopped one resumed. A finished run's metrics go into the ledger."""
-    settings = [f"training.objective.{s}" for s in OBJECTIVES[objective]]
+    settings = [f"training.objective.{s}" for s in RUNS[objective]]
     run_config = apply_overrides(config, [*settings, *VARIANTS[variant], f"seed={seed}"])
     name = f"{objective}-{variant}-s{seed}"
     folder = out / name
     recorded = ledger / out.name / f"{name}.json" if ledger is not None else None
+    recipe = recipe_digest(run_config)
     if recorded is not None and recorded.is_file():
-        return json.loads(recorded.read_text())
+        entry = json.loads(recorded.read_text())
+        if entry.get("recipe", recipe) != recipe:
+            raise SystemExit(
+                f"{recorded}: this ledger entry was trained from another recipe than "
+                f"today's config gives {name} (digest {entry['recipe']}, today {recipe}); "
+                "move it aside, or pass another --ledger, to train it again"
+            )
+        return entry
     if (folder / METRICS_FILE).is_file():
         metrics = json.loads((folder / METRICS_FILE).read_text())
     else:
         resume = CheckpointStore(folder / "checkpoints").exists("last")
         metrics = train_run(run_config, folder, resume=resume).metrics
+    metrics = {**metrics, "recipe": recipe}
     if recorded is not None:
         recorded.parent.mkdir(parents=True, exist_ok=True)
         recorded.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
+
+
+def recipe_digest(config: Config) -> str:
+    """A digest of everything in a run's config that can change its numbers: not the
+    thread count, the data folder's location or what is logged, so a ledger entry made on
+    another machine or checkout still counts, and one made from an older recipe does not."""
+    raw = to_dict(config)
+    raw["data"].pop("path", None)
+    for key in ("threads",):
+        raw.pop(key, None)
+    for key in ("tensorboard", "eval_batch_size", "device"):
+        raw["training"].pop(key, None)
+    text = json.dumps(raw, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def summarize(runs: list[dict[str, float]], keys: list[str]) -> dict[str, list[float]]:
@@ -222,7 +254,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads per run (1 when runs share cores)."
     )
-    parser.add_argument("--objectives", default=",".join(OBJECTIVES))
+    parser.add_argument("--objectives", default=",".join(RUNS))
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument(
         "--ledger",
@@ -237,7 +269,7 @@ def main() -> None:
     args.seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     args.variants = ["mlp"] if args.quick else args.variants.split(",")
     args.objectives = args.objectives.split(",")
-    unknown = set(args.objectives) - set(OBJECTIVES) | set(args.variants) - set(VARIANTS)
+    unknown = set(args.objectives) - set(RUNS) | set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown objective or variant: {', '.join(sorted(unknown))}")
     results = {name: evaluate_dataset(name, args) for name in args.datasets.split(",")}

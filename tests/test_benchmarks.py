@@ -72,3 +72,32 @@ def test_load_quick_serves_every_request_through_reloads(tmp_path):
     assert summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
     assert "| requests | errors |" in (tmp_path / "load.md").read_text()
     assert (tmp_path / "load.png").stat().st_size > 1000
+
+
+def test_quality_ledger_refuses_an_entry_from_another_recipe(tmp_path):
+    """A ledger entry is read back only for the recipe it was trained from: the digest
+    ignores the thread count and the data folder, and changes with the learning rate."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    config = quality.base_config("ml100k", None, quick=True, threads=1)
+    digest = quality.recipe_digest(config)
+    assert quality.recipe_digest(quality.apply_overrides(config, ["threads=2"])) == digest
+    moved = quality.apply_overrides(config, ["data.path=/elsewhere/ml-100k"])
+    assert quality.recipe_digest(moved) == digest
+    assert quality.recipe_digest(quality.apply_overrides(config, ["training.lr=0.5"])) != digest
+
+    run = quality.apply_overrides(config, [*quality.VARIANTS["mlp"], "seed=0"])
+    run = quality.apply_overrides(
+        run, [f"training.objective.{s}" for s in quality.OBJECTIVES["in_batch"]]
+    )
+    entry = tmp_path / "ledger" / "ml100k" / "in_batch-mlp-s0.json"
+    entry.parent.mkdir(parents=True)
+    entry.write_text(json.dumps({"test/hr@10": 0.5, "recipe": quality.recipe_digest(run)}))
+    ledger, out = entry.parents[1], tmp_path / "ml100k"
+    read = quality.run_two_tower(config, "in_batch", "mlp", 0, out, ledger)
+    assert read["test/hr@10"] == 0.5
+
+    entry.write_text(json.dumps({"test/hr@10": 0.5, "recipe": "0" * 16}))
+    with pytest.raises(SystemExit, match="in_batch-mlp-s0.json: this ledger entry"):
+        quality.run_two_tower(config, "in_batch", "mlp", 0, out, ledger)
