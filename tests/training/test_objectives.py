@@ -215,8 +215,34 @@ def test_mask_known_removes_the_querys_other_positives_from_its_softmax():
         masked(query, positives, embed, scale, torch.Generator())
 
 
-def test_mask_known_without_the_pairs_is_refused():
-    from twotower.errors import ConfigError
+def test_full_softmax_masks_the_querys_other_positives_by_hand():
+    """Query 0 liked items 0 and 3, query 1 item 2. Row 0 (query 0, positive 0) keeps
+    items 0, 1, 2 in its softmax, not 3; row 1 (query 1, positive 2) keeps all four."""
+    from twotower.training.config import FullConfig
+    from twotower.training.objectives import KnownPairs
 
+    known = KnownPairs(torch.tensor([0, 0, 1]), torch.tensor([0, 3, 2]), num_items=4)
+    masked = build_objective(FullConfig(mask_known=True), np.ones(4), known)
+    query = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    positives, queries, scale = torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor(2.0)
+    loss = masked(query, positives, embed, scale, torch.Generator(), queries=queries)
+    allowed = [[0, 1, 2], [0, 1, 2, 3]]
+    expected = 0.0
+    for b in range(2):
+        logits = {j: 2 * float(query[b] @ ITEMS[j]) for j in allowed[b]}
+        expected += -logits[int(positives[b])] + math.log(sum(map(math.exp, logits.values())))
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-6)
+    plain = build_objective(FullConfig(), np.ones(4))(query, positives, embed, scale, None)
+    assert plain.item() != pytest.approx(loss.item())
+    with pytest.raises(ValueError, match="needs each row's query"):
+        masked(query, positives, embed, scale, torch.Generator())
+
+
+@pytest.mark.parametrize("kind", ["mixed", "full"])
+def test_mask_known_without_the_pairs_is_refused(kind):
+    from twotower.errors import ConfigError
+    from twotower.training.config import FullConfig
+
+    config = MixedConfig(mask_known=True) if kind == "mixed" else FullConfig(mask_known=True)
     with pytest.raises(ConfigError, match="mask_known needs every training"):
-        build_objective(MixedConfig(mask_known=True), np.ones(4))
+        build_objective(config, np.ones(4))

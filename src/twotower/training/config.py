@@ -123,10 +123,13 @@ class FullConfig:
     Attributes:
         max_items: the largest corpus it accepts; a larger one is refused when the
             objective is built (raise it knowingly: a step costs N item-tower rows).
+        mask_known: leave the row's query's other training positives out of its
+            softmax (in-memory training data), as ``SoftmaxCorrections.mask_known``.
     """
 
     kind: Literal["full"] = "full"
     max_items: int = 100_000
+    mask_known: bool = False
 
     def __post_init__(self) -> None:
         if self.max_items < 1:

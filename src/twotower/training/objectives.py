@@ -199,11 +199,13 @@ class FullSoftmax(nn.Module):
 
     Args:
         num_items: N; every step embeds items 0..N-1 through the item tower.
+        known: if given, each row's query's other training positives are masked.
     """
 
-    def __init__(self, num_items: int) -> None:
+    def __init__(self, num_items: int, known: KnownPairs | None = None) -> None:
         super().__init__()
         self.num_items = num_items
+        self.known = known
         self.loss = SampledSoftmax()  # with every item as a candidate, the full softmax
 
     def forward(
@@ -217,11 +219,16 @@ class FullSoftmax(nn.Module):
         queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items, each row
-        weighted by ``weights`` (B,) if given (``queries``: unused here)."""
-        items = embed_items(torch.arange(self.num_items, device=positives.device))  # (N, D)
-        logits = query @ items.T * scale  # (B, N); column j is item j
+        weighted by ``weights`` (B,) if given; ``queries`` (B,) are the rows' query
+        indices, which masking known positives needs."""
+        every = torch.arange(self.num_items, device=positives.device)
+        logits = query @ embed_items(every).T * scale  # (B, N); column j is item j
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
             return logits.sum()
+        if self.known is not None:
+            if queries is None:
+                raise ValueError("masking known positives needs each row's query")
+            logits = mask_known_positives(logits, positives, self.known(queries, every))
         return self.loss(logits, positives, weights)
 
 
@@ -253,16 +260,13 @@ def build_objective(
                 f"training.objective.max_items={config.max_items:,}; raise max_items if "
                 "that is meant, or use in_batch or mixed"
             )
-        return FullSoftmax(num_items)
+        _check_known(config, known)
+        return FullSoftmax(num_items, known if config.mask_known else None)
     if isinstance(config, (InBatchConfig, MixedConfig)):
         frequency = _frequency(config, counts)
         sizes = (num_items, config.num_sampled) if isinstance(config, MixedConfig) else ()
         sampler = CANDIDATE_SAMPLERS[config.kind](frequency, *sizes)
-        if config.mask_known and known is None:
-            raise ConfigError(
-                "training.objective.mask_known needs every training (query, item) pair, "
-                "which in-memory training data has and a stream does not"
-            )
+        _check_known(config, known)
         return SharedCandidates(
             sampler,
             frequency,
@@ -285,6 +289,14 @@ def build_objective(
     # BCE and softmax take cosines / temperature; the triplet margins are in cosine units
     scaled = isinstance(config, (PointwiseConfig, ListwiseConfig))
     return RowNegatives(loss, sampler, config.num_negatives, scaled)
+
+
+def _check_known(config: InBatchConfig | MixedConfig | FullConfig, known: object) -> None:
+    if config.mask_known and known is None:
+        raise ConfigError(
+            "training.objective.mask_known needs every training (query, item) pair, "
+            "which in-memory training data has and a stream does not"
+        )
 
 
 def _frequency(config: InBatchConfig | MixedConfig, counts: np.ndarray):
