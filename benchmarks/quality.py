@@ -82,6 +82,7 @@ VARIANTS = {
         "features.query.history.encoder=attention",
         "features.query.history.time_buckets=16",
     ],
+    "no-time": ["features.query.history.time_buckets=0"],  # attention without time gaps
     "transformer": [
         "features.query.history.encoder=transformer",
         "features.query.history.heads=2",
@@ -152,17 +153,41 @@ def run_two_tower(
 
 
 def recipe_digest(config: Config) -> str:
-    """A digest of everything in a run's config that can change its numbers: not the
-    thread count, the data folder's location or what is logged, so a ledger entry made on
-    another machine or checkout still counts, and one made from an older recipe does not."""
-    raw = to_dict(config)
-    raw["data"].pop("path", None)
-    for key in ("threads",):
-        raw.pop(key, None)
+    """A digest of everything in a run's config that can change its numbers: the settings
+    that differ from their defaults (so a setting added later, whose default keeps the
+    old behaviour, leaves old entries valid), not the thread count, the data folder's
+    location or what is logged. An entry made on another machine or checkout still
+    counts; one made from an older recipe does not."""
+    raw = _settings(config)
+    raw.get("data", {}).pop("path", None)
+    raw.pop("threads", None)
     for key in ("tensorboard", "eval_batch_size", "device"):
-        raw["training"].pop(key, None)
+        raw.get("training", {}).pop(key, None)
     text = json.dumps(raw, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _settings(value: object) -> object:
+    """A config as plain data, each dataclass keeping only its non-default fields (and
+    its ``kind``, which names the class)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kept = {}
+        for field in dataclasses.fields(value):
+            current = getattr(value, field.name)
+            if field.default is not dataclasses.MISSING:
+                default = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            else:
+                default = dataclasses.MISSING
+            if field.name == "kind" or current != default:
+                kept[field.name] = _settings(current)
+        return kept
+    if isinstance(value, (list, tuple)):
+        return [_settings(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _settings(v) for k, v in value.items()}
+    return to_dict(value)
 
 
 def summarize(runs: list[dict[str, float]], keys: list[str]) -> dict[str, list[float]]:
