@@ -169,3 +169,42 @@ def test_a_multi_interest_tower_trains_with_every_objective(small_config, tmp_pa
     assert math.isfinite(trainer.train_step(batch))
     after = dict(extractor.named_parameters())
     assert all(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_epoch_learning_rates_by_hand():
+    from twotower.training.config import TrainingConfig
+    from twotower.training.trainer import epoch_lr
+
+    cosine = TrainingConfig(lr=0.1, epochs=4, lr_schedule="cosine")
+    expected = [
+        0.1,
+        0.05 * (1 + math.cos(math.pi / 4)),
+        0.05,
+        0.05 * (1 + math.cos(3 * math.pi / 4)),
+    ]
+    assert [epoch_lr(cosine, e, []) for e in (1, 2, 3, 4)] == pytest.approx(expected)
+    # plateau: each earlier epoch that did not beat the best so far halves the rate
+    plateau = TrainingConfig(lr=0.1, lr_schedule="plateau", metric="valid/ndcg@10")
+    records = [{"valid/ndcg@10": v} for v in (0.1, 0.2, 0.15, 0.18, 0.25, 0.25)]
+    rates = [epoch_lr(plateau, e, records) for e in range(1, 8)]
+    assert rates == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.025, 0.025, 0.0125])
+    assert epoch_lr(TrainingConfig(lr=0.1), 9, records) == 0.1
+    with pytest.raises(ValueError, match="lr_factor"):
+        TrainingConfig(lr_schedule="plateau", lr_factor=1.0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_a_scheduled_run_steps_at_its_rates_and_resumes_exactly(small_config, tmp_path, schedule):
+    from twotower.training.trainer import epoch_lr
+
+    config = with_training(small_config, "epochs=3", "patience=0", f"lr_schedule={schedule}")
+    config = with_training(config, "lr=0.01", "lr_factor=0.1")
+    straight = train_run(config, tmp_path / "straight")
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+    assert [r["lr"] for r in records] == [epoch_lr(config.training, e, records) for e in (1, 2, 3)]
+    if schedule == "cosine":
+        assert records[1]["lr"] == pytest.approx(0.01 * 0.75)
+    train_run(with_training(config, "epochs=1"), tmp_path / "resumed")
+    resumed = train_run(config, tmp_path / "resumed", resume=True)
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    assert resumed.metrics == straight.metrics

@@ -187,6 +187,13 @@ class TrainingConfig:
             (alike), ``raw`` (the weight itself), ``log1p`` (log(1 + weight), for
             heavy-tailed counts) or ``capped`` (min(weight, ``weight_cap``)).
         weight_cap: the cap of ``capped``.
+        lr_schedule: the learning rate of each epoch: ``constant`` (``lr`` throughout),
+            ``cosine`` (from ``lr`` at epoch 1 down a half cosine over ``epochs``:
+            ``lr * (1 + cos(pi * (e - 1) / epochs)) / 2``) or ``plateau`` (``lr`` times
+            ``lr_factor`` for every earlier epoch that did not improve ``metric``). It
+            follows from the epoch and the validation record alone, so a resumed run
+            takes up the same rates.
+        lr_factor: ``plateau``'s factor, in (0, 1).
     """
 
     objective: ObjectiveConfig = dataclasses.field(default_factory=InBatchConfig)
@@ -208,10 +215,14 @@ class TrainingConfig:
     position_weights: Literal["query", "position"] = "query"
     weights: WeightRule = "none"
     weight_cap: float = 5.0
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
+    lr_factor: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.weight_cap > 0:
             raise ValueError(f"weight_cap must be > 0, got {self.weight_cap}")
+        if not 0.0 < self.lr_factor < 1.0:
+            raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
         if self.one_pass and self.objective.kind not in ("in_batch", "mixed"):
             raise ValueError(
                 f"one_pass trains with the in_batch or mixed objective, not {self.objective.kind!r}"

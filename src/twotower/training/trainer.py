@@ -57,6 +57,20 @@ class RunState:
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
+def epoch_lr(config: TrainingConfig, epoch: int, records: list[dict[str, Any]]) -> float:
+    """The learning rate of ``epoch`` (1-based) under ``config.lr_schedule``, given the
+    records of the epochs before it (``config.metric`` in each, for ``plateau``)."""
+    if config.lr_schedule == "cosine":
+        return config.lr * (1.0 + math.cos(math.pi * (epoch - 1) / config.epochs)) / 2.0
+    if config.lr_schedule == "plateau":
+        best, worse = -math.inf, 0
+        for record in records[: epoch - 1]:
+            value = record[config.metric]
+            best, worse = (value, worse) if value > best else (best, worse + 1)
+        return config.lr * config.lr_factor**worse
+    return config.lr
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto``: the GPU when CUDA is available, else the CPU."""
     if name == "auto":
@@ -253,6 +267,10 @@ class Trainer:
     def _epoch(self, epoch: int) -> dict[str, Any]:
         """Trains one epoch, then validates; returns the epoch's record."""
         self.model.train()
+        lr = epoch_lr(self.config, epoch, self.state.records)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         total, examples, clock = 0.0, 0, time.perf_counter()
         world = self.collective.world_size
@@ -278,6 +296,7 @@ class Trainer:
             "loss": total / max(examples, 1),
             "examples_per_s": examples / max(seconds, 1e-9),
             "train_seconds": seconds,
+            "lr": lr,
             "temperature": float(1.0 / self.model.scale()),
         }
         if self.collective.is_main:
