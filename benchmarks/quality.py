@@ -10,6 +10,9 @@ Protocols (full-corpus ranking, seen items excluded, ``docs/evaluation.md``):
   HR@10, NDCG@10, HR@50.
 - ``ml1m``: MovieLens-1M, ratings >= 3, per-user random 80/10/10
   (``configs/ml1m.yaml``, RecBole's ML-1M protocol): Recall@10, NDCG@10, MRR@10, Hit@10.
+- ``search``: MovieLens latest-small as search, a tag's text the query and the movies it
+  was applied to the relevant items, per-tag random 60/20/20
+  (``configs/ml-latest-small-search.yaml``): Recall@10, NDCG@10, Recall@100.
 
 Rows: popularity, item-KNN and EASE (fitted on train for validation, on train +
 validation for test), and the two-tower model under each objective (``recipe``: the
@@ -64,6 +67,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {
     "ml100k": (ROOT / "configs/ml100k.yaml", ["hr@10", "ndcg@10", "hr@50"]),
     "ml1m": (ROOT / "configs/ml1m.yaml", ["recall@10", "ndcg@10", "mrr@10", "hr@10"]),
+    "search": (
+        ROOT / "configs/ml-latest-small-search.yaml",
+        ["recall@10", "ndcg@10", "recall@100"],
+    ),
 }
 KS = [1, 5, 10, 20, 50, 100]
 BASELINES = ("pop", "itemknn", "ease")
