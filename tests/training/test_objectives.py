@@ -238,6 +238,24 @@ def test_full_softmax_masks_the_querys_other_positives_by_hand():
         masked(query, positives, embed, scale, torch.Generator())
 
 
+def test_known_rows_equal_the_membership_test_against_every_item():
+    """``rows`` marks exactly what the pairwise test finds: repeated queries, a query
+    with no pairs (5), duplicate pairs and the first and last items included."""
+    from twotower.training.objectives import KnownPairs
+
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randint(0, 5, (200,), generator=generator)  # queries 0-4 only
+    items = torch.randint(0, 37, (200,), generator=generator)
+    known = KnownPairs(
+        torch.cat([queries, torch.tensor([0, 4])]), torch.cat([items, torch.tensor([0, 36])]), 37
+    )
+    batch = torch.tensor([3, 0, 5, 3, 4, 1])
+    rows = known.rows(batch)
+    assert rows.shape == (6, 37) and rows.dtype == torch.bool
+    assert torch.equal(rows, known(batch, torch.arange(37)))
+    assert not rows[2].any() and rows[1, 0] and rows[4, 36]
+
+
 @pytest.mark.parametrize("kind", ["mixed", "full"])
 def test_mask_known_without_the_pairs_is_refused(kind):
     from twotower.errors import ConfigError

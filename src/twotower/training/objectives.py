@@ -188,10 +188,31 @@ class KnownPairs:
 
     def __call__(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(B, M) bool: whether item ``items[j]`` is a training positive of ``queries[b]``."""
-        keys = self.keys.to(queries.device)
+        keys = self._on(queries.device)
         wanted = queries.long()[:, None] * self.num_items + items.long()[None, :]  # (B, M)
         at = torch.searchsorted(keys, wanted).clamp(max=max(len(keys) - 1, 0))
         return keys[at] == wanted if len(keys) else torch.zeros_like(wanted, dtype=torch.bool)
+
+    def rows(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool: row b marks every training positive of ``queries[b]``; the same
+        as ``self(queries, arange(N))`` at the cost of the queries' pairs, not B x N
+        searches (for the full softmax, whose candidates are every item)."""
+        keys, n = self._on(queries.device), self.num_items
+        first = queries.long() * n  # each query's keys lie in [q N, (q + 1) N)
+        starts = torch.searchsorted(keys, first)
+        counts = torch.searchsorted(keys, first + n) - starts  # (B,)
+        row = torch.repeat_interleave(torch.arange(len(queries), device=keys.device), counts)
+        # the k-th key of row b sits at starts[b] + k
+        within = torch.arange(len(row), device=keys.device) - (counts.cumsum(0) - counts)[row]
+        found = torch.zeros(len(queries), n, dtype=torch.bool, device=keys.device)
+        found[row, keys[starts[row] + within] - first[row]] = True
+        return found
+
+    def _on(self, device: torch.device) -> torch.Tensor:
+        """The keys on ``device``, moved there once."""
+        if self.keys.device != device:
+            self.keys = self.keys.to(device)
+        return self.keys
 
 
 class FullSoftmax(nn.Module):
@@ -221,14 +242,14 @@ class FullSoftmax(nn.Module):
         """The loss of (B, D) query vectors against their (B,) positive items, each row
         weighted by ``weights`` (B,) if given; ``queries`` (B,) are the rows' query
         indices, which masking known positives needs."""
-        every = torch.arange(self.num_items, device=positives.device)
-        logits = query @ embed_items(every).T * scale  # (B, N); column j is item j
+        items = embed_items(torch.arange(self.num_items, device=positives.device))  # (N, D)
+        logits = query @ items.T * scale  # (B, N); column j is item j
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
             return logits.sum()
         if self.known is not None:
             if queries is None:
                 raise ValueError("masking known positives needs each row's query")
-            logits = mask_known_positives(logits, positives, self.known(queries, every))
+            logits = mask_known_positives(logits, positives, self.known.rows(queries))
         return self.loss(logits, positives, weights)
 
 
