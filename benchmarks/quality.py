@@ -140,14 +140,11 @@ def run_two_tower(
     recipe = recipe_digest(run_config)
     if recorded is not None and recorded.is_file():
         entry = json.loads(recorded.read_text())
-        if entry.get("recipe", recipe) != recipe:
-            raise SystemExit(
-                f"{recorded}: this ledger entry was trained from another recipe than "
-                f"today's config gives {name} (digest {entry['recipe']}, today {recipe}); "
-                "move it aside, or pass another --ledger, to train it again"
-            )
+        _same_recipe(recorded, "ledger entry", entry.get("recipe", recipe), recipe, name)
         return entry
     if (folder / METRICS_FILE).is_file():
+        made = recipe_digest(load_config(folder / "config.yaml"))
+        _same_recipe(folder, "finished run", made, recipe, name)
         metrics = json.loads((folder / METRICS_FILE).read_text())
     else:
         resume = CheckpointStore(folder / "checkpoints").exists("last")
@@ -157,6 +154,15 @@ def run_two_tower(
         recorded.parent.mkdir(parents=True, exist_ok=True)
         recorded.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
+
+
+def _same_recipe(where: Path, what: str, made: str, today: str, name: str) -> None:
+    if made != today:
+        raise SystemExit(
+            f"{where}: this {what} was trained from another recipe than today's config "
+            f"gives {name} (digest {made}, today {today}); move it aside, or pass another "
+            "--out or --ledger, to train it again"
+        )
 
 
 def recipe_digest(config: Config) -> str:

@@ -77,6 +77,8 @@ def test_load_quick_serves_every_request_through_reloads(tmp_path):
 def test_quality_ledger_refuses_an_entry_from_another_recipe(tmp_path):
     """A ledger entry is read back only for the recipe it was trained from: the digest
     ignores the thread count and the data folder, and changes with the learning rate."""
+    from twotower.config import save_config
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import quality
 
@@ -101,3 +103,15 @@ def test_quality_ledger_refuses_an_entry_from_another_recipe(tmp_path):
     entry.write_text(json.dumps({"test/hr@10": 0.5, "recipe": "0" * 16}))
     with pytest.raises(SystemExit, match="in_batch-mlp-s0.json: this ledger entry"):
         quality.run_two_tower(config, "in_batch", "mlp", 0, out, ledger)
+
+    # a finished run folder is checked by the config it saved, the same way
+    entry.unlink()
+    folder = out / "in_batch-mlp-s0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"test/hr@10": 0.25}))
+    save_config(run, folder / "config.yaml")
+    assert quality.run_two_tower(config, "in_batch", "mlp", 0, out, None)["test/hr@10"] == 0.25
+    other = quality.apply_overrides(run, ["training.lr=0.5"])
+    save_config(other, folder / "config.yaml")
+    with pytest.raises(SystemExit, match="in_batch-mlp-s0: this finished run"):
+        quality.run_two_tower(config, "in_batch", "mlp", 0, out, None)
