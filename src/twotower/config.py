@@ -51,6 +51,13 @@ class Config:
             raise ValueError(
                 f"threads must be >= 1 (or unset: the CPUs available), got {self.threads}"
             )
+        if self.data.source == "stream" and (
+            self.training.one_pass or self.training.examples == "queries"
+        ):
+            raise ValueError(
+                "training.one_pass and training.examples=queries gather each query's whole "
+                "training history, which a stream does not hold: train them in memory"
+            )
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:

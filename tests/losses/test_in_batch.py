@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from twotower.losses import SampledSoftmax, mask_accidental_hits
+from twotower.losses import MultiPositiveSoftmax, SampledSoftmax, mask_accidental_hits
 
 INF = float("inf")
 # B = 2 queries, M = 3 shared candidates, labels [0, 1]:
@@ -57,3 +57,66 @@ def test_rejects_bad_labels():
         SampledSoftmax()(torch.zeros(2, 3), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match=r"logits must be \(B, M\)"):
         SampledSoftmax()(torch.zeros(3), torch.tensor([0, 1, 2]))
+
+
+# MultiPositiveSoftmax: one row, M = 3, logits [ln 2, 0, 0], positives in columns 0 and 1.
+#   plain:    term_0 = ln(4 / 2) = ln 2,  term_1 = ln(4 / 1) = ln 4
+#   column 1 excluded for the positive in column 0 and column 0 for the one in 1 (each
+#   query's other positive masked): term_0 = ln((2 + 1) / 2), term_1 = ln((1 + 1) / 1)
+def test_multi_positive_hand_computed_values():
+    logits = torch.tensor([[math.log(2), 0.0, 0.0]], dtype=torch.float64)
+    labels, owners = torch.tensor([0, 1]), torch.tensor([0, 0])
+    plain = MultiPositiveSoftmax()(logits, labels, owners)
+    assert plain.item() == pytest.approx((math.log(2) + math.log(4)) / 2, abs=1e-12)
+    exclude = torch.tensor([[True, True, False]])  # the row's positives
+    masked = MultiPositiveSoftmax()(logits, labels, owners, exclude)
+    assert masked.item() == pytest.approx((math.log(3 / 2) + math.log(2)) / 2, abs=1e-12)
+    weighted = MultiPositiveSoftmax()(logits, labels, owners, exclude, torch.tensor([3.0, 1.0]))
+    expected = (3 * math.log(3 / 2) + math.log(2)) / 4
+    assert weighted.item() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_multi_positive_equals_one_row_per_positive(masked, weighted):
+    """The oracle: SampledSoftmax on each positive's row repeated, its excluded columns
+    (but its own) set to -inf; value and gradient."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    owners = torch.tensor([0, 0, 0, 2, 3, 3])
+    labels = torch.tensor([1, 4, 8, 0, 2, 7])
+    exclude = torch.rand(4, 9, generator=g) < 0.3 if masked else None
+    if masked:
+        exclude[owners, labels] = torch.tensor([True, False, True, True, False, True])
+    weights = torch.rand(6, generator=g, dtype=torch.float64) if weighted else None
+    ours = logits.clone().requires_grad_(True)
+    got = MultiPositiveSoftmax()(ours, labels, owners, exclude, weights)
+    got.backward()
+    theirs = logits.clone().requires_grad_(True)
+    rows = theirs[owners]
+    if masked:
+        own = torch.zeros_like(exclude[owners]).scatter_(1, labels[:, None], True)
+        rows = rows.masked_fill(exclude[owners] & ~own, -INF)
+    expected = SampledSoftmax()(rows, labels, weights)
+    expected.backward()
+    assert got.item() == pytest.approx(expected.item(), abs=1e-12)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-12)
+
+
+def test_multi_positive_without_positives_is_zero_and_attached():
+    logits = torch.randn(2, 3, requires_grad=True)
+    loss = MultiPositiveSoftmax()(
+        logits, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros(2, 3))
+
+
+def test_multi_positive_names_bad_shapes():
+    logits = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="one shape"):
+        MultiPositiveSoftmax()(logits, torch.tensor([0, 1]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"labels must be int64 in \[0, 3\)"):
+        MultiPositiveSoftmax()(logits, torch.tensor([3]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="exclude must be a bool tensor of shape"):
+        MultiPositiveSoftmax()(logits, torch.tensor([1]), torch.tensor([0]), torch.zeros(2, 3))

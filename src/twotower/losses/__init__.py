@@ -6,6 +6,8 @@
 - ``ListwiseSoftmax``: softmax cross-entropy of the positive against its own negatives.
 - ``SampledSoftmax``: softmax cross-entropy over candidates shared by the batch
   (in-batch or mixed negatives).
+- ``MultiPositiveSoftmax``: the same with several positives per query row (query-level
+  training with the full softmax).
 - ``corrections``: ``logq_correction``, ``mask_accidental_hits``,
   ``mask_known_positives``, ``hardest_negatives``
   and ``negative_mask``, applied by the caller in a visible order.
@@ -24,7 +26,7 @@ from twotower.losses.corrections import (
     mask_known_positives,
     negative_mask,
 )
-from twotower.losses.in_batch import SampledSoftmax
+from twotower.losses.in_batch import MultiPositiveSoftmax, SampledSoftmax
 from twotower.losses.listwise import ListwiseSoftmax
 from twotower.losses.pairwise import TripletHinge, TripletLogistic
 from twotower.losses.pointwise import PointwiseBCE
@@ -43,6 +45,7 @@ LOSSES: dict[str, type[nn.Module]] = {
 __all__ = [
     "LOSSES",
     "ListwiseSoftmax",
+    "MultiPositiveSoftmax",
     "PointwiseBCE",
     "SampledSoftmax",
     "TripletHinge",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,3 +48,77 @@ class SampledSoftmax(nn.Module):
         if weights is None:
             return F.cross_entropy(logits, labels)
         return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)
+
+
+class MultiPositiveSoftmax(nn.Module):
+    """Softmax cross-entropy of several positives per query over one candidate set.
+
+    Row b of ``logits`` scores one query against every candidate; positive p is column
+    ``labels[p]`` of row ``owners[p]``. Each positive's term is ``-log softmax`` of its
+    score among the candidates its row does not ``exclude`` (the other positives of the
+    same query, say), itself always included:
+
+        term_p = logsumexp({s[o_p, j] : j not excluded in row o_p} + {s[o_p, l_p]}) - s[o_p, l_p]
+
+    Formula: the mean of ``term_p`` over the P positives, or its ``weights``-weighted
+    mean. Equal to ``SampledSoftmax`` on rows repeated once per positive
+    (``logits[owners]``, ``labels``, with the excluded columns set to -inf), at the cost
+    of one (B, M) matrix instead of (P, M).
+
+    Siblings: ``SampledSoftmax`` (one positive per row).
+    """
+
+    def forward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        owners: Tensor,
+        exclude: Tensor | None = None,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        """Mean cross-entropy of each positive.
+
+        Args:
+            logits: (B, M) scaled cosines of every query against every candidate.
+            labels: (P,) int64, the column of each positive.
+            owners: (P,) int64, the row of each positive.
+            exclude: (B, M) bool, True where a candidate is left out of the row's
+                softmax (a positive's own column always counts), or None.
+            weights: (P,) non-negative weight of each positive; None weighs them alike.
+
+        Returns:
+            () the loss; 0, still attached to ``logits``, when there are no positives.
+        """
+        if logits.ndim != 2 or labels.ndim != 1 or owners.shape != labels.shape:
+            raise ValueError(
+                f"need (B, M) logits and labels and owners of one shape (P,), got "
+                f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(owners.shape)}"
+            )
+        if not len(labels):
+            return logits.sum() * 0.0
+        for name, values, size in (
+            ("labels", labels, logits.shape[1]),
+            ("owners", owners, len(logits)),
+        ):
+            if values.dtype != torch.int64 or bool(((values < 0) | (values >= size)).any()):
+                raise ValueError(
+                    f"{name} must be int64 in [0, {size}), got {values.dtype} from "
+                    f"{int(values.min())} to {int(values.max())}"
+                )
+        weights = checked_weights(weights, len(labels))
+        scores = logits[owners, labels]  # (P,)
+        if exclude is None:
+            normalizer = torch.logsumexp(logits, dim=1)[owners]
+        else:
+            if exclude.shape != logits.shape or exclude.dtype != torch.bool:
+                raise ValueError(
+                    f"exclude must be a bool tensor of shape {tuple(logits.shape)}, "
+                    f"got {exclude.dtype} {tuple(exclude.shape)}"
+                )
+            others = torch.logsumexp(logits.masked_fill(exclude, -torch.inf), dim=1)
+            others = others[owners]  # its own column is counted once, excluded or not
+            normalizer = torch.where(
+                exclude[owners, labels], torch.logaddexp(scores, others), others
+            )
+        losses = normalizer - scores
+        return losses.mean() if weights is None else weighted_mean(losses, weights)

@@ -181,7 +181,15 @@ class TrainingConfig:
             the ``in_batch`` or ``mixed`` objective.
         position_weights: in one-pass training, ``query``: each query's positions share
             one weight, so long histories do not swamp short ones; ``position``: every
-            position counts alike.
+            position counts alike. In query-level training (``examples: queries``) the
+            same for a query's held-out items.
+        examples: ``interactions``: one example per training interaction (the query's
+            history without its target); ``queries``: one example per query, each of
+            its training items held out of its history input with probability
+            ``holdout`` (drawn afresh every epoch) and the held-out ones its positives
+            (``twotower.training.held_out``). Needs the ``full`` objective and one
+            pooled history feature; ``batch_size`` then counts queries.
+        holdout: the probability of holding an item out, in query-level training.
         weights: how an interaction's ``weight`` column (a rating, a watch time, a
             count) weighs its example in the loss, for every objective: ``none``
             (alike), ``raw`` (the weight itself), ``log1p`` (log(1 + weight), for
@@ -213,6 +221,8 @@ class TrainingConfig:
     steps_per_epoch: int | None = None
     one_pass: bool = False
     position_weights: Literal["query", "position"] = "query"
+    examples: Literal["interactions", "queries"] = "interactions"
+    holdout: float = 0.5
     weights: WeightRule = "none"
     weight_cap: float = 5.0
     lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
@@ -226,6 +236,14 @@ class TrainingConfig:
         if self.one_pass and self.objective.kind not in ("in_batch", "mixed"):
             raise ValueError(
                 f"one_pass trains with the in_batch or mixed objective, not {self.objective.kind!r}"
+            )
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.examples == "queries" and (self.one_pass or self.objective.kind != "full"):
+            raise ValueError(
+                "examples=queries trains each query's held-out items against the whole "
+                f"corpus: it needs the full objective (not {self.objective.kind!r}) and "
+                "no one_pass"
             )
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")

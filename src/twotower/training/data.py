@@ -47,6 +47,9 @@ class Batch:
             None: all alike.
         queries: (B,) or (P,) each example's query index (masking a query's other
             known positives reads it), or None where unknown.
+        owners: in query-level batches (``QueryTrainingData``), (P,) the query row
+            each positive belongs to: B rows, P positives, ``queries`` (B,); None:
+            positive b belongs to row b.
     """
 
     query: dict[str, torch.Tensor]
@@ -54,11 +57,13 @@ class Batch:
     sequence: str | None = None
     weights: torch.Tensor | None = None
     queries: torch.Tensor | None = None
+    owners: torch.Tensor | None = None
 
 
 class TrainingExamples(Protocol):
     """What the trainer and the evaluator read of training data: the in-memory
-    ``TrainingData``, its one-pass ``SequenceTrainingData`` and the streamed
+    ``TrainingData``, its one-pass ``SequenceTrainingData``, its query-level
+    ``QueryTrainingData`` and the streamed
     ``StreamingTrainingData`` all offer it.
 
     Attributes:

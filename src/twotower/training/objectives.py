@@ -25,6 +25,7 @@ from torch import nn
 from twotower.errors import ConfigError
 from twotower.losses import (
     LOSSES,
+    MultiPositiveSoftmax,
     SampledSoftmax,
     hardest_negatives,
     logq_correction,
@@ -228,6 +229,7 @@ class FullSoftmax(nn.Module):
         self.num_items = num_items
         self.known = known
         self.loss = SampledSoftmax()  # with every item as a candidate, the full softmax
+        self.sets_loss = MultiPositiveSoftmax()
 
     def forward(
         self,
@@ -251,6 +253,33 @@ class FullSoftmax(nn.Module):
                 raise ValueError("masking known positives needs each row's query")
             logits = mask_known_positives(logits, positives, self.known.rows(queries))
         return self.loss(logits, positives, weights)
+
+    def sets(
+        self,
+        query: torch.Tensor,
+        positives: torch.Tensor,
+        owners: torch.Tensor,
+        embed_items: EmbedItems,
+        scale: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of (B, D) query vectors against (P,) positives, positive p belonging
+        to row ``owners[p]``: what ``forward`` gives with each positive its own row
+        (``query[owners]``, ``queries[owners]``), from one (B, N) score matrix.
+
+        Each positive's term is ``-log softmax`` of its score among every item (with
+        ``known``: among itself and the items that are not training positives of the
+        row's query); the loss is their mean, weighted by ``weights`` (P,) if given.
+        """
+        items = embed_items(torch.arange(self.num_items, device=positives.device))  # (N, D)
+        logits = query @ items.T * scale  # (B, N)
+        exclude = None
+        if self.known is not None and len(positives):
+            if queries is None:
+                raise ValueError("masking known positives needs each row's query")
+            exclude = self.known.rows(queries)
+        return self.sets_loss(logits, positives, owners, exclude, weights)
 
 
 def embed_unique(items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:

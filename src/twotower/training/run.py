@@ -33,6 +33,7 @@ from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
+from twotower.training.held_out import QueryTrainingData
 from twotower.training.sequences import SequenceTrainingData
 from twotower.training.streaming import StreamingTrainingData
 from twotower.training.trainer import (
@@ -113,6 +114,17 @@ def _memory_data(
             training.weight_cap,
         )
     training = config.training
+    if training.examples == "queries":
+        return QueryTrainingData(
+            dataset,
+            split,
+            pipeline,
+            device,
+            training.holdout,
+            training.position_weights,
+            training.weights,
+            training.weight_cap,
+        )
     return TrainingData(
         dataset, split, pipeline, training.history, device, training.weights, training.weight_cap
     )

@@ -172,6 +172,16 @@ class _StepLoss(torch.nn.Module):
         tower = self.model.query_tower
         if batch.sequence is not None:
             query = tower.at_positions(batch.query, batch.sequence)  # (P, D)
+        elif batch.owners is not None:  # query-level: B query rows, P positives
+            return self.objective.sets(
+                tower(batch.query),
+                batch.positives,
+                batch.owners,
+                self.embed_items,
+                self.model.scale(),
+                batch.weights,
+                batch.queries,
+            )
         elif tower.interests == 1:
             query = tower(batch.query)  # (B, D)
         else:  # each row's positive is scored by the interest closest to it
