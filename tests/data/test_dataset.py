@@ -275,8 +275,26 @@ def test_load_feature_column_absent(files: dict[str, Path]) -> None:
 
 def test_load_feature_columns_without_a_feature_table(files: dict[str, Path]) -> None:
     config = DataConfig(source="files", interactions=_roles(files["train"]))
-    with pytest.raises(DataError, match="no feature table is configured"):
-        load_dataset(config, item_columns={"price": pa.float64()})
+    with pytest.raises(
+        DataError,
+        match=r"the item features use column\(s\) \['price'\], but no item feature table is "
+        r"configured \(data.items\); without one they can read only the interactions' item "
+        r"id column 'movie'",
+    ):
+        load_dataset(config, item_columns={"price": pa.float64(), "movie": None})
+
+
+def test_a_side_of_ids_alone_needs_no_feature_table(files: dict[str, Path]) -> None:
+    """Features reading only a side's id column (an id embedding; a history keyed by the
+    query id) take the ids from the interactions."""
+    config = DataConfig(source="files", interactions=_roles(files["train"]))
+    dataset = load_dataset(config, query_columns={"user": None}, item_columns={"movie": None})
+    assert dataset.queries.column("user").to_pylist() == ["u1", "u2"]
+    assert dataset.items.column("movie").to_pylist() == [10, 20, 30]
+    queries = [
+        dataset.queries["user"][i].as_py() for i in dataset.interactions[QUERY_IDX].to_pylist()
+    ]
+    assert queries == ["u1", "u1", "u2", "u2"]
 
 
 def test_load_text_timestamps_are_rejected(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from twotower.baselines.popularity import Popularity
 from twotower.data.matrix import interaction_matrix
 from twotower.evaluation.ranking import evaluate
+from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
 from twotower.prepare import load_data
 from twotower.training.config import (
     FullConfig,
@@ -50,3 +51,20 @@ def test_objective_beats_popularity(name, small_config, popularity_recall, tmp_p
     result = train_run(dataclasses.replace(small_config, training=training), tmp_path)
     recall = result.metrics["valid/recall@10"]
     assert recall > 1.5 * popularity_recall, (name, recall, popularity_recall)
+
+
+def test_ids_and_history_alone_need_no_feature_tables(small_config, popularity_recall, tmp_path):
+    """A query side of id + history and an item side of id only read nothing but the
+    interactions file: no user or item table is configured, and the run still learns."""
+    data = dataclasses.replace(small_config.data, queries=None, items=None)
+    features = FeaturesConfig(
+        query=[
+            IdFeature(name="user_id", column="user_id", dim=32),
+            HistoryFeature(name="history", column="user_id", item_feature="item_id"),
+        ],
+        item=[IdFeature(name="item_id", column="item_id", dim=32)],
+    )
+    training = dataclasses.replace(small_config.training, epochs=10)
+    config = dataclasses.replace(small_config, data=data, features=features, training=training)
+    result = train_run(config, tmp_path)
+    assert result.metrics["valid/recall@10"] > 1.5 * popularity_recall

@@ -116,8 +116,8 @@ def _load_files(config: DataConfig, query_columns: dict, item_columns: dict) -> 
                 ]
             )
         ]
-    queries = _read_side(config.queries, query_columns)
-    items = _read_side(config.items, item_columns)
+    queries = _read_side(config.queries, query_columns, "query", spec.query_id)
+    items = _read_side(config.items, item_columns, "item", spec.item_id)
     return Dataset.from_tables(
         pa.concat_tables(parts, promote_options="permissive"),
         queries,
@@ -171,11 +171,20 @@ def _numeric_time(table: pa.Table, spec: TableSpec, name: str) -> pa.Table:
     return table.set_column(table.schema.get_field_index(TIMESTAMP), TIMESTAMP, column)
 
 
-def _read_side(spec: FeatureTableConfig | None, columns: dict) -> pa.Table | None:
+def _read_side(
+    spec: FeatureTableConfig | None, columns: dict, side: str, id_column: str
+) -> pa.Table | None:
+    """The side's feature table, or None where there is none to read: then the side is
+    its ids alone, so its features may read only ``id_column`` (an id embedding, a
+    history keyed by the query id)."""
     if spec is None:
-        if columns:
+        table = "queries" if side == "query" else "items"
+        others = sorted(set(columns) - {id_column})
+        if others:
             raise DataError(
-                f"features use column(s) {sorted(columns)} but no feature table is configured"
+                f"the {side} features use column(s) {others}, but no {side} feature table "
+                f"is configured (data.{table}); without one they can read only the "
+                f"interactions' {side} id column {id_column!r}"
             )
         return None
     return read_table(spec, {spec.key: None, **columns}).table
