@@ -261,3 +261,26 @@ def test_prepare_reads_movielens_from_data_dir(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, [*args, *nowhere, "--data-dir", str(DATASETS)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["interactions"] == 100_000
+
+
+def test_data_build_writes_the_parts_and_refuses_a_foreign_folder(tmp_path):
+    pytest.importorskip("duckdb")
+    rows = ["u,i,t"] + [f"{q},{(q * 7 + k) % 30},{k}" for q in range(40) for k in range(6)]
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "data: {source: files, interactions: {path: log.csv, query_id: u, item_id: i, "
+        "timestamp: t}}\nsplit: {method: leave_last_out}\n"
+    )
+    out = tmp_path / "built"
+    command = ["data", "build", str(config), "--out", str(out), "--rows-per-part", "100"]
+    result = CliRunner().invoke(app, [*command, "--row-group-rows", "50"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"] == {"train": 160, "valid": 40, "test": 40}
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]
+    result = CliRunner().invoke(app, [*command[:4], str(tmp_path)])
+    assert result.exit_code != 0
+    assert "is not a data build (no manifest.json); refusing to replace it" in str(result.exception)

@@ -1,0 +1,403 @@
+"""Building a dataset's split out of core, on DuckDB (``twotower data build``).
+
+The interactions (Parquet or CSV, any size) go into an on-disk DuckDB database in the
+build folder, which spills to disk under ``memory_limit``; the split is SQL over them,
+and each part is written as Parquet. The split equals ``split_interactions`` on the same
+data, row for row:
+
+    position      every kept interaction's place in the source (files in name order,
+                  rows in file order), after ``min_weight``: the row order of the
+                  in-memory ``Dataset``
+    leave_last_out, time, given    window functions and quantiles over the rows
+    random        numpy's draw for each position (the in-memory split's own stream,
+                  drawn in chunks and written beside the database), ranked per query
+
+The output folder appears whole or not at all (``storage.replaced_folder``):
+
+    DIR/train/part-00000.parquet ...   training interactions, ``rows_per_part`` a file,
+                                       row groups of ``row_group_rows`` (the stream
+                                       reader's unit of work)
+    DIR/valid.parquet, DIR/test.parquet
+    DIR/manifest.json                  rows and sha256 of every file, written last
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from twotower.data.config import DataConfig, SplitConfig, TableSpec
+from twotower.data.dataset import ITEM_ID, QUERY_ID, TIMESTAMP, WEIGHT
+from twotower.data.splits import SPLIT_NAMES
+from twotower.errors import ConfigError, DataError
+from twotower.storage import atomic_write, replaced_folder, sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+POSITION = "position"  # an interaction's place in the source, after min_weight
+PART = "part"
+_DRAW_CHUNK = 1 << 22
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """How a build runs.
+
+    Attributes:
+        memory_limit: DuckDB's ``memory_limit`` (e.g. ``"4GB"``): what it holds in memory
+            before it spills to the build folder; None: DuckDB's default (80% of RAM).
+        threads: DuckDB's threads; None: its default (every core).
+        rows_per_part: training rows per Parquet file.
+        row_group_rows: rows per Parquet row group.
+    """
+
+    memory_limit: str | None = None
+    threads: int | None = None
+    rows_per_part: int = 5_000_000
+    row_group_rows: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.row_group_rows < 1 or self.rows_per_part % self.row_group_rows:
+            raise ValueError(
+                f"rows_per_part ({self.rows_per_part}) must be a multiple of row_group_rows "
+                f"({self.row_group_rows}) >= 1"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+def build_split(
+    data: DataConfig, split: SplitConfig, out: Path, options: BuildOptions | None = None
+) -> dict[str, Any]:
+    """Splits the interactions ``data`` names into ``out`` (see the module doc).
+
+    Returns:
+        The manifest: each file's rows and sha256, each part's rows, the seconds taken.
+
+    Raises:
+        ConfigError: the data is not a ``files`` source.
+        DataError: a file is missing, unreadable or lacks a column; an id is empty; a
+            part would be empty; ``out`` exists and is not a build.
+    """
+    import duckdb
+
+    options = options or BuildOptions()
+    if data.source != "files" or data.interactions is None:
+        raise ConfigError(
+            f"twotower data build reads data.source 'files' (data.interactions), not "
+            f"{data.source!r}"
+        )
+    clock = time.perf_counter()
+    with replaced_folder(out, MANIFEST, "a data build") as staging:
+        con = duckdb.connect(str(staging / "build.duckdb"))
+        try:
+            settings = {"preserve_insertion_order": "true", "temp_directory": str(staging)}
+            if options.memory_limit:
+                settings["memory_limit"] = options.memory_limit
+            if options.threads:
+                settings["threads"] = str(options.threads)
+            for name, value in settings.items():
+                con.execute(f"SET {name} = '{value}'")
+            _load_interactions(con, data)
+            _assign_parts(con, split, staging)
+            files = _write_parts(con, staging, options)
+        finally:
+            con.close()
+        for leftover in [
+            staging / "build.duckdb",
+            staging / "build.duckdb.wal",
+            staging / "draws.parquet",
+        ]:
+            leftover.unlink(missing_ok=True)
+        manifest = {
+            "format": 1,
+            "split": dataclasses.asdict(split),
+            "rows": {
+                name: sum(f["rows"] for p, f in files.items() if _part_of(p) == name)
+                for name in SPLIT_NAMES
+            },
+            "files": files,
+            "seconds": round(time.perf_counter() - clock, 3),
+        }
+        text = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        atomic_write(staging / MANIFEST, lambda f: f.write(text))
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a build, every file checked against its rows and sha256.
+
+    Raises:
+        DataError: no manifest (not a finished build), or a file missing or changed.
+    """
+    from twotower.storage import read_json
+
+    folder = Path(folder)
+    manifest = read_json(folder / MANIFEST, "not a finished data build (no manifest.json)")
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"{path}: listed in the build's manifest but missing")
+        if sha256_file(path) != expected["sha256"]:
+            raise DataError(f"{path}: checksum mismatch; the build's file was changed")
+    return manifest
+
+
+def _part_of(path: str) -> str:
+    return path.split("/")[0].removesuffix(".parquet")
+
+
+def _load_interactions(con: Any, data: DataConfig) -> None:
+    """Table ``interactions``: the canonical columns and each row's ``position``."""
+    spec = data.interactions
+    assert spec is not None
+    roles = {spec.query_id: QUERY_ID, spec.item_id: ITEM_ID}
+    if spec.timestamp:
+        roles[spec.timestamp] = TIMESTAMP
+    if spec.weight:
+        roles[spec.weight] = WEIGHT
+    sources = [(spec, None)]
+    if data.valid is not None or data.test is not None:
+        if data.valid is None or data.test is None:
+            raise DataError("give both data.valid and data.test, or neither")
+        sources = [(spec, 0), (data.valid, 1), (data.test, 2)]
+    selects = []
+    for table, given in sources:
+        relation = _scan(table)
+        columns = _columns(con, relation)
+        missing = [c for c in roles if c not in columns]
+        if missing:
+            raise DataError(f"{table.path}: no column(s) {missing}; it has {columns}")
+        select = ", ".join(f'"{c}" AS "{canonical}"' for c, canonical in roles.items())
+        if given is not None:
+            select += f", {given}::TINYINT AS {PART}"
+        selects.append(f"SELECT {select} FROM {relation}")
+    con.execute("CREATE TABLE raw AS " + " UNION ALL ".join(selects))
+    kind = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE raw)").fetchall())
+    if kind.get(TIMESTAMP, "").startswith(("TIMESTAMP", "DATE")):  # seconds, as in memory
+        con.execute(
+            f'ALTER TABLE raw ALTER "{TIMESTAMP}" TYPE BIGINT USING floor(epoch("{TIMESTAMP}"))'
+        )
+    for column in (QUERY_ID, ITEM_ID):
+        empty = con.execute(f'SELECT count(*) FROM raw WHERE "{column}" IS NULL').fetchone()[0]
+        if empty:
+            raise DataError(f"{spec.path}: {empty} interaction(s) have an empty {column}")
+    if con.execute("SELECT count(*) FROM raw").fetchone()[0] == 0:
+        raise DataError(f"{spec.path}: the table has no rows (no interactions)")
+    keep = ""
+    if data.min_weight is not None:
+        if not spec.weight:
+            raise DataError(f"data.min_weight is set but {spec.path} has no weight column")
+        keep = f'WHERE "{WEIGHT}" >= {float(data.min_weight)!r}'
+    con.execute(
+        f"CREATE TABLE interactions AS SELECT *, (row_number() OVER (ORDER BY rowid) - 1) "
+        f"AS {POSITION} FROM raw {keep}"
+    )
+    con.execute("DROP TABLE raw")
+
+
+def _scan(table: TableSpec) -> str:
+    """A DuckDB table function reading ``table``, rows in source order."""
+    path = Path(table.path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if table.is_parquet:
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        if not files:
+            raise DataError(f"{path}: a folder with no .parquet files")
+        listed = ", ".join(_quoted(str(f)) for f in files)
+        return f"read_parquet([{listed}])"
+    options = [
+        f"delim = {_quoted(table.delimiter)}",
+        f"header = {str(table.header).lower()}",
+        f"encoding = {_quoted(_DUCKDB_ENCODINGS.get(table.encoding.lower(), table.encoding))}",
+        f"quote = {_quoted(table.quote_char or '')}",
+        f"ignore_errors = {str(table.skip_bad_rows).lower()}",
+    ]
+    if table.columns:
+        options.append("names = [" + ", ".join(_quoted(c) for c in table.columns) + "]")
+    return f"read_csv({_quoted(str(path))}, {', '.join(options)})"
+
+
+_DUCKDB_ENCODINGS = {"latin-1": "latin-1", "iso-8859-1": "latin-1", "utf8": "utf-8"}
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _columns(con: Any, relation: str) -> list[str]:
+    try:
+        return [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()]
+    except Exception as err:  # duckdb's errors name the file; keep their first line
+        raise DataError(str(err).splitlines()[0]) from None
+
+
+def _assign_parts(con: Any, split: SplitConfig, staging: Path) -> None:
+    """Adds column ``part`` (0 train, 1 valid, 2 test) to ``interactions``."""
+    columns = [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
+    has_time = TIMESTAMP in columns
+    if split.method == "given":
+        if PART not in columns:
+            raise DataError(
+                "split method 'given' needs your own files: set data.valid and data.test "
+                "beside data.interactions"
+            )
+        return
+    if split.method == "leave_last_out":
+        order = f'"{TIMESTAMP}", {POSITION}' if has_time else POSITION
+        part = """CASE
+            WHEN n - 1 - rank = 0 AND n >= 2 THEN 2
+            WHEN n - 1 - rank = 1 AND n >= 3 THEN 1
+            ELSE 0 END"""
+        ranked = f"""SELECT *, row_number() OVER (PARTITION BY "{QUERY_ID}" ORDER BY {order}) - 1
+            AS rank, count(*) OVER (PARTITION BY "{QUERY_ID}") AS n FROM interactions"""
+    elif split.method == "random":
+        _write_draws(con, split.seed, staging / "draws.parquet")
+        train, valid = split.ratios[0], split.ratios[0] + split.ratios[1]
+        part = f"""CASE
+            WHEN rank < round_even(n * {train!r}::DOUBLE, 0) THEN 0
+            WHEN rank < round_even(n * {valid!r}::DOUBLE, 0) THEN 1
+            ELSE 2 END"""
+        ranked = f"""SELECT i.*, row_number() OVER (PARTITION BY "{QUERY_ID}" ORDER BY d.u,
+            i.{POSITION}) - 1 AS rank, count(*) OVER (PARTITION BY "{QUERY_ID}") AS n
+            FROM interactions i JOIN read_parquet({_quoted(str(staging / "draws.parquet"))}) d
+            ON i.{POSITION} = d.{POSITION}"""
+    else:  # time
+        if not has_time:
+            raise DataError("split method 'time' needs a timestamp column")
+        _, r_valid, r_test = split.ratios
+        test_from, valid_from = split.test_from, split.valid_from
+        if test_from is None:
+            test_from = _quantile(con, 1 - r_test)
+        if valid_from is None:
+            valid_from = _quantile(con, 1 - r_test - r_valid)
+        if valid_from > test_from:
+            raise DataError(f"split: valid_from ({valid_from}) is after test_from ({test_from})")
+        part = f"""CASE WHEN "{TIMESTAMP}" >= {test_from!r} THEN 2
+            WHEN "{TIMESTAMP}" >= {valid_from!r} THEN 1 ELSE 0 END"""
+        ranked = "SELECT * FROM interactions"
+    con.execute(
+        f"CREATE TABLE parted AS SELECT * EXCLUDE (rank, n), ({part})::TINYINT AS {PART} "
+        f"FROM ({ranked})"
+        if split.method != "time"
+        else f"CREATE TABLE parted AS SELECT *, ({part})::TINYINT AS {PART} FROM ({ranked})"
+    )
+    con.execute("DROP TABLE interactions")
+    con.execute("ALTER TABLE parted RENAME TO interactions")
+
+
+def _quantile(con: Any, q: float) -> float:
+    """numpy's default (linear) quantile of the timestamps, as ``np.quantile``."""
+    n = con.execute("SELECT count(*) FROM interactions").fetchone()[0]
+    h = (n - 1) * q
+    low = int(np.floor(h))
+    values = con.execute(
+        f'SELECT "{TIMESTAMP}"::DOUBLE FROM interactions ORDER BY 1 LIMIT 2 OFFSET {low}'
+    ).fetchall()
+    a = values[0][0]
+    b = values[1][0] if len(values) > 1 else a
+    return float(np.quantile(np.array([a, b]), h - low)) if b != a else float(a)
+
+
+def _write_draws(con: Any, seed: int, path: Path) -> None:
+    """``draws.parquet``: (position, u) with u numpy's ``default_rng(seed).random`` draw
+    for that position, the stream the in-memory random split draws, in chunks."""
+    rows = con.execute("SELECT count(*) FROM interactions").fetchone()[0]
+    rng = np.random.default_rng(seed)
+    schema = pa.schema([(POSITION, pa.int64()), ("u", pa.float64())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, _DRAW_CHUNK):
+            count = min(_DRAW_CHUNK, rows - start)
+            positions = np.arange(start, start + count, dtype=np.int64)
+            writer.write_table(
+                pa.table({POSITION: positions, "u": rng.random(count)}, schema=schema)
+            )
+
+
+def _write_parts(con: Any, staging: Path, options: BuildOptions) -> dict[str, dict[str, Any]]:
+    """Each part as Parquet in source order, streamed from DuckDB in Arrow batches;
+    returns each file's rows and sha256."""
+    files: dict[str, dict[str, Any]] = {}
+    (staging / "train").mkdir()
+    for index, name in enumerate(SPLIT_NAMES):
+        query = (
+            f"SELECT * EXCLUDE ({PART}) FROM interactions WHERE {PART} = {index} "
+            f"ORDER BY {POSITION}"
+        )
+        reader = con.sql(query).to_arrow_reader(options.row_group_rows)
+        per_file = options.rows_per_part if name == "train" else None
+        written = _write_stream(reader, staging, name, per_file, options.row_group_rows)
+        if not written:
+            raise DataError(f"the {name} split has no interactions after splitting")
+        files.update(written)
+    return files
+
+
+def _write_stream(
+    reader: pa.RecordBatchReader, staging: Path, name: str, per_file: int | None, group: int
+) -> dict[str, dict[str, Any]]:
+    """Writes the reader's rows as ``name.parquet``, or with ``per_file`` as
+    ``name/part-NNNNN.parquet`` files of that many rows; row groups of ``group`` rows."""
+    files = _Files(staging, name, per_file, group)
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in reader:
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= group:
+            table = pa.Table.from_batches(pending, schema=reader.schema)
+            whole = count // group * group
+            for start in range(0, whole, group):
+                files.write(table.slice(start, group))
+            rest = table.slice(whole)
+            pending, count = rest.to_batches(), rest.num_rows
+    if count:
+        files.write(pa.Table.from_batches(pending, schema=reader.schema))
+    return files.close()
+
+
+class _Files:
+    """The Parquet files of one part, a new one every ``per_file`` rows."""
+
+    def __init__(self, staging: Path, name: str, per_file: int | None, group: int) -> None:
+        self.staging, self.name, self.per_file, self.group = staging, name, per_file, group
+        self.done: dict[str, dict[str, Any]] = {}
+        self.writer: pq.ParquetWriter | None = None
+        self.path = staging
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            number = len(self.done)
+            relative = (
+                f"{self.name}/part-{number:05d}.parquet"
+                if self.per_file
+                else f"{self.name}.parquet"
+            )
+            self.path = self.staging / relative
+            self.writer, self.rows = pq.ParquetWriter(self.path, table.schema), 0
+        self.writer.write_table(table, row_group_size=self.group)
+        self.rows += table.num_rows
+        if self.per_file and self.rows >= self.per_file:
+            self._finish()
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        self._finish()
+        return self.done
+
+    def _finish(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            relative = self.path.relative_to(self.staging).as_posix()
+            self.done[relative] = {"rows": self.rows, "sha256": sha256_file(self.path)}
+            self.writer = None

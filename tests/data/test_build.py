@@ -1,0 +1,189 @@
+"""``twotower data build`` on DuckDB: every split method equal, row for row, to the
+in-memory ``split_interactions`` on the same files; the output appears whole or not at
+all; bad input is named."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from twotower.data.build import MANIFEST, POSITION, BuildOptions, build_split, read_manifest
+from twotower.data.config import DataConfig, InteractionsConfig, SplitConfig, SyntheticConfig
+from twotower.data.dataset import ITEM_ID, QUERY_ID, TIMESTAMP
+from twotower.data.load import load_dataset
+from twotower.data.splits import SPLIT_NAMES, split_interactions
+from twotower.data.synthetic import generate
+from twotower.errors import ConfigError, DataError
+
+pytest.importorskip("duckdb")
+
+ML100K = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-100k"
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> DataConfig:
+    """Generated interactions as Parquet, with ties in time so order by source matters."""
+    folder = tmp_path_factory.mktemp("generated")
+    dataset = generate(
+        SyntheticConfig(num_queries=300, num_items=200, interactions_per_query=12)
+    ).dataset
+    interactions = dataset.interactions
+    coarse = pa.array(np.asarray(interactions[TIMESTAMP].to_numpy()) // 5)  # many ties
+    interactions = interactions.set_column(
+        interactions.schema.get_field_index(TIMESTAMP), TIMESTAMP, coarse
+    )
+    path = folder / "interactions.parquet"
+    pq.write_table(interactions.select([QUERY_ID, ITEM_ID, TIMESTAMP]), path, row_group_size=700)
+    roles = InteractionsConfig(path, query_id=QUERY_ID, item_id=ITEM_ID, timestamp=TIMESTAMP)
+    return DataConfig(source="files", interactions=roles)
+
+
+def in_memory(data: DataConfig, split: SplitConfig) -> dict[str, list[tuple]]:
+    dataset = load_dataset(data)
+    parts = split_interactions(dataset, split)
+    return {name: _rows(parts.part(name)) for name in SPLIT_NAMES}
+
+
+def built(folder: Path) -> dict[str, list[tuple]]:
+    manifest = read_manifest(folder)
+    tables = {name: [] for name in SPLIT_NAMES}
+    for relative in sorted(manifest["files"]):
+        tables[relative.split("/")[0].removesuffix(".parquet")].append(
+            pq.read_table(folder / relative)
+        )
+    return {name: _rows(pa.concat_tables(parts)) for name, parts in tables.items()}
+
+
+def _rows(table: pa.Table) -> list[tuple]:
+    columns = [c for c in (QUERY_ID, ITEM_ID, TIMESTAMP) if c in table.column_names]
+    return list(zip(*(table[c].to_pylist() for c in columns), strict=True))
+
+
+SPLITS = {
+    "leave_last_out": SplitConfig(method="leave_last_out"),
+    "random": SplitConfig(method="random", ratios=[0.7, 0.15, 0.15], seed=3),
+    "time": SplitConfig(method="time", ratios=[0.8, 0.1, 0.1]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SPLITS))
+def test_every_split_equals_the_in_memory_one(generated, method, tmp_path):
+    options = BuildOptions(rows_per_part=1200, row_group_rows=300, threads=2)
+    manifest = build_split(generated, SPLITS[method], tmp_path / "built", options)
+    assert built(tmp_path / "built") == in_memory(generated, SPLITS[method])
+    assert len([f for f in manifest["files"] if f.startswith("train/")]) > 1
+    first = pq.ParquetFile(tmp_path / "built" / "train" / "part-00000.parquet")
+    assert first.metadata.num_row_groups == 4 and first.metadata.row_group(0).num_rows == 300
+
+
+def test_min_weight_keeps_positions_of_the_kept_rows(tmp_path):
+    """Positions count kept rows only, as the in-memory Dataset's row order does, so the
+    random split's draws line up."""
+    path = tmp_path / "i.csv"
+    rng = np.random.default_rng(0)
+    lines = ["u,i,r"] + [
+        f"{rng.integers(40)},{rng.integers(60)},{rng.integers(1, 6)}" for _ in range(3000)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    data = DataConfig(
+        source="files",
+        interactions=InteractionsConfig(path, query_id="u", item_id="i", weight="r"),
+        min_weight=3,
+    )
+    split = SplitConfig(method="random", seed=1)
+    build_split(data, split, tmp_path / "built")
+    assert built(tmp_path / "built") == in_memory(data, split)
+    train = pq.read_table(tmp_path / "built" / "train" / "part-00000.parquet")
+    assert train[POSITION].to_numpy().max() < 3000 * 0.61  # about 60% kept
+
+
+@pytest.mark.skipif(not ML100K.is_dir(), reason=f"MovieLens-100K not found at {ML100K}")
+@pytest.mark.parametrize("method", ["leave_last_out", "random"])
+def test_movielens_100k_splits_equal_the_in_memory_ones(method, tmp_path):
+    roles = InteractionsConfig(
+        ML100K / "u.data",
+        delimiter="\t",
+        header=False,
+        columns=["user", "item", "rating", "ts"],
+        query_id="user",
+        item_id="item",
+        timestamp="ts",
+        weight="rating",
+    )
+    data = DataConfig(source="files", interactions=roles)
+    build_split(data, SPLITS[method], tmp_path / "built")
+    assert built(tmp_path / "built") == in_memory(data, SPLITS[method])
+
+
+def test_a_finished_build_is_checked_on_read(generated, tmp_path):
+    build_split(generated, SPLITS["random"], tmp_path / "built")
+    (tmp_path / "built" / "valid.parquet").write_bytes(b"changed")
+    with pytest.raises(DataError, match=r"valid.parquet: checksum mismatch"):
+        read_manifest(tmp_path / "built")
+    with pytest.raises(DataError, match="not a finished data build"):
+        read_manifest(tmp_path)
+
+
+def test_a_killed_build_leaves_no_output(generated, tmp_path):
+    """SIGKILL in the middle of a build: no folder that reads as a build appears, and
+    the next build replaces what the killed one left."""
+    out = tmp_path / "built"
+    script = textwrap.dedent(
+        f"""
+        import time, twotower.data.build as b
+        from pathlib import Path
+        from twotower.data.config import DataConfig, InteractionsConfig, SplitConfig
+        slow = b._write_parts
+        def stalled(*args):
+            files = slow(*args)
+            print("written", flush=True)
+            time.sleep(60)
+            return files
+        b._write_parts = stalled
+        data = DataConfig(source="files", interactions=InteractionsConfig(
+            Path({str(generated.interactions.path)!r}), query_id="query_id", item_id="item_id",
+            timestamp="timestamp"))
+        b.build_split(data, SplitConfig(), Path({str(out)!r}))
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "written"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / MANIFEST).exists()
+    with pytest.raises(DataError, match="not a finished data build"):
+        read_manifest(out)
+    build_split(generated, SplitConfig(), out)
+    assert read_manifest(out)["rows"]["train"] > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".built.")] in (
+        [],
+        [".built.lock"],
+    )
+
+
+def test_bad_input_is_named(generated, tmp_path):
+    with pytest.raises(ConfigError, match="reads data.source 'files'"):
+        build_split(DataConfig(source="synthetic"), SplitConfig(), tmp_path / "a")
+    roles = dataclasses.replace(generated.interactions, query_id="user")
+    with pytest.raises(DataError, match=r"interactions.parquet: no column\(s\) \['user'\]"):
+        build_split(
+            dataclasses.replace(generated, interactions=roles), SplitConfig(), tmp_path / "b"
+        )
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 not really")
+    roles = dataclasses.replace(generated.interactions, path=corrupt)
+    with pytest.raises(DataError, match="corrupt.parquet"):
+        build_split(
+            dataclasses.replace(generated, interactions=roles), SplitConfig(), tmp_path / "c"
+        )
+    assert not (tmp_path / "c").exists()
