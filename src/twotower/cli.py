@@ -467,19 +467,27 @@ def data_build(
     overrides: Overrides = None,
 ) -> None:
     """Split the interactions out of core on DuckDB: train/ parts, valid.parquet,
-    test.parquet and a manifest (rows, sha256), equal to the in-memory split.
+    test.parquet and a manifest (rows, sha256), equal to the in-memory split; with
+    history features, each training row's history and each query's latest ones.
 
     The folder appears whole or not at all; a killed build leaves nothing that reads as
     finished.
     """
-    from twotower.data.build import BuildOptions, build_split
+    from twotower.data.build import BuildOptions, Histories, build_split
+    from twotower.features.specs import HistoryFeature
 
     config = _config(config_path, overrides, None)
     try:
         options = BuildOptions(memory_limit, threads, rows_per_part, row_group_rows)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    manifest = build_split(config.data, config.split, out, options)
+    lengths = {
+        spec.name: spec.max_len
+        for spec in config.features.query
+        if isinstance(spec, HistoryFeature)
+    }
+    histories = Histories(lengths, config.training.history)
+    manifest = build_split(config.data, config.split, out, options, histories)
     typer.echo(json.dumps({"rows": manifest["rows"], "seconds": manifest["seconds"]}, indent=2))
 
 

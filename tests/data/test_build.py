@@ -17,7 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from twotower.data.build import MANIFEST, POSITION, BuildOptions, build_split, read_manifest
+from twotower.data.build import (
+    MANIFEST,
+    POSITION,
+    BuildOptions,
+    Histories,
+    build_split,
+    read_manifest,
+)
 from twotower.data.config import DataConfig, InteractionsConfig, SplitConfig, SyntheticConfig
 from twotower.data.dataset import ITEM_ID, QUERY_ID, TIMESTAMP
 from twotower.data.load import load_dataset
@@ -58,9 +65,9 @@ def built(folder: Path) -> dict[str, list[tuple]]:
     manifest = read_manifest(folder)
     tables = {name: [] for name in SPLIT_NAMES}
     for relative in sorted(manifest["files"]):
-        tables[relative.split("/")[0].removesuffix(".parquet")].append(
-            pq.read_table(folder / relative)
-        )
+        part = relative.split("/")[0].removesuffix(".parquet")
+        if part in tables:
+            tables[part].append(pq.read_table(folder / relative))
     return {name: _rows(pa.concat_tables(parts)) for name, parts in tables.items()}
 
 
@@ -187,3 +194,76 @@ def test_bad_input_is_named(generated, tmp_path):
             dataclasses.replace(generated, interactions=roles), SplitConfig(), tmp_path / "c"
         )
     assert not (tmp_path / "c").exists()
+
+
+def _in_memory_histories(data: DataConfig, split: SplitConfig, max_len: int, rule: str):
+    """The in-memory training rows' histories and each query's valid / test histories,
+    as item ids (None where a target was blanked), through ``TrainingData``."""
+    import torch
+
+    from twotower.features.pipeline import FeaturePipeline
+    from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
+    from twotower.training.data import TrainingData
+
+    dataset = load_dataset(data, {QUERY_ID: None}, {ITEM_ID: None})
+    parts = split_interactions(dataset, split)
+    features = FeaturesConfig(
+        query=[HistoryFeature("history", QUERY_ID, "item_id", max_len=max_len)],
+        item=[IdFeature("item_id", ITEM_ID)],
+    )
+    pipeline = FeaturePipeline.fit(features, dataset, parts.train)
+    training = TrainingData(dataset, parts, pipeline, history=rule)
+    ids = dataset.items[ITEM_ID].to_pylist()
+    code_to_id = {int(c): ids[row] for row, c in enumerate(training.items["item_id"].tolist())}
+
+    def as_ids(codes: torch.Tensor, length: int) -> list:
+        return [code_to_id[c] if c else None for c in codes.tolist()[:length]]
+
+    rows = training.batch(torch.arange(len(training))).query["history"]
+    if rule == "mask_target":  # a row holds its query's whole history, a blank or not
+        whole = training.queries["history"][training.query_idx]
+        lengths = (whole > 0).sum(dim=1).tolist()
+    else:
+        lengths = (rows > 0).sum(dim=1).tolist()
+    train = [as_ids(r, n) for r, n in zip(rows, lengths, strict=True)]
+    queries = dataset.queries[QUERY_ID].to_pylist()
+    latest = {}
+    for part in ("valid", "test"):
+        inputs = training.query_inputs(torch.arange(dataset.num_queries), part)["history"]
+        latest[part] = {
+            queries[q]: as_ids(inputs[q], int((inputs[q] > 0).sum()))
+            for q in range(dataset.num_queries)
+        }
+    return train, latest
+
+
+@pytest.mark.parametrize(
+    ("method", "rule", "timestamps"),
+    [("leave_last_out", "before_event", True), ("random", "mask_target", False)],
+)
+def test_histories_equal_the_in_memory_ones(generated, tmp_path, method, rule, timestamps):
+    data = generated
+    if not timestamps:
+        roles = dataclasses.replace(generated.interactions, timestamp=None)
+        data = dataclasses.replace(generated, interactions=roles)
+    histories = Histories({"history": 7}, rule)
+    build_split(data, SPLITS[method], tmp_path / "b", BuildOptions(threads=2), histories)
+    train, latest = _in_memory_histories(data, SPLITS[method], 7, rule)
+    read = pq.read_table(tmp_path / "b" / "train" / "part-00000.parquet")
+    assert read["history"].to_pylist() == train
+    assert any(None in h for h in train) == (rule == "mask_target")
+    for part in ("valid", "test"):
+        table = pq.read_table(tmp_path / "b" / f"queries_{part}.parquet")
+        got = dict(zip(table[QUERY_ID].to_pylist(), table["history"].to_pylist(), strict=True))
+        expected = {q: h for q, h in latest[part].items() if h}
+        assert got == expected
+    seen = pq.read_table(tmp_path / "b" / "queries_test.parquet")
+    memory = split_interactions(load_dataset(data), SPLITS[method])
+    known = pa.concat_tables([memory.train, memory.valid])
+    pairs = sorted(set(zip(known[QUERY_ID].to_pylist(), known[ITEM_ID].to_pylist(), strict=True)))
+    built_pairs = sorted(
+        (q, i)
+        for q, items in zip(seen[QUERY_ID].to_pylist(), seen["seen"].to_pylist(), strict=True)
+        for i in items
+    )
+    assert built_pairs == pairs

@@ -12,12 +12,20 @@ data, row for row:
     random        numpy's draw for each position (the in-memory split's own stream,
                   drawn in chunks and written beside the database), ranked per query
 
+With ``Histories``, each training row also gets, per history feature, its query's
+history as a list of item ids (most recent first), made leak-free as in memory
+(``before_event``: window functions over the rows before it; ``mask_target``: the
+query's latest items with the target's entries null), and each query its latest
+history and seen items as of the end of train and of train + validation.
+
 The output folder appears whole or not at all (``storage.replaced_folder``):
 
     DIR/train/part-00000.parquet ...   training interactions, ``rows_per_part`` a file,
                                        row groups of ``row_group_rows`` (the stream
-                                       reader's unit of work)
+                                       reader's unit of work), with history columns
     DIR/valid.parquet, DIR/test.parquet
+    DIR/queries_valid.parquet          with histories: each query's histories and seen
+    DIR/queries_test.parquet           items as of validation / of test
     DIR/manifest.json                  rows and sha256 of every file, written last
 """
 
@@ -75,10 +83,40 @@ class BuildOptions:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Histories:
+    """The history list columns a build adds, one per query-side history feature.
+
+    Attributes:
+        lengths: column name -> max_len: each training row gets the item ids of its
+            query's history (most recent first, at most max_len), and
+            ``queries_valid.parquet`` / ``queries_test.parquet`` each query's latest
+            history as of the end of train / of train + validation.
+        rule: how a training row's history avoids its own target, as
+            ``training.history``: ``before_event`` (the query's training items strictly
+            before it), ``mask_target`` (the query's latest training items, the target's
+            entries null), ``auto`` (``before_event`` where there are timestamps).
+    """
+
+    lengths: dict[str, int] = dataclasses.field(default_factory=dict)
+    rule: str = "auto"
+
+    def resolved_rule(self, con: Any) -> str:
+        if self.rule != "auto":
+            return self.rule
+        columns = [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
+        return "before_event" if TIMESTAMP in columns else "mask_target"
+
+
 def build_split(
-    data: DataConfig, split: SplitConfig, out: Path, options: BuildOptions | None = None
+    data: DataConfig,
+    split: SplitConfig,
+    out: Path,
+    options: BuildOptions | None = None,
+    histories: Histories | None = None,
 ) -> dict[str, Any]:
-    """Splits the interactions ``data`` names into ``out`` (see the module doc).
+    """Splits the interactions ``data`` names into ``out`` (see the module doc), with
+    ``histories``' list columns if given.
 
     Returns:
         The manifest: each file's rows and sha256, each part's rows, the seconds taken.
@@ -109,7 +147,11 @@ def build_split(
                 con.execute(f"SET {name} = '{value}'")
             _load_interactions(con, data)
             _assign_parts(con, split, staging)
-            files = _write_parts(con, staging, options)
+            histories = histories or Histories()
+            rule = histories.resolved_rule(con)
+            files = _write_parts(con, staging, options, histories, rule)
+            if histories.lengths:
+                files.update(_write_latest(con, staging, options, histories))
         finally:
             con.close()
         for leftover in [
@@ -121,6 +163,8 @@ def build_split(
         manifest = {
             "format": 1,
             "split": dataclasses.asdict(split),
+            "histories": dict(histories.lengths),
+            "history_rule": rule if histories.lengths else None,
             "rows": {
                 name: sum(f["rows"] for p, f in files.items() if _part_of(p) == name)
                 for name in SPLIT_NAMES
@@ -152,8 +196,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _part_of(path: str) -> str:
-    return path.split("/")[0].removesuffix(".parquet")
+def _part_of(path: str) -> str | None:
+    part = path.split("/")[0].removesuffix(".parquet")
+    return part if part in SPLIT_NAMES else None
 
 
 def _load_interactions(con: Any, data: DataConfig) -> None:
@@ -324,15 +369,29 @@ def _write_draws(con: Any, seed: int, path: Path) -> None:
             )
 
 
-def _write_parts(con: Any, staging: Path, options: BuildOptions) -> dict[str, dict[str, Any]]:
-    """Each part as Parquet in source order, streamed from DuckDB in Arrow batches;
-    returns each file's rows and sha256."""
+def _write_parts(
+    con: Any, staging: Path, options: BuildOptions, histories: Histories, rule: str
+) -> dict[str, dict[str, Any]]:
+    """Each part as Parquet in source order, streamed from DuckDB in Arrow batches, the
+    training rows with their histories; returns each file's rows and sha256."""
     files: dict[str, dict[str, Any]] = {}
     (staging / "train").mkdir()
+    has_time = TIMESTAMP in [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
+    recency = f'"{TIMESTAMP}", {POSITION}' if has_time else POSITION
+    if histories.lengths and rule == "mask_target":
+        _latest_table(con, "latest_train", "0", max(histories.lengths.values()), recency)
     for index, name in enumerate(SPLIT_NAMES):
+        columns, source = "", "interactions"
+        if name == "train" and histories.lengths:
+            columns = "".join(
+                f", {_history(rule, length, recency)} AS {_quoted_name(column)}"
+                for column, length in histories.lengths.items()
+            )
+            if rule == "mask_target":
+                source = f'interactions LEFT JOIN latest_train USING ("{QUERY_ID}")'
         query = (
-            f"SELECT * EXCLUDE ({PART}) FROM interactions WHERE {PART} = {index} "
-            f"ORDER BY {POSITION}"
+            f"SELECT interactions.* EXCLUDE ({PART}){columns} FROM {source} "
+            f"WHERE {PART} = {index} ORDER BY {POSITION}"
         )
         reader = con.sql(query).to_arrow_reader(options.row_group_rows)
         per_file = options.rows_per_part if name == "train" else None
@@ -341,6 +400,62 @@ def _write_parts(con: Any, staging: Path, options: BuildOptions) -> dict[str, di
             raise DataError(f"the {name} split has no interactions after splitting")
         files.update(written)
     return files
+
+
+def _history(rule: str, length: int, recency: str) -> str:
+    """The SQL of a training row's history list: item ids, most recent first."""
+    if rule == "before_event":
+        earlier = (
+            f'list("{ITEM_ID}") OVER (PARTITION BY "{QUERY_ID}" ORDER BY {recency} '
+            f"ROWS BETWEEN {length} PRECEDING AND 1 PRECEDING)"
+        )
+        return f"list_reverse(coalesce({earlier}, []))"
+    # mask_target: the query's latest items, the target's own entries null
+    return (
+        f"list_transform(coalesce(latest_train.items[1:{length}], []), "
+        f'lambda x: CASE WHEN x = interactions."{ITEM_ID}" THEN NULL ELSE x END)'
+    )
+
+
+def _latest_table(con: Any, table: str, parts: str, length: int, recency: str) -> None:
+    """Table ``table``: each query's latest ``length`` items among ``parts``, most
+    recent first (column ``items``), and all of them (``seen``)."""
+    descending = ", ".join(f"{c} DESC" for c in recency.split(", "))
+    con.execute(
+        f'CREATE OR REPLACE TABLE {table} AS SELECT "{QUERY_ID}", '
+        f'list("{ITEM_ID}" ORDER BY {descending})[1:{length}] AS items, '
+        f'list(DISTINCT "{ITEM_ID}") AS seen '
+        f"FROM interactions WHERE {PART} IN ({parts}) GROUP BY ALL"
+    )
+
+
+def _write_latest(
+    con: Any, staging: Path, options: BuildOptions, histories: Histories
+) -> dict[str, dict[str, Any]]:
+    """``queries_valid.parquet`` and ``queries_test.parquet``: each query's histories as
+    of the end of train and of train + validation, and its seen items then."""
+    has_time = TIMESTAMP in [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
+    # as in memory, where the parts known by then are concatenated in order: between
+    # equal timestamps (or without any), a training row is older than a validation row
+    recency = f'"{TIMESTAMP}", {PART}, {POSITION}' if has_time else f"{PART}, {POSITION}"
+    files: dict[str, dict[str, Any]] = {}
+    for name, parts in (("queries_valid", "0"), ("queries_test", "0, 1")):
+        _latest_table(con, "latest", parts, max(histories.lengths.values()), recency)
+        columns = "".join(
+            f", items[1:{length}] AS {_quoted_name(column)}"
+            for column, length in histories.lengths.items()
+        )
+        query = (
+            f'SELECT "{QUERY_ID}"{columns}, list_sort(seen) AS seen FROM latest '
+            f'ORDER BY "{QUERY_ID}"'
+        )
+        reader = con.sql(query).to_arrow_reader(options.row_group_rows)
+        files.update(_write_stream(reader, staging, name, None, options.row_group_rows))
+    return files
+
+
+def _quoted_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _write_stream(
