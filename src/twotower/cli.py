@@ -459,14 +459,20 @@ def data_build(
         str | None,
         typer.Option(help="DuckDB's memory limit, e.g. 4GB; beyond it, it spills to --out."),
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="DuckDB's threads.")] = None,
+    threads: Annotated[int | None, typer.Option(help="The engine's threads.")] = None,
+    engine: Annotated[
+        str, typer.Option(help="duckdb (one machine) or spark (a Spark cluster, --master).")
+    ] = "duckdb",
+    master: Annotated[
+        str, typer.Option(help="The Spark master, with --engine spark.")
+    ] = "local[2]",
     rows_per_part: Annotated[int, typer.Option(help="Training rows per Parquet file.")] = 5_000_000,
     row_group_rows: Annotated[
         int, typer.Option(help="Rows per Parquet row group (divides --rows-per-part).")
     ] = 100_000,
     overrides: Overrides = None,
 ) -> None:
-    """Split the interactions out of core on DuckDB: train/ parts, valid.parquet,
+    """Split the interactions out of core on DuckDB (or Spark): train/ parts, valid.parquet,
     test.parquet and a manifest (rows, sha256), equal to the in-memory split; with
     history features, each training row's history and each query's latest ones.
 
@@ -487,7 +493,7 @@ def data_build(
         if isinstance(spec, HistoryFeature)
     }
     histories = Histories(lengths, config.training.history)
-    manifest = build_split(config.data, config.split, out, options, histories)
+    manifest = build_split(config.data, config.split, out, options, histories, engine, master)
     typer.echo(json.dumps({"rows": manifest["rows"], "seconds": manifest["seconds"]}, indent=2))
 
 

@@ -25,34 +25,15 @@ from twotower.data.build import (
     build_split,
     read_manifest,
 )
-from twotower.data.config import DataConfig, InteractionsConfig, SplitConfig, SyntheticConfig
+from twotower.data.config import DataConfig, InteractionsConfig, SplitConfig
 from twotower.data.dataset import ITEM_ID, QUERY_ID, TIMESTAMP
 from twotower.data.load import load_dataset
 from twotower.data.splits import SPLIT_NAMES, split_interactions
-from twotower.data.synthetic import generate
 from twotower.errors import ConfigError, DataError
 
 pytest.importorskip("duckdb")
 
 ML100K = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-100k"
-
-
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory) -> DataConfig:
-    """Generated interactions as Parquet, with ties in time so order by source matters."""
-    folder = tmp_path_factory.mktemp("generated")
-    dataset = generate(
-        SyntheticConfig(num_queries=300, num_items=200, interactions_per_query=12)
-    ).dataset
-    interactions = dataset.interactions
-    coarse = pa.array(np.asarray(interactions[TIMESTAMP].to_numpy()) // 5)  # many ties
-    interactions = interactions.set_column(
-        interactions.schema.get_field_index(TIMESTAMP), TIMESTAMP, coarse
-    )
-    path = folder / "interactions.parquet"
-    pq.write_table(interactions.select([QUERY_ID, ITEM_ID, TIMESTAMP]), path, row_group_size=700)
-    roles = InteractionsConfig(path, query_id=QUERY_ID, item_id=ITEM_ID, timestamp=TIMESTAMP)
-    return DataConfig(source="files", interactions=roles)
 
 
 def in_memory(data: DataConfig, split: SplitConfig) -> dict[str, list[tuple]]:
@@ -76,18 +57,11 @@ def _rows(table: pa.Table) -> list[tuple]:
     return list(zip(*(table[c].to_pylist() for c in columns), strict=True))
 
 
-SPLITS = {
-    "leave_last_out": SplitConfig(method="leave_last_out"),
-    "random": SplitConfig(method="random", ratios=[0.7, 0.15, 0.15], seed=3),
-    "time": SplitConfig(method="time", ratios=[0.8, 0.1, 0.1]),
-}
-
-
-@pytest.mark.parametrize("method", sorted(SPLITS))
-def test_every_split_equals_the_in_memory_one(generated, method, tmp_path):
+@pytest.mark.parametrize("method", ["leave_last_out", "random", "time"])
+def test_every_split_equals_the_in_memory_one(generated, method, tmp_path, splits):
     options = BuildOptions(rows_per_part=1200, row_group_rows=300, threads=2)
-    manifest = build_split(generated, SPLITS[method], tmp_path / "built", options)
-    assert built(tmp_path / "built") == in_memory(generated, SPLITS[method])
+    manifest = build_split(generated, splits[method], tmp_path / "built", options)
+    assert built(tmp_path / "built") == in_memory(generated, splits[method])
     assert len([f for f in manifest["files"] if f.startswith("train/")]) > 1
     first = pq.ParquetFile(tmp_path / "built" / "train" / "part-00000.parquet")
     assert first.metadata.num_row_groups == 4 and first.metadata.row_group(0).num_rows == 300
@@ -116,7 +90,7 @@ def test_min_weight_keeps_positions_of_the_kept_rows(tmp_path):
 
 @pytest.mark.skipif(not ML100K.is_dir(), reason=f"MovieLens-100K not found at {ML100K}")
 @pytest.mark.parametrize("method", ["leave_last_out", "random"])
-def test_movielens_100k_splits_equal_the_in_memory_ones(method, tmp_path):
+def test_movielens_100k_splits_equal_the_in_memory_ones(method, tmp_path, splits):
     roles = InteractionsConfig(
         ML100K / "u.data",
         delimiter="\t",
@@ -128,12 +102,12 @@ def test_movielens_100k_splits_equal_the_in_memory_ones(method, tmp_path):
         weight="rating",
     )
     data = DataConfig(source="files", interactions=roles)
-    build_split(data, SPLITS[method], tmp_path / "built")
-    assert built(tmp_path / "built") == in_memory(data, SPLITS[method])
+    build_split(data, splits[method], tmp_path / "built")
+    assert built(tmp_path / "built") == in_memory(data, splits[method])
 
 
-def test_a_finished_build_is_checked_on_read(generated, tmp_path):
-    build_split(generated, SPLITS["random"], tmp_path / "built")
+def test_a_finished_build_is_checked_on_read(generated, tmp_path, splits):
+    build_split(generated, splits["random"], tmp_path / "built")
     (tmp_path / "built" / "valid.parquet").write_bytes(b"changed")
     with pytest.raises(DataError, match=r"valid.parquet: checksum mismatch"):
         read_manifest(tmp_path / "built")
@@ -241,14 +215,14 @@ def _in_memory_histories(data: DataConfig, split: SplitConfig, max_len: int, rul
     ("method", "rule", "timestamps"),
     [("leave_last_out", "before_event", True), ("random", "mask_target", False)],
 )
-def test_histories_equal_the_in_memory_ones(generated, tmp_path, method, rule, timestamps):
+def test_histories_equal_the_in_memory_ones(generated, tmp_path, method, rule, timestamps, splits):
     data = generated
     if not timestamps:
         roles = dataclasses.replace(generated.interactions, timestamp=None)
         data = dataclasses.replace(generated, interactions=roles)
     histories = Histories({"history": 7}, rule)
-    build_split(data, SPLITS[method], tmp_path / "b", BuildOptions(threads=2), histories)
-    train, latest = _in_memory_histories(data, SPLITS[method], 7, rule)
+    build_split(data, splits[method], tmp_path / "b", BuildOptions(threads=2), histories)
+    train, latest = _in_memory_histories(data, splits[method], 7, rule)
     read = pq.read_table(tmp_path / "b" / "train" / "part-00000.parquet")
     assert read["history"].to_pylist() == train
     assert any(None in h for h in train) == (rule == "mask_target")
@@ -258,7 +232,7 @@ def test_histories_equal_the_in_memory_ones(generated, tmp_path, method, rule, t
         expected = {q: h for q, h in latest[part].items() if h}
         assert got == expected
     seen = pq.read_table(tmp_path / "b" / "queries_test.parquet")
-    memory = split_interactions(load_dataset(data), SPLITS[method])
+    memory = split_interactions(load_dataset(data), splits[method])
     known = pa.concat_tables([memory.train, memory.valid])
     pairs = sorted(set(zip(known[QUERY_ID].to_pylist(), known[ITEM_ID].to_pylist(), strict=True)))
     built_pairs = sorted(

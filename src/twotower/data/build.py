@@ -51,6 +51,7 @@ from twotower.storage import atomic_write, replaced_folder, sha256_file
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+ENGINES = ("duckdb", "spark")
 POSITION = "position"  # an interaction's place in the source, after min_weight
 PART = "part"
 _DRAW_CHUNK = 1 << 22
@@ -101,11 +102,10 @@ class Histories:
     lengths: dict[str, int] = dataclasses.field(default_factory=dict)
     rule: str = "auto"
 
-    def resolved_rule(self, con: Any) -> str:
+    def resolved_rule(self, has_timestamps: bool) -> str:
         if self.rule != "auto":
             return self.rule
-        columns = [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
-        return "before_event" if TIMESTAMP in columns else "mask_target"
+        return "before_event" if has_timestamps else "mask_target"
 
 
 def build_split(
@@ -114,9 +114,12 @@ def build_split(
     out: Path,
     options: BuildOptions | None = None,
     histories: Histories | None = None,
+    engine: str = "duckdb",
+    master: str = "local[2]",
 ) -> dict[str, Any]:
     """Splits the interactions ``data`` names into ``out`` (see the module doc), with
-    ``histories``' list columns if given.
+    ``histories``' list columns if given, on ``engine`` (``duckdb``, or ``spark`` on
+    the cluster ``master``: the same output).
 
     Returns:
         The manifest: each file's rows and sha256, each part's rows, the seconds taken.
@@ -126,42 +129,26 @@ def build_split(
         DataError: a file is missing, unreadable or lacks a column; an id is empty; a
             part would be empty; ``out`` exists and is not a build.
     """
-    import duckdb
-
     options = options or BuildOptions()
+    histories = histories or Histories()
     if data.source != "files" or data.interactions is None:
         raise ConfigError(
             f"twotower data build reads data.source 'files' (data.interactions), not "
             f"{data.source!r}"
         )
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose {' or '.join(ENGINES)}")
     clock = time.perf_counter()
     with replaced_folder(out, MANIFEST, "a data build") as staging:
-        con = duckdb.connect(str(staging / "build.duckdb"))
-        try:
-            settings = {"preserve_insertion_order": "true", "temp_directory": str(staging)}
-            if options.memory_limit:
-                settings["memory_limit"] = options.memory_limit
-            if options.threads:
-                settings["threads"] = str(options.threads)
-            for name, value in settings.items():
-                con.execute(f"SET {name} = '{value}'")
-            _load_interactions(con, data)
-            _assign_parts(con, split, staging)
-            histories = histories or Histories()
-            rule = histories.resolved_rule(con)
-            files = _write_parts(con, staging, options, histories, rule)
-            if histories.lengths:
-                files.update(_write_latest(con, staging, options, histories))
-        finally:
-            con.close()
-        for leftover in [
-            staging / "build.duckdb",
-            staging / "build.duckdb.wal",
-            staging / "draws.parquet",
-        ]:
-            leftover.unlink(missing_ok=True)
+        if engine == "spark":
+            from twotower.data.build_spark import spark_build
+
+            files, rule = spark_build(data, split, staging, options, histories, master)
+        else:
+            files, rule = _duckdb_build(data, split, staging, options, histories)
         manifest = {
             "format": 1,
+            "engine": engine,
             "split": dataclasses.asdict(split),
             "histories": dict(histories.lengths),
             "history_rule": rule if histories.lengths else None,
@@ -175,6 +162,40 @@ def build_split(
         text = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
         atomic_write(staging / MANIFEST, lambda f: f.write(text))
     return manifest
+
+
+def _duckdb_build(
+    data: DataConfig,
+    split: SplitConfig,
+    staging: Path,
+    options: BuildOptions,
+    histories: Histories,
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """The build on DuckDB, in ``staging``; returns the files written and the history
+    rule applied."""
+    import duckdb
+
+    con = duckdb.connect(str(staging / "build.duckdb"))
+    try:
+        settings = {"preserve_insertion_order": "true", "temp_directory": str(staging)}
+        if options.memory_limit:
+            settings["memory_limit"] = options.memory_limit
+        if options.threads:
+            settings["threads"] = str(options.threads)
+        for name, value in settings.items():
+            con.execute(f"SET {name} = '{value}'")
+        _load_interactions(con, data)
+        _assign_parts(con, split, staging)
+        columns = [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
+        rule = histories.resolved_rule(TIMESTAMP in columns)
+        files = _write_parts(con, staging, options, histories, rule)
+        if histories.lengths:
+            files.update(_write_latest(con, staging, options, histories))
+    finally:
+        con.close()
+    for leftover in ["build.duckdb", "build.duckdb.wal", "draws.parquet"]:
+        (staging / leftover).unlink(missing_ok=True)
+    return files, rule
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -307,7 +328,8 @@ def _assign_parts(con: Any, split: SplitConfig, staging: Path) -> None:
         ranked = f"""SELECT *, row_number() OVER (PARTITION BY "{QUERY_ID}" ORDER BY {order}) - 1
             AS rank, count(*) OVER (PARTITION BY "{QUERY_ID}") AS n FROM interactions"""
     elif split.method == "random":
-        _write_draws(con, split.seed, staging / "draws.parquet")
+        rows = con.execute("SELECT count(*) FROM interactions").fetchone()[0]
+        write_draws(rows, split.seed, staging / "draws.parquet")
         train, valid = split.ratios[0], split.ratios[0] + split.ratios[1]
         part = f"""CASE
             WHEN rank < round_even(n * {train!r}::DOUBLE, 0) THEN 0
@@ -343,30 +365,38 @@ def _assign_parts(con: Any, split: SplitConfig, staging: Path) -> None:
 
 def _quantile(con: Any, q: float) -> float:
     """numpy's default (linear) quantile of the timestamps, as ``np.quantile``."""
-    n = con.execute("SELECT count(*) FROM interactions").fetchone()[0]
-    h = (n - 1) * q
-    low = int(np.floor(h))
-    values = con.execute(
-        f'SELECT "{TIMESTAMP}"::DOUBLE FROM interactions ORDER BY 1 LIMIT 2 OFFSET {low}'
-    ).fetchall()
-    a = values[0][0]
-    b = values[1][0] if len(values) > 1 else a
-    return float(np.quantile(np.array([a, b]), h - low)) if b != a else float(a)
+    count = con.execute("SELECT count(*) FROM interactions").fetchone()[0]
+
+    def pair(k: int) -> list[float]:
+        query = f'SELECT "{TIMESTAMP}"::DOUBLE FROM interactions ORDER BY 1 LIMIT 2 OFFSET {k}'
+        return [row[0] for row in con.execute(query).fetchall()]
+
+    return linear_quantile(count, q, pair)
 
 
-def _write_draws(con: Any, seed: int, path: Path) -> None:
-    """``draws.parquet``: (position, u) with u numpy's ``default_rng(seed).random`` draw
-    for that position, the stream the in-memory random split draws, in chunks."""
-    rows = con.execute("SELECT count(*) FROM interactions").fetchone()[0]
+def write_draws(rows: int, seed: int, path: Path) -> None:
+    """``path``: (position, u) for positions 0..rows-1, u numpy's
+    ``default_rng(seed).random`` draw for that position: the stream the in-memory random
+    split draws, written in chunks."""
     rng = np.random.default_rng(seed)
     schema = pa.schema([(POSITION, pa.int64()), ("u", pa.float64())])
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, rows, _DRAW_CHUNK):
             count = min(_DRAW_CHUNK, rows - start)
             positions = np.arange(start, start + count, dtype=np.int64)
-            writer.write_table(
-                pa.table({POSITION: positions, "u": rng.random(count)}, schema=schema)
-            )
+            table = pa.table({POSITION: positions, "u": rng.random(count)}, schema=schema)
+            writer.write_table(table)
+
+
+def linear_quantile(count: int, q: float, sorted_pair: Any) -> float:
+    """numpy's default (linear) quantile ``q`` of ``count`` values, given
+    ``sorted_pair(k)``: the k-th and (k+1)-th smallest values (the second may be absent)."""
+    h = (count - 1) * q
+    low = int(np.floor(h))
+    pair = sorted_pair(low)
+    a = pair[0]
+    b = pair[1] if len(pair) > 1 else a
+    return float(np.quantile(np.array([a, b], dtype=np.float64), h - low)) if b != a else float(a)
 
 
 def _write_parts(
@@ -395,7 +425,7 @@ def _write_parts(
         )
         reader = con.sql(query).to_arrow_reader(options.row_group_rows)
         per_file = options.rows_per_part if name == "train" else None
-        written = _write_stream(reader, staging, name, per_file, options.row_group_rows)
+        written = write_stream(reader, staging, name, per_file, options.row_group_rows)
         if not written:
             raise DataError(f"the {name} split has no interactions after splitting")
         files.update(written)
@@ -450,7 +480,7 @@ def _write_latest(
             f'ORDER BY "{QUERY_ID}"'
         )
         reader = con.sql(query).to_arrow_reader(options.row_group_rows)
-        files.update(_write_stream(reader, staging, name, None, options.row_group_rows))
+        files.update(write_stream(reader, staging, name, None, options.row_group_rows))
     return files
 
 
@@ -458,7 +488,7 @@ def _quoted_name(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _write_stream(
+def write_stream(
     reader: pa.RecordBatchReader, staging: Path, name: str, per_file: int | None, group: int
 ) -> dict[str, dict[str, Any]]:
     """Writes the reader's rows as ``name.parquet``, or with ``per_file`` as

@@ -1,0 +1,85 @@
+"""``twotower data build --engine spark`` (local[2]) writes what the DuckDB build writes:
+every split method, histories and latest histories, on generated data and
+MovieLens-100K."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from twotower.data.build import BuildOptions, Histories, build_split, read_manifest
+from twotower.data.config import DataConfig, InteractionsConfig, SplitConfig
+
+pytest.importorskip("pyspark", reason="PySpark is not installed (pip install 'twotower[spark]')")
+if shutil.which("java") is None:
+    pytest.skip(
+        "Spark needs Java (apt-get install openjdk-17-jre-headless)", allow_module_level=True
+    )
+
+ML100K = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-100k"
+OPTIONS = BuildOptions(rows_per_part=1200, row_group_rows=300, threads=2)
+
+
+@pytest.fixture(scope="module")
+def spark():
+    """One local[2] session for the module (a build reuses an active session)."""
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def contents(folder: Path) -> dict[str, list]:
+    """Every file's rows, by file, and the manifest's layout (files and row counts)."""
+    manifest = read_manifest(folder)
+    rows = {name: pq.read_table(folder / name).to_pylist() for name in manifest["files"]}
+    layout = {name: entry["rows"] for name, entry in manifest["files"].items()}
+    return {"rows": rows, "layout": layout, "parts": manifest["rows"]}
+
+
+@pytest.mark.parametrize(
+    ("method", "rule"),
+    [("leave_last_out", "before_event"), ("random", "mask_target"), ("time", "before_event")],
+)
+def test_spark_writes_what_duckdb_writes(spark, generated, tmp_path, method, rule, splits):
+    data = generated
+    if rule == "mask_target":
+        roles = dataclasses.replace(generated.interactions, timestamp=None)
+        data = dataclasses.replace(generated, interactions=roles)
+    split = splits[method]
+    histories = Histories({"history": 5, "long": 30}, rule)
+    build_split(data, split, tmp_path / "duckdb", OPTIONS, histories)
+    build_split(data, split, tmp_path / "spark", OPTIONS, histories, engine="spark")
+    assert contents(tmp_path / "spark") == contents(tmp_path / "duckdb")
+
+
+@pytest.mark.skipif(not ML100K.is_dir(), reason=f"MovieLens-100K not found at {ML100K}")
+def test_spark_and_duckdb_agree_on_movielens_100k(spark, tmp_path):
+    roles = InteractionsConfig(
+        ML100K / "u.data",
+        delimiter="\t",
+        header=False,
+        columns=["user", "item", "rating", "ts"],
+        query_id="user",
+        item_id="item",
+        timestamp="ts",
+        weight="rating",
+    )
+    data = DataConfig(source="files", interactions=roles, min_weight=4)
+    split = SplitConfig(method="random", seed=0)
+    histories = Histories({"history": 50})
+    options = BuildOptions(rows_per_part=20_000, row_group_rows=5_000)
+    build_split(data, split, tmp_path / "duckdb", options, histories)
+    build_split(data, split, tmp_path / "spark", options, histories, engine="spark")
+    assert contents(tmp_path / "spark") == contents(tmp_path / "duckdb")
