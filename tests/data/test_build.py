@@ -231,6 +231,10 @@ def test_histories_equal_the_in_memory_ones(generated, tmp_path, method, rule, t
         got = dict(zip(table[QUERY_ID].to_pylist(), table["history"].to_pylist(), strict=True))
         expected = {q: h for q, h in latest[part].items() if h}
         assert got == expected
+        # each held-out row carries its query's history as of its own step
+        rows = pq.read_table(tmp_path / "b" / f"{part}.parquet")
+        queries, lists = rows[QUERY_ID].to_pylist(), rows["history"].to_pylist()
+        assert lists == [latest[part][query] for query in queries]
     seen = pq.read_table(tmp_path / "b" / "queries_test.parquet")
     memory = split_interactions(load_dataset(data), splits[method])
     known = pa.concat_tables([memory.train, memory.valid])

@@ -4,8 +4,9 @@ bounds, the approximations keep their stated guarantees."""
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
-from twotower.errors import ConfigError
+from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import (
     DenseFeature,
@@ -108,9 +109,38 @@ def test_the_fit_reports_which_features_are_approximate():
     assert pipeline.sizes("query")["user"] <= 10 + 2
 
 
-def test_history_features_cannot_be_streamed():
+def test_a_streamed_history_reads_its_rows_list_column():
+    """Fitted from a stream, a history has no state: each row's list column of item
+    ids (most recent first) maps through the item-id vocabulary, a null item to a blank."""
     config = FeaturesConfig(
-        query=[HistoryFeature("history", "user", "item")], item=[IdFeature("item", "item")]
+        query=[HistoryFeature("history", "user", "item", max_len=3)],
+        item=[IdFeature("item", "item")],
     )
-    with pytest.raises(ConfigError, match="history features cannot be fitted from a stream"):
+    pipeline = FeaturePipeline(config)
+    items = pa.table({"item": ["a", "b", "c"]})
+    pipeline.fit_side("item", items, "item", np.ones(3, np.int64))
+    fit = StreamingFit(pipeline.transforms["query"])
+    fit.update(pa.table({"user": [1]}))
+    assert fit.finish() == {"history": True}
+    rows = pa.table({"history": [["c", "a"], [], ["b", None, "a", "c"], None]})
+    got = pipeline.transform("query", rows)["history"]
+    code = dict(
+        zip("abc", pipeline.transforms["item"]["item"].transform(items["item"]), strict=True)
+    )
+    assert got.tolist() == [
+        [code["c"], code["a"], 0],
+        [0, 0, 0],
+        [code["b"], 0, code["a"]],  # at most max_len; the null a blank
+        [0, 0, 0],
+    ]
+    restored = FeaturePipeline.from_bytes(*pipeline.to_bytes(), where="test")
+    assert torch.equal(restored.transform("query", rows)["history"], got)
+    with pytest.raises(DataError, match="reads its rows' list column 'history'"):
+        pipeline.transform("query", pa.table({"user": [1]}))
+
+
+def test_a_streamed_history_cannot_have_time_buckets():
+    spec = HistoryFeature("history", "user", "item", encoder="attention", time_buckets=4)
+    config = FeaturesConfig(query=[spec], item=[IdFeature("item", "item")])
+    with pytest.raises(ConfigError, match="time_buckets need each item's timestamp"):
         StreamingFit(FeaturePipeline(config).transforms["query"])

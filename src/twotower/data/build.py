@@ -408,8 +408,15 @@ def _write_parts(
     (staging / "train").mkdir()
     has_time = TIMESTAMP in [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
     recency = f'"{TIMESTAMP}", {POSITION}' if has_time else POSITION
-    if histories.lengths and rule == "mask_target":
-        _latest_table(con, "latest_train", "0", max(histories.lengths.values()), recency)
+    if histories.lengths:
+        longest = max(histories.lengths.values())
+        if rule == "mask_target":
+            _latest_table(con, "latest_train", "0", longest, recency)
+        # as in memory, where the parts known by then are concatenated in order: between
+        # equal timestamps (or without any), a training row is older than a validation row
+        known = f'"{TIMESTAMP}", {PART}, {POSITION}' if has_time else f"{PART}, {POSITION}"
+        _latest_table(con, "latest_valid", "0", longest, known)
+        _latest_table(con, "latest_test", "0, 1", longest, known)
     for index, name in enumerate(SPLIT_NAMES):
         columns, source = "", "interactions"
         if name == "train" and histories.lengths:
@@ -419,6 +426,13 @@ def _write_parts(
             )
             if rule == "mask_target":
                 source = f'interactions LEFT JOIN latest_train USING ("{QUERY_ID}")'
+        elif histories.lengths:  # a held-out row: its query's history as of its step
+            latest = f"latest_{name}"
+            columns = "".join(
+                f", coalesce({latest}.items[1:{length}], []) AS {_quoted_name(column)}"
+                for column, length in histories.lengths.items()
+            )
+            source = f'interactions LEFT JOIN {latest} USING ("{QUERY_ID}")'
         query = (
             f"SELECT interactions.* EXCLUDE ({PART}){columns} FROM {source} "
             f"WHERE {PART} = {index} ORDER BY {POSITION}"
@@ -463,24 +477,20 @@ def _write_latest(
     con: Any, staging: Path, options: BuildOptions, histories: Histories
 ) -> dict[str, dict[str, Any]]:
     """``queries_valid.parquet`` and ``queries_test.parquet``: each query's histories as
-    of the end of train and of train + validation, and its seen items then."""
-    has_time = TIMESTAMP in [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
-    # as in memory, where the parts known by then are concatenated in order: between
-    # equal timestamps (or without any), a training row is older than a validation row
-    recency = f'"{TIMESTAMP}", {PART}, {POSITION}' if has_time else f"{PART}, {POSITION}"
+    of the end of train and of train + validation (``_write_parts``' tables), and its
+    seen items then."""
     files: dict[str, dict[str, Any]] = {}
-    for name, parts in (("queries_valid", "0"), ("queries_test", "0, 1")):
-        _latest_table(con, "latest", parts, max(histories.lengths.values()), recency)
+    for name in ("valid", "test"):
         columns = "".join(
             f", items[1:{length}] AS {_quoted_name(column)}"
             for column, length in histories.lengths.items()
         )
         query = (
-            f'SELECT "{QUERY_ID}"{columns}, list_sort(seen) AS seen FROM latest '
+            f'SELECT "{QUERY_ID}"{columns}, list_sort(seen) AS seen FROM latest_{name} '
             f'ORDER BY "{QUERY_ID}"'
         )
         reader = con.sql(query).to_arrow_reader(options.row_group_rows)
-        files.update(write_stream(reader, staging, name, None, options.row_group_rows))
+        files.update(write_stream(reader, staging, f"queries_{name}", None, options.row_group_rows))
     return files
 
 

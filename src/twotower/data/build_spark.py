@@ -248,8 +248,12 @@ def _write_parts(
     recency = f"`{TIMESTAMP}`, {POSITION}" if has_time else POSITION
     columns = [c for c in spark.table("interactions").columns if c != PART]
     keep = ", ".join(f"i.`{c}`" for c in columns)
-    if histories.lengths and rule == "mask_target":
-        _latest_view(spark, "latest_train", "0", max(histories.lengths.values()), has_time, False)
+    if histories.lengths:
+        longest = max(histories.lengths.values())
+        if rule == "mask_target":
+            _latest_view(spark, "latest_train", "0", longest, has_time, False)
+        _latest_view(spark, "latest_valid", "0", longest, has_time, True)
+        _latest_view(spark, "latest_test", "0, 1", longest, has_time, True)
     files: dict[str, dict[str, Any]] = {}
     (staging / "train").mkdir()
     for index, name in enumerate(SPLIT_NAMES):
@@ -263,6 +267,12 @@ def _write_parts(
                 source = (
                     f"interactions i LEFT JOIN latest_train l ON i.`{QUERY_ID}` = l.`{QUERY_ID}`"
                 )
+        elif histories.lengths:  # a held-out row: its query's history as of its step
+            extra = "".join(
+                f", slice(coalesce(l.items, array()), 1, {length}) AS `{column}`"
+                for column, length in histories.lengths.items()
+            )
+            source = f"interactions i LEFT JOIN latest_{name} l ON i.`{QUERY_ID}` = l.`{QUERY_ID}`"
         frame = spark.sql(f"SELECT {keep}{extra} FROM {source} WHERE i.{PART} = {index}")
         written = _through_scratch(frame, scratch / name, staging, name, options, name == "train")
         if not written:
@@ -312,14 +322,14 @@ def _write_latest(
 ) -> dict[str, dict[str, Any]]:
     """``queries_valid.parquet`` and ``queries_test.parquet``, as the DuckDB build's."""
     files: dict[str, dict[str, Any]] = {}
-    for name, parts in (("queries_valid", "0"), ("queries_test", "0, 1")):
-        _latest_view(spark, "latest", parts, max(histories.lengths.values()), has_time, True)
+    for name in ("valid", "test"):
         columns = "".join(
             f", slice(items, 1, {length}) AS `{column}`"
             for column, length in histories.lengths.items()
         )
-        frame = spark.sql(f"SELECT `{QUERY_ID}`{columns}, seen FROM latest")
-        files.update(_through_scratch(frame, scratch / name, staging, name, options, False))
+        frame = spark.sql(f"SELECT `{QUERY_ID}`{columns}, seen FROM latest_{name}")
+        target = f"queries_{name}"
+        files.update(_through_scratch(frame, scratch / target, staging, target, options, False))
     return files
 
 

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP
 from twotower.data.splits import recency_order
-from twotower.errors import DataError
+from twotower.errors import ConfigError, DataError
 from twotower.features import ragged
 from twotower.features.categorical import Vocabulary
 from twotower.features.specs import HistoryFeature
@@ -26,6 +26,11 @@ class HistoryTransform(Transform):
     embedding table the towers share.
     A query with no training interaction (or unseen) gets an all-padding row.
     With ``time_buckets``, ``times`` gives the items' timestamps alike (float64).
+
+    Fitted from a stream (``fit_rows``), there is no state: each row carries its own
+    history as a list column named after the feature (item ids, most recent first, as
+    ``twotower data build`` writes it; a null item is a blank), and ``transform_lists``
+    maps it through the item-id feature's vocabulary.
     """
 
     spec: HistoryFeature
@@ -35,6 +40,26 @@ class HistoryTransform(Transform):
         self.keys = Vocabulary()
         self.items = np.zeros((0, spec.max_len), np.int64)
         self.item_times = np.zeros((0, spec.max_len), np.float64)  # with time_buckets
+        self.from_rows = False  # the rows carry the histories (a stream)
+
+    def fit_rows(self) -> None:
+        """Fits for rows that carry their histories (a stream): nothing to learn."""
+        if self.spec.time_buckets:
+            raise ConfigError(
+                f"history feature {self.spec.name!r}: time_buckets need each item's "
+                "timestamp, which a history list column does not carry; set time_buckets: 0"
+            )
+        self.from_rows = True
+
+    def transform_lists(self, lists: pa.Array, item_feature: Transform) -> np.ndarray:
+        """(rows, max_len) int64 item indices of list-column histories (item ids, most
+        recent first), looked up in ``item_feature``, the item-id feature's transform;
+        a null item is a blank (0), as a masked target is in memory."""
+        flat, lengths = ragged.list_parts(lists)
+        codes = np.asarray(item_feature.transform(flat), dtype=np.int64)
+        codes[pc.is_null(flat).to_numpy(zero_copy_only=False)] = 0
+        width = self.spec.max_len
+        return ragged.pad(codes, lengths, width, width=width)
 
     def fit(self, values: pa.Array, context: FitContext) -> None:
         if context.train is None or context.query_keys is None:
@@ -84,9 +109,10 @@ class HistoryTransform(Transform):
         arrays = {"keys": to_numpy_array(self.keys.values), "items": self.items}
         if self.spec.time_buckets:
             arrays["times"] = self.item_times
-        return {}, arrays
+        return {"from_rows": self.from_rows}, arrays
 
     def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.from_rows = bool(meta.get("from_rows", False))
         self.keys = Vocabulary(from_numpy_array(arrays["keys"]))
         self.items = arrays["items"]
         if self.spec.time_buckets:

@@ -160,6 +160,18 @@ class FeaturePipeline:
         """
         out = {}
         for name, transform in self.transforms[side].items():
+            if isinstance(transform, HistoryTransform) and transform.from_rows:
+                spec = transform.spec
+                if spec.name not in table.column_names:
+                    raise DataError(
+                        f"history feature {spec.name!r} reads its rows' list column "
+                        f"{spec.name!r} (as twotower data build writes it), which the "
+                        f"{side} rows lack; they have {table.column_names}"
+                    )
+                item = self.transforms["item"][spec.item_feature]
+                lists = transform.transform_lists(table.column(spec.name), item)
+                out[name] = torch.from_numpy(lists)
+                continue
             _require_column(table, transform.spec, side)
             column = table.column(transform.spec.column)
             out[name] = torch.from_numpy(transform.transform(column))

@@ -13,7 +13,8 @@ same fitted transform ``FeaturePipeline.fit`` makes from a whole table:
     dense bucketize        quantiles of the values: exact while at most ``max_sample``
                            values were seen, else of a uniform random sample of that
                            many (approximate: rank error about 1 / sqrt(max_sample))
-    history                not streamable: a history is a join of the interactions
+    history                nothing: each row carries its history as a list column named
+                           after the feature (``twotower data build`` writes it)
 
 Rows count once per interaction: a query feature streamed from interaction rows
 counts a user as often as the user interacts.
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from twotower.data.config import StreamConfig
 from twotower.data.stream import ParquetStream, read_item_table
-from twotower.errors import ConfigError, DataError
+from twotower.errors import DataError
 from twotower.features.categorical import (
     IdTransform,
     MultiHotTransform,
@@ -46,7 +47,7 @@ from twotower.features.categorical import (
 from twotower.features.dense import DenseTransform, as_float
 from twotower.features.history import HistoryTransform
 from twotower.features.pipeline import FeaturePipeline
-from twotower.features.specs import FeaturesConfig
+from twotower.features.specs import FeaturesConfig, HistoryFeature
 from twotower.features.transform import FitContext, Transform
 
 log = logging.getLogger(__name__)
@@ -166,11 +167,8 @@ class StreamingFit:
         for name, transform in self.transforms.items():
             spec = transform.spec
             if isinstance(transform, HistoryTransform):
-                raise ConfigError(
-                    f"feature {name!r}: history features cannot be fitted from a stream "
-                    "(a history joins all of a user's interactions); give the rows a "
-                    "precomputed list column and use a multihot feature"
-                )
+                transform.fit_rows()  # each row carries its history: nothing to fit
+                continue
             if isinstance(transform, (OneHotTransform, MultiHotTransform)) or (
                 isinstance(transform, IdTransform) and not spec.hash_buckets
             ):
@@ -199,7 +197,9 @@ class StreamingFit:
         exact = {}
         for name, transform in self.transforms.items():
             summary = self.summaries.get(name)
-            if summary is None:
+            if isinstance(transform, HistoryTransform):  # fitted already (fit_rows)
+                exact[name] = True
+            elif summary is None:
                 transform.fit(pa.array([], pa.null()), FitContext())
                 exact[name] = True
             elif isinstance(summary, CountSummary):
@@ -256,7 +256,7 @@ def fit_stream_pipeline(
     query_fit = StreamingFit(
         pipeline.transforms["query"], config.max_distinct, config.max_sample, seed
     )
-    columns = sorted({spec.column for spec in features.query} | {config.item_id})
+    columns = sorted(set(stream_query_columns(features)) | {config.item_id})
     stream = ParquetStream(config.train, columns)
     counts = np.zeros(items.num_rows, np.int64)
     pieces = stream.share(None, 0, 1)
@@ -273,6 +273,14 @@ def fit_stream_pipeline(
     if approximate:
         log.info("fitted approximately (past max_distinct / max_sample): %s", approximate)
     return pipeline, items, counts, exact
+
+
+def stream_query_columns(features: FeaturesConfig) -> list[str]:
+    """The columns of streamed rows the query features read: a history feature reads
+    the list column named after it, every other feature its ``column``."""
+    return sorted(
+        spec.name if isinstance(spec, HistoryFeature) else spec.column for spec in features.query
+    )
 
 
 def read_items(config: StreamConfig, features: FeaturesConfig) -> pa.Table:

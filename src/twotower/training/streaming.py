@@ -29,7 +29,7 @@ from twotower.data.splits import Split
 from twotower.data.stream import ParquetStream, Piece
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
-from twotower.features.streaming import ItemKeys
+from twotower.features.streaming import ItemKeys, stream_query_columns
 from twotower.training.config import WeightRule
 from twotower.training.data import Batch, interaction_weights, to_device
 from twotower.training.distributed import Collective
@@ -78,14 +78,13 @@ class StreamingTrainingData:
         self.items = to_device(pipeline.transform("item", items), self.device)
         self.num_items = items.num_rows
         self._counts = item_counts
-        self.query_columns = sorted(
-            {spec.column for spec in pipeline.config.query} | {config.query_id}
-        )
+        self.query_columns = sorted(set(stream_query_columns(pipeline.config)) | {config.query_id})
         weight = [config.weight] if weights != "none" else []
         self.stream = ParquetStream(config.train, [*self.query_columns, config.item_id, *weight])
-        self.split, eval_queries = self._held_out(seed)
-        self.num_queries = eval_queries.num_rows
-        self.queries = to_device(pipeline.transform("query", eval_queries), self.device)
+        self.split, rows = self._held_out(seed)
+        self.num_queries = rows["valid"].num_rows
+        self.queries = to_device(pipeline.transform("query", rows["valid"]), self.device)
+        self.test_queries = to_device(pipeline.transform("query", rows["test"]), self.device)
 
     def __len__(self) -> int:
         return self.stream.num_rows
@@ -105,8 +104,11 @@ class StreamingTrainingData:
         return {name: values[items] for name, values in self.items.items()}
 
     def query_inputs(self, queries: torch.Tensor, part: str = "train") -> dict[str, torch.Tensor]:
-        """The evaluation queries' inputs (a stream has no per-step histories)."""
-        return {name: values[queries] for name, values in self.queries.items()}
+        """The evaluation queries' inputs as of ``part``: each query's features from its
+        rows of that part (its history as of then, where the rows carry one), else from
+        its rows of the other held-out part."""
+        inputs = self.test_queries if part == "test" else self.queries
+        return {name: values[queries] for name, values in inputs.items()}
 
     def batches(
         self, batch_size: int, generator: torch.Generator, collective: Collective | None = None
@@ -164,8 +166,9 @@ class StreamingTrainingData:
             table, found = table.filter(pa.array(~unknown)), found[~unknown]
         return table.append_column(ITEM_IDX, pa.array(found))
 
-    def _held_out(self, seed: int) -> tuple[Split, pa.Table]:
-        """The evaluation queries' valid / test / train interactions, and their rows."""
+    def _held_out(self, seed: int) -> tuple[Split, dict[str, pa.Table]]:
+        """The evaluation queries' valid / test / train interactions, and each query's
+        feature row as of validation and as of test."""
         config = self.config
         parts = {"valid": _read_all(config.valid, self.query_columns, config.item_id)}
         parts["test"] = _read_all(config.test, self.query_columns, config.item_id)
@@ -174,12 +177,16 @@ class StreamingTrainingData:
         if len(keys) > config.eval_queries:
             chosen = np.random.default_rng(seed).choice(len(keys), config.eval_queries, False)
             keys = keys.take(pa.array(np.sort(chosen)))
-        # each query's features: its last held-out row (a later row overwrites)
-        position = pc.index_in(everyone.column(config.query_id), value_set=keys)
-        index = pc.fill_null(position, -1).to_numpy().astype(np.int64)
-        last = np.zeros(len(keys), np.int64)
-        last[index[index >= 0]] = np.flatnonzero(index >= 0)
-        queries = everyone.take(pa.array(last))
+        # each query's features as of a part: its last row of that part, else of the
+        # other (rows later in the table overwrite earlier ones)
+        rows = {}
+        for part, other in (("valid", "test"), ("test", "valid")):
+            table = pa.concat_tables([parts[other], parts[part]])
+            position = pc.index_in(table.column(config.query_id), value_set=keys)
+            index = pc.fill_null(position, -1).to_numpy().astype(np.int64)
+            last = np.zeros(len(keys), np.int64)
+            last[index[index >= 0]] = np.flatnonzero(index >= 0)
+            rows[part] = table.take(pa.array(last))
         split = {
             name: self._indexed(table, keys, f"{getattr(config, name)}")
             for name, table in parts.items()
@@ -192,7 +199,7 @@ class StreamingTrainingData:
             wanted = pc.is_in(table.column(config.query_id), value_set=keys)
             train.append(self._indexed(table.filter(wanted), keys, str(piece.group.path)))
         split["train"] = pa.concat_tables(train) if train else split["valid"].slice(0, 0)
-        return Split(**split), queries
+        return Split(**split), rows
 
     def _indexed(self, table: pa.Table, keys: pa.Array, where: str) -> pa.Table:
         """``query_idx`` / ``item_idx`` of the rows whose query is among ``keys``."""

@@ -1,0 +1,122 @@
+"""Training from ``twotower data build``'s output through the stream: the same histories
+the in-memory path makes, for training rows and for the evaluation inputs of each
+part, and a run that learns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from twotower.baselines.popularity import Popularity
+from twotower.config import Config
+from twotower.data.build import Histories, build_split
+from twotower.data.config import DataConfig, StreamConfig
+from twotower.data.dataset import ITEM_ID, QUERY_ID
+from twotower.data.matrix import interaction_matrix
+from twotower.evaluation.ranking import evaluate
+from twotower.features.pipeline import FeaturePipeline
+from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
+from twotower.features.streaming import fit_stream_pipeline
+from twotower.prepare import load_data
+from twotower.training.data import TrainingData
+from twotower.training.run import train_run
+from twotower.training.streaming import StreamingTrainingData
+
+pytest.importorskip("duckdb")
+
+FEATURES = FeaturesConfig(
+    query=[HistoryFeature("history", "user_id", "item_id", max_len=8)],
+    item=[IdFeature("item_id", "item_id", dim=32)],
+)
+
+
+@pytest.fixture(scope="module")
+def configs(small_config, tmp_path_factory) -> tuple[Config, Config]:
+    """The in-memory config (interactions and items files, no user table) and the
+    stream config reading its build."""
+    memory_data = dataclasses.replace(small_config.data, queries=None)
+    memory = dataclasses.replace(small_config, data=memory_data, features=FEATURES)
+    built = tmp_path_factory.mktemp("built") / "out"
+    histories = Histories({"history": 8}, memory.training.history)
+    build_split(memory.data, memory.split, built, histories=histories)
+    stream = StreamConfig(
+        train=built / "train",
+        valid=built / "valid.parquet",
+        test=built / "test.parquet",
+        items=memory.data.items.path,
+        query_id=QUERY_ID,
+        item_id=ITEM_ID,
+        workers=0,
+    )
+    streamed = dataclasses.replace(
+        memory, data=DataConfig(source="stream", stream=stream), features=FEATURES
+    )
+    return memory, streamed
+
+
+def _ids(codes: torch.Tensor, pipeline: FeaturePipeline, items) -> list[list]:
+    """Item-index rows as lists of item ids (0 and padding dropped)."""
+    lookup = pipeline.transforms["item"]["item_id"].transform(items.column("item_id"))
+    to_id = {int(c): i for c, i in zip(lookup, items.column("item_id").to_pylist(), strict=True)}
+    return [[to_id[c] for c in row if c] for row in codes.tolist()]
+
+
+def test_built_rows_give_the_in_memory_histories(configs):
+    memory, streamed = configs
+    dataset, split = load_data(memory)
+    pipeline = FeaturePipeline.fit(memory.features, dataset, split.train)
+    data = TrainingData(dataset, split, pipeline)
+    expected = _ids(data.batch(torch.arange(len(data))).query["history"], pipeline, dataset.items)
+
+    stream_pipeline, items, counts, _ = fit_stream_pipeline(streamed.data.stream, FEATURES)
+    stream = StreamingTrainingData(streamed.data.stream, stream_pipeline, items, counts)
+    rows = [table for table in stream.stream.read(stream.stream.share(None, 0, 1))]
+    got = [
+        row
+        for table in rows
+        for row in _ids(
+            stream_pipeline.transform("query", table)["history"], stream_pipeline, items
+        )
+    ]
+    assert got == expected  # the build writes training rows in source order
+    # the evaluation inputs: each query's history as of validation and of test
+    keys = dataset.queries.column(dataset.query_key).to_pylist()
+    position = {key: row for row, key in enumerate(keys)}
+    for part in ("valid", "test"):
+        queries = sorted(set(getattr(stream.split, part).column("query_idx").to_pylist()))
+        stream_ids = _ids(
+            stream.query_inputs(torch.tensor(queries), part)["history"], stream_pipeline, items
+        )
+        rows = torch.tensor([position[key] for key in _eval_keys(streamed.data.stream, queries)])
+        memory_ids = _ids(data.query_inputs(rows, part)["history"], pipeline, dataset.items)
+        assert stream_ids == memory_ids, part
+
+
+def _eval_keys(config: StreamConfig, queries: list[int]) -> list:
+    """The query keys of the stream's evaluation rows ``queries``: the distinct query
+    ids of the validation then test rows, in order of first appearance."""
+    import pyarrow.parquet as pq
+
+    ids = []
+    for path in (config.valid, config.test):
+        ids += pq.read_table(path, columns=[config.query_id])[config.query_id].to_pylist()
+    keys = list(dict.fromkeys(ids))
+    return [keys[q] for q in queries]
+
+
+def test_a_run_on_built_data_learns(configs, tmp_path):
+    memory, streamed = configs
+    recall = train_run(streamed, tmp_path / "stream").metrics["valid/recall@10"]
+    dataset, split = load_data(memory)
+    train = interaction_matrix(split.train, dataset.num_queries, dataset.num_items)
+    popularity = evaluate(
+        Popularity().fit(train).score,
+        split,
+        "valid",
+        dataset.num_queries,
+        dataset.num_items,
+        ks=[10],
+    )["valid/recall@10"]
+    assert recall > 1.5 * popularity, (recall, popularity)
