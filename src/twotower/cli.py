@@ -473,8 +473,8 @@ def data_build(
     overrides: Overrides = None,
 ) -> None:
     """Split the interactions out of core on DuckDB (or Spark): train/ parts, valid.parquet,
-    test.parquet and a manifest (rows, sha256), equal to the in-memory split; with
-    history features, each training row's history and each query's latest ones.
+    test.parquet, items.parquet and a manifest (rows, sha256), equal to the in-memory
+    split; the query features' columns joined into every row, each row's history.
 
     The folder appears whole or not at all; a killed build leaves nothing that reads as
     finished.
@@ -493,7 +493,17 @@ def data_build(
         if isinstance(spec, HistoryFeature)
     }
     histories = Histories(lengths, config.training.history)
-    manifest = build_split(config.data, config.split, out, options, histories, engine, master)
+    columns = {  # a history reads the interactions, not a table column
+        side: [
+            spec.column
+            for spec in getattr(config.features, side)
+            if not isinstance(spec, HistoryFeature)
+        ]
+        for side in ("query", "item")
+    }
+    manifest = build_split(
+        config.data, config.split, out, options, histories, engine, master, columns
+    )
     typer.echo(json.dumps({"rows": manifest["rows"], "seconds": manifest["seconds"]}, indent=2))
 
 

@@ -38,3 +38,22 @@ def generated(tmp_path_factory) -> DataConfig:
     pq.write_table(interactions.select([QUERY_ID, ITEM_ID, TIMESTAMP]), path, row_group_size=700)
     roles = InteractionsConfig(path, query_id=QUERY_ID, item_id=ITEM_ID, timestamp=TIMESTAMP)
     return DataConfig(source="files", interactions=roles)
+
+
+@pytest.fixture(scope="session")
+def with_tables(tmp_path_factory) -> DataConfig:
+    """The synthetic demo tables: interactions, a user table and an item table."""
+    from twotower.data.config import FeatureTableConfig, SyntheticConfig
+    from twotower.data.synthetic import generate, write_parquet
+
+    folder = tmp_path_factory.mktemp("tables")
+    dataset = generate(SyntheticConfig(num_queries=200, num_items=150)).dataset
+    paths = write_parquet(dataset, folder)
+    return DataConfig(
+        source="files",
+        interactions=InteractionsConfig(
+            paths["interactions"], query_id="user_id", item_id="item_id", timestamp="timestamp"
+        ),
+        queries=FeatureTableConfig(paths["queries"], key="user_id"),
+        items=FeatureTableConfig(paths["items"], key="item_id"),
+    )

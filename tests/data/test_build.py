@@ -42,14 +42,24 @@ def in_memory(data: DataConfig, split: SplitConfig) -> dict[str, list[tuple]]:
     return {name: _rows(parts.part(name)) for name in SPLIT_NAMES}
 
 
-def built(folder: Path) -> dict[str, list[tuple]]:
+def built(folder: Path, names: tuple[str, ...] = (QUERY_ID, ITEM_ID, TIMESTAMP)) -> dict:
+    """Each part's (query, item, time) rows; ``names``: the build's names for them (the
+    interactions' own column names)."""
     manifest = read_manifest(folder)
     tables = {name: [] for name in SPLIT_NAMES}
     for relative in sorted(manifest["files"]):
         part = relative.split("/")[0].removesuffix(".parquet")
         if part in tables:
             tables[part].append(pq.read_table(folder / relative))
-    return {name: _rows(pa.concat_tables(parts)) for name, parts in tables.items()}
+    canonical = dict(zip(names, (QUERY_ID, ITEM_ID, TIMESTAMP), strict=True))
+    return {
+        name: _rows(
+            pa.concat_tables(parts).rename_columns(
+                [canonical.get(c, c) for c in parts[0].column_names]
+            )
+        )
+        for name, parts in tables.items()
+    }
 
 
 def _rows(table: pa.Table) -> list[tuple]:
@@ -83,7 +93,7 @@ def test_min_weight_keeps_positions_of_the_kept_rows(tmp_path):
     )
     split = SplitConfig(method="random", seed=1)
     build_split(data, split, tmp_path / "built")
-    assert built(tmp_path / "built") == in_memory(data, split)
+    assert built(tmp_path / "built", ("u", "i", "t")) == in_memory(data, split)
     train = pq.read_table(tmp_path / "built" / "train" / "part-00000.parquet")
     assert train[POSITION].to_numpy().max() < 3000 * 0.61  # about 60% kept
 
@@ -103,7 +113,8 @@ def test_movielens_100k_splits_equal_the_in_memory_ones(method, tmp_path, splits
     )
     data = DataConfig(source="files", interactions=roles)
     build_split(data, splits[method], tmp_path / "built")
-    assert built(tmp_path / "built") == in_memory(data, splits[method])
+    got = built(tmp_path / "built", ("user", "item", "ts"))
+    assert got == in_memory(data, splits[method])
 
 
 def test_a_finished_build_is_checked_on_read(generated, tmp_path, splits):
@@ -245,3 +256,72 @@ def test_histories_equal_the_in_memory_ones(generated, tmp_path, method, rule, t
         for i in items
     )
     assert built_pairs == pairs
+
+
+COLUMNS = {"query": ["user_id", "segment", "age"], "item": ["item_id", "category", "price"]}
+
+
+def test_feature_tables_are_joined_as_in_memory(with_tables, tmp_path, splits):
+    build_split(with_tables, splits["random"], tmp_path / "b", columns=COLUMNS)
+    got = built(tmp_path / "b", ("user_id", "item_id", "timestamp"))
+    dataset = load_dataset(with_tables, {"segment": None, "age": None}, {"category": None})
+    assert got == in_memory(with_tables, splits["random"])
+    users = {row["user_id"]: row for row in dataset.queries.to_pylist()}
+    train = pq.read_table(tmp_path / "b" / "train" / "part-00000.parquet")
+    assert train.column_names == ["user_id", "item_id", "timestamp", POSITION, "segment", "age"]
+    for row in train.to_pylist():
+        assert (row["segment"], row["age"]) == (
+            users[row["user_id"]]["segment"],
+            users[row["user_id"]]["age"],
+        )
+    items = pq.read_table(tmp_path / "b" / "items.parquet")
+    expected = pq.read_table(with_tables.items.path, columns=["item_id", "category", "price"])
+    assert items.to_pylist() == expected.to_pylist()
+
+
+def test_ids_without_a_row_follow_on_missing_rows(tmp_path, splits):
+    from twotower.data.config import FeatureTableConfig
+
+    (tmp_path / "log.csv").write_text(
+        "u,i\n" + "".join(f"{q},{(q * 3 + k) % 9}\n" for q in range(30) for k in range(4 + q % 6))
+    )
+    (tmp_path / "items.csv").write_text("i,kind\n" + "".join(f"{i},k{i % 2}\n" for i in range(7)))
+    data = DataConfig(
+        source="files",
+        interactions=InteractionsConfig(tmp_path / "log.csv", query_id="u", item_id="i"),
+        items=FeatureTableConfig(tmp_path / "items.csv", key="i"),
+    )
+    columns = {"item": ["i", "kind"]}
+    with pytest.raises(
+        DataError,
+        match=r"log.csv: 2 item id\(s\) .* no row in .*items.csv "
+        r"\(for example 7, 8\)",
+    ):
+        build_split(data, splits["random"], tmp_path / "a", columns=columns)
+    for policy in ("drop", "impute"):
+        config = dataclasses.replace(data, on_missing_rows=policy)
+        out = tmp_path / policy
+        build_split(config, splits["random"], out, columns=columns)
+        assert built(out, ("u", "i", "t")) == in_memory(config, splits["random"])
+        items = pq.read_table(out / "items.parquet").to_pylist()
+        memory = load_dataset(config, item_columns={"kind": None}).items.to_pylist()
+        assert items == memory
+
+
+def test_ids_of_another_type_are_named(tmp_path, splits):
+    from twotower.data.config import FeatureTableConfig
+
+    (tmp_path / "log.csv").write_text("u,i\n1,10\n1,x7\n2,10\n")
+    (tmp_path / "items.csv").write_text("i,kind\n10,a\n11,b\n")
+    data = DataConfig(
+        source="files",
+        interactions=InteractionsConfig(tmp_path / "log.csv", query_id="u", item_id="i"),
+        items=FeatureTableConfig(tmp_path / "items.csv", key="i"),
+    )
+    with pytest.raises(
+        DataError,
+        match=r"log.csv: interaction row 1 \(0-based\): i 'x7' does "
+        r"not convert to BIGINT, the type of .*items.csv's keys",
+    ):
+        build_split(data, splits["random"], tmp_path / "b", columns={"item": ["i", "kind"]})
+    assert not (tmp_path / "b").exists()

@@ -83,3 +83,32 @@ def test_spark_and_duckdb_agree_on_movielens_100k(spark, tmp_path):
     build_split(data, split, tmp_path / "duckdb", options, histories)
     build_split(data, split, tmp_path / "spark", options, histories, engine="spark")
     assert contents(tmp_path / "spark") == contents(tmp_path / "duckdb")
+
+
+def test_spark_joins_feature_tables_as_duckdb_does(spark, with_tables, tmp_path, splits):
+    columns = {"query": ["user_id", "segment", "age"], "item": ["item_id", "category", "price"]}
+    histories = Histories({"history": 6})
+    for engine in ("duckdb", "spark"):
+        out = tmp_path / engine
+        build_split(with_tables, splits["random"], out, OPTIONS, histories, engine, columns=columns)
+    assert contents(tmp_path / "spark") == contents(tmp_path / "duckdb")
+
+
+@pytest.mark.parametrize("policy", ["drop", "impute"])
+def test_spark_handles_missing_rows_as_duckdb_does(spark, tmp_path, splits, policy):
+    from twotower.data.config import FeatureTableConfig
+
+    (tmp_path / "log.csv").write_text(
+        "u,i\n" + "".join(f"{q},{(q * 3 + k) % 9}\n" for q in range(30) for k in range(4 + q % 6))
+    )
+    (tmp_path / "items.csv").write_text("i,kind\n" + "".join(f"{i},k{i % 2}\n" for i in range(7)))
+    data = DataConfig(
+        source="files",
+        interactions=InteractionsConfig(tmp_path / "log.csv", query_id="u", item_id="i"),
+        items=FeatureTableConfig(tmp_path / "items.csv", key="i"),
+        on_missing_rows=policy,
+    )
+    for engine in ("duckdb", "spark"):
+        out = tmp_path / engine
+        build_split(data, splits["random"], out, engine=engine, columns={"item": ["i", "kind"]})
+    assert contents(tmp_path / "spark") == contents(tmp_path / "duckdb")

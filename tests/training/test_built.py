@@ -13,7 +13,6 @@ from twotower.baselines.popularity import Popularity
 from twotower.config import Config
 from twotower.data.build import Histories, build_split
 from twotower.data.config import DataConfig, StreamConfig
-from twotower.data.dataset import ITEM_ID, QUERY_ID
 from twotower.data.matrix import interaction_matrix
 from twotower.evaluation.ranking import evaluate
 from twotower.features.pipeline import FeaturePipeline
@@ -46,8 +45,8 @@ def configs(small_config, tmp_path_factory) -> tuple[Config, Config]:
         valid=built / "valid.parquet",
         test=built / "test.parquet",
         items=memory.data.items.path,
-        query_id=QUERY_ID,
-        item_id=ITEM_ID,
+        query_id="user_id",
+        item_id="item_id",
         workers=0,
     )
     streamed = dataclasses.replace(

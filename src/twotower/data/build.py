@@ -42,7 +42,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from twotower.data.config import DataConfig, SplitConfig, TableSpec
+from twotower.data.config import (
+    DataConfig,
+    FeatureTableConfig,
+    InteractionsConfig,
+    SplitConfig,
+    TableSpec,
+)
 from twotower.data.dataset import ITEM_ID, QUERY_ID, TIMESTAMP, WEIGHT
 from twotower.data.splits import SPLIT_NAMES
 from twotower.errors import ConfigError, DataError
@@ -116,10 +122,13 @@ def build_split(
     histories: Histories | None = None,
     engine: str = "duckdb",
     master: str = "local[2]",
+    columns: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Splits the interactions ``data`` names into ``out`` (see the module doc), with
     ``histories``' list columns if given, on ``engine`` (``duckdb``, or ``spark`` on
-    the cluster ``master``: the same output).
+    the cluster ``master``: the same output). ``columns``: each side's feature columns
+    (``query``: joined into every row from ``data.queries``; ``item``: written with the
+    corpus to ``items.parquet``).
 
     Returns:
         The manifest: each file's rows and sha256, each part's rows, the seconds taken.
@@ -131,6 +140,7 @@ def build_split(
     """
     options = options or BuildOptions()
     histories = histories or Histories()
+    columns = columns or {}
     if data.source != "files" or data.interactions is None:
         raise ConfigError(
             f"twotower data build reads data.source 'files' (data.interactions), not "
@@ -143,9 +153,9 @@ def build_split(
         if engine == "spark":
             from twotower.data.build_spark import spark_build
 
-            files, rule = spark_build(data, split, staging, options, histories, master)
+            files, rule = spark_build(data, split, staging, options, histories, master, columns)
         else:
-            files, rule = _duckdb_build(data, split, staging, options, histories)
+            files, rule = _duckdb_build(data, split, staging, options, histories, columns)
         manifest = {
             "format": 1,
             "engine": engine,
@@ -170,6 +180,7 @@ def _duckdb_build(
     staging: Path,
     options: BuildOptions,
     histories: Histories,
+    columns: dict[str, list[str]],
 ) -> tuple[dict[str, dict[str, Any]], str]:
     """The build on DuckDB, in ``staging``; returns the files written and the history
     rule applied."""
@@ -184,13 +195,15 @@ def _duckdb_build(
             settings["threads"] = str(options.threads)
         for name, value in settings.items():
             con.execute(f"SET {name} = '{value}'")
-        _load_interactions(con, data)
+        _load_interactions(con, data, columns)
         _assign_parts(con, split, staging)
-        columns = [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
-        rule = histories.resolved_rule(TIMESTAMP in columns)
-        files = _write_parts(con, staging, options, histories, rule)
+        present = [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
+        rule = histories.resolved_rule(TIMESTAMP in present)
+        outputs = output_columns(data, columns)
+        files = _write_parts(con, staging, options, histories, rule, outputs)
+        files.update(_write_items(con, staging, options, outputs))
         if histories.lengths:
-            files.update(_write_latest(con, staging, options, histories))
+            files.update(_write_latest(con, staging, options, histories, outputs.roles[QUERY_ID]))
     finally:
         con.close()
     for leftover in ["build.duckdb", "build.duckdb.wal", "draws.parquet"]:
@@ -222,8 +235,9 @@ def _part_of(path: str) -> str | None:
     return part if part in SPLIT_NAMES else None
 
 
-def _load_interactions(con: Any, data: DataConfig) -> None:
-    """Table ``interactions``: the canonical columns and each row's ``position``."""
+def _load_interactions(con: Any, data: DataConfig, features: dict[str, list[str]]) -> None:
+    """Table ``interactions``: the canonical columns and each row's ``position``; tables
+    ``query_table`` and ``item_table``: each side's key and ``features``' columns."""
     spec = data.interactions
     assert spec is not None
     roles = {spec.query_id: QUERY_ID, spec.item_id: ITEM_ID}
@@ -259,6 +273,8 @@ def _load_interactions(con: Any, data: DataConfig) -> None:
             raise DataError(f"{spec.path}: {empty} interaction(s) have an empty {column}")
     if con.execute("SELECT count(*) FROM raw").fetchone()[0] == 0:
         raise DataError(f"{spec.path}: the table has no rows (no interactions)")
+    for side, table_spec in (("query", data.queries), ("item", data.items)):
+        _link_side(con, side, table_spec, features.get(side, []), data.on_missing_rows, spec)
     keep = ""
     if data.min_weight is not None:
         if not spec.weight:
@@ -269,6 +285,89 @@ def _load_interactions(con: Any, data: DataConfig) -> None:
         f"AS {POSITION} FROM raw {keep}"
     )
     con.execute("DROP TABLE raw")
+
+
+SIDE_TABLES = {"query": "query_table", "item": "item_table"}
+
+
+def _link_side(
+    con: Any,
+    side: str,
+    table: FeatureTableConfig | None,
+    columns: list[str],
+    policy: str,
+    interactions: InteractionsConfig,
+) -> None:
+    """Table ``query_table`` / ``item_table``: the side's key and feature ``columns``, one
+    row per id, as ``Dataset.from_tables`` links them: the interactions' ids cast to the
+    key's type, and ids without a row an error, dropped or imputed (``policy``). Without
+    a feature table the side is its ids alone, sorted."""
+    canonical = QUERY_ID if side == "query" else ITEM_ID
+    id_column = interactions.query_id if side == "query" else interactions.item_id
+    name = SIDE_TABLES[side]
+    if table is None:
+        others = sorted(set(columns) - {id_column})
+        if others:
+            raise DataError(
+                f"the {side} features use column(s) {others}, but no {side} feature table "
+                f"is configured (data.{'queries' if side == 'query' else 'items'})"
+            )
+        con.execute(
+            f'CREATE TABLE {name} AS SELECT DISTINCT "{canonical}" AS key FROM raw ORDER BY 1'
+        )
+        return
+    relation = _scan(table)
+    present = _columns(con, relation)
+    wanted = [table.key, *[c for c in columns if c != table.key]]
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise DataError(f"{table.path}: no column(s) {missing}; it has {present}")
+    select = ", ".join(f'"{c}" AS key' if c == table.key else _quoted_name(c) for c in wanted)
+    con.execute(f"CREATE TABLE {name} AS SELECT {select} FROM {relation}")
+    nulls, rows, distinct = con.execute(
+        f"SELECT count(*) - count(key), count(*), count(DISTINCT key) FROM {name}"
+    ).fetchone()
+    if nulls:
+        raise DataError(f"{table.path}: {nulls} row(s) with no {table.key!r}")
+    if distinct != rows:
+        dup, times = con.execute(
+            f"SELECT key, count(*) FROM {name} GROUP BY key HAVING count(*) > 1 LIMIT 1"
+        ).fetchone()
+        raise DataError(
+            f"{table.path}: the {side} feature table must have one row per {table.key!r}, "
+            f"but {dup!r} appears {times} times"
+        )
+    key_type = con.execute(f"SELECT typeof(key) FROM {name} LIMIT 1").fetchone()[0]
+    bad = con.execute(
+        f'SELECT "{canonical}", rowid FROM raw WHERE TRY_CAST("{canonical}" AS {key_type}) '
+        f"IS NULL LIMIT 1"
+    ).fetchone()
+    if bad is not None:
+        raise DataError(
+            f"{interactions.path}: interaction row {bad[1]} (0-based): {id_column} "
+            f"{bad[0]!r} does not convert to {key_type}, the type of {table.path}'s keys "
+            "(give both files ids of one type)"
+        )
+    con.execute(f'ALTER TABLE raw ALTER "{canonical}" TYPE {key_type}')
+    unknown = f'SELECT DISTINCT "{canonical}" FROM raw ANTI JOIN {name} ON "{canonical}" = key'
+    count = con.execute(f"SELECT count(*) FROM ({unknown})").fetchone()[0]
+    if not count:
+        return
+    shown = ", ".join(repr(r[0]) for r in con.execute(f"{unknown} ORDER BY 1 LIMIT 5").fetchall())
+    if policy == "drop":
+        con.execute(f'DELETE FROM raw WHERE "{canonical}" IN ({unknown})')
+        log.warning(
+            "dropped the interactions of %d %s id(s) without a row (%s)", count, side, shown
+        )
+    elif policy == "impute":
+        con.execute(f"INSERT INTO {name} (key) {unknown} ORDER BY 1")
+        log.warning("%d %s id(s) without a row get missing features (%s)", count, side, shown)
+    else:
+        raise DataError(
+            f"{interactions.path}: {count} {side} id(s) in the interactions have no row in "
+            f"{table.path} (for example {shown}); add the rows, or set "
+            "data.on_missing_rows to 'impute' or 'drop'"
+        )
 
 
 def _scan(table: TableSpec) -> str:
@@ -399,8 +498,78 @@ def linear_quantile(count: int, q: float, sorted_pair: Any) -> float:
     return float(np.quantile(np.array([a, b], dtype=np.float64), h - low)) if b != a else float(a)
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputColumns:
+    """The columns a build writes, under the user's own names.
+
+    Attributes:
+        roles: canonical column -> the interactions' name for it (``user_id``, ...).
+        query: the query features' columns joined into every row: name -> where it
+            comes from (``key``: the query id; else the query table's column).
+        item: the item features' columns of ``items.parquet``, likewise.
+    """
+
+    roles: dict[str, str]
+    query: dict[str, str]
+    item: dict[str, str]
+
+    def rows(self, table: str) -> str:
+        """The SELECT list of an output row: the roles renamed, ``position``, and the
+        query features (from ``q``, the query table joined)."""
+        parts = [f'{table}."{c}" AS {_quoted_name(n)}' for c, n in self.roles.items()]
+        parts.append(f"{table}.{POSITION}")
+        parts += [
+            f'{table}."{QUERY_ID}" AS {_quoted_name(n)}'
+            if source == "key"
+            else f"q.{_quoted_name(source)} AS {_quoted_name(n)}"
+            for n, source in self.query.items()
+        ]
+        return ", ".join(parts)
+
+
+def output_columns(data: DataConfig, columns: dict[str, list[str]]) -> OutputColumns:
+    """Which columns a build writes, and from where (see ``OutputColumns``)."""
+    spec = data.interactions
+    assert spec is not None
+    roles = {QUERY_ID: spec.query_id, ITEM_ID: spec.item_id}
+    if spec.timestamp:
+        roles[TIMESTAMP] = spec.timestamp
+    if spec.weight:
+        roles[WEIGHT] = spec.weight
+    sides = {}
+    for side, table, id_column in (
+        ("query", data.queries, spec.query_id),
+        ("item", data.items, spec.item_id),
+    ):
+        key = table.key if table is not None else id_column
+        sides[side] = {c: "key" if c == key else c for c in columns.get(side, []) if c != id_column}
+    return OutputColumns(roles, sides["query"], sides["item"])
+
+
+def _write_items(
+    con: Any, staging: Path, options: BuildOptions, outputs: OutputColumns
+) -> dict[str, dict[str, Any]]:
+    """``items.parquet``: the corpus, keyed by the interactions' item id column, with the
+    item features' columns."""
+    parts = [f"key AS {_quoted_name(outputs.roles[ITEM_ID])}"]
+    parts += [
+        f"key AS {_quoted_name(n)}"
+        if source == "key"
+        else f"{_quoted_name(source)} AS {_quoted_name(n)}"
+        for n, source in outputs.item.items()
+    ]
+    query = f"SELECT {', '.join(parts)} FROM item_table ORDER BY rowid"
+    reader = con.sql(query).to_arrow_reader(options.row_group_rows)
+    return write_stream(reader, staging, "items", None, options.row_group_rows)
+
+
 def _write_parts(
-    con: Any, staging: Path, options: BuildOptions, histories: Histories, rule: str
+    con: Any,
+    staging: Path,
+    options: BuildOptions,
+    histories: Histories,
+    rule: str,
+    outputs: OutputColumns,
 ) -> dict[str, dict[str, Any]]:
     """Each part as Parquet in source order, streamed from DuckDB in Arrow batches, the
     training rows with their histories; returns each file's rows and sha256."""
@@ -433,8 +602,9 @@ def _write_parts(
                 for column, length in histories.lengths.items()
             )
             source = f'interactions LEFT JOIN {latest} USING ("{QUERY_ID}")'
+        source += f' LEFT JOIN query_table q ON interactions."{QUERY_ID}" = q.key'
         query = (
-            f"SELECT interactions.* EXCLUDE ({PART}){columns} FROM {source} "
+            f"SELECT {outputs.rows('interactions')}{columns} FROM {source} "
             f"WHERE {PART} = {index} ORDER BY {POSITION}"
         )
         reader = con.sql(query).to_arrow_reader(options.row_group_rows)
@@ -474,7 +644,7 @@ def _latest_table(con: Any, table: str, parts: str, length: int, recency: str) -
 
 
 def _write_latest(
-    con: Any, staging: Path, options: BuildOptions, histories: Histories
+    con: Any, staging: Path, options: BuildOptions, histories: Histories, query_id: str
 ) -> dict[str, dict[str, Any]]:
     """``queries_valid.parquet`` and ``queries_test.parquet``: each query's histories as
     of the end of train and of train + validation (``_write_parts``' tables), and its
@@ -486,8 +656,8 @@ def _write_latest(
             for column, length in histories.lengths.items()
         )
         query = (
-            f'SELECT "{QUERY_ID}"{columns}, list_sort(seen) AS seen FROM latest_{name} '
-            f'ORDER BY "{QUERY_ID}"'
+            f'SELECT "{QUERY_ID}" AS {_quoted_name(query_id)}{columns}, list_sort(seen) AS seen '
+            f'FROM latest_{name} ORDER BY "{QUERY_ID}"'
         )
         reader = con.sql(query).to_arrow_reader(options.row_group_rows)
         files.update(write_stream(reader, staging, f"queries_{name}", None, options.row_group_rows))

@@ -23,13 +23,22 @@ import pyarrow.parquet as pq
 from twotower.data.build import (
     PART,
     POSITION,
+    SIDE_TABLES,
     BuildOptions,
     Histories,
+    OutputColumns,
     linear_quantile,
+    output_columns,
     write_draws,
     write_stream,
 )
-from twotower.data.config import DataConfig, SplitConfig, TableSpec
+from twotower.data.config import (
+    DataConfig,
+    FeatureTableConfig,
+    InteractionsConfig,
+    SplitConfig,
+    TableSpec,
+)
 from twotower.data.dataset import ITEM_ID, QUERY_ID, TIMESTAMP, WEIGHT
 from twotower.data.splits import SPLIT_NAMES
 from twotower.errors import ConfigError, DataError
@@ -44,6 +53,7 @@ def spark_build(
     options: BuildOptions,
     histories: Histories,
     master: str,
+    columns: dict[str, list[str]],
 ) -> tuple[dict[str, dict[str, Any]], str]:
     """The build on Spark, in ``staging``; returns the files written and the history
     rule applied."""
@@ -71,13 +81,16 @@ def spark_build(
     if created:
         spark.sparkContext.setLogLevel("ERROR")
     try:
-        _load_interactions(spark, data)
+        _load_interactions(spark, data, columns)
         has_time = TIMESTAMP in spark.table("interactions").columns
         _assign_parts(spark, split, staging, has_time)
         rule = histories.resolved_rule(has_time)
-        files = _write_parts(spark, scratch, staging, options, histories, rule, has_time)
+        outputs = output_columns(data, columns)
+        files = _write_parts(spark, scratch, staging, options, histories, rule, has_time, outputs)
+        files.update(_write_items(spark, scratch, staging, options, outputs))
         if histories.lengths:
-            files.update(_write_latest(spark, scratch, staging, options, histories, has_time))
+            query_id = outputs.roles[QUERY_ID]
+            files.update(_write_latest(spark, scratch, staging, options, histories, query_id))
     finally:
         spark.catalog.clearCache()
         if created:
@@ -118,8 +131,9 @@ def _read(spark: Any, table: TableSpec) -> Any:
     )
 
 
-def _load_interactions(spark: Any, data: DataConfig) -> None:
-    """View ``interactions``: the canonical columns and each row's ``position``."""
+def _load_interactions(spark: Any, data: DataConfig, features: dict[str, list[str]]) -> None:
+    """View ``interactions``: the canonical columns and each row's ``position``; views
+    ``query_table`` and ``item_table``: each side's key and ``features``' columns."""
     from pyspark.sql import functions as F
 
     spec = data.interactions
@@ -160,6 +174,8 @@ def _load_interactions(spark: Any, data: DataConfig) -> None:
     if kind.startswith(("timestamp", "date")):  # seconds, as in memory
         raw = raw.withColumn(TIMESTAMP, F.floor(F.unix_timestamp(TIMESTAMP)).cast("bigint"))
         raw.createOrReplaceTempView("raw")
+    for side, table in (("query", data.queries), ("item", data.items)):
+        _link_side(spark, side, table, features.get(side, []), data.on_missing_rows, spec)
     keep = ""
     if data.min_weight is not None:
         if not spec.weight:
@@ -171,6 +187,98 @@ def _load_interactions(spark: Any, data: DataConfig) -> None:
         f"FROM raw {keep}"
     ).drop("_source", "_file", "_row")
     frame.cache().createOrReplaceTempView("interactions")
+
+
+def _link_side(
+    spark: Any,
+    side: str,
+    table: FeatureTableConfig | None,
+    columns: list[str],
+    policy: str,
+    interactions: InteractionsConfig,
+) -> None:
+    """View ``query_table`` / ``item_table``, as the DuckDB build's ``_link_side``: the
+    interactions' ids cast to the key's type, ids without a row an error, dropped or
+    imputed; without a table, the side's ids alone, sorted."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    canonical = QUERY_ID if side == "query" else ITEM_ID
+    id_column = interactions.query_id if side == "query" else interactions.item_id
+    name = SIDE_TABLES[side]
+    raw = spark.table("raw")
+    if table is None:
+        others = sorted(set(columns) - {id_column})
+        if others:
+            raise DataError(
+                f"the {side} features use column(s) {others}, but no {side} feature table "
+                f"is configured (data.{'queries' if side == 'query' else 'items'})"
+            )
+        ids = raw.select(F.col(canonical).alias("key")).distinct()
+        ids.withColumn("_order", F.col("key")).cache().createOrReplaceTempView(name)
+        return
+    frame = _read(spark, table)
+    present = [c for c in frame.columns if not c.startswith("_")]
+    wanted = [table.key, *[c for c in columns if c != table.key]]
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise DataError(f"{table.path}: no column(s) {missing}; it has {present}")
+    frame = frame.select(
+        *[F.col(f"`{c}`").alias("key") if c == table.key else F.col(f"`{c}`") for c in wanted],
+        F.struct("_file", "_row").alias("_order"),
+    ).cache()
+    nulls = frame.where(F.col("key").isNull()).count()
+    if nulls:
+        raise DataError(f"{table.path}: {nulls} row(s) with no {table.key!r}")
+    dup = frame.groupBy("key").count().where("count > 1").first()
+    if dup is not None:
+        raise DataError(
+            f"{table.path}: the {side} feature table must have one row per {table.key!r}, "
+            f"but {dup['key']!r} appears {dup['count']} times"
+        )
+    key_type = dict(frame.dtypes)["key"]
+    converted = raw.withColumn("_cast", F.col(canonical).cast(key_type))
+    bad = converted.where(F.col("_cast").isNull()).orderBy("_source", "_file", "_row").first()
+    if bad is not None:
+        raise DataError(
+            f"{interactions.path}: {id_column} {bad[canonical]!r} does not convert to "
+            f"{key_type}, the type of {table.path}'s keys (give both files ids of one type)"
+        )
+    raw = converted.withColumn(canonical, F.col("_cast")).drop("_cast")
+    unknown = raw.join(frame, raw[canonical] == frame["key"], "left_anti").select(canonical)
+    unknown = unknown.distinct().orderBy(canonical)
+    count = unknown.count()
+    if count:
+        shown = ", ".join(repr(r[0]) for r in unknown.limit(5).collect())
+        if policy == "drop":
+            raw = raw.join(
+                unknown.withColumnRenamed(canonical, "_gone"),
+                raw[canonical] == F.col("_gone"),
+                "left_anti",
+            )
+            log.warning(
+                "dropped the interactions of %d %s id(s) without a row (%s)", count, side, shown
+            )
+        elif policy == "impute":
+            extra = unknown.select(F.col(canonical).alias("key"))
+            for column in frame.columns[1:]:
+                if column != "_order":
+                    extra = extra.withColumn(column, F.lit(None).cast(dict(frame.dtypes)[column]))
+            after = F.row_number().over(Window.orderBy("key")).cast("bigint")  # after the file
+            extra = extra.withColumn(
+                "_order",
+                F.struct(F.lit("~").alias("_file"), after.alias("_row")),
+            )
+            frame = frame.unionByName(extra)
+            log.warning("%d %s id(s) without a row get missing features (%s)", count, side, shown)
+        else:
+            raise DataError(
+                f"{interactions.path}: {count} {side} id(s) in the interactions have no row in "
+                f"{table.path} (for example {shown}); add the rows, or set "
+                "data.on_missing_rows to 'impute' or 'drop'"
+            )
+    raw.cache().createOrReplaceTempView("raw")
+    frame.createOrReplaceTempView(name)
 
 
 def _assign_parts(spark: Any, split: SplitConfig, staging: Path, has_time: bool) -> None:
@@ -243,11 +351,11 @@ def _write_parts(
     histories: Histories,
     rule: str,
     has_time: bool,
+    outputs: OutputColumns,
 ) -> dict[str, dict[str, Any]]:
     """Each part in source order, the training rows with their histories."""
     recency = f"`{TIMESTAMP}`, {POSITION}" if has_time else POSITION
-    columns = [c for c in spark.table("interactions").columns if c != PART]
-    keep = ", ".join(f"i.`{c}`" for c in columns)
+    keep = outputs.rows("i").replace('"', "`")
     if histories.lengths:
         longest = max(histories.lengths.values())
         if rule == "mask_target":
@@ -273,6 +381,7 @@ def _write_parts(
                 for column, length in histories.lengths.items()
             )
             source = f"interactions i LEFT JOIN latest_{name} l ON i.`{QUERY_ID}` = l.`{QUERY_ID}`"
+        source += f" LEFT JOIN query_table q ON i.`{QUERY_ID}` = q.key"
         frame = spark.sql(f"SELECT {keep}{extra} FROM {source} WHERE i.{PART} = {index}")
         written = _through_scratch(frame, scratch / name, staging, name, options, name == "train")
         if not written:
@@ -318,7 +427,7 @@ def _write_latest(
     staging: Path,
     options: BuildOptions,
     histories: Histories,
-    has_time: bool,
+    query_id: str,
 ) -> dict[str, dict[str, Any]]:
     """``queries_valid.parquet`` and ``queries_test.parquet``, as the DuckDB build's."""
     files: dict[str, dict[str, Any]] = {}
@@ -327,10 +436,23 @@ def _write_latest(
             f", slice(items, 1, {length}) AS `{column}`"
             for column, length in histories.lengths.items()
         )
-        frame = spark.sql(f"SELECT `{QUERY_ID}`{columns}, seen FROM latest_{name}")
+        frame = spark.sql(f"SELECT `{QUERY_ID}` AS `{query_id}`{columns}, seen FROM latest_{name}")
         target = f"queries_{name}"
         files.update(_through_scratch(frame, scratch / target, staging, target, options, False))
     return files
+
+
+def _write_items(
+    spark: Any, scratch: Path, staging: Path, options: BuildOptions, outputs: OutputColumns
+) -> dict[str, dict[str, Any]]:
+    """``items.parquet``, as the DuckDB build's: the corpus in the item table's order."""
+    parts = [f"key AS `{outputs.roles[ITEM_ID]}`"]
+    parts += [
+        f"key AS `{n}`" if source == "key" else f"`{source}` AS `{n}`"
+        for n, source in outputs.item.items()
+    ]
+    frame = spark.sql(f"SELECT {', '.join(parts)}, _order FROM item_table")
+    return _through_scratch(frame, scratch / "items", staging, "items", options, False)
 
 
 def _through_scratch(
@@ -338,8 +460,13 @@ def _through_scratch(
 ) -> dict[str, dict[str, Any]]:
     """Spark writes ``frame`` sorted (by position, or by query id) into ``scratch``; the
     driver streams it into ``staging`` in the DuckDB build's layout."""
-    order = POSITION if POSITION in frame.columns else QUERY_ID
-    frame.orderBy(order).write.mode("overwrite").parquet(str(scratch))
+    if POSITION in frame.columns:
+        frame = frame.orderBy(POSITION)
+    elif "_order" in frame.columns:  # the item table's own order
+        frame = frame.orderBy("_order").drop("_order")
+    else:  # queries, by id
+        frame = frame.orderBy(frame.columns[0])
+    frame.write.mode("overwrite").parquet(str(scratch))
     parts = sorted(scratch.glob("part-*.parquet"))
     if not parts:
         return {}
