@@ -74,6 +74,20 @@ def test_load_quick_serves_every_request_through_reloads(tmp_path):
     assert (tmp_path / "load.png").stat().st_size > 1000
 
 
+def test_build_quick_measures_time_and_memory_per_engine(tmp_path):
+    pytest.importorskip("duckdb")
+    run_quick("build.py", tmp_path, "--engines=duckdb", "--sizes=ignored")
+    result = json.loads((tmp_path / "build.json").read_text())
+    assert [(r["engine"], r["rows"]) for r in result] == [
+        ("duckdb", 100_000),
+        ("duckdb", 1_000_000),
+    ]
+    for row in result:
+        assert sum(row["parts"].values()) == row["rows"]
+        assert row["seconds"] > 0 and row["peak_mib"] > 50
+    assert (tmp_path / "build.png").stat().st_size > 0
+
+
 def test_quality_ledger_refuses_an_entry_from_another_recipe(tmp_path):
     """A ledger entry is read back only for the recipe it was trained from: the digest
     ignores the thread count and the data folder, and changes with the learning rate."""

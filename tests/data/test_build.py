@@ -179,6 +179,20 @@ def test_bad_input_is_named(generated, tmp_path):
             dataclasses.replace(generated, interactions=roles), SplitConfig(), tmp_path / "c"
         )
     assert not (tmp_path / "c").exists()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(pq.read_table(generated.interactions.path), parts / "a.parquet")
+    pq.write_table(pq.read_table(generated.interactions.path).slice(0, 0), parts / "b.parquet")
+    roles = dataclasses.replace(generated.interactions, path=parts)
+    with pytest.raises(DataError, match=r"b.parquet: an empty Parquet file \(no rows\)"):
+        build_split(
+            dataclasses.replace(generated, interactions=roles), SplitConfig(), tmp_path / "d"
+        )
+    (parts / "b.parquet").write_bytes((parts / "a.parquet").read_bytes()[:300])  # truncated
+    with pytest.raises(DataError, match=r"b.parquet: not a readable Parquet file"):
+        build_split(
+            dataclasses.replace(generated, interactions=roles), SplitConfig(), tmp_path / "d"
+        )
 
 
 def _in_memory_histories(data: DataConfig, split: SplitConfig, max_len: int, rule: str):

@@ -376,10 +376,7 @@ def _scan(table: TableSpec) -> str:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if table.is_parquet:
-        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-        if not files:
-            raise DataError(f"{path}: a folder with no .parquet files")
-        listed = ", ".join(_quoted(str(f)) for f in files)
+        listed = ", ".join(_quoted(str(f)) for f in parquet_files(path))
         return f"read_parquet([{listed}])"
     options = [
         f"delim = {_quoted(table.delimiter)}",
@@ -391,6 +388,27 @@ def _scan(table: TableSpec) -> str:
     if table.columns:
         options.append("names = [" + ", ".join(_quoted(c) for c in table.columns) + "]")
     return f"read_csv({_quoted(str(path))}, {', '.join(options)})"
+
+
+def parquet_files(path: Path) -> list[Path]:
+    """The Parquet files of a file or folder, in name order, each checked readable and
+    not empty from its footer alone.
+
+    Raises:
+        DataError: naming the file: no .parquet files, not Parquet (corrupt or
+            truncated), or without rows (an empty partition).
+    """
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: a folder with no .parquet files")
+    for file in files:
+        try:
+            rows = pq.ParquetFile(file).metadata.num_rows
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(f"{file}: not a readable Parquet file ({err})") from None
+        if rows == 0:
+            raise DataError(f"{file}: an empty Parquet file (no rows); remove it or refill it")
+    return files
 
 
 _DUCKDB_ENCODINGS = {"latin-1": "latin-1", "iso-8859-1": "latin-1", "utf8": "utf-8"}

@@ -29,6 +29,7 @@ from twotower.data.build import (
     OutputColumns,
     linear_quantile,
     output_columns,
+    parquet_files,
     write_draws,
     write_stream,
 )
@@ -109,10 +110,7 @@ def _read(spark: Any, table: TableSpec) -> Any:
         raise DataError(f"{path}: file not found")
     try:
         if table.is_parquet:
-            files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-            if not files:
-                raise DataError(f"{path}: a folder with no .parquet files")
-            frame = spark.read.parquet(*[str(f) for f in files])
+            frame = spark.read.parquet(*[str(f) for f in parquet_files(path)])
         else:
             reader = spark.read.option("header", table.header).option("sep", table.delimiter)
             reader = reader.option("encoding", table.encoding).option("inferSchema", True)
