@@ -33,7 +33,8 @@ from twotower.errors import ConfigError, DataError
 
 pytest.importorskip("duckdb")
 
-ML100K = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-100k"
+DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+ML100K, ML1M = DATASETS / "ml-100k", DATASETS / "ml-1m"
 
 
 def in_memory(data: DataConfig, split: SplitConfig) -> dict[str, list[tuple]]:
@@ -195,6 +196,15 @@ def test_bad_input_is_named(generated, tmp_path):
         )
 
 
+OUT_OF_VOCABULARY = "<not in the training vocabulary>"
+
+
+def _vocabulary_view(lists: list[list], trained: set) -> list[list]:
+    """Built item-id lists as the model sees them: an id never trained on is out of
+    the vocabulary (the stream maps it to the same code as in memory)."""
+    return [[i if i is None or i in trained else OUT_OF_VOCABULARY for i in h] for h in lists]
+
+
 def _in_memory_histories(data: DataConfig, split: SplitConfig, max_len: int, rule: str):
     """The in-memory training rows' histories and each query's valid / test histories,
     as item ids (None where a target was blanked), through ``TrainingData``."""
@@ -214,6 +224,7 @@ def _in_memory_histories(data: DataConfig, split: SplitConfig, max_len: int, rul
     training = TrainingData(dataset, parts, pipeline, history=rule)
     ids = dataset.items[ITEM_ID].to_pylist()
     code_to_id = {int(c): ids[row] for row, c in enumerate(training.items["item_id"].tolist())}
+    code_to_id[1] = OUT_OF_VOCABULARY  # items never trained on share the one code
 
     def as_ids(codes: torch.Tensor, length: int) -> list:
         return [code_to_id[c] if c else None for c in codes.tolist()[:length]]
@@ -251,15 +262,17 @@ def test_histories_equal_the_in_memory_ones(generated, tmp_path, method, rule, t
     read = pq.read_table(tmp_path / "b" / "train" / "part-00000.parquet")
     assert read["history"].to_pylist() == train
     assert any(None in h for h in train) == (rule == "mask_target")
+    trained = set(pq.read_table(tmp_path / "b" / "train")[ITEM_ID].to_pylist())
     for part in ("valid", "test"):
         table = pq.read_table(tmp_path / "b" / f"queries_{part}.parquet")
-        got = dict(zip(table[QUERY_ID].to_pylist(), table["history"].to_pylist(), strict=True))
+        lists = _vocabulary_view(table["history"].to_pylist(), trained)
+        got = dict(zip(table[QUERY_ID].to_pylist(), lists, strict=True))
         expected = {q: h for q, h in latest[part].items() if h}
         assert got == expected
         # each held-out row carries its query's history as of its own step
         rows = pq.read_table(tmp_path / "b" / f"{part}.parquet")
-        queries, lists = rows[QUERY_ID].to_pylist(), rows["history"].to_pylist()
-        assert lists == [latest[part][query] for query in queries]
+        lists = _vocabulary_view(rows["history"].to_pylist(), trained)
+        assert lists == [latest[part][query] for query in rows[QUERY_ID].to_pylist()]
     seen = pq.read_table(tmp_path / "b" / "queries_test.parquet")
     memory = split_interactions(load_dataset(data), splits[method])
     known = pa.concat_tables([memory.train, memory.valid])
@@ -339,3 +352,60 @@ def test_ids_of_another_type_are_named(tmp_path, splits):
     ):
         build_split(data, splits["random"], tmp_path / "b", columns={"item": ["i", "kind"]})
     assert not (tmp_path / "b").exists()
+
+
+def _ml100k() -> DataConfig:
+    roles = InteractionsConfig(
+        ML100K / "u.data",
+        delimiter="\t",
+        header=False,
+        columns=["user", "item", "rating", "ts"],
+        query_id="user",
+        item_id="item",
+        timestamp="ts",
+        weight="rating",
+    )
+    return DataConfig(source="files", interactions=roles)
+
+
+@pytest.mark.skipif(not ML100K.is_dir(), reason=f"MovieLens-100K not found at {ML100K}")
+def test_movielens_100k_histories_equal_the_in_memory_ones(tmp_path, splits):
+    data = _ml100k()
+    data = dataclasses.replace(
+        data,
+        interactions=dataclasses.replace(
+            data.interactions,
+            query_id=QUERY_ID,
+            item_id=ITEM_ID,
+            columns=[QUERY_ID, ITEM_ID, "rating", "ts"],
+        ),
+    )
+    split = splits["leave_last_out"]
+    build_split(data, split, tmp_path / "b", histories=Histories({"history": 20}))
+    train, latest = _in_memory_histories(data, split, 20, "before_event")
+    read = pq.read_table(tmp_path / "b" / "train" / "part-00000.parquet")
+    assert read["history"].to_pylist() == train
+    trained = set(pq.read_table(tmp_path / "b" / "train")[ITEM_ID].to_pylist())
+    for part in ("valid", "test"):
+        rows = pq.read_table(tmp_path / "b" / f"{part}.parquet")
+        lists = _vocabulary_view(rows["history"].to_pylist(), trained)
+        assert lists == [latest[part][q] for q in rows[QUERY_ID].to_pylist()]
+
+
+@pytest.mark.skipif(not ML1M.is_dir(), reason=f"MovieLens-1M not found at {ML1M}")
+def test_movielens_1m_split_equals_the_in_memory_one(tmp_path):
+    """configs/ml1m.yaml's protocol, ratings >= 3 and a per-user random 80/10/10, read
+    from the '::'-separated file by DuckDB."""
+    roles = InteractionsConfig(
+        ML1M / "ratings_no_timestamps.dat",
+        delimiter="::",
+        header=False,
+        columns=["user", "movie", "rating"],
+        query_id="user",
+        item_id="movie",
+        weight="rating",
+    )
+    data = DataConfig(source="files", interactions=roles, min_weight=3)
+    split = SplitConfig(method="random", ratios=[0.8, 0.1, 0.1], seed=0)
+    build_split(data, split, tmp_path / "b", BuildOptions(threads=1))
+    assert built(tmp_path / "b", ("user", "movie", "t")) == in_memory(data, split)
