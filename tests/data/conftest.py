@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,3 +59,24 @@ def with_tables(tmp_path_factory) -> DataConfig:
         queries=FeatureTableConfig(paths["queries"], key="user_id"),
         items=FeatureTableConfig(paths["items"], key="item_id"),
     )
+
+
+ML100K = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-100k"
+
+
+@pytest.fixture
+def ml100k_files() -> DataConfig:
+    """MovieLens-100K's ratings as a ``files`` source (user, item, rating, ts columns)."""
+    if not ML100K.is_dir():
+        pytest.skip(f"MovieLens-100K not found at {ML100K}")
+    roles = InteractionsConfig(
+        ML100K / "u.data",
+        delimiter="\t",
+        header=False,
+        columns=["user", "item", "rating", "ts"],
+        query_id="user",
+        item_id="item",
+        timestamp="ts",
+        weight="rating",
+    )
+    return DataConfig(source="files", interactions=roles)

@@ -34,7 +34,7 @@ from twotower.errors import ConfigError, DataError
 pytest.importorskip("duckdb")
 
 DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
-ML100K, ML1M = DATASETS / "ml-100k", DATASETS / "ml-1m"
+ML1M = DATASETS / "ml-1m"
 
 
 def in_memory(data: DataConfig, split: SplitConfig) -> dict[str, list[tuple]]:
@@ -99,20 +99,9 @@ def test_min_weight_keeps_positions_of_the_kept_rows(tmp_path):
     assert train[POSITION].to_numpy().max() < 3000 * 0.61  # about 60% kept
 
 
-@pytest.mark.skipif(not ML100K.is_dir(), reason=f"MovieLens-100K not found at {ML100K}")
 @pytest.mark.parametrize("method", ["leave_last_out", "random"])
-def test_movielens_100k_splits_equal_the_in_memory_ones(method, tmp_path, splits):
-    roles = InteractionsConfig(
-        ML100K / "u.data",
-        delimiter="\t",
-        header=False,
-        columns=["user", "item", "rating", "ts"],
-        query_id="user",
-        item_id="item",
-        timestamp="ts",
-        weight="rating",
-    )
-    data = DataConfig(source="files", interactions=roles)
+def test_movielens_100k_splits_equal_the_in_memory_ones(ml100k_files, method, tmp_path, splits):
+    data = ml100k_files
     build_split(data, splits[method], tmp_path / "built")
     got = built(tmp_path / "built", ("user", "item", "ts"))
     assert got == in_memory(data, splits[method])
@@ -354,23 +343,8 @@ def test_ids_of_another_type_are_named(tmp_path, splits):
     assert not (tmp_path / "b").exists()
 
 
-def _ml100k() -> DataConfig:
-    roles = InteractionsConfig(
-        ML100K / "u.data",
-        delimiter="\t",
-        header=False,
-        columns=["user", "item", "rating", "ts"],
-        query_id="user",
-        item_id="item",
-        timestamp="ts",
-        weight="rating",
-    )
-    return DataConfig(source="files", interactions=roles)
-
-
-@pytest.mark.skipif(not ML100K.is_dir(), reason=f"MovieLens-100K not found at {ML100K}")
-def test_movielens_100k_histories_equal_the_in_memory_ones(tmp_path, splits):
-    data = _ml100k()
+def test_movielens_100k_histories_equal_the_in_memory_ones(ml100k_files, tmp_path, splits):
+    data = ml100k_files
     data = dataclasses.replace(
         data,
         interactions=dataclasses.replace(
@@ -409,3 +383,15 @@ def test_movielens_1m_split_equals_the_in_memory_one(tmp_path):
     split = SplitConfig(method="random", ratios=[0.8, 0.1, 0.1], seed=0)
     build_split(data, split, tmp_path / "b", BuildOptions(threads=1))
     assert built(tmp_path / "b", ("user", "movie", "t")) == in_memory(data, split)
+
+
+def test_running_out_of_memory_is_one_line_and_leaves_nothing(generated, tmp_path, splits):
+    options = BuildOptions(memory_limit="1MB", threads=1)
+    histories = Histories({"history": 50})
+    with pytest.raises(
+        DataError,
+        match=r"DuckDB ran out of memory under memory_limit 1MB .*; "
+        r"raise --memory-limit, or lower --threads",
+    ):
+        build_split(generated, splits["random"], tmp_path / "b", options, histories)
+    assert not (tmp_path / "b").exists()

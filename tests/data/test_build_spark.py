@@ -20,7 +20,6 @@ if shutil.which("java") is None:
         "Spark needs Java (apt-get install openjdk-17-jre-headless)", allow_module_level=True
     )
 
-ML100K = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-100k"
 OPTIONS = BuildOptions(rows_per_part=1200, row_group_rows=300, threads=2)
 
 
@@ -64,19 +63,8 @@ def test_spark_writes_what_duckdb_writes(spark, generated, tmp_path, method, rul
     assert contents(tmp_path / "spark") == contents(tmp_path / "duckdb")
 
 
-@pytest.mark.skipif(not ML100K.is_dir(), reason=f"MovieLens-100K not found at {ML100K}")
-def test_spark_and_duckdb_agree_on_movielens_100k(spark, tmp_path):
-    roles = InteractionsConfig(
-        ML100K / "u.data",
-        delimiter="\t",
-        header=False,
-        columns=["user", "item", "rating", "ts"],
-        query_id="user",
-        item_id="item",
-        timestamp="ts",
-        weight="rating",
-    )
-    data = DataConfig(source="files", interactions=roles, min_weight=4)
+def test_spark_and_duckdb_agree_on_movielens_100k(spark, ml100k_files, tmp_path):
+    data = dataclasses.replace(ml100k_files, min_weight=4)
     split = SplitConfig(method="random", seed=0)
     histories = Histories({"history": 50})
     options = BuildOptions(rows_per_part=20_000, row_group_rows=5_000)

@@ -28,3 +28,19 @@ def small_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
     )
     folder = Path(tmp_path_factory.mktemp("synthetic"))
     return dataclasses.replace(config, data=_write_synthetic(config, folder))
+
+
+@pytest.fixture(scope="session")
+def popularity_recall(small_config: Config) -> float:
+    """Validation Recall@10 of the popularity ranking on ``small_config``'s data and
+    split: what a run must clearly beat to have learned the planted clusters."""
+    from twotower.baselines.popularity import Popularity
+    from twotower.data.matrix import interaction_matrix
+    from twotower.evaluation.ranking import evaluate
+    from twotower.prepare import load_data
+
+    dataset, split = load_data(small_config)
+    train = interaction_matrix(split.train, dataset.num_queries, dataset.num_items)
+    score = Popularity().fit(train).score
+    metrics = evaluate(score, split, "valid", dataset.num_queries, dataset.num_items, ks=[10])
+    return metrics["valid/recall@10"]

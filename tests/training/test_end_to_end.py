@@ -7,11 +7,7 @@ import dataclasses
 
 import pytest
 
-from twotower.baselines.popularity import Popularity
-from twotower.data.matrix import interaction_matrix
-from twotower.evaluation.ranking import evaluate
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
-from twotower.prepare import load_data
 from twotower.training.config import (
     FullConfig,
     HingeConfig,
@@ -34,15 +30,6 @@ OBJECTIVES = {
     "mixed_mask_known": MixedConfig(num_sampled=64, mask_known=True),
     "full": FullConfig(),
 }
-
-
-@pytest.fixture(scope="module")
-def popularity_recall(small_config) -> float:
-    dataset, split = load_data(small_config)
-    train = interaction_matrix(split.train, dataset.num_queries, dataset.num_items)
-    model = Popularity().fit(train)
-    metrics = evaluate(model.score, split, "valid", dataset.num_queries, dataset.num_items, ks=[10])
-    return metrics["valid/recall@10"]
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

@@ -204,6 +204,12 @@ def _duckdb_build(
         files.update(_write_items(con, staging, options, outputs))
         if histories.lengths:
             files.update(_write_latest(con, staging, options, histories, outputs.roles[QUERY_ID]))
+    except duckdb.OutOfMemoryException as err:
+        limit = options.memory_limit or "its default, 80% of RAM"
+        raise DataError(
+            f"DuckDB ran out of memory under memory_limit {limit} "
+            f"({str(err).splitlines()[0]}); raise --memory-limit, or lower --threads"
+        ) from None
     finally:
         con.close()
     for leftover in ["build.duckdb", "build.duckdb.wal", "draws.parquet"]:
@@ -240,16 +246,8 @@ def _load_interactions(con: Any, data: DataConfig, features: dict[str, list[str]
     ``query_table`` and ``item_table``: each side's key and ``features``' columns."""
     spec = data.interactions
     assert spec is not None
-    roles = {spec.query_id: QUERY_ID, spec.item_id: ITEM_ID}
-    if spec.timestamp:
-        roles[spec.timestamp] = TIMESTAMP
-    if spec.weight:
-        roles[spec.weight] = WEIGHT
-    sources = [(spec, None)]
-    if data.valid is not None or data.test is not None:
-        if data.valid is None or data.test is None:
-            raise DataError("give both data.valid and data.test, or neither")
-        sources = [(spec, 0), (data.valid, 1), (data.test, 2)]
+    roles = {column: canonical for canonical, column in interaction_roles(spec).items()}
+    sources = interaction_sources(data)
     selects = []
     for table, given in sources:
         relation = _scan(table)
@@ -287,6 +285,65 @@ def _load_interactions(con: Any, data: DataConfig, features: dict[str, list[str]
     con.execute("DROP TABLE raw")
 
 
+def interaction_roles(spec: InteractionsConfig) -> dict[str, str]:
+    """The interactions' column for each canonical role (query and item id, and the
+    timestamp and weight where named)."""
+    roles = {QUERY_ID: spec.query_id, ITEM_ID: spec.item_id}
+    if spec.timestamp:
+        roles[TIMESTAMP] = spec.timestamp
+    if spec.weight:
+        roles[WEIGHT] = spec.weight
+    return roles
+
+
+def interaction_sources(data: DataConfig) -> list[tuple[TableSpec, int | None]]:
+    """The interaction files and, with the user's own split, each one's part."""
+    assert data.interactions is not None
+    if data.valid is None and data.test is None:
+        return [(data.interactions, None)]
+    if data.valid is None or data.test is None:
+        raise DataError("give both data.valid and data.test, or neither")
+    return [(data.interactions, 0), (data.valid, 1), (data.test, 2)]
+
+
+def no_table_error(side: str, columns: list[str], id_column: str) -> DataError | None:
+    """The error for features reading columns other than the id of a side without a
+    table, or None."""
+    others = sorted(set(columns) - {id_column})
+    if not others:
+        return None
+    return DataError(
+        f"the {side} features use column(s) {others}, but no {side} feature table is "
+        f"configured (data.{'queries' if side == 'query' else 'items'})"
+    )
+
+
+def duplicate_key_error(table: FeatureTableConfig, side: str, key: Any, times: int) -> DataError:
+    return DataError(
+        f"{table.path}: the {side} feature table must have one row per {table.key!r}, "
+        f"but {key!r} appears {times} times"
+    )
+
+
+def missing_rows(
+    policy: str, side: str, count: int, shown: str, interactions: Path, table: Path
+) -> None:
+    """Logs what ``drop`` or ``impute`` does with ``count`` ids without a row; raises
+    for ``error``."""
+    if policy == "drop":
+        log.warning(
+            "dropped the interactions of %d %s id(s) without a row (%s)", count, side, shown
+        )
+    elif policy == "impute":
+        log.warning("%d %s id(s) without a row get missing features (%s)", count, side, shown)
+    else:
+        raise DataError(
+            f"{interactions}: {count} {side} id(s) in the interactions have no row in "
+            f"{table} (for example {shown}); add the rows, or set data.on_missing_rows to "
+            "'impute' or 'drop'"
+        )
+
+
 SIDE_TABLES = {"query": "query_table", "item": "item_table"}
 
 
@@ -306,12 +363,9 @@ def _link_side(
     id_column = interactions.query_id if side == "query" else interactions.item_id
     name = SIDE_TABLES[side]
     if table is None:
-        others = sorted(set(columns) - {id_column})
-        if others:
-            raise DataError(
-                f"the {side} features use column(s) {others}, but no {side} feature table "
-                f"is configured (data.{'queries' if side == 'query' else 'items'})"
-            )
+        error = no_table_error(side, columns, id_column)
+        if error is not None:
+            raise error
         con.execute(
             f'CREATE TABLE {name} AS SELECT DISTINCT "{canonical}" AS key FROM raw ORDER BY 1'
         )
@@ -333,10 +387,7 @@ def _link_side(
         dup, times = con.execute(
             f"SELECT key, count(*) FROM {name} GROUP BY key HAVING count(*) > 1 LIMIT 1"
         ).fetchone()
-        raise DataError(
-            f"{table.path}: the {side} feature table must have one row per {table.key!r}, "
-            f"but {dup!r} appears {times} times"
-        )
+        raise duplicate_key_error(table, side, dup, times)
     key_type = con.execute(f"SELECT typeof(key) FROM {name} LIMIT 1").fetchone()[0]
     bad = con.execute(
         f'SELECT "{canonical}", rowid FROM raw WHERE TRY_CAST("{canonical}" AS {key_type}) '
@@ -354,20 +405,11 @@ def _link_side(
     if not count:
         return
     shown = ", ".join(repr(r[0]) for r in con.execute(f"{unknown} ORDER BY 1 LIMIT 5").fetchall())
+    missing_rows(policy, side, count, shown, interactions.path, table.path)
     if policy == "drop":
         con.execute(f'DELETE FROM raw WHERE "{canonical}" IN ({unknown})')
-        log.warning(
-            "dropped the interactions of %d %s id(s) without a row (%s)", count, side, shown
-        )
     elif policy == "impute":
         con.execute(f"INSERT INTO {name} (key) {unknown} ORDER BY 1")
-        log.warning("%d %s id(s) without a row get missing features (%s)", count, side, shown)
-    else:
-        raise DataError(
-            f"{interactions.path}: {count} {side} id(s) in the interactions have no row in "
-            f"{table.path} (for example {shown}); add the rows, or set "
-            "data.on_missing_rows to 'impute' or 'drop'"
-        )
 
 
 def _scan(table: TableSpec) -> str:
@@ -549,11 +591,7 @@ def output_columns(data: DataConfig, columns: dict[str, list[str]]) -> OutputCol
     """Which columns a build writes, and from where (see ``OutputColumns``)."""
     spec = data.interactions
     assert spec is not None
-    roles = {QUERY_ID: spec.query_id, ITEM_ID: spec.item_id}
-    if spec.timestamp:
-        roles[TIMESTAMP] = spec.timestamp
-    if spec.weight:
-        roles[WEIGHT] = spec.weight
+    roles = interaction_roles(spec)
     sides = {}
     for side, table, id_column in (
         ("query", data.queries, spec.query_id),

@@ -27,7 +27,12 @@ from twotower.data.build import (
     BuildOptions,
     Histories,
     OutputColumns,
+    duplicate_key_error,
+    interaction_roles,
+    interaction_sources,
     linear_quantile,
+    missing_rows,
+    no_table_error,
     output_columns,
     parquet_files,
     write_draws,
@@ -136,16 +141,8 @@ def _load_interactions(spark: Any, data: DataConfig, features: dict[str, list[st
 
     spec = data.interactions
     assert spec is not None
-    roles = {spec.query_id: QUERY_ID, spec.item_id: ITEM_ID}
-    if spec.timestamp:
-        roles[spec.timestamp] = TIMESTAMP
-    if spec.weight:
-        roles[spec.weight] = WEIGHT
-    sources: list[tuple[TableSpec, int | None]] = [(spec, None)]
-    if data.valid is not None or data.test is not None:
-        if data.valid is None or data.test is None:
-            raise DataError("give both data.valid and data.test, or neither")
-        sources = [(spec, 0), (data.valid, 1), (data.test, 2)]
+    roles = {column: canonical for canonical, column in interaction_roles(spec).items()}
+    sources = interaction_sources(data)
     frames = []
     for number, (table, given) in enumerate(sources):
         frame = _read(spark, table)
@@ -206,12 +203,9 @@ def _link_side(
     name = SIDE_TABLES[side]
     raw = spark.table("raw")
     if table is None:
-        others = sorted(set(columns) - {id_column})
-        if others:
-            raise DataError(
-                f"the {side} features use column(s) {others}, but no {side} feature table "
-                f"is configured (data.{'queries' if side == 'query' else 'items'})"
-            )
+        error = no_table_error(side, columns, id_column)
+        if error is not None:
+            raise error
         ids = raw.select(F.col(canonical).alias("key")).distinct()
         ids.withColumn("_order", F.col("key")).cache().createOrReplaceTempView(name)
         return
@@ -230,10 +224,7 @@ def _link_side(
         raise DataError(f"{table.path}: {nulls} row(s) with no {table.key!r}")
     dup = frame.groupBy("key").count().where("count > 1").first()
     if dup is not None:
-        raise DataError(
-            f"{table.path}: the {side} feature table must have one row per {table.key!r}, "
-            f"but {dup['key']!r} appears {dup['count']} times"
-        )
+        raise duplicate_key_error(table, side, dup["key"], dup["count"])
     key_type = dict(frame.dtypes)["key"]
     converted = raw.withColumn("_cast", F.col(canonical).cast(key_type))
     bad = converted.where(F.col("_cast").isNull()).orderBy("_source", "_file", "_row").first()
@@ -248,33 +239,19 @@ def _link_side(
     count = unknown.count()
     if count:
         shown = ", ".join(repr(r[0]) for r in unknown.limit(5).collect())
+        missing_rows(policy, side, count, shown, interactions.path, table.path)
         if policy == "drop":
-            raw = raw.join(
-                unknown.withColumnRenamed(canonical, "_gone"),
-                raw[canonical] == F.col("_gone"),
-                "left_anti",
-            )
-            log.warning(
-                "dropped the interactions of %d %s id(s) without a row (%s)", count, side, shown
-            )
-        elif policy == "impute":
+            gone = unknown.withColumnRenamed(canonical, "_gone")
+            raw = raw.join(gone, raw[canonical] == F.col("_gone"), "left_anti")
+        else:  # impute: rows of missing features, after the file's
             extra = unknown.select(F.col(canonical).alias("key"))
+            types = dict(frame.dtypes)
             for column in frame.columns[1:]:
                 if column != "_order":
-                    extra = extra.withColumn(column, F.lit(None).cast(dict(frame.dtypes)[column]))
-            after = F.row_number().over(Window.orderBy("key")).cast("bigint")  # after the file
-            extra = extra.withColumn(
-                "_order",
-                F.struct(F.lit("~").alias("_file"), after.alias("_row")),
-            )
-            frame = frame.unionByName(extra)
-            log.warning("%d %s id(s) without a row get missing features (%s)", count, side, shown)
-        else:
-            raise DataError(
-                f"{interactions.path}: {count} {side} id(s) in the interactions have no row in "
-                f"{table.path} (for example {shown}); add the rows, or set "
-                "data.on_missing_rows to 'impute' or 'drop'"
-            )
+                    extra = extra.withColumn(column, F.lit(None).cast(types[column]))
+            after = F.row_number().over(Window.orderBy("key")).cast("bigint")
+            order = F.struct(F.lit("~").alias("_file"), after.alias("_row"))
+            frame = frame.unionByName(extra.withColumn("_order", order))
     raw.cache().createOrReplaceTempView("raw")
     frame.createOrReplaceTempView(name)
 
