@@ -32,6 +32,16 @@ OBJECTIVES = {
 }
 
 
+def objective_settings(name: str) -> list[str]:
+    """``--set`` overrides that train with objective ``name``: one example per
+    interaction first (a recipe trained one query at a time takes only the full
+    softmax), then the objective's own settings."""
+    return [
+        "training.examples=interactions",
+        *[f"training.objective.{s}" for s in OBJECTIVES[name]],
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", type=Path)
@@ -45,7 +55,7 @@ def main() -> None:
     for name, settings in OBJECTIVES.items():
         if args.only and name not in args.only:
             continue
-        config = apply_overrides(base, [f"training.objective.{s}" for s in settings])
+        config = apply_overrides(base, objective_settings(name))
         clock = time.perf_counter()
         result = train_run(config, args.out / name)
         rates = [r["examples_per_s"] for r in result.state.records]

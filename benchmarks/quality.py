@@ -61,7 +61,7 @@ from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import METRICS_FILE, train_run
 
 sys.path.insert(0, str(Path(__file__).parent))
-from objectives import OBJECTIVES  # noqa: E402  (the objective settings, shared)
+from objectives import OBJECTIVES, objective_settings  # noqa: E402  (the objective settings, shared)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {
@@ -132,7 +132,7 @@ def run_two_tower(
 ) -> dict:
     """One training run's metrics; a finished run is read back (from its folder, or from
     the ledger), a stopped one resumed. A finished run's metrics go into the ledger."""
-    settings = [f"training.objective.{s}" for s in RUNS[objective]]
+    settings = [] if objective == "recipe" else objective_settings(objective)
     run_config = apply_overrides(config, [*settings, *VARIANTS[variant], f"seed={seed}"])
     name = f"{objective}-{variant}-s{seed}"
     folder = out / name

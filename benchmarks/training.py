@@ -75,7 +75,7 @@ from twotower.training.sequences import SequenceTrainingData
 from twotower.training.trainer import Trainer, evaluate_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from objectives import OBJECTIVES  # noqa: E402
+from objectives import OBJECTIVES, objective_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/ml1m.yaml"
@@ -88,7 +88,7 @@ def config_for(
     encoder: str | None = None,
     overrides: list[str] = (),
 ) -> Config:
-    settings = [f"training.objective.{s}" for s in OBJECTIVES[objective]]
+    settings = objective_settings(objective)
     if encoder is not None:
         settings.append(f"features.query.history.encoder={encoder}")
     settings += overrides
