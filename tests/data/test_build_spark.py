@@ -5,7 +5,9 @@ MovieLens-100K."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,9 +17,24 @@ from twotower.data.build import BuildOptions, Histories, build_split, read_manif
 from twotower.data.config import DataConfig, InteractionsConfig, SplitConfig
 
 pytest.importorskip("pyspark", reason="PySpark is not installed (pip install 'twotower[spark]')")
-if shutil.which("java") is None:
+
+
+def _java_major() -> int:
+    """The installed Java's major version, 0 if none."""
+    if shutil.which("java") is None:
+        return 0
+    shown = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
+    found = re.search(r'version "(\d+)(?:\.(\d+))?', shown)
+    if found is None:
+        return 0
+    major = int(found.group(1))
+    return int(found.group(2) or 0) if major == 1 else major  # "1.8" is Java 8
+
+
+if _java_major() < 17:
     pytest.skip(
-        "Spark needs Java (apt-get install openjdk-17-jre-headless)", allow_module_level=True
+        "Spark needs Java 17 or later (apt-get install openjdk-17-jre-headless)",
+        allow_module_level=True,
     )
 
 OPTIONS = BuildOptions(rows_per_part=1200, row_group_rows=300, threads=2)
