@@ -395,3 +395,22 @@ def test_running_out_of_memory_is_one_line_and_leaves_nothing(generated, tmp_pat
     ):
         build_split(generated, splits["random"], tmp_path / "b", options, histories)
     assert not (tmp_path / "b").exists()
+
+
+def test_ids_cast_to_the_keys_type_keep_the_split(tmp_path, splits):
+    """Integer ids in the log, text keys in the item table: the ids are cast, as in
+    memory, and the rows keep their order (so the random split is the same)."""
+    from twotower.data.config import FeatureTableConfig
+
+    rows = "".join(f"{q},{(q * 5 + k) % 11}\n" for q in range(40) for k in range(3 + q % 7))
+    (tmp_path / "log.csv").write_text("u,i\n" + rows)
+    items = pa.table({"i": [str(i) for i in range(11)], "kind": [f"k{i % 3}" for i in range(11)]})
+    pq.write_table(items, tmp_path / "items.parquet")
+    data = DataConfig(
+        source="files",
+        interactions=InteractionsConfig(tmp_path / "log.csv", query_id="u", item_id="i"),
+        items=FeatureTableConfig(tmp_path / "items.parquet", key="i"),
+    )
+    build_split(data, splits["random"], tmp_path / "b", columns={"item": ["i", "kind"]})
+    assert built(tmp_path / "b", ("u", "i", "t")) == in_memory(data, splits["random"])
+    assert pq.read_table(tmp_path / "b" / "items.parquet").to_pylist() == items.to_pylist()
