@@ -45,19 +45,24 @@ def generated(tmp_path_factory) -> DataConfig:
 @pytest.fixture(scope="session")
 def with_tables(tmp_path_factory) -> DataConfig:
     """The synthetic demo tables: interactions, a user table and an item table."""
-    from twotower.data.config import FeatureTableConfig, SyntheticConfig
-    from twotower.data.synthetic import generate, write_parquet
+    from twotower.demo import _write_synthetic, demo_config
 
-    folder = tmp_path_factory.mktemp("tables")
-    dataset = generate(SyntheticConfig(num_queries=200, num_items=150)).dataset
-    paths = write_parquet(dataset, folder)
+    config = demo_config(["data.synthetic.num_queries=200", "data.synthetic.num_items=150"])
+    return _write_synthetic(config, tmp_path_factory.mktemp("tables"))
+
+
+@pytest.fixture
+def items_missing_rows(tmp_path) -> DataConfig:
+    """A log whose items 7 and 8 have no row in the item table (items 0-6)."""
+    from twotower.data.config import FeatureTableConfig
+
+    rows = "".join(f"{q},{(q * 3 + k) % 9}\n" for q in range(30) for k in range(4 + q % 6))
+    (tmp_path / "log.csv").write_text("u,i\n" + rows)
+    (tmp_path / "items.csv").write_text("i,kind\n" + "".join(f"{i},k{i % 2}\n" for i in range(7)))
     return DataConfig(
         source="files",
-        interactions=InteractionsConfig(
-            paths["interactions"], query_id="user_id", item_id="item_id", timestamp="timestamp"
-        ),
-        queries=FeatureTableConfig(paths["queries"], key="user_id"),
-        items=FeatureTableConfig(paths["items"], key="item_id"),
+        interactions=InteractionsConfig(tmp_path / "log.csv", query_id="u", item_id="i"),
+        items=FeatureTableConfig(tmp_path / "items.csv", key="i"),
     )
 
 

@@ -295,18 +295,8 @@ def test_feature_tables_are_joined_as_in_memory(with_tables, tmp_path, splits):
     assert items.to_pylist() == expected.to_pylist()
 
 
-def test_ids_without_a_row_follow_on_missing_rows(tmp_path, splits):
-    from twotower.data.config import FeatureTableConfig
-
-    (tmp_path / "log.csv").write_text(
-        "u,i\n" + "".join(f"{q},{(q * 3 + k) % 9}\n" for q in range(30) for k in range(4 + q % 6))
-    )
-    (tmp_path / "items.csv").write_text("i,kind\n" + "".join(f"{i},k{i % 2}\n" for i in range(7)))
-    data = DataConfig(
-        source="files",
-        interactions=InteractionsConfig(tmp_path / "log.csv", query_id="u", item_id="i"),
-        items=FeatureTableConfig(tmp_path / "items.csv", key="i"),
-    )
+def test_ids_without_a_row_follow_on_missing_rows(items_missing_rows, tmp_path, splits):
+    data = items_missing_rows
     columns = {"item": ["i", "kind"]}
     with pytest.raises(
         DataError,

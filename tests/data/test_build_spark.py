@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from twotower.data.build import BuildOptions, Histories, build_split, read_manifest
-from twotower.data.config import DataConfig, InteractionsConfig, SplitConfig
+from twotower.data.config import SplitConfig
 
 pytest.importorskip("pyspark", reason="PySpark is not installed (pip install 'twotower[spark]')")
 
@@ -100,19 +100,10 @@ def test_spark_joins_feature_tables_as_duckdb_does(spark, with_tables, tmp_path,
 
 
 @pytest.mark.parametrize("policy", ["drop", "impute"])
-def test_spark_handles_missing_rows_as_duckdb_does(spark, tmp_path, splits, policy):
-    from twotower.data.config import FeatureTableConfig
-
-    (tmp_path / "log.csv").write_text(
-        "u,i\n" + "".join(f"{q},{(q * 3 + k) % 9}\n" for q in range(30) for k in range(4 + q % 6))
-    )
-    (tmp_path / "items.csv").write_text("i,kind\n" + "".join(f"{i},k{i % 2}\n" for i in range(7)))
-    data = DataConfig(
-        source="files",
-        interactions=InteractionsConfig(tmp_path / "log.csv", query_id="u", item_id="i"),
-        items=FeatureTableConfig(tmp_path / "items.csv", key="i"),
-        on_missing_rows=policy,
-    )
+def test_spark_handles_missing_rows_as_duckdb_does(
+    spark, items_missing_rows, tmp_path, splits, policy
+):
+    data = dataclasses.replace(items_missing_rows, on_missing_rows=policy)
     for engine in ("duckdb", "spark"):
         out = tmp_path / engine
         build_split(data, splits["random"], out, engine=engine, columns={"item": ["i", "kind"]})

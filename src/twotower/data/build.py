@@ -389,17 +389,19 @@ def _link_side(
         ).fetchone()
         raise duplicate_key_error(table, side, dup, times)
     key_type = con.execute(f"SELECT typeof(key) FROM {name} LIMIT 1").fetchone()[0]
-    bad = con.execute(
-        f'SELECT "{canonical}", rowid FROM raw WHERE TRY_CAST("{canonical}" AS {key_type}) '
-        f"IS NULL LIMIT 1"
-    ).fetchone()
-    if bad is not None:
-        raise DataError(
-            f"{interactions.path}: interaction row {bad[1]} (0-based): {id_column} "
-            f"{bad[0]!r} does not convert to {key_type}, the type of {table.path}'s keys "
-            "(give both files ids of one type)"
-        )
-    con.execute(f'ALTER TABLE raw ALTER "{canonical}" TYPE {key_type}')
+    id_type = con.execute(f'SELECT typeof("{canonical}") FROM raw LIMIT 1').fetchone()[0]
+    if id_type != key_type:  # cast the ids, as in memory: a scan and a column rewrite
+        bad = con.execute(
+            f'SELECT "{canonical}", rowid FROM raw WHERE TRY_CAST("{canonical}" AS {key_type}) '
+            f"IS NULL LIMIT 1"
+        ).fetchone()
+        if bad is not None:
+            raise DataError(
+                f"{interactions.path}: interaction row {bad[1]} (0-based): {id_column} "
+                f"{bad[0]!r} does not convert to {key_type}, the type of {table.path}'s keys "
+                "(give both files ids of one type)"
+            )
+        con.execute(f'ALTER TABLE raw ALTER "{canonical}" TYPE {key_type}')
     unknown = f'SELECT DISTINCT "{canonical}" FROM raw ANTI JOIN {name} ON "{canonical}" = key'
     count = con.execute(f"SELECT count(*) FROM ({unknown})").fetchone()[0]
     if not count:

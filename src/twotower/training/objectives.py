@@ -228,8 +228,7 @@ class FullSoftmax(nn.Module):
         super().__init__()
         self.num_items = num_items
         self.known = known
-        self.loss = SampledSoftmax()  # with every item as a candidate, the full softmax
-        self.sets_loss = MultiPositiveSoftmax()
+        self.loss = MultiPositiveSoftmax()  # every item a candidate: the full softmax
 
     def forward(
         self,
@@ -243,16 +242,9 @@ class FullSoftmax(nn.Module):
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items, each row
         weighted by ``weights`` (B,) if given; ``queries`` (B,) are the rows' query
-        indices, which masking known positives needs."""
-        items = embed_items(torch.arange(self.num_items, device=positives.device))  # (N, D)
-        logits = query @ items.T * scale  # (B, N); column j is item j
-        if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
-            return logits.sum()
-        if self.known is not None:
-            if queries is None:
-                raise ValueError("masking known positives needs each row's query")
-            logits = mask_known_positives(logits, positives, self.known.rows(queries))
-        return self.loss(logits, positives, weights)
+        indices, which masking known positives needs. ``sets`` with one positive a row."""
+        rows = torch.arange(len(positives), device=positives.device)
+        return self.sets(query, positives, rows, embed_items, scale, weights, queries)
 
     def sets(
         self,
@@ -279,7 +271,7 @@ class FullSoftmax(nn.Module):
             if queries is None:
                 raise ValueError("masking known positives needs each row's query")
             exclude = self.known.rows(queries)
-        return self.sets_loss(logits, positives, owners, exclude, weights)
+        return self.loss(logits, positives, owners, exclude, weights)
 
 
 def embed_unique(items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:
