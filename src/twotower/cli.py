@@ -473,37 +473,22 @@ def data_build(
     overrides: Overrides = None,
 ) -> None:
     """Split the interactions out of core on DuckDB (or Spark): train/ parts, valid.parquet,
-    test.parquet, items.parquet and a manifest (rows, sha256), equal to the in-memory
-    split; the query features' columns joined into every row, each row's history.
+    test.parquet, items.parquet, each query's row as of validation and of test, the
+    features fitted once, and a manifest (rows, sha256); equal to the in-memory split,
+    with the query features' columns joined into every row and each row's history.
 
     The folder appears whole or not at all; a killed build leaves nothing that reads as
     finished.
     """
-    from twotower.data.build import BuildOptions, Histories, build_split
-    from twotower.features.specs import HistoryFeature
+    from twotower.data.build import BuildOptions
+    from twotower.prepare import build_data
 
     config = _config(config_path, overrides, None)
     try:
         options = BuildOptions(memory_limit, threads, rows_per_part, row_group_rows)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    lengths = {
-        spec.name: spec.max_len
-        for spec in config.features.query
-        if isinstance(spec, HistoryFeature)
-    }
-    histories = Histories(lengths, config.training.history)
-    columns = {  # a history reads the interactions, not a table column
-        side: [
-            spec.column
-            for spec in getattr(config.features, side)
-            if not isinstance(spec, HistoryFeature)
-        ]
-        for side in ("query", "item")
-    }
-    manifest = build_split(
-        config.data, config.split, out, options, histories, engine, master, columns
-    )
+    manifest = build_data(config, out, options, engine, master)
     typer.echo(json.dumps({"rows": manifest["rows"], "seconds": manifest["seconds"]}, indent=2))
 
 

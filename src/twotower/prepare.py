@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from twotower.config import Config, save_config
-from twotower.data.dataset import Dataset
+from twotower.data.build import FEATURES_DIR, BuildOptions, Histories, build_split, output_columns
+from twotower.data.config import StreamConfig
+from twotower.data.dataset import ITEM_ID, QUERY_ID, Dataset
 from twotower.data.load import load_dataset
 from twotower.data.splits import Split, split_interactions
 from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
+from twotower.features.specs import HistoryFeature
+from twotower.features.streaming import fit_built_pipeline, save_fitted
+from twotower.storage import sha256_file
 
 
 def load_data(config: Config) -> tuple[Dataset, Split]:
@@ -75,3 +80,55 @@ def prepare_data(config: Config, out: Path) -> dict[str, Any]:
             "fit_features": round(fitted - split_done, 3),
         },
     }
+
+
+def build_data(
+    config: Config,
+    out: Path,
+    options: BuildOptions | None = None,
+    engine: str = "duckdb",
+    master: str = "local[2]",
+) -> dict[str, Any]:
+    """``twotower data build``: the config's split, histories and feature columns built
+    out of core into ``out`` (``twotower.data.build``), and its features fitted there
+    once (``features/``: the state, ``item_counts.npy``, ``fit.json``), as in memory.
+
+    Returns:
+        The build's manifest.
+    """
+    lengths = {
+        spec.name: spec.max_len
+        for spec in config.features.query
+        if isinstance(spec, HistoryFeature)
+    }
+    columns = {  # a history reads the interactions, not a table column
+        side: [
+            spec.column
+            for spec in getattr(config.features, side)
+            if not isinstance(spec, HistoryFeature)
+        ]
+        for side in ("query", "item")
+    }
+    data = config.data
+
+    def fit(staging: Path) -> dict[str, dict[str, Any]]:
+        assert data.interactions is not None  # build_split checked the source
+        key = data.queries.key if data.queries is not None else data.interactions.query_id
+        roles = output_columns(data, columns).roles
+        stream = StreamConfig(
+            train=staging / "train",
+            valid=staging / "valid.parquet",
+            test=staging / "test.parquet",
+            items=staging / "items.parquet",
+            query_id=roles[QUERY_ID],
+            item_id=roles[ITEM_ID],
+        )
+        queries = staging / "queries_valid.parquet"
+        fitted = fit_built_pipeline(stream, queries, config.features, key, config.seed)
+        return {
+            path.relative_to(staging).as_posix(): {"rows": None, "sha256": sha256_file(path)}
+            for path in save_fitted(staging / FEATURES_DIR, *fitted)
+        }
+
+    histories = Histories(lengths, config.training.history)
+    return build_split(data, config.split, out, options, histories, engine, master, columns, fit)

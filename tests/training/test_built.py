@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from twotower.config import Config
-from twotower.data.build import Histories, build_split
+from twotower.data.build import FEATURES_DIR, built_stream
 from twotower.data.config import DataConfig, StreamConfig
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
-from twotower.features.streaming import fit_stream_pipeline
-from twotower.prepare import load_data
+from twotower.features.streaming import load_fitted, read_items
+from twotower.prepare import build_data, load_data
 from twotower.training.data import TrainingData
 from twotower.training.run import train_run
 from twotower.training.streaming import StreamingTrainingData
@@ -35,17 +35,8 @@ def configs(small_config, tmp_path_factory) -> tuple[Config, Config]:
     memory_data = dataclasses.replace(small_config.data, queries=None)
     memory = dataclasses.replace(small_config, data=memory_data, features=FEATURES)
     built = tmp_path_factory.mktemp("built") / "out"
-    histories = Histories({"history": 8}, memory.training.history)
-    build_split(memory.data, memory.split, built, histories=histories)
-    stream = StreamConfig(
-        train=built / "train",
-        valid=built / "valid.parquet",
-        test=built / "test.parquet",
-        items=memory.data.items.path,
-        query_id="user_id",
-        item_id="item_id",
-        workers=0,
-    )
+    build_data(memory, built)
+    stream = StreamConfig(built=built, workers=0)
     streamed = dataclasses.replace(
         memory, data=DataConfig(source="stream", stream=stream), features=FEATURES
     )
@@ -66,8 +57,10 @@ def test_built_rows_give_the_in_memory_histories(configs):
     data = TrainingData(dataset, split, pipeline)
     expected = _ids(data.batch(torch.arange(len(data))).query["history"], pipeline, dataset.items)
 
-    stream_pipeline, items, counts, _ = fit_stream_pipeline(streamed.data.stream, FEATURES)
-    stream = StreamingTrainingData(streamed.data.stream, stream_pipeline, items, counts)
+    config = built_stream(streamed.data.stream)
+    stream_pipeline, counts, _ = load_fitted(streamed.data.stream.built / FEATURES_DIR)
+    items = read_items(config, FEATURES)
+    stream = StreamingTrainingData(config, stream_pipeline, items, counts)
     rows = [table for table in stream.stream.read(stream.stream.share(None, 0, 1))]
     got = [
         row
@@ -85,7 +78,7 @@ def test_built_rows_give_the_in_memory_histories(configs):
         stream_ids = _ids(
             stream.query_inputs(torch.tensor(queries), part)["history"], stream_pipeline, items
         )
-        rows = torch.tensor([position[key] for key in _eval_keys(streamed.data.stream, queries)])
+        rows = torch.tensor([position[key] for key in _eval_keys(config, queries)])
         memory_ids = _ids(data.query_inputs(rows, part)["history"], pipeline, dataset.items)
         assert stream_ids == memory_ids, part
 
@@ -107,3 +100,58 @@ def test_a_run_on_built_data_learns(configs, popularity_recall, tmp_path):
     recall = train_run(streamed, tmp_path / "stream").metrics["valid/recall@10"]
     # the same interactions and split as small_config's, so the same popularity ranking
     assert recall > 1.5 * popularity_recall, (recall, popularity_recall)
+
+
+def test_the_build_fits_the_features_as_in_memory(tmp_path):
+    """Every kind of feature of the demo (ids, one-hot, multi-hot, text, standardized,
+    log and bucketized values, on both sides, a user table and an item table): the
+    build's fitted state is the in-memory fit's, and so are the item counts."""
+    import numpy as np
+
+    from twotower.demo import _write_synthetic, demo_config
+    from twotower.features.history import HistoryTransform
+
+    config = demo_config(["data.synthetic.num_queries=300", "data.synthetic.num_items=150"])
+    config = dataclasses.replace(config, data=_write_synthetic(config, tmp_path / "data"))
+    build_data(config, tmp_path / "built")
+    built, counts, exact = load_fitted(tmp_path / "built" / FEATURES_DIR)
+    dataset, split = load_data(config)
+    memory = FeaturePipeline.fit(config.features, dataset, split.train)
+    assert all(exact.values())
+    np.testing.assert_array_equal(
+        counts, np.bincount(split.train["item_idx"].to_numpy(), minlength=dataset.num_items)
+    )
+    compared = 0
+    for side in ("query", "item"):
+        for name, transform in memory.transforms[side].items():
+            if isinstance(transform, HistoryTransform):  # built rows carry their histories
+                continue
+            scalars, arrays = transform.state()
+            got_scalars, got_arrays = built.transforms[side][name].state()
+            assert got_scalars.keys() == scalars.keys(), name
+            for key, value in scalars.items():
+                assert got_scalars[key] == pytest.approx(value, rel=1e-12), (name, key)
+            assert got_arrays.keys() == arrays.keys(), name
+            for key, value in arrays.items():
+                if value.dtype.kind == "f":
+                    np.testing.assert_allclose(got_arrays[key], value, rtol=1e-12, err_msg=name)
+                else:
+                    np.testing.assert_array_equal(got_arrays[key], value, err_msg=name)
+            compared += 1
+    assert compared == 10
+
+
+def test_a_build_for_other_features_is_refused(configs, tmp_path):
+    from twotower.errors import ConfigError
+
+    _, streamed = configs
+    other = FeaturesConfig(query=FEATURES.query, item=[IdFeature("item_id", "item_id", dim=16)])
+    with pytest.raises(ConfigError, match=r"built for other features than this config's"):
+        train_run(dataclasses.replace(streamed, features=other), tmp_path / "run")
+
+
+def test_a_built_stream_names_no_files_of_its_own(tmp_path):
+    with pytest.raises(ValueError, match=r"built stands for train, items: drop them"):
+        StreamConfig(built=tmp_path, train=tmp_path, items=tmp_path)
+    with pytest.raises(ValueError, match=r"data.stream needs valid, test \(or built"):
+        StreamConfig(train=tmp_path, items=tmp_path)

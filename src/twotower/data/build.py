@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from twotower.data.config import (
     FeatureTableConfig,
     InteractionsConfig,
     SplitConfig,
+    StreamConfig,
     TableSpec,
 )
 from twotower.data.dataset import ITEM_ID, QUERY_ID, TIMESTAMP, WEIGHT
@@ -57,9 +59,15 @@ from twotower.storage import atomic_write, replaced_folder, sha256_file
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # 2: queries_valid / queries_test for every query, columns, fitted features
+FEATURES_DIR = "features"  # the fitted feature state's folder in a build
 ENGINES = ("duckdb", "spark")
 POSITION = "position"  # an interaction's place in the source, after min_weight
 PART = "part"
+TRAIN_INTERACTIONS = "train_interactions"
+# what a query's row in queries_valid / queries_test holds besides its id, features
+# and histories: the items known before the part, the part's items, its training rows
+QUERY_COLUMNS = ("seen", "targets", TRAIN_INTERACTIONS)
 _DRAW_CHUNK = 1 << 22
 
 
@@ -123,12 +131,15 @@ def build_split(
     engine: str = "duckdb",
     master: str = "local[2]",
     columns: dict[str, list[str]] | None = None,
+    finish: Callable[[Path], dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Splits the interactions ``data`` names into ``out`` (see the module doc), with
     ``histories``' list columns if given, on ``engine`` (``duckdb``, or ``spark`` on
     the cluster ``master``: the same output). ``columns``: each side's feature columns
     (``query``: joined into every row from ``data.queries``; ``item``: written with the
-    corpus to ``items.parquet``).
+    corpus to ``items.parquet``). ``finish``: called with the staging folder once the
+    parts are written (it fits the features there); the files it returns (path relative
+    to the folder -> rows and sha256) join the manifest.
 
     Returns:
         The manifest: each file's rows and sha256, each part's rows, the seconds taken.
@@ -156,9 +167,12 @@ def build_split(
             files, rule = spark_build(data, split, staging, options, histories, master, columns)
         else:
             files, rule = _duckdb_build(data, split, staging, options, histories, columns)
+        if finish is not None:
+            files.update(finish(staging))
         manifest = {
-            "format": 1,
+            "format": FORMAT,
             "engine": engine,
+            "columns": output_columns(data, columns).roles,
             "split": dataclasses.asdict(split),
             "histories": dict(histories.lengths),
             "history_rule": rule if histories.lengths else None,
@@ -202,8 +216,7 @@ def _duckdb_build(
         outputs = output_columns(data, columns)
         files = _write_parts(con, staging, options, histories, rule, outputs)
         files.update(_write_items(con, staging, options, outputs))
-        if histories.lengths:
-            files.update(_write_latest(con, staging, options, histories, outputs.roles[QUERY_ID]))
+        files.update(_write_queries(con, staging, options, histories, outputs))
     except duckdb.OutOfMemoryException as err:
         limit = options.memory_limit or "its default, 80% of RAM"
         raise DataError(
@@ -221,12 +234,18 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a build, every file checked against its rows and sha256.
 
     Raises:
-        DataError: no manifest (not a finished build), or a file missing or changed.
+        DataError: no manifest (not a finished build), a build of another format, or a
+            file missing or changed.
     """
     from twotower.storage import read_json
 
     folder = Path(folder)
     manifest = read_json(folder / MANIFEST, "not a finished data build (no manifest.json)")
+    if manifest.get("format") != FORMAT:
+        raise DataError(
+            f"{folder}: a data build of format {manifest.get('format')!r}; this version reads "
+            f"format {FORMAT}: build it again (twotower data build)"
+        )
     for name, expected in manifest["files"].items():
         path = folder / name
         if not path.is_file():
@@ -234,6 +253,26 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         if sha256_file(path) != expected["sha256"]:
             raise DataError(f"{path}: checksum mismatch; the build's file was changed")
     return manifest
+
+
+def built_stream(stream: StreamConfig) -> StreamConfig:
+    """``stream`` with a build's files and columns in place of ``built`` (checked by
+    ``read_manifest``)."""
+    folder = stream.built
+    if folder is None:
+        return stream
+    roles = read_manifest(folder)["columns"]
+    return dataclasses.replace(
+        stream,
+        built=None,
+        train=folder / "train",
+        valid=folder / "valid.parquet",
+        test=folder / "test.parquet",
+        items=folder / "items.parquet",
+        query_id=roles[QUERY_ID],
+        item_id=roles[ITEM_ID],
+        weight=roles.get(WEIGHT),
+    )
 
 
 def _part_of(path: str) -> str | None:
@@ -580,13 +619,20 @@ class OutputColumns:
         query features (from ``q``, the query table joined)."""
         parts = [f'{table}."{c}" AS {_quoted_name(n)}' for c, n in self.roles.items()]
         parts.append(f"{table}.{POSITION}")
-        parts += [
+        return ", ".join([*parts, *self._query_features(table)])
+
+    def query_row(self, table: str) -> str:
+        """The SELECT list of a query's row: its id and its features (``q`` joined)."""
+        first = f'{table}."{QUERY_ID}" AS {_quoted_name(self.roles[QUERY_ID])}'
+        return ", ".join([first, *self._query_features(table)])
+
+    def _query_features(self, table: str) -> list[str]:
+        return [
             f'{table}."{QUERY_ID}" AS {_quoted_name(n)}'
             if source == "key"
             else f"q.{_quoted_name(source)} AS {_quoted_name(n)}"
             for n, source in self.query.items()
         ]
-        return ", ".join(parts)
 
 
 def output_columns(data: DataConfig, columns: dict[str, list[str]]) -> OutputColumns:
@@ -635,15 +681,14 @@ def _write_parts(
     (staging / "train").mkdir()
     has_time = TIMESTAMP in [r[0] for r in con.execute("DESCRIBE interactions").fetchall()]
     recency = f'"{TIMESTAMP}", {POSITION}' if has_time else POSITION
-    if histories.lengths:
-        longest = max(histories.lengths.values())
-        if rule == "mask_target":
-            _latest_table(con, "latest_train", "0", longest, recency)
-        # as in memory, where the parts known by then are concatenated in order: between
-        # equal timestamps (or without any), a training row is older than a validation row
-        known = f'"{TIMESTAMP}", {PART}, {POSITION}' if has_time else f"{PART}, {POSITION}"
-        _latest_table(con, "latest_valid", "0", longest, known)
-        _latest_table(con, "latest_test", "0, 1", longest, known)
+    longest = max(histories.lengths.values(), default=0)
+    if rule == "mask_target" and longest:
+        _latest_table(con, "latest_train", "0", longest, recency)
+    # as in memory, where the parts known by then are concatenated in order: between
+    # equal timestamps (or without any), a training row is older than a validation row
+    known = f'"{TIMESTAMP}", {PART}, {POSITION}' if has_time else f"{PART}, {POSITION}"
+    for target, name in enumerate(SPLIT_NAMES[1:], start=1):
+        _step_table(con, name, target, longest, known)
     for index, name in enumerate(SPLIT_NAMES):
         columns, source = "", "interactions"
         if name == "train" and histories.lengths:
@@ -691,31 +736,52 @@ def _history(rule: str, length: int, recency: str) -> str:
 
 def _latest_table(con: Any, table: str, parts: str, length: int, recency: str) -> None:
     """Table ``table``: each query's latest ``length`` items among ``parts``, most
-    recent first (column ``items``), and all of them (``seen``)."""
+    recent first (column ``items``)."""
     descending = ", ".join(f"{c} DESC" for c in recency.split(", "))
     con.execute(
         f'CREATE OR REPLACE TABLE {table} AS SELECT "{QUERY_ID}", '
-        f'list("{ITEM_ID}" ORDER BY {descending})[1:{length}] AS items, '
-        f'list(DISTINCT "{ITEM_ID}") AS seen '
+        f'list("{ITEM_ID}" ORDER BY {descending})[1:{length}] AS items '
         f"FROM interactions WHERE {PART} IN ({parts}) GROUP BY ALL"
     )
 
 
-def _write_latest(
-    con: Any, staging: Path, options: BuildOptions, histories: Histories, query_id: str
+def _step_table(con: Any, name: str, target: int, length: int, recency: str) -> None:
+    """Table ``latest_{name}``: every query with interactions up to part ``target``
+    (1: valid, 2: test), with what was known before that part (its latest ``length``
+    items, most recent first, as ``items``; its distinct items, ``seen``), the part's
+    own distinct items (``targets``) and its training rows (``train_interactions``)."""
+    known = f"WHERE {PART} < {target}"
+    descending = ", ".join(f"{c} DESC" for c in recency.split(", "))
+    items = (
+        f'coalesce(list("{ITEM_ID}" ORDER BY {descending}) FILTER ({known}), [])[1:{length}] '
+        "AS items, "
+        if length
+        else ""
+    )
+    con.execute(
+        f'CREATE OR REPLACE TABLE latest_{name} AS SELECT "{QUERY_ID}", {items}'
+        f'list_sort(coalesce(list(DISTINCT "{ITEM_ID}") FILTER ({known}), [])) AS seen, '
+        f'list_sort(coalesce(list(DISTINCT "{ITEM_ID}") FILTER (WHERE {PART} = {target}), [])) '
+        f"AS targets, count(*) FILTER (WHERE {PART} = 0) AS {TRAIN_INTERACTIONS} "
+        f"FROM interactions WHERE {PART} <= {target} GROUP BY ALL"
+    )
+
+
+def _write_queries(
+    con: Any, staging: Path, options: BuildOptions, histories: Histories, outputs: OutputColumns
 ) -> dict[str, dict[str, Any]]:
-    """``queries_valid.parquet`` and ``queries_test.parquet``: each query's histories as
-    of the end of train and of train + validation (``_write_parts``' tables), and its
-    seen items then."""
+    """``queries_valid.parquet`` and ``queries_test.parquet`` (``QUERY_COLUMNS``): every
+    query with interactions up to that part, by id, from ``_step_table``'s tables."""
     files: dict[str, dict[str, Any]] = {}
-    for name in ("valid", "test"):
+    for name in SPLIT_NAMES[1:]:
         columns = "".join(
-            f", items[1:{length}] AS {_quoted_name(column)}"
+            f", s.items[1:{length}] AS {_quoted_name(column)}"
             for column, length in histories.lengths.items()
         )
         query = (
-            f'SELECT "{QUERY_ID}" AS {_quoted_name(query_id)}{columns}, list_sort(seen) AS seen '
-            f'FROM latest_{name} ORDER BY "{QUERY_ID}"'
+            f"SELECT {outputs.query_row('s')}{columns}, s.seen, s.targets, "
+            f"s.{TRAIN_INTERACTIONS} FROM latest_{name} s "
+            f'LEFT JOIN query_table q ON s."{QUERY_ID}" = q.key ORDER BY s."{QUERY_ID}"'
         )
         reader = con.sql(query).to_arrow_reader(options.row_group_rows)
         files.update(write_stream(reader, staging, f"queries_{name}", None, options.row_group_rows))

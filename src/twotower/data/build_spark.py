@@ -24,6 +24,7 @@ from twotower.data.build import (
     PART,
     POSITION,
     SIDE_TABLES,
+    TRAIN_INTERACTIONS,
     BuildOptions,
     Histories,
     OutputColumns,
@@ -94,9 +95,7 @@ def spark_build(
         outputs = output_columns(data, columns)
         files = _write_parts(spark, scratch, staging, options, histories, rule, has_time, outputs)
         files.update(_write_items(spark, scratch, staging, options, outputs))
-        if histories.lengths:
-            query_id = outputs.roles[QUERY_ID]
-            files.update(_write_latest(spark, scratch, staging, options, histories, query_id))
+        files.update(_write_queries(spark, scratch, staging, options, histories, outputs))
     finally:
         spark.catalog.clearCache()
         if created:
@@ -331,12 +330,11 @@ def _write_parts(
     """Each part in source order, the training rows with their histories."""
     recency = f"`{TIMESTAMP}`, {POSITION}" if has_time else POSITION
     keep = outputs.rows("i").replace('"', "`")
-    if histories.lengths:
-        longest = max(histories.lengths.values())
-        if rule == "mask_target":
-            _latest_view(spark, "latest_train", "0", longest, has_time, False)
-        _latest_view(spark, "latest_valid", "0", longest, has_time, True)
-        _latest_view(spark, "latest_test", "0, 1", longest, has_time, True)
+    longest = max(histories.lengths.values(), default=0)
+    if rule == "mask_target" and longest:
+        _latest_view(spark, "latest_train", longest, has_time)
+    for target, name in enumerate(SPLIT_NAMES[1:], start=1):
+        _step_view(spark, name, target, longest, has_time)
     files: dict[str, dict[str, Any]] = {}
     (staging / "train").mkdir()
     for index, name in enumerate(SPLIT_NAMES):
@@ -380,38 +378,62 @@ def _history(rule: str, length: int, recency: str) -> str:
     )
 
 
-def _latest_view(
-    spark: Any, view: str, parts: str, length: int, has_time: bool, with_part: bool
-) -> None:
-    """View ``view``: each query's latest ``length`` items among ``parts``, most recent
-    first (``items``), and all its distinct items, sorted (``seen``)."""
-    keys = ([f"CAST(`{TIMESTAMP}` AS DOUBLE)"] if has_time else []) + ([PART] if with_part else [])
+def _latest_view(spark: Any, view: str, length: int, has_time: bool) -> None:
+    """View ``view``: each query's latest ``length`` training items, most recent first
+    (``items``)."""
+    keys = [f"CAST(`{TIMESTAMP}` AS DOUBLE)"] if has_time else []
     fields = ", ".join([*keys, POSITION, f"`{ITEM_ID}`"])
     frame = spark.sql(
         f"SELECT `{QUERY_ID}`, transform(slice(sort_array(collect_list(struct({fields})), "
-        f"false), 1, {length}), s -> s.`{ITEM_ID}`) AS items, "
-        f"array_sort(collect_set(`{ITEM_ID}`)) AS seen "
-        f"FROM interactions WHERE {PART} IN ({parts}) GROUP BY `{QUERY_ID}`"
+        f"false), 1, {length}), s -> s.`{ITEM_ID}`) AS items "
+        f"FROM interactions WHERE {PART} = 0 GROUP BY `{QUERY_ID}`"
     )
     frame.createOrReplaceTempView(view)
 
 
-def _write_latest(
+def _step_view(spark: Any, name: str, target: int, length: int, has_time: bool) -> None:
+    """View ``latest_{name}``, as the DuckDB build's ``_step_table``: every query with
+    interactions up to part ``target``, with its latest ``length`` items and its seen
+    items before that part, the part's items and its training rows."""
+    keys = [f"CAST(`{TIMESTAMP}` AS DOUBLE)"] if has_time else []
+    fields = ", ".join([*keys, PART, POSITION, f"`{ITEM_ID}`"])
+    known = f"{PART} < {target}"
+    items = (
+        f"transform(slice(sort_array(collect_list(CASE WHEN {known} THEN struct({fields}) END), "
+        f"false), 1, {length}), s -> s.`{ITEM_ID}`) AS items, "
+        if length
+        else ""
+    )
+    frame = spark.sql(
+        f"SELECT `{QUERY_ID}`, {items}"
+        f"array_sort(collect_set(CASE WHEN {known} THEN `{ITEM_ID}` END)) AS seen, "
+        f"array_sort(collect_set(CASE WHEN {PART} = {target} THEN `{ITEM_ID}` END)) AS targets, "
+        f"CAST(count(CASE WHEN {PART} = 0 THEN 1 END) AS BIGINT) AS {TRAIN_INTERACTIONS} "
+        f"FROM interactions WHERE {PART} <= {target} GROUP BY `{QUERY_ID}`"
+    )
+    frame.createOrReplaceTempView(f"latest_{name}")
+
+
+def _write_queries(
     spark: Any,
     scratch: Path,
     staging: Path,
     options: BuildOptions,
     histories: Histories,
-    query_id: str,
+    outputs: OutputColumns,
 ) -> dict[str, dict[str, Any]]:
     """``queries_valid.parquet`` and ``queries_test.parquet``, as the DuckDB build's."""
     files: dict[str, dict[str, Any]] = {}
-    for name in ("valid", "test"):
+    row = outputs.query_row("s").replace('"', "`")
+    for name in SPLIT_NAMES[1:]:
         columns = "".join(
-            f", slice(items, 1, {length}) AS `{column}`"
+            f", slice(s.items, 1, {length}) AS `{column}`"
             for column, length in histories.lengths.items()
         )
-        frame = spark.sql(f"SELECT `{QUERY_ID}` AS `{query_id}`{columns}, seen FROM latest_{name}")
+        frame = spark.sql(
+            f"SELECT {row}{columns}, s.seen, s.targets, s.{TRAIN_INTERACTIONS} "
+            f"FROM latest_{name} s LEFT JOIN query_table q ON s.`{QUERY_ID}` = q.key"
+        )
         target = f"queries_{name}"
         files.update(_through_scratch(frame, scratch / target, staging, target, options, False))
     return files

@@ -102,6 +102,9 @@ class StreamConfig:
     come from ``items``, the corpus, which is held in memory.
 
     Attributes:
+        built: a ``twotower data build`` folder: its parts, corpus, columns and fitted
+            features stand for ``train``, ``valid``, ``test``, ``items``, ``query_id``,
+            ``item_id`` and ``weight``, which are then left unset.
         train: a Parquet file or a folder of them: the training interactions.
         valid: the validation interactions (same columns), ranked after each epoch.
         test: the test interactions, ranked once at the end.
@@ -120,10 +123,11 @@ class StreamConfig:
             ``training.weights`` reads; None: none.
     """
 
-    train: Path
-    valid: Path
-    test: Path
-    items: Path
+    built: Path | None = None
+    train: Path | None = None
+    valid: Path | None = None
+    test: Path | None = None
+    items: Path | None = None
     query_id: str = "user_id"
     item_id: str = "item_id"
     buffer_rows: int = 200_000
@@ -135,6 +139,16 @@ class StreamConfig:
     weight: str | None = None
 
     def __post_init__(self) -> None:
+        files = {"train": self.train, "valid": self.valid, "test": self.test, "items": self.items}
+        if self.built is not None:
+            given = [name for name, path in files.items() if path is not None]
+            if given:
+                raise ValueError(f"data.stream.built stands for {', '.join(given)}: drop them")
+        elif None in files.values():
+            missing = [name for name, path in files.items() if path is None]
+            raise ValueError(
+                f"data.stream needs {', '.join(missing)} (or built: a data build folder)"
+            )
         if min(self.buffer_rows, self.eval_queries, self.max_distinct, self.max_sample) < 1:
             raise ValueError("buffer_rows, eval_queries, max_distinct and max_sample must be >= 1")
         if self.workers < 0:

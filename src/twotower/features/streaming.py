@@ -27,7 +27,9 @@ fitted from the item table, which is held in memory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from twotower.data.build import TRAIN_INTERACTIONS
 from twotower.data.config import StreamConfig
 from twotower.data.stream import ParquetStream, read_item_table
 from twotower.errors import DataError
@@ -49,8 +52,12 @@ from twotower.features.history import HistoryTransform
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature
 from twotower.features.transform import FitContext, Transform
+from twotower.storage import atomic_write, read_json
 
 log = logging.getLogger(__name__)
+
+ITEM_COUNTS_FILE = "item_counts.npy"  # a streamed fit's training count of each item
+FIT_FILE = "fit.json"  # which fits of a streamed fit are exact
 
 
 class CountSummary:
@@ -273,6 +280,82 @@ def fit_stream_pipeline(
     if approximate:
         log.info("fitted approximately (past max_distinct / max_sample): %s", approximate)
     return pipeline, items, counts, exact
+
+
+def fit_built_pipeline(
+    stream: StreamConfig, queries: Path, features: FeaturesConfig, key: str, seed: int = 0
+) -> tuple[FeaturePipeline, np.ndarray, dict[str, bool]]:
+    """Fits the features of a data build as ``FeaturePipeline.fit`` fits them in memory.
+
+    A query feature on the key column ``key`` counts each id once per training
+    interaction (read from the training rows); every other query feature counts each
+    query with training interactions once (read from ``queries``, a build's
+    ``queries_valid.parquet``: one row per query, its ``train_interactions``). The item
+    features are fitted on the corpus rows with training interactions.
+
+    Args:
+        stream: the build as a stream (``twotower.data.build.built_stream``).
+        queries: the build's one row per query.
+        features: the features to fit.
+        key: the query side's key column (the query table's key, else the
+            interactions' query id).
+        seed: the bucketized features' sample (exact below ``stream.max_sample``).
+
+    Returns:
+        The fitted pipeline, the (N,) training count of each item, and whether each
+        query feature's fit is exact.
+    """
+    items = read_items(stream, features)
+    item_keys = ItemKeys(items.column(stream.item_id).combine_chunks(), str(stream.items))
+    pipeline = FeaturePipeline(features)
+    transforms = pipeline.transforms["query"]
+    on_key = {
+        name: t
+        for name, t in transforms.items()
+        if not isinstance(t, HistoryTransform) and t.spec.column == key
+    }
+    fits = [
+        StreamingFit(group, stream.max_distinct, stream.max_sample, seed)
+        for group in (on_key, {n: t for n, t in transforms.items() if n not in on_key})
+    ]
+    counts = np.zeros(items.num_rows, np.int64)
+    rows = ParquetStream(stream.train, sorted({stream.item_id, *_columns(on_key)}))
+    bar = tqdm(total=rows.num_rows, desc="fit features", unit="row", unit_scale=True)
+    with bar:
+        for table in rows.read(rows.share(None, 0, 1)):
+            fits[0].update(table)
+            found = item_keys.find(table.column(stream.item_id))
+            counts += np.bincount(found[found >= 0], minlength=len(counts))
+            bar.update(table.num_rows)
+    per_query = ParquetStream(queries, sorted({TRAIN_INTERACTIONS, *_columns(fits[1].transforms)}))
+    for table in per_query.read(per_query.share(None, 0, 1)):
+        fits[1].update(table.filter(pc.greater(table.column(TRAIN_INTERACTIONS), 0)))
+    exact = {**fits[0].finish(), **fits[1].finish()}
+    pipeline.fit_side("item", items, stream.item_id, counts)
+    return pipeline, counts, exact
+
+
+def save_fitted(
+    folder: Path, pipeline: FeaturePipeline, counts: np.ndarray, exact: dict[str, bool]
+) -> list[Path]:
+    """Writes a streamed fit into ``folder``: the feature state, ``item_counts.npy`` and
+    ``fit.json`` (which fits are exact); returns the files, each written atomically."""
+    pipeline.save(folder)
+    atomic_write(folder / ITEM_COUNTS_FILE, lambda f: np.save(f, counts, allow_pickle=False))
+    fits = json.dumps({n: "exact" if ok else "approximate" for n, ok in exact.items()})
+    atomic_write(folder / FIT_FILE, lambda f: f.write(fits.encode()))
+    return sorted(folder.iterdir())
+
+
+def load_fitted(folder: Path) -> tuple[FeaturePipeline, np.ndarray, dict[str, bool]]:
+    """The feature state, item counts and exact fits ``save_fitted`` wrote."""
+    counts = np.load(folder / ITEM_COUNTS_FILE, allow_pickle=False)
+    fits = read_json(folder / FIT_FILE, "a streamed fit's record")
+    return FeaturePipeline.load(folder), counts, {n: v == "exact" for n, v in fits.items()}
+
+
+def _columns(transforms: dict[str, Transform]) -> set[str]:
+    return {t.spec.column for t in transforms.values() if not isinstance(t, HistoryTransform)}
 
 
 def stream_query_columns(features: FeaturesConfig) -> list[str]:

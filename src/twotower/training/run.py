@@ -18,14 +18,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from twotower.config import Config, save_config
 from twotower.config_io import from_dict, to_dict
+from twotower.data.build import FEATURES_DIR, built_stream
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
-from twotower.features.streaming import fit_stream_pipeline, read_items
+from twotower.features.streaming import (
+    fit_stream_pipeline,
+    load_fitted,
+    read_items,
+    save_fitted,
+)
 from twotower.prepare import load_data
 from twotower.storage import atomic_write, remove_partial_files
 from twotower.threads import set_threads
@@ -47,7 +52,6 @@ from twotower.training.trainer import (
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-ITEM_COUNTS_FILE = "item_counts.npy"  # a streamed run's training count of each item
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,22 +73,27 @@ class TrainResult:
 def _stream_data(
     config: Config, out: Path, resume: bool, device: torch.device, main: bool
 ) -> StreamingTrainingData:
-    """Streamed training data: features fitted from the stream (or the run's saved ones)."""
-    stream = config.data.stream
-    counts_file = out / "features" / ITEM_COUNTS_FILE
+    """Streamed training data: features fitted by the data build, from the stream, or
+    the run's saved ones when it resumes."""
+    stream, built = built_stream(config.data.stream), config.data.stream.built
+    features = out / "features"
     if resume:
-        pipeline = FeaturePipeline.load(out / "features")
+        pipeline, counts, _ = load_fitted(features)
         items = read_items(stream, config.features)
-        counts = np.load(counts_file, allow_pickle=False)
+    elif built is not None:
+        pipeline, counts, exact = load_fitted(built / FEATURES_DIR)
+        if to_dict(pipeline.config) != to_dict(config.features):
+            raise ConfigError(
+                f"{built}: built for other features than this config's; build it again "
+                "with this config (twotower data build)"
+            )
+        items = read_items(stream, config.features)
+        if main:
+            save_fitted(features, pipeline, counts, exact)
     else:
         pipeline, items, counts, exact = fit_stream_pipeline(stream, config.features, config.seed)
         if main:
-            pipeline.save(out / "features")
-            atomic_write(counts_file, lambda f: np.save(f, counts, allow_pickle=False))
-            fits = {name: "exact" if ok else "approximate" for name, ok in exact.items()}
-            atomic_write(
-                out / "features" / "fit.json", lambda f: f.write(json.dumps(fits).encode())
-            )
+            save_fitted(features, pipeline, counts, exact)
     training = config.training
     return StreamingTrainingData(
         stream, pipeline, items, counts, device, config.seed, training.weights, training.weight_cap
