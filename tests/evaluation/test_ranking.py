@@ -137,3 +137,27 @@ def test_known_popularity_counts_what_was_known_before_the_part(part: str) -> No
     )
     known = evaluate(_lookup(HAND_SCORES), SPLIT, part, 4, 6, ks=[2], item_popularity="known")
     assert known == given and f"{part}/popularity@2" in known
+
+
+@pytest.mark.parametrize("part", ["valid", "test"])
+def test_queries_ranked_chunk_by_chunk_give_the_whole_metrics(part: str) -> None:
+    """``evaluate_chunks`` over the queries split into chunks of rows (each its own
+    score function, held-out and seen rows) equals one ``evaluate`` of them all,
+    coverage and popularity included."""
+    from twotower.data.matrix import interaction_matrix, known_before
+    from twotower.evaluation.ranking import HeldOut, evaluate_chunks
+
+    popularity = np.arange(6, dtype=np.float64)
+    whole = evaluate(
+        _lookup(HAND_SCORES), SPLIT, part, 4, 6, ks=(1, 2, 5), item_popularity=popularity
+    )
+    held_out = interaction_matrix(SPLIT.part(part), 4, 6)
+    seen = known_before(SPLIT, part, 4, 6)
+    chunks = [
+        HeldOut(_lookup(HAND_SCORES[rows]), held_out[rows], seen[rows])
+        for rows in (slice(0, 1), slice(1, 3), slice(3, 4))
+    ]
+    got = evaluate_chunks(chunks, part, 6, ks=(1, 2, 5), item_popularity=popularity)
+    assert got.keys() == whole.keys()
+    for name, value in whole.items():
+        assert got[name] == pytest.approx(value, rel=1e-12, nan_ok=True), name

@@ -95,11 +95,39 @@ def _eval_keys(config: StreamConfig, queries: list[int]) -> list:
     return [keys[q] for q in queries]
 
 
-def test_a_run_on_built_data_learns(configs, popularity_recall, tmp_path):
+@pytest.fixture(scope="module")
+def streamed_run(configs, tmp_path_factory):
     _, streamed = configs
-    recall = train_run(streamed, tmp_path / "stream").metrics["valid/recall@10"]
+    return train_run(streamed, tmp_path_factory.mktemp("runs") / "stream")
+
+
+def test_a_run_on_built_data_learns(streamed_run, popularity_recall):
+    recall = streamed_run.metrics["valid/recall@10"]
     # the same interactions and split as small_config's, so the same popularity ranking
     assert recall > 1.5 * popularity_recall, (recall, popularity_recall)
+
+
+def test_evaluate_ranks_every_built_query_as_in_memory(configs, streamed_run):
+    """``twotower evaluate`` of a run on built data ranks each query of the build, with
+    its history as of the part, exactly as the in-memory evaluation ranks the same
+    model on the in-memory split (every metric, every cutoff, popularity included)."""
+    from twotower.training.run import evaluate_run, load_model
+    from twotower.training.trainer import evaluate_model
+
+    memory, _ = configs
+    got = evaluate_run(streamed_run.out, ks=[1, 5, 10, 50])
+    _, built_pipeline, model = load_model(streamed_run.out)
+    dataset, split = load_data(memory)
+    pipeline = FeaturePipeline.fit(memory.features, dataset, split.train)
+    assert pipeline.to_bytes()[1] != b""  # the in-memory fit holds the histories
+    data = TrainingData(dataset, split, pipeline, memory.training.history)
+    expected = {}
+    for part in ("valid", "test"):
+        expected.update(evaluate_model(model, data, part, [1, 5, 10, 50]))
+    assert got.keys() == expected.keys()
+    assert got["test/queries"] == expected["test/queries"] > 0
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
 
 
 def test_the_build_fits_the_features_as_in_memory(tmp_path):

@@ -50,22 +50,69 @@ def ranking_metrics(
     Raises:
         ValueError: shapes disagree, an item index is out of range or a k is < 1.
     """
-    relevant = _canonical(relevant)
-    num_items = relevant.shape[1]
-    ranked = _checked_ranked(ranked, relevant.shape, _checked_ks(ks))
-    if item_popularity is not None:
-        item_popularity = np.asarray(item_popularity, dtype=np.float64)
-        if item_popularity.shape != (num_items,):
-            raise ValueError(f"item_popularity must have shape ({num_items},)")
-    num_relevant = np.diff(relevant.indptr)
-    rows = np.flatnonzero(num_relevant > 0)
-    ranked = ranked[rows]
-    hits = _hits(ranked, rows, relevant)  # (Qc, K)
-    cumulative = _cumulative(ranked, hits, num_relevant[rows], num_items, item_popularity)
-    result: dict[str, float] = {}
-    for k in ks:
-        result.update(_at_k(cumulative, k, len(rows), num_items))
-    return result
+    totals = RankingTotals(ks, relevant.shape[1], item_popularity)
+    totals.add(ranked, relevant)
+    return totals.result()
+
+
+class RankingTotals:
+    """The metrics of rows ranked chunk by chunk: ``add`` each chunk, then ``result``,
+    which equals ``ranking_metrics`` of all the rows at once (up to the order of float
+    sums), in memory bounded by the corpus, not by the rows.
+
+    Args:
+        ks: the cutoffs, each >= 1.
+        num_items: N, the corpus size.
+        item_popularity: (N,) a popularity per item; adds ``popularity@k``.
+    """
+
+    def __init__(
+        self, ks: Sequence[int], num_items: int, item_popularity: np.ndarray | None = None
+    ) -> None:
+        self.ks = _checked_ks(ks)
+        self.num_items = num_items
+        if item_popularity is not None:
+            item_popularity = np.asarray(item_popularity, dtype=np.float64)
+            if item_popularity.shape != (num_items,):
+                raise ValueError(f"item_popularity must have shape ({num_items},)")
+        self.item_popularity = item_popularity
+        self.rows = 0
+        self.sums: dict[str, float] = {}
+        # coverage@k counts the items whose best position over all rows is < k
+        self.best_position = np.full(num_items, np.iinfo(np.int64).max, dtype=np.int64)
+
+    def add(self, ranked: np.ndarray, relevant: sp.csr_matrix) -> None:
+        """Counts a chunk: ``ranked`` (Q, K_max) and its rows' ``relevant`` (Q, N)
+        items, as ``ranking_metrics`` takes them."""
+        relevant = _canonical(relevant)
+        if relevant.shape[1] != self.num_items:
+            raise ValueError(f"relevant must have {self.num_items} columns, got {relevant.shape}")
+        ranked = _checked_ranked(ranked, relevant.shape, self.ks)
+        num_relevant = np.diff(relevant.indptr)
+        rows = np.flatnonzero(num_relevant > 0)
+        ranked = ranked[rows]
+        hits = _hits(ranked, rows, relevant)  # (Qc, K)
+        cumulative = _cumulative(ranked, hits, num_relevant[rows], self.item_popularity)
+        present = ranked >= 0
+        positions = np.broadcast_to(np.arange(ranked.shape[1]), ranked.shape)
+        np.minimum.at(self.best_position, ranked[present], positions[present])
+        for k in self.ks:
+            for name, values in _per_row(cumulative, k).items():
+                self.sums[name] = self.sums.get(name, 0.0) + float(np.sum(values))
+        self.rows += len(rows)
+
+    def result(self) -> dict[str, float]:
+        """Every metric at every cutoff over the rows added (see the module doc)."""
+        result: dict[str, float] = {}
+        for k in self.ks:
+            names = ["recall", "hr", "ndcg", "mrr", "precision"]
+            names += ["popularity"] if self.item_popularity is not None else []
+            for name in names:
+                total = self.sums.get(f"{name}@{k}", 0.0)
+                result[f"{name}@{k}"] = total / self.rows if self.rows else float("nan")
+            covered = np.count_nonzero(self.best_position < k)
+            result[f"coverage@{k}"] = covered / max(self.num_items, 1)
+        return result
 
 
 def _canonical(relevant: sp.csr_matrix) -> sp.csr_matrix:
@@ -118,55 +165,41 @@ def _cumulative(
     ranked: np.ndarray,
     hits: np.ndarray,
     num_relevant: np.ndarray,
-    num_items: int,
     item_popularity: np.ndarray | None,
 ) -> dict[str, np.ndarray]:
     """Running sums over ranks, so that any cutoff k is a column lookup."""
     K = ranked.shape[1]
     discount = 1.0 / np.log2(np.arange(2, K + 2))  # (K,) rank i -> 1 / log2(i + 1)
     first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), K)  # 0-based, K = none
-    # Coverage@k counts the items whose best position over all rows is < k.
-    best_position = np.full(num_items, K, dtype=np.int64)
-    present = ranked >= 0
-    positions = np.broadcast_to(np.arange(K), ranked.shape)
-    np.minimum.at(best_position, ranked[present], positions[present])
     cumulative = {
         "hits": np.cumsum(hits, axis=1),
         "dcg": np.cumsum(hits * discount, axis=1),
         "ideal": np.cumsum(discount),
         "num_relevant": num_relevant,
         "first_hit": first_hit,
-        "best_position": best_position,
     }
     if item_popularity is not None:
+        present = ranked >= 0
         popularity = np.where(present, item_popularity[np.maximum(ranked, 0)], 0.0)
         cumulative["popularity"] = np.cumsum(popularity, axis=1)
         cumulative["shown"] = np.cumsum(present, axis=1)
     return cumulative
 
 
-def _at_k(
-    cumulative: dict[str, np.ndarray], k: int, num_rows: int, num_items: int
-) -> dict[str, float]:
-    coverage = np.count_nonzero(cumulative["best_position"] < k) / max(num_items, 1)
-    if num_rows == 0:
-        names = ["recall", "hr", "ndcg", "mrr", "precision", "coverage"]
-        names += ["popularity"] if "popularity" in cumulative else []
-        return {f"{name}@{k}": coverage if name == "coverage" else np.nan for name in names}
+def _per_row(cumulative: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """Each counted row's value of every metric but coverage at cutoff ``k``."""
     hits = cumulative["hits"][:, k - 1]
     num_relevant = cumulative["num_relevant"]
     ideal = cumulative["ideal"][np.minimum(k, num_relevant) - 1]
     first_hit = cumulative["first_hit"]
     result = {
-        f"recall@{k}": np.mean(hits / num_relevant),
-        f"hr@{k}": np.mean(hits > 0),
-        f"ndcg@{k}": np.mean(cumulative["dcg"][:, k - 1] / ideal),
-        f"mrr@{k}": np.mean(np.where(first_hit < k, 1.0 / (first_hit + 1), 0.0)),
-        f"precision@{k}": np.mean(hits / k),
-        f"coverage@{k}": coverage,
+        f"recall@{k}": hits / num_relevant,
+        f"hr@{k}": hits > 0,
+        f"ndcg@{k}": cumulative["dcg"][:, k - 1] / ideal,
+        f"mrr@{k}": np.where(first_hit < k, 1.0 / (first_hit + 1), 0.0),
+        f"precision@{k}": hits / k,
     }
     if "popularity" in cumulative:
         shown = cumulative["shown"][:, k - 1]
-        mean = cumulative["popularity"][:, k - 1] / np.maximum(shown, 1)
-        result[f"popularity@{k}"] = np.mean(mean)
-    return {name: float(value) for name, value in result.items()}
+        result[f"popularity@{k}"] = cumulative["popularity"][:, k - 1] / np.maximum(shown, 1)
+    return result

@@ -13,17 +13,34 @@ the same unreachable amount. A query with no held-out item left is not evaluated
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
 from twotower.data.matrix import interaction_matrix, known_before
 from twotower.data.splits import Split
-from twotower.evaluation.metrics import ranking_metrics
+from twotower.evaluation.metrics import RankingTotals
 from twotower.index.topk import ScoreFn, top_k
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """Queries to rank, as rows of two matrices.
+
+    Attributes:
+        score_fn: (B,) row indices -> (B, N) scores of every item.
+        held_out: (rows, N) binary CSR: each row's held-out items.
+        seen: (rows, N) binary CSR: the items each row knew before the part.
+    """
+
+    score_fn: ScoreFn
+    held_out: sp.csr_matrix
+    seen: sp.csr_matrix
 
 
 def evaluate(
@@ -60,20 +77,57 @@ def evaluate(
         raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
     held_out = interaction_matrix(split.part(part), num_queries, num_items)
     seen = known_before(split, part, num_queries, num_items)
-    if exclude_seen:
-        held_out = (held_out - held_out.multiply(seen)).tocsr()
-        held_out.eliminate_zeros()
-    queries = np.flatnonzero(np.diff(held_out.indptr) > 0)
-    exclude = seen if exclude_seen else None
-    k = max(ks, default=1)  # an empty ks is rejected by ranking_metrics below
-    bar = tqdm(total=len(queries), desc="ranking", unit="query", leave=False, disable=None)
-    with bar:
-        ranked, _ = top_k(_counted(score_fn, bar), queries, k, exclude, chunk_size, num_items)
     if isinstance(item_popularity, str):
         item_popularity = np.asarray(seen.sum(axis=0), dtype=np.float32).ravel()
-    metrics = ranking_metrics(ranked, held_out[queries], ks, item_popularity)
-    result: dict[str, float] = {f"{part}/{name}": value for name, value in metrics.items()}
-    result[f"{part}/queries"] = len(queries)
+    return evaluate_chunks(
+        [HeldOut(score_fn, held_out, seen)],
+        part,
+        num_items,
+        ks,
+        exclude_seen,
+        chunk_size,
+        item_popularity,
+    )
+
+
+def evaluate_chunks(
+    chunks: Iterable[HeldOut],
+    part: str,
+    num_items: int,
+    ks: Sequence[int] = (10, 50, 100),
+    exclude_seen: bool = True,
+    chunk_size: int = 1024,
+    item_popularity: np.ndarray | None = None,
+    total: int | None = None,
+) -> dict[str, float]:
+    """``evaluate`` over queries that come chunk by chunk (e.g. read from disk), in
+    memory bounded by the corpus and a chunk: the same metrics as one call over all
+    of them (up to the order of float sums).
+
+    Args:
+        chunks: the queries to rank, a ``HeldOut`` at a time.
+        total: the queries to come, for the progress bar, if known.
+        part, num_items, ks, exclude_seen, chunk_size, item_popularity: as ``evaluate``'s
+            (a popularity must be given as counts).
+    """
+    totals = RankingTotals(ks, num_items, item_popularity)
+    k = max(ks, default=1)  # an empty ks is rejected by RankingTotals above
+    evaluated = 0
+    bar = tqdm(total=total, desc="ranking", unit="query", leave=False, disable=None)
+    with bar:
+        for chunk in chunks:
+            held_out = chunk.held_out
+            if exclude_seen:
+                held_out = (held_out - held_out.multiply(chunk.seen)).tocsr()
+                held_out.eliminate_zeros()
+            queries = np.flatnonzero(np.diff(held_out.indptr) > 0)
+            exclude = chunk.seen if exclude_seen else None
+            score = _counted(chunk.score_fn, bar)
+            ranked, _ = top_k(score, queries, k, exclude, chunk_size, num_items)
+            totals.add(ranked, held_out[queries])
+            evaluated += len(queries)
+    result = {f"{part}/{name}": value for name, value in totals.result().items()}
+    result[f"{part}/queries"] = evaluated
     return result
 
 

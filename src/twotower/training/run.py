@@ -35,6 +35,7 @@ from twotower.prepare import load_data
 from twotower.storage import atomic_write, remove_partial_files
 from twotower.threads import set_threads
 from twotower.towers.model import TwoTower
+from twotower.training.built import evaluate_built
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
@@ -220,21 +221,30 @@ def evaluate_run(
     """
     config, pipeline, model = load_model(run_dir, checkpoint)
     set_threads(threads or config.threads)
-    dataset, split = load_data(config)
     device = resolve_device(config.training.device)
-    data = TrainingData(dataset, split, pipeline, config.training.history, device)
     model = model.to(device)
+    ks = ks or config.training.ks
+    batch_size = config.training.eval_batch_size
     metrics: dict[str, float] = {}
+    if config.data.source == "stream":
+        folder = config.data.stream.built
+        if folder is None:
+            raise ConfigError(
+                "evaluating a streamed run reads each query's rows as of each part from a "
+                "data build: build the data (twotower data build) and train on "
+                "data.stream.built"
+            )
+        stream = built_stream(config.data.stream)
+        for part in parts:
+            metrics.update(
+                evaluate_built(model, stream, folder, pipeline, part, ks, exclude_seen, batch_size)
+            )
+        return metrics
+    dataset, split = load_data(config)
+    data = TrainingData(dataset, split, pipeline, config.training.history, device)
     for part in parts:
         metrics.update(
-            evaluate_model(
-                model,
-                data,
-                part,
-                ks or config.training.ks,
-                exclude_seen=exclude_seen,
-                batch_size=config.training.eval_batch_size,
-            )
+            evaluate_model(model, data, part, ks, exclude_seen=exclude_seen, batch_size=batch_size)
         )
     return metrics
 

@@ -1,0 +1,112 @@
+"""A model ranked on a data build, query chunk by query chunk (``twotower evaluate`` of
+a run trained on ``data.stream.built``).
+
+The build's ``queries_valid.parquet`` / ``queries_test.parquet`` hold one row per query:
+its features and histories as of the part, the items it knew before it (``seen``) and
+the part's own items (``targets``). Each row group is transformed, embedded and ranked
+against the whole corpus, exactly as ``evaluate_model`` ranks the in-memory split; what
+is in memory is the corpus and its vectors, one row group of queries, and one count per
+item. Every query is ranked, not a sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+import torch
+
+from twotower.data.config import StreamConfig
+from twotower.data.stream import ParquetStream
+from twotower.errors import DataError
+from twotower.evaluation.ranking import HeldOut, evaluate_chunks
+from twotower.features.pipeline import FeaturePipeline
+from twotower.features.streaming import ItemKeys, read_items, stream_query_columns
+from twotower.towers.model import TwoTower, embed_rows, interest_scores
+
+SEEN, TARGETS = "seen", "targets"  # a build's query rows: items known before, held out
+
+
+def evaluate_built(
+    model: TwoTower,
+    stream: StreamConfig,
+    folder: Path,
+    pipeline: FeaturePipeline,
+    part: str,
+    ks: list[int] | tuple[int, ...],
+    exclude_seen: bool = True,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Exact full-corpus metrics of ``model`` on ``part`` of the build ``folder``.
+
+    Args:
+        model: the trained model.
+        stream: the build as a stream (``twotower.data.build.built_stream``).
+        folder: the build folder.
+        pipeline: the run's fitted features.
+        part: ``valid`` or ``test``.
+        ks: the cutoffs.
+        exclude_seen: drop each query's seen items from its ranking and held-out items.
+        batch_size: queries embedded and scored at once.
+
+    Returns:
+        As ``evaluate_model``: ``{part}/{metric}@{k}``, ``popularity@k`` of the items
+        known before the part, and ``{part}/queries``.
+    """
+    if part not in ("valid", "test"):
+        raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
+    path = Path(folder) / f"queries_{part}.parquet"
+    items = read_items(stream, pipeline.config)
+    keys = ItemKeys(items.column(stream.item_id).combine_chunks(), str(stream.items))
+    device = next(model.parameters()).device
+    item_vectors = embed_rows(model.item_tower, pipeline, "item", items, batch_size)
+    columns = sorted({stream.query_id, *stream_query_columns(pipeline.config), SEEN, TARGETS})
+    queries = ParquetStream(path, columns)
+    num_items = items.num_rows
+    popularity = np.zeros(num_items, np.float64)
+    seen_only = ParquetStream(path, [SEEN])
+    for table in seen_only.read(seen_only.share(None, 0, 1)):
+        popularity += _lists(table.column(SEEN), keys, num_items, path).sum(axis=0).A1
+
+    def chunks() -> Iterator[HeldOut]:
+        for table in queries.read(queries.share(None, 0, 1)):
+            vectors = embed_rows(model.query_tower, pipeline, "query", table, batch_size)
+
+            def score(rows: np.ndarray, vectors: torch.Tensor = vectors) -> torch.Tensor:
+                return interest_scores(vectors[torch.from_numpy(rows).to(device)], item_vectors)
+
+            seen, held_out = (
+                _lists(table.column(c), keys, num_items, path) for c in (SEEN, TARGETS)
+            )
+            yield HeldOut(score, held_out, seen)
+
+    with torch.no_grad():
+        return evaluate_chunks(
+            chunks(),
+            part,
+            num_items,
+            ks,
+            exclude_seen,
+            batch_size,
+            popularity,
+            total=queries.num_rows,
+        )
+
+
+def _lists(column: pa.ChunkedArray, keys: ItemKeys, num_items: int, path: Path) -> sp.csr_matrix:
+    """(rows, N) binary CSR of a list column of item ids."""
+    lists = column.combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy()
+    found = keys.find(pc.list_flatten(lists))
+    if (found < 0).any():
+        raise DataError(f"{path}: {int((found < 0).sum())} item id(s) not in the build's corpus")
+    rows = np.repeat(np.arange(len(lists)), lengths)
+    ones = np.ones(len(found), np.float32)
+    matrix = sp.csr_matrix((ones, (rows, found)), shape=(len(lists), num_items))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
