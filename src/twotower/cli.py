@@ -142,16 +142,29 @@ def baseline(
     data_dir: DataDir = None,
 ) -> None:
     """Fit a reference baseline and rank the full corpus beside the model's protocol."""
-    from twotower.baselines.run import BASELINES, evaluate_baseline, write_metrics
+    from twotower.baselines.run import (
+        BASELINES,
+        evaluate_baseline,
+        evaluate_baseline_built,
+        write_metrics,
+    )
     from twotower.config import save_config
     from twotower.prepare import load_data
 
     if model not in BASELINES:
         raise ConfigError(f"--model {model!r}: choose one of {', '.join(BASELINES)}")
     config = _config(config_path, overrides, data_dir)
-    dataset, split = load_data(config)
     ks = config.training.ks
-    metrics = evaluate_baseline(model, dataset, split, ks, config.baselines)
+    if config.data.source == "stream":  # from a data build, in bounded memory
+        if config.data.stream.built is None:
+            raise ConfigError(
+                "a baseline on streamed data reads each query's rows from a data build: "
+                "build the data (twotower data build) and name it in data.stream.built"
+            )
+        metrics = evaluate_baseline_built(model, config.data.stream.built, ks, config.baselines)
+    else:
+        dataset, split = load_data(config)
+        metrics = evaluate_baseline(model, dataset, split, ks, config.baselines)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     write_metrics(metrics, out / "metrics.json")

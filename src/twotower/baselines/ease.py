@@ -36,14 +36,20 @@ class EASE:
             self, fitted.
         """
         train = sp.csr_matrix(train, dtype=np.float64)
-        gram = torch.from_numpy((train.T @ train).toarray())  # (N, N) X^T X
+        self.fit_gram(train.T @ train)
+        self._train = sp.csr_matrix(train, dtype=np.float32)
+        return self
+
+    def fit_gram(self, gram: sp.spmatrix) -> EASE:
+        """Solves for B from the (N, N) co-occurrence counts X^T X alone (they may be
+        summed over chunks of queries); ``score_rows`` then scores query rows."""
+        gram = torch.from_numpy(sp.csr_matrix(gram, dtype=np.float64).toarray())  # (N, N)
         gram.diagonal().add_(self.l2)
         # The Gram matrix plus l2 I is symmetric positive definite: Cholesky inverts it.
         precision = torch.cholesky_inverse(torch.linalg.cholesky(gram))  # (N, N) P
         weights = -precision / precision.diagonal()[None, :]
         weights.diagonal().zero_()
         self.weights = weights.to(torch.float32).numpy()
-        self._train = sp.csr_matrix(train, dtype=np.float32)
         return self
 
     def score(self, query_idx: np.ndarray) -> torch.Tensor:
@@ -55,8 +61,14 @@ class EASE:
         Returns:
             (B, N) float32 ``x_q @ B``.
         """
-        if self._train is None or self.weights is None:
+        if self._train is None:
             raise RuntimeError("EASE.score called before fit")
-        rows = self._train[np.asarray(query_idx, dtype=np.int64)]
+        return self.score_rows(self._train[np.asarray(query_idx, dtype=np.int64)])
+
+    def score_rows(self, rows: sp.csr_matrix) -> torch.Tensor:
+        """(B, N) float32 ``x_q @ B`` of (B, N) binary query rows."""
+        if self.weights is None:
+            raise RuntimeError("EASE scored before fit")
+        rows = sp.csr_matrix(rows, dtype=np.float32)
         # A sparse-dense product sums each query's row on its own: batch-size independent.
         return torch.from_numpy(np.asarray(rows @ self.weights, dtype=np.float32))

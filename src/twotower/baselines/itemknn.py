@@ -36,6 +36,7 @@ class ItemKNN:
         self.block_size = block_size
         self.similarity: sp.csr_matrix | None = None  # (N, N) float32, row i: i's neighbours
         self._train: sp.csr_matrix | None = None
+        self.num_items: int | None = None
 
     def fit(self, train: sp.csr_matrix) -> ItemKNN:
         """Computes the pruned item-item cosine similarity.
@@ -47,19 +48,27 @@ class ItemKNN:
             self, fitted.
         """
         train = sp.csr_matrix(train, dtype=np.float64)
-        items_by_query = train.T.tocsr()  # (N, num_queries)
-        norms = np.sqrt(np.asarray(train.power(2).sum(axis=0)).ravel())  # (N,)
-        num_items = train.shape[1]
+        self.fit_gram(train.T @ train)
+        self._train = sp.csr_matrix(train, dtype=np.float32)
+        return self
+
+    def fit_gram(self, gram: sp.spmatrix) -> ItemKNN:
+        """The similarities from the (N, N) co-occurrence counts X^T X alone (they may
+        be summed over chunks of queries): for a binary X, item i's norm is
+        sqrt(X^T X[i, i]). ``score_rows`` then scores query rows."""
+        gram = sp.csr_matrix(gram, dtype=np.float64)
+        norms = np.sqrt(gram.diagonal())  # (N,)
+        num_items = gram.shape[1]
         blocks = []
         for start in range(0, num_items, self.block_size):
             block = np.arange(start, min(start + self.block_size, num_items))
-            common = (items_by_query[block] @ train).toarray()  # (b, N) co-occurrences
+            common = gram[block].toarray()  # (b, N) co-occurrences
             denominator = np.outer(norms[block], norms) + self.shrink
             sim = np.divide(common, denominator, out=np.zeros_like(common), where=denominator > 0)
             sim[np.arange(len(block)), block] = 0.0
             blocks.append(sp.csr_matrix(np.where(self._keep(sim), sim, 0.0), dtype=np.float32))
         self.similarity = sp.vstack(blocks, format="csr") if blocks else None
-        self._train = sp.csr_matrix(train, dtype=np.float32)
+        self.num_items = num_items
         return self
 
     def _keep(self, sim: np.ndarray) -> np.ndarray:
@@ -85,7 +94,13 @@ class ItemKNN:
         """
         if self._train is None:
             raise RuntimeError("ItemKNN.score called before fit")
-        rows = self._train[np.asarray(query_idx, dtype=np.int64)]
+        return self.score_rows(self._train[np.asarray(query_idx, dtype=np.int64)])
+
+    def score_rows(self, rows: sp.csr_matrix) -> torch.Tensor:
+        """(B, N) float32 ``x_q @ S`` of (B, N) binary query rows."""
+        if self.num_items is None:
+            raise RuntimeError("ItemKNN scored before fit")
+        rows = sp.csr_matrix(rows, dtype=np.float32)
         if self.similarity is None:  # no items at all
             return torch.zeros((rows.shape[0], 0), dtype=torch.float32)
         # A sparse product sums each query's row on its own: batch-size independent.

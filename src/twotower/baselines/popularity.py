@@ -30,6 +30,12 @@ class Popularity:
         self.counts = np.asarray(train.sum(axis=0), dtype=np.float32).ravel()
         return self
 
+    def fit_gram(self, gram: sp.spmatrix) -> Popularity:
+        """The counts from the (N, N) co-occurrence counts X^T X of a binary X: item
+        i's count is its diagonal entry."""
+        self.counts = np.asarray(sp.csr_matrix(gram).diagonal(), dtype=np.float32)
+        return self
+
     def score(self, query_idx: np.ndarray) -> torch.Tensor:
         """Scores every item for each query.
 
@@ -39,7 +45,10 @@ class Popularity:
         Returns:
             (B, N) float32, each row the item counts.
         """
+        return self.score_rows(sp.csr_matrix((len(np.asarray(query_idx)), 0)))
+
+    def score_rows(self, rows: sp.csr_matrix) -> torch.Tensor:
+        """(B, N) float32, each row the item counts (only the number of rows matters)."""
         if self.counts is None:
             raise RuntimeError("Popularity.score called before fit")
-        rows = len(np.asarray(query_idx))
-        return torch.from_numpy(np.tile(self.counts, (rows, 1)))
+        return torch.from_numpy(np.tile(self.counts, (rows.shape[0], 1)))

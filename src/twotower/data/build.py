@@ -67,7 +67,8 @@ PART = "part"
 TRAIN_INTERACTIONS = "train_interactions"
 # what a query's row in queries_valid / queries_test holds besides its id, features
 # and histories: the items known before the part, the part's items, its training rows
-QUERY_COLUMNS = ("seen", "targets", TRAIN_INTERACTIONS)
+SEEN, TARGETS = "seen", "targets"
+QUERY_COLUMNS = (SEEN, TARGETS, TRAIN_INTERACTIONS)
 _DRAW_CHUNK = 1 << 22
 
 

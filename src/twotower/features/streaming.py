@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from twotower.data.build import TRAIN_INTERACTIONS
@@ -246,6 +247,24 @@ class ItemKeys:
             return np.full(len(values), -1, np.int64)
         found = self._keys.find(self._numpy(values))
         return np.where(pc.is_null(values).to_numpy(zero_copy_only=False), -1, found)
+
+
+def item_matrix(
+    column: pa.ChunkedArray, keys: ItemKeys, num_items: int, path: Path
+) -> sp.csr_matrix:
+    """(rows, N) binary CSR of a list column of item ids (a build's ``seen`` or
+    ``targets``); an id outside the corpus is an error naming ``path``."""
+    lists = column.combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy()
+    found = keys.find(pc.list_flatten(lists))
+    if (found < 0).any():
+        raise DataError(f"{path}: {int((found < 0).sum())} item id(s) not in the build's corpus")
+    rows = np.repeat(np.arange(len(lists)), lengths)
+    ones = np.ones(len(found), np.float32)
+    matrix = sp.csr_matrix((ones, (rows, found)), shape=(len(lists), num_items))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
 
 
 def fit_stream_pipeline(

@@ -15,20 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import scipy.sparse as sp
 import torch
 
+from twotower.data.build import SEEN, TARGETS
 from twotower.data.config import StreamConfig
 from twotower.data.stream import ParquetStream
-from twotower.errors import DataError
 from twotower.evaluation.ranking import HeldOut, evaluate_chunks
 from twotower.features.pipeline import FeaturePipeline
-from twotower.features.streaming import ItemKeys, read_items, stream_query_columns
+from twotower.features.streaming import ItemKeys, item_matrix, read_items, stream_query_columns
 from twotower.towers.model import TwoTower, embed_rows, interest_scores
-
-SEEN, TARGETS = "seen", "targets"  # a build's query rows: items known before, held out
 
 
 def evaluate_built(
@@ -70,7 +65,7 @@ def evaluate_built(
     popularity = np.zeros(num_items, np.float64)
     seen_only = ParquetStream(path, [SEEN])
     for table in seen_only.read(seen_only.share(None, 0, 1)):
-        popularity += _lists(table.column(SEEN), keys, num_items, path).sum(axis=0).A1
+        popularity += item_matrix(table.column(SEEN), keys, num_items, path).sum(axis=0).A1
 
     def chunks() -> Iterator[HeldOut]:
         for table in queries.read(queries.share(None, 0, 1)):
@@ -80,7 +75,7 @@ def evaluate_built(
                 return interest_scores(vectors[torch.from_numpy(rows).to(device)], item_vectors)
 
             seen, held_out = (
-                _lists(table.column(c), keys, num_items, path) for c in (SEEN, TARGETS)
+                item_matrix(table.column(c), keys, num_items, path) for c in (SEEN, TARGETS)
             )
             yield HeldOut(score, held_out, seen)
 
@@ -95,18 +90,3 @@ def evaluate_built(
             popularity,
             total=queries.num_rows,
         )
-
-
-def _lists(column: pa.ChunkedArray, keys: ItemKeys, num_items: int, path: Path) -> sp.csr_matrix:
-    """(rows, N) binary CSR of a list column of item ids."""
-    lists = column.combine_chunks()
-    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy()
-    found = keys.find(pc.list_flatten(lists))
-    if (found < 0).any():
-        raise DataError(f"{path}: {int((found < 0).sum())} item id(s) not in the build's corpus")
-    rows = np.repeat(np.arange(len(lists)), lengths)
-    ones = np.ones(len(found), np.float32)
-    matrix = sp.csr_matrix((ones, (rows, found)), shape=(len(lists), num_items))
-    matrix.sum_duplicates()
-    matrix.data[:] = 1.0
-    return matrix

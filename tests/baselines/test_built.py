@@ -1,0 +1,56 @@
+"""Baselines on a data build: fitted from the build's query rows chunk by chunk, they
+rank exactly as the in-memory baselines do on the same split."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from twotower.baselines.config import BaselinesConfig
+from twotower.baselines.run import evaluate_baseline, evaluate_baseline_built
+from twotower.errors import DataError
+from twotower.prepare import build_data, load_data
+
+pytest.importorskip("duckdb")
+
+KS = [1, 5, 10, 50]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo's tables (random split, so queries have several held-out items) and
+    their build, in row groups of 64 queries."""
+    from twotower.data.build import BuildOptions
+    from twotower.demo import _write_synthetic, demo_config
+
+    folder = tmp_path_factory.mktemp("demo")
+    config = demo_config(
+        ["data.synthetic.num_queries=300", "data.synthetic.num_items=150", "split.method=random"]
+    )
+    config = dataclasses.replace(config, data=_write_synthetic(config, folder / "data"))
+    build_data(config, folder / "built", BuildOptions(rows_per_part=128, row_group_rows=64))
+    return config, folder / "built"
+
+
+@pytest.mark.parametrize("name", ["pop", "itemknn", "ease"])
+def test_a_baseline_on_the_build_ranks_as_in_memory(demo, name):
+    config, built = demo
+    settings = BaselinesConfig(ease_l2=50.0, itemknn_neighbors=20, itemknn_shrink=1.0)
+    dataset, split = load_data(config)
+    expected = evaluate_baseline(name, dataset, split, KS, settings)
+    got = evaluate_baseline_built(name, built, KS, settings, chunk_size=16)
+    assert got.keys() == expected.keys()
+    assert got["test/queries"] == expected["test/queries"] > 100
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_a_baseline_too_large_for_memory_is_refused_naming_its_size(demo, monkeypatch):
+    import os
+
+    _, built = demo
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda n: 1 if n == "SC_PHYS_PAGES" else real(n))
+    with pytest.raises(DataError, match=r"ease on 150 items needs about 0.0 GiB \(three dense"):
+        evaluate_baseline_built("ease", built, KS)
