@@ -159,5 +159,6 @@ def test_queries_ranked_chunk_by_chunk_give_the_whole_metrics(part: str) -> None
     ]
     got = evaluate_chunks(chunks, part, 6, ks=(1, 2, 5), item_popularity=popularity)
     assert got.keys() == whole.keys()
+    assert {type(value) for value in got.values()} <= {float, int}  # plain, for checkpoints
     for name, value in whole.items():
         assert got[name] == pytest.approx(value, rel=1e-12, nan_ok=True), name

@@ -24,8 +24,12 @@ The output folder appears whole or not at all (``storage.replaced_folder``):
                                        row groups of ``row_group_rows`` (the stream
                                        reader's unit of work), with history columns
     DIR/valid.parquet, DIR/test.parquet
-    DIR/queries_valid.parquet          with histories: each query's histories and seen
-    DIR/queries_test.parquet           items as of validation / of test
+    DIR/items.parquet                  the corpus, with the item features' columns
+    DIR/queries_valid.parquet          one row per query as of each step (before
+    DIR/queries_test.parquet           validation, before test, after everything): its
+    DIR/queries_all.parquet            features, histories, seen items, the step's own
+                                       items (targets) and its training rows
+    DIR/features/                      the features fitted once (``finish``)
     DIR/manifest.json                  rows and sha256 of every file, written last
 """
 
@@ -68,6 +72,9 @@ TRAIN_INTERACTIONS = "train_interactions"
 # what a query's row in queries_valid / queries_test holds besides its id, features
 # and histories: the items known before the part, the part's items, its training rows
 SEEN, TARGETS = "seen", "targets"
+# a query's state as of each step: before validation, before test, after everything
+# (for serving; its targets are empty), in queries_{step}.parquet
+STEPS = ("valid", "test", "all")
 QUERY_COLUMNS = (SEEN, TARGETS, TRAIN_INTERACTIONS)
 _DRAW_CHUNK = 1 << 22
 
@@ -688,7 +695,7 @@ def _write_parts(
     # as in memory, where the parts known by then are concatenated in order: between
     # equal timestamps (or without any), a training row is older than a validation row
     known = f'"{TIMESTAMP}", {PART}, {POSITION}' if has_time else f"{PART}, {POSITION}"
-    for target, name in enumerate(SPLIT_NAMES[1:], start=1):
+    for target, name in enumerate(STEPS, start=1):
         _step_table(con, name, target, longest, known)
     for index, name in enumerate(SPLIT_NAMES):
         columns, source = "", "interactions"
@@ -748,9 +755,10 @@ def _latest_table(con: Any, table: str, parts: str, length: int, recency: str) -
 
 def _step_table(con: Any, name: str, target: int, length: int, recency: str) -> None:
     """Table ``latest_{name}``: every query with interactions up to part ``target``
-    (1: valid, 2: test), with what was known before that part (its latest ``length``
-    items, most recent first, as ``items``; its distinct items, ``seen``), the part's
-    own distinct items (``targets``) and its training rows (``train_interactions``)."""
+    (1: valid, 2: test, 3: all, which has no part of its own), with what was known
+    before that part (its latest ``length`` items, most recent first, as ``items``; its
+    distinct items, ``seen``), the part's own distinct items (``targets``) and its
+    training rows (``train_interactions``)."""
     known = f"WHERE {PART} < {target}"
     descending = ", ".join(f"{c} DESC" for c in recency.split(", "))
     items = (
@@ -774,7 +782,7 @@ def _write_queries(
     """``queries_valid.parquet`` and ``queries_test.parquet`` (``QUERY_COLUMNS``): every
     query with interactions up to that part, by id, from ``_step_table``'s tables."""
     files: dict[str, dict[str, Any]] = {}
-    for name in SPLIT_NAMES[1:]:
+    for name in STEPS:
         columns = "".join(
             f", s.items[1:{length}] AS {_quoted_name(column)}"
             for column, length in histories.lengths.items()

@@ -24,6 +24,7 @@ from twotower.data.build import (
     PART,
     POSITION,
     SIDE_TABLES,
+    STEPS,
     TRAIN_INTERACTIONS,
     BuildOptions,
     Histories,
@@ -333,7 +334,7 @@ def _write_parts(
     longest = max(histories.lengths.values(), default=0)
     if rule == "mask_target" and longest:
         _latest_view(spark, "latest_train", longest, has_time)
-    for target, name in enumerate(SPLIT_NAMES[1:], start=1):
+    for target, name in enumerate(STEPS, start=1):
         _step_view(spark, name, target, longest, has_time)
     files: dict[str, dict[str, Any]] = {}
     (staging / "train").mkdir()
@@ -425,7 +426,7 @@ def _write_queries(
     """``queries_valid.parquet`` and ``queries_test.parquet``, as the DuckDB build's."""
     files: dict[str, dict[str, Any]] = {}
     row = outputs.query_row("s").replace('"', "`")
-    for name in SPLIT_NAMES[1:]:
+    for name in STEPS:
         columns = "".join(
             f", slice(s.items, 1, {length}) AS `{column}`"
             for column, length in histories.lengths.items()

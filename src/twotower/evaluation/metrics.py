@@ -110,7 +110,7 @@ class RankingTotals:
             for name in names:
                 total = self.sums.get(f"{name}@{k}", 0.0)
                 result[f"{name}@{k}"] = total / self.rows if self.rows else float("nan")
-            covered = np.count_nonzero(self.best_position < k)
+            covered = int(np.count_nonzero(self.best_position < k))
             result[f"coverage@{k}"] = covered / max(self.num_items, 1)
         return result
 
