@@ -20,19 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from twotower.config import Config
 from twotower.config_io import to_dict
-from twotower.data.dataset import Dataset
+from twotower.data.build import QUERY_COLUMNS, SEEN, TARGETS, built_stream
 from twotower.data.matrix import interaction_matrix
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
+from twotower.features.streaming import ItemKeys, item_matrix, read_items
 from twotower.index import INDEXES, Index, build_index, choose_index, recall_against_exact
 from twotower.prepare import load_data
 from twotower.serving.artifact import MANIFEST_FILE, ArtifactContents, write_artifact
 from twotower.storage import replaced_folder
 from twotower.threads import set_threads
-from twotower.towers.model import Tower, embed_rows
+from twotower.towers.model import Tower, TwoTower, embed_rows
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import METRICS_FILE, load_model
 
@@ -80,13 +84,15 @@ def artifact_contents(run_dir: Path, index: str, threads: int | None = None) -> 
     """Everything the artifact of a run's best model holds, computed in memory."""
     config, pipeline, model = load_model(run_dir)
     set_threads(threads or config.threads)
+    if config.data.source == "stream":
+        return _built_contents(config, pipeline, model, index, run_dir)
     dataset, split = load_data(config)
     served = pipeline.with_histories(dataset, dataset.interactions)
     vectors = embed_rows(model.item_tower, served, "item", dataset.items).cpu().numpy()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
     seen = interaction_matrix(dataset.interactions, dataset.num_queries, dataset.num_items)
     built = build_index(choose_index(index, len(vectors)), vectors)
-    recall = _index_recall(built, vectors, model.query_tower, served, dataset, seen)
+    recall = _index_recall(built, vectors, model.query_tower, served, dataset.queries, seen)
     return ArtifactContents(
         config=to_dict(config),
         pipeline=served,
@@ -99,13 +105,60 @@ def artifact_contents(run_dir: Path, index: str, threads: int | None = None) -> 
         seen=seen,
         heldout=interaction_matrix(split.test, dataset.num_queries, dataset.num_items),
         index=built,
-        manifest={
-            "twotower_version": version("twotower"),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "index_recall": recall,
-            "metrics": _read_metrics(run_dir),
-        },
+        manifest=_manifest(recall, run_dir),
     )
+
+
+def _built_contents(
+    config: Config, pipeline: FeaturePipeline, model: TwoTower, index: str, run_dir: Path
+) -> ArtifactContents:
+    """The artifact of a run trained on a data build: its known queries are the build's
+    ``queries_all.parquet`` rows (features and histories after everything logged, and
+    their seen items), its held-out items those of ``queries_test.parquet``."""
+    folder = config.data.stream.built
+    if folder is None:
+        raise ConfigError(
+            "exporting a streamed run reads each query's features and history from a data "
+            "build: build the data (twotower data build) and train on data.stream.built"
+        )
+    stream = built_stream(config.data.stream)
+    items = read_items(stream, pipeline.config)
+    keys = ItemKeys(items.column(stream.item_id).combine_chunks(), str(stream.items))
+    num_items = items.num_rows
+    state = pq.read_table(folder / "queries_all.parquet")
+    seen = item_matrix(state.column(SEEN), keys, num_items, folder / "queries_all.parquet")
+    queries = state.drop_columns(list(QUERY_COLUMNS))
+    test = pq.read_table(folder / "queries_test.parquet", columns=[stream.query_id, TARGETS])
+    if not test.column(stream.query_id).equals(state.column(stream.query_id)):
+        raise DataError(f"{folder}: queries_test.parquet and queries_all.parquet disagree")
+    heldout = item_matrix(test.column(TARGETS), keys, num_items, folder / "queries_test.parquet")
+    vectors = embed_rows(model.item_tower, pipeline, "item", items).cpu().numpy()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
+    built = build_index(choose_index(index, len(vectors)), vectors)
+    recall = _index_recall(built, vectors, model.query_tower, pipeline, queries, seen)
+    return ArtifactContents(
+        config=to_dict(config),
+        pipeline=pipeline,
+        query_tower=model.query_tower,
+        items=items,
+        queries=queries,
+        query_key=stream.query_id,
+        item_key=stream.item_id,
+        item_vectors=vectors,
+        seen=seen,
+        heldout=heldout,
+        index=built,
+        manifest=_manifest(recall, run_dir),
+    )
+
+
+def _manifest(recall: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    return {
+        "twotower_version": version("twotower"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "index_recall": recall,
+        "metrics": _read_metrics(run_dir),
+    }
 
 
 def _index_recall(
@@ -113,7 +166,7 @@ def _index_recall(
     vectors: np.ndarray,
     query_tower: Tower,
     pipeline: FeaturePipeline,
-    dataset: Dataset,
+    queries: pa.Table,
     seen: sp.csr_matrix,
 ) -> dict[str, Any]:
     """Recall@10 of the index against exact search, for a sample of known queries.
@@ -122,11 +175,11 @@ def _index_recall(
     interaction in their history and their seen items excluded.
     """
     rng = np.random.default_rng(0)
-    count = min(RECALL_QUERIES, dataset.num_queries)
-    rows = np.sort(rng.choice(dataset.num_queries, size=count, replace=False))
-    queries = embed_rows(query_tower, pipeline, "query", dataset.queries.take(rows))
-    queries = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
-    recall = recall_against_exact(index, vectors, queries, RECALL_K, seen[rows])
+    count = min(RECALL_QUERIES, queries.num_rows)
+    rows = np.sort(rng.choice(queries.num_rows, size=count, replace=False))
+    vectors_q = embed_rows(query_tower, pipeline, "query", queries.take(rows))
+    vectors_q = np.ascontiguousarray(vectors_q.cpu().numpy(), dtype=np.float32)
+    recall = recall_against_exact(index, vectors, vectors_q, RECALL_K, seen[rows])
     return {"k": RECALL_K, "queries": count, "recall": recall, "exact": index.is_exact}
 
 

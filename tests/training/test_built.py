@@ -183,3 +183,41 @@ def test_a_built_stream_names_no_files_of_its_own(tmp_path):
         StreamConfig(built=tmp_path, train=tmp_path, items=tmp_path)
     with pytest.raises(ValueError, match=r"data.stream needs valid, test \(or built"):
         StreamConfig(train=tmp_path, items=tmp_path)
+
+
+def test_an_artifact_exported_from_built_data_serves_as_in_memory(configs, streamed_run, tmp_path):
+    """Exported from a run on built data, the artifact answers each known user with
+    every logged interaction as history and seen items excluded: the exact top 10 that
+    the same model gives in memory. A cold-start row may bring its history list."""
+    import numpy as np
+
+    from twotower.data.matrix import interaction_matrix
+    from twotower.export import export_run
+    from twotower.index.topk import top_k
+    from twotower.serving.retriever import Query, Retriever
+    from twotower.towers.model import embed_rows
+    from twotower.training.run import load_model
+
+    memory, _ = configs
+    export_run(streamed_run.out, tmp_path / "artifact")
+    retriever = Retriever.load(tmp_path / "artifact")
+    _, _, model = load_model(streamed_run.out)
+    dataset, split = load_data(memory)
+    served = FeaturePipeline.fit(memory.features, dataset, split.train)
+    served = served.with_histories(dataset, dataset.interactions)
+    queries = embed_rows(model.query_tower, served, "query", dataset.queries)
+    items = embed_rows(model.item_tower, served, "item", dataset.items)
+    seen = interaction_matrix(dataset.interactions, dataset.num_queries, dataset.num_items)
+    users = np.arange(dataset.num_queries)
+    ranked, _ = top_k(lambda rows: queries[rows] @ items.T, users, 10, seen)
+    item_ids = np.array(dataset.items.column(dataset.item_key).to_pylist())
+    user_ids = dataset.queries.column(dataset.query_key).to_pylist()
+    answers = retriever.recall_users(user_ids, 10)
+    assert [a.items for a in answers] == [item_ids[row].tolist() for row in ranked]
+    # a cold-start feature row with a history list: the same answer as that known user
+    history = retriever.artifact.queries.column("history")[0].as_py()
+    cold = retriever.retrieve([Query(features={"history": history}, k=10)])
+    known = retriever.recall_users([user_ids[0]], 10, exclude_seen=False)
+    assert cold[0].items == known[0].items
+    empty = retriever.retrieve([Query(features={}, k=10)])  # no history: an empty one
+    assert len(empty[0].items) == 10

@@ -151,7 +151,14 @@ class Retriever:
     def __init__(self, artifact: Artifact) -> None:
         self.artifact = artifact
         specs = artifact.pipeline.config.query
-        self.query_columns = list(dict.fromkeys(spec.column for spec in specs))
+        transforms = artifact.pipeline.transforms["query"]
+        # a history built out of core is a list column of its own, named after it
+        self.query_columns = list(
+            dict.fromkeys(
+                spec.name if getattr(transforms[spec.name], "from_rows", False) else spec.column
+                for spec in specs
+            )
+        )
         self.text_columns = [spec.column for spec in specs if isinstance(spec, TextFeature)]
         artifact.query_keys, artifact.item_keys  # noqa: B018 (built now, not on a request)
 
