@@ -116,6 +116,13 @@ def evaluate_command(
     ] = False,
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     threads: Threads = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(
+            help="A run on a data build: rank about this many queries of each part, a "
+            "seeded sample (default: every query)."
+        ),
+    ] = None,
 ) -> None:
     """Rank the whole corpus with a trained run's model; print and save the metrics."""
     from twotower.baselines.run import write_metrics
@@ -124,7 +131,13 @@ def evaluate_command(
     parts = _parts(split)
     ks = _ks(k)
     metrics = evaluate_run(
-        run_dir, parts, ks, exclude_seen=not keep_seen, checkpoint=checkpoint, threads=threads
+        run_dir,
+        parts,
+        ks,
+        exclude_seen=not keep_seen,
+        checkpoint=checkpoint,
+        threads=threads,
+        sample=sample,
     )
     suffix = "-keep-seen" if keep_seen else ""
     path = run_dir / f"evaluation-{split}{suffix}.json"
@@ -434,6 +447,13 @@ def data_synth(
             "Parquet parts, valid, test, items; users follow from --per-query)."
         ),
     ] = None,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            help="With --interactions: raw logs for twotower data build instead "
+            "(interactions/ parts, users.parquet, items.parquet; nothing split)."
+        ),
+    ] = False,
 ) -> None:
     """Write a synthetic dataset with planted clusters as Parquet files.
 
@@ -446,6 +466,8 @@ def data_synth(
     from twotower.data.synthetic import generate, write_parquet
     from twotower.data.synthetic_stream import StreamSynthConfig, write_stream
 
+    if raw and interactions is None:
+        raise ConfigError("--raw writes raw logs of --interactions rows: give --interactions")
     planted = {"num_items": items, "num_clusters": clusters, "seed": seed}
     try:
         if interactions is not None:
@@ -457,7 +479,7 @@ def data_synth(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if interactions is not None:
-        paths = write_stream(stream, out)
+        paths = write_stream(stream, out, raw)
     else:
         paths = write_parquet(generate(config).dataset, out)
     for role, path in paths.items():

@@ -221,3 +221,14 @@ def test_an_artifact_exported_from_built_data_serves_as_in_memory(configs, strea
     assert cold[0].items == known[0].items
     empty = retriever.retrieve([Query(features={}, k=10)])  # no history: an empty one
     assert len(empty[0].items) == 10
+
+
+def test_evaluate_can_rank_a_seeded_sample_of_the_built_queries(streamed_run):
+    from twotower.training.run import evaluate_run
+
+    full = evaluate_run(streamed_run.out, ("test",), [10])
+    every = evaluate_run(streamed_run.out, ("test",), [10], sample=10**6)
+    assert every == full
+    sampled = evaluate_run(streamed_run.out, ("test",), [10], sample=100)
+    assert sampled == evaluate_run(streamed_run.out, ("test",), [10], sample=100)
+    assert 50 < sampled["test/queries"] < 150 < full["test/queries"]

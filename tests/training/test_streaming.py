@@ -163,3 +163,30 @@ def test_streamed_examples_carry_their_rows_weights(stream_dir):
     unnamed = dataclasses.replace(data.config, weight=None)
     with pytest.raises(ConfigError, match="name the rows' weight column in data.stream.weight"):
         StreamingTrainingData(unnamed, data.pipeline, items, counts, weights="raw")
+
+
+def test_raw_logs_hold_the_streams_events_and_users(stream_dir, tmp_path):
+    """``write_stream(raw=True)`` with the same settings: every event of the stream's
+    train, valid and test rows, unsplit, and each user's features once in a table."""
+    synth = StreamSynthConfig(interactions=12_000, num_items=600, per_user=20, num_clusters=8)
+    paths = write_stream(synth, tmp_path, raw=True)
+    events = ["user_id", "item_id", "timestamp"]
+    stream = pa.concat_tables(
+        [
+            pq.read_table(stream_dir / "train"),
+            pq.read_table(stream_dir / "valid.parquet"),
+            pq.read_table(stream_dir / "test.parquet"),
+        ]
+    )
+    raw = pq.read_table(paths["interactions"])
+    assert raw.column_names == events
+    assert sorted(raw.select(events).to_pylist(), key=str) == sorted(
+        stream.select(events).to_pylist(), key=str
+    )
+    users = pq.read_table(paths["users"])
+    assert users.column("user_id").to_pylist() == sorted(set(raw["user_id"].to_pylist()))
+    inline = {
+        row["user_id"]: row for row in stream.drop_columns(["item_id", "timestamp"]).to_pylist()
+    }
+    assert users.to_pylist() == [inline[u] for u in users["user_id"].to_pylist()]
+    assert pq.read_table(paths["items"]).equals(pq.read_table(stream_dir / "items.parquet"))

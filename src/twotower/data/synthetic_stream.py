@@ -8,6 +8,9 @@
     DIR/valid.parquet, DIR/test.parquet  each user's second-to-last and last event
     DIR/items.parquet                  the corpus with its features
 
+or, with ``raw``, the logs a user brings to ``twotower data build``: every event in
+``DIR/interactions/``, the user table ``DIR/users.parquet`` and ``DIR/items.parquet``.
+
 Users and items come from latent clusters exactly as in ``twotower.data.synthetic``,
 and a user's affinity for an item is the same logit (strength x cosine + log
 popularity). What changes is how a user's items are drawn, so that a million-item
@@ -76,40 +79,62 @@ class StreamSynthConfig(PlantedClusters):
         return max(1, self.interactions // self.per_user)
 
 
-def write_stream(config: StreamSynthConfig, out: Path) -> dict[str, Path]:
+def write_stream(config: StreamSynthConfig, out: Path, raw: bool = False) -> dict[str, Path]:
     """Generates the data block by block and writes it under ``out``.
 
     Args:
         config: the generator's settings.
         out: the folder to write into; made if missing.
+        raw: write raw logs instead, as users bring them to ``twotower data build``:
+            ``interactions/part-*.parquet`` (every event: user_id, item_id,
+            timestamp, unsplit), ``users.parquet`` (user_id, segment, age, sessions)
+            and ``items.parquet``.
 
     Returns:
-        The paths by role: ``train`` (a folder of parts), ``valid``, ``test`` and ``items``.
+        The paths by role: ``train`` (a folder of parts), ``valid``, ``test`` and
+        ``items``; raw: ``interactions``, ``users`` and ``items``.
     """
     rng = np.random.default_rng(config.seed)
     corpus = _Corpus.draw(rng, config)
     out = Path(out)
-    (out / "train").mkdir(parents=True, exist_ok=True)
+    rows_folder = out / ("interactions" if raw else "train")
+    rows_folder.mkdir(parents=True, exist_ok=True)
     items = item_columns(rng, corpus.item_cluster, config.num_clusters, corpus.log_popularity)
     pq.write_table(pa.table(items), out / "items.parquet")
 
-    writer = _PartWriter(out / "train")
+    writer = _PartWriter(rows_folder)
+    users_writer: pq.ParquetWriter | None = None
     held_out: dict[str, list[pa.Table]] = {"valid": [], "test": []}
     users = config.num_users
     bar = tqdm(total=users * config.per_user, desc="synth", unit="row", unit_scale=True)
     for start in range(0, users, BLOCK_USERS):
-        table, from_end = _user_block(rng, config, corpus, start, min(BLOCK_USERS, users - start))
-        writer.write(table.filter(pa.array(from_end > 2)))
-        held_out["test"].append(table.filter(pa.array(from_end == 1)))
-        held_out["valid"].append(table.filter(pa.array(from_end == 2)))
+        features, table, from_end = _user_block(
+            rng, config, corpus, start, min(BLOCK_USERS, users - start)
+        )
+        if raw:
+            writer.write(table.select(["user_id", "item_id", "timestamp"]))
+            block = pa.table(features)
+            users_writer = users_writer or pq.ParquetWriter(out / "users.parquet", block.schema)
+            users_writer.write_table(block, row_group_size=ROW_GROUP)
+        else:
+            writer.write(table.filter(pa.array(from_end > 2)))
+            held_out["test"].append(table.filter(pa.array(from_end == 1)))
+            held_out["valid"].append(table.filter(pa.array(from_end == 2)))
         bar.update(table.num_rows)
     bar.close()
     writer.close()
+    if users_writer is not None:
+        users_writer.close()
+    if raw:
+        return {k: out / v for k, v in RAW_FILES.items()}
     paths = {"train": out / "train", "items": out / "items.parquet"}
     for part, tables in held_out.items():
         paths[part] = out / f"{part}.parquet"
         pq.write_table(pa.concat_tables(tables), paths[part])
     return paths
+
+
+RAW_FILES = {"interactions": "interactions", "users": "users.parquet", "items": "items.parquet"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,11 +188,11 @@ class _Corpus:
 
 def _user_block(
     rng: np.random.Generator, config: StreamSynthConfig, corpus: _Corpus, start: int, count: int
-) -> tuple[pa.Table, np.ndarray]:
+) -> tuple[dict[str, pa.Array], pa.Table, np.ndarray]:
     """Draws one block of users' events, with each user's features inline.
 
-    Returns the events as a table ordered by user, then time, and each event's place
-    from its user's end (1: the last event).
+    Returns the users' feature columns, the events as a table ordered by user, then
+    time, and each event's place from its user's end (1: the last event).
     """
     user_cluster = rng.integers(config.num_clusters, size=count)
     user_vectors = draw_vectors(rng, corpus.centres, user_cluster)
@@ -187,7 +212,7 @@ def _user_block(
             "timestamp": pa.array(times),
         }
     )
-    return table, from_end
+    return features, table, from_end
 
 
 def _draw_events(

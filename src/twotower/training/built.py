@@ -35,6 +35,8 @@ def evaluate_built(
     ks: list[int] | tuple[int, ...],
     exclude_seen: bool = True,
     batch_size: int = 1024,
+    sample: int | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Exact full-corpus metrics of ``model`` on ``part`` of the build ``folder``.
 
@@ -47,6 +49,9 @@ def evaluate_built(
         ks: the cutoffs.
         exclude_seen: drop each query's seen items from its ranking and held-out items.
         batch_size: queries embedded and scored at once.
+        sample: rank about this many queries, each row of the part kept with
+            probability sample / rows by a generator seeded with ``seed`` (the same
+            rows every time); None: every query.
 
     Returns:
         As ``evaluate_model``: ``{part}/{metric}@{k}``, ``popularity@k`` of the items
@@ -67,8 +72,13 @@ def evaluate_built(
     for table in seen_only.read(seen_only.share(None, 0, 1)):
         popularity += item_matrix(table.column(SEEN), keys, num_items, path).sum(axis=0).A1
 
+    keep = 1.0 if sample is None else min(1.0, sample / max(queries.num_rows, 1))
+    rng = np.random.default_rng(seed)
+
     def chunks() -> Iterator[HeldOut]:
         for table in queries.read(queries.share(None, 0, 1)):
+            if keep < 1.0:
+                table = table.filter(rng.random(table.num_rows) < keep)
             vectors = embed_rows(model.query_tower, pipeline, "query", table, batch_size)
 
             def score(rows: np.ndarray, vectors: torch.Tensor = vectors) -> torch.Tensor:
@@ -88,5 +98,5 @@ def evaluate_built(
             exclude_seen,
             batch_size,
             popularity,
-            total=queries.num_rows,
+            total=round(queries.num_rows * keep),
         )

@@ -207,6 +207,7 @@ def evaluate_run(
     exclude_seen: bool = True,
     checkpoint: str = "best",
     threads: int | None = None,
+    sample: int | None = None,
 ) -> dict[str, float]:
     """Ranks the full corpus with a run's saved model, on its own data and split.
 
@@ -218,6 +219,8 @@ def evaluate_run(
             keep them in the ranking.
         checkpoint: ``best`` or ``last``.
         threads: CPU threads; default the run's ``threads``.
+        sample: for a run on a data build, rank about this many queries of each part
+            (a seeded sample, ``evaluate_built``); None: every query.
     """
     config, pipeline, model = load_model(run_dir, checkpoint)
     set_threads(threads or config.threads)
@@ -237,9 +240,22 @@ def evaluate_run(
         stream = built_stream(config.data.stream)
         for part in parts:
             metrics.update(
-                evaluate_built(model, stream, folder, pipeline, part, ks, exclude_seen, batch_size)
+                evaluate_built(
+                    model,
+                    stream,
+                    folder,
+                    pipeline,
+                    part,
+                    ks,
+                    exclude_seen,
+                    batch_size,
+                    sample,
+                    config.seed,
+                )
             )
         return metrics
+    if sample is not None:
+        raise ConfigError("a sample of queries is for a data build; in memory all are ranked")
     dataset, split = load_data(config)
     data = TrainingData(dataset, split, pipeline, config.training.history, device)
     for part in parts:
