@@ -1,34 +1,44 @@
-"""Training at scale: streamed Parquet, bounded memory, one and two processes.
+"""The whole pipeline at scale, from raw logs to a served artifact, in bounded memory.
 
-    python benchmarks/scale.py --out runs/scale [--data runs/scale/data]
-        [--interactions 20000000] [--items 1000000] [--steps 400] [--quick]
+    python benchmarks/scale.py --out runs/scale [--sizes 2000000,20000000]
+        [--items 1000000] [--engines duckdb,spark] [--steps 400] [--memory-limit 2GB]
+        [--sample 20000] [--quick]
 
-1. Writes the synthetic stream (``twotower data synth --interactions N --items M``)
-   unless ``--data`` already holds it.
-2. Trains from the stream (``data.source: stream``), ``--steps`` steps of 1,024 rows
-   then validation on 20,000 held-out users against the whole corpus, in one process
-   (``twotower train``) and in two (``torchrun --nproc_per_node=2``), each in its own
-   process tree. The peak memory is the largest sum of the tree's resident memory
-   (every rank and DataLoader worker), sampled every 0.2 s.
-3. Measures the same for an in-memory load of the same training rows: the whole
-   table read and every row turned into model inputs, what a non-streaming loader
-   holds before its first step.
-4. Repeats the one-process stream run on a tenth of the rows, so that the memory of
-   the two sizes can be compared: a bounded loader's does not grow with the data.
-5. Times one optimizer step on embedding tables of 100K, 1M and 10M rows hit by 1,024
-   ids: dense gradients cost in proportion to the table, sparse ones to the ids.
+For each size (interactions, about 20 per user, ``--items`` items):
 
-Writes ``scale.json`` and ``scale.md`` in --out. ``--quick``: 300,000 interactions,
-20,000 items, 50 steps (a few minutes), to try the suite out.
+1. ``twotower data synth --raw``: raw logs with the generator's planted clusters
+   (every event in ``interactions/``, a user table, an item table).
+2. ``twotower data build`` on DuckDB (``--memory-limit``, two threads), then on Spark
+   ``local[2]``: the leave-last-out split, a 50-item history for every row and the
+   features fitted once. Training reads the DuckDB build.
+3. ``twotower train`` from the build (``data.stream.built``), ``--steps`` steps of 1,024
+   rows then validation on 20,000 held-out users against the whole corpus, in one
+   process and in two (``torchrun --nproc_per_node=2``).
+4. ``twotower evaluate --split test --sample N``: about N users' test items ranked
+   exactly against the whole corpus, their histories read from the build.
+5. ``twotower export --index auto``: item vectors, index and every user's state.
+6. ``twotower serve`` on the artifact: the seconds until it answers, then 1,000
+   known-user requests one after another on a keep-alive connection (latency p50 and
+   p99), and the service's resident memory.
+
+Each command runs in its own process tree; its peak memory is the largest sum of the
+tree's resident memory (every rank, DataLoader worker and, for Spark, the JVM),
+sampled every 0.2 s. Also times one optimizer step on embedding tables of 100K, 1M and
+10M rows hit by 1,024 ids (dense against sparse gradients).
+
+Writes ``scale.json``, ``scale.md`` and ``scale.png`` (peak memory per stage, by size)
+in --out. ``--quick``: 100,000 and 300,000 interactions, 20,000 items, 50 steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -39,21 +49,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = """\
 data:
-  source: stream
-  stream:
-    train: {train}
-    valid: {data}/valid.parquet
-    test: {data}/test.parquet
-    items: {data}/items.parquet
-    buffer_rows: 200000
-    workers: 1
-    eval_queries: 20000
+{data}
+split: {{method: leave_last_out}}
 features:
   query:
     - {{name: user_id, kind: id, column: user_id, hash_buckets: 1000000, hash_functions: 2}}
     - {{name: segment, kind: onehot, column: segment}}
     - {{name: age, kind: dense, column: age, transform: standardize}}
     - {{name: sessions, kind: dense, column: sessions, transform: log1p}}
+    - {{name: history, kind: history, column: user_id, item_feature: item_id, max_len: 50}}
   item:
     - {{name: item_id, kind: id, column: item_id, dim: 32}}
     - {{name: category, kind: onehot, column: category}}
@@ -65,10 +69,11 @@ model:
   item: {{kind: mlp, widths: [256, 64]}}
   sparse_embeddings: true
 training:
-  objective: {{kind: in_batch, logq: streaming}}
+  objective: {{kind: in_batch, logq: counts}}
   epochs: 1
   steps_per_epoch: {steps}
   batch_size: 1024
+  eval_batch_size: 256
   sparse_optimizer: adagrad
   lr: 0.01
   metric: valid/recall@10
@@ -76,14 +81,16 @@ training:
   tensorboard: false
 """
 
-IN_MEMORY = """\
-import sys, pyarrow.parquet as pq
-from twotower.features.pipeline import FeaturePipeline
-table = pq.read_table(sys.argv[1])
-pipeline = FeaturePipeline.load(__import__("pathlib").Path(sys.argv[2]))
-inputs = pipeline.transform("query", table)
-print(table.num_rows, sum(t.numel() * t.element_size() for t in inputs.values()))
-"""
+RAW = """\
+  source: files
+  interactions:
+    {{path: {raw}/interactions, query_id: user_id, item_id: item_id, timestamp: timestamp}}
+  queries: {{path: {raw}/users.parquet, key: user_id}}
+  items: {{path: {raw}/items.parquet, key: item_id}}"""
+
+BUILT = """\
+  source: stream
+  stream: {{built: {built}, buffer_rows: 200000, workers: 1, eval_queries: 20000}}"""
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -120,73 +127,6 @@ def run_measured(command: list[str], log: Path) -> tuple[float, float, int]:
         status = process.wait()
         sampler.join()
     return time.perf_counter() - clock, peak[0], status
-
-
-def train(name: str, args, data: Path, train_path: Path, processes: int) -> dict:
-    folder = args.out / name
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    config = folder / "config.yaml"
-    config.write_text(
-        CONFIG.format(data=data.resolve(), train=train_path.resolve(), steps=args.steps)
-    )
-    if processes == 1:
-        command = [sys.executable, "-m", "twotower", "train", str(config)]
-    else:
-        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-        command = [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m", "twotower"]
-        command += ["train", str(config)]
-    seconds, peak, status = run_measured([*command, "--out", str(folder / "run")], folder / "log")
-    if status:
-        raise SystemExit(f"{name} failed; see {folder / 'log'}")
-    record = json.loads((folder / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    return {
-        "processes": processes,
-        "rows": _rows(train_path),
-        "steps": args.steps,
-        "examples_per_s": record["examples_per_s"],
-        "train_seconds": record["train_seconds"],
-        "valid/recall@10": record["valid/recall@10"],
-        "seconds": seconds,
-        "peak_rss_mib": peak,
-    }
-
-
-def _rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(path.rglob("*.parquet")))
-
-
-def in_memory(args, train_path: Path, features: Path) -> dict:
-    log = args.out / "in-memory.log"
-    command = [sys.executable, "-c", IN_MEMORY, str(train_path), str(features)]
-    seconds, peak, status = run_measured(command, log)
-    if status:
-        raise SystemExit(f"the in-memory load failed; see {log}")
-    rows, input_bytes = (int(v) for v in log.read_text().split()[-2:])
-    return {
-        "rows": rows,
-        "input_mib": input_bytes / 2**20,
-        "seconds": seconds,
-        "peak_rss_mib": peak,
-    }
-
-
-def tenth(data: Path) -> Path:
-    """A folder holding the first tenth of the training part files (at least one)."""
-    files = sorted((data / "train").glob("*.parquet"))
-    folder = data / "train-tenth"
-    if not folder.exists():
-        folder.mkdir()
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(files[0])
-        total = _rows(data / "train")
-        pq.write_table(
-            table.slice(0, total // 10), folder / "part-00000.parquet", row_group_size=131_072
-        )
-    return folder
 
 
 def sparse_steps(rows_list: list[int], repeats: int = 7) -> list[dict]:
@@ -227,60 +167,189 @@ def sparse_steps(rows_list: list[int], repeats: int = 7) -> list[dict]:
     return results
 
 
+def stage(results: dict, name: str, command: list[str], log: Path) -> dict:
+    """Runs one stage's command, measured; records and prints its seconds and peak."""
+    seconds, peak, status = run_measured(command, log)
+    if status:
+        raise SystemExit(f"{name} failed; see {log}")
+    results[name] = {"seconds": round(seconds, 1), "peak_rss_mib": round(peak)}
+    print(f"  {name}: {seconds:,.0f} s, peak {peak:,.0f} MiB", flush=True)
+    return results[name]
+
+
+def twotower(*args: str) -> list[str]:
+    return [sys.executable, "-m", "twotower", *args]
+
+
+def one_size(args, rows: int) -> dict:
+    """Every stage on ``rows`` interactions (see the module doc)."""
+    folder = args.out / f"rows-{rows}"
+    folder.mkdir(parents=True, exist_ok=True)
+    results: dict = {"rows": rows}
+    raw = folder / "raw"
+    if not (raw / "users.parquet").is_file():
+        synth = twotower("data", "synth", "--raw", "--out", str(raw), "--per-query", "20")
+        synth += ["--interactions", str(rows), "--items", str(args.items)]
+        stage(results, "synth", synth, folder / "synth.log")
+    built = folder / "built-duckdb"
+    raw_config = folder / "raw.yaml"
+    raw_config.write_text(CONFIG.format(data=RAW.format(raw=raw.resolve()), steps=args.steps))
+    for engine in args.engines:
+        out = folder / f"built-{engine}"
+        command = twotower("data", "build", str(raw_config), "--out", str(out))
+        command += ["--engine", engine, "--threads", "2"]
+        if engine == "duckdb":
+            command += ["--memory-limit", args.memory_limit]
+        stage(results, f"build-{engine}", command, folder / f"build-{engine}.log")
+        results[f"build-{engine}"]["rows"] = _manifest_rows(out)
+    config = folder / "built.yaml"
+    config.write_text(CONFIG.format(data=BUILT.format(built=built.resolve()), steps=args.steps))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    for processes in (1, 2):
+        run = folder / f"run-{processes}"
+        shutil.rmtree(run, ignore_errors=True)
+        if processes == 1:
+            command = twotower("train", str(config), "--out", str(run))
+        else:
+            command = [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m"]
+            command += ["twotower", "train", str(config), "--out", str(run)]
+        name = f"train-{processes}"
+        stage(results, name, command, folder / f"{name}.log")
+        record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        results[name].update(
+            examples_per_s=round(record["examples_per_s"]),
+            valid_recall_at_10=record["valid/recall@10"],
+        )
+    run = folder / "run-1"
+    command = twotower("evaluate", str(run), "--split", "test", "--sample", str(args.sample))
+    stage(results, "evaluate", command, folder / "evaluate.log")
+    metrics = json.loads((run / "evaluation-test.json").read_text())
+    results["evaluate"].update(
+        queries=metrics["test/queries"], test_recall_at_10=metrics["test/recall@10"]
+    )
+    artifact = folder / "artifact"
+    command = twotower("export", str(run), "--out", str(artifact), "--index", "auto")
+    stage(results, "export", command, folder / "export.log")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    results["export"].update(
+        index=manifest["index"], index_recall_at_10=manifest["index_recall"]["recall"]
+    )
+    results["serve"] = serve(artifact)
+    print(f"  serve: {results['serve']}", flush=True)
+    return results
+
+
+def _manifest_rows(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())["rows"]
+
+
+def serve(artifact: Path, requests: int = 1000) -> dict:
+    """Starts the service, times its start, sends known-user requests one at a time on
+    a keep-alive connection; returns the start seconds, latencies and memory."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serving import _known_users, exchange, requests_for, rss_mib, start_server
+
+    clock = time.perf_counter()
+    process, url = start_server(artifact)
+    started = time.perf_counter() - clock
+    try:
+        bodies = requests_for(_known_users(artifact), requests)
+        host, port = url.removeprefix("http://").split(":")
+
+        async def send() -> list[float]:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            latencies = []
+            for body in bodies:
+                begin = time.perf_counter()
+                status = await exchange(reader, writer, body)
+                if b" 200 " not in status:
+                    raise SystemExit(f"the service answered {status!r}")
+                latencies.append(time.perf_counter() - begin)
+            writer.close()
+            return latencies
+
+        latencies = sorted(asyncio.run(send()))
+        return {
+            "start_seconds": round(started, 1),
+            "requests": requests,
+            "p50_ms": round(statistics.median(latencies) * 1000, 2),
+            "p99_ms": round(latencies[int(0.99 * len(latencies)) - 1] * 1000, 2),
+            "rss_mib": round(rss_mib(process.pid)),
+        }
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/scale"))
-    parser.add_argument("--data", type=Path, default=None)
-    parser.add_argument("--interactions", type=int, default=20_000_000)
+    parser.add_argument("--sizes", default="2000000,20000000")
     parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--engines", default="duckdb,spark")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--memory-limit", default="2GB")
+    parser.add_argument("--sample", type=int, default=20_000)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
-        args.interactions, args.items, args.steps = 300_000, 20_000, 50
+        sizes, args.items, args.steps, args.sample = [100_000, 300_000], 20_000, 50, 2000
+    args.engines = args.engines.split(",")
+    if "duckdb" not in args.engines:
+        raise SystemExit("--engines must include duckdb: training reads its build")
     args.out.mkdir(parents=True, exist_ok=True)
-    data = args.data or args.out / "data"
-    if not (data / "items.parquet").is_file():
-        synth = [sys.executable, "-m", "twotower", "data", "synth", "--out", str(data)]
-        synth += ["--interactions", str(args.interactions), "--items", str(args.items)]
-        seconds, peak, status = run_measured(synth, args.out / "synth.log")
-        if status:
-            raise SystemExit(f"data synth failed; see {args.out / 'synth.log'}")
-        print(f"synth: {seconds:.0f} s, peak {peak:,.0f} MiB", flush=True)
-    results = {"machine": f"{os.cpu_count()} CPU cores"}
-    sizes = [100_000, 1_000_000] if args.quick else [100_000, 1_000_000, 10_000_000]
-    results["sparse"] = sparse_steps(sizes)
-    results["stream-1"] = train("stream-1", args, data, data / "train", 1)
-    print("stream, 1 process", results["stream-1"], flush=True)
-    results["stream-2"] = train("stream-2", args, data, data / "train", 2)
-    print("stream, 2 processes", results["stream-2"], flush=True)
-    results["stream-1-tenth"] = train("stream-1-tenth", args, data, tenth(data), 1)
-    print("stream, 1 process, a tenth of the rows", results["stream-1-tenth"], flush=True)
-    features = args.out / "stream-1" / "run" / "features"
-    results["in-memory"] = in_memory(args, data / "train", features)
-    print("in memory", results["in-memory"], flush=True)
-    (args.out / "scale.json").write_text(json.dumps(results, indent=2))
+    results: dict = {"machine": f"{os.cpu_count()} CPU cores", "items": args.items, "sizes": []}
+    steps = [100_000, 1_000_000] if args.quick else [100_000, 1_000_000, 10_000_000]
+    results["sparse"] = sparse_steps(steps)
+    for rows in sizes:
+        print(f"{rows:,} interactions, {args.items:,} items", flush=True)
+        results["sizes"].append(one_size(args, rows))
+        (args.out / "scale.json").write_text(json.dumps(results, indent=2))
     (args.out / "scale.md").write_text(markdown(results))
+    plot(results, args.out / "scale.png")
     print(markdown(results))
 
 
+STAGES = [
+    ("build-duckdb", "data build (DuckDB)"),
+    ("build-spark", "data build (Spark local[2])"),
+    ("train-1", "train, 1 process"),
+    ("train-2", "train, 2 processes"),
+    ("evaluate", "evaluate (sampled users, full corpus)"),
+    ("export", "export"),
+]
+
+
 def markdown(results: dict) -> str:
-    lines = [
-        "| run | training rows | examples/s | peak memory (process tree) |",
-        "|---|---:|---:|---:|",
+    sizes = results["sizes"]
+    head = " | ".join(f"{s['rows']:,} rows: time, peak memory" for s in sizes)
+    lines = [f"| stage | {head} |", "|---|" + "---:|" * len(sizes)]
+    for key, label in STAGES:
+        cells = [
+            f"{s[key]['seconds']:,.0f} s, {s[key]['peak_rss_mib']:,} MiB" if key in s else "-"
+            for s in sizes
+        ]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    cells = [
+        f"start {s['serve']['start_seconds']:,.0f} s, {s['serve']['rss_mib']:,} MiB" for s in sizes
     ]
-    for name in ("stream-1", "stream-2", "stream-1-tenth"):
-        r = results[name]
-        label = f"stream, {r['processes']} process{'es' if r['processes'] > 1 else ''}"
+    lines.append(f"| serve | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "| rows | users | train ex/s (1 / 2 processes) | valid R@10 | test R@10 "
+        "(users) | index (recall@10) | request p50 / p99 |",
+        "|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for s in sizes:
+        users = s["build-duckdb"]["rows"]["test"]
         lines.append(
-            f"| {label} | {r['rows']:,} | {r['examples_per_s']:,.0f} | "
-            f"{r['peak_rss_mib']:,.0f} MiB |"
+            f"| {s['rows']:,} | {users:,} | {s['train-1']['examples_per_s']:,} / "
+            f"{s['train-2']['examples_per_s']:,} | {s['train-1']['valid_recall_at_10']:.4f} | "
+            f"{s['evaluate']['test_recall_at_10']:.4f} ({s['evaluate']['queries']:,}) | "
+            f"{s['export']['index']} ({s['export']['index_recall_at_10']:.3f}) | "
+            f"{s['serve']['p50_ms']:.1f} / {s['serve']['p99_ms']:.1f} ms |"
         )
-    r = results["in-memory"]
-    lines.append(
-        f"| in memory: the rows read and turned into inputs (no training) | {r['rows']:,} | - | "
-        f"{r['peak_rss_mib']:,.0f} MiB |"
-    )
     lines += [
         "",
         "| embedding rows | dense gradient + Adam | sparse gradient + Adagrad |",
@@ -289,6 +358,32 @@ def markdown(results: dict) -> str:
     for r in results["sparse"]:
         lines.append(f"| {r['rows']:,} | {r['dense_ms']:.2f} ms | {r['sparse_ms']:.2f} ms |")
     return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Peak memory of each stage, one bar per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sizes = results["sizes"]
+    stages = [(k, label) for k, label in STAGES if all(k in s for s in sizes)]
+    x = np.arange(len(stages) + 1)
+    width = 0.8 / len(sizes)
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    for i, s in enumerate(sizes):
+        peaks = [s[k]["peak_rss_mib"] for k, _ in stages] + [s["serve"]["rss_mib"]]
+        axis.bar(x + i * width, peaks, width, label=f"{s['rows']:,} interactions")
+    axis.set_xticks(x + width * (len(sizes) - 1) / 2)
+    axis.set_xticklabels([label for _, label in stages] + ["serve"], rotation=20, ha="right")
+    axis.set_ylabel("peak resident memory (MiB)")
+    axis.set_title(f"raw logs to a served artifact, {results['items']:,} items")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,8 @@ class StreamingTrainingData:
         weighted = self.weights != "none"
         for query, positives, weights in loader:
             steps += 1
+            if workers:  # out of the workers' shared memory (see _own_memory)
+                query, positives, weights = _own_memory(query, positives, weights)
             empty = empty or ({k: v[:0] for k, v in query.items()}, positives[:0])
             yield Batch(
                 to_device(query, self.device),
@@ -249,6 +251,19 @@ class _StreamExamples(torch.utils.data.IterableDataset):
                     interaction_weights(column, data.weights, data.weight_cap, where)
                 )
             yield query, positives, weights
+
+
+def _own_memory(
+    query: dict[str, torch.Tensor], positives: torch.Tensor, weights: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Copies of a batch that came from a DataLoader worker, in this process's memory.
+
+    A worker hands tensors over in shared memory. Index tensors there fed to a sparse
+    embedding shared by both towers under DistributedDataParallel (gloo) corrupted the
+    heap now and then (``malloc(): unaligned tcache chunk``, about one two-process run
+    in two on a history feature over a sparse item table; never with copies).
+    """
+    return {k: v.clone() for k, v in query.items()}, positives.clone(), weights.clone()
 
 
 def _read_all(path, query_columns: list[str], item_id: str) -> pa.Table:
