@@ -5,6 +5,7 @@ part, and a run that learns."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +233,61 @@ def test_evaluate_can_rank_a_seeded_sample_of_the_built_queries(streamed_run):
     sampled = evaluate_run(streamed_run.out, ("test",), [10], sample=100)
     assert sampled == evaluate_run(streamed_run.out, ("test",), [10], sample=100)
     assert 50 < sampled["test/queries"] < 150 < full["test/queries"]
+
+
+def test_the_build_fits_movielens_100k_features_as_in_memory(tmp_path):
+    """MovieLens-100K's own tables ('|'-separated, latin-1 titles): the user key, age,
+    gender, occupation and zip code, the item key and title text fitted by the build
+    equal the in-memory fit, and so do the item counts."""
+    import numpy as np
+
+    from twotower.config import load_config
+    from twotower.features.history import HistoryTransform
+
+    folder = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "ml-100k"
+    if not folder.is_dir():
+        pytest.skip(f"MovieLens-100K not found at {folder}")
+    genres = [f"g{i}" for i in range(19)]
+    (tmp_path / "config.yaml").write_text(
+        f"""
+data:
+  source: files
+  interactions: {{path: {folder}/u.data, delimiter: "\\t", header: false,
+    columns: [user, item, rating, ts], query_id: user, item_id: item, timestamp: ts}}
+  queries: {{path: {folder}/u.user, delimiter: "|", header: false,
+    columns: [user, age, gender, occupation, zip], key: user}}
+  items: {{path: {folder}/u.item, delimiter: "|", header: false, encoding: latin-1,
+    quote_char: null, columns: [item, title, released, video, url, {", ".join(genres)}],
+    key: item}}
+split: {{method: leave_last_out}}
+features:
+  query:
+    - {{name: user, kind: id, column: user, dim: 8}}
+    - {{name: age, kind: dense, column: age, transform: bucketize, num_buckets: 6}}
+    - {{name: gender, kind: onehot, column: gender}}
+    - {{name: occupation, kind: id, column: occupation, dim: 4}}
+    - {{name: zip, kind: id, column: zip, dim: 4, min_count: 2}}
+    - {{name: history, kind: history, column: user, item_feature: item, max_len: 20}}
+  item:
+    - {{name: item, kind: id, column: item, dim: 8}}
+    - {{name: title, kind: text, column: title, buckets: 512}}
+"""
+    )
+    config = load_config(tmp_path / "config.yaml")
+    build_data(config, tmp_path / "built")
+    built, counts, _ = load_fitted(tmp_path / "built" / FEATURES_DIR)
+    dataset, split = load_data(config)
+    memory = FeaturePipeline.fit(config.features, dataset, split.train)
+    np.testing.assert_array_equal(
+        counts, np.bincount(split.train["item_idx"].to_numpy(), minlength=dataset.num_items)
+    )
+    for side in ("query", "item"):
+        for name, transform in memory.transforms[side].items():
+            if isinstance(transform, HistoryTransform):
+                continue
+            scalars, arrays = transform.state()
+            assert built.transforms[side][name].state()[0] == pytest.approx(scalars), name
+            got = built.transforms[side][name].state()[1]
+            assert got.keys() == arrays.keys(), name
+            for key, value in arrays.items():
+                np.testing.assert_array_equal(got[key], value, err_msg=f"{name}.{key}")
