@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from twotower.config import Config, save_config
-from twotower.data.build import FEATURES_DIR, BuildOptions, Histories, build_split, output_columns
+from twotower.data.build import (
+    FEATURES_DIR,
+    BuildOptions,
+    Histories,
+    build_split,
+    output_columns,
+    stream_files,
+)
 from twotower.data.config import StreamConfig
-from twotower.data.dataset import ITEM_ID, QUERY_ID, Dataset
+from twotower.data.dataset import Dataset
 from twotower.data.load import load_dataset
 from twotower.data.splits import Split, split_interactions
 from twotower.errors import ConfigError
@@ -114,15 +121,7 @@ def build_data(
     def fit(staging: Path) -> dict[str, dict[str, Any]]:
         assert data.interactions is not None  # build_split checked the source
         key = data.queries.key if data.queries is not None else data.interactions.query_id
-        roles = output_columns(data, columns).roles
-        stream = StreamConfig(
-            train=staging / "train",
-            valid=staging / "valid.parquet",
-            test=staging / "test.parquet",
-            items=staging / "items.parquet",
-            query_id=roles[QUERY_ID],
-            item_id=roles[ITEM_ID],
-        )
+        stream = StreamConfig(**stream_files(staging, output_columns(data, columns).roles))
         queries = staging / "queries_valid.parquet"
         fitted = fit_built_pipeline(stream, queries, config.features, key, config.seed)
         return {

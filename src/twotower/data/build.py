@@ -269,18 +269,22 @@ def built_stream(stream: StreamConfig) -> StreamConfig:
     folder = stream.built
     if folder is None:
         return stream
-    roles = read_manifest(folder)["columns"]
-    return dataclasses.replace(
-        stream,
-        built=None,
-        train=folder / "train",
-        valid=folder / "valid.parquet",
-        test=folder / "test.parquet",
-        items=folder / "items.parquet",
-        query_id=roles[QUERY_ID],
-        item_id=roles[ITEM_ID],
-        weight=roles.get(WEIGHT),
-    )
+    return dataclasses.replace(stream, **stream_files(folder, read_manifest(folder)["columns"]))
+
+
+def stream_files(folder: Path, roles: dict[str, str]) -> dict[str, Any]:
+    """The ``StreamConfig`` fields that read the build in ``folder``, whose columns
+    for each role (``output_columns``' roles) are ``roles``."""
+    return {
+        "built": None,
+        "train": folder / "train",
+        "valid": folder / "valid.parquet",
+        "test": folder / "test.parquet",
+        "items": folder / "items.parquet",
+        "query_id": roles[QUERY_ID],
+        "item_id": roles[ITEM_ID],
+        "weight": roles.get(WEIGHT),
+    }
 
 
 def _part_of(path: str) -> str | None:
