@@ -216,3 +216,33 @@ def _serve(app) -> Iterator[str]:
 def live_service():
     """``with live_service(app) as url:`` serves ``app`` on a free loopback port."""
     return _serve
+
+
+@pytest.fixture
+def served_metrics():
+    """Scores an artifact's answers to the test users against their test items."""
+    return _served_metrics
+
+
+def _served_metrics(artifact, split, dataset, part_before: list, ks: list[int]) -> dict:
+    """Each test user's answer from the artifact, scored against its test items as
+    ``twotower evaluate`` scores them (seen items out of the held-out ones)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from twotower.data.matrix import interaction_matrix
+    from twotower.evaluation.metrics import ranking_metrics
+    from twotower.serving.retriever import Retriever
+
+    n_q, n_i = dataset.num_queries, dataset.num_items
+    held_out = interaction_matrix(split.test, n_q, n_i)
+    seen = interaction_matrix(pa.concat_tables(part_before), n_q, n_i)
+    held_out = (held_out - held_out.multiply(seen)).tocsr()
+    held_out.eliminate_zeros()
+    users = np.flatnonzero(np.diff(held_out.indptr))
+    retriever = Retriever.load(artifact)
+    keys = dataset.queries.column(dataset.query_key).to_pylist()
+    answers = retriever.recall_users([keys[u] for u in users], max(ks))
+    row = {key: i for i, key in enumerate(dataset.items.column(dataset.item_key).to_pylist())}
+    ranked = np.array([[row[item] for item in a.items] for a in answers])
+    return {f"test/{k}": v for k, v in ranking_metrics(ranked, held_out[users], ks).items()}

@@ -241,3 +241,24 @@ def test_auto_chooses_the_index_by_corpus_size(run_dir, tmp_path, monkeypatch):
     assert export_run(run_dir, tmp_path / "auto", index="auto")["index"] == "hnsw"
     with pytest.raises(ConfigError, match="choose auto or one of exact, flat, hnsw, ivfpq"):
         export_run(run_dir, tmp_path / "other", index="annoy")
+
+
+def test_an_as_of_valid_artifact_answers_the_evaluated_rankings(run_dir, tmp_path, served_metrics):
+    """Exported as of the end of validation, the artifact's answers to the test users,
+    scored against their test items, give exactly ``twotower evaluate``'s test metrics;
+    as of everything logged, its users' test items are seen and never answered."""
+    from twotower.training.run import evaluate_run
+
+    config, _, _ = load_model(run_dir)
+    dataset, split = load_data(config)
+    manifest = export_run(run_dir, tmp_path / "valid", as_of="valid")
+    assert manifest["as_of"] == "valid"
+    expected = evaluate_run(run_dir, ("test",), [1, 5, 10])
+    got = served_metrics(tmp_path / "valid", split, dataset, [split.train, split.valid], [1, 5, 10])
+    for name, value in got.items():
+        assert value == pytest.approx(expected[name], abs=1e-12), name
+    export_run(run_dir, tmp_path / "all")
+    after = served_metrics(tmp_path / "all", split, dataset, [split.train, split.valid], [10])
+    assert after["test/hr@10"] == 0.0  # the test items are seen by then
+    with pytest.raises(ConfigError, match=r"unknown as-of 'later'; choose one of valid"):
+        export_run(run_dir, tmp_path / "x", as_of="later")

@@ -254,11 +254,18 @@ def export(
         str, typer.Option(help="exact, flat, hnsw, ivfpq, or auto (by corpus size).")
     ] = "exact",
     threads: Threads = None,
+    as_of: Annotated[
+        str,
+        typer.Option(
+            help="Users' histories and seen items as of: valid (the state test is measured "
+            "in), test, or all (every logged interaction)."
+        ),
+    ] = "all",
 ) -> None:
     """Write a self-contained, checksummed serving artifact from a run's best model."""
     from twotower.export import export_run
 
-    manifest = export_run(run_dir, out, index=index, threads=threads)
+    manifest = export_run(run_dir, out, index=index, threads=threads, as_of=as_of)
     typer.echo(
         f"Exported {manifest['num_items']} item vectors of dimension {manifest['embedding_dim']} "
         f"and {manifest['num_queries']} known queries, index {manifest['index']!r}, to {out}"

@@ -45,8 +45,15 @@ RECALL_QUERIES = 1000
 RECALL_K = 10
 
 
+AS_OF = ("valid", "test", "all")  # whose interactions an artifact's users know
+
+
 def export_run(
-    run_dir: Path, out: Path, index: str = "exact", threads: int | None = None
+    run_dir: Path,
+    out: Path,
+    index: str = "exact",
+    threads: int | None = None,
+    as_of: str = "all",
 ) -> dict[str, Any]:
     """Exports a run's best checkpoint as the artifact folder ``out``.
 
@@ -59,38 +66,52 @@ def export_run(
         index: the item index kind, a key of ``twotower.index.INDEXES``, or ``auto``
             to choose by corpus size (``twotower.index.choose_index``).
         threads: CPU threads; default the run's ``threads``.
+        as_of: the users' histories and seen items as of the end of validation
+            (``valid``: the state the test metrics are computed in, so the artifact's
+            answers are the evaluated rankings), of test (``test``: train, validation
+            and test), or of every logged interaction (``all``, what a live service
+            serves; the same as ``test`` where the split places every interaction).
 
     Returns:
-        The manifest written to ``out/manifest.json``.
+        The manifest written to ``out/manifest.json`` (``as_of`` among its entries).
 
     Raises:
-        ConfigError: an unknown index kind.
+        ConfigError: an unknown index kind or ``as_of``.
         DataError: no best checkpoint in ``run_dir``, or ``out`` exists and is not an
             artifact (it is never replaced then).
     """
     run_dir = Path(run_dir)
     if index not in (*INDEXES, "auto"):
         raise ConfigError(f"unknown index {index!r}; choose auto or one of {', '.join(INDEXES)}")
+    if as_of not in AS_OF:
+        raise ConfigError(f"unknown as-of {as_of!r}; choose one of {', '.join(AS_OF)}")
     if not CheckpointStore(run_dir / "checkpoints").exists("best"):
         raise DataError(
             f"{run_dir}: no best checkpoint (checkpoints/best.json); train the run first"
         )
     with replaced_folder(out, MANIFEST_FILE, "an exported artifact") as staging:
-        contents = artifact_contents(run_dir, index, threads)
+        contents = artifact_contents(run_dir, index, threads, as_of)
         return write_artifact(staging, contents)
 
 
-def artifact_contents(run_dir: Path, index: str, threads: int | None = None) -> ArtifactContents:
+def artifact_contents(
+    run_dir: Path, index: str, threads: int | None = None, as_of: str = "all"
+) -> ArtifactContents:
     """Everything the artifact of a run's best model holds, computed in memory."""
     config, pipeline, model = load_model(run_dir)
     set_threads(threads or config.threads)
     if config.data.source == "stream":
-        return _built_contents(config, pipeline, model, index, run_dir)
+        return _built_contents(config, pipeline, model, index, run_dir, as_of)
     dataset, split = load_data(config)
-    served = pipeline.with_histories(dataset, dataset.interactions)
+    known = {
+        "valid": lambda: pa.concat_tables([split.train, split.valid]),
+        "test": lambda: pa.concat_tables([split.train, split.valid, split.test]),
+        "all": lambda: dataset.interactions,
+    }[as_of]()
+    served = pipeline.with_histories(dataset, known)
     vectors = embed_rows(model.item_tower, served, "item", dataset.items).cpu().numpy()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
-    seen = interaction_matrix(dataset.interactions, dataset.num_queries, dataset.num_items)
+    seen = interaction_matrix(known, dataset.num_queries, dataset.num_items)
     built = build_index(choose_index(index, len(vectors)), vectors)
     recall = _index_recall(built, vectors, model.query_tower, served, dataset.queries, seen)
     return ArtifactContents(
@@ -105,16 +126,22 @@ def artifact_contents(run_dir: Path, index: str, threads: int | None = None) -> 
         seen=seen,
         heldout=interaction_matrix(split.test, dataset.num_queries, dataset.num_items),
         index=built,
-        manifest=_manifest(recall, run_dir),
+        manifest=_manifest(recall, run_dir, as_of),
     )
 
 
 def _built_contents(
-    config: Config, pipeline: FeaturePipeline, model: TwoTower, index: str, run_dir: Path
+    config: Config,
+    pipeline: FeaturePipeline,
+    model: TwoTower,
+    index: str,
+    run_dir: Path,
+    as_of: str,
 ) -> ArtifactContents:
     """The artifact of a run trained on a data build: its known queries are the build's
-    ``queries_all.parquet`` rows (features and histories after everything logged, and
-    their seen items), its held-out items those of ``queries_test.parquet``."""
+    rows as of ``as_of`` (``queries_test.parquet``, the state before test, for
+    ``valid``; ``queries_all.parquet`` otherwise: features, histories and seen items),
+    its held-out items those of ``queries_test.parquet``."""
     folder = config.data.stream.built
     if folder is None:
         raise ConfigError(
@@ -125,12 +152,13 @@ def _built_contents(
     items = read_items(stream, pipeline.config)
     keys = ItemKeys(items.column(stream.item_id).combine_chunks(), str(stream.items))
     num_items = items.num_rows
-    state = pq.read_table(folder / "queries_all.parquet")
-    seen = item_matrix(state.column(SEEN), keys, num_items, folder / "queries_all.parquet")
+    path = folder / f"queries_{'test' if as_of == 'valid' else 'all'}.parquet"
+    state = pq.read_table(path)
+    seen = item_matrix(state.column(SEEN), keys, num_items, path)
     queries = state.drop_columns(list(QUERY_COLUMNS))
     test = pq.read_table(folder / "queries_test.parquet", columns=[stream.query_id, TARGETS])
     if not test.column(stream.query_id).equals(state.column(stream.query_id)):
-        raise DataError(f"{folder}: queries_test.parquet and queries_all.parquet disagree")
+        raise DataError(f"{folder}: queries_test.parquet and {path.name} disagree")
     heldout = item_matrix(test.column(TARGETS), keys, num_items, folder / "queries_test.parquet")
     vectors = embed_rows(model.item_tower, pipeline, "item", items).cpu().numpy()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
@@ -148,12 +176,13 @@ def _built_contents(
         seen=seen,
         heldout=heldout,
         index=built,
-        manifest=_manifest(recall, run_dir),
+        manifest=_manifest(recall, run_dir, as_of),
     )
 
 
-def _manifest(recall: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def _manifest(recall: dict[str, Any], run_dir: Path, as_of: str) -> dict[str, Any]:
     return {
+        "as_of": as_of,
         "twotower_version": version("twotower"),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "index_recall": recall,

@@ -291,3 +291,21 @@ features:
             assert got.keys() == arrays.keys(), name
             for key, value in arrays.items():
                 np.testing.assert_array_equal(got[key], value, err_msg=f"{name}.{key}")
+
+
+def test_an_as_of_valid_artifact_from_built_data_answers_the_evaluated_rankings(
+    configs, streamed_run, tmp_path, served_metrics
+):
+    """Exported from the build as of the end of validation (its queries_test rows),
+    the artifact's answers to the test users give ``twotower evaluate``'s test metrics
+    of the run, which rank the build's queries."""
+    from twotower.export import export_run
+    from twotower.training.run import evaluate_run
+
+    memory, _ = configs
+    dataset, split = load_data(memory)
+    export_run(streamed_run.out, tmp_path / "valid", as_of="valid")
+    expected = evaluate_run(streamed_run.out, ("test",), [1, 5, 10])
+    got = served_metrics(tmp_path / "valid", split, dataset, [split.train, split.valid], [1, 5, 10])
+    for name, value in got.items():
+        assert value == pytest.approx(expected[name], abs=1e-12), name
