@@ -52,11 +52,12 @@ class Config:
                 f"threads must be >= 1 (or unset: the CPUs available), got {self.threads}"
             )
         if self.data.source == "stream" and (
-            self.training.one_pass or self.training.examples == "queries"
+            self.training.one_pass or self.training.examples == "queries" or self.training.refit
         ):
             raise ValueError(
-                "training.one_pass and training.examples=queries gather each query's whole "
-                "training history, which a stream does not hold: train them in memory"
+                "training.one_pass, training.examples=queries and training.refit gather "
+                "each query's whole training history, which a stream does not hold: train "
+                "them in memory"
             )
 
 

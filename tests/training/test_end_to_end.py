@@ -55,3 +55,47 @@ def test_ids_and_history_alone_need_no_feature_tables(small_config, popularity_r
     config = dataclasses.replace(small_config, data=data, features=features, training=training)
     result = train_run(config, tmp_path)
     assert result.metrics["valid/recall@10"] > 1.5 * popularity_recall
+
+
+def test_refit_trains_again_on_train_and_validation_for_the_best_epochs(small_config, tmp_path):
+    """``training.refit``: a second model from scratch on train + validation (features
+    fitted on both), for the best epoch's number of epochs at the first run's learning
+    rates and no validation; its test metrics are reported, the first run's validation
+    ones kept."""
+    import json
+
+    from twotower.config import apply_overrides
+    from twotower.prepare import load_data
+    from twotower.training.run import evaluate_run
+
+    config = apply_overrides(
+        small_config, ["training.refit=true", "training.lr_schedule=cosine", "training.epochs=3"]
+    )
+    result = train_run(config, tmp_path / "run")
+    best = result.metrics["best_epoch"]
+    assert result.metrics["refit_epochs"] == best >= 1
+    first = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    again = [
+        json.loads(line) for line in (tmp_path / "run/refit/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["lr"] for r in again] == [r["lr"] for r in first[:best]]
+    assert not any(key.startswith("valid/") for r in again for key in r)
+    # the first run's validation, the refit's test
+    assert result.metrics["valid/recall@10"] == first[best - 1]["valid/recall@10"]
+    refit_test = evaluate_run(tmp_path / "run/refit", ("test",), [10])
+    assert result.metrics["test/recall@10"] == pytest.approx(refit_test["test/recall@10"])
+    # one epoch's steps: every training and validation interaction, once
+    dataset, split = load_data(config)
+    rows = split.train.num_rows + split.valid.num_rows
+    assert again[0]["step"] == -(-rows // config.training.batch_size)
+    assert first[0]["step"] == -(-split.train.num_rows // config.training.batch_size)
+
+
+def test_refit_is_refused_on_a_stream():
+    from twotower.config import Config
+    from twotower.data.config import DataConfig, StreamConfig
+    from twotower.training.config import TrainingConfig
+
+    stream = StreamConfig(train="t", valid="v", test="t", items="i")
+    with pytest.raises(ValueError, match=r"training.refit gather each query's whole"):
+        Config(data=DataConfig(source="stream", stream=stream), training=TrainingConfig(refit=True))

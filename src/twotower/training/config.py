@@ -202,6 +202,11 @@ class TrainingConfig:
             follows from the epoch and the validation record alone, so a resumed run
             takes up the same rates.
         lr_factor: ``plateau``'s factor, in (0, 1).
+        refit: after training, train the model again from scratch on train +
+            validation for the best epoch's number of epochs, at the same learning
+            rates, and report test metrics of that model (validation metrics stay the
+            first model's): the footing of the baselines, which are refitted on train +
+            validation for test. The refitted run is ``RUN_DIR/refit``. In memory only.
     """
 
     objective: ObjectiveConfig = dataclasses.field(default_factory=InBatchConfig)
@@ -227,6 +232,7 @@ class TrainingConfig:
     weight_cap: float = 5.0
     lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
     lr_factor: float = 0.5
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if not self.weight_cap > 0:

@@ -18,11 +18,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from twotower.config import Config, save_config
 from twotower.config_io import from_dict, to_dict
 from twotower.data.build import FEATURES_DIR, built_stream
+from twotower.data.dataset import Dataset
+from twotower.data.splits import Split
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.streaming import (
@@ -53,6 +56,7 @@ from twotower.training.trainer import (
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+REFIT_DIR = "refit"  # training.refit's run, inside the run folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +106,16 @@ def _stream_data(
 
 
 def _memory_data(
-    config: Config, out: Path, resume: bool, device: torch.device, main: bool
+    config: Config,
+    out: Path,
+    resume: bool,
+    device: torch.device,
+    main: bool,
+    loaded: tuple[Dataset, Split] | None = None,
 ) -> TrainingData:
-    """The data in memory, with features fitted on its training split (or the run's own)."""
-    dataset, split = load_data(config)
+    """The data in memory (``loaded``, else the config's), with features fitted on its
+    training split (or the run's own)."""
+    dataset, split = loaded or load_data(config)
     if resume:
         pipeline = FeaturePipeline.load(out / "features")
     else:  # deterministic, so every rank fits the same state; rank 0 saves it
@@ -189,9 +199,37 @@ def train_run(
     model.load_state_dict(trainer.store.load("best", map_location=device)["model"])
     metrics: dict[str, float] = {**trainer.evaluate("valid"), **trainer.evaluate("test")}
     metrics["best_epoch"] = state.best_epoch
+    if config.training.refit:
+        metrics.update(_refit(config, out / REFIT_DIR, state, device))
     text = json.dumps(metrics, indent=2, sort_keys=True).encode("utf-8")
     atomic_write(out / METRICS_FILE, lambda f: f.write(text))
     return TrainResult(metrics, state, out)
+
+
+def _refit(config: Config, out: Path, state: RunState, device: torch.device) -> dict[str, float]:
+    """``training.refit``: the model trained again from scratch on train + validation,
+    features fitted on them, for the first run's best epoch's number of epochs at that
+    run's learning rates, no validation; returns its test metrics and ``refit_epochs``.
+
+    Its test metrics are computed as the first run's: histories and seen items as of
+    the end of validation. Its run folder ``out`` holds its features and checkpoints.
+    """
+    dataset, split = load_data(config)
+    known = pa.concat_tables([split.train, split.valid])
+    refit = Split(train=known, valid=split.valid.slice(0, 0), test=split.test)
+    for path in remove_partial_files(out):
+        log.info("removed %s, left by a write that was killed", path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    data = _memory_data(config, out, False, device, True, (dataset, refit))
+    torch.manual_seed(config.seed)
+    model = TwoTower.build(config.model, config.features, data.pipeline).to(device)
+    lrs = [record["lr"] for record in state.records[: state.best_epoch]]
+    extra = _extra(config, data.pipeline)
+    trainer = Trainer(model, data, config.training, out, config.seed, extra, lrs=lrs)
+    log.info("refit on train + validation: %d epochs", len(lrs))
+    trainer.fit()
+    return {**trainer.evaluate("test"), "refit_epochs": len(lrs)}
 
 
 # What may change when a run is resumed: how long it goes on and where it runs.

@@ -233,8 +233,11 @@ class Trainer:
         extra: dict[str, Any] | None = None,
         collective: Collective | None = None,
         on_epoch: EpochCallback | None = None,
+        lrs: list[float] | None = None,
     ) -> None:
         self.model, self.data, self.on_epoch = model, data, on_epoch
+        # a refit: these epochs' learning rates, no validation, every epoch the best
+        self.lrs = lrs
         self.config, self.out, self.seed, self.extra = config, Path(out), seed, extra or {}
         self.collective = collective or Collective()
         self.objective = build_objective(
@@ -262,7 +265,8 @@ class Trainer:
         if run_log is not None:
             run_log.restart(self.state.records)
         try:
-            while self.state.epoch < self.config.epochs and not self.state.stopped:
+            epochs = len(self.lrs) if self.lrs is not None else self.config.epochs
+            while self.state.epoch < epochs and not self.state.stopped:
                 record = self._epoch(self.state.epoch + 1)
                 self._end_epoch(record)
                 if run_log is not None:
@@ -277,7 +281,10 @@ class Trainer:
     def _epoch(self, epoch: int) -> dict[str, Any]:
         """Trains one epoch, then validates; returns the epoch's record."""
         self.model.train()
-        lr = epoch_lr(self.config, epoch, self.state.records)
+        if self.lrs is not None:
+            lr = self.lrs[epoch - 1]
+        else:
+            lr = epoch_lr(self.config, epoch, self.state.records)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -309,7 +316,7 @@ class Trainer:
             "lr": lr,
             "temperature": float(1.0 / self.model.scale()),
         }
-        if self.collective.is_main:
+        if self.collective.is_main and self.lrs is None:
             record.update(self.evaluate("valid"))
         return self.collective.broadcast(record)  # every rank stops at the same epoch
 
@@ -352,7 +359,7 @@ class Trainer:
         state = self.state
         state.epoch = record["epoch"]
         state.records.append(record)
-        value = record[self.config.metric]
+        value = record[self.config.metric] if self.lrs is None else float(state.epoch)
         if value > state.best:
             state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
             if self.collective.is_main:
