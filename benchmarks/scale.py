@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py --out runs/scale [--sizes 2000000,20000000]
         [--items 1000000] [--engines duckdb,spark] [--steps 400] [--memory-limit 2GB]
-        [--sample 20000] [--quick]
+        [--sample 10000] [--quick]
 
 For each size (interactions, about 20 per user, ``--items`` items):
 
@@ -12,7 +12,7 @@ For each size (interactions, about 20 per user, ``--items`` items):
    ``local[2]``: the leave-last-out split, a 50-item history for every row and the
    features fitted once. Training reads the DuckDB build.
 3. ``twotower train`` from the build (``data.stream.built``), ``--steps`` steps of 1,024
-   rows then validation on 20,000 held-out users against the whole corpus, in one
+   rows then validation on 5,000 held-out users against the whole corpus, in one
    process and in two (``torchrun --nproc_per_node=2``).
 4. ``twotower evaluate --split test --sample N``: about N users' test items ranked
    exactly against the whole corpus, their histories read from the build.
@@ -90,7 +90,7 @@ RAW = """\
 
 BUILT = """\
   source: stream
-  stream: {{built: {built}, buffer_rows: 200000, workers: 1, eval_queries: 20000}}"""
+  stream: {{built: {built}, buffer_rows: 200000, workers: 1, eval_queries: 5000}}"""
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -167,14 +167,23 @@ def sparse_steps(rows_list: list[int], repeats: int = 7) -> list[dict]:
     return results
 
 
-def stage(results: dict, name: str, command: list[str], log: Path) -> dict:
-    """Runs one stage's command, measured; records and prints its seconds and peak."""
+def stage(results: dict, name: str, command: list[str], log: Path) -> bool:
+    """Runs one stage's command, measured, unless ``results`` (the size's ledger,
+    ``stages.json``) has it; records and prints its seconds and peak. Returns whether
+    it ran."""
+    if name in results:
+        print(f"  {name}: recorded, {results[name]}", flush=True)
+        return False
     seconds, peak, status = run_measured(command, log)
     if status:
         raise SystemExit(f"{name} failed; see {log}")
     results[name] = {"seconds": round(seconds, 1), "peak_rss_mib": round(peak)}
     print(f"  {name}: {seconds:,.0f} s, peak {peak:,.0f} MiB", flush=True)
-    return results[name]
+    return True
+
+
+def _save(results: dict, folder: Path) -> None:
+    (folder / "stages.json").write_text(json.dumps(results, indent=2))
 
 
 def twotower(*args: str) -> list[str]:
@@ -185,12 +194,15 @@ def one_size(args, rows: int) -> dict:
     """Every stage on ``rows`` interactions (see the module doc)."""
     folder = args.out / f"rows-{rows}"
     folder.mkdir(parents=True, exist_ok=True)
-    results: dict = {"rows": rows}
+    ledger = folder / "stages.json"  # finished stages, kept across restarts
+    results: dict = json.loads(ledger.read_text()) if ledger.is_file() else {"rows": rows}
     raw = folder / "raw"
     if not (raw / "users.parquet").is_file():
+        results.pop("synth", None)
         synth = twotower("data", "synth", "--raw", "--out", str(raw), "--per-query", "20")
         synth += ["--interactions", str(rows), "--items", str(args.items)]
         stage(results, "synth", synth, folder / "synth.log")
+        _save(results, folder)
     built = folder / "built-duckdb"
     raw_config = folder / "raw.yaml"
     raw_config.write_text(CONFIG.format(data=RAW.format(raw=raw.resolve()), steps=args.steps))
@@ -200,41 +212,49 @@ def one_size(args, rows: int) -> dict:
         command += ["--engine", engine, "--threads", "2"]
         if engine == "duckdb":
             command += ["--memory-limit", args.memory_limit]
-        stage(results, f"build-{engine}", command, folder / f"build-{engine}.log")
-        results[f"build-{engine}"]["rows"] = _manifest_rows(out)
+        if stage(results, f"build-{engine}", command, folder / f"build-{engine}.log"):
+            results[f"build-{engine}"]["rows"] = _manifest_rows(out)
+            _save(results, folder)
     config = folder / "built.yaml"
     config.write_text(CONFIG.format(data=BUILT.format(built=built.resolve()), steps=args.steps))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     for processes in (1, 2):
         run = folder / f"run-{processes}"
-        shutil.rmtree(run, ignore_errors=True)
         if processes == 1:
             command = twotower("train", str(config), "--out", str(run))
         else:
             command = [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m"]
             command += ["twotower", "train", str(config), "--out", str(run)]
         name = f"train-{processes}"
+        if name in results:
+            continue
+        shutil.rmtree(run, ignore_errors=True)
         stage(results, name, command, folder / f"{name}.log")
         record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
         results[name].update(
             examples_per_s=round(record["examples_per_s"]),
             valid_recall_at_10=record["valid/recall@10"],
         )
+        _save(results, folder)
     run = folder / "run-1"
     command = twotower("evaluate", str(run), "--split", "test", "--sample", str(args.sample))
-    stage(results, "evaluate", command, folder / "evaluate.log")
-    metrics = json.loads((run / "evaluation-test.json").read_text())
-    results["evaluate"].update(
-        queries=metrics["test/queries"], test_recall_at_10=metrics["test/recall@10"]
-    )
+    if stage(results, "evaluate", command, folder / "evaluate.log"):
+        metrics = json.loads((run / "evaluation-test.json").read_text())
+        results["evaluate"].update(
+            queries=metrics["test/queries"], test_recall_at_10=metrics["test/recall@10"]
+        )
+        _save(results, folder)
     artifact = folder / "artifact"
     command = twotower("export", str(run), "--out", str(artifact), "--index", "auto")
-    stage(results, "export", command, folder / "export.log")
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    results["export"].update(
-        index=manifest["index"], index_recall_at_10=manifest["index_recall"]["recall"]
-    )
-    results["serve"] = serve(artifact)
+    if stage(results, "export", command, folder / "export.log"):
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        results["export"].update(
+            index=manifest["index"], index_recall_at_10=manifest["index_recall"]["recall"]
+        )
+        _save(results, folder)
+    if "serve" not in results:
+        results["serve"] = serve(artifact)
+        _save(results, folder)
     print(f"  serve: {results['serve']}", flush=True)
     return results
 
@@ -289,7 +309,7 @@ def main() -> None:
     parser.add_argument("--engines", default="duckdb,spark")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--memory-limit", default="2GB")
-    parser.add_argument("--sample", type=int, default=20_000)
+    parser.add_argument("--sample", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
