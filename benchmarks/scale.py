@@ -233,6 +233,7 @@ def one_size(args, rows: int) -> dict:
         record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
         results[name].update(
             examples_per_s=round(record["examples_per_s"]),
+            steps_seconds=round(record["train_seconds"], 1),
             valid_recall_at_10=record["valid/recall@10"],
         )
         _save(results, folder)
