@@ -103,11 +103,12 @@ def artifact_contents(
     if config.data.source == "stream":
         return _built_contents(config, pipeline, model, index, run_dir, as_of)
     dataset, split = load_data(config)
-    known = {
-        "valid": lambda: pa.concat_tables([split.train, split.valid]),
-        "test": lambda: pa.concat_tables([split.train, split.valid, split.test]),
-        "all": lambda: dataset.interactions,
-    }[as_of]()
+    if as_of == "valid":
+        known = pa.concat_tables([split.train, split.valid])
+    elif as_of == "test":
+        known = pa.concat_tables([split.train, split.valid, split.test])
+    else:
+        known = dataset.interactions
     served = pipeline.with_histories(dataset, known)
     vectors = embed_rows(model.item_tower, served, "item", dataset.items).cpu().numpy()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)

@@ -111,11 +111,11 @@ def _memory_data(
     resume: bool,
     device: torch.device,
     main: bool,
-    loaded: tuple[Dataset, Split] | None = None,
+    loaded: tuple[Dataset, Split],
 ) -> TrainingData:
-    """The data in memory (``loaded``, else the config's), with features fitted on its
-    training split (or the run's own)."""
-    dataset, split = loaded or load_data(config)
+    """The ``loaded`` dataset and split, with features fitted on its training split (or
+    the run's own)."""
+    dataset, split = loaded
     if resume:
         pipeline = FeaturePipeline.load(out / "features")
     else:  # deterministic, so every rank fits the same state; rank 0 saves it
@@ -183,10 +183,11 @@ def train_run(
                 log.info("removed %s, left by a write that was killed", path)
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    if config.data.source == "stream":
+    loaded = None if config.data.source == "stream" else load_data(config)
+    if loaded is None:
         data = _stream_data(config, out, resume, device, collective.is_main)
     else:
-        data = _memory_data(config, out, resume, device, collective.is_main)
+        data = _memory_data(config, out, resume, device, collective.is_main, loaded)
     # seeded after the data is ready, so the initial weights do not depend on whatever
     # randomness reading and fitting the data used
     torch.manual_seed(config.seed)
@@ -199,22 +200,30 @@ def train_run(
     model.load_state_dict(trainer.store.load("best", map_location=device)["model"])
     metrics: dict[str, float] = {**trainer.evaluate("valid"), **trainer.evaluate("test")}
     metrics["best_epoch"] = state.best_epoch
-    if config.training.refit:
-        metrics.update(_refit(config, out / REFIT_DIR, state, device))
+    if config.training.refit:  # refused on a stream when the config is read
+        assert loaded is not None
+        metrics.update(_refit(config, out / REFIT_DIR, state, device, loaded))
     text = json.dumps(metrics, indent=2, sort_keys=True).encode("utf-8")
     atomic_write(out / METRICS_FILE, lambda f: f.write(text))
     return TrainResult(metrics, state, out)
 
 
-def _refit(config: Config, out: Path, state: RunState, device: torch.device) -> dict[str, float]:
+def _refit(
+    config: Config,
+    out: Path,
+    state: RunState,
+    device: torch.device,
+    loaded: tuple[Dataset, Split],
+) -> dict[str, float]:
     """``training.refit``: the model trained again from scratch on train + validation,
     features fitted on them, for the first run's best epoch's number of epochs at that
     run's learning rates, no validation; returns its test metrics and ``refit_epochs``.
 
     Its test metrics are computed as the first run's: histories and seen items as of
     the end of validation. Its run folder ``out`` holds its features and checkpoints.
+    ``loaded``: the first run's dataset and split.
     """
-    dataset, split = load_data(config)
+    dataset, split = loaded
     known = pa.concat_tables([split.train, split.valid])
     refit = Split(train=known, valid=split.valid.slice(0, 0), test=split.test)
     for path in remove_partial_files(out):
