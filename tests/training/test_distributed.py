@@ -86,11 +86,14 @@ def test_ranks_batches_together_are_the_one_process_batch():
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
-@pytest.mark.parametrize("objective", ["in_batch", "mixed"])
+@pytest.mark.parametrize("objective", ["in_batch", "mixed", "in_batch-sparse"])
 def test_two_processes_train_like_one_with_the_doubled_batch(tmp_path, objective):
-    settings = [f"training.objective.kind={objective}", "training.epochs=2"]
-    if objective == "mixed":
+    kind = objective.removesuffix("-sparse")
+    settings = [f"training.objective.kind={kind}", "training.epochs=2"]
+    if kind == "mixed":
         settings.append("training.objective.num_sampled=64")
+    if objective.endswith("-sparse"):  # sparse gradients, averaged over ranks by hand
+        settings += ["model.sparse_embeddings=true", "training.sparse_optimizer=adagrad"]
     _train(tmp_path / "one", [*settings, "training.batch_size=128"])
     _train(tmp_path / "two", [*settings, "training.batch_size=64"], processes=2)
     assert _largest_difference(_last_model(tmp_path / "one"), _last_model(tmp_path / "two")) < 1e-4

@@ -98,6 +98,26 @@ def test_item_counts_and_held_out_queries_come_from_the_files(stream_dir):
     assert data.split.train.num_rows == int(np.isin(train.column("user_id"), users).sum())
 
 
+def test_a_sample_of_evaluation_queries_keeps_exactly_their_rows(stream_dir):
+    data = _data(stream_dir, "data.stream.eval_queries=50")
+    tables = {n: pq.read_table(stream_dir / f"{n}.parquet") for n in ("valid", "test")}
+    tables["train"] = pq.read_table(stream_dir / "train")
+    # the sample: 50 of the held-out queries in order of appearance, seeded (seed 0)
+    ids = np.concatenate([tables[n].column("user_id").to_numpy() for n in ("valid", "test")])
+    _, first = np.unique(ids, return_index=True)
+    every = ids[np.sort(first)]
+    keys = every[np.sort(np.random.default_rng(0).choice(len(every), 50, replace=False))]
+    assert data.num_queries == 50
+    for name in ("valid", "test", "train"):
+        users = tables[name].column("user_id").to_numpy()
+        part = getattr(data.split, name)
+        assert part.num_rows == int(np.isin(users, keys).sum()) > 0
+        # each row's query index is its user's place among the sampled keys
+        place = {int(key): i for i, key in enumerate(keys)}
+        expected = np.array([place[int(u)] for u in users if int(u) in place])
+        assert np.array_equal(np.sort(part.column("query_idx").to_numpy()), np.sort(expected))
+
+
 def test_a_streamed_run_learns_and_resumes_exactly(stream_dir, tmp_path):
     config = load_config(stream_dir / "config.yaml")
     whole = train_run(config, tmp_path / "whole")

@@ -3,7 +3,8 @@
 What is held in memory: the item corpus and its model inputs, the per-item training
 counts (for logQ and popularity sampling), one shuffle buffer per reading process,
 and the held-out interactions of at most ``eval_queries`` queries with those queries'
-training items (to exclude them when ranking). The training interactions themselves
+training items (to exclude them when ranking); the held-out files are read a row group
+at a time, keeping those queries' rows. The training interactions themselves
 are read row group by row group, every epoch; the query features are transformed
 batch by batch with the fitted state, inside DataLoader workers.
 
@@ -133,8 +134,6 @@ class StreamingTrainingData:
         weighted = self.weights != "none"
         for query, positives, weights in loader:
             steps += 1
-            if workers:  # out of the workers' shared memory (see _own_memory)
-                query, positives, weights = _own_memory(query, positives, weights)
             empty = empty or ({k: v[:0] for k, v in query.items()}, positives[:0])
             yield Batch(
                 to_device(query, self.device),
@@ -172,13 +171,18 @@ class StreamingTrainingData:
         """The evaluation queries' valid / test / train interactions, and each query's
         feature row as of validation and as of test."""
         config = self.config
-        parts = {"valid": _read_all(config.valid, self.query_columns, config.item_id)}
-        parts["test"] = _read_all(config.test, self.query_columns, config.item_id)
-        everyone = pa.concat_tables([parts["valid"], parts["test"]])
-        keys = pc.unique(everyone.column(config.query_id))
+        ids = [_read_rows(path, [config.query_id]) for path in (config.valid, config.test)]
+        keys = pc.unique(pa.concat_tables(ids).column(config.query_id))
         if len(keys) > config.eval_queries:
             chosen = np.random.default_rng(seed).choice(len(keys), config.eval_queries, False)
             keys = keys.take(pa.array(np.sort(chosen)))
+        # only the chosen queries' rows are kept: memory follows eval_queries, not the
+        # held-out parts' size
+        columns = [*self.query_columns, config.item_id]
+        parts = {
+            name: _read_rows(getattr(config, name), columns, (config.query_id, keys))
+            for name in ("valid", "test")
+        }
         # each query's features as of a part: its last row of that part, else of the
         # other (rows later in the table overwrite earlier ones)
         rows = {}
@@ -253,22 +257,15 @@ class _StreamExamples(torch.utils.data.IterableDataset):
             yield query, positives, weights
 
 
-def _own_memory(
-    query: dict[str, torch.Tensor], positives: torch.Tensor, weights: torch.Tensor
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Copies of a batch that came from a DataLoader worker, in this process's memory.
-
-    A worker hands tensors over in shared memory. Index tensors there fed to a sparse
-    embedding shared by both towers under DistributedDataParallel (gloo) corrupted the
-    heap now and then (``malloc(): unaligned tcache chunk``, about one two-process run
-    in two on a history feature over a sparse item table; never with copies).
-    """
-    return {k: v.clone() for k, v in query.items()}, positives.clone(), weights.clone()
-
-
-def _read_all(path, query_columns: list[str], item_id: str) -> pa.Table:
-    stream = ParquetStream(path, [*query_columns, item_id])
-    tables = list(stream.read(stream.share(None, 0, 1)))
+def _read_rows(path, columns: list[str], keep: tuple[str, pa.Array] | None = None) -> pa.Table:
+    """A held-out part's ``columns``, a row group at a time; with ``keep = (column,
+    values)``, only the rows whose column is among the values."""
+    stream = ParquetStream(path, columns)
+    tables = []
+    for table in stream.read(stream.share(None, 0, 1)):
+        if keep is not None:
+            table = table.filter(pc.is_in(table.column(keep[0]), value_set=keep[1]))
+        tables.append(table)
     if not tables:
         raise DataError(f"{path}: no held-out interactions")
     return pa.concat_tables(tables)

@@ -80,11 +80,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizers(model: torch.nn.Module, config: TrainingConfig) -> list[torch.optim.Optimizer]:
-    """Adam/AdamW for dense parameters; SparseAdam/Adagrad for sparse-gradient tables."""
+def sparse_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The tables with sparse gradients, by parameter name (a shared table once)."""
     sparse_ids = {
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse
     }
+    return {name: p for name, p in model.named_parameters() if id(p) in sparse_ids}
+
+
+def build_optimizers(model: torch.nn.Module, config: TrainingConfig) -> list[torch.optim.Optimizer]:
+    """Adam/AdamW for dense parameters; SparseAdam/Adagrad for sparse-gradient tables."""
+    sparse_ids = {id(p) for p in sparse_parameters(model).values()}
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
     sparse = [p for p in model.parameters() if id(p) in sparse_ids]
     dense_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
@@ -246,11 +252,13 @@ class Trainer:
         if isinstance(self.objective, SharedCandidates):
             self.objective.collective = self.collective
         self.step_loss: torch.nn.Module = _StepLoss(model, self.objective, data)
+        # sparse gradients are averaged by Collective.average_sparse, not by DDP (see there)
+        self.sparse = sparse_parameters(self.step_loss)
         if self.collective.distributed:
             on_gpu = data.device.type == "cuda"
-            self.step_loss = torch.nn.parallel.DistributedDataParallel(
-                self.step_loss, device_ids=[data.device] if on_gpu else None
-            )
+            DDP = torch.nn.parallel.DistributedDataParallel
+            DDP._set_params_and_buffers_to_ignore_for_model(self.step_loss, list(self.sparse))
+            self.step_loss = DDP(self.step_loss, device_ids=[data.device] if on_gpu else None)
         self.optimizers = build_optimizers(model, config)
         self.sampler_generator = torch.Generator().manual_seed(seed + 1)
         self.store = CheckpointStore(self.out / "checkpoints")
@@ -338,6 +346,7 @@ class Trainer:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.collective.average_sparse(list(self.sparse.values()))
         for optimizer in self.optimizers:
             optimizer.step()
         self.state.step += 1
