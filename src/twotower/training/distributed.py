@@ -17,9 +17,9 @@ batch, and the update is the one a single process would make on that global batc
   ``average_sparse``, in program order, not by DDP. DDP hands them to gloo's sparse
   all-reduce, which runs on gloo's threads while backward goes on; with it, two-process
   streamed training at 20M rows (a history over a sparse 1M-item table shared with the
-  item tower, hashed user ids, text) corrupted the heap during backward in 4 runs of 5
-  (``malloc(): unaligned tcache chunk detected``; the crash inside
-  ``AsyncSparseAllreduceWork``'s coalesce).
+  item tower, hashed user ids, text) corrupted the heap during backward in 5 runs of 6
+  (``malloc(): unaligned tcache chunk detected``, found inside gloo's sparse
+  all-reduce); averaged here, 0 runs of 4 did.
 - The loss's own collectives (``sizes``, ``gather_ids``, ``gather_rows`` and its
   backward, ``average_sparse``) run in a process group of their own, apart from the
   all-reduces DDP's reducer has in flight during backward.
