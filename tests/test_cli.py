@@ -195,10 +195,13 @@ def test_debug_shows_the_exception_itself(tiny_run, monkeypatch):
 
 
 def test_export_then_recall_prints_json_lines(tiny_run, monkeypatch, capsys):
-    artifact = tiny_run / "artifact"
-    result = CliRunner().invoke(app, ["export", str(tiny_run / "run"), "--out", str(artifact)])
+    artifact, vectors = tiny_run / "artifact", tiny_run / "vectors.parquet"
+    command = ["export", str(tiny_run / "run"), "--out", str(artifact)]
+    result = CliRunner().invoke(app, [*command, "--query-vectors", str(vectors)])
     assert result.exit_code == 0, result.output
-    assert (artifact / "manifest.json").is_file()
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert pq.read_metadata(vectors).num_rows == manifest["num_queries"] > 0
+    assert f"Wrote {manifest['num_queries']} query vectors" in result.output
     users = tiny_run / "users.txt"
     users.write_text("1\n3\n\n")  # the synthetic users are numbered from 1; blank lines skipped
     result = CliRunner().invoke(

@@ -261,6 +261,13 @@ def export(
             "in), test, or all (every logged interaction)."
         ),
     ] = "all",
+    query_vectors: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write every known query's vector to this Parquet file, for "
+            "twotower serve --query-vectors (outside the artifact folder)."
+        ),
+    ] = None,
 ) -> None:
     """Write a self-contained, checksummed serving artifact from a run's best model."""
     from twotower.export import export_run
@@ -275,6 +282,15 @@ def export(
         f"Index recall@{check['k']} against exact search: {check['recall']:.4f} "
         f"({check['queries']} known queries, seen items excluded)"
     )
+    if query_vectors is not None:
+        from twotower.serving import Artifact
+        from twotower.serving.query_vectors import write_query_vectors
+
+        artifact = Artifact.load(out)
+        count = write_query_vectors(artifact, query_vectors)
+        typer.echo(
+            f"Wrote {count} query vectors of artifact {artifact.fingerprint} to {query_vectors}"
+        )
 
 
 @app.command()
@@ -334,6 +350,13 @@ def serve(
     ] = 0.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
     threads: Threads = None,
+    query_vectors: Annotated[
+        Path | None,
+        typer.Option(
+            help="Answer the known users this file holds from their precomputed vectors "
+            "(twotower export --query-vectors), without a tower pass."
+        ),
+    ] = None,
 ) -> None:
     """Serve top-K recall over HTTP: POST /recall, /recall/batch, GET /items/{id}/similar.
 
@@ -353,6 +376,7 @@ def serve(
         admin_token=read_admin_token(admin_token_file),
         reload_on_sighup=True,
         threads=threads,
+        query_vectors=query_vectors,
     )
 
     def ready(url: str) -> None:

@@ -36,6 +36,7 @@ def _items(result) -> dict:
         "items": result.items,
         "scores": result.scores,
         "interests": result.interests,
+        "vector": result.vector,
     }
 
 
@@ -316,13 +317,13 @@ def test_a_multi_interest_artifact_answers_as_the_library_does(interests_artifac
         batch = client.post("/recall/batch", json={"queries": [{"user_id": u} for u in users]})
         expected = retriever.recall_users(users, 10)
         assert [
-            {k: e[k] for k in ("query", "items", "scores", "interests")}
+            {k: e[k] for k in ("query", "items", "scores", "interests", "vector")}
             for e in batch.json()["results"]
         ] == [_items(e) for e in expected]
         row = retriever.artifact.queries.slice(2, 1).to_pylist()[0]
         answer = client.post("/recall", json={"features": row, "k": 5}).json()
         (expected,) = retriever.recall_rows(retriever.artifact.queries.slice(2, 1), 5)
-        assert {k: answer[k] for k in ("items", "scores", "interests")} == {
+        assert {k: answer[k] for k in ("items", "scores", "interests", "vector")} == {
             k: v for k, v in _items(expected).items() if k != "query"
         }
         item = oracle.item_ids[3]

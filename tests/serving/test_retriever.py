@@ -248,6 +248,7 @@ def test_results_are_json_ready_and_empty_requests_are_empty(retriever, demo_art
         "items": result.items,
         "scores": result.scores,
         "interests": None,  # a single-vector model
+        "vector": "tower",  # computed by the query tower
     }
     assert all(type(i) is int for i in result.items)
     assert retriever.recall_users([], 3) == []

@@ -40,6 +40,7 @@ import scipy.sparse as sp
 from twotower.errors import DataError
 from twotower.features.specs import TextFeature
 from twotower.serving.artifact import Artifact
+from twotower.serving.query_vectors import QueryVectors, read_query_vectors
 from twotower.towers.model import embed_rows
 
 SOURCES = ("user", "features", "text", "item")
@@ -92,12 +93,16 @@ class Result:
         scores: their scores (cosines), same order.
         interests: for a multi-interest query tower, which of the query's interest
             vectors (0..K-1) found each item, same order; None otherwise.
+        vector: where the query vector came from: ``tower`` (computed now),
+            ``precomputed`` (a known user's row of the query vectors file) or ``item``
+            (an item's own vector).
     """
 
     query: Any
     items: list[Any]
     scores: list[float]
     interests: list[int] | None = None
+    vector: str = "tower"
 
 
 class UnknownQueryError(DataError):
@@ -132,6 +137,7 @@ class _Batch:
         self.vectors = np.zeros(shape, dtype=np.float32)  # (B, D) or (B, K, D) queries
         self.seen_rows = np.full(B, -1, dtype=np.int64)  # query rows whose seen items go
         self.self_rows = np.full(B, -1, dtype=np.int64)  # item rows excluded as themselves
+        self.sources = ["tower"] * B  # where each query vector came from (Result.vector)
 
     def resolve(self, positions: list[int], rows: np.ndarray, error: type, source: str):
         """Marks the positions whose id matched no row (-1) as failed; returns the others."""
@@ -146,10 +152,18 @@ class _Batch:
 
 
 class Retriever:
-    """Top-k items for users, feature rows, texts or items, from one artifact."""
+    """Top-k items for users, feature rows, texts or items, from one artifact.
 
-    def __init__(self, artifact: Artifact) -> None:
+    Args:
+        artifact: the loaded artifact.
+        query_vectors: known users' precomputed vectors of this artifact
+            (``twotower.serving.query_vectors``), used instead of a tower pass for the
+            users they hold; None: the tower computes every query vector.
+    """
+
+    def __init__(self, artifact: Artifact, query_vectors: QueryVectors | None = None) -> None:
         self.artifact = artifact
+        self.query_vectors = query_vectors
         specs = artifact.pipeline.config.query
         transforms = artifact.pipeline.transforms["query"]
         # a history built out of core is a list column of its own, named after it
@@ -163,9 +177,12 @@ class Retriever:
         artifact.query_keys, artifact.item_keys  # noqa: B018 (built now, not on a request)
 
     @classmethod
-    def load(cls, folder: Path) -> Retriever:
-        """A retriever over the artifact in ``folder`` (verified while loading)."""
-        return cls(Artifact.load(folder))
+    def load(cls, folder: Path, query_vectors: Path | None = None) -> Retriever:
+        """A retriever over the artifact in ``folder`` (verified while loading), with the
+        precomputed vectors of the file ``query_vectors`` if given (checked against it)."""
+        artifact = Artifact.load(folder)
+        vectors = None if query_vectors is None else read_query_vectors(query_vectors, artifact)
+        return cls(artifact, vectors)
 
     @property
     def num_items(self) -> int:
@@ -209,8 +226,10 @@ class Retriever:
             results = self._search(batch.vectors[live], labels, ks, exclude)
             for position, result in zip(live, results, strict=True):
                 item_query = batch.self_rows[position] >= 0
-                batch.out[position] = (
-                    dataclasses.replace(result, interests=None) if item_query else result
+                batch.out[position] = dataclasses.replace(
+                    result,
+                    interests=None if item_query else result.interests,
+                    vector=batch.sources[position],
                 )
         return batch.out  # type: ignore[return-value]
 
@@ -313,9 +332,17 @@ class Retriever:
         rows = self.artifact.query_rows([batch.queries[i].user for i in positions])  # (U,)
         known, found = batch.resolve(positions, rows, UnknownQueryError, "user"), rows[rows >= 0]
         if len(known):
-            table = self.artifact.queries.take(pa.array(found))
-            batch.vectors[known] = self._embed(table)
-            batch.relabel(known, table.column(self.artifact.query_key).to_pylist())
+            stored = self.query_vectors
+            ready = stored.present[found] if stored is not None else np.zeros(len(found), bool)
+            if ready.any():  # precomputed: no tower pass
+                batch.vectors[known[ready]] = stored.vectors[found[ready]]
+                for position in known[ready].tolist():
+                    batch.sources[position] = "precomputed"
+            if not ready.all():
+                table = self.artifact.queries.take(pa.array(found[~ready]))
+                batch.vectors[known[~ready]] = self._embed(table)
+            keys = pc.take(self.artifact.queries.column(self.artifact.query_key), pa.array(found))
+            batch.relabel(known, keys.to_pylist())
             wants_seen = np.array([batch.queries[i].exclude_seen for i in known], dtype=bool)
             batch.seen_rows[known[wants_seen]] = found[wants_seen]
 
@@ -328,6 +355,8 @@ class Retriever:
         vectors = self.artifact.item_vectors[found]  # (I, D): every interest, for K > 1
         batch.vectors[known] = vectors if self.interests == 1 else vectors[:, None]
         batch.self_rows[known] = found
+        for position in known.tolist():
+            batch.sources[position] = "item"
         batch.relabel(known, pc.take(self.artifact.item_ids, pa.array(found)).to_pylist())
 
     def _embed_features(self, batch: _Batch, positions: list[int]) -> None:

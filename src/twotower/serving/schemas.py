@@ -7,7 +7,7 @@ JSON types strictly: ``"k": "10"`` or ``"exclude_seen": 1`` is a 422, not a gues
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -33,6 +33,7 @@ Id = StrictInt | StrictStr
 # corpus keyed by numbers with a fraction, floats.
 KeyValue = StrictInt | StrictStr | StrictFloat
 Scalar = StrictInt | StrictFloat | StrictStr | StrictBool | None
+VectorSource = Literal["tower", "precomputed", "item"]
 FeatureValue = Scalar | list[Scalar]
 
 
@@ -132,6 +133,12 @@ class RecallResponse(BaseModel):
         description="For a multi-interest model, which of the query's interest vectors "
         "(0 to K-1) found each item, same order; null otherwise (and for item queries).",
     )
+    vector: VectorSource = Field(
+        "tower",
+        description="Where the query vector came from: tower (computed for this request), "
+        "precomputed (the user's row of the query vectors file the service was started "
+        "with) or item (the item's own vector).",
+    )
 
 
 class BatchResult(BaseModel):
@@ -141,6 +148,7 @@ class BatchResult(BaseModel):
     items: list[KeyValue] = Field(default_factory=list, description="Item ids, best first.")
     scores: list[float] = Field(default_factory=list, description="Their cosine similarities.")
     interests: list[int] | None = Field(None, description="As in RecallResponse.")
+    vector: VectorSource | None = Field(None, description="As in RecallResponse.")
     error: str | None = Field(None, description="Why this query has no answer, if it has none.")
     status: int = Field(200, description="The status a POST /recall of this query gets.")
 

@@ -46,6 +46,10 @@ class ServiceConfig:
             main thread's event loop, as under ``twotower serve``).
         threads: CPU threads torch computes with, for the whole process; None: the
             CPUs this process may use (``twotower.threads``).
+        query_vectors: a file of the artifact's known users' precomputed vectors
+            (``twotower.serving.query_vectors``), read again on each reload; a reload
+            whose artifact the file does not match fails and the old artifact keeps
+            serving.
     """
 
     max_body_bytes: int = 1 << 20
@@ -54,6 +58,7 @@ class ServiceConfig:
     admin_token: str | None = None
     reload_on_sighup: bool = False
     threads: int | None = None
+    query_vectors: Path | None = None
 
 
 class ServiceState:
@@ -71,7 +76,7 @@ class ServiceState:
         self.folder = Path(folder)
         self.config = config
         set_threads(config.threads)
-        self.retriever = _warmed(Retriever.load(self.folder))
+        self.retriever = _warmed(Retriever.load(self.folder, config.query_vectors))
         self.metrics = ServiceMetrics()
         self.metrics.serving(self.fingerprint, self.retriever.artifact.index.kind)
         self.batcher = MicroBatcher(
@@ -126,7 +131,9 @@ class ServiceState:
             previous = self.fingerprint
             started = time.perf_counter()
             try:
-                retriever = await asyncio.to_thread(lambda: _warmed(Retriever.load(self.folder)))
+                retriever = await asyncio.to_thread(
+                    lambda: _warmed(Retriever.load(self.folder, self.config.query_vectors))
+                )
             except DataError as err:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload failed, still serving %s: %s", previous, err)

@@ -52,6 +52,7 @@ def _response(answer: Result | DataError, fingerprint: str) -> schemas.RecallRes
         items=answer.items,
         scores=answer.scores,
         interests=answer.interests,
+        vector=answer.vector,
     )
 
 
@@ -60,5 +61,9 @@ def _entry(answer: Result | DataError) -> schemas.BatchResult:
     if isinstance(answer, DataError):
         return schemas.BatchResult(error=str(answer), status=status_of(answer))
     return schemas.BatchResult(
-        query=answer.query, items=answer.items, scores=answer.scores, interests=answer.interests
+        query=answer.query,
+        items=answer.items,
+        scores=answer.scores,
+        interests=answer.interests,
+        vector=answer.vector,
     )

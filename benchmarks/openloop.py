@@ -1,0 +1,285 @@
+"""Open-loop latency of ``POST /recall``: requests at fixed rates, whatever the service
+answers, from ``wrk`` (a native load generator; Debian's ``apt-get install wrk``).
+
+    python benchmarks/openloop.py --out runs/openloop [--items 100000,1000000]
+        [--rates 250,500,1000,2000] [--duration 10] [--connections 32]
+        [--bodies known,cold] [--serve-option=--threads=1]
+
+For each corpus size N the artifact of ``benchmarks/serving.py`` (5,000 synthetic users,
+N items, HNSW index; built once in ``--out`` and reused), or each folder of
+``--artifacts``, is served by ``twotower serve`` in its own process, and
+``benchmarks/openloop.lua`` drives it: C keep-alive connections, each sending on a fixed
+schedule so that together they offer the rate, and each request's latency counted from
+when it was due (a slow answer delays the requests behind it, and that delay is
+counted, not hidden). Two kinds of request bodies: a known user (``{"user_id": ...,
+"k": 10}``: stored features and history, seen items excluded) and a cold-start feature
+row (``{"features": {...}, "k": 10}``: a known user's raw feature columns sent as a new
+user's). After the given rates the rate doubles until the service saturates: it
+answers under 90% of the offered rate, or its p99 passes a second.
+
+Per N, body kind and rate: p50 / p90 / p99 / p99.9 / max, requests sent and answered,
+non-2xx answers and socket errors, the achieved rate; the saturation rate is the highest
+achieved. Each finished measurement is appended to ``OUT/openloop.jsonl`` (a rerun skips
+what is there); ``OUT/openloop.md`` is the table, ``OUT/openloop.png`` the curves.
+
+The load generator and the service share this machine's cores: on a 2-core machine the
+figures are a floor for what a separate client machine would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import build, rss_mib, start_server  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parent / "openloop.lua"
+K = 10
+SATURATED_P99_MS = 1000.0
+
+
+def bodies(artifact: Path, kind: str, count: int = 2000, seed: int = 1) -> list[str]:
+    """``count`` request bodies of one kind for random known users of ``artifact``."""
+    table = pq.read_table(artifact / "queries.parquet")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    key = manifest["query_key"]
+    rows = np.random.default_rng(seed).choice(table.num_rows, count)
+    picked = table.take(rows).to_pylist()
+    if kind == "known":
+        return [json.dumps({"user_id": row[key], "k": K}) for row in picked]
+    if kind == "cold":
+        lists = {f.name for f in table.schema if f.type.num_fields}  # histories
+        features = [{c: v for c, v in row.items() if c != key and c not in lists} for row in picked]
+        return [json.dumps({"features": row, "k": K}) for row in features]
+    raise SystemExit(f"unknown body kind {kind!r}; choose known or cold")
+
+
+def offer(url: str, rate: int, seconds: float, connections: int, lines: Path) -> dict:
+    """One open-loop run of ``wrk`` at ``rate`` requests/s; its summary."""
+    with tempfile.TemporaryDirectory() as folder:
+        summary = Path(folder) / "summary.json"
+        command = ["wrk", "-t", str(connections), "-c", str(connections)]
+        command += ["-d", f"{seconds}s", "--timeout", "10s", "-s", str(SCRIPT)]
+        command += [f"{url}/recall", "--", str(rate), str(lines), str(connections)]
+        env = {**os.environ, "OPENLOOP_OUT": str(summary)}
+        subprocess.run(command, check=True, capture_output=True, env=env)
+        result = json.loads(summary.read_text())
+    result["offered_per_s"] = rate
+    result["achieved_per_s"] = round(result["answered"] / result["elapsed_s"], 1)
+    return result
+
+
+def saturated(result: dict) -> bool:
+    return (
+        result["achieved_per_s"] < 0.9 * result["offered_per_s"]
+        or result["p99_ms"] > SATURATED_P99_MS
+    )
+
+
+def profile(url: str, pid: int, rate: int, seconds: float, lines: Path, out: Path) -> None:
+    """Samples the service with py-spy while wrk offers ``rate``: a flame graph
+    (``OUT.svg``) and the collapsed stacks (``OUT.txt``, one line per stack and count),
+    each from its own run of the same load."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        raise SystemExit("py-spy is not installed: pip install py-spy")
+    for kind, suffix in (("flamegraph", ".svg"), ("raw", ".txt")):
+        command = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds))]
+        command += ["--rate", "250", "--nonblocking", "--format", kind]
+        command += ["--output", str(out.with_suffix(suffix))]
+        sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)  # py-spy attaches
+        offer(url, rate, seconds - 1, 32, lines)
+        if sampler.wait(timeout=120) != 0:
+            raise SystemExit(f"py-spy failed: {sampler.stderr.read().decode()[-2000:]}")
+
+
+def top_functions(raw: Path, count: int = 25) -> list[tuple[str, float, float]]:
+    """(function, share of samples inside it, share of samples in it itself) from py-spy's
+    collapsed stacks, the ``count`` largest by inclusive share."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]  # no lines
+        total += int(samples)
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + int(samples)
+        own[frames[-1]] = own.get(frames[-1], 0) + int(samples)
+    ranked = sorted(inclusive, key=inclusive.get, reverse=True)[:count]
+    return [(f, inclusive[f] / total, own.get(f, 0) / total) for f in ranked]
+
+
+def measure(args, artifact: Path, ledger: Path, done: dict) -> None:
+    """Every body kind and rate on one artifact, each appended to the ledger."""
+    num_items = json.loads((artifact / "manifest.json").read_text())["num_items"]
+    process, url = start_server(artifact, args.serve_option)
+    try:
+        if args.profile:
+            with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as file:
+                file.write("\n".join(bodies(artifact, "known")) + "\n")
+            out = args.out / f"profile-n{num_items}-{args.profile}"
+            offer(url, args.profile, 3.0, 32, Path(file.name))  # warm-up
+            profile(url, process.pid, args.profile, args.duration, Path(file.name), out)
+            Path(file.name).unlink()
+            for name, inside, itself in top_functions(out.with_suffix(".txt")):
+                print(f"  {inside:6.1%} {itself:6.1%}  {name}", flush=True)
+            return
+        for kind in args.bodies:
+            with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as file:
+                file.write("\n".join(bodies(artifact, kind)) + "\n")
+            lines = Path(file.name)
+            try:
+                offer(url, args.rates[0], 3.0, args.connections, lines)  # warm-up
+                rate, index = args.rates[0], 0
+                while True:
+                    name = f"n{num_items}-{kind}-{rate}"
+                    if name in done:
+                        result = done[name]
+                    else:
+                        result = offer(url, rate, args.duration, args.connections, lines)
+                        result.update(
+                            name=name,
+                            items=num_items,
+                            body=kind,
+                            service_rss_mib=round(rss_mib(process.pid)),
+                            serve_options=args.serve_option,
+                            connections=args.connections,
+                            duration_s=args.duration,
+                        )
+                        with ledger.open("a") as out:
+                            out.write(json.dumps(result) + "\n")
+                    print(
+                        f"  N={num_items:,} {kind:5} {rate:>6}/s: achieved "
+                        f"{result['achieved_per_s']:>8,.0f}/s p50 {result['p50_ms']:.2f} "
+                        f"p99 {result['p99_ms']:.2f} p99.9 {result['p999_ms']:.2f} ms, "
+                        f"errors {result['non_2xx'] + result['socket_errors']}",
+                        flush=True,
+                    )
+                    index += 1
+                    if saturated(result):
+                        break
+                    rate = args.rates[index] if index < len(args.rates) else rate * 2
+            finally:
+                lines.unlink()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| N | request | offered/s | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms "
+        "| non-2xx | socket errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['items']:,} | {r['body']} | {r['offered_per_s']:,} | "
+            f"{r['achieved_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['p999_ms']:.2f} | {r['max_ms']:.1f} | {r['non_2xx']} | {r['socket_errors']} |"
+        )
+    lines.append("")
+    for (items, body), group in _groups(results).items():
+        top = max(r["achieved_per_s"] for r in group)
+        lines.append(f"Saturation, N = {items:,}, {body} users: {top:,.0f} requests/s.")
+    return "\n".join(lines)
+
+
+def _groups(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["items"], r["body"]), []).append(r)
+    return groups
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(results)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for axis, ((items, body), group) in zip(axes[0], groups.items(), strict=True):
+        group = sorted(group, key=lambda r: r["offered_per_s"])
+        rates = [r["offered_per_s"] for r in group]
+        for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
+            axis.plot(rates, [r[key] for r in group], marker="o", label=label)
+        axis.axhline(5.0, color="grey", linestyle=":", label="5 ms")
+        axis.set(xscale="log", yscale="log", xlabel="offered requests/s", ylabel="latency (ms)")
+        axis.set_title(f"N = {items:,}, {body} users")
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/openloop"))
+    parser.add_argument("--items", default="100000,1000000")
+    parser.add_argument("--rates", default="250,500,1000,2000")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--bodies", default="known,cold")
+    parser.add_argument(
+        "--artifacts",
+        default="",
+        help="measure these artifact folders (comma-separated) instead of building --items",
+    )
+    parser.add_argument(
+        "--serve-option", action="append", default=[], help="passed to twotower serve"
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="RATE",
+        help="instead of measuring: sample the service with py-spy for --duration seconds "
+        "while known users arrive at RATE/s (OUT/profile-nN-RATE.svg and .txt)",
+    )
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    args.rates = [int(r) for r in args.rates.split(",")]
+    args.bodies = args.bodies.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    ledger = args.out / "openloop.jsonl"
+    done = {}
+    if ledger.is_file():
+        done = {r["name"]: r for r in map(json.loads, ledger.read_text().splitlines())}
+    if args.artifacts:
+        artifacts = [Path(a) for a in args.artifacts.split(",")]
+    else:
+        artifacts = []
+        for num_items in (int(n) for n in args.items.split(",")):
+            clock = time.perf_counter()
+            artifacts.append(build(args.out, num_items, ["hnsw"])["hnsw"])
+            print(f"N = {num_items:,}: ready in {time.perf_counter() - clock:.0f} s", flush=True)
+    for artifact in artifacts:
+        measure(args, artifact, ledger, done)
+    if args.profile:
+        return
+    results = [json.loads(line) for line in ledger.read_text().splitlines()]
+    (args.out / "openloop.md").write_text(markdown(results) + "\n")
+    plot(results, args.out / "openloop.png")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
