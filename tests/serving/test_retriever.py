@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from twotower.errors import DataError
-from twotower.serving import Result, Retriever, UnknownItemError, UnknownQueryError
+from twotower.serving import Artifact, Result, Retriever, UnknownItemError, UnknownQueryError
 from twotower.serving.retriever import Query
 from twotower.towers.model import embed_rows
 from twotower.training.run import load_model
@@ -308,3 +308,19 @@ def test_one_mixed_retrieve_equals_each_query_alone(retriever, demo_artifact):
 
 def test_retrieve_of_nothing_is_nothing(retriever):
     assert retriever.retrieve([]) == []
+
+
+@pytest.mark.parametrize(
+    "fixture", ["demo_artifact", "sequence_artifact", "timed_artifact", "interests_artifact"]
+)
+def test_known_users_inputs_kept_in_memory_give_the_transformed_answers(fixture, request):
+    """The known users' inputs, transformed once at load and gathered per request, give
+    the answers of transforming each request's rows (every history encoder, and K > 1)."""
+    folder, oracle = request.getfixturevalue(fixture)
+    artifact = Artifact.load(folder)
+    kept, transformed = Retriever(artifact), Retriever(artifact, input_budget=0)
+    assert kept.known_inputs is not None and transformed.known_inputs is None
+    users = list(oracle.query_ids)
+    for a, b in zip(kept.recall_users(users, 10), transformed.recall_users(users, 10), strict=True):
+        assert a.items == b.items and a.interests == b.interests
+        assert np.allclose(a.scores, b.scores, atol=1e-5)

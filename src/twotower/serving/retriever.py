@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
+import torch
 
 from twotower.errors import DataError
 from twotower.features.specs import TextFeature
@@ -44,6 +45,8 @@ from twotower.serving.query_vectors import QueryVectors, read_query_vectors
 from twotower.towers.model import embed_rows
 
 SOURCES = ("user", "features", "text", "item")
+# The most bytes the known users' model inputs may take in memory (Retriever).
+INPUT_BUDGET = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,11 +162,20 @@ class Retriever:
         query_vectors: known users' precomputed vectors of this artifact
             (``twotower.serving.query_vectors``), used instead of a tower pass for the
             users they hold; None: the tower computes every query vector.
+        input_budget: the most bytes the known users' model inputs may take: when they
+            fit, every known user's row is transformed once, here, and a request only
+            gathers its users' rows; else each request transforms its users' rows.
     """
 
-    def __init__(self, artifact: Artifact, query_vectors: QueryVectors | None = None) -> None:
+    def __init__(
+        self,
+        artifact: Artifact,
+        query_vectors: QueryVectors | None = None,
+        input_budget: int = INPUT_BUDGET,
+    ) -> None:
         self.artifact = artifact
         self.query_vectors = query_vectors
+        self.known_inputs = _known_inputs(artifact, input_budget)
         specs = artifact.pipeline.config.query
         transforms = artifact.pipeline.transforms["query"]
         # a history built out of core is a list column of its own, named after it
@@ -325,6 +337,15 @@ class Retriever:
         tower, pipeline = self.artifact.query_tower, self.artifact.pipeline
         return embed_rows(tower, pipeline, "query", table).cpu().numpy()
 
+    def _embed_known(self, rows: np.ndarray) -> np.ndarray:
+        """(U, D) vectors of known query rows: their inputs gathered (or transformed
+        now, when they were not kept), through the tower."""
+        if self.known_inputs is None:
+            return self._embed(self.artifact.queries.take(pa.array(rows)))
+        index = torch.from_numpy(rows)
+        inputs = {name: values[index] for name, values in self.known_inputs.items()}
+        return self.artifact.query_tower(inputs).numpy()
+
     def _embed_users(self, batch: _Batch, positions: list[int]) -> None:
         """Known users: their stored rows through the tower; their seen items noted."""
         if not positions:
@@ -339,8 +360,7 @@ class Retriever:
                 for position in known[ready].tolist():
                     batch.sources[position] = "precomputed"
             if not ready.all():
-                table = self.artifact.queries.take(pa.array(found[~ready]))
-                batch.vectors[known[~ready]] = self._embed(table)
+                batch.vectors[known[~ready]] = self._embed_known(found[~ready])
             keys = pc.take(self.artifact.queries.column(self.artifact.query_key), pa.array(found))
             batch.relabel(known, keys.to_pylist())
             wants_seen = np.array([batch.queries[i].exclude_seen for i in known], dtype=bool)
@@ -460,6 +480,32 @@ class Retriever:
             Result(label, items[s:e], values[s:e], found[s:e] if found is not None else None)
             for label, s, e in zip(labels, starts, ends, strict=True)
         ]
+
+
+def _known_inputs(artifact: Artifact, budget: int, chunk: int = 4096) -> dict | None:
+    """Every known query row's model inputs, transformed once (each tensor padded to
+    its widest chunk), or None when they would take more than ``budget`` bytes."""
+    pipeline, queries = artifact.pipeline, artifact.queries
+    if queries.num_rows == 0:
+        return None
+    first = pipeline.transform("query", queries.slice(0, chunk))
+    per_row = sum(t.element_size() * t[0].numel() for t in first.values()) if first else 0
+    if per_row * queries.num_rows > budget:
+        return None
+    chunks = [first] + [
+        pipeline.transform("query", queries.slice(start, chunk))
+        for start in range(chunk, queries.num_rows, chunk)
+    ]
+    return {name: _padded_cat([c[name] for c in chunks]) for name in first}
+
+
+def _padded_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenates along rows, zero-padding a second dimension to the widest part
+    (lists are 0-padded; their encoders ignore padding)."""
+    if parts[0].dim() < 2 or len({p.shape[1] for p in parts}) == 1:
+        return torch.cat(parts)
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
 
 def _gather_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
