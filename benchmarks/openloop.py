@@ -72,7 +72,7 @@ def offer(url: str, rate: int, seconds: float, connections: int, lines: Path) ->
     with tempfile.TemporaryDirectory() as folder:
         summary = Path(folder) / "summary.json"
         command = ["wrk", "-t", str(connections), "-c", str(connections)]
-        command += ["-d", f"{seconds}s", "--timeout", "10s", "-s", str(SCRIPT)]
+        command += ["-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(SCRIPT)]
         command += [f"{url}/recall", "--", str(rate), str(lines), str(connections)]
         env = {**os.environ, "OPENLOOP_OUT": str(summary)}
         subprocess.run(command, check=True, capture_output=True, env=env)
@@ -113,7 +113,7 @@ def top_functions(raw: Path, count: int = 25) -> list[tuple[str, float, float]]:
     inclusive: dict[str, int] = {}
     own: dict[str, int] = {}
     total = 0
-    for line in raw.read_text().splitlines():
+    for line in raw.read_text(errors="replace").splitlines():
         stack, _, samples = line.rpartition(" ")
         frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]  # no lines
         total += int(samples)

@@ -190,10 +190,12 @@ def _drop_excluded(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Removes excluded and missing (-1) results, keeps the order, pads to (B, k)."""
     bad = ids < 0
-    if exclude is not None and ids.size:
-        rows = np.repeat(np.arange(len(ids)), ids.shape[1])
-        hit = np.asarray(exclude[rows, np.where(bad, 0, ids).ravel()]).reshape(ids.shape)
-        bad |= hit != 0
+    if exclude is not None and ids.size and exclude.nnz:
+        # (row, item) pairs as one int64 each, looked up among the excluded pairs
+        width = exclude.shape[1]
+        found = np.arange(len(ids))[:, None] * width + np.where(bad, 0, ids)
+        rows = np.repeat(np.arange(exclude.shape[0]), np.diff(exclude.indptr))
+        bad |= np.isin(found, rows * width + exclude.indices)
     order = np.argsort(bad, axis=1, kind="stable")  # kept results first, in rank order
     ids = np.take_along_axis(np.where(bad, -1, ids), order, axis=1)
     scores = np.take_along_axis(np.where(bad, -np.inf, scores), order, axis=1)

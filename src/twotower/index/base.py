@@ -149,7 +149,8 @@ def check_search(
         raise ValueError(f"queries have width {queries.shape[1]}, the index {index.dim}")
     if exclude is None:
         return queries, None
-    exclude = sp.csr_matrix(exclude)
+    if not isinstance(exclude, sp.csr_matrix):
+        exclude = sp.csr_matrix(exclude)
     if exclude.shape != (len(queries), index.num_items):
         raise ValueError(
             f"exclude must be ({len(queries)}, {index.num_items}), got {exclude.shape}"

@@ -176,6 +176,8 @@ class Retriever:
         self.artifact = artifact
         self.query_vectors = query_vectors
         self.known_inputs = _known_inputs(artifact, input_budget)
+        # item keys by row as numpy (int64, float64 or object): answers index it
+        self.item_id_values = artifact.item_ids.to_numpy(zero_copy_only=False)
         specs = artifact.pipeline.config.query
         transforms = artifact.pipeline.transforms["query"]
         # a history built out of core is a list column of its own, named after it
@@ -453,8 +455,11 @@ class Retriever:
         known = cols >= 0  # unknown ids can never be returned anyway
         if not known.any():
             return None
-        ones = np.ones(known.sum(), np.float32)
-        return sp.csr_matrix((ones, (rows[known], cols[known])), shape=(B, N))  # sums repeats
+        rows, cols = rows[known], cols[known]
+        order = np.argsort(rows, kind="stable")  # CSR arrays directly: no COO pass
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=B))])
+        ones = np.ones(len(cols), np.float32)
+        return sp.csr_matrix((ones, cols[order], indptr), shape=(B, N))  # repeats allowed
 
     def _search(
         self,
@@ -471,7 +476,7 @@ class Retriever:
         else:
             (ids, scores), interests = index.search(vectors, k, exclude), None
         kept = (ids >= 0) & (np.arange(ids.shape[1]) < ks[:, None])
-        items = pc.take(self.artifact.item_ids, pa.array(ids[kept])).to_pylist()
+        items = self.item_id_values[ids[kept]].tolist()
         values = scores[kept].tolist()
         found = interests[kept].tolist() if interests is not None else None
         ends = np.cumsum(kept.sum(axis=1)).tolist()

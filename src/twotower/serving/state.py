@@ -180,8 +180,9 @@ class ServiceState:
             await self.reload()
 
 
-def service(request: Request) -> ServiceState:
-    """The app's ``ServiceState``: a dependency for handlers (``Service``)."""
+async def service(request: Request) -> ServiceState:
+    """The app's ``ServiceState``: a dependency for handlers (``Service``); async, so
+    FastAPI calls it on the event loop instead of handing it to a thread."""
     return request.app.state.service
 
 
