@@ -47,6 +47,7 @@ from twotower.towers.model import embed_rows
 SOURCES = ("user", "features", "text", "item")
 # The most bytes the known users' model inputs may take in memory (Retriever).
 INPUT_BUDGET = 1 << 30
+CHUNK_ROWS = 4096  # queries through the tower at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,9 +345,12 @@ class Retriever:
         now, when they were not kept), through the tower."""
         if self.known_inputs is None:
             return self._embed(self.artifact.queries.take(pa.array(rows)))
-        index = torch.from_numpy(rows)
-        inputs = {name: values[index] for name, values in self.known_inputs.items()}
-        return self.artifact.query_tower(inputs).numpy()
+        chunks = []
+        for start in range(0, len(rows), CHUNK_ROWS):  # as embed_rows: bounded batches
+            index = torch.from_numpy(rows[start : start + CHUNK_ROWS])
+            inputs = {name: values[index] for name, values in self.known_inputs.items()}
+            chunks.append(self.artifact.query_tower(inputs).numpy())
+        return np.concatenate(chunks)
 
     def _embed_users(self, batch: _Batch, positions: list[int]) -> None:
         """Known users: their stored rows through the tower; their seen items noted."""
@@ -487,7 +491,7 @@ class Retriever:
         ]
 
 
-def _known_inputs(artifact: Artifact, budget: int, chunk: int = 4096) -> dict | None:
+def _known_inputs(artifact: Artifact, budget: int, chunk: int = CHUNK_ROWS) -> dict | None:
     """Every known query row's model inputs, transformed once (each tensor padded to
     its widest chunk), or None when they would take more than ``budget`` bytes."""
     pipeline, queries = artifact.pipeline, artifact.queries
