@@ -48,6 +48,7 @@ def test_precomputed_answers_equal_the_towers(demo_artifact, vectors_file):
     folder, oracle = demo_artifact
     tower = Retriever.load(folder)
     stored = Retriever.load(folder, vectors_file)
+    assert stored.known_inputs is None  # every user is in the file: no inputs kept
     users = list(oracle.query_ids)
     for computed, precomputed in zip(
         tower.recall_users(users, 10), stored.recall_users(users, 10), strict=True
@@ -63,6 +64,7 @@ def test_users_the_file_lacks_are_answered_by_the_tower(demo_artifact, vectors_f
     half = table.take(pa.array(range(0, table.num_rows, 2)))  # every other user
     pq.write_table(half, tmp_path / "half.parquet")
     retriever = Retriever.load(folder, tmp_path / "half.parquet")
+    assert retriever.known_inputs is not None  # the others still need theirs
     held = set(half.column("user_id").to_pylist())
     users = list(oracle.query_ids[:40])
     assert any(u in held for u in users) and any(u not in held for u in users)

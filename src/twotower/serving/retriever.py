@@ -42,7 +42,7 @@ from twotower.errors import DataError
 from twotower.features.specs import TextFeature
 from twotower.serving.artifact import Artifact
 from twotower.serving.query_vectors import QueryVectors, read_query_vectors
-from twotower.towers.model import embed_rows
+from twotower.towers.model import embed_inputs, embed_rows
 
 SOURCES = ("user", "features", "text", "item")
 # The most bytes the known users' model inputs may take in memory (Retriever).
@@ -166,6 +166,7 @@ class Retriever:
         input_budget: the most bytes the known users' model inputs may take: when they
             fit, every known user's row is transformed once, here, and a request only
             gathers its users' rows; else each request transforms its users' rows.
+            Not kept when ``query_vectors`` holds every known user.
     """
 
     def __init__(
@@ -176,9 +177,11 @@ class Retriever:
     ) -> None:
         self.artifact = artifact
         self.query_vectors = query_vectors
-        self.known_inputs = _known_inputs(artifact, input_budget)
-        # item keys by row as numpy (int64, float64 or object): answers index it
+        every_user_stored = query_vectors is not None and bool(query_vectors.present.all())
+        self.known_inputs = None if every_user_stored else _known_inputs(artifact, input_budget)
+        # keys by row as numpy (int64, float64 or object): answers index them
         self.item_id_values = artifact.item_ids.to_numpy(zero_copy_only=False)
+        self.query_id_values = artifact.queries.column(artifact.query_key).to_numpy()
         specs = artifact.pipeline.config.query
         transforms = artifact.pipeline.transforms["query"]
         # a history built out of core is a list column of its own, named after it
@@ -343,14 +346,14 @@ class Retriever:
     def _embed_known(self, rows: np.ndarray) -> np.ndarray:
         """(U, D) vectors of known query rows: their inputs gathered (or transformed
         now, when they were not kept), through the tower."""
-        if self.known_inputs is None:
+        inputs = self.known_inputs
+        if inputs is None:
             return self._embed(self.artifact.queries.take(pa.array(rows)))
-        chunks = []
-        for start in range(0, len(rows), CHUNK_ROWS):  # as embed_rows: bounded batches
-            index = torch.from_numpy(rows[start : start + CHUNK_ROWS])
-            inputs = {name: values[index] for name, values in self.known_inputs.items()}
-            chunks.append(self.artifact.query_tower(inputs).numpy())
-        return np.concatenate(chunks)
+        pieces = (
+            torch.from_numpy(rows[s : s + CHUNK_ROWS]) for s in range(0, len(rows), CHUNK_ROWS)
+        )
+        chunks = ({name: values[piece] for name, values in inputs.items()} for piece in pieces)
+        return embed_inputs(self.artifact.query_tower, chunks).cpu().numpy()
 
     def _embed_users(self, batch: _Batch, positions: list[int]) -> None:
         """Known users: their stored rows through the tower; their seen items noted."""
@@ -367,8 +370,7 @@ class Retriever:
                     batch.sources[position] = "precomputed"
             if not ready.all():
                 batch.vectors[known[~ready]] = self._embed_known(found[~ready])
-            keys = pc.take(self.artifact.queries.column(self.artifact.query_key), pa.array(found))
-            batch.relabel(known, keys.to_pylist())
+            batch.relabel(known, self.query_id_values[found].tolist())
             wants_seen = np.array([batch.queries[i].exclude_seen for i in known], dtype=bool)
             batch.seen_rows[known[wants_seen]] = found[wants_seen]
 
@@ -383,7 +385,7 @@ class Retriever:
         batch.self_rows[known] = found
         for position in known.tolist():
             batch.sources[position] = "item"
-        batch.relabel(known, pc.take(self.artifact.item_ids, pa.array(found)).to_pylist())
+        batch.relabel(known, self.item_id_values[found].tolist())
 
     def _embed_features(self, batch: _Batch, positions: list[int]) -> None:
         """Raw rows: converted to the artifact's column types, then through the tower."""

@@ -16,6 +16,7 @@ training scores a positive with the interest closest to it (``select_interests``
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import pyarrow as pa
 import torch
@@ -161,7 +162,6 @@ def _query_tower(
     return Tower(encoders, config.query)
 
 
-@torch.inference_mode()
 def embed_rows(
     tower: Tower,
     pipeline: FeaturePipeline,
@@ -175,25 +175,28 @@ def embed_rows(
     The path serving takes: raw columns -> ``pipeline.transform`` -> ``tower``, in
     evaluation mode, a batch of rows at a time.
     """
+    chunks = (
+        pipeline.transform(side, table.slice(s, batch_size))
+        for s in range(0, table.num_rows, batch_size)
+    )
+    return embed_inputs(tower, chunks)
+
+
+@torch.inference_mode()
+def embed_inputs(tower: Tower, chunks: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(rows, D) or (rows, K, D) vectors of model inputs given a chunk at a time
+    (``FeaturePipeline.transform`` outputs), through the tower in evaluation mode."""
     device = next(tower.parameters()).device
     was_training = tower.training
     if was_training:  # switching a served tower's mode on every call costs a tree walk
         tower.eval()
     try:
-        chunks = [
-            tower(
-                {
-                    k: v.to(device)
-                    for k, v in pipeline.transform(side, table.slice(s, batch_size)).items()
-                }
-            )
-            for s in range(0, table.num_rows, batch_size)
-        ]
+        vectors = [tower({k: v.to(device) for k, v in chunk.items()}) for chunk in chunks]
     finally:
         if was_training:
             tower.train()
-    if chunks:
-        return torch.cat(chunks)
+    if vectors:
+        return torch.cat(vectors)
     shape = (
         (0, tower.output_dim) if tower.interests == 1 else (0, tower.interests, tower.output_dim)
     )

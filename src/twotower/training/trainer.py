@@ -253,11 +253,12 @@ class Trainer:
             self.objective.collective = self.collective
         self.step_loss: torch.nn.Module = _StepLoss(model, self.objective, data)
         # sparse gradients are averaged by Collective.average_sparse, not by DDP (see there)
-        self.sparse = sparse_parameters(self.step_loss)
+        sparse = sparse_parameters(self.step_loss)
+        self.sparse = list(sparse.values())
         if self.collective.distributed:
             on_gpu = data.device.type == "cuda"
             DDP = torch.nn.parallel.DistributedDataParallel
-            DDP._set_params_and_buffers_to_ignore_for_model(self.step_loss, list(self.sparse))
+            DDP._set_params_and_buffers_to_ignore_for_model(self.step_loss, list(sparse))
             self.step_loss = DDP(self.step_loss, device_ids=[data.device] if on_gpu else None)
         self.optimizers = build_optimizers(model, config)
         self.sampler_generator = torch.Generator().manual_seed(seed + 1)
@@ -346,7 +347,7 @@ class Trainer:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.collective.average_sparse(list(self.sparse.values()))
+        self.collective.average_sparse(self.sparse)
         for optimizer in self.optimizers:
             optimizer.step()
         self.state.step += 1
