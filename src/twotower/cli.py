@@ -268,11 +268,19 @@ def export(
             "twotower serve --query-vectors (outside the artifact folder)."
         ),
     ] = None,
+    onnx: Annotated[
+        bool,
+        typer.Option(
+            help="Also write the query tower as ONNX (onnx/query_tower.onnx, checked "
+            "against PyTorch on 1,000 known queries), for twotower serve --runtime onnx "
+            "or any ONNX runtime."
+        ),
+    ] = False,
 ) -> None:
     """Write a self-contained, checksummed serving artifact from a run's best model."""
     from twotower.export import export_run
 
-    manifest = export_run(run_dir, out, index=index, threads=threads, as_of=as_of)
+    manifest = export_run(run_dir, out, index=index, threads=threads, as_of=as_of, onnx=onnx)
     typer.echo(
         f"Exported {manifest['num_items']} item vectors of dimension {manifest['embedding_dim']} "
         f"and {manifest['num_queries']} known queries, index {manifest['index']!r}, to {out}"
@@ -282,6 +290,12 @@ def export(
         f"Index recall@{check['k']} against exact search: {check['recall']:.4f} "
         f"({check['queries']} known queries, seen items excluded)"
     )
+    if onnx:
+        check = manifest["onnx"]["check"]
+        typer.echo(
+            f"ONNX query tower: {manifest['onnx']['file']}, largest difference from PyTorch "
+            f"{check['max_abs_diff']:.2g} over {check['queries']} known queries"
+        )
     if query_vectors is not None:
         from twotower.serving import Artifact
         from twotower.serving.query_vectors import write_query_vectors
@@ -357,6 +371,13 @@ def serve(
             "(twotower export --query-vectors), without a tower pass."
         ),
     ] = None,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="What runs the query tower: torch, or onnx (the graph of an artifact "
+            "exported with --onnx, on ONNX Runtime)."
+        ),
+    ] = "torch",
 ) -> None:
     """Serve top-K recall over HTTP: POST /recall, /recall/batch, GET /items/{id}/similar.
 
@@ -377,6 +398,7 @@ def serve(
         reload_on_sighup=True,
         threads=threads,
         query_vectors=query_vectors,
+        runtime=runtime,
     )
 
     def ready(url: str) -> None:

@@ -13,6 +13,7 @@ killed; exports to one folder are serialized by a lock.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from importlib.metadata import version
@@ -23,26 +24,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
+import torch
 
 from twotower.config import Config
 from twotower.config_io import to_dict
 from twotower.data.build import QUERY_COLUMNS, SEEN, TARGETS, built_stream
 from twotower.data.matrix import interaction_matrix
 from twotower.errors import ConfigError, DataError
+from twotower.features.contract import input_contract
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.streaming import ItemKeys, item_matrix, read_items
 from twotower.index import INDEXES, Index, build_index, choose_index, recall_against_exact
 from twotower.prepare import load_data
-from twotower.serving.artifact import MANIFEST_FILE, ArtifactContents, write_artifact
+from twotower.serving.artifact import MANIFEST_FILE, ONNX_FILE, ArtifactContents, write_artifact
+from twotower.serving.runtime import OnnxRuntime
 from twotower.storage import replaced_folder
 from twotower.threads import set_threads
-from twotower.towers.model import Tower, TwoTower, embed_rows
+from twotower.towers.model import Tower, TwoTower, embed_inputs, embed_rows
+from twotower.towers.portable import OUTPUT, save_onnx
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import METRICS_FILE, load_model
 
 # How the index is checked against exact search at export time.
 RECALL_QUERIES = 1000
 RECALL_K = 10
+# How an ONNX query tower is checked against PyTorch at export time.
+ONNX_CHECK_QUERIES = 1000
+ONNX_TOLERANCE = 1e-5
 
 
 AS_OF = ("valid", "test", "all")  # whose interactions an artifact's users know
@@ -54,6 +62,7 @@ def export_run(
     index: str = "exact",
     threads: int | None = None,
     as_of: str = "all",
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """Exports a run's best checkpoint as the artifact folder ``out``.
 
@@ -71,6 +80,9 @@ def export_run(
             answers are the evaluated rankings), of test (``test``: train, validation
             and test), or of every logged interaction (``all``, what a live service
             serves; the same as ``test`` where the split places every interaction).
+        onnx: also write the query tower as an ONNX graph (``onnx/query_tower.onnx``),
+            checked against PyTorch on up to ``ONNX_CHECK_QUERIES`` known queries; the
+            manifest's ``onnx`` entry holds its input contract and the check.
 
     Returns:
         The manifest written to ``out/manifest.json`` (``as_of`` among its entries).
@@ -91,6 +103,9 @@ def export_run(
         )
     with replaced_folder(out, MANIFEST_FILE, "an exported artifact") as staging:
         contents = artifact_contents(run_dir, index, threads, as_of)
+        if onnx:
+            entry = write_onnx(contents.query_tower, contents.pipeline, contents.queries, staging)
+            contents = dataclasses.replace(contents, manifest={**contents.manifest, "onnx": entry})
         return write_artifact(staging, contents)
 
 
@@ -129,6 +144,68 @@ def artifact_contents(
         index=built,
         manifest=_manifest(recall, run_dir, as_of),
     )
+
+
+def write_onnx(
+    tower: Tower, pipeline: FeaturePipeline, queries: pa.Table, folder: Path
+) -> dict[str, Any]:
+    """Writes the query tower as ONNX into the artifact folder ``folder`` and checks it.
+
+    The graph runs on ONNX Runtime for up to ``ONNX_CHECK_QUERIES`` known queries (a
+    fixed sample, with their histories), against PyTorch on the same inputs.
+
+    Returns:
+        The manifest's ``onnx`` entry: the file, the input contract
+        (``twotower.features.contract``), the output's shape and the check.
+
+    Raises:
+        RuntimeError: the graph's vectors differ from PyTorch's by more than
+            ``ONNX_TOLERANCE`` (an exporter fault; nothing is written then).
+    """
+    contract = input_contract(pipeline, "query")
+    shapes = {spec["name"]: spec["shape"] for spec in contract}
+    example = _example_inputs(pipeline.transform("query", queries.slice(0, 64)), shapes)
+    save_onnx(tower, example, shapes, folder / ONNX_FILE)
+    rng = np.random.default_rng(0)
+    count = min(ONNX_CHECK_QUERIES, queries.num_rows)
+    rows = np.sort(rng.choice(queries.num_rows, size=count, replace=False))
+    inputs = pipeline.transform("query", queries.take(rows))
+    names = [spec["name"] for spec in contract]
+    shape = (tower.interests, tower.output_dim)
+    expected = embed_inputs(tower, [inputs]).cpu().numpy()
+    got = OnnxRuntime(folder / ONNX_FILE, names, shape).vectors([inputs])
+    error = float(np.abs(got - expected).max()) if count else 0.0
+    if not error <= ONNX_TOLERANCE:
+        raise RuntimeError(
+            f"the ONNX query tower differs from PyTorch's by {error:.3g} on {count} known "
+            f"queries (more than {ONNX_TOLERANCE:g}); the artifact was not written"
+        )
+    output = ["batch", tower.output_dim]
+    if tower.interests > 1:
+        output.insert(1, tower.interests)
+    return {
+        "file": ONNX_FILE,
+        "inputs": contract,
+        "output": {"name": OUTPUT, "dtype": "float32", "shape": output},
+        "check": {"queries": count, "max_abs_diff": error, "tolerance": ONNX_TOLERANCE},
+    }
+
+
+def _example_inputs(
+    inputs: dict[str, torch.Tensor], shapes: dict[str, list[int | str]]
+) -> dict[str, torch.Tensor]:
+    """A batch to capture the graph from: every axis that varies made at least 2 long
+    (the capture would fix an axis of size 0 or 1), zero-padded (0 is padding)."""
+    out = {}
+    for name, values in inputs.items():
+        if values.shape[0] < 2:
+            values = torch.cat([values, torch.zeros_like(values[:1]).expand(2, *values.shape[1:])])
+        pad = [0, 0] * values.dim()
+        for axis, size in enumerate(shapes[name]):
+            if isinstance(size, str) and axis > 0 and values.shape[axis] < 2:
+                pad[2 * (values.dim() - 1 - axis) + 1] = 2 - values.shape[axis]
+        out[name] = torch.nn.functional.pad(values, pad)
+    return out
 
 
 def _built_contents(

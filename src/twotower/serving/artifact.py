@@ -12,6 +12,9 @@ file when loaded. This module alone knows the layout (no pickle anywhere):
     seen.npz             CSR arrays (indptr, indices, shape): the logged items of each query
     heldout.npz          optional: the same for each query's test items under the split
     index/               the item index (``index/index.json`` names its kind)
+    onnx/                optional (``twotower export --onnx``): query_tower.onnx, the query
+                         tower as an ONNX graph; the manifest's ``onnx`` entry holds its
+                         input contract
 
 ``write_artifact`` writes a folder (``twotower.export`` fills it from a run and swaps
 it into place); ``Artifact.load`` reads one back.
@@ -62,6 +65,9 @@ SEEN_FILE = "seen.npz"
 # marks them); read where the manifest lists it.
 HELDOUT_FILE = "heldout.npz"
 INDEX_DIR = "index"
+# Optional: the query tower as an ONNX graph (twotower.towers.portable), its weights
+# beside it in query_tower.onnx.data when over 2 GB.
+ONNX_FILE = "onnx/query_tower.onnx"
 # What the loader reads from the manifest besides its format version.
 MANIFEST_KEYS = (
     "files",

@@ -42,7 +42,7 @@ from twotower.errors import DataError
 from twotower.features.specs import TextFeature
 from twotower.serving.artifact import Artifact
 from twotower.serving.query_vectors import QueryVectors, read_query_vectors
-from twotower.towers.model import embed_inputs, embed_rows
+from twotower.serving.runtime import tower_runtime
 
 SOURCES = ("user", "features", "text", "item")
 # The most bytes the known users' model inputs may take in memory (Retriever).
@@ -167,6 +167,8 @@ class Retriever:
             fit, every known user's row is transformed once, here, and a request only
             gathers its users' rows; else each request transforms its users' rows.
             Not kept when ``query_vectors`` holds every known user.
+        runtime: what runs the query tower: ``torch``, or ``onnx`` for the ONNX graph
+            of an artifact exported with it (``twotower.serving.runtime``).
     """
 
     def __init__(
@@ -174,8 +176,10 @@ class Retriever:
         artifact: Artifact,
         query_vectors: QueryVectors | None = None,
         input_budget: int = INPUT_BUDGET,
+        runtime: str = "torch",
     ) -> None:
         self.artifact = artifact
+        self.runtime = tower_runtime(artifact, runtime)
         self.query_vectors = query_vectors
         every_user_stored = query_vectors is not None and bool(query_vectors.present.all())
         self.known_inputs = None if every_user_stored else _known_inputs(artifact, input_budget)
@@ -195,12 +199,15 @@ class Retriever:
         artifact.query_keys, artifact.item_keys  # noqa: B018 (built now, not on a request)
 
     @classmethod
-    def load(cls, folder: Path, query_vectors: Path | None = None) -> Retriever:
+    def load(
+        cls, folder: Path, query_vectors: Path | None = None, runtime: str = "torch"
+    ) -> Retriever:
         """A retriever over the artifact in ``folder`` (verified while loading), with the
-        precomputed vectors of the file ``query_vectors`` if given (checked against it)."""
+        precomputed vectors of the file ``query_vectors`` if given (checked against it),
+        its query tower run by ``runtime``."""
         artifact = Artifact.load(folder)
         vectors = None if query_vectors is None else read_query_vectors(query_vectors, artifact)
-        return cls(artifact, vectors)
+        return cls(artifact, vectors, runtime=runtime)
 
     @property
     def num_items(self) -> int:
@@ -340,8 +347,12 @@ class Retriever:
 
     def _embed(self, table: pa.Table) -> np.ndarray:
         """(rows, D) query vectors of raw query rows."""
-        tower, pipeline = self.artifact.query_tower, self.artifact.pipeline
-        return embed_rows(tower, pipeline, "query", table).cpu().numpy()
+        pipeline = self.artifact.pipeline
+        chunks = (
+            pipeline.transform("query", table.slice(s, CHUNK_ROWS))
+            for s in range(0, table.num_rows, CHUNK_ROWS)
+        )
+        return self.runtime.vectors(chunks)
 
     def _embed_known(self, rows: np.ndarray) -> np.ndarray:
         """(U, D) vectors of known query rows: their inputs gathered (or transformed
@@ -353,7 +364,7 @@ class Retriever:
             torch.from_numpy(rows[s : s + CHUNK_ROWS]) for s in range(0, len(rows), CHUNK_ROWS)
         )
         chunks = ({name: values[piece] for name, values in inputs.items()} for piece in pieces)
-        return embed_inputs(self.artifact.query_tower, chunks).cpu().numpy()
+        return self.runtime.vectors(chunks)
 
     def _embed_users(self, batch: _Batch, positions: list[int]) -> None:
         """Known users: their stored rows through the tower; their seen items noted."""

@@ -50,6 +50,9 @@ class ServiceConfig:
             (``twotower.serving.query_vectors``), read again on each reload; a reload
             whose artifact the file does not match fails and the old artifact keeps
             serving.
+        runtime: what runs the query tower: ``torch``, or ``onnx`` (the artifact's ONNX
+            graph on ONNX Runtime, ``twotower export --onnx``); a reload whose artifact
+            lacks the graph fails and the old artifact keeps serving.
     """
 
     max_body_bytes: int = 1 << 20
@@ -59,6 +62,7 @@ class ServiceConfig:
     reload_on_sighup: bool = False
     threads: int | None = None
     query_vectors: Path | None = None
+    runtime: str = "torch"
 
 
 class ServiceState:
@@ -76,7 +80,7 @@ class ServiceState:
         self.folder = Path(folder)
         self.config = config
         set_threads(config.threads)
-        self.retriever = _warmed(Retriever.load(self.folder, config.query_vectors))
+        self.retriever = self._load()
         self.metrics = ServiceMetrics()
         self.metrics.serving(self.fingerprint, self.retriever.artifact.index.kind)
         self.batcher = MicroBatcher(
@@ -88,6 +92,11 @@ class ServiceState:
         self.reload_lock = asyncio.Lock()
         self.closing = False
         self._reloads: set[asyncio.Task] = set()  # held, or a running task may be collected
+
+    def _load(self) -> Retriever:
+        """The artifact folder's retriever as configured, warmed."""
+        config = self.config
+        return _warmed(Retriever.load(self.folder, config.query_vectors, config.runtime))
 
     @property
     def fingerprint(self) -> str:
@@ -131,9 +140,7 @@ class ServiceState:
             previous = self.fingerprint
             started = time.perf_counter()
             try:
-                retriever = await asyncio.to_thread(
-                    lambda: _warmed(Retriever.load(self.folder, self.config.query_vectors))
-                )
+                retriever = await asyncio.to_thread(self._load)
             except DataError as err:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload failed, still serving %s: %s", previous, err)

@@ -40,7 +40,15 @@ class GRUEncoder(nn.Module):
 
     def sequence(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L, D) every position's state, of (B, L, D) oldest-first item embeddings of
-        which each row's first ``lengths`` are real (0 past them)."""
+        which each row's first ``lengths`` are real (0 past them).
+
+        An exported graph (ONNX has no packed sequences) runs the GRU over the padding
+        too: the states at real positions are the same, as padding only follows them.
+        """
+        if torch.compiler.is_exporting():
+            states, _ = self.gru(items)
+            real = torch.arange(items.shape[1], device=items.device) < lengths[:, None]
+            return torch.where(real[:, :, None], states, 0.0)
         packed = pack_padded_sequence(
             items, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
         )

@@ -19,8 +19,16 @@ def most_recent_first(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def real_first(history: torch.Tensor) -> torch.Tensor:
     """(B, L) the permutation of each row that ``most_recent_first`` applies (for
-    values aligned with the codes, such as their timestamps)."""
-    return torch.argsort((history == 0).to(torch.int8), dim=1, stable=True)
+    values aligned with the codes, such as their timestamps).
+
+    A stable argsort of "is padding", written as the scatter of each position to its
+    place: O(L), and a graph every exporter takes (ONNX has no stable sort).
+    """
+    real = history != 0
+    count = real.sum(dim=1, keepdim=True)
+    place = torch.where(real, real.cumsum(dim=1), count + (~real).cumsum(dim=1)) - 1
+    j = torch.arange(history.shape[1], device=history.device).expand_as(history)
+    return torch.zeros_like(place).scatter(1, place, j)
 
 
 def oldest_first(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
