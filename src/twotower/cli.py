@@ -374,10 +374,17 @@ def serve(
     runtime: Annotated[
         str,
         typer.Option(
-            help="What runs the query tower: torch, or onnx (the graph of an artifact "
-            "exported with --onnx, on ONNX Runtime)."
+            help="What runs the query tower: auto (the artifact's ONNX graph on ONNX "
+            "Runtime where it was exported with --onnx, else PyTorch), torch, or onnx."
         ),
-    ] = "torch",
+    ] = "auto",
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Worker processes sharing the socket and one mapped copy of the item "
+            "vectors, index and tower weights; reloads switch all of them or none."
+        ),
+    ] = 1,
 ) -> None:
     """Serve top-K recall over HTTP: POST /recall, /recall/batch, GET /items/{id}/similar.
 
@@ -404,7 +411,7 @@ def serve(
     def ready(url: str) -> None:
         typer.echo(f"Serving {artifact} on {url} (API docs: {url}/docs); Ctrl-C stops.")
 
-    run_server(artifact, host, port, config, on_ready=ready)
+    run_server(artifact, host, port, config, on_ready=ready, workers=workers)
 
 
 def _read_ids(path: Path) -> list[str]:

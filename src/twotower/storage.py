@@ -215,14 +215,19 @@ def save_array(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def load_array(path: Path, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+def load_array(
+    path: Path, shape: tuple[int, ...], dtype: type = np.float32, mapped: bool = False
+) -> np.ndarray:
     """Reads what ``save_array`` wrote, refusing another shape or type.
+
+    ``mapped``: map the file instead of reading it (copy-on-write: the pages stay the
+    page cache's, shared by every process that maps the file, until one writes them).
 
     Raises:
         DataError: the file is missing, unreadable, or holds another shape or type.
     """
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False, mmap_mode="c" if mapped else None)
     except FileNotFoundError:
         raise DataError(f"{path}: missing") from None
     except (ValueError, OSError, EOFError) as err:

@@ -81,7 +81,9 @@ class FaissIndex(Index):
         if not path.is_file():
             raise DataError(f"{path}: missing")
         try:
-            raw = _faiss().read_index(str(path))
+            # mapped, not read: processes serving one index share its pages
+            faiss = _faiss()
+            raw = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
         except RuntimeError as err:
             raise DataError(f"{path}: not a readable FAISS index ({err})") from None
         if (raw.ntotal, raw.d) != (meta["num_items"], meta["dim"]):

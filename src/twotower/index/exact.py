@@ -78,9 +78,13 @@ class ExactIndex(Index):
         meta = read_meta(folder)
         if meta["kind"] != cls.kind:
             raise DataError(f"{folder}: holds a {meta['kind']!r} index, not {cls.kind!r}")
-        vectors = load_array(folder / VECTORS_FILE, (meta["num_items"], meta["dim"]))
+        shape = (meta["num_items"], meta["dim"])
+        vectors = load_array(folder / VECTORS_FILE, shape, mapped=device == "cpu")
         index = cls(chunk_size=chunk_size, device=device)
-        index.build(vectors)
+        if device == "cpu":  # the mapped file itself: processes serving it share its pages
+            index._vectors = torch.from_numpy(check_vectors(vectors, "item vectors"))
+        else:
+            index.build(vectors)
         return index
 
     @property

@@ -245,7 +245,7 @@ class Artifact:
             pipeline=pipeline,
             items=_read_parquet(folder / ITEMS_FILE, manifest["item_key"], num_items),
             queries=_read_parquet(folder / QUERIES_FILE, manifest["query_key"], num_queries),
-            item_vectors=load_array(folder / ITEM_VECTORS_FILE, vectors_shape),
+            item_vectors=load_array(folder / ITEM_VECTORS_FILE, vectors_shape, mapped=True),
             seen=load_csr(folder / SEEN_FILE, (num_queries, num_items)),
             index=_read_index(folder / INDEX_DIR, vectors_shape),
             query_tower=_read_query_tower(folder / QUERY_TOWER_FILE, model_config, pipeline),
@@ -339,8 +339,9 @@ def _read_query_tower(path: Path, config: ModelConfig, pipeline: FeaturePipeline
     """
     tower = build_query_tower(config, pipeline.config, pipeline)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        tower.load_state_dict(state)
+        # mapped, not read (its tables may be the item table): processes share its pages
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        tower.load_state_dict(state, assign=True)
     except Exception as err:  # torch raises several types for a bad or mismatched file
         raise DataError(f"{path}: not a query tower of this config ({err})") from None
     return tower.eval().requires_grad_(False)

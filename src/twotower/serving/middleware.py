@@ -71,8 +71,8 @@ class ServiceMetrics:
         )
         self.artifact = Gauge(
             "twotower_artifact_info",
-            "1 for the artifact being served.",
-            ["fingerprint", "index"],
+            "1 for the artifact being served (its index kind, what runs its query tower).",
+            ["fingerprint", "index", "runtime"],
             registry=self.registry,
         )
 
@@ -80,10 +80,10 @@ class ServiceMetrics:
         self.batch_queries.observe(queries)
         self.batch_seconds.observe(seconds)
 
-    def serving(self, fingerprint: str, index: str) -> None:
+    def serving(self, fingerprint: str, index: str, runtime: str) -> None:
         """Marks this artifact as the one served (and no other)."""
         self.artifact.clear()
-        self.artifact.labels(fingerprint, index).set(1)
+        self.artifact.labels(fingerprint, index, runtime).set(1)
 
 
 class MetricsMiddleware:

@@ -5,11 +5,16 @@
 ``torch`` runs the artifact's ``query_tower.pt``; ``onnx`` runs the graph that
 ``twotower export --onnx`` wrote beside it (``onnx/query_tower.onnx``, checked
 against PyTorch when it was exported), on ONNX Runtime's CPU provider with the
-threads torch was given. Both give the same vectors to within float rounding.
+threads torch was given; ``auto`` is ``onnx`` where the artifact has the graph and
+ONNX Runtime is installed, else ``torch``. Both give the same vectors to within float
+rounding. ONNX Runtime is the faster (``benchmarks/tower_runtime.py``: a third of
+PyTorch's time for one query) and computes without holding the GIL, so the event
+loop runs beside it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -21,7 +26,7 @@ from twotower.errors import ConfigError, DataError
 from twotower.serving.artifact import Artifact
 from twotower.towers.model import embed_inputs
 
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx")
 
 
 class TowerRuntime(Protocol):
@@ -107,11 +112,13 @@ def tower_runtime(artifact: Artifact, name: str) -> TowerRuntime:
         ConfigError: an unknown runtime name, or its package is missing.
         DataError: the artifact lacks what the runtime runs.
     """
-    if name == "torch":
-        return TorchRuntime(artifact)
-    if name != "onnx":
+    if name not in RUNTIMES:
         raise ConfigError(f"unknown tower runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
     entry = artifact.manifest.get("onnx")
+    if name == "auto":
+        name = "onnx" if entry is not None and importlib.util.find_spec("onnxruntime") else "torch"
+    if name == "torch":
+        return TorchRuntime(artifact)
     if entry is None:
         raise DataError(
             f"{artifact.folder}: the artifact has no ONNX query tower; export it with "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from twotower.errors import ConfigError, DataError
 from twotower.serving.http import ServiceConfig, create_app
+from twotower.serving.workers import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def serve(
     port: int = 8000,
     config: ServiceConfig | None = None,
     on_ready: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> None:
     """Loads the artifact, binds ``host:port`` and serves until SIGINT or SIGTERM.
 
@@ -71,16 +73,32 @@ def serve(
             from other machines.
         port: the TCP port; 0 picks a free one.
         config: the service's settings.
-        on_ready: called with the base URL once the socket listens.
+        on_ready: called with the base URL once the socket listens (and, with several
+            workers, every worker serves).
+        workers: processes accepting on the socket (``workers.py``); 1: this one.
     """
     import uvicorn
 
-    app = create_app(folder, config)
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    config = config or ServiceConfig()
+    app = create_app(folder, config) if workers == 1 else None
     sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"
-    if not _is_loopback(bound_host) and (config is None or config.admin_token is None):
+    if not _is_loopback(bound_host) and config.admin_token is None:
         log.warning("listening on %s without an admin token: /admin/* answers loopback only", url)
+    if app is None:
+        supervisor = Supervisor(folder, config, sock, workers)
+        try:
+            supervisor.start()
+            if on_ready is not None:
+                on_ready(url)
+            supervisor.run()
+        finally:
+            supervisor.stop()
+            sock.close()
+        return
     if on_ready is not None:
         on_ready(url)
     server = uvicorn.Server(

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -50,8 +50,9 @@ class ServiceConfig:
             (``twotower.serving.query_vectors``), read again on each reload; a reload
             whose artifact the file does not match fails and the old artifact keeps
             serving.
-        runtime: what runs the query tower: ``torch``, or ``onnx`` (the artifact's ONNX
-            graph on ONNX Runtime, ``twotower export --onnx``); a reload whose artifact
+        runtime: what runs the query tower (``twotower.serving.runtime``): ``auto``
+            (the artifact's ONNX graph where it has one and ONNX Runtime is installed,
+            else PyTorch), ``torch``, or ``onnx``, with which a reload whose artifact
             lacks the graph fails and the old artifact keeps serving.
     """
 
@@ -62,7 +63,7 @@ class ServiceConfig:
     reload_on_sighup: bool = False
     threads: int | None = None
     query_vectors: Path | None = None
-    runtime: str = "torch"
+    runtime: str = "auto"
 
 
 class ServiceState:
@@ -80,9 +81,9 @@ class ServiceState:
         self.folder = Path(folder)
         self.config = config
         set_threads(config.threads)
-        self.retriever = self._load()
+        self.retriever = self.load()
         self.metrics = ServiceMetrics()
-        self.metrics.serving(self.fingerprint, self.retriever.artifact.index.kind)
+        self.metrics.serving(*_labels(self.retriever))
         self.batcher = MicroBatcher(
             lambda: self.retriever,
             config.batch_queries,
@@ -92,11 +93,9 @@ class ServiceState:
         self.reload_lock = asyncio.Lock()
         self.closing = False
         self._reloads: set[asyncio.Task] = set()  # held, or a running task may be collected
-
-    def _load(self) -> Retriever:
-        """The artifact folder's retriever as configured, warmed."""
-        config = self.config
-        return _warmed(Retriever.load(self.folder, config.query_vectors, config.runtime))
+        # set in a worker process of several (workers.py): reloads then go through the
+        # parent, which reloads every worker or none
+        self.reload_hook: Callable[[], Awaitable[schemas.ReloadResponse]] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -127,7 +126,8 @@ class ServiceState:
         return answers, retriever.artifact.fingerprint
 
     async def reload(self) -> schemas.ReloadResponse:
-        """Loads the artifact folder again, verifies it, and serves it from now on.
+        """Loads the artifact folder again, verifies it, and serves it from now on
+        (in every worker process, when it is one of several: ``workers.py``).
 
         Returns:
             The fingerprints of the new and the replaced artifact, and the time taken.
@@ -136,23 +136,44 @@ class ServiceState:
             HTTPException: 409 when the folder holds no valid artifact; the old one
                 keeps serving.
         """
+        if self.reload_hook is not None:
+            return await self.reload_hook()
         async with self.reload_lock:
             previous = self.fingerprint
             started = time.perf_counter()
             try:
-                retriever = await asyncio.to_thread(self._load)
+                retriever = await asyncio.to_thread(self.load)
             except DataError as err:
-                self.metrics.reloads.labels("failed").inc()
-                log.error("reload failed, still serving %s: %s", previous, err)
+                self.failed_reload(str(err))
                 detail = f"reload failed: {err}; still serving {previous}"
                 raise HTTPException(409, detail) from None
-            self.retriever = retriever
-            self.metrics.serving(self.fingerprint, retriever.artifact.index.kind)
-            self.metrics.reloads.labels("ok").inc()
-            log.info("now serving artifact %s (was %s)", self.fingerprint, previous)
+            self.swap(retriever)
             return schemas.ReloadResponse(
                 artifact=self.fingerprint, previous=previous, seconds=time.perf_counter() - started
             )
+
+    def load(self) -> Retriever:
+        """The artifact folder's retriever as configured, warmed (not yet served).
+
+        Raises:
+            DataError: the folder holds no valid artifact for this configuration.
+        """
+        config = self.config
+        return _warmed(Retriever.load(self.folder, config.query_vectors, config.runtime))
+
+    def swap(self, retriever: Retriever) -> None:
+        """Serves ``retriever`` from the next batch on; batches in flight finish on the
+        one it replaces."""
+        previous = self.fingerprint
+        self.retriever = retriever
+        self.metrics.serving(*_labels(retriever))
+        self.metrics.reloads.labels("ok").inc()
+        log.info("now serving artifact %s (was %s)", self.fingerprint, previous)
+
+    def failed_reload(self, reason: str) -> None:
+        """Counts and logs a reload that failed (the old artifact still serving)."""
+        self.metrics.reloads.labels("failed").inc()
+        log.error("reload failed, still serving %s: %s", self.fingerprint, reason)
 
     async def start(self) -> None:
         """Starts the batch worker and, when configured, reloading on SIGHUP."""
@@ -194,6 +215,11 @@ async def service(request: Request) -> ServiceState:
 
 
 Service = Annotated[ServiceState, Depends(service)]
+
+
+def _labels(retriever: Retriever) -> tuple[str, str, str]:
+    """The served artifact's fingerprint, index kind and tower runtime."""
+    return retriever.artifact.fingerprint, retriever.artifact.index.kind, retriever.runtime.name
 
 
 def _warmed(retriever: Retriever) -> Retriever:

@@ -72,6 +72,12 @@ class PooledEncoder(nn.Module):
         self.width = table.embedding_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            # ONNX has no embedding bag (an exporter writes a loop over the rows): the
+            # same pooling as a gather and a masked sum
+            real = (x != 0).unsqueeze(-1)  # (B, L, 1)
+            total = (self.table(x) * real).sum(dim=1)
+            return total if self.pooling == "sum" else total / real.sum(dim=1).clamp(min=1)
         return F.embedding_bag(
             x, self.table.weight, mode=self.pooling, padding_idx=0, sparse=self.table.sparse
         )

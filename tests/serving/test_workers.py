@@ -1,0 +1,222 @@
+"""Several worker processes: they answer as one process does, a reload switches every
+worker or none (through a real service, and the parent's two phases on a planted
+failure), a killed worker is started again, and the large files are mapped, not read."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing import Pipe
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from twotower.export import export_run
+from twotower.serving import Artifact, Retriever
+from twotower.serving.server import bind
+from twotower.serving.state import ServiceConfig
+from twotower.serving.workers import Supervisor, _Worker
+
+
+def _start(folder: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "twotower", "serve", str(folder), "--port", "0", *options]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    line = process.stdout.readline().decode()
+    assert "Serving" in line and "http://127.0.0.1:" in line, line + process.stdout.read().decode()
+    return process, line.split(" on ")[1].split(" ")[0]
+
+
+def _stop(process: subprocess.Popen) -> bytes:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.stdout.read()
+
+
+def _fingerprints(url: str, user, count: int = 40) -> set[str]:
+    """The artifacts that answer ``count`` requests, each on a new connection (so the
+    workers share them)."""
+    seen = set()
+    for _ in range(count):
+        with httpx.Client(base_url=url, timeout=30) as http:
+            response = http.post("/recall", json={"user_id": user, "k": 5})
+            assert response.status_code == 200, response.text
+            seen.add(response.json()["artifact"])
+    return seen
+
+
+def _worker_pids(parent: int) -> set[int]:
+    """The parent's worker processes (its children, less multiprocessing's tracker)."""
+    command = ["ps", "-ww", "--ppid", str(parent), "-o", "pid=,args="]
+    out = subprocess.run(command, capture_output=True)
+    lines = out.stdout.decode().splitlines()
+    return {int(line.split()[0]) for line in lines if "spawn_main" in line}
+
+
+@pytest.fixture(scope="module")
+def two_workers(demo_artifact, tmp_path_factory):
+    """(process, URL, artifact folder, run folder) of ``twotower serve --workers 2``."""
+    folder = Path(tmp_path_factory.mktemp("workers")) / "artifact"
+    shutil.copytree(demo_artifact[0], folder)
+    process, url = _start(folder, "--workers", "2")
+    yield process, url, folder, demo_artifact[1].run_dir
+    output = _stop(process)
+    assert process.returncode in (0, -signal.SIGTERM), output.decode()
+    assert b"Traceback" not in output, output.decode()
+
+
+def test_two_workers_answer_as_one_process(two_workers, retriever, demo_artifact):
+    process, url, _, _ = two_workers
+    assert len(_worker_pids(process.pid)) == 2
+    users = demo_artifact[1].query_ids
+    expected = retriever.recall_users(users, 10)
+    for user, result in zip(users, expected, strict=True):
+        with httpx.Client(base_url=url, timeout=30) as http:  # a new connection each
+            body = http.post("/recall", json={"user_id": user, "k": 10}).json()
+            assert body["items"] == result.items
+            assert np.allclose(body["scores"], result.scores, atol=1e-5)
+    similar = retriever.similar_items(retriever.item_id_values[3].item(), 7)
+    with httpx.Client(base_url=url, timeout=30) as http:
+        body = http.get(f"/items/{retriever.item_id_values[3].item()}/similar?k=7").json()
+    assert body["items"] == similar.items
+
+
+def test_a_reload_switches_every_worker_or_none(two_workers, demo_artifact):
+    process, url, folder, run_dir = two_workers
+    user = demo_artifact[1].query_ids[0]
+    (before,) = _fingerprints(url, user)
+    export_run(run_dir, folder, index="flat")  # a new artifact in the folder
+    new = Artifact.load(folder).fingerprint
+    assert new != before
+    with httpx.Client(base_url=url, timeout=60) as admin:
+        reload = admin.post("/admin/reload")
+    assert reload.status_code == 200, reload.text
+    assert reload.json()["artifact"] == new and reload.json()["previous"] == before
+    assert _fingerprints(url, user) == {new}  # both workers serve it
+
+    (folder / "seen.npz").write_bytes(b"broken")  # every worker fails to load it
+    with httpx.Client(base_url=url, timeout=60) as admin:
+        failed = admin.post("/admin/reload")
+    assert failed.status_code == 409
+    assert "seen.npz" in failed.json()["detail"] and f"still serving {new}" in failed.text
+    assert _fingerprints(url, user) == {new}
+
+    export_run(run_dir, folder, index="exact")
+    newest = Artifact.load(folder).fingerprint
+    process.send_signal(signal.SIGHUP)  # to the parent: every worker reloads
+    deadline = time.monotonic() + 60
+    while _fingerprints(url, user, 10) != {newest}:
+        assert time.monotonic() < deadline, "no reload of every worker after SIGHUP"
+        time.sleep(0.1)
+
+
+def test_a_killed_worker_is_started_again(two_workers, demo_artifact):
+    process, url, _, _ = two_workers
+    before = _worker_pids(process.pid)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while len(_worker_pids(process.pid) - {victim}) < 2:
+        assert time.monotonic() < deadline, "the killed worker was not started again"
+        time.sleep(0.1)
+    assert len(_fingerprints(url, demo_artifact[1].query_ids[1])) == 1
+
+
+class _FakeProcess:
+    """What the parent uses of a worker process, for a worker run on a thread."""
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread, self.pid, self.exitcode = thread, 0, None
+        self.sentinel = os.open(os.devnull, os.O_RDONLY)
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self, timeout=None) -> None:
+        self.thread.join(timeout)
+
+    def terminate(self) -> None:
+        pass
+
+    kill = terminate
+
+
+def _fake_worker(conn, prepared: str | None, log: list) -> None:
+    """Answers like a worker: ``prepared`` is the fingerprint it loads, None: it fails."""
+    conn.send(("ready", "old"))
+    while True:
+        message = conn.recv()
+        log.append(message[0])
+        if message[0] == "prepare":
+            conn.send(("ok", prepared) if prepared else ("failed", "planted failure"))
+        elif message[0] == "commit":
+            conn.send(("committed",))
+        elif message[0] == "abort":
+            return
+
+
+@pytest.mark.parametrize(
+    "loads, committed",
+    [(["new", "new", "new"], True), (["new", None, "new"], False), (["new", "other"], False)],
+)
+def test_the_parent_commits_only_when_every_worker_loaded_one_artifact(loads, committed):
+    sock = bind("127.0.0.1", 0)
+    supervisor = Supervisor(Path("."), ServiceConfig(), sock, count=0)
+    logs = []
+    for number, prepared in enumerate(loads):
+        parent_end, child_end = Pipe()
+        logs.append([])
+        thread = threading.Thread(target=_fake_worker, args=(child_end, prepared, logs[-1]))
+        thread.start()
+        supervisor.workers.append(_Worker(number, _FakeProcess(thread), parent_end))
+    assert supervisor.start() == "old"
+    answer = supervisor.reload()
+    if committed:
+        assert answer["artifact"] == "new" and answer["previous"] == "old"
+        assert all(log == ["prepare", "commit"] for log in logs)
+        assert supervisor.fingerprint == "new"
+    else:
+        assert "reload failed" in answer["error"] and "still serving old" in answer["error"]
+        for worker in supervisor.workers:
+            worker.process.join(5)  # each ends on its abort
+        assert all(log == ["prepare", "abort"] for log in logs)  # nobody swapped
+        assert supervisor.fingerprint == "old"
+    for worker in supervisor.workers:
+        if worker.process.is_alive():
+            worker.conn.send(("abort", "done"))
+        worker.process.join(5)
+        os.close(worker.process.sentinel)
+    sock.close()
+
+
+def _mapped_files() -> set[str]:
+    """The files this process has mapped into memory (/proc/self/maps)."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_the_large_files_are_mapped_not_read(demo_artifact, tmp_path):
+    """Item vectors, the index and the tower's weights: what N workers share."""
+    export_run(demo_artifact[1].run_dir, tmp_path / "flat", index="flat")
+    kept = [Retriever.load(demo_artifact[0]), Retriever.load(tmp_path / "flat")]
+    mapped = _mapped_files()
+    for folder, index_file in (
+        (demo_artifact[0], "vectors.npy"),
+        (tmp_path / "flat", "faiss.index"),
+    ):
+        for name in ("item_vectors.npy", f"index/{index_file}", "query_tower.pt"):
+            assert str((Path(folder) / name).resolve()) in mapped, name
+    assert isinstance(kept[0].artifact.item_vectors, np.memmap)
