@@ -391,9 +391,9 @@ def serve(
     SIGHUP (or POST /admin/reload) loads the artifact folder again without dropping
     requests. The OpenAPI schema is at /openapi.json, its pages at /docs.
     """
-    from twotower.serving.http import ServiceConfig
     from twotower.serving.server import read_admin_token
     from twotower.serving.server import serve as run_server
+    from twotower.serving.settings import ServiceConfig
 
     if batch_queries < 1 or batch_wait_ms < 0 or max_body_bytes < 1:
         raise ConfigError("--batch-queries and --max-body-bytes must be >= 1, --batch-wait-ms >= 0")

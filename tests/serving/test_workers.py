@@ -21,7 +21,7 @@ import pytest
 from twotower.export import export_run
 from twotower.serving import Artifact, Retriever
 from twotower.serving.server import bind
-from twotower.serving.state import ServiceConfig
+from twotower.serving.settings import ServiceConfig
 from twotower.serving.workers import Supervisor, _Worker
 
 
@@ -57,12 +57,16 @@ def _fingerprints(url: str, user, count: int = 40) -> set[str]:
     return seen
 
 
-def _worker_pids(parent: int) -> set[int]:
-    """The parent's worker processes (its children, less multiprocessing's tracker)."""
+def _children(parent: int) -> dict[int, str]:
     command = ["ps", "-ww", "--ppid", str(parent), "-o", "pid=,args="]
-    out = subprocess.run(command, capture_output=True)
-    lines = out.stdout.decode().splitlines()
-    return {int(line.split()[0]) for line in lines if "spawn_main" in line}
+    lines = subprocess.run(command, capture_output=True).stdout.decode().splitlines()
+    return {int(line.split()[0]): line for line in lines}
+
+
+def _worker_pids(parent: int) -> set[int]:
+    """The workers of a service: the children of the fork server the parent started."""
+    servers = [pid for pid, args in _children(parent).items() if "forkserver" in args]
+    return {pid for server in servers for pid in _children(server)}
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ file when loaded. This module alone knows the layout (no pickle anywhere):
     heldout.npz          optional: the same for each query's test items under the split
     index/               the item index (``index/index.json`` names its kind)
     onnx/                optional (``twotower export --onnx``): query_tower.onnx, the query
-                         tower as an ONNX graph; the manifest's ``onnx`` entry holds its
-                         input contract
+                         tower as an ONNX graph, and its weights (query_tower.onnx.data);
+                         the manifest's ``onnx`` entry holds its input contract
 
 ``write_artifact`` writes a folder (``twotower.export`` fills it from a run and swaps
 it into place); ``Artifact.load`` reads one back.
@@ -66,7 +66,7 @@ SEEN_FILE = "seen.npz"
 HELDOUT_FILE = "heldout.npz"
 INDEX_DIR = "index"
 # Optional: the query tower as an ONNX graph (twotower.towers.portable), its weights
-# beside it in query_tower.onnx.data when over 2 GB.
+# beside it in query_tower.onnx.data.
 ONNX_FILE = "onnx/query_tower.onnx"
 # What the loader reads from the manifest besides its format version.
 MANIFEST_KEYS = (

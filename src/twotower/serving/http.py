@@ -38,7 +38,8 @@ from fastapi import FastAPI
 from twotower.serving.middleware import BodyLimitMiddleware, MetricsMiddleware
 from twotower.serving.responses import AsciiJSONResponse, add_error_handlers
 from twotower.serving.routes import explorer, ops, recall
-from twotower.serving.state import ServiceConfig, ServiceState
+from twotower.serving.settings import ServiceConfig
+from twotower.serving.state import ServiceState
 
 __all__ = ["ServiceConfig", "create_app"]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from twotower.errors import ConfigError, DataError
-from twotower.serving.http import ServiceConfig, create_app
+from twotower.serving.settings import ServiceConfig
 from twotower.serving.workers import Supervisor
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,11 @@ def serve(
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     config = config or ServiceConfig()
-    app = create_app(folder, config) if workers == 1 else None
+    app = None
+    if workers == 1:  # else the parent imports neither torch nor the web framework
+        from twotower.serving.http import create_app
+
+        app = create_app(folder, config)
     sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"

@@ -1,8 +1,11 @@
 """Several worker processes serving one artifact on one socket (``serve --workers N``).
 
-    parent   binds the socket, starts N workers, starts again one that dies, stops
-             them on SIGINT or SIGTERM, and runs every reload
-    worker   the service of ``http.py``, accepting connections on the shared socket
+    parent       binds the socket, starts N workers, starts again one that dies,
+                 stops them on SIGINT or SIGTERM, and runs every reload; it imports
+                 neither torch nor the web framework
+    fork server  multiprocessing's: imports the service's modules once (``PRELOAD``)
+                 and forks each worker, so the workers share those pages too
+    worker       the service of ``http.py``, accepting connections on the shared socket
 
 One process answers on one core at a time (one interpreter lock); N workers use N.
 Memory: each worker maps the artifact's large files instead of reading them (the item
@@ -38,16 +41,20 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
-
-from fastapi import HTTPException
+from typing import TYPE_CHECKING, Any
 
 from twotower.errors import DataError
-from twotower.serving import schemas
-from twotower.serving.state import ServiceConfig, ServiceState
+from twotower.serving.settings import ServiceConfig
+
+if TYPE_CHECKING:
+    from twotower.serving import schemas
+    from twotower.serving.state import ServiceState
 
 log = logging.getLogger(__name__)
 
+# Imported once by the process that forks the workers, so that their interpreters
+# share those pages; the parent itself imports none of them (it stays small).
+PRELOAD = ["twotower.serving.http", "twotower.serving.runtime", "faiss", "onnxruntime"]
 POLL_SECONDS = 0.2  # how often the parent looks at signals between messages
 FIRST_BACKOFF, LAST_BACKOFF = 1.0, 30.0  # before starting a dead worker again
 
@@ -88,7 +95,10 @@ class Supervisor:
         self.config = dataclasses.replace(config, reload_on_sighup=False)
         self.sock = sock
         self.target = target or run_worker
-        self.context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        # workers are forked from a server process that only imported PRELOAD (never
+        # from this one, nor from a process with threads)
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(PRELOAD)
         self.workers = [self._spawn(number) for number in range(count)]
         self.fingerprint: str | None = None
         self.requests: list[_Worker] = []  # workers whose client asked for a reload
@@ -292,6 +302,10 @@ class _ParentLink:
 
     async def reload(self) -> schemas.ReloadResponse:
         """A reload of every worker, through the parent (``ServiceState.reload_hook``)."""
+        from fastapi import HTTPException
+
+        from twotower.serving import schemas
+
         answer = await asyncio.to_thread(self._ask)
         if "error" in answer:
             raise HTTPException(409, answer["error"])

@@ -53,8 +53,9 @@ def save_onnx(
     shapes: dict[str, list[int | str]],
     path: Path,
 ) -> None:
-    """Writes ``tower`` as an ONNX graph to ``path`` (its weights beside it in
-    ``path.name + ".data"`` when over protobuf's 2 GB).
+    """Writes ``tower`` as an ONNX graph to ``path``, its weights beside it in
+    ``path.name + ".data"`` (ONNX's external data: any size, and ONNX Runtime maps
+    the file instead of copying it, so processes running one graph share its weights).
 
     Args:
         tower: the tower, run in evaluation mode.
@@ -99,7 +100,7 @@ def save_onnx(
     finally:
         tower.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(path)
+    program.save(path, external_data=True)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,41 @@
+"""How the HTTP service runs: settings that import nothing heavy (no torch, no web
+framework), so that the parent of several workers stays small."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """How the service runs.
+
+    Args:
+        max_body_bytes: the largest request body accepted (413 above it).
+        batch_queries: the most queries one micro-batch takes.
+        batch_wait_ms: how long a micro-batch waits for more requests before it runs.
+        admin_token: when set, ``/admin/*`` needs ``Authorization: Bearer <token>``;
+            when not, ``/admin/*`` answers only clients on the loopback address.
+        reload_on_sighup: reload the artifact when the process gets SIGHUP (needs the
+            main thread's event loop, as under ``twotower serve``).
+        threads: CPU threads torch computes with, for the whole process; None: the
+            CPUs this process may use (``twotower.threads``).
+        query_vectors: a file of the artifact's known users' precomputed vectors
+            (``twotower.serving.query_vectors``), read again on each reload; a reload
+            whose artifact the file does not match fails and the old artifact keeps
+            serving.
+        runtime: what runs the query tower (``twotower.serving.runtime``): ``auto``
+            (the artifact's ONNX graph where it has one and ONNX Runtime is installed,
+            else PyTorch), ``torch``, or ``onnx``, with which a reload whose artifact
+            lacks the graph fails and the old artifact keeps serving.
+    """
+
+    max_body_bytes: int = 1 << 20
+    batch_queries: int = 256
+    batch_wait_ms: float = 0.0
+    admin_token: str | None = None
+    reload_on_sighup: bool = False
+    threads: int | None = None
+    query_vectors: Path | None = None
+    runtime: str = "auto"
