@@ -48,7 +48,9 @@ class Oracle:
     seen: np.ndarray
 
 
-def tiny_demo_config(folder: Path) -> Config:
+def tiny_demo_config(folder: Path, *overrides: str) -> Config:
+    """The demo's config at a tiny size (``overrides`` after it), its data written in
+    ``folder``."""
     config = demo_config(
         [
             "data.synthetic.num_queries=200",
@@ -61,9 +63,16 @@ def tiny_demo_config(folder: Path) -> Config:
             "training.tensorboard=false",
             "training.ks=[10]",
             "training.device=cpu",
+            *overrides,
         ]
     )
     return dataclasses.replace(config, data=_write_synthetic(config, folder))
+
+
+@pytest.fixture(scope="session")
+def tiny_demo():
+    """``tiny_demo(folder, *overrides)``: ``tiny_demo_config``, for test modules."""
+    return tiny_demo_config
 
 
 def tiny_text_config(folder: Path, item_key_offset: float = 0) -> Config:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from importlib.metadata import version
@@ -17,7 +16,6 @@ import twotower.serving.artifact
 import twotower.storage
 from twotower.config import to_dict
 from twotower.data.matrix import interaction_matrix
-from twotower.demo import _write_synthetic, demo_config
 from twotower.errors import ConfigError, DataError
 from twotower.export import export_run
 from twotower.prepare import load_data
@@ -28,25 +26,10 @@ from twotower.training.run import load_model, train_run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_demo) -> Path:
     """A tiny demo run: 200 users, 100 items, one epoch."""
     folder = Path(tmp_path_factory.mktemp("export"))
-    config = demo_config(
-        [
-            "data.synthetic.num_queries=200",
-            "data.synthetic.num_items=100",
-            "data.synthetic.interactions_per_query=8",
-            "model.query.widths=[16]",
-            "model.item.widths=[16]",
-            "training.epochs=1",
-            "training.batch_size=256",
-            "training.tensorboard=false",
-            "training.ks=[10]",
-            "training.device=cpu",
-        ]
-    )
-    config = dataclasses.replace(config, data=_write_synthetic(config, folder / "data"))
-    train_run(config, folder / "run")
+    train_run(tiny_demo(folder / "data"), folder / "run")
     return folder / "run"
 
 

@@ -18,7 +18,6 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
 
 from twotower.cli import app  # noqa: E402
-from twotower.demo import _write_synthetic, demo_config  # noqa: E402
 from twotower.errors import ConfigError, DataError  # noqa: E402
 from twotower.export import ONNX_TOLERANCE, write_onnx  # noqa: E402
 from twotower.features.contract import input_contract  # noqa: E402
@@ -35,24 +34,11 @@ USERS = 1000
 
 
 @pytest.fixture(scope="module")
-def thousand_users(tmp_path_factory) -> Path:
+def thousand_users(tmp_path_factory, tiny_demo) -> Path:
     """An artifact of 1,000 known users, exported with ``twotower export --onnx``."""
     folder = Path(tmp_path_factory.mktemp("onnx"))
-    config = demo_config(
-        [
-            f"data.synthetic.num_queries={USERS}",
-            "data.synthetic.num_items=300",
-            "data.synthetic.interactions_per_query=8",
-            "model.query.widths=[16]",
-            "model.item.widths=[16]",
-            "training.epochs=1",
-            "training.batch_size=256",
-            "training.tensorboard=false",
-            "training.ks=[10]",
-            "training.device=cpu",
-        ]
-    )
-    train_run(dataclasses.replace(config, data=_write_synthetic(config, folder)), folder / "run")
+    users, items = f"data.synthetic.num_queries={USERS}", "data.synthetic.num_items=300"
+    train_run(tiny_demo(folder / "data", users, items), folder / "run")
     result = CliRunner().invoke(
         app, ["export", str(folder / "run"), "--out", str(folder / "artifact"), "--onnx"]
     )
