@@ -374,10 +374,10 @@ def serve(
     runtime: Annotated[
         str,
         typer.Option(
-            help="What runs the query tower: auto (the artifact's ONNX graph on ONNX "
-            "Runtime where it was exported with --onnx, else PyTorch), torch, or onnx."
+            help="What runs the query tower: torch, or onnx (the graph of an artifact "
+            "exported with --onnx, on ONNX Runtime)."
         ),
-    ] = "auto",
+    ] = "torch",
     workers: Annotated[
         int,
         typer.Option(

@@ -330,3 +330,23 @@ def test_a_multi_interest_artifact_answers_as_the_library_does(interests_artifac
         answer = client.get(f"/items/{item}/similar", params={"k": 4}).json()
         assert answer["interests"] is None
         assert answer["items"] == retriever.similar_items(item, 4).items
+
+
+def test_every_recall_answer_is_its_schema_exactly(client, text_client, demo_artifact):
+    """/recall and /items/{id}/similar write their JSON directly: it must be what the
+    documented RecallResponse model would have written."""
+    from twotower.serving.schemas import RecallResponse
+
+    user = demo_artifact[1].query_ids[3]
+    item = demo_artifact[1].item_ids[5]
+    answers = [
+        client.post("/recall", json={"user_id": user, "k": 5}),
+        client.post("/recall", json={"features": {"segment": "a", "age": 20}, "k": 5}),
+        client.get(f"/items/{item}/similar?k=5"),
+        text_client.post("/recall", json={"text": "red shoes", "k": 3}),
+    ]
+    for response in answers:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert list(body) == list(RecallResponse.model_fields)
+        assert RecallResponse.model_validate(body).model_dump(mode="json") == body

@@ -62,8 +62,8 @@ def test_onnx_vectors_equal_pytorchs_for_1000_users(thousand_users):
 def test_onnx_answers_equal_pytorchs(thousand_users):
     torch_side = Retriever.load(thousand_users, runtime="torch")
     onnx_side = Retriever.load(thousand_users, runtime="onnx")
-    assert onnx_side.runtime.name == "onnx" == Retriever.load(thousand_users).runtime.name
-    assert torch_side.runtime.name == "torch"
+    assert onnx_side.runtime.name == "onnx"
+    assert torch_side.runtime.name == "torch" == Retriever.load(thousand_users).runtime.name
     users = torch_side.query_id_values.tolist()
     for a, b in zip(
         torch_side.recall_users(users, 10), onnx_side.recall_users(users, 10), strict=True
@@ -191,4 +191,3 @@ def test_an_artifact_without_the_graph_is_refused_by_the_onnx_runtime(demo_artif
         Retriever.load(folder, runtime="onnx")
     with pytest.raises(ConfigError, match="unknown tower runtime 'tensorrt'"):
         Retriever.load(folder, runtime="tensorrt")
-    assert Retriever.load(folder).runtime.name == "torch"  # auto: no graph, PyTorch

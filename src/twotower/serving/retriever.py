@@ -167,9 +167,8 @@ class Retriever:
             fit, every known user's row is transformed once, here, and a request only
             gathers its users' rows; else each request transforms its users' rows.
             Not kept when ``query_vectors`` holds every known user.
-        runtime: what runs the query tower (``twotower.serving.runtime``): ``auto``
-            (the artifact's ONNX graph where it has one and ONNX Runtime is installed),
-            ``torch``, or ``onnx``.
+        runtime: what runs the query tower (``twotower.serving.runtime``): ``torch``, or
+            ``onnx`` for the ONNX graph of an artifact exported with it.
     """
 
     def __init__(
@@ -177,7 +176,7 @@ class Retriever:
         artifact: Artifact,
         query_vectors: QueryVectors | None = None,
         input_budget: int = INPUT_BUDGET,
-        runtime: str = "auto",
+        runtime: str = "torch",
     ) -> None:
         self.artifact = artifact
         self.runtime = tower_runtime(artifact, runtime)
@@ -201,7 +200,7 @@ class Retriever:
 
     @classmethod
     def load(
-        cls, folder: Path, query_vectors: Path | None = None, runtime: str = "auto"
+        cls, folder: Path, query_vectors: Path | None = None, runtime: str = "torch"
     ) -> Retriever:
         """A retriever over the artifact in ``folder`` (verified while loading), with the
         precomputed vectors of the file ``query_vectors`` if given (checked against it),

@@ -5,16 +5,14 @@
 ``torch`` runs the artifact's ``query_tower.pt``; ``onnx`` runs the graph that
 ``twotower export --onnx`` wrote beside it (``onnx/query_tower.onnx``, checked
 against PyTorch when it was exported), on ONNX Runtime's CPU provider with the
-threads torch was given; ``auto`` is ``onnx`` where the artifact has the graph and
-ONNX Runtime is installed, else ``torch``. Both give the same vectors to within float
-rounding. ONNX Runtime is the faster (``benchmarks/tower_runtime.py``: a third of
-PyTorch's time for one query) and computes without holding the GIL, so the event
-loop runs beside it.
+threads torch was given. Both give the same vectors to within float rounding. In
+process ONNX Runtime takes a third of PyTorch's time for one query
+(``benchmarks/tower_runtime.py``); over HTTP the tower is a small part of a request and
+the two serve alike (docs/serving.md), so ``torch`` stays the default.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -26,7 +24,7 @@ from twotower.errors import ConfigError, DataError
 from twotower.serving.artifact import Artifact
 from twotower.towers.model import embed_inputs
 
-RUNTIMES = ("auto", "torch", "onnx")
+RUNTIMES = ("torch", "onnx")
 
 
 class TowerRuntime(Protocol):
@@ -114,11 +112,9 @@ def tower_runtime(artifact: Artifact, name: str) -> TowerRuntime:
     """
     if name not in RUNTIMES:
         raise ConfigError(f"unknown tower runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
-    entry = artifact.manifest.get("onnx")
-    if name == "auto":
-        name = "onnx" if entry is not None and importlib.util.find_spec("onnxruntime") else "torch"
     if name == "torch":
         return TorchRuntime(artifact)
+    entry = artifact.manifest.get("onnx")
     if entry is None:
         raise DataError(
             f"{artifact.folder}: the artifact has no ONNX query tower; export it with "

@@ -25,10 +25,10 @@ class ServiceConfig:
             (``twotower.serving.query_vectors``), read again on each reload; a reload
             whose artifact the file does not match fails and the old artifact keeps
             serving.
-        runtime: what runs the query tower (``twotower.serving.runtime``): ``auto``
-            (the artifact's ONNX graph where it has one and ONNX Runtime is installed,
-            else PyTorch), ``torch``, or ``onnx``, with which a reload whose artifact
-            lacks the graph fails and the old artifact keeps serving.
+        runtime: what runs the query tower (``twotower.serving.runtime``): ``torch``, or
+            ``onnx`` (the artifact's ONNX graph on ONNX Runtime, ``twotower export
+            --onnx``), with which a reload whose artifact lacks the graph fails and the
+            old artifact keeps serving.
     """
 
     max_body_bytes: int = 1 << 20
@@ -38,4 +38,4 @@ class ServiceConfig:
     reload_on_sighup: bool = False
     threads: int | None = None
     query_vectors: Path | None = None
-    runtime: str = "auto"
+    runtime: str = "torch"
