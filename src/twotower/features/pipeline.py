@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,14 @@ class FeaturePipeline:
             if isinstance(transform, HistoryTransform) and transform.spec.time_buckets:
                 out[transform.spec.times_input] = torch.from_numpy(transform.times(column))
         return out
+
+    def transform_chunks(
+        self, side: str, table: pa.Table, rows: int
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """``transform`` of ``table``, ``rows`` rows at a time, each chunk when asked for
+        (bounded memory: a tower pass can take each in turn)."""
+        for start in range(0, table.num_rows, rows):
+            yield self.transform(side, table.slice(start, rows))
 
     def sizes(self, side: str) -> dict[str, int]:
         """Embedding rows (or vector width) of each feature of a side."""

@@ -347,11 +347,7 @@ class Retriever:
 
     def _embed(self, table: pa.Table) -> np.ndarray:
         """(rows, D) query vectors of raw query rows."""
-        pipeline = self.artifact.pipeline
-        chunks = (
-            pipeline.transform("query", table.slice(s, CHUNK_ROWS))
-            for s in range(0, table.num_rows, CHUNK_ROWS)
-        )
+        chunks = self.artifact.pipeline.transform_chunks("query", table, CHUNK_ROWS)
         return self.runtime.vectors(chunks)
 
     def _embed_known(self, rows: np.ndarray) -> np.ndarray:
@@ -507,18 +503,16 @@ class Retriever:
 def _known_inputs(artifact: Artifact, budget: int, chunk: int = CHUNK_ROWS) -> dict | None:
     """Every known query row's model inputs, transformed once (each tensor padded to
     its widest chunk), or None when they would take more than ``budget`` bytes."""
-    pipeline, queries = artifact.pipeline, artifact.queries
-    if queries.num_rows == 0:
+    queries = artifact.queries
+    chunks = artifact.pipeline.transform_chunks("query", queries, chunk)
+    first = next(chunks, None)
+    if first is None:
         return None
-    first = pipeline.transform("query", queries.slice(0, chunk))
     per_row = sum(t.element_size() * t[0].numel() for t in first.values()) if first else 0
     if per_row * queries.num_rows > budget:
         return None
-    chunks = [first] + [
-        pipeline.transform("query", queries.slice(start, chunk))
-        for start in range(chunk, queries.num_rows, chunk)
-    ]
-    return {name: _padded_cat([c[name] for c in chunks]) for name in first}
+    every = [first, *chunks]
+    return {name: _padded_cat([c[name] for c in every]) for name in first}
 
 
 def _padded_cat(parts: list[torch.Tensor]) -> torch.Tensor:

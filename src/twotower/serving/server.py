@@ -77,8 +77,6 @@ def serve(
             workers, every worker serves).
         workers: processes accepting on the socket (``workers.py``); 1: this one.
     """
-    import uvicorn
-
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     config = config or ServiceConfig()
@@ -103,6 +101,8 @@ def serve(
             supervisor.stop()
             sock.close()
         return
+    import uvicorn
+
     if on_ready is not None:
         on_ready(url)
     server = uvicorn.Server(

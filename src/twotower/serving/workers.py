@@ -38,7 +38,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,8 +78,6 @@ class Supervisor:
         config: the service's settings (each worker's).
         sock: the listening socket the workers share.
         count: how many workers.
-        target: the worker's entry point (the default runs the service; tests pass
-            another with the same protocol).
     """
 
     def __init__(
@@ -89,12 +86,10 @@ class Supervisor:
         config: ServiceConfig,
         sock: socket.socket,
         count: int,
-        target: Callable[..., None] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.config = dataclasses.replace(config, reload_on_sighup=False)
         self.sock = sock
-        self.target = target or run_worker
         # workers are forked from a server process that only imported PRELOAD (never
         # from this one, nor from a process with threads)
         self.context = multiprocessing.get_context("forkserver")
@@ -219,13 +214,10 @@ class Supervisor:
                 worker.process.kill()
                 worker.process.join()
 
-    def pids(self) -> list[int]:
-        return [worker.process.pid for worker in self.workers]
-
     def _spawn(self, number: int) -> _Worker:
         parent_end, child_end = self.context.Pipe()
         process = self.context.Process(
-            target=self.target,
+            target=run_worker,
             args=(self.folder, self.config, self.sock, child_end),
             name=f"twotower-worker-{number}",
             daemon=True,

@@ -175,11 +175,7 @@ def embed_rows(
     The path serving takes: raw columns -> ``pipeline.transform`` -> ``tower``, in
     evaluation mode, a batch of rows at a time.
     """
-    chunks = (
-        pipeline.transform(side, table.slice(s, batch_size))
-        for s in range(0, table.num_rows, batch_size)
-    )
-    return embed_inputs(tower, chunks)
+    return embed_inputs(tower, pipeline.transform_chunks(side, table, batch_size))
 
 
 @torch.inference_mode()
