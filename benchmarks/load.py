@@ -19,7 +19,7 @@ artifacts briefly coexist; a leak would go on raising it through the second half
 
 Writes ``load.json`` (the totals and the per-second series), ``load.md`` and
 ``load.png`` (requests/s, latency and memory over time, reloads marked) into --out.
-``--quick``: 20,000 items, 16 connections, 10 s, a reload every 2 s.
+``--quick``: 5,000 items, 16 connections, 6 s, a reload every 1.5 s.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.items, args.connections, args.duration, args.reload_every = 20_000, 16, 10.0, 2.0
+        args.items, args.connections, args.duration, args.reload_every = 5_000, 16, 6.0, 1.5
     artifact = build(args.out, args.items, ["exact"])["exact"]
     token = secrets.token_hex(16)
     token_file = args.out / "admin-token"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,25 @@ from twotower.towers.model import embed_rows
 from twotower.training.config import TrainingConfig
 from twotower.training.data import TrainingExamples
 from twotower.training.run import load_model, train_run
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (the default, pyproject.toml): a worker per CPU this process may use,
+    its affinity capped by a container's quota, not the host's every core."""
+    from twotower.threads import available_cpus
+
+    return available_cpus()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest-xdist worker keeps to a core of its own, and so do the processes its
+    tests start: torch then computes on the one core it has
+    (``twotower.threads.available_cpus``) instead of every worker's threads waiting on
+    each other's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and len(cores) > 1:
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
 
 
 @dataclasses.dataclass(frozen=True)
