@@ -115,3 +115,63 @@ def test_a_resumed_two_process_run_continues_as_if_never_stopped(tmp_path):
     _train(tmp_path / "parts", [*settings, "training.epochs=2"], processes=2, resume=True)
     whole, parts = _last_model(tmp_path / "whole"), _last_model(tmp_path / "parts")
     assert _largest_difference(whole, parts) == 0.0
+
+
+# One rank of the sparse-average test below, run under torchrun: its tables' sparse
+# gradients from the JSON file argv[1], their averages saved to argv[2] + rank.
+AVERAGE_ON_A_RANK = """
+import json, sys, torch
+from twotower.training.distributed import Collective
+
+collective = Collective.from_env(torch.device("cpu"))
+parameters = []
+for shape, rows in zip(((7, 3), (5,), (4, 2)), json.load(open(sys.argv[1]))[collective.rank]):
+    parameter = torch.nn.Parameter(torch.zeros(shape))
+    if rows is not None:
+        indices = torch.tensor(rows[0], dtype=torch.int64)
+        values = torch.tensor(rows[1]).view(-1, *shape[1:])
+        parameter.grad = torch.sparse_coo_tensor(indices[None], values, shape)
+    parameters.append(parameter)
+collective.average_sparse(parameters)
+torch.save([p.grad.to_dense() for p in parameters], f"{sys.argv[2]}{collective.rank}.pt")
+"""
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_sparse_gradients_average_over_ranks_table_by_table(tmp_path):
+    """Three sparse tables of different row shapes, repeated rows within a rank, a rank
+    with no rows for one table and a table with no gradient at all on one rank: each
+    table's gradient on every rank is the mean over ranks of the dense gradients."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = ((7, 3), (5,), (4, 2))
+
+    def rows(count: int, table: int) -> tuple[list, list]:
+        shape = shapes[table]
+        indices = torch.randint(0, shape[0], (count,), generator=generator)
+        return indices.tolist(), torch.randn((count, *shape[1:]), generator=generator).tolist()
+
+    grads = [
+        [rows(6, 0), rows(3, 1), None],  # rank 0: table 2 has no gradient
+        [rows(0, 0), rows(4, 1), rows(5, 2)],  # rank 1: no rows of table 0
+    ]
+    expected = [torch.zeros(shape) for shape in shapes]
+    for rank_grads in grads:
+        for table, entry in enumerate(rank_grads):
+            if entry is not None:
+                indices = torch.tensor(entry[0], dtype=torch.int64)
+                values = torch.tensor(entry[1]).view(-1, *shapes[table][1:])
+                dense = torch.sparse_coo_tensor(
+                    indices[None], values, shapes[table], check_invariants=True
+                ).to_dense()
+                expected[table] += dense / len(grads)
+    (tmp_path / "grads.json").write_text(json.dumps(grads))
+    (tmp_path / "rank.py").write_text(AVERAGE_ON_A_RANK)
+    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", str(tmp_path / "rank.py")]
+    command += [str(tmp_path / "grads.json"), str(tmp_path / "averaged-")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        averaged = torch.load(tmp_path / f"averaged-{rank}.pt", weights_only=True)
+        for got, want in zip(averaged, expected, strict=True):
+            torch.testing.assert_close(got, want)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 
 import torch
@@ -113,24 +114,53 @@ class Collective:
         """Replaces each parameter's sparse gradient by its mean over the ranks (as DDP
         averages dense ones): every rank's rows are all-gathered and summed, divided by
         the number of ranks. Every rank must call this with the same parameters, in the
-        same order; a parameter without a gradient here counts as zero."""
-        if not self.distributed:
+        same order; a parameter without a gradient here counts as zero.
+
+        Three collectives per step, whatever the number of tables: every table's row
+        count, then every table's row indices end to end, then every table's values
+        flattened end to end (in their common dtype, each table's cast back).
+        """
+        if not self.distributed or not parameters:
             return
-        for parameter in parameters:
-            grad = parameter.grad
-            if grad is None:
-                grad = torch.sparse_coo_tensor(
-                    torch.zeros((1, 0), dtype=torch.int64, device=parameter.device),
-                    parameter.new_zeros((0, *parameter.shape[1:])),
-                    parameter.shape,
-                )
-            grad = grad.coalesce()
-            indices, values = grad.indices()[0], grad.values()
-            sizes = self.sizes(len(indices), indices.device)
-            every_index = _gather_padded(indices, sizes, self.group)
-            every_value = _gather_padded(values, sizes, self.group) / self.world_size
+        grads = [_sparse_rows(parameter) for parameter in parameters]
+        counts = torch.tensor(
+            [len(indices) for indices, _ in grads], dtype=torch.int64, device=self.device
+        )
+        every = [torch.zeros_like(counts) for _ in range(self.world_size)]
+        dist.all_gather(every, counts, group=self.group)
+        counts_by_rank = [part.tolist() for part in every]  # [rank][table]
+        widths = [math.prod(parameter.shape[1:]) for parameter in parameters]  # per row
+        sizes = [[n * w for n, w in zip(row, widths, strict=True)] for row in counts_by_rank]
+        indices = _gather_padded(
+            torch.cat([indices for indices, _ in grads]),
+            [sum(row) for row in counts_by_rank],
+            self.group,
+        )
+        values = (
+            _gather_padded(
+                torch.cat([values.reshape(-1) for _, values in grads]),
+                [sum(row) for row in sizes],
+                self.group,
+            )
+            / self.world_size
+        )
+        index_parts = [[] for _ in parameters]
+        value_parts = [[] for _ in parameters]
+        ranks_indices = indices.split([sum(row) for row in counts_by_rank])
+        ranks_values = values.split([sum(row) for row in sizes])
+        for rank in range(self.world_size):
+            for table, piece in enumerate(ranks_indices[rank].split(counts_by_rank[rank])):
+                index_parts[table].append(piece)
+            for table, piece in enumerate(ranks_values[rank].split(sizes[rank])):
+                value_parts[table].append(piece)
+        for parameter, table_indices, table_values in zip(
+            parameters, index_parts, value_parts, strict=True
+        ):
             parameter.grad = torch.sparse_coo_tensor(
-                every_index[None], every_value, parameter.shape, check_invariants=True
+                torch.cat(table_indices)[None],
+                torch.cat(table_values).view(-1, *parameter.shape[1:]).to(parameter.dtype),
+                parameter.shape,
+                check_invariants=True,
             ).coalesce()
 
     def sum(self, values: list[float]) -> list[float]:
@@ -158,6 +188,19 @@ def close_process_group() -> None:
     """Leaves the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _sparse_rows(parameter: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+    """A parameter's coalesced sparse gradient as (R,) row indices and (R, ...) rows;
+    no rows when it has no gradient."""
+    grad = parameter.grad
+    if grad is None:
+        return (
+            torch.zeros(0, dtype=torch.int64, device=parameter.device),
+            parameter.new_zeros((0, *parameter.shape[1:])),
+        )
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
 
 
 def _gather_padded(values: torch.Tensor, sizes: list[int], group: object) -> torch.Tensor:
