@@ -54,3 +54,17 @@ def test_a_baseline_too_large_for_memory_is_refused_naming_its_size(demo, monkey
     monkeypatch.setattr(os, "sysconf", lambda n: 1 if n == "SC_PHYS_PAGES" else real(n))
     with pytest.raises(DataError, match=r"ease on 150 items needs about 0.0 GiB \(three dense"):
         evaluate_baseline_built("ease", built, KS)
+
+
+@pytest.mark.parametrize(("name", "passes"), [("pop", 2), ("itemknn", 3), ("ease", 2)])
+def test_each_query_file_is_read_once_to_fit_and_once_to_rank(demo, monkeypatch, name, passes):
+    """EASE takes its counts from its Gram matrix's diagonal; only item-KNN reads a file
+    once more, to count the co-occurrences it will hold before building them."""
+    from twotower.baselines import run
+
+    reads = []
+    real = run._query_rows
+    monkeypatch.setattr(run, "_query_rows", lambda path, *a: reads.append(path) or real(path, *a))
+    _, built = demo
+    evaluate_baseline_built(name, built, KS, BaselinesConfig(ease_l2=50.0), parts=("test",))
+    assert [path.name for path in reads] == ["queries_test.parquet"] * passes

@@ -113,20 +113,7 @@ def evaluate_baseline_built(
     results: dict[str, float] = {}
     for part in parts:
         path = Path(folder) / f"queries_{part}.parquet"
-        counts, pairs = np.zeros(num_items), 0
-        for seen, _ in _query_rows(path, keys, num_items):
-            counts += seen.sum(axis=0).A1
-            pairs += int((np.diff(seen.indptr) ** 2).sum())
-        model = build_baseline(name, config)
-        if name == "pop":
-            model.fit_gram(sp.diags(counts, format="csr"))
-        else:
-            _check_memory(name, num_items, pairs)
-            gram = sp.csr_matrix((num_items, num_items))
-            for seen, _ in _query_rows(path, keys, num_items):
-                gram = gram + seen.T @ seen
-            model.fit_gram(gram)
-            del gram
+        model, counts = _fit_built(name, config, path, keys, num_items)
         chunks = (
             HeldOut(lambda r, seen=seen, model=model: model.score_rows(seen[r]), targets, seen)
             for seen, targets in _query_rows(path, keys, num_items)
@@ -136,6 +123,39 @@ def evaluate_baseline_built(
             evaluate_chunks(chunks, part, num_items, ks, exclude_seen, chunk_size, counts, total)
         )
     return results
+
+
+def _fit_built(
+    name: str, config: BaselinesConfig, path: Path, keys: ItemKeys, num_items: int
+) -> tuple[Popularity | ItemKNN | EASE, np.ndarray]:
+    """A baseline fitted on a build's query file, and the (N,) number of queries that
+    know each item. EASE reads the file once (its memory depends on N alone, and the
+    counts are its Gram matrix's diagonal); item-KNN twice (the co-occurrences it will
+    hold are counted before they are built); popularity once."""
+    model = build_baseline(name, config)
+    if name == "ease":
+        _check_memory(name, num_items, 0)
+        gram = _gram(path, keys, num_items)
+        model.fit_gram(gram)
+        return model, gram.diagonal()
+    counts, pairs = np.zeros(num_items), 0
+    for seen, _ in _query_rows(path, keys, num_items):
+        counts += seen.sum(axis=0).A1
+        pairs += int((np.diff(seen.indptr) ** 2).sum())
+    if name == "pop":
+        model.fit_gram(sp.diags(counts, format="csr"))
+    else:
+        _check_memory(name, num_items, pairs)
+        model.fit_gram(_gram(path, keys, num_items))
+    return model, counts
+
+
+def _gram(path: Path, keys: ItemKeys, num_items: int) -> sp.csr_matrix:
+    """(N, N) co-occurrence counts X^T X of a build's query file, a row group at a time."""
+    gram = sp.csr_matrix((num_items, num_items))
+    for seen, _ in _query_rows(path, keys, num_items):
+        gram = gram + seen.T @ seen
+    return gram
 
 
 def _query_rows(
