@@ -264,3 +264,41 @@ def test_mask_known_without_the_pairs_is_refused(kind):
     config = MixedConfig(mask_known=True) if kind == "mixed" else FullConfig(mask_known=True)
     with pytest.raises(ConfigError, match="mask_known needs every training"):
         build_objective(config, np.ones(4))
+
+
+@pytest.mark.parametrize("compete", [False, True])
+def test_held_out_positives_compete_only_when_asked(compete):
+    """Query 0 trained on items 0, 1 and 2; this epoch 0 and 1 are held out (positives)
+    and 2 is its input. With ``positives_compete`` each positive's softmax runs over
+    itself, the other positive and the unknown item 3; without, over itself and item 3.
+    The loss is the mean of the two terms, by hand, and so is its gradient."""
+    from twotower.training.config import FullConfig
+    from twotower.training.objectives import KnownPairs
+
+    known = KnownPairs(torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), num_items=4)
+    config = FullConfig(mask_known=True, positives_compete=compete)
+    objective = build_objective(config, np.ones(4), known)
+    query = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    items = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [-0.8, 0.6]])
+    positives, owners = torch.tensor([0, 1]), torch.tensor([0, 0])
+    scale = torch.tensor(5.0)
+    loss = objective.sets(
+        query, positives, owners, lambda i: items[i], scale, queries=torch.tensor([0])
+    )
+    s = (query @ items.T * scale)[0]  # 3, 5, 0, -4
+    if compete:
+        terms = [torch.logsumexp(s[[0, 1, 3]], 0) - s[p] for p in (0, 1)]
+    else:
+        terms = [torch.logsumexp(s[[p, 3]], 0) - s[p] for p in (0, 1)]
+    expected = (terms[0] + terms[1]) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, query)
+    (want,) = torch.autograd.grad(expected, query)
+    torch.testing.assert_close(grad, want)
+
+
+def test_positives_compete_without_mask_known_is_refused():
+    from twotower.training.config import FullConfig
+
+    with pytest.raises(ValueError, match="positives_compete changes what mask_known"):
+        FullConfig(positives_compete=True)

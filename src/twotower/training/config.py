@@ -125,15 +125,26 @@ class FullConfig:
             objective is built (raise it knowingly: a step costs N item-tower rows).
         mask_known: leave the row's query's other training positives out of its
             softmax (in-memory training data), as ``SoftmaxCorrections.mask_known``.
+        positives_compete: with ``mask_known`` in query-level training
+            (``training.examples: queries``): a query's held-out positives stay in one
+            another's softmax (the multinomial likelihood of Mult-DAE / Mult-VAE), and
+            only its other training items (its input) are left out. False: each
+            positive competes with none of the query's training items.
     """
 
     kind: Literal["full"] = "full"
     max_items: int = 100_000
     mask_known: bool = False
+    positives_compete: bool = False
 
     def __post_init__(self) -> None:
         if self.max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {self.max_items}")
+        if self.positives_compete and not self.mask_known:
+            raise ValueError(
+                "positives_compete changes what mask_known leaves out; without mask_known "
+                "every item already competes"
+            )
 
 
 ObjectiveConfig = (

@@ -222,12 +222,17 @@ class FullSoftmax(nn.Module):
     Args:
         num_items: N; every step embeds items 0..N-1 through the item tower.
         known: if given, each row's query's other training positives are masked.
+        positives_compete: in ``sets``, a row's positives are not masked from one
+            another's softmax (``FullConfig.positives_compete``).
     """
 
-    def __init__(self, num_items: int, known: KnownPairs | None = None) -> None:
+    def __init__(
+        self, num_items: int, known: KnownPairs | None = None, positives_compete: bool = False
+    ) -> None:
         super().__init__()
         self.num_items = num_items
         self.known = known
+        self.positives_compete = positives_compete
         self.loss = MultiPositiveSoftmax()  # every item a candidate: the full softmax
 
     def forward(
@@ -262,7 +267,8 @@ class FullSoftmax(nn.Module):
 
         Each positive's term is ``-log softmax`` of its score among every item (with
         ``known``: among itself and the items that are not training positives of the
-        row's query); the loss is their mean, weighted by ``weights`` (P,) if given.
+        row's query; with ``positives_compete`` also among the row's other positives);
+        the loss is their mean, weighted by ``weights`` (P,) if given.
         """
         items = embed_items(torch.arange(self.num_items, device=positives.device))  # (N, D)
         logits = query @ items.T * scale  # (B, N)
@@ -271,6 +277,8 @@ class FullSoftmax(nn.Module):
             if queries is None:
                 raise ValueError("masking known positives needs each row's query")
             exclude = self.known.rows(queries)
+            if self.positives_compete:
+                exclude[owners, positives] = False
         return self.loss(logits, positives, owners, exclude, weights)
 
 
@@ -303,7 +311,9 @@ def build_objective(
                 "that is meant, or use in_batch or mixed"
             )
         _check_known(config, known)
-        return FullSoftmax(num_items, known if config.mask_known else None)
+        return FullSoftmax(
+            num_items, known if config.mask_known else None, config.positives_compete
+        )
     if isinstance(config, (InBatchConfig, MixedConfig)):
         frequency = _frequency(config, counts)
         sizes = (num_items, config.num_sampled) if isinstance(config, MixedConfig) else ()
