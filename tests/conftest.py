@@ -26,6 +26,7 @@ from twotower.features.specs import FeaturesConfig, IdFeature, TextFeature
 from twotower.prepare import load_data
 from twotower.serving import Retriever
 from twotower.serving.server import bind
+from twotower.threads import available_cpus
 from twotower.towers.config import MLPConfig, ModelConfig
 from twotower.towers.model import embed_rows
 from twotower.training.config import TrainingConfig
@@ -36,8 +37,6 @@ from twotower.training.run import load_model, train_run
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto`` (the default, pyproject.toml): a worker per CPU this process may use,
     its affinity capped by a container's quota, not the host's every core."""
-    from twotower.threads import available_cpus
-
     return available_cpus()
 
 
