@@ -165,6 +165,18 @@ def sequence_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, O
 
 
 @pytest.fixture(scope="session")
+def item_bias_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Oracle]:
+    """As ``demo_artifact``, with ``model.item_bias``."""
+    folder = Path(tmp_path_factory.mktemp("item-bias"))
+    config = apply_overrides(
+        tiny_demo_config(folder / "data"), ["model.item_bias=true", "training.epochs=2"]
+    )
+    train_run(config, folder / "run")
+    export_run(folder / "run", folder / "artifact")
+    return folder / "artifact", oracle_of(folder / "run")
+
+
+@pytest.fixture(scope="session")
 def timed_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Oracle]:
     """As ``demo_artifact``, with attention pooling that reads time gaps."""
     folder = Path(tmp_path_factory.mktemp("timed"))

@@ -108,6 +108,7 @@ def _variants(request) -> tuple:
         "attention-time-gaps": "timed_artifact",
         "self-attentive-interests": "interests_artifact",
         "mean": "demo_artifact",
+        "item-bias": "item_bias_artifact",
     }
     if kind in fixtures:
         artifact = Artifact.load(request.getfixturevalue(fixtures[kind])[0])
@@ -142,6 +143,7 @@ def _variants(request) -> tuple:
         "routing-interests",
         "dcn",
         "text",
+        "item-bias",
     ]
 )
 def variant(request):

@@ -324,3 +324,27 @@ def test_known_users_inputs_kept_in_memory_give_the_transformed_answers(fixture,
     for a, b in zip(kept.recall_users(users, 10), transformed.recall_users(users, 10), strict=True):
         assert a.items == b.items and a.interests == b.interests
         assert np.allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_an_item_bias_is_served_as_the_vectors_last_coordinate(item_bias_artifact):
+    """``model.item_bias``: an exported run's item vectors end with each item's learned
+    bias and a known user's query vector with 1, so the service's answers are the model's
+    own (cosine + bias) ranking; an item asked for its similar items stands as a query
+    (ending with 1), so they rank by cosine plus the other item's bias, not times its own.
+    """
+    folder, oracle = item_bias_artifact
+    assert oracle.item_vectors.shape[1] == 17 and np.all(oracle.query_vectors[:, -1] == 1.0)
+    assert np.abs(oracle.item_vectors[:, -1]).max() > 1e-3  # the biases were learned
+    retriever = Retriever.load(folder)
+    rows = list(range(0, 200, 7))
+    results = retriever.recall_users([oracle.query_ids[r] for r in rows], 10)
+    expected = expected_items(oracle, rows, 10, exclude_seen=True)
+    assert [result.items for result in results] == expected
+    for row in (0, 42):
+        as_query = oracle.item_vectors[row].copy()
+        as_query[-1] = 1.0
+        banned = np.zeros(len(oracle.item_ids), bool)
+        banned[row] = True
+        best = brute_force(as_query, oracle.item_vectors, 10, banned)
+        similar = retriever.similar_items(oracle.item_ids[row], 10)
+        assert similar.items == [oracle.item_ids[i] for i in best]

@@ -226,3 +226,33 @@ def test_history_item_dropout_blanks_items_in_training_only(fitted):
     assert not torch.equal(tower(inputs), tower({**inputs, "history": blanked}))
     with pytest.raises(ValueError, match="item_dropout must be in"):
         dataclasses.replace(history, item_dropout=1.0)
+
+
+def test_item_bias_is_one_more_coordinate_of_each_side(fitted):
+    """``model.item_bias``: the item vector is its unit vector and then its bias, a
+    linear map of its encodings (0 at the start); the query vector its unit vector and
+    then 1; so the score is (cosine + bias) / temperature, by hand. The query tower
+    alone has the same shape."""
+    dataset, pipeline = fitted
+    model = build(pipeline, item_bias=True, temperature=0.5, min_temperature=0.1).eval()
+    query_inputs = pipeline.transform("query", dataset.queries)
+    item_inputs = pipeline.transform("item", dataset.items)
+    assert torch.equal(model.item_tower(item_inputs)[:, -1], torch.zeros(4))
+    with torch.no_grad():
+        model.item_tower.bias.weight.normal_()
+        model.item_tower.bias.bias.fill_(0.3)
+        query, items = model.query_tower(query_inputs), model.item_tower(item_inputs)
+    assert query.shape == (3, 9) and items.shape == (4, 9)
+    assert torch.equal(query[:, -1], torch.ones(3))
+    torch.testing.assert_close(query[:, :-1].norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(items[:, :-1].norm(dim=1), torch.ones(4))
+    encoded = model.item_tower.encoders(item_inputs)
+    bias = encoded @ model.item_tower.bias.weight[0] + 0.3
+    torch.testing.assert_close(items[:, -1], bias)
+    cosine = query[:, :-1] @ items[:, :-1].T
+    torch.testing.assert_close(model.score(query, items), (cosine + bias) / 0.5)
+    alone = build_query_tower(
+        ModelConfig(query=MLPConfig(widths=[8]), item_bias=True), FEATURES, pipeline
+    )
+    alone.load_state_dict(model.query_tower.state_dict())
+    torch.testing.assert_close(alone.eval()(query_inputs), query)

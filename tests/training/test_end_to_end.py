@@ -99,3 +99,23 @@ def test_refit_is_refused_on_a_stream():
     stream = StreamConfig(train="t", valid="v", test="t", items="i")
     with pytest.raises(ValueError, match=r"training.refit gather each query's whole"):
         Config(data=DataConfig(source="stream", stream=stream), training=TrainingConfig(refit=True))
+
+
+def test_a_run_with_item_biases_learns(small_config, popularity_recall, tmp_path):
+    """``model.item_bias`` with the full softmax: the run learns, and its item biases
+    move from 0 toward the items' popularity (the planted data's popular items)."""
+    import numpy as np
+
+    from twotower.config import apply_overrides
+    from twotower.prepare import load_data
+    from twotower.towers.model import embed_rows
+    from twotower.training.run import load_model
+
+    config = apply_overrides(small_config, ["model.item_bias=true", "training.objective.kind=full"])
+    result = train_run(config, tmp_path)
+    assert result.metrics["valid/recall@10"] > 1.5 * popularity_recall
+    _, pipeline, model = load_model(tmp_path)
+    dataset, split = load_data(config)
+    biases = embed_rows(model.item_tower, pipeline, "item", dataset.items)[:, -1].numpy()
+    counts = np.bincount(split.train.column("item_idx").to_numpy(), minlength=len(biases))
+    assert np.corrcoef(biases, counts)[0, 1] > 0.3

@@ -335,7 +335,8 @@ class Retriever:
         return _raise_first(self.retrieve([Query(text=t, k=k, exclude_items=extra) for t in texts]))
 
     def similar_items(self, item_id: Any, k: int) -> Result:
-        """The k items whose vectors have the highest inner product with this item's.
+        """The k items whose vectors have the highest inner product with this item's
+        (with ``model.item_bias``: cosine plus the other item's bias).
 
         The item itself is never returned.
 
@@ -382,12 +383,16 @@ class Retriever:
             batch.seen_rows[known[wants_seen]] = found[wants_seen]
 
     def _embed_items(self, batch: _Batch, positions: list[int]) -> None:
-        """Items: their own vectors as the query; the item itself excluded."""
+        """Items: their own vectors as the query (with ``model.item_bias``, ending with
+        a query's 1 instead of the item's bias); the item itself excluded."""
         if not positions:
             return
         rows = self.artifact.item_rows([batch.queries[i].item for i in positions])  # (I,)
         known, found = batch.resolve(positions, rows, UnknownItemError, "item"), rows[rows >= 0]
         vectors = self.artifact.item_vectors[found]  # (I, D): every interest, for K > 1
+        if self.artifact.model_config.item_bias:  # as a query its last coordinate is 1
+            vectors = vectors.copy()
+            vectors[:, -1] = 1.0
         batch.vectors[known] = vectors if self.interests == 1 else vectors[:, None]
         batch.self_rows[known] = found
         for position in known.tolist():

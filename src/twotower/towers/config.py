@@ -106,6 +106,11 @@ class ModelConfig:
         min_temperature: the clamp for a learned temperature.
         sparse_embeddings: embedding tables produce sparse gradients, so an optimizer
             step costs in proportion to the rows a batch touched (large vocabularies).
+        item_bias: add a learned bias of each item to its score, a linear function of
+            the item's feature encodings (with an id feature, in effect one per item;
+            from content, a new item's too): score = (cosine + bias) / temperature.
+            It is served as one more coordinate: the item vector ends with its bias,
+            the query vector with 1, so the index's inner product is the score.
     """
 
     query: NetworkConfig = dataclasses.field(default_factory=MLPConfig)
@@ -114,6 +119,7 @@ class ModelConfig:
     learn_temperature: bool = False
     min_temperature: float = 0.01
     sparse_embeddings: bool = False
+    item_bias: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.min_temperature <= self.temperature:

@@ -4,6 +4,11 @@
     item inputs  -> FeatureEncoders -> network -> L2 normalize -> i (M, D)
     score = (q @ i.T) / temperature
 
+With ``model.item_bias`` each side gains one coordinate: the item's vector ends with
+its bias b (a linear function of its encodings), the query's with 1, so that
+q @ i.T = cosine + b and the score stays one inner product, in training and in the
+index alike.
+
 The towers meet only in the score (late fusion), so item vectors can be computed
 once and indexed. One item tower embeds positives and negatives alike.
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Literal
 
 import pyarrow as pa
 import torch
@@ -31,29 +37,57 @@ from twotower.towers.networks import build_network
 
 
 class Tower(nn.Module):
-    """One side: feature encoders, concatenated, then a network, then L2 normalization."""
+    """One side: feature encoders, concatenated, then a network, then L2 normalization.
 
-    def __init__(self, encoders: FeatureEncoders, network: NetworkConfig) -> None:
+    Args:
+        encoders, network: the feature encoders and the network over their output.
+        bias: ``model.item_bias``'s extra coordinate: ``item`` appends each item's bias
+            (a linear map of its encodings, starting at 0), ``query`` appends 1; None
+            appends nothing.
+    """
+
+    def __init__(
+        self,
+        encoders: FeatureEncoders,
+        network: NetworkConfig,
+        bias: Literal["query", "item"] | None = None,
+    ) -> None:
         super().__init__()
         self.encoders = encoders
         self.network = build_network(network, encoders.output_dim)
-        self.output_dim: int = self.network.output_dim
+        self.bias = None
+        if bias == "item":
+            self.bias = nn.Linear(encoders.output_dim, 1)
+            nn.init.zeros_(self.bias.weight)
+            nn.init.zeros_(self.bias.bias)
+        self.ones = bias == "query"
+        self.output_dim: int = self.network.output_dim + (bias is not None)
         self.interests: int = encoders.interests
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, D) unit vectors of a batch of model inputs (``FeaturePipeline.transform``);
-        (B, K, D) from a K-interest tower."""
+        (B, K, D) from a K-interest tower (D with the bias coordinate, if any)."""
         encoded = self.encoders(inputs)
         if encoded.ndim == 2:
-            return F.normalize(self.network(encoded), dim=-1)
+            return self._finish(encoded, F.normalize(self.network(encoded), dim=-1))
         B, K, _ = encoded.shape
-        return F.normalize(self.network(encoded.flatten(0, 1)), dim=-1).view(B, K, -1)
+        vectors = F.normalize(self.network(encoded.flatten(0, 1)), dim=-1).view(B, K, -1)
+        return self._finish(encoded, vectors)
 
     def at_positions(self, inputs: dict[str, torch.Tensor], history: str) -> torch.Tensor:
         """(P, D) unit vectors of every prefix of the ``history`` feature in one pass:
         position t of row b (oldest first) sees that row's other features and its
         history up to item t; rows in order, then positions (``FeatureEncoders``)."""
-        return F.normalize(self.network(self.encoders.at_positions(inputs, history)), dim=-1)
+        encoded = self.encoders.at_positions(inputs, history)
+        return self._finish(encoded, F.normalize(self.network(encoded), dim=-1))
+
+    def _finish(self, encoded: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """The vectors with the bias coordinate appended, if the tower has one."""
+        if self.bias is not None:
+            return torch.cat([vectors, self.bias(encoded)], dim=-1)
+        if self.ones:
+            return torch.cat([vectors, vectors.new_ones((*vectors.shape[:-1], 1))], dim=-1)
+        return vectors
 
 
 class Temperature(nn.Module):
@@ -96,7 +130,7 @@ class TwoTower(nn.Module):
         item_encoders = FeatureEncoders(features.item, pipeline.sizes("item"), sparse=sparse)
         return cls(
             _query_tower(config, features, pipeline, item_encoders.tables()),
-            Tower(item_encoders, config.item),
+            Tower(item_encoders, config.item, "item" if config.item_bias else None),
             Temperature(config.temperature, config.learn_temperature, config.min_temperature),
         )
 
@@ -105,7 +139,8 @@ class TwoTower(nn.Module):
         return self.temperature()
 
     def score(self, query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """(B, M) scaled cosines of (B, D) query and (M, D) item unit vectors."""
+        """(B, M) scaled cosines (plus item biases) of (B, D) query and (M, D) item
+        vectors."""
         return query @ items.T * self.scale()
 
 
@@ -159,7 +194,7 @@ def _query_tower(
     encoders = FeatureEncoders(
         features.query, pipeline.sizes("query"), shared, config.sparse_embeddings
     )
-    return Tower(encoders, config.query)
+    return Tower(encoders, config.query, "query" if config.item_bias else None)
 
 
 def embed_rows(
