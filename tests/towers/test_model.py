@@ -230,24 +230,28 @@ def test_history_item_dropout_blanks_items_in_training_only(fitted):
 
 def test_item_bias_is_one_more_coordinate_of_each_side(fitted):
     """``model.item_bias``: the item vector is its unit vector and then its bias, a
-    linear map of its encodings (0 at the start); the query vector its unit vector and
-    then 1; so the score is (cosine + bias) / temperature, by hand. The query tower
-    alone has the same shape."""
+    linear map of its encodings plus a learned value of its id (all 0 at the start);
+    the query vector its unit vector and then 1; so the score is (cosine + bias) /
+    temperature, by hand. The query tower alone has the same shape."""
     dataset, pipeline = fitted
     model = build(pipeline, item_bias=True, temperature=0.5, min_temperature=0.1).eval()
     query_inputs = pipeline.transform("query", dataset.queries)
     item_inputs = pipeline.transform("item", dataset.items)
     assert torch.equal(model.item_tower(item_inputs)[:, -1], torch.zeros(4))
+    bias_module = model.item_tower.bias
+    assert list(bias_module.tables) == ["item_id"]  # the item side's one id feature
     with torch.no_grad():
-        model.item_tower.bias.weight.normal_()
-        model.item_tower.bias.bias.fill_(0.3)
+        bias_module.linear.weight.normal_()
+        bias_module.linear.bias.fill_(0.3)
+        bias_module.tables["item_id"].weight.normal_()
         query, items = model.query_tower(query_inputs), model.item_tower(item_inputs)
     assert query.shape == (3, 9) and items.shape == (4, 9)
     assert torch.equal(query[:, -1], torch.ones(3))
     torch.testing.assert_close(query[:, :-1].norm(dim=1), torch.ones(3))
     torch.testing.assert_close(items[:, :-1].norm(dim=1), torch.ones(4))
     encoded = model.item_tower.encoders(item_inputs)
-    bias = encoded @ model.item_tower.bias.weight[0] + 0.3
+    per_id = bias_module.tables["item_id"].weight[item_inputs["item_id"], 0]
+    bias = encoded @ bias_module.linear.weight[0] + 0.3 + per_id
     torch.testing.assert_close(items[:, -1], bias)
     cosine = query[:, :-1] @ items[:, :-1].T
     torch.testing.assert_close(model.score(query, items), (cosine + bias) / 0.5)

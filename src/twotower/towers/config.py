@@ -106,9 +106,9 @@ class ModelConfig:
         min_temperature: the clamp for a learned temperature.
         sparse_embeddings: embedding tables produce sparse gradients, so an optimizer
             step costs in proportion to the rows a batch touched (large vocabularies).
-        item_bias: add a learned bias of each item to its score, a linear function of
-            the item's feature encodings (with an id feature, in effect one per item;
-            from content, a new item's too): score = (cosine + bias) / temperature.
+        item_bias: add a learned bias of each item to its score, a linear map of the
+            item's feature encodings plus a learned value per id of each item-side id
+            feature (``towers.model.ItemBias``): score = (cosine + bias) / temperature.
             It is served as one more coordinate: the item vector ends with its bias,
             the query vector with 1, so the index's inner product is the score.
     """

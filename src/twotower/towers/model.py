@@ -5,7 +5,7 @@
     score = (q @ i.T) / temperature
 
 With ``model.item_bias`` each side gains one coordinate: the item's vector ends with
-its bias b (a linear function of its encodings), the query's with 1, so that
+its bias b (``ItemBias``), the query's with 1, so that
 q @ i.T = cosine + b and the score stays one inner product, in training and in the
 index alike.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
 
 import pyarrow as pa
 import torch
@@ -36,32 +35,57 @@ from twotower.towers.encoders import FeatureEncoders
 from twotower.towers.networks import build_network
 
 
+class ItemBias(nn.Module):
+    """An item's bias (``model.item_bias``): a linear map of its feature encodings plus,
+    for each id feature of the item side, a learned value per id; all start at 0. An
+    item with an id so has a bias of its own; one without (new to the model) still has
+    its content's.
+
+    Args:
+        width: the width of the concatenated encodings.
+        ids: each item-side id feature's name and number of rows.
+    """
+
+    def __init__(self, width: int, ids: dict[str, int]) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.tables = nn.ModuleDict({name: nn.Embedding(rows, 1) for name, rows in ids.items()})
+        for table in self.tables.values():
+            nn.init.zeros_(table.weight)
+
+    def forward(self, encoded: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, 1) biases of (B, width) encodings and the model inputs they came from."""
+        bias = self.linear(encoded)
+        for name, table in self.tables.items():
+            values = table(inputs[name])  # (B, 1), or (B, 2, 1) with two hash functions
+            bias = bias + (values.sum(dim=1) if values.ndim == 3 else values)
+        return bias
+
+
 class Tower(nn.Module):
     """One side: feature encoders, concatenated, then a network, then L2 normalization.
 
     Args:
         encoders, network: the feature encoders and the network over their output.
-        bias: ``model.item_bias``'s extra coordinate: ``item`` appends each item's bias
-            (a linear map of its encodings, starting at 0), ``query`` appends 1; None
-            appends nothing.
+        bias: the item side's ``ItemBias``, appended to each item's vector.
+        ones: the query side of a model with item biases: 1 appended to each vector.
     """
 
     def __init__(
         self,
         encoders: FeatureEncoders,
         network: NetworkConfig,
-        bias: Literal["query", "item"] | None = None,
+        bias: ItemBias | None = None,
+        ones: bool = False,
     ) -> None:
         super().__init__()
         self.encoders = encoders
         self.network = build_network(network, encoders.output_dim)
-        self.bias = None
-        if bias == "item":
-            self.bias = nn.Linear(encoders.output_dim, 1)
-            nn.init.zeros_(self.bias.weight)
-            nn.init.zeros_(self.bias.bias)
-        self.ones = bias == "query"
-        self.output_dim: int = self.network.output_dim + (bias is not None)
+        self.bias = bias
+        self.ones = ones
+        self.output_dim: int = self.network.output_dim + (bias is not None or ones)
         self.interests: int = encoders.interests
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -69,22 +93,24 @@ class Tower(nn.Module):
         (B, K, D) from a K-interest tower (D with the bias coordinate, if any)."""
         encoded = self.encoders(inputs)
         if encoded.ndim == 2:
-            return self._finish(encoded, F.normalize(self.network(encoded), dim=-1))
+            return self._finish(encoded, inputs, F.normalize(self.network(encoded), dim=-1))
         B, K, _ = encoded.shape
         vectors = F.normalize(self.network(encoded.flatten(0, 1)), dim=-1).view(B, K, -1)
-        return self._finish(encoded, vectors)
+        return self._finish(encoded, inputs, vectors)
 
     def at_positions(self, inputs: dict[str, torch.Tensor], history: str) -> torch.Tensor:
         """(P, D) unit vectors of every prefix of the ``history`` feature in one pass:
         position t of row b (oldest first) sees that row's other features and its
         history up to item t; rows in order, then positions (``FeatureEncoders``)."""
         encoded = self.encoders.at_positions(inputs, history)
-        return self._finish(encoded, F.normalize(self.network(encoded), dim=-1))
+        return self._finish(encoded, inputs, F.normalize(self.network(encoded), dim=-1))
 
-    def _finish(self, encoded: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def _finish(
+        self, encoded: torch.Tensor, inputs: dict[str, torch.Tensor], vectors: torch.Tensor
+    ) -> torch.Tensor:
         """The vectors with the bias coordinate appended, if the tower has one."""
         if self.bias is not None:
-            return torch.cat([vectors, self.bias(encoded)], dim=-1)
+            return torch.cat([vectors, self.bias(encoded, inputs)], dim=-1)
         if self.ones:
             return torch.cat([vectors, vectors.new_ones((*vectors.shape[:-1], 1))], dim=-1)
         return vectors
@@ -126,11 +152,15 @@ class TwoTower(nn.Module):
         cls, config: ModelConfig, features: FeaturesConfig, pipeline: FeaturePipeline
     ) -> TwoTower:
         """The model for fitted features: table sizes come from the pipeline."""
-        sparse = config.sparse_embeddings
-        item_encoders = FeatureEncoders(features.item, pipeline.sizes("item"), sparse=sparse)
+        sparse, sizes = config.sparse_embeddings, pipeline.sizes("item")
+        item_encoders = FeatureEncoders(features.item, sizes, sparse=sparse)
+        bias = None
+        if config.item_bias:
+            ids = {spec.name: sizes[spec.name] for spec in features.item if spec.kind == "id"}
+            bias = ItemBias(item_encoders.output_dim, ids)
         return cls(
             _query_tower(config, features, pipeline, item_encoders.tables()),
-            Tower(item_encoders, config.item, "item" if config.item_bias else None),
+            Tower(item_encoders, config.item, bias),
             Temperature(config.temperature, config.learn_temperature, config.min_temperature),
         )
 
@@ -194,7 +224,7 @@ def _query_tower(
     encoders = FeatureEncoders(
         features.query, pipeline.sizes("query"), shared, config.sparse_embeddings
     )
-    return Tower(encoders, config.query, "query" if config.item_bias else None)
+    return Tower(encoders, config.query, ones=config.item_bias)
 
 
 def embed_rows(
