@@ -230,9 +230,9 @@ def test_history_item_dropout_blanks_items_in_training_only(fitted):
 
 def test_item_bias_is_one_more_coordinate_of_each_side(fitted):
     """``model.item_bias``: the item vector is its unit vector and then its bias, a
-    linear map of its encodings plus a learned value of its id (all 0 at the start);
-    the query vector its unit vector and then 1; so the score is (cosine + bias) /
-    temperature, by hand. The query tower alone has the same shape."""
+    linear map of its encodings plus a learned value of its id (all 0 at the start), in
+    score units times the temperature; the query vector its unit vector and then 1; so
+    the score is cosine / temperature + bias, by hand. The query tower alone has the same shape."""
     dataset, pipeline = fitted
     model = build(pipeline, item_bias=True, temperature=0.5, min_temperature=0.1).eval()
     query_inputs = pipeline.transform("query", dataset.queries)
@@ -251,10 +251,10 @@ def test_item_bias_is_one_more_coordinate_of_each_side(fitted):
     torch.testing.assert_close(items[:, :-1].norm(dim=1), torch.ones(4))
     encoded = model.item_tower.encoders(item_inputs)
     per_id = bias_module.tables["item_id"].weight[item_inputs["item_id"], 0]
-    bias = encoded @ bias_module.linear.weight[0] + 0.3 + per_id
-    torch.testing.assert_close(items[:, -1], bias)
+    logit_bias = encoded @ bias_module.linear.weight[0] + 0.3 + per_id  # in score units
+    torch.testing.assert_close(items[:, -1], logit_bias * 0.5)  # times the temperature
     cosine = query[:, :-1] @ items[:, :-1].T
-    torch.testing.assert_close(model.score(query, items), (cosine + bias) / 0.5)
+    torch.testing.assert_close(model.score(query, items), cosine / 0.5 + logit_bias)
     alone = build_query_tower(
         ModelConfig(query=MLPConfig(widths=[8]), item_bias=True), FEATURES, pipeline
     )

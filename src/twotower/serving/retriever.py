@@ -336,7 +336,7 @@ class Retriever:
 
     def similar_items(self, item_id: Any, k: int) -> Result:
         """The k items whose vectors have the highest inner product with this item's
-        (with ``model.item_bias``: cosine plus the other item's bias).
+        (with ``model.item_bias``: cosine plus the other item's bias coordinate).
 
         The item itself is never returned.
 

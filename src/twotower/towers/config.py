@@ -108,9 +108,10 @@ class ModelConfig:
             step costs in proportion to the rows a batch touched (large vocabularies).
         item_bias: add a learned bias of each item to its score, a linear map of the
             item's feature encodings plus a learned value per id of each item-side id
-            feature (``towers.model.ItemBias``): score = (cosine + bias) / temperature.
-            It is served as one more coordinate: the item vector ends with its bias,
-            the query vector with 1, so the index's inner product is the score.
+            feature (``towers.model.ItemBias``): score = cosine / temperature + bias.
+            It is served as one more coordinate: the item vector ends with its bias
+            times ``temperature``, the query vector with 1, so the index's inner
+            product ranks as the score does.
     """
 
     query: NetworkConfig = dataclasses.field(default_factory=MLPConfig)

@@ -5,9 +5,9 @@
     score = (q @ i.T) / temperature
 
 With ``model.item_bias`` each side gains one coordinate: the item's vector ends with
-its bias b (``ItemBias``), the query's with 1, so that
-q @ i.T = cosine + b and the score stays one inner product, in training and in the
-index alike.
+its bias b times the temperature (``ItemBias``), the query's with 1, so that the score
+is cosine / temperature + b and stays one inner product, in training and in the index
+alike.
 
 The towers meet only in the score (late fusion), so item vectors can be computed
 once and indexed. One item tower embeds positives and negatives alike.
@@ -41,13 +41,20 @@ class ItemBias(nn.Module):
     item with an id so has a bias of its own; one without (new to the model) still has
     its content's.
 
+    The learned values are in units of the score itself (logits): what is appended to
+    the item vector, in the units of a cosine, is their sum times ``scale``, the model's
+    (starting) temperature. So an optimizer step moves a bias as far as it would move a
+    logit, not 1 / temperature times as far.
+
     Args:
         width: the width of the concatenated encodings.
         ids: each item-side id feature's name and number of rows.
+        scale: ``model.temperature``.
     """
 
-    def __init__(self, width: int, ids: dict[str, int]) -> None:
+    def __init__(self, width: int, ids: dict[str, int], scale: float) -> None:
         super().__init__()
+        self.scale = scale
         self.linear = nn.Linear(width, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
@@ -61,7 +68,7 @@ class ItemBias(nn.Module):
         for name, table in self.tables.items():
             values = table(inputs[name])  # (B, 1), or (B, 2, 1) with two hash functions
             bias = bias + (values.sum(dim=1) if values.ndim == 3 else values)
-        return bias
+        return bias * self.scale
 
 
 class Tower(nn.Module):
@@ -157,7 +164,7 @@ class TwoTower(nn.Module):
         bias = None
         if config.item_bias:
             ids = {spec.name: sizes[spec.name] for spec in features.item if spec.kind == "id"}
-            bias = ItemBias(item_encoders.output_dim, ids)
+            bias = ItemBias(item_encoders.output_dim, ids, config.temperature)
         return cls(
             _query_tower(config, features, pipeline, item_encoders.tables()),
             Tower(item_encoders, config.item, bias),
