@@ -36,7 +36,7 @@ import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
-from twotower.baselines.ease import EASE
+from twotower.baselines.run import evaluate_baseline
 from twotower.config import load_config
 from twotower.data.load import with_data_dir
 from twotower.data.matrix import interaction_matrix
@@ -224,15 +224,13 @@ def main() -> None:
                 flush=True,
             )
 
-    ease = EASE(config.baselines.ease_l2).fit(interaction_matrix(split.train, *shape))
-    rows = np.nonzero(np.diff(valid.indptr))[0]
-    scores = ease.score(rows).masked_fill(train_rows[rows] > 0, -math.inf)
-    reference = ranking_metrics(torch.topk(scores, 10).indices.numpy(), valid[rows], [10])
-    plot(args.ledger, reference, args.ledger.parent / "levers.png")
+    ease = evaluate_baseline("ease", dataset, split, [10], config.baselines, parts=("valid",))
+    plot(args.ledger, ease, args.ledger.parent / "levers.png")
 
 
 def plot(ledger: Path, ease: dict, out: Path) -> None:
-    """Each lever's validation Recall@10 and NDCG@10 (mean, and each seed as a dot)."""
+    """Each lever's validation Recall@10 and NDCG@10 (mean, and each seed as a dot),
+    beside ``ease``'s (``evaluate_baseline``'s ``valid/...`` metrics)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,11 +244,10 @@ def plot(ledger: Path, ease: dict, out: Path) -> None:
             values = [e[f"valid/{metric}"] for e in entries if e["lever"] == name]
             axis.barh(row, np.mean(values), color="tab:blue", alpha=0.6)
             axis.plot(values, [row] * len(values), "k.", markersize=4)
-        axis.axvline(ease[metric], color="tab:red", linestyle="--", label="EASE")
+        reference = ease[f"valid/{metric}"]
+        axis.axvline(reference, color="tab:red", linestyle="--", label="EASE")
         low = min(e[f"valid/{metric}"] for e in entries)
-        axis.set_xlim(
-            low * 0.97, max(ease[metric], *(e[f"valid/{metric}"] for e in entries)) * 1.01
-        )
+        axis.set_xlim(low * 0.97, max(reference, *(e[f"valid/{metric}"] for e in entries)) * 1.01)
         axis.set_xlabel(f"valid {metric}")
         axis.legend(loc="lower right")
     axes[0].set_yticks(range(len(names)), names)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twotower.features.pipeline import FeaturePipeline
-from twotower.features.specs import FeaturesConfig, HistoryFeature
+from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
 from twotower.towers.config import ModelConfig, NetworkConfig
 from twotower.towers.encoders import FeatureEncoders
 from twotower.towers.networks import build_network
@@ -163,7 +163,7 @@ class TwoTower(nn.Module):
         item_encoders = FeatureEncoders(features.item, sizes, sparse=sparse)
         bias = None
         if config.item_bias:
-            ids = {spec.name: sizes[spec.name] for spec in features.item if spec.kind == "id"}
+            ids = {s.name: sizes[s.name] for s in features.item if isinstance(s, IdFeature)}
             bias = ItemBias(item_encoders.output_dim, ids, config.temperature)
         return cls(
             _query_tower(config, features, pipeline, item_encoders.tables()),
