@@ -129,3 +129,41 @@ def test_quality_ledger_refuses_an_entry_from_another_recipe(tmp_path):
     save_config(other, folder / "config.yaml")
     with pytest.raises(SystemExit, match="in_batch-mlp-s0: this finished run"):
         quality.run_two_tower(config, "in_batch", "mlp", 0, out, None)
+
+
+@pytest.mark.skipif(
+    not (DATASETS / "ml-latest-small").is_dir(),
+    reason="MovieLens latest-small is not in ../shared/datasets beside the repository",
+)
+def test_search_levers_keep_validation_only_and_never_train_a_recorded_run_again(tmp_path):
+    ledger = tmp_path / "levers.jsonl"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "search_levers.py"),
+        f"--ledger={ledger}",
+        f"--out={tmp_path / 'runs'}",
+        "--levers=base,history",
+        "--seeds=0",
+        "--set=training.epochs=1",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    entries = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [(e["lever"], e["seed"], e["best_epoch"]) for e in entries] == [
+        ("base", 0, 1),
+        ("history", 0, 1),
+    ]
+    history = entries[1]
+    assert history["query"][0]["kind"] == "history" and history["item"][0]["name"] == "item_id"
+    assert history["also_set"] == ["training.epochs=1"]
+    for entry in entries:
+        metrics = [key for key in entry if "@" in key]
+        assert metrics and all(key.startswith("valid/") for key in metrics)
+        assert 0.0 < entry["valid/recall@10"] <= entry["valid/recall@100"] <= 1.0
+    assert "test" not in done.stdout.lower()
+    assert (tmp_path / "levers.png").stat().st_size > 1000
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert ledger.read_text().splitlines() == [json.dumps(e) for e in entries]
+    assert "valid recall@10" not in again.stdout

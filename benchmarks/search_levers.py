@@ -1,0 +1,187 @@
+"""Levers on the latest-small search recipe, through the library, on validation only.
+
+    python benchmarks/search_levers.py \
+        --ledger benchmarks/results/tuning/ml-latest-small-search/levers.jsonl \
+        [--data-dir DIR] [--levers base,history,...] [--seeds 0,1,2,3,4] [--threads 1]
+        [--out runs/search-levers] [--set KEY=VALUE ...]
+
+Each lever is ``configs/ml-latest-small-search.yaml`` with features added to a side
+and ``--set``-style overrides (``LEVERS``), trained by ``twotower.training.run`` without
+the refit: its number is the best epoch's validation Recall@10, what the recipe is
+chosen on. Each finished (lever, seed) is one line of the ledger (the lever's changes,
+best epoch, the validation metrics, CPU-minutes) and is not run again; a killed run
+resumes from its folder under ``--out``. Only ``valid/`` metrics are kept or printed.
+``--set`` applies to every lever (``training.epochs=1`` for a quick look; what it
+sets is recorded in each line).
+At the end the whole ledger is drawn beside EASE's validation Recall@10 into
+``levers.png`` next to the ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from twotower.baselines.run import evaluate_baseline
+from twotower.config import Config, load_config
+from twotower.data.load import with_data_dir
+from twotower.prepare import load_data
+from twotower.training.checkpoint import CheckpointStore
+from twotower.training.run import train_run
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "ml-latest-small-search.yaml"
+
+# the tag's known movies as a query-side history, sharing a movie-id table with the item
+# tower; every training example's own movie masked out of it
+HISTORY = {
+    "query": [
+        {
+            "name": "history",
+            "kind": "history",
+            "column": "query",
+            "item_feature": "item_id",
+            "max_len": 100,
+        }
+    ],
+    "item": [{"name": "item_id", "kind": "id", "column": "item_id", "dim": 64}],
+    "set": ["training.history=mask_target"],
+}
+# one example per tag: each epoch 40% of its training movies held out of the history as
+# positives, scored by a softmax over every movie but the tag's other training movies
+QUERY_LEVEL = [
+    "training.objective={kind: full, mask_known: true}",
+    "training.examples=queries",
+    "training.holdout=0.4",
+    "training.position_weights=position",
+]
+
+
+def _with(base: dict, **more: list) -> dict:
+    return {key: [*base.get(key, []), *more.get(key, [])] for key in ("query", "item", "set")}
+
+
+LEVERS: dict[str, dict[str, list]] = {
+    "base": {},
+    "history": HISTORY,
+    "history-item-bias": _with(HISTORY, set=["model.item_bias=true"]),
+    "history-dropout-0.5": _with(HISTORY, set=["features.query.history.item_dropout=0.5"]),
+    "item-bias": {"set": ["model.item_bias=true"]},
+    # a learned vector per tag beside its text (every evaluated tag is seen in training)
+    "query-id": {"query": [{"name": "query_id", "kind": "id", "column": "query", "dim": 64}]},
+    "cosine-30": {
+        "set": ["training.lr_schedule=cosine", "training.epochs=30", "training.patience=30"]
+    },
+    "history-query-level": {**HISTORY, "set": QUERY_LEVEL},
+}
+
+
+def lever_config(
+    name: str, seed: int, data_dir: Path | None, threads: int, extra: list[str] = ()
+) -> Config:
+    """The recipe with lever ``name``'s features and settings, without the refit."""
+    lever = LEVERS[name]
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["features"]["query"] += lever.get("query", [])
+    raw["features"]["item"] += lever.get("item", [])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        settings = [
+            *lever.get("set", []),
+            "training.refit=false",
+            "training.tensorboard=false",
+            *extra,
+            f"seed={seed}",
+            f"threads={threads}",
+        ]
+        config = load_config(path, settings)
+    data = load_config(RECIPE).data  # its dataset folder, resolved against configs/
+    if data_dir is not None:
+        data = with_data_dir(data, data_dir)
+    return dataclasses.replace(config, data=data)
+
+
+def plot(ledger: Path, ease: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [json.loads(line) for line in ledger.read_text().splitlines()]
+    names = list(dict.fromkeys(entry["lever"] for entry in entries))
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
+    for row, name in enumerate(names):
+        values = [e["valid/recall@10"] for e in entries if e["lever"] == name]
+        ax.scatter(values, [row] * len(values), color="tab:blue", alpha=0.6)
+        ax.plot([statistics.mean(values)] * 2, [row - 0.3, row + 0.3], color="black")
+    ax.axvline(ease, color="tab:red", linestyle="--", label=f"EASE {ease:.4f}")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("validation Recall@10 (dots: seeds; bar: mean)")
+    ax.set_title("latest-small search: levers on the recipe, validation only")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ledger", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--levers", default=",".join(LEVERS))
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "search-levers")
+    parser.add_argument("--set", action="append", default=[], dest="settings")
+    args = parser.parse_args()
+    unknown = [name for name in args.levers.split(",") if name not in LEVERS]
+    if unknown:
+        parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
+    recorded = args.ledger.read_text().splitlines() if args.ledger.is_file() else []
+    done = {(entry["lever"], entry["seed"]) for entry in map(json.loads, recorded)}
+
+    for name in args.levers.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if (name, seed) in done:
+                continue
+            config = lever_config(name, seed, args.data_dir, args.threads, args.settings)
+            folder = args.out / f"{name}-s{seed}"
+            resume = CheckpointStore(folder / "checkpoints").exists("last")
+            clock = time.process_time()
+            metrics = train_run(config, folder, resume=resume).metrics
+            entry = {
+                "lever": name,
+                "seed": seed,
+                **LEVERS[name],
+                **({"also_set": args.settings} if args.settings else {}),
+                "best_epoch": metrics["best_epoch"],
+                **{key: value for key, value in metrics.items() if key.startswith("valid/")},
+                "cpu_minutes": round((time.process_time() - clock) / 60, 2),
+            }
+            args.ledger.parent.mkdir(parents=True, exist_ok=True)
+            with args.ledger.open("a") as ledger:
+                ledger.write(json.dumps(entry) + "\n")
+            print(
+                f"{name} s{seed}: valid recall@10 {entry['valid/recall@10']:.4f}, "
+                f"ndcg@10 {entry['valid/ndcg@10']:.4f} (epoch {entry['best_epoch']})",
+                flush=True,
+            )
+
+    config = lever_config("base", 0, args.data_dir, args.threads)
+    dataset, split = load_data(config)
+    ease = evaluate_baseline("ease", dataset, split, [10], config.baselines, parts=("valid",))
+    plot(args.ledger, ease["valid/recall@10"], args.ledger.parent / "levers.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
