@@ -209,6 +209,16 @@ def tune(
     resume: Annotated[
         bool, typer.Option(help="Continue the tuning in --out; cut-short trials run again.")
     ] = False,
+    prune_after: Annotated[
+        int,
+        typer.Option(
+            help="The earliest epoch at which a trial can be pruned (below the median of "
+            "earlier trials at that epoch); past training.epochs: no pruning."
+        ),
+    ] = 2,
+    startup_trials: Annotated[
+        int, typer.Option(help="No trial is pruned before this many have completed.")
+    ] = 5,
     overrides: Overrides = None,
     data_dir: DataDir = None,
     threads: Threads = None,
@@ -229,7 +239,14 @@ def tune(
             "twotower tune needs Optuna: pip install 'twotower[tune]' (or pip install optuna)"
         ) from None
 
-    options = TuneOptions(trials=trials, timeout=timeout, jobs=jobs, resume=resume)
+    options = TuneOptions(
+        trials=trials,
+        timeout=timeout,
+        jobs=jobs,
+        resume=resume,
+        startup_trials=startup_trials,
+        warmup_epochs=prune_after,
+    )
     # an absolute config path gives absolute data paths, so best.yaml works from anywhere
     config = _config(config_path.resolve(), overrides, data_dir, threads)
     report = run_tuning(config, load_space(space, config), out, options)

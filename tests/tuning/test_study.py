@@ -161,3 +161,25 @@ def test_tune_says_how_to_install_optuna_when_it_is_missing(monkeypatch, tmp_pat
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, ConfigError)
     assert "pip install 'twotower[tune]'" in str(result.exception)
+
+
+def test_the_command_passes_its_pruning_options_to_the_tuning(
+    tiny_config_path, tmp_path, monkeypatch
+):
+    seen = []
+
+    def record(config, space, out, options):
+        seen.append(options)
+        raise ConfigError("stopped before any trial")
+
+    monkeypatch.setattr("twotower.tuning.study.tune", record)
+    space = tmp_path / "space.yaml"
+    space.write_text("training.lr: {type: float, low: 1.0e-3, high: 3.0e-2, log: true}\n")
+    args = ["tune", str(tiny_config_path), "--space", str(space), "--trials", "3"]
+    args += ["--out", str(tmp_path / "out")]
+    CliRunner().invoke(app, args)
+    CliRunner().invoke(app, [*args, "--prune-after", "30", "--startup-trials", "0"])
+    assert [(o.warmup_epochs, o.startup_trials) for o in seen] == [
+        (TuneOptions.warmup_epochs, TuneOptions.startup_trials),
+        (30, 0),
+    ]
