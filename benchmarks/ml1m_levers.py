@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -42,6 +41,9 @@ from twotower.data.load import with_data_dir
 from twotower.data.matrix import interaction_matrix
 from twotower.evaluation.metrics import ranking_metrics
 from twotower.prepare import load_data
+
+sys.path.insert(0, str(Path(__file__).parent))
+from levers_ledger import plot, record, recorded  # noqa: E402  (the ledger, shared)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,11 +179,7 @@ def main() -> None:
     unknown = [name for name in args.levers.split(",") if name not in LEVERS]
     if unknown:
         parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
-    done = set()
-    if args.ledger.is_file():
-        for line in args.ledger.read_text().splitlines():
-            entry = json.loads(line)
-            done.add((entry["lever"], entry["seed"]))
+    done = recorded(args.ledger)
 
     config = load_config(ROOT / "configs" / "ml1m.yaml")
     if args.data_dir is not None:
@@ -215,47 +213,11 @@ def main() -> None:
                 **best,
                 "cpu_minutes": round((time.process_time() - clock) / 60, 2),
             }
-            args.ledger.parent.mkdir(parents=True, exist_ok=True)
-            with args.ledger.open("a") as ledger:
-                ledger.write(json.dumps(entry) + "\n")
-            print(
-                f"{name} s{seed}: valid recall@10 {entry['valid/recall@10']:.4f}, "
-                f"ndcg@10 {entry['valid/ndcg@10']:.4f} (epoch {entry['best_epoch']})",
-                flush=True,
-            )
+            record(args.ledger, entry)
 
     ease = evaluate_baseline("ease", dataset, split, [10], config.baselines, parts=("valid",))
-    plot(args.ledger, ease, args.ledger.parent / "levers.png")
-
-
-def plot(ledger: Path, ease: dict, out: Path) -> None:
-    """Each lever's validation Recall@10 and NDCG@10 (mean, and each seed as a dot),
-    beside ``ease``'s (``evaluate_baseline``'s ``valid/...`` metrics)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    entries = [json.loads(line) for line in ledger.read_text().splitlines()]
-    names = list(dict.fromkeys(entry["lever"] for entry in entries))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.5), sharey=True)
-    for axis, metric in zip(axes, ("recall@10", "ndcg@10"), strict=True):
-        for row, name in enumerate(names):
-            values = [e[f"valid/{metric}"] for e in entries if e["lever"] == name]
-            axis.barh(row, np.mean(values), color="tab:blue", alpha=0.6)
-            axis.plot(values, [row] * len(values), "k.", markersize=4)
-        reference = ease[f"valid/{metric}"]
-        axis.axvline(reference, color="tab:red", linestyle="--", label="EASE")
-        low = min(e[f"valid/{metric}"] for e in entries)
-        axis.set_xlim(low * 0.97, max(reference, *(e[f"valid/{metric}"] for e in entries)) * 1.01)
-        axis.set_xlabel(f"valid {metric}")
-        axis.legend(loc="lower right")
-    axes[0].set_yticks(range(len(names)), names)
-    axes[0].invert_yaxis()
-    fig.suptitle("MovieLens-1M: levers on the recipe's model (bar: mean; dots: seeds)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    title = "MovieLens-1M: levers on the recipe's model (bar: mean; dots: seeds)"
+    plot(args.ledger, ease, args.ledger.parent / "levers.png", title)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ best epoch, the validation metrics, CPU-minutes) and is not run again; a killed 
 resumes from its folder under ``--out``. Only ``valid/`` metrics are kept or printed.
 ``--set`` applies to every lever (``training.epochs=1`` for a quick look; what it
 sets is recorded in each line).
-At the end the whole ledger is drawn beside EASE's validation Recall@10 into
+At the end the whole ledger is drawn beside EASE's validation metrics into
 ``levers.png`` next to the ledger.
 """
 
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +34,9 @@ from twotower.data.load import with_data_dir
 from twotower.prepare import load_data
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import train_run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from levers_ledger import plot, record, recorded  # noqa: E402  (the ledger, shared)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "ml-latest-small-search.yaml"
@@ -110,30 +111,6 @@ def lever_config(
     return dataclasses.replace(config, data=data)
 
 
-def plot(ledger: Path, ease: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    entries = [json.loads(line) for line in ledger.read_text().splitlines()]
-    names = list(dict.fromkeys(entry["lever"] for entry in entries))
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
-    for row, name in enumerate(names):
-        values = [e["valid/recall@10"] for e in entries if e["lever"] == name]
-        ax.scatter(values, [row] * len(values), color="tab:blue", alpha=0.6)
-        ax.plot([statistics.mean(values)] * 2, [row - 0.3, row + 0.3], color="black")
-    ax.axvline(ease, color="tab:red", linestyle="--", label=f"EASE {ease:.4f}")
-    ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()
-    ax.set_xlabel("validation Recall@10 (dots: seeds; bar: mean)")
-    ax.set_title("latest-small search: levers on the recipe, validation only")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ledger", type=Path, required=True)
@@ -147,8 +124,7 @@ def main() -> None:
     unknown = [name for name in args.levers.split(",") if name not in LEVERS]
     if unknown:
         parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
-    recorded = args.ledger.read_text().splitlines() if args.ledger.is_file() else []
-    done = {(entry["lever"], entry["seed"]) for entry in map(json.loads, recorded)}
+    done = recorded(args.ledger)
 
     for name in args.levers.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -168,19 +144,13 @@ def main() -> None:
                 **{key: value for key, value in metrics.items() if key.startswith("valid/")},
                 "cpu_minutes": round((time.process_time() - clock) / 60, 2),
             }
-            args.ledger.parent.mkdir(parents=True, exist_ok=True)
-            with args.ledger.open("a") as ledger:
-                ledger.write(json.dumps(entry) + "\n")
-            print(
-                f"{name} s{seed}: valid recall@10 {entry['valid/recall@10']:.4f}, "
-                f"ndcg@10 {entry['valid/ndcg@10']:.4f} (epoch {entry['best_epoch']})",
-                flush=True,
-            )
+            record(args.ledger, entry)
 
     config = lever_config("base", 0, args.data_dir, args.threads)
     dataset, split = load_data(config)
     ease = evaluate_baseline("ease", dataset, split, [10], config.baselines, parts=("valid",))
-    plot(args.ledger, ease["valid/recall@10"], args.ledger.parent / "levers.png")
+    title = "latest-small search: levers on the recipe (bar: mean; dots: seeds)"
+    plot(args.ledger, ease, args.ledger.parent / "levers.png", title)
 
 
 if __name__ == "__main__":
