@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 from twotower.baselines.run import evaluate_baseline
-from twotower.config import Config, load_config
+from twotower.config import Config
+from twotower.config_io import apply_overrides, from_dict
 from twotower.data.load import with_data_dir
 from twotower.prepare import load_data
 from twotower.training.checkpoint import CheckpointStore
@@ -93,22 +93,19 @@ def lever_config(
     raw = yaml.safe_load(RECIPE.read_text())
     raw["features"]["query"] += lever.get("query", [])
     raw["features"]["item"] += lever.get("item", [])
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "config.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        settings = [
-            *lever.get("set", []),
-            "training.refit=false",
-            "training.tensorboard=false",
-            *extra,
-            f"seed={seed}",
-            f"threads={threads}",
-        ]
-        config = load_config(path, settings)
-    data = load_config(RECIPE).data  # its dataset folder, resolved against configs/
-    if data_dir is not None:
-        data = with_data_dir(data, data_dir)
-    return dataclasses.replace(config, data=data)
+    settings = [
+        *lever.get("set", []),
+        "training.refit=false",
+        "training.tensorboard=false",
+        *extra,
+        f"seed={seed}",
+        f"threads={threads}",
+    ]
+    # paths resolve against configs/, as when the recipe itself is loaded
+    config = apply_overrides(from_dict(Config, raw, where="", base_dir=RECIPE.parent), settings)
+    if data_dir is None:
+        return config
+    return dataclasses.replace(config, data=with_data_dir(config.data, data_dir))
 
 
 def main() -> None:
