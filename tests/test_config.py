@@ -90,6 +90,27 @@ def test_relative_paths_resolve_against_the_yaml_folder(config: Config, tmp_path
     assert config.data.items.path == folder / "data" / "movies.parquet"
 
 
+def test_a_saved_config_finds_its_data_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config read through a relative path (``twotower train configs/x.yaml``) holds
+    absolute data paths, so the run's saved config (what ``evaluate`` and ``export``
+    read) points at the same files from another directory; so does a relative ``--set``."""
+    _write(tmp_path / "recipes", RECIPE)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("recipes") / "run.yaml", ["data.items.path=tables/items.csv"])
+    assert config.data.interactions.path == tmp_path / "recipes" / "data" / "ratings.csv"
+    assert config.data.items.path == tmp_path / "tables" / "items.csv"
+    (tmp_path / "run").mkdir()
+    save_config(config, tmp_path / "run" / "config.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_config(tmp_path / "run" / "config.yaml") == config
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert from_dict(Config, saved, where="") == config
+
+
 def test_absolute_paths_are_kept(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere" / "ml-1m"
     config = load_config(_write(tmp_path / "r", f"data: {{source: movielens-1m, path: {target}}}"))

@@ -247,8 +247,7 @@ def tune(
         startup_trials=startup_trials,
         warmup_epochs=prune_after,
     )
-    # an absolute config path gives absolute data paths, so best.yaml works from anywhere
-    config = _config(config_path.resolve(), overrides, data_dir, threads)
+    config = _config(config_path, overrides, data_dir, threads)
     report = run_tuning(config, load_space(space, config), out, options)
     states = collections.Counter(t.state.name.lower() for t in report.study.trials)
     counted = ", ".join(f"{n} {state}" for state, n in states.items())

@@ -196,7 +196,8 @@ def _convert_scalar(tp: Any, value: Any, where: str, base_dir: Path) -> Any:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{where}: expected a path, got {value!r}")
         path = Path(value).expanduser()
-        return path if path.is_absolute() else base_dir / path
+        # absolute, so a run's saved config finds its data from any working directory
+        return path if path.is_absolute() else (base_dir / path).absolute()
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
