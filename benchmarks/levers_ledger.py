@@ -4,10 +4,33 @@ and drawn beside EASE's validation metrics."""
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+
+def arguments(
+    description: str, levers: dict, seeds: str, more: Sequence[tuple[str, dict]] = ()
+) -> argparse.Namespace:
+    """The command line both studies share (``--ledger``, ``--data-dir``, ``--levers``,
+    ``--seeds``, ``--threads``) and ``more`` of the caller's; an unknown lever is an
+    error naming the known ones."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--ledger", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--levers", default=",".join(levers))
+    parser.add_argument("--seeds", default=seeds)
+    parser.add_argument("--threads", type=int, default=1)
+    for flag, options in more:
+        parser.add_argument(flag, **options)
+    args = parser.parse_args()
+    unknown = [name for name in args.levers.split(",") if name not in levers]
+    if unknown:
+        parser.error(f"unknown lever(s) {unknown}; known: {', '.join(levers)}")
+    return args
 
 
 def recorded(ledger: Path) -> set[tuple[str, int]]:

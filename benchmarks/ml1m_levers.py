@@ -23,7 +23,6 @@ of the config) into ``levers.png`` next to the ledger.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -43,7 +42,7 @@ from twotower.evaluation.metrics import ranking_metrics
 from twotower.prepare import load_data
 
 sys.path.insert(0, str(Path(__file__).parent))
-from levers_ledger import plot, record, recorded  # noqa: E402  (the ledger, shared)
+from levers_ledger import arguments, plot, record, recorded  # noqa: E402  (the ledger, shared)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,17 +167,8 @@ def validate(models: list[Model], train_rows: torch.Tensor, valid: sp.csr_matrix
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ledger", type=Path, required=True)
-    parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--levers", default=",".join(LEVERS))
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = arguments(__doc__.split("\n\n")[0], LEVERS, "0")
     torch.set_num_threads(args.threads)
-    unknown = [name for name in args.levers.split(",") if name not in LEVERS]
-    if unknown:
-        parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
     done = recorded(args.ledger)
 
     config = load_config(ROOT / "configs" / "ml1m.yaml")

@@ -19,7 +19,6 @@ At the end the whole ledger is drawn beside EASE's validation metrics into
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -36,7 +35,7 @@ from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import train_run
 
 sys.path.insert(0, str(Path(__file__).parent))
-from levers_ledger import plot, record, recorded  # noqa: E402  (the ledger, shared)
+from levers_ledger import arguments, plot, record, recorded  # noqa: E402  (the ledger, shared)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "ml-latest-small-search.yaml"
@@ -109,18 +108,11 @@ def lever_config(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ledger", type=Path, required=True)
-    parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--levers", default=",".join(LEVERS))
-    parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "search-levers")
-    parser.add_argument("--set", action="append", default=[], dest="settings")
-    args = parser.parse_args()
-    unknown = [name for name in args.levers.split(",") if name not in LEVERS]
-    if unknown:
-        parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
+    more = [
+        ("--out", {"type": Path, "default": ROOT / "runs" / "search-levers"}),
+        ("--set", {"action": "append", "default": [], "dest": "settings"}),
+    ]
+    args = arguments(__doc__.split("\n\n")[0], LEVERS, "0,1,2,3,4", more)
     done = recorded(args.ledger)
 
     for name in args.levers.split(","):
