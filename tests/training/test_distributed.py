@@ -121,7 +121,7 @@ def test_a_resumed_two_process_run_continues_as_if_never_stopped(tmp_path):
 # gradients from the JSON file argv[1], their averages saved to argv[2] + rank.
 AVERAGE_ON_A_RANK = """
 import json, sys, torch
-from twotower.training.distributed import Collective
+from twotower.training.distributed import Collective, close_process_group
 
 collective = Collective.from_env(torch.device("cpu"))
 parameters = []
@@ -134,6 +134,9 @@ for shape, rows in zip(((7, 3), (5,), (4, 2)), json.load(open(sys.argv[1]))[coll
     parameters.append(parameter)
 collective.average_sparse(parameters)
 torch.save([p.grad.to_dense() for p in parameters], f"{sys.argv[2]}{collective.rank}.pt")
+# leave the group together: a rank that exits while gloo still runs aborts
+collective.barrier()
+close_process_group()
 """
 
 
