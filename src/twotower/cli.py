@@ -210,15 +210,16 @@ def tune(
         bool, typer.Option(help="Continue the tuning in --out; cut-short trials run again.")
     ] = False,
     prune_after: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="The earliest epoch at which a trial can be pruned (below the median of "
-            "earlier trials at that epoch); past training.epochs: no pruning."
+            "earlier trials at that epoch); past training.epochs: no pruning. Default 2."
         ),
-    ] = 2,
+    ] = None,
     startup_trials: Annotated[
-        int, typer.Option(help="No trial is pruned before this many have completed.")
-    ] = 5,
+        int | None,
+        typer.Option(help="No trial is pruned before this many have completed. Default 5."),
+    ] = None,
     overrides: Overrides = None,
     data_dir: DataDir = None,
     threads: Threads = None,
@@ -239,13 +240,13 @@ def tune(
             "twotower tune needs Optuna: pip install 'twotower[tune]' (or pip install optuna)"
         ) from None
 
+    pruning = {"startup_trials": startup_trials, "warmup_epochs": prune_after}
     options = TuneOptions(
         trials=trials,
         timeout=timeout,
         jobs=jobs,
         resume=resume,
-        startup_trials=startup_trials,
-        warmup_epochs=prune_after,
+        **{key: value for key, value in pruning.items() if value is not None},
     )
     config = _config(config_path, overrides, data_dir, threads)
     report = run_tuning(config, load_space(space, config), out, options)
