@@ -39,7 +39,7 @@ from twotower.config import load_config
 from twotower.data.load import with_data_dir
 from twotower.data.matrix import interaction_matrix
 from twotower.evaluation.metrics import ranking_metrics
-from twotower.prepare import load_data
+from twotower.sources import MemorySource, load_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 from levers_ledger import arguments, plot, record, recorded  # noqa: E402  (the ledger, shared)
@@ -205,7 +205,9 @@ def main() -> None:
             }
             record(args.ledger, entry)
 
-    ease = evaluate_baseline("ease", dataset, split, [10], config.baselines, parts=("valid",))
+    ease = evaluate_baseline(
+        "ease", MemorySource(dataset, split), [10], config.baselines, parts=("valid",)
+    )
     title = "MovieLens-1M: levers on the recipe's model (bar: mean; dots: seeds)"
     plot(args.ledger, ease, args.ledger.parent / "levers.png", title)
 

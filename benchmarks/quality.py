@@ -56,7 +56,7 @@ from twotower.baselines.run import evaluate_baseline
 from twotower.config import Config, apply_overrides, load_config
 from twotower.config_io import to_dict
 from twotower.data.load import with_data_dir
-from twotower.prepare import load_data
+from twotower.sources import MemorySource, load_data
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import METRICS_FILE, train_run
 
@@ -123,7 +123,8 @@ def base_config(
 def run_baselines(config: Config) -> dict[str, dict[str, float]]:
     dataset, split = load_data(config)
     return {
-        name: evaluate_baseline(name, dataset, split, KS, config.baselines) for name in BASELINES
+        name: evaluate_baseline(name, MemorySource(dataset, split), KS, config.baselines)
+        for name in BASELINES
     }
 
 

@@ -30,7 +30,7 @@ from twotower.baselines.run import evaluate_baseline
 from twotower.config import Config
 from twotower.config_io import apply_overrides, from_dict
 from twotower.data.load import with_data_dir
-from twotower.prepare import load_data
+from twotower.sources import MemorySource, load_data
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import train_run
 
@@ -137,7 +137,9 @@ def main() -> None:
 
     config = lever_config("base", 0, args.data_dir, args.threads)
     dataset, split = load_data(config)
-    ease = evaluate_baseline("ease", dataset, split, [10], config.baselines, parts=("valid",))
+    ease = evaluate_baseline(
+        "ease", MemorySource(dataset, split), [10], config.baselines, parts=("valid",)
+    )
     title = "latest-small search: levers on the recipe (bar: mean; dots: seeds)"
     plot(args.ledger, ease, args.ledger.parent / "levers.png", title)
 

@@ -66,7 +66,7 @@ from twotower.data.dataset import Dataset
 from twotower.data.load import with_data_dir
 from twotower.data.splits import Split
 from twotower.features.pipeline import FeaturePipeline
-from twotower.prepare import load_data
+from twotower.sources import load_data
 from twotower.threads import set_threads
 from twotower.towers.model import TwoTower
 from twotower.training.data import Batch, TrainingData

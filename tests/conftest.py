@@ -23,9 +23,9 @@ from twotower.data.matrix import interaction_matrix
 from twotower.demo import _write_synthetic, demo_config
 from twotower.export import export_run
 from twotower.features.specs import FeaturesConfig, IdFeature, TextFeature
-from twotower.prepare import load_data
 from twotower.serving import Retriever
 from twotower.serving.server import bind
+from twotower.sources import load_data
 from twotower.threads import available_cpus
 from twotower.towers.config import MLPConfig, ModelConfig
 from twotower.towers.model import embed_rows

@@ -18,8 +18,8 @@ from twotower.config import to_dict
 from twotower.data.matrix import interaction_matrix
 from twotower.errors import ConfigError, DataError
 from twotower.export import export_run
-from twotower.prepare import load_data
 from twotower.serving import Artifact
+from twotower.sources import load_data
 from twotower.storage import sha256_file
 from twotower.towers.model import embed_rows
 from twotower.training.run import load_model, train_run

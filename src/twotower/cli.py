@@ -11,11 +11,15 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from twotower.errors import ConfigError, DataError, TwoTowerError
+
+if TYPE_CHECKING:  # the command line imports the pipeline lazily, command by command
+    from twotower.config import Config
+    from twotower.tuning.study import Report
 
 app = typer.Typer(
     help="Two-tower retrieval: train, evaluate honestly, export, serve.",
@@ -125,23 +129,13 @@ def evaluate_command(
     ] = None,
 ) -> None:
     """Rank the whole corpus with a trained run's model; print and save the metrics."""
-    from twotower.baselines.run import write_metrics
-    from twotower.training.run import evaluate_run
+    from twotower.training.run import evaluate_run, save_evaluation
 
-    parts = _parts(split)
-    ks = _ks(k)
+    parts, ks = _parts(split), _ks(k)
     metrics = evaluate_run(
-        run_dir,
-        parts,
-        ks,
-        exclude_seen=not keep_seen,
-        checkpoint=checkpoint,
-        threads=threads,
-        sample=sample,
+        run_dir, parts, ks, not keep_seen, checkpoint=checkpoint, threads=threads, sample=sample
     )
-    suffix = "-keep-seen" if keep_seen else ""
-    path = run_dir / f"evaluation-{split}{suffix}.json"
-    write_metrics(metrics, path)
+    path = save_evaluation(run_dir, metrics, parts, exclude_seen=not keep_seen)
     typer.echo(format_metrics(metrics, ks or _run_ks(metrics), parts))
     typer.echo(f"\nSaved: {path}")
 
@@ -155,34 +149,12 @@ def baseline(
     data_dir: DataDir = None,
 ) -> None:
     """Fit a reference baseline and rank the full corpus beside the model's protocol."""
-    from twotower.baselines.run import (
-        BASELINES,
-        evaluate_baseline,
-        evaluate_baseline_built,
-        write_metrics,
-    )
-    from twotower.config import save_config
-    from twotower.prepare import load_data
+    from twotower.baselines.run import baseline_run
 
-    if model not in BASELINES:
-        raise ConfigError(f"--model {model!r}: choose one of {', '.join(BASELINES)}")
     config = _config(config_path, overrides, data_dir)
-    ks = config.training.ks
-    if config.data.source == "stream":  # from a data build, in bounded memory
-        if config.data.stream.built is None:
-            raise ConfigError(
-                "a baseline on streamed data reads each query's rows from a data build: "
-                "build the data (twotower data build) and name it in data.stream.built"
-            )
-        metrics = evaluate_baseline_built(model, config.data.stream.built, ks, config.baselines)
-    else:
-        dataset, split = load_data(config)
-        metrics = evaluate_baseline(model, dataset, split, ks, config.baselines)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    write_metrics(metrics, out / "metrics.json")
+    metrics = baseline_run(model, config, out)
     typer.echo(f"{model}: full-corpus ranking, seen items excluded\n")
-    typer.echo(format_metrics(metrics, ks))
+    typer.echo(format_metrics(metrics, config.training.ks))
     typer.echo(f"\nRun folder: {out}")
 
 
@@ -249,7 +221,11 @@ def tune(
         **{key: value for key, value in pruning.items() if value is not None},
     )
     config = _config(config_path, overrides, data_dir, threads)
-    report = run_tuning(config, load_space(space, config), out, options)
+    _print_tuning(run_tuning(config, load_space(space, config), out, options), config, out)
+
+
+def _print_tuning(report: Report, config: Config, out: Path) -> None:
+    """The tuning's trials by state, its best trial and that trial's test metrics."""
     states = collections.Counter(t.state.name.lower() for t in report.study.trials)
     counted = ", ".join(f"{n} {state}" for state, n in states.items())
     typer.echo(f"\nTrials: {counted}; the table: {out / 'trials.csv'}")
@@ -297,7 +273,7 @@ def export(
     """Write a self-contained, checksummed serving artifact from a run's best model."""
     from twotower.export import export_run
 
-    manifest = export_run(run_dir, out, index=index, threads=threads, as_of=as_of, onnx=onnx)
+    manifest = export_run(run_dir, out, index, threads, as_of, onnx, query_vectors)
     typer.echo(
         f"Exported {manifest['num_items']} item vectors of dimension {manifest['embedding_dim']} "
         f"and {manifest['num_queries']} known queries, index {manifest['index']!r}, to {out}"
@@ -314,14 +290,7 @@ def export(
             f"{check['max_abs_diff']:.2g} over {check['queries']} known queries"
         )
     if query_vectors is not None:
-        from twotower.serving import Artifact
-        from twotower.serving.query_vectors import write_query_vectors
-
-        artifact = Artifact.load(out)
-        count = write_query_vectors(artifact, query_vectors)
-        typer.echo(
-            f"Wrote {count} query vectors of artifact {artifact.fingerprint} to {query_vectors}"
-        )
+        typer.echo(f"Wrote {manifest['num_queries']} query vectors to {query_vectors}")
 
 
 @app.command()

@@ -24,7 +24,7 @@ from twotower.data.dataset import Dataset
 from twotower.data.splits import Split
 from twotower.data.synthetic import generate, write_parquet
 from twotower.export import export_run
-from twotower.prepare import load_data
+from twotower.sources import MemorySource, load_data
 from twotower.training.run import train_run
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def evaluate_baselines(
     """Every baseline ranked on valid (fitted on train) and test (train + valid)."""
     results = {}
     for name in BASELINES:
-        results[name] = evaluate_baseline(name, dataset, split, ks, config)
+        results[name] = evaluate_baseline(name, MemorySource(dataset, split), ks, config)
         log.info("%s: test/recall@10 = %.4f", name, results[name]["test/recall@10"])
     return results
 

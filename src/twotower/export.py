@@ -22,28 +22,29 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import scipy.sparse as sp
 import torch
 
-from twotower.config import Config
 from twotower.config_io import to_dict
-from twotower.data.build import QUERY_COLUMNS, SEEN, TARGETS, built_stream
-from twotower.data.matrix import interaction_matrix
 from twotower.errors import ConfigError, DataError
 from twotower.features.contract import input_contract
 from twotower.features.pipeline import FeaturePipeline
-from twotower.features.streaming import ItemKeys, item_matrix, read_items
 from twotower.index import INDEXES, Index, build_index, choose_index, recall_against_exact
-from twotower.prepare import load_data
-from twotower.serving.artifact import MANIFEST_FILE, ONNX_FILE, ArtifactContents, write_artifact
+from twotower.serving.artifact import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    Artifact,
+    ArtifactContents,
+    write_artifact,
+)
+from twotower.serving.query_vectors import write_query_vectors
 from twotower.serving.runtime import OnnxRuntime
+from twotower.sources import KnownQueries, check_as_of, open_source
 from twotower.storage import replaced_folder
 from twotower.threads import set_threads
-from twotower.towers.model import Tower, TwoTower, embed_inputs, embed_rows
+from twotower.towers.model import Tower, embed_inputs, embed_rows
 from twotower.towers.portable import OUTPUT, save_onnx
 from twotower.training.checkpoint import CheckpointStore
-from twotower.training.run import METRICS_FILE, load_model
+from twotower.training.run import METRICS_FILE, load_model, reported_model
 
 # How the index is checked against exact search at export time.
 RECALL_QUERIES = 1000
@@ -53,9 +54,6 @@ ONNX_CHECK_QUERIES = 1000
 ONNX_TOLERANCE = 1e-5
 
 
-AS_OF = ("valid", "test", "all")  # whose interactions an artifact's users know
-
-
 def export_run(
     run_dir: Path,
     out: Path,
@@ -63,6 +61,7 @@ def export_run(
     threads: int | None = None,
     as_of: str = "all",
     onnx: bool = False,
+    query_vectors: Path | None = None,
 ) -> dict[str, Any]:
     """Exports a run's best checkpoint as the artifact folder ``out``.
 
@@ -95,8 +94,7 @@ def export_run(
     run_dir = Path(run_dir)
     if index not in (*INDEXES, "auto"):
         raise ConfigError(f"unknown index {index!r}; choose auto or one of {', '.join(INDEXES)}")
-    if as_of not in AS_OF:
-        raise ConfigError(f"unknown as-of {as_of!r}; choose one of {', '.join(AS_OF)}")
+    check_as_of(as_of)
     if not CheckpointStore(run_dir / "checkpoints").exists("best"):
         raise DataError(
             f"{run_dir}: no best checkpoint (checkpoints/best.json); train the run first"
@@ -106,43 +104,44 @@ def export_run(
         if onnx:
             entry = write_onnx(contents.query_tower, contents.pipeline, contents.queries, staging)
             contents = dataclasses.replace(contents, manifest={**contents.manifest, "onnx": entry})
-        return write_artifact(staging, contents)
+        manifest = write_artifact(staging, contents)
+    if query_vectors is not None:
+        write_query_vectors(Artifact.load(out), query_vectors)
+    return manifest
 
 
 def artifact_contents(
     run_dir: Path, index: str, threads: int | None = None, as_of: str = "all"
 ) -> ArtifactContents:
-    """Everything the artifact of a run's best model holds, computed in memory."""
-    config, pipeline, model = load_model(run_dir)
+    """Everything the artifact of a run's model holds, computed in memory.
+
+    The model is the one whose test metrics the run reports (``reported_model``: a
+    refitted run's refit); its known queries are those of the run's data as of
+    ``as_of`` (``DataSource.known_queries``).
+    """
+    model_dir = reported_model(run_dir)
+    config, pipeline, model = load_model(model_dir)
     set_threads(threads or config.threads)
-    if config.data.source == "stream":
-        return _built_contents(config, pipeline, model, index, run_dir, as_of)
-    dataset, split = load_data(config)
-    if as_of == "valid":
-        known = pa.concat_tables([split.train, split.valid])
-    elif as_of == "test":
-        known = pa.concat_tables([split.train, split.valid, split.test])
-    else:
-        known = dataset.interactions
-    served = pipeline.with_histories(dataset, known)
-    vectors = embed_rows(model.item_tower, served, "item", dataset.items).cpu().numpy()
+    source = open_source(config)
+    known = source.known_queries(as_of, pipeline)
+    items = source.items()
+    vectors = embed_rows(model.item_tower, known.pipeline, "item", items).cpu().numpy()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
-    seen = interaction_matrix(known, dataset.num_queries, dataset.num_items)
     built = build_index(choose_index(index, len(vectors)), vectors)
-    recall = _index_recall(built, vectors, model.query_tower, served, dataset.queries, seen)
+    recall = _index_recall(built, vectors, model.query_tower, known)
     return ArtifactContents(
         config=to_dict(config),
-        pipeline=served,
+        pipeline=known.pipeline,
         query_tower=model.query_tower,
-        items=dataset.items,
-        queries=dataset.queries,
-        query_key=dataset.query_key,
-        item_key=dataset.item_key,
+        items=items,
+        queries=known.queries,
+        query_key=source.query_key,
+        item_key=source.item_key,
         item_vectors=vectors,
-        seen=seen,
-        heldout=interaction_matrix(split.test, dataset.num_queries, dataset.num_items),
+        seen=known.seen,
+        heldout=known.heldout,
         index=built,
-        manifest=_manifest(recall, run_dir, as_of),
+        manifest=_manifest(recall, run_dir, as_of, model_dir),
     )
 
 
@@ -208,59 +207,11 @@ def _example_inputs(
     return out
 
 
-def _built_contents(
-    config: Config,
-    pipeline: FeaturePipeline,
-    model: TwoTower,
-    index: str,
-    run_dir: Path,
-    as_of: str,
-) -> ArtifactContents:
-    """The artifact of a run trained on a data build: its known queries are the build's
-    rows as of ``as_of`` (``queries_test.parquet``, the state before test, for
-    ``valid``; ``queries_all.parquet`` otherwise: features, histories and seen items),
-    its held-out items those of ``queries_test.parquet``."""
-    folder = config.data.stream.built
-    if folder is None:
-        raise ConfigError(
-            "exporting a streamed run reads each query's features and history from a data "
-            "build: build the data (twotower data build) and train on data.stream.built"
-        )
-    stream = built_stream(config.data.stream)
-    items = read_items(stream, pipeline.config)
-    keys = ItemKeys(items.column(stream.item_id).combine_chunks(), str(stream.items))
-    num_items = items.num_rows
-    path = folder / f"queries_{'test' if as_of == 'valid' else 'all'}.parquet"
-    state = pq.read_table(path)
-    seen = item_matrix(state.column(SEEN), keys, num_items, path)
-    queries = state.drop_columns(list(QUERY_COLUMNS))
-    test = pq.read_table(folder / "queries_test.parquet", columns=[stream.query_id, TARGETS])
-    if not test.column(stream.query_id).equals(state.column(stream.query_id)):
-        raise DataError(f"{folder}: queries_test.parquet and {path.name} disagree")
-    heldout = item_matrix(test.column(TARGETS), keys, num_items, folder / "queries_test.parquet")
-    vectors = embed_rows(model.item_tower, pipeline, "item", items).cpu().numpy()
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
-    built = build_index(choose_index(index, len(vectors)), vectors)
-    recall = _index_recall(built, vectors, model.query_tower, pipeline, queries, seen)
-    return ArtifactContents(
-        config=to_dict(config),
-        pipeline=pipeline,
-        query_tower=model.query_tower,
-        items=items,
-        queries=queries,
-        query_key=stream.query_id,
-        item_key=stream.item_id,
-        item_vectors=vectors,
-        seen=seen,
-        heldout=heldout,
-        index=built,
-        manifest=_manifest(recall, run_dir, as_of),
-    )
-
-
-def _manifest(recall: dict[str, Any], run_dir: Path, as_of: str) -> dict[str, Any]:
+def _manifest(recall: dict[str, Any], run_dir: Path, as_of: str, model_dir: Path) -> dict[str, Any]:
     return {
         "as_of": as_of,
+        # which model is served: the run's best checkpoint, or its refit (training.refit)
+        "model": "refit" if model_dir != Path(run_dir) else "best",
         "twotower_version": version("twotower"),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "index_recall": recall,
@@ -269,24 +220,20 @@ def _manifest(recall: dict[str, Any], run_dir: Path, as_of: str) -> dict[str, An
 
 
 def _index_recall(
-    index: Index,
-    vectors: np.ndarray,
-    query_tower: Tower,
-    pipeline: FeaturePipeline,
-    queries: pa.Table,
-    seen: sp.csr_matrix,
+    index: Index, vectors: np.ndarray, query_tower: Tower, known: KnownQueries
 ) -> dict[str, Any]:
     """Recall@10 of the index against exact search, for a sample of known queries.
 
     The queries are searched as the service will search them: with every logged
     interaction in their history and their seen items excluded.
     """
+    queries = known.queries
     rng = np.random.default_rng(0)
     count = min(RECALL_QUERIES, queries.num_rows)
     rows = np.sort(rng.choice(queries.num_rows, size=count, replace=False))
-    vectors_q = embed_rows(query_tower, pipeline, "query", queries.take(rows))
+    vectors_q = embed_rows(query_tower, known.pipeline, "query", queries.take(rows))
     vectors_q = np.ascontiguousarray(vectors_q.cpu().numpy(), dtype=np.float32)
-    recall = recall_against_exact(index, vectors, vectors_q, RECALL_K, seen[rows])
+    recall = recall_against_exact(index, vectors, vectors_q, RECALL_K, known.seen[rows])
     return {"k": RECALL_K, "queries": count, "recall": recall, "exact": index.is_exact}
 
 

@@ -1,8 +1,6 @@
-"""The data a config names: loaded, checked and split; and ``prepare_data``, which also
-fits the features and saves them (``twotower data prepare``).
-
-Every command that needs a run's data in memory (training, evaluation, baselines,
-export, the demo) loads it here, so they all read the same columns and split alike.
+"""The data commands: ``prepare_data`` (``twotower data prepare``) reads, splits and fits
+the features of a config's data in memory and saves them; ``build_data`` (``twotower
+data build``) builds it out of core. Runs read their data through ``twotower.sources``.
 """
 
 from __future__ import annotations
@@ -21,39 +19,11 @@ from twotower.data.build import (
     stream_files,
 )
 from twotower.data.config import StreamConfig
-from twotower.data.dataset import Dataset
-from twotower.data.load import load_dataset
-from twotower.data.splits import Split, split_interactions
-from twotower.errors import ConfigError
-from twotower.features.pipeline import FeaturePipeline
+from twotower.data.splits import split_interactions
 from twotower.features.specs import HistoryFeature
 from twotower.features.streaming import fit_built_pipeline, save_fitted
+from twotower.sources import MemorySource, read_dataset
 from twotower.storage import sha256_file
-
-
-def load_data(config: Config) -> tuple[Dataset, Split]:
-    """The dataset the config names (``read_dataset``) and its train / valid / test split."""
-    dataset = read_dataset(config)
-    return dataset, split_interactions(dataset, config.split)
-
-
-def read_dataset(config: Config) -> Dataset:
-    """The dataset the config names, read with the columns its features need.
-
-    Raises:
-        ConfigError: the source is a stream, which only training reads.
-        DataError: a table is missing, malformed or inconsistent (named).
-    """
-    if config.data.source == "stream":
-        raise ConfigError(
-            "data.source 'stream' is read by training only, in bounded memory; this command "
-            "needs the data in memory (a 'files' source over the same Parquet files)"
-        )
-    return load_dataset(
-        config.data,
-        config.features.required_columns("query"),
-        config.features.required_columns("item"),
-    )
 
 
 def prepare_data(config: Config, out: Path) -> dict[str, Any]:
@@ -69,7 +39,7 @@ def prepare_data(config: Config, out: Path) -> dict[str, Any]:
     loaded = time.perf_counter()
     split = split_interactions(dataset, config.split)
     split_done = time.perf_counter()
-    pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
+    pipeline = MemorySource(dataset, split).fit_features(config).pipeline
     fitted = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     pipeline.save(out)

@@ -110,6 +110,12 @@ def read_json(path: Path, missing: str) -> Any:
         raise DataError(f"{path}: corrupt ({err})") from None
 
 
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON with sorted keys, written atomically (a metrics file)."""
+    text = json.dumps(value, indent=2, sort_keys=True).encode("utf-8")
+    atomic_write(path, lambda f: f.write(text))
+
+
 @contextlib.contextmanager
 def replaced_folder(out: Path, marker: str, kind: str) -> Iterator[Path]:
     """Yields an empty staging folder beside ``out``; when the block ends without an

@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 
 from twotower.baselines.config import BaselinesConfig
-from twotower.baselines.run import evaluate_baseline, evaluate_baseline_built
+from twotower.baselines.run import evaluate_baseline
 from twotower.errors import DataError
-from twotower.prepare import build_data, load_data
+from twotower.prepare import build_data
+from twotower.sources import BuiltSource, MemorySource, load_data
 
 pytest.importorskip("duckdb")
 
@@ -38,8 +39,8 @@ def test_a_baseline_on_the_build_ranks_as_in_memory(demo, name):
     config, built = demo
     settings = BaselinesConfig(ease_l2=50.0, itemknn_neighbors=20, itemknn_shrink=1.0)
     dataset, split = load_data(config)
-    expected = evaluate_baseline(name, dataset, split, KS, settings)
-    got = evaluate_baseline_built(name, built, KS, settings, chunk_size=16)
+    expected = evaluate_baseline(name, MemorySource(dataset, split), KS, settings)
+    got = evaluate_baseline(name, BuiltSource.at(built), KS, settings)
     assert got.keys() == expected.keys()
     assert got["test/queries"] == expected["test/queries"] > 100
     for key, value in expected.items():
@@ -53,18 +54,23 @@ def test_a_baseline_too_large_for_memory_is_refused_naming_its_size(demo, monkey
     real = os.sysconf
     monkeypatch.setattr(os, "sysconf", lambda n: 1 if n == "SC_PHYS_PAGES" else real(n))
     with pytest.raises(DataError, match=r"ease on 150 items needs about 0.0 GiB \(three dense"):
-        evaluate_baseline_built("ease", built, KS)
+        evaluate_baseline("ease", BuiltSource.at(built), KS)
 
 
 @pytest.mark.parametrize(("name", "passes"), [("pop", 2), ("itemknn", 3), ("ease", 2)])
 def test_each_query_file_is_read_once_to_fit_and_once_to_rank(demo, monkeypatch, name, passes):
     """EASE takes its counts from its Gram matrix's diagonal; only item-KNN reads a file
     once more, to count the co-occurrences it will hold before building them."""
-    from twotower.baselines import run
-
     reads = []
-    real = run._query_rows
-    monkeypatch.setattr(run, "_query_rows", lambda path, *a: reads.append(path) or real(path, *a))
+    for method in ("held_out", "popularity"):  # each reads the part's query file through
+        real = getattr(BuiltSource, method)
+
+        def counted(self, part, *args, real=real, **kwargs):
+            reads.append(self._queries(part))
+            return real(self, part, *args, **kwargs)
+
+        monkeypatch.setattr(BuiltSource, method, counted)
     _, built = demo
-    evaluate_baseline_built(name, built, KS, BaselinesConfig(ease_l2=50.0), parts=("test",))
+    source = BuiltSource.at(built)
+    evaluate_baseline(name, source, KS, BaselinesConfig(ease_l2=50.0), parts=("test",))
     assert [path.name for path in reads] == ["queries_test.parquet"] * passes

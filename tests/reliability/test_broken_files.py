@@ -24,7 +24,7 @@ from twotower.cli import main
 from twotower.config import load_config
 from twotower.data.dataset import QUERY_ID
 from twotower.features.pipeline import FeaturePipeline
-from twotower.prepare import load_data
+from twotower.sources import load_data
 
 USERS, ITEMS = 40, 30
 

@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from twotower.data.dataset import ITEM_ID, QUERY_ID
-from twotower.prepare import load_data
 from twotower.serving.http import create_app
+from twotower.sources import load_data
 from twotower.training.run import load_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -37,7 +37,7 @@ def popularity_recall(small_config: Config) -> float:
     from twotower.baselines.popularity import Popularity
     from twotower.data.matrix import interaction_matrix
     from twotower.evaluation.ranking import evaluate
-    from twotower.prepare import load_data
+    from twotower.sources import load_data
 
     dataset, split = load_data(small_config)
     train = interaction_matrix(split.train, dataset.num_queries, dataset.num_items)

@@ -16,7 +16,8 @@ from twotower.data.config import DataConfig, StreamConfig
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
 from twotower.features.streaming import load_fitted, read_items
-from twotower.prepare import build_data, load_data
+from twotower.prepare import build_data
+from twotower.sources import load_data
 from twotower.training.data import TrainingData
 from twotower.training.run import train_run
 from twotower.training.streaming import StreamingTrainingData

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from twotower.config import load_config
-from twotower.prepare import load_data
+from twotower.sources import load_data
 from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
 

@@ -65,7 +65,7 @@ def test_refit_trains_again_on_train_and_validation_for_the_best_epochs(small_co
     import json
 
     from twotower.config import apply_overrides
-    from twotower.prepare import load_data
+    from twotower.sources import load_data
     from twotower.training.run import evaluate_run
 
     config = apply_overrides(
@@ -107,7 +107,7 @@ def test_a_run_with_item_biases_learns(small_config, popularity_recall, tmp_path
     import numpy as np
 
     from twotower.config import apply_overrides
-    from twotower.prepare import load_data
+    from twotower.sources import load_data
     from twotower.towers.model import embed_rows
     from twotower.training.run import load_model
 

@@ -14,7 +14,7 @@ from twotower.config import apply_overrides, load_config
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP
 from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
-from twotower.prepare import load_data
+from twotower.sources import load_data
 from twotower.training.distributed import Collective
 from twotower.training.held_out import QueryTrainingData
 from twotower.training.objectives import FullSoftmax, KnownPairs

@@ -14,7 +14,7 @@ from twotower.config import apply_overrides
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP
 from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
-from twotower.prepare import load_data
+from twotower.sources import load_data
 from twotower.towers.model import TwoTower
 from twotower.training.run import train_run
 from twotower.training.sequences import SequenceTrainingData

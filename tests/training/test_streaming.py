@@ -15,7 +15,7 @@ from twotower.config import load_config
 from twotower.data.synthetic_stream import StreamSynthConfig, write_stream
 from twotower.errors import ConfigError, DataError
 from twotower.features.streaming import fit_stream_pipeline
-from twotower.prepare import load_data
+from twotower.sources import load_data
 from twotower.training.distributed import Collective
 from twotower.training.run import train_run
 from twotower.training.streaming import StreamingTrainingData

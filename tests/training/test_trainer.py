@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from twotower.config import Config, apply_overrides
-from twotower.prepare import load_data
+from twotower.sources import load_data
 from twotower.training.run import load_model, train_run
 from twotower.training.trainer import build_optimizers
 

@@ -7,35 +7,25 @@ exactly as the model's histories are at that step.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from twotower.baselines.config import BaselinesConfig
 from twotower.baselines.ease import EASE
 from twotower.baselines.itemknn import ItemKNN
 from twotower.baselines.popularity import Popularity
-from twotower.data.build import SEEN, TARGETS, built_stream
-from twotower.data.config import StreamConfig
-from twotower.data.dataset import Dataset
-from twotower.data.matrix import known_before
-from twotower.data.splits import Split
-from twotower.data.stream import ParquetStream
-from twotower.errors import DataError
-from twotower.evaluation.ranking import HeldOut, evaluate, evaluate_chunks
-from twotower.features.streaming import ItemKeys, item_matrix
-from twotower.storage import atomic_write
+from twotower.config import Config, save_config
+from twotower.errors import ConfigError, DataError
+from twotower.evaluation.ranking import HeldOut, evaluate_chunks
+from twotower.sources import PARTS, DataSource, open_source
+from twotower.storage import write_json
 
 log = logging.getLogger(__name__)
-
-PARTS = ("valid", "test")
 
 BASELINES: dict[str, type[Popularity | ItemKNN | EASE]] = {
     "pop": Popularity,
@@ -57,114 +47,92 @@ def build_baseline(name: str, config: BaselinesConfig) -> Popularity | ItemKNN |
 
 def evaluate_baseline(
     name: str,
-    dataset: Dataset,
-    split: Split,
+    source: DataSource,
     ks: tuple[int, ...] | list[int],
     config: BaselinesConfig | None = None,
     exclude_seen: bool = True,
     parts: tuple[str, ...] = PARTS,
 ) -> dict[str, float]:
-    """Flat ``valid/...`` and ``test/...`` metrics of one baseline (see module doc)."""
-    config = config or BaselinesConfig()
-    results: dict[str, float] = {}
-    for part in parts:
-        known = known_before(split, part, dataset.num_queries, dataset.num_items)
-        model = build_baseline(name, config).fit(known)
-        results.update(
-            evaluate(
-                model.score,
-                split,
-                part,
-                dataset.num_queries,
-                dataset.num_items,
-                ks=ks,
-                exclude_seen=exclude_seen,
-                item_popularity="known",
-            )
-        )
-    return results
+    """Flat ``valid/...`` and ``test/...`` metrics of one baseline (see module doc).
 
-
-def evaluate_baseline_built(
-    name: str,
-    folder: Path,
-    ks: tuple[int, ...] | list[int],
-    config: BaselinesConfig | None = None,
-    exclude_seen: bool = True,
-    parts: tuple[str, ...] = PARTS,
-    chunk_size: int = 1024,
-) -> dict[str, float]:
-    """``evaluate_baseline`` on a data build: fitted, for each part, on every query's
-    items known before it (the build's ``queries_{part}.parquet``, read a row group at
-    a time and summed into item x item co-occurrence counts), then ranking each query.
-
-    What is in memory is the baseline itself (N counts; item-KNN's and EASE's item x
-    item matrices) and a row group of queries, never the interactions.
+    For each part the baseline is fitted on every query's items known before it, summed
+    a chunk of queries at a time into item x item co-occurrence counts (in memory, one
+    chunk; on a data build, a row group of ``queries_{part}.parquet``), then ranks each
+    query from those items. What is in memory is the baseline itself (N counts; item-KNN's
+    and EASE's item x item matrices) and a chunk of queries, never more interactions.
 
     Raises:
         DataError: the baseline would need more than half of this machine's memory
             (the size is named).
     """
     config = config or BaselinesConfig()
-    stream = built_stream(StreamConfig(built=Path(folder)))
-    keys_column = pq.read_table(stream.items, columns=[stream.item_id]).column(stream.item_id)
-    keys = ItemKeys(keys_column.combine_chunks(), str(stream.items))
-    num_items = len(keys_column)
     results: dict[str, float] = {}
     for part in parts:
-        path = Path(folder) / f"queries_{part}.parquet"
-        model, counts = _fit_built(name, config, path, keys, num_items)
-        chunks = (
-            HeldOut(lambda r, seen=seen, model=model: model.score_rows(seen[r]), targets, seen)
-            for seen, targets in _query_rows(path, keys, num_items)
-        )
-        total = pq.ParquetFile(path).metadata.num_rows
+        model, popularity = _fit(name, config, source, part)
+        chunks = _scored(model, source, part)
+        total, num_items = source.num_queries(part), len(popularity)
         results.update(
-            evaluate_chunks(chunks, part, num_items, ks, exclude_seen, chunk_size, counts, total)
+            evaluate_chunks(chunks, part, num_items, ks, exclude_seen, 1024, popularity, total)
         )
     return results
 
 
-def _fit_built(
-    name: str, config: BaselinesConfig, path: Path, keys: ItemKeys, num_items: int
+def _scored(model: Popularity | ItemKNN | EASE, source: DataSource, part: str) -> Iterator[HeldOut]:
+    """The part's queries, a chunk at a time, scored by ``model`` from their seen items."""
+    for chunk in source.held_out(part):
+        seen = chunk.seen
+        yield HeldOut(lambda rows, seen=seen: model.score_rows(seen[rows]), chunk.targets, seen)
+
+
+def baseline_run(
+    name: str, config: Config, out: Path, parts: tuple[str, ...] = PARTS
+) -> dict[str, float]:
+    """``twotower baseline``: one baseline on the config's data, its metrics and resolved
+    config written into the run folder ``out`` (``metrics.json``, ``config.yaml``).
+
+    Raises:
+        ConfigError: an unknown baseline name.
+    """
+    if name not in BASELINES:
+        raise ConfigError(f"--model {name!r}: choose one of {', '.join(BASELINES)}")
+    source = open_source(config)
+    metrics = evaluate_baseline(name, source, config.training.ks, config.baselines, parts=parts)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _fit(
+    name: str, config: BaselinesConfig, source: DataSource, part: str
 ) -> tuple[Popularity | ItemKNN | EASE, np.ndarray]:
-    """A baseline fitted on a build's query file, and the (N,) number of queries that
-    know each item. EASE reads the file once (its memory depends on N alone, and the
-    counts are its Gram matrix's diagonal); item-KNN twice (the co-occurrences it will
-    hold are counted before they are built); popularity once."""
+    """A baseline fitted on the items each query knew before ``part``, and the (N,)
+    number of queries that know each item. EASE reads the queries once (its memory
+    depends on N alone, and the counts are its Gram matrix's diagonal); item-KNN twice
+    (the co-occurrences it will hold are counted before they are built); popularity once."""
     model = build_baseline(name, config)
-    if name == "ease":
-        _check_memory(name, num_items, 0)
-        gram = _gram(path, keys, num_items)
-        model.fit_gram(gram)
-        return model, gram.diagonal()
-    counts, pairs = np.zeros(num_items), 0
-    for seen, _ in _query_rows(path, keys, num_items):
-        counts += seen.sum(axis=0).A1
-        pairs += int((np.diff(seen.indptr) ** 2).sum())
     if name == "pop":
-        model.fit_gram(sp.diags(counts, format="csr"))
-    else:
-        _check_memory(name, num_items, pairs)
-        model.fit_gram(_gram(path, keys, num_items))
-    return model, counts
+        counts = source.popularity(part)
+        return model.fit_gram(sp.diags(counts, format="csr")), counts
+    if name == "ease":
+        _check_memory(name, source.num_items(), 0)
+        gram = _gram(source, part)
+        return model.fit_gram(gram), np.asarray(gram.diagonal(), dtype=np.float64)
+    counts, pairs = np.zeros(source.num_items()), 0
+    for chunk in source.held_out(part):
+        counts += chunk.seen.sum(axis=0).A1
+        pairs += int((np.diff(chunk.seen.indptr) ** 2).sum())
+    _check_memory(name, len(counts), pairs)
+    return model.fit_gram(_gram(source, part)), counts
 
 
-def _gram(path: Path, keys: ItemKeys, num_items: int) -> sp.csr_matrix:
-    """(N, N) co-occurrence counts X^T X of a build's query file, a row group at a time."""
-    gram = sp.csr_matrix((num_items, num_items))
-    for seen, _ in _query_rows(path, keys, num_items):
-        gram = gram + seen.T @ seen
+def _gram(source: DataSource, part: str) -> sp.csr_matrix:
+    """(N, N) co-occurrence counts X^T X of the items known before ``part``, summed a
+    chunk of queries at a time."""
+    gram = sp.csr_matrix((source.num_items(), source.num_items()))
+    for chunk in source.held_out(part):
+        gram = gram + chunk.seen.T @ chunk.seen
     return gram
-
-
-def _query_rows(
-    path: Path, keys: ItemKeys, num_items: int
-) -> Iterator[tuple[sp.csr_matrix, sp.csr_matrix]]:
-    """A build's query rows, a row group at a time: (seen, targets) as (rows, N) CSR."""
-    queries = ParquetStream(path, [SEEN, TARGETS])
-    for table in queries.read(queries.share(None, 0, 1)):
-        yield tuple(item_matrix(table.column(c), keys, num_items, path) for c in (SEEN, TARGETS))
 
 
 def _check_memory(name: str, num_items: int, pairs: int) -> None:
@@ -182,9 +150,3 @@ def _check_memory(name: str, num_items: int, pairs: int) -> None:
             f"more than half of this machine's {memory / 2**30:.1f} GiB; use pop, or a "
             "machine with more memory"
         )
-
-
-def write_metrics(metrics: dict[str, Any], path: Path) -> None:
-    """``metrics.json``, written atomically."""
-    text = json.dumps(metrics, indent=2, sort_keys=True).encode("utf-8")
-    atomic_write(path, lambda f: f.write(text))

@@ -13,35 +13,29 @@ The run folder holds everything needed to rebuild the model, with no pickle:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
 from twotower.config import Config, save_config
 from twotower.config_io import from_dict, to_dict
-from twotower.data.build import FEATURES_DIR, built_stream
+from twotower.data.config import StreamConfig
 from twotower.data.dataset import Dataset
 from twotower.data.splits import Split
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
-from twotower.features.streaming import (
-    fit_stream_pipeline,
-    load_fitted,
-    read_items,
-    save_fitted,
-)
-from twotower.prepare import load_data
-from twotower.storage import atomic_write, remove_partial_files
+from twotower.sources import DataSource, FittedFeatures, open_source
+from twotower.storage import remove_partial_files, write_json
 from twotower.threads import set_threads
 from twotower.towers.model import TwoTower
-from twotower.training.built import evaluate_built
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
+from twotower.training.evaluate import evaluate_source
 from twotower.training.held_out import QueryTrainingData
 from twotower.training.sequences import SequenceTrainingData
 from twotower.training.streaming import StreamingTrainingData
@@ -49,7 +43,6 @@ from twotower.training.trainer import (
     EpochCallback,
     RunState,
     Trainer,
-    evaluate_model,
     resolve_device,
 )
 
@@ -75,79 +68,83 @@ class TrainResult:
     out: Path
 
 
-def _stream_data(
-    config: Config, out: Path, resume: bool, device: torch.device, main: bool
-) -> StreamingTrainingData:
-    """Streamed training data: features fitted by the data build, from the stream, or
-    the run's saved ones when it resumes."""
-    stream, built = built_stream(config.data.stream), config.data.stream.built
-    features = out / "features"
-    if resume:
-        pipeline, counts, _ = load_fitted(features)
-        items = read_items(stream, config.features)
-    elif built is not None:
-        pipeline, counts, exact = load_fitted(built / FEATURES_DIR)
-        if to_dict(pipeline.config) != to_dict(config.features):
-            raise ConfigError(
-                f"{built}: built for other features than this config's; build it again "
-                "with this config (twotower data build)"
-            )
-        items = read_items(stream, config.features)
-        if main:
-            save_fitted(features, pipeline, counts, exact)
-    else:
-        pipeline, items, counts, exact = fit_stream_pipeline(stream, config.features, config.seed)
-        if main:
-            save_fitted(features, pipeline, counts, exact)
-    training = config.training
-    return StreamingTrainingData(
-        stream, pipeline, items, counts, device, config.seed, training.weights, training.weight_cap
-    )
+class _Examples:
+    """The training examples ``training.examples`` and ``training.one_pass`` name, made
+    of either kind of source (the source calls the constructor that fits it)."""
 
-
-def _memory_data(
-    config: Config,
-    out: Path,
-    resume: bool,
-    device: torch.device,
-    main: bool,
-    loaded: tuple[Dataset, Split],
-) -> TrainingData:
-    """The ``loaded`` dataset and split, with features fitted on its training split (or
-    the run's own)."""
-    dataset, split = loaded
-    if resume:
-        pipeline = FeaturePipeline.load(out / "features")
-    else:  # deterministic, so every rank fits the same state; rank 0 saves it
-        pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
-        if main:
-            pipeline.save(out / "features")
-    if config.training.one_pass:
+    def from_split(
+        self,
+        config: Config,
+        dataset: Dataset,
+        split: Split,
+        pipeline: FeaturePipeline,
+        device: torch.device,
+    ) -> TrainingData:
         training = config.training
-        return SequenceTrainingData(
+        if training.one_pass:
+            return SequenceTrainingData(
+                dataset,
+                split,
+                pipeline,
+                device,
+                training.position_weights,
+                training.weights,
+                training.weight_cap,
+            )
+        if training.examples == "queries":
+            return QueryTrainingData(
+                dataset,
+                split,
+                pipeline,
+                device,
+                training.holdout,
+                training.position_weights,
+                training.weights,
+                training.weight_cap,
+            )
+        return TrainingData(
             dataset,
             split,
             pipeline,
+            training.history,
             device,
-            training.position_weights,
             training.weights,
             training.weight_cap,
         )
-    training = config.training
-    if training.examples == "queries":
-        return QueryTrainingData(
-            dataset,
-            split,
+
+    def from_stream(
+        self,
+        config: Config,
+        stream: StreamConfig,
+        pipeline: FeaturePipeline,
+        items: pa.Table,
+        counts: np.ndarray,
+        device: torch.device,
+    ) -> StreamingTrainingData:
+        training = config.training
+        return StreamingTrainingData(
+            stream,
             pipeline,
+            items,
+            counts,
             device,
-            training.holdout,
-            training.position_weights,
+            config.seed,
             training.weights,
             training.weight_cap,
         )
-    return TrainingData(
-        dataset, split, pipeline, training.history, device, training.weights, training.weight_cap
-    )
+
+
+def _features(
+    source: DataSource, config: Config, folder: Path, resume: bool, main: bool
+) -> FittedFeatures:
+    """The run's features: its saved ones when it resumes, else fitted by the source
+    (deterministic, so every rank fits the same state; rank 0 saves them in ``folder``)."""
+    if resume:
+        return FittedFeatures.load(folder)
+    features = source.fit_features(config)
+    if main:
+        features.save(folder)
+    return features
 
 
 def train_run(
@@ -183,11 +180,9 @@ def train_run(
                 log.info("removed %s, left by a write that was killed", path)
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    loaded = None if config.data.source == "stream" else load_data(config)
-    if loaded is None:
-        data = _stream_data(config, out, resume, device, collective.is_main)
-    else:
-        data = _memory_data(config, out, resume, device, collective.is_main, loaded)
+    source = open_source(config)
+    features = _features(source, config, out / "features", resume, collective.is_main)
+    data = source.examples(_Examples(), config, features, device)
     # seeded after the data is ready, so the initial weights do not depend on whatever
     # randomness reading and fitting the data used
     torch.manual_seed(config.seed)
@@ -201,36 +196,29 @@ def train_run(
     metrics: dict[str, float] = {**trainer.evaluate("valid"), **trainer.evaluate("test")}
     metrics["best_epoch"] = state.best_epoch
     if config.training.refit:  # refused on a stream when the config is read
-        assert loaded is not None
-        metrics.update(_refit(config, out / REFIT_DIR, state, device, loaded))
-    text = json.dumps(metrics, indent=2, sort_keys=True).encode("utf-8")
-    atomic_write(out / METRICS_FILE, lambda f: f.write(text))
+        metrics.update(_refit(config, out / REFIT_DIR, state, device, source.refit()))
+    write_json(out / METRICS_FILE, metrics)
     return TrainResult(metrics, state, out)
 
 
 def _refit(
-    config: Config,
-    out: Path,
-    state: RunState,
-    device: torch.device,
-    loaded: tuple[Dataset, Split],
+    config: Config, out: Path, state: RunState, device: torch.device, source: DataSource
 ) -> dict[str, float]:
     """``training.refit``: the model trained again from scratch on train + validation,
     features fitted on them, for the first run's best epoch's number of epochs at that
     run's learning rates, no validation; returns its test metrics and ``refit_epochs``.
 
     Its test metrics are computed as the first run's: histories and seen items as of
-    the end of validation. Its run folder ``out`` holds its features and checkpoints.
-    ``loaded``: the first run's dataset and split.
+    the end of validation. Its run folder ``out`` holds its features and checkpoints;
+    it is the model the run reports on test, so export serves it (``reported_model``).
+    ``source``: the first run's data, validation moved into training (``refit``).
     """
-    dataset, split = loaded
-    known = pa.concat_tables([split.train, split.valid])
-    refit = Split(train=known, valid=split.valid.slice(0, 0), test=split.test)
     for path in remove_partial_files(out):
         log.info("removed %s, left by a write that was killed", path)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    data = _memory_data(config, out, False, device, True, (dataset, refit))
+    features = _features(source, config, out / "features", False, True)
+    data = source.examples(_Examples(), config, features, device)
     torch.manual_seed(config.seed)
     model = TwoTower.build(config.model, config.features, data.pipeline).to(device)
     lrs = [record["lr"] for record in state.records[: state.best_epoch]]
@@ -258,6 +246,9 @@ def evaluate_run(
 ) -> dict[str, float]:
     """Ranks the full corpus with a run's saved model, on its own data and split.
 
+    Each part is ranked with the model the run reports on it (``reported_model``: on
+    test, a refitted run's refit), so the metrics are the run's own.
+
     Args:
         run_dir: a folder written by ``train_run``.
         parts: ``valid`` and/or ``test``.
@@ -267,49 +258,48 @@ def evaluate_run(
         checkpoint: ``best`` or ``last``.
         threads: CPU threads; default the run's ``threads``.
         sample: for a run on a data build, rank about this many queries of each part
-            (a seeded sample, ``evaluate_built``); None: every query.
+            (a seeded sample); None: every query.
     """
-    config, pipeline, model = load_model(run_dir, checkpoint)
-    set_threads(threads or config.threads)
-    device = resolve_device(config.training.device)
-    model = model.to(device)
-    ks = ks or config.training.ks
-    batch_size = config.training.eval_batch_size
     metrics: dict[str, float] = {}
-    if config.data.source == "stream":
-        folder = config.data.stream.built
-        if folder is None:
-            raise ConfigError(
-                "evaluating a streamed run reads each query's rows as of each part from a "
-                "data build: build the data (twotower data build) and train on "
-                "data.stream.built"
-            )
-        stream = built_stream(config.data.stream)
-        for part in parts:
-            metrics.update(
-                evaluate_built(
-                    model,
-                    stream,
-                    folder,
-                    pipeline,
-                    part,
-                    ks,
-                    exclude_seen,
-                    batch_size,
-                    sample,
-                    config.seed,
-                )
-            )
-        return metrics
-    if sample is not None:
-        raise ConfigError("a sample of queries is for a data build; in memory all are ranked")
-    dataset, split = load_data(config)
-    data = TrainingData(dataset, split, pipeline, config.training.history, device)
+    source: DataSource | None = None
     for part in parts:
-        metrics.update(
-            evaluate_model(model, data, part, ks, exclude_seen=exclude_seen, batch_size=batch_size)
+        config, pipeline, model = load_model(reported_model(run_dir, part, checkpoint), checkpoint)
+        set_threads(threads or config.threads)
+        source = source or open_source(config)
+        model = model.to(resolve_device(config.training.device))
+        training = config.training
+        metrics |= evaluate_source(
+            model,
+            source,
+            pipeline,
+            part,
+            ks or training.ks,
+            exclude_seen,
+            training.eval_batch_size,
+            sample,
+            config.seed,
         )
     return metrics
+
+
+def reported_model(run_dir: Path, part: str = "test", checkpoint: str = "best") -> Path:
+    """The run folder of the model whose ``part`` metrics ``run_dir`` reports: on test,
+    the refit (``refit/``) of a run with ``training.refit``; otherwise the run itself."""
+    refit = Path(run_dir) / REFIT_DIR
+    if part == "test" and CheckpointStore(refit / "checkpoints").exists(checkpoint):
+        return refit
+    return Path(run_dir)
+
+
+def save_evaluation(
+    run_dir: Path, metrics: dict[str, float], parts: tuple[str, ...], exclude_seen: bool
+) -> Path:
+    """Writes ``evaluate_run``'s metrics into the run folder; returns the file
+    (``evaluation-{valid,test,both}[-keep-seen].json``)."""
+    name = "both" if len(parts) > 1 else parts[0]
+    path = Path(run_dir) / f"evaluation-{name}{'' if exclude_seen else '-keep-seen'}.json"
+    write_json(path, metrics)
+    return path
 
 
 def _check_resumable(out: Path, config: Config) -> None:
