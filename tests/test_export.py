@@ -245,3 +245,29 @@ def test_an_as_of_valid_artifact_answers_the_evaluated_rankings(run_dir, tmp_pat
     assert after["test/hr@10"] == 0.0  # the test items are seen by then
     with pytest.raises(ConfigError, match=r"unknown as-of 'later'; choose one of valid"):
         export_run(run_dir, tmp_path / "x", as_of="later")
+
+
+def test_a_refit_run_exports_the_model_whose_test_metrics_it_reports(
+    tmp_path, tiny_demo, served_metrics
+):
+    """With ``training.refit`` the run reports the refit's test metrics; as of the end of
+    validation, the exported artifact's answers to the test users score exactly those,
+    its manifest says it serves the refit, and ``evaluate_run`` ranks test with it too."""
+    from twotower.training.run import evaluate_run
+
+    config = tiny_demo(tmp_path / "data", "training.refit=true", "training.epochs=2")
+    run_dir = tmp_path / "run"
+    reported = train_run(config, run_dir).metrics
+    manifest = export_run(run_dir, tmp_path / "artifact", as_of="valid")
+    assert manifest["model"] == "refit"
+    dataset, split = load_data(config)
+    got = served_metrics(tmp_path / "artifact", split, dataset, [split.train, split.valid], [10])
+    for name, value in got.items():
+        assert value == pytest.approx(reported[name], abs=1e-12), name
+    evaluated = evaluate_run(run_dir, ("test",))
+    assert evaluated["test/recall@10"] == pytest.approx(reported["test/recall@10"], abs=1e-12)
+    first = load_model(run_dir)[2].state_dict()
+    served = Artifact.load(tmp_path / "artifact").query_tower.state_dict()
+    assert any(  # the refit is another model than the run's first
+        not torch.equal(first[f"query_tower.{name}"], value) for name, value in served.items()
+    )
