@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -201,27 +202,32 @@ def tune(
     Trials maximize the best validation value of training.metric; only the best trial
     is ranked on test. The study lives in --out/study.db, so --resume continues it.
     """
+    space_module, study = _tuning_modules()
+    pruning = _given(startup_trials=startup_trials, warmup_epochs=prune_after)
+    options = study.TuneOptions(trials=trials, timeout=timeout, jobs=jobs, resume=resume, **pruning)
+    config = _config(config_path, overrides, data_dir, threads)
+    report = study.tune(config, space_module.load_space(space, config), out, options)
+    _print_tuning(report, config, out)
+
+
+def _tuning_modules() -> tuple[ModuleType, ModuleType]:
+    """``twotower.tuning``'s space and study modules, or an error that says how to
+    install Optuna, which they need."""
     try:
-        from twotower.tuning.space import load_space
-        from twotower.tuning.study import TuneOptions
-        from twotower.tuning.study import tune as run_tuning
+        from twotower.tuning import space, study
     except ModuleNotFoundError as err:
         if err.name != "optuna":
             raise
         raise ConfigError(
             "twotower tune needs Optuna: pip install 'twotower[tune]' (or pip install optuna)"
         ) from None
+    return space, study
 
-    pruning = {"startup_trials": startup_trials, "warmup_epochs": prune_after}
-    options = TuneOptions(
-        trials=trials,
-        timeout=timeout,
-        jobs=jobs,
-        resume=resume,
-        **{key: value for key, value in pruning.items() if value is not None},
-    )
-    config = _config(config_path, overrides, data_dir, threads)
-    _print_tuning(run_tuning(config, load_space(space, config), out, options), config, out)
+
+def _given(**options: object) -> dict[str, object]:
+    """The options given on the command line (not None), so the defaults stay the
+    library's."""
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def _print_tuning(report: Report, config: Config, out: Path) -> None:
