@@ -36,7 +36,8 @@ class Config:
     Attributes:
         seed: seeds the split's shuffle, the weights, the shuffles and the negatives.
         threads: CPU threads torch computes with (training, evaluation, export);
-            None: the CPUs this process may use (``twotower.threads``).
+            None: ``MKL_NUM_THREADS`` or ``OMP_NUM_THREADS`` where set, else the CPUs
+            this process may use (``twotower.threads``).
     """
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
