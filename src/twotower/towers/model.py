@@ -152,7 +152,7 @@ class TwoTower(nn.Module):
     def __init__(self, query_tower: Tower, item_tower: Tower, temperature: Temperature) -> None:
         super().__init__()
         if query_tower.output_dim != item_tower.output_dim:
-            # what the config could not size (a one-hot's fitted width): its message
+            # check_config refuses what the config sizes; this, widths fitted on the data
             raise ValueError(tower_width_error(*query_tower.widths(), *item_tower.widths()))
         self.query_tower = query_tower
         self.item_tower = item_tower
