@@ -111,6 +111,25 @@ def test_a_saved_config_finds_its_data_from_any_working_directory(
     assert from_dict(Config, saved, where="") == config
 
 
+def test_a_config_built_in_code_is_saved_with_absolute_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative path in a config built in code (the demo's ``--out runs/demo``) means
+    "from here": saved, it names the same file from another directory."""
+    monkeypatch.chdir(tmp_path)
+    data = DataConfig(
+        source="files",
+        interactions=InteractionsConfig(Path("runs/data/x.csv"), query_id="u", item_id="i"),
+    )
+    assert to_dict(data)["interactions"]["path"] == str(tmp_path / "runs" / "data" / "x.csv")
+    save_config(Config(data=data), tmp_path / "config.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_config(tmp_path / "config.yaml")
+    assert loaded.data.interactions.path == tmp_path / "runs" / "data" / "x.csv"
+
+
 def test_absolute_paths_are_kept(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere" / "ml-1m"
     config = load_config(_write(tmp_path / "r", f"data: {{source: movielens-1m, path: {target}}}"))

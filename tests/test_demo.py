@@ -1,10 +1,13 @@
 """The demo end to end on a small synthetic set: files written, metrics sane."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from twotower.demo import format_table, run_demo
+from twotower.export import export_run
+from twotower.training.run import evaluate_run
 
 SMALL = [
     "data.synthetic.num_queries=300",
@@ -47,3 +50,25 @@ def test_format_table_has_a_row_per_model(result):
     lines = table.splitlines()
     assert len(lines) == 2 + len(result.metrics)
     assert f"{result.metrics['ease']['test/recall@10']:.4f}" in table
+
+
+def test_the_demo_run_is_evaluated_and_exported_from_another_folder(tmp_path, monkeypatch):
+    """``twotower demo --out runs/demo`` names a relative folder; its run's saved config
+    still finds the data once the working directory changes."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    tiny = [
+        "data.synthetic.num_queries=60",
+        "data.synthetic.num_items=40",
+        "data.synthetic.interactions_per_query=6",
+        "training.epochs=1",
+    ]
+    run_demo(Path("runs") / "demo", tiny)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run = tmp_path / "here" / "runs" / "demo" / "two-tower"
+    metrics = evaluate_run(run, parts=("test",), ks=[10])
+    assert metrics["test/queries"] == 60
+    manifest = export_run(run, Path("artifact"))
+    assert (tmp_path / "elsewhere" / "artifact" / "manifest.json").is_file()
+    assert Path(manifest["config"]["data"]["interactions"]["path"]).is_absolute()

@@ -6,7 +6,9 @@ code (``data/config.py``, ``features/specs.py``, ``towers/config.py``,
 code; this module only composes them. The converters (type checks, nearest-key
 errors, overrides) are ``twotower.config_io``'s. Relative paths in a YAML file are
 resolved against that file's folder; paths given with ``--set`` are resolved against
-the current directory.
+the current directory; a config is written with absolute paths (``to_dict``), so a
+run's saved config finds its files from any directory. The checks that span parts
+(``check_config``: the towers' widths) run once every override is applied.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from twotower.baselines.config import BaselinesConfig
 from twotower.config_io import apply_overrides, from_dict, read_yaml, to_dict
 from twotower.data.config import DataConfig, SplitConfig
 from twotower.errors import ConfigError
-from twotower.features.specs import FeaturesConfig
+from twotower.features.specs import SIDES, FeaturesConfig
 from twotower.storage import atomic_write
-from twotower.towers.config import ModelConfig
+from twotower.towers.config import ModelConfig, tower_width_error
 from twotower.training.config import TrainingConfig
 
 
@@ -34,7 +36,8 @@ class Config:
     Attributes:
         seed: seeds the split's shuffle, the weights, the shuffles and the negatives.
         threads: CPU threads torch computes with (training, evaluation, export);
-            None: the CPUs this process may use (``twotower.threads``).
+            None: ``MKL_NUM_THREADS`` or ``OMP_NUM_THREADS`` where set, else the CPUs
+            this process may use (``twotower.threads``).
     """
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -61,6 +64,32 @@ class Config:
             )
 
 
+def check_config(config: Config) -> None:
+    """The checks across parts that hold of a whole config only, so run once every
+    override is applied (``--set model.query.widths=[64] --set model.item.widths=[64]``
+    passes through a config whose towers differ): the towers' output widths.
+
+    Raises:
+        ConfigError: the towers output different widths, as far as the config alone
+            decides them (a one-hot's width is fitted on the data: the model checks
+            that tower once built).
+    """
+    features, model = config.features, config.model
+    widths = {side: features.encoded_widths(side) for side in SIDES}
+    if not all(widths.values()):
+        return  # a side without features is refused where the model is built
+    outputs = {
+        side: getattr(model, side).output_width(
+            None if None in widths[side].values() else sum(widths[side].values())
+        )
+        for side in SIDES
+    }
+    if None not in outputs.values() and outputs["query"] != outputs["item"]:
+        raise ConfigError(
+            tower_width_error(widths["query"], outputs["query"], widths["item"], outputs["item"])
+        )
+
+
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """Reads a YAML config and applies ``section.key=value`` overrides.
 
@@ -70,6 +99,10 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 
     Returns:
         The resolved, type-checked ``Config``.
+
+    Raises:
+        ConfigError: naming the file, for a config the checks refuse (``check_config``
+            among them).
     """
     path = Path(path)
     raw = read_yaml(path, "config")
@@ -77,7 +110,12 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         config = from_dict(Config, raw or {}, where="", base_dir=path.parent)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    try:
+        check_config(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return config
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -69,7 +69,13 @@ def set_value(config: T, key: str, value: Any, where: str) -> T:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain, YAML/JSON-ready form of a config (paths become strings)."""
+    """Plain, YAML/JSON-ready form of a config.
+
+    Paths become absolute strings: a relative path in a config built in code (the demo's
+    ``--out runs/demo``) means "from the working directory of now", so every config
+    written (a run's ``config.yaml``, a checkpoint, an artifact's manifest) names the
+    same files when it is read back from another directory.
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -77,7 +83,7 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, Path):
-        return str(obj)
+        return str(obj.absolute())
     return obj
 
 

@@ -175,6 +175,31 @@ def test_towers_of_different_widths_are_refused(fitted):
         build(pipeline, item=MLPConfig(widths=[16]))
 
 
+def test_the_model_names_each_sides_features_and_widths(fitted):
+    """Where the config alone cannot size a tower (a one-hot's width is fitted), the
+    model refuses it in the config's terms: no item-bias coordinate in the widths."""
+    _, pipeline = fitted
+    empty = MLPConfig(widths=[])
+    with pytest.raises(ValueError) as err:
+        build(pipeline, query=empty, item=empty, item_bias=True)
+    gender = pipeline.sizes("query")["gender"]
+    query = f"user_id 32 + gender {gender} + age 2 + history 16 = {50 + gender}"
+    assert f"got query {50 + gender} and item 36" in str(err.value)
+    assert f"turns its features {query} into {50 + gender}" in str(err.value)
+    assert "item_id 16 + price 4 + genres 8 + title 8 = 36 into 36" in str(err.value)
+
+
+def test_the_config_sizes_every_feature_as_its_encoder(fitted):
+    """``FeaturesConfig.encoded_widths`` (read before any data) agrees with the built
+    encoders, for every feature kind; only a one-hot's width waits for the data."""
+    _, pipeline = fitted
+    model = build(pipeline)
+    for side, tower in (("query", model.query_tower), ("item", model.item_tower)):
+        built = {name: enc.width for name, enc in tower.encoders.encoders.items()}
+        declared = FEATURES.encoded_widths(side)
+        assert declared == {n: None if n == "gender" else w for n, w in built.items()}
+
+
 def test_sparse_embeddings_give_sparse_gradients(fitted):
     dataset, pipeline = fitted
     model = build(pipeline, sparse_embeddings=True)

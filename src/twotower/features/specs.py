@@ -13,6 +13,9 @@ from typing import ClassVar, Literal
 
 import pyarrow as pa
 
+# a standardized or log1p dense feature's encoding: its value and a flag for missing
+DENSE_VECTOR_WIDTH = 2
+
 Pooling = Literal["mean", "sum"]
 HistoryEncoder = Literal["mean", "sum", "attention", "transformer", "gru"]
 InterestExtractor = Literal["self_attention", "routing"]
@@ -278,6 +281,14 @@ class FeaturesConfig:
             if isinstance(spec, HistoryFeature):
                 raise ValueError(f"features.item.{spec.name}: history features are query-side")
 
+    def encoded_widths(self, side: str) -> dict[str, int | None]:
+        """Each feature's encoding width on a side, from the config alone, as the towers'
+        encoders (``towers/encoders.py``) make it: an embedding's ``dim``, a history its
+        item id table's, a standardized number ``DENSE_VECTOR_WIDTH``; None where the
+        data decides it (a one-hot is as wide as its fitted vocabulary)."""
+        item_ids = {s.name: s.dim for s in self.item if isinstance(s, IdFeature)}
+        return {spec.name: _encoded_width(spec, item_ids) for spec in getattr(self, side)}
+
     def required_columns(self, side: str) -> dict[str, pa.DataType | None]:
         """The table columns a side's features read, with the type they must convert to."""
         columns: dict[str, pa.DataType | None] = {}
@@ -285,3 +296,13 @@ class FeaturesConfig:
             numeric = isinstance(spec, DenseFeature)
             columns[spec.column] = pa.float64() if numeric else columns.get(spec.column)
         return columns
+
+
+def _encoded_width(spec: FeatureSpec, item_ids: dict[str, int]) -> int | None:
+    if isinstance(spec, OneHotFeature):
+        return None
+    if isinstance(spec, HistoryFeature):
+        return item_ids.get(spec.item_feature)
+    if isinstance(spec, DenseFeature) and spec.transform != "bucketize":
+        return DENSE_VECTOR_WIDTH
+    return spec.dim

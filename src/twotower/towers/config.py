@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import field
 from typing import Literal
 
@@ -52,6 +53,10 @@ class MLPConfig:
     def __post_init__(self) -> None:
         _check_layer_fields(self.widths, self.activation, self.dropout)
 
+    def output_width(self, input_width: int | None) -> int | None:
+        """The width it outputs for inputs of ``input_width`` (None: not known yet)."""
+        return self.widths[-1] if self.widths else input_width
+
 
 @dataclasses.dataclass(frozen=True)
 class DCNConfig:
@@ -90,8 +95,48 @@ class DCNConfig:
         if self.dim <= 0:
             raise ValueError(f"dim must be > 0, got {self.dim}")
 
+    def output_width(self, input_width: int | None) -> int:
+        """The width it outputs, ``dim``, whatever its inputs' width."""
+        return self.dim
+
 
 NetworkConfig = MLPConfig | DCNConfig
+
+
+def tower_width_error(
+    query: Mapping[str, int | None],
+    query_width: int,
+    item: Mapping[str, int | None],
+    item_width: int,
+) -> str:
+    """The message for towers that output different widths, in the config's terms.
+
+    Args:
+        query, item: each side's feature names and encoding widths (None: fitted on
+            the data, not known from the config).
+        query_width, item_width: each side's network output width, without the extra
+            coordinate of ``item_bias``.
+    """
+    sides = "; ".join(
+        f"model.{side} turns its features {_total(features)} into {width}"
+        for side, features, width in (("query", query, query_width), ("item", item, item_width))
+    )
+    return (
+        f"the towers must output the same width, got query {query_width} and item "
+        f"{item_width} ({sides}): give model.query and model.item the same output width "
+        "(the last of an mlp's widths, a dcn's dim), or, with widths [] (an mlp without "
+        "layers outputs its input), features whose widths add up to the same total"
+    )
+
+
+def _total(widths: Mapping[str, int | None]) -> str:
+    """``"a 32 + b 64 = 96"``: the widths and their sum, where each is known."""
+    terms = " + ".join(
+        f"{name} {'(fitted on the data)' if width is None else width}"
+        for name, width in widths.items()
+    )
+    known = [w for w in widths.values() if w is not None]
+    return terms if len(widths) == 1 or len(known) < len(widths) else f"{terms} = {sum(known)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +145,8 @@ class ModelConfig:
 
     Attributes:
         query: the query tower's network (``mlp`` or ``dcn``).
-        item: the item tower's network; its output width must equal the query's.
+        item: the item tower's network; its output width must equal the query's
+            (``twotower.config.check_config``, when the config is read).
         temperature: the score is cosine / temperature (its start value if learned).
         learn_temperature: learn it (as log 1/temperature), kept >= ``min_temperature``.
         min_temperature: the clamp for a learned temperature.

@@ -30,7 +30,7 @@ from torch import nn
 
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
-from twotower.towers.config import ModelConfig, NetworkConfig
+from twotower.towers.config import ModelConfig, NetworkConfig, tower_width_error
 from twotower.towers.encoders import FeatureEncoders
 from twotower.towers.networks import build_network
 
@@ -95,6 +95,12 @@ class Tower(nn.Module):
         self.output_dim: int = self.network.output_dim + (bias is not None or ones)
         self.interests: int = encoders.interests
 
+    def widths(self) -> tuple[dict[str, int], int]:
+        """Each feature's encoding width and the network's output width (without the
+        bias coordinate), as the config names them."""
+        features = {name: enc.width for name, enc in self.encoders.encoders.items()}
+        return features, self.network.output_dim
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, D) unit vectors of a batch of model inputs (``FeaturePipeline.transform``);
         (B, K, D) from a K-interest tower (D with the bias coordinate, if any)."""
@@ -146,10 +152,8 @@ class TwoTower(nn.Module):
     def __init__(self, query_tower: Tower, item_tower: Tower, temperature: Temperature) -> None:
         super().__init__()
         if query_tower.output_dim != item_tower.output_dim:
-            raise ValueError(
-                f"the towers must output the same width: query {query_tower.output_dim}, "
-                f"item {item_tower.output_dim}"
-            )
+            # check_config refuses what the config sizes; this, widths fitted on the data
+            raise ValueError(tower_width_error(*query_tower.widths(), *item_tower.widths()))
         self.query_tower = query_tower
         self.item_tower = item_tower
         self.temperature = temperature
