@@ -38,8 +38,9 @@ Overrides = Annotated[
 Threads = Annotated[
     int | None,
     typer.Option(
-        help="CPU threads torch computes with (default: the config's threads, else the CPUs "
-        "this process may use); 1 where other processes share the cores."
+        help="CPU threads torch computes with (default: the config's threads, else "
+        "MKL_NUM_THREADS or OMP_NUM_THREADS where set, else the CPUs this process may use); "
+        "1 where other processes share the cores."
     ),
 ]
 

@@ -45,7 +45,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from twotower.config import Config
 from twotower.config_io import to_dict
 from twotower.errors import ConfigError
-from twotower.threads import available_cpus
+from twotower.threads import default_threads
 from twotower.training.run import train_run
 from twotower.tuning.logs import TrialLogs
 from twotower.tuning.report import Report, write_report
@@ -227,10 +227,11 @@ class _Objective:
 
 
 def _trial_threads(config: Config, jobs: int) -> int | None:
-    """Each trial's CPU threads: the config's (or every CPU available) shared by ``jobs``."""
+    """Each trial's CPU threads: the config's (or the default: the thread variables, else
+    every CPU available) shared by ``jobs``."""
     if jobs == 1:
         return None
-    return max(1, (config.threads or available_cpus()) // jobs)
+    return max(1, (config.threads or default_threads()) // jobs)
 
 
 def _check_setup(study: optuna.Study, config: Config, space: SearchSpace, out: Path) -> None:
