@@ -41,7 +41,7 @@ from twotower.serving.runtime import OnnxRuntime
 from twotower.storage import replaced_folder
 from twotower.threads import set_threads
 from twotower.towers.model import Tower, TwoTower, embed_inputs, embed_rows
-from twotower.towers.portable import OUTPUT, save_onnx
+from twotower.towers.onnx import OUTPUT, save_onnx
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import METRICS_FILE, load_model
 

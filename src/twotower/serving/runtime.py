@@ -50,7 +50,7 @@ class TorchRuntime:
 
 
 class OnnxRuntime:
-    """An ONNX query tower (``twotower.towers.portable``) on ONNX Runtime.
+    """An ONNX query tower (``twotower.towers.onnx``) on ONNX Runtime.
 
     Args:
         path: the ``.onnx`` file.
