@@ -52,6 +52,8 @@ class SelfAttentiveInterests(nn.Module):
         spec: the history feature (``interests`` K, ``max_len`` recency embeddings).
     """
 
+    times_input = None  # reads no timestamps (``HistoryEncoder``)
+
     def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
         super().__init__()
         self.table = table
@@ -82,6 +84,8 @@ class RoutingInterests(nn.Module):
         table: the shared item-id embedding table (D = its width).
         spec: the history feature (``interests`` K, ``routing_iterations``).
     """
+
+    times_input = None  # reads no timestamps (``HistoryEncoder``)
 
     def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
         super().__init__()
@@ -116,9 +120,3 @@ def squash(z: torch.Tensor) -> torch.Tensor:
     """The capsule nonlinearity |z|^2 / (1 + |z|^2) z / |z| on the last axis (0 at 0)."""
     squared = (z * z).sum(dim=-1, keepdim=True)
     return z * (squared / (1 + squared) / torch.sqrt(squared + 1e-12))
-
-
-INTEREST_EXTRACTORS: dict[str, type[nn.Module]] = {
-    "self_attention": SelfAttentiveInterests,
-    "routing": RoutingInterests,
-}
