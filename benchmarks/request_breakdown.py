@@ -87,7 +87,7 @@ def instrument(times: dict[str, list[float]]) -> None:
     batching.MicroBatcher._answer = timed(times, "retrieve", batching.MicroBatcher._answer)
     stages = {
         "user vectors": (sources.QuerySources, "users"),
-        "exclusions": (retriever.Retriever, "_exclusions"),
+        "exclusions": (sources.QueryBatch, "exclusions"),
         "search": (retriever.Retriever, "_search"),
     }
     for name, (owner, method) in stages.items():

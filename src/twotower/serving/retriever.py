@@ -48,6 +48,7 @@ from twotower.serving.query import (
 )
 from twotower.serving.query_vectors import QueryVectors, read_query_vectors
 from twotower.serving.runtime import TowerRuntime
+from twotower.serving.settings import Runtime
 from twotower.serving.sources import INPUT_BUDGET, QueryBatch, QuerySources
 
 
@@ -72,7 +73,7 @@ class Retriever:
         artifact: Artifact,
         query_vectors: QueryVectors | None = None,
         input_budget: int = INPUT_BUDGET,
-        runtime: str = "torch",
+        runtime: Runtime = "torch",
     ) -> None:
         self.artifact = artifact
         self.sources = QuerySources(artifact, query_vectors, input_budget, runtime)
@@ -80,7 +81,7 @@ class Retriever:
 
     @classmethod
     def load(
-        cls, folder: Path, query_vectors: Path | None = None, runtime: str = "torch"
+        cls, folder: Path, query_vectors: Path | None = None, runtime: Runtime = "torch"
     ) -> Retriever:
         """A retriever over the artifact in ``folder`` (verified while loading), with the
         precomputed vectors of the file ``query_vectors`` if given (checked against it),
@@ -247,11 +248,7 @@ class Retriever:
         """Searches for the ``live`` positions of ``batch`` (those without an error) and
         puts each one's ``Result`` in its slot."""
         ks = np.array([min(batch.queries[i].k, self.num_items) for i in live])
-        exclude = self._exclusions(
-            [batch.queries[i].exclude_items for i in live],
-            batch.seen_rows[live],
-            batch.self_rows[live],
-        )
+        exclude = batch.exclusions(live, self.artifact)
         labels = [batch.labels[i] for i in live]
         results = self._search(batch.vectors[live], labels, ks, exclude)
         for position, result in zip(live, results, strict=True):
@@ -261,30 +258,6 @@ class Retriever:
                 interests=None if item_query else result.interests,
                 vector=batch.sources[position],
             )
-
-    def _exclusions(
-        self, exclude_items: list[Sequence[Any]], seen_rows: np.ndarray, self_rows: np.ndarray
-    ) -> sp.csr_matrix | None:
-        """(B, N): each query's seen items, its ``exclude_items`` and an item itself.
-
-        Built from (row, column) pairs, in time proportional to the excluded items:
-        nothing here walks the N columns.
-        """
-        B, N = len(exclude_items), self.num_items
-        lengths = [len(items) for items in exclude_items]
-        named = [item for items in exclude_items for item in items]
-        seen_at, seen_cols = _gather_rows(self.artifact.seen, seen_rows)
-        itself = np.flatnonzero(self_rows >= 0)
-        rows = np.concatenate([seen_at, np.repeat(np.arange(B), lengths), itself])
-        cols = np.concatenate([seen_cols, self.artifact.item_rows(named), self_rows[itself]])
-        known = cols >= 0  # unknown ids can never be returned anyway
-        if not known.any():
-            return None
-        rows, cols = rows[known], cols[known]
-        order = np.argsort(rows, kind="stable")  # CSR arrays directly: no COO pass
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=B))])
-        ones = np.ones(len(cols), np.float32)
-        return sp.csr_matrix((ones, cols[order], indptr), shape=(B, N))  # repeats allowed
 
     def _search(
         self,
@@ -310,16 +283,6 @@ class Retriever:
             Result(label, items[s:e], values[s:e], found[s:e] if found is not None else None)
             for label, s, e in zip(labels, starts, ends, strict=True)
         ]
-
-
-def _gather_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, columns) of the nonzeros of ``matrix[rows[b]]`` for every b with rows[b] >= 0."""
-    positions = np.flatnonzero(rows >= 0)
-    starts = matrix.indptr[rows[positions]]
-    lengths = matrix.indptr[rows[positions] + 1] - starts
-    offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)  # (nnz,) start - before
-    picked = offsets + np.arange(lengths.sum())
-    return np.repeat(positions, lengths), matrix.indices[picked].astype(np.int64)
 
 
 def _raise_first(answers: list[Result | DataError]) -> list[Result]:

@@ -1,4 +1,5 @@
-"""Query vectors from each source a ``Query`` may start from, for one batch at a time.
+"""Query vectors from each source a ``Query`` may start from, for one batch at a time;
+and what each query of the batch leaves out of its search.
 
     users    -> precomputed vectors, or their kept (or transformed) inputs -> tower
     features -> raw rows converted to the stored types (features/rows.py) -> tower
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 import torch
 
 from twotower.errors import DataError
@@ -26,6 +28,7 @@ from twotower.serving.artifact import Artifact
 from twotower.serving.query import Query, Result, UnknownItemError, UnknownQueryError
 from twotower.serving.query_vectors import QueryVectors
 from twotower.serving.runtime import tower_runtime
+from twotower.serving.settings import Runtime
 
 # The most bytes the known users' model inputs may take in memory (QuerySources).
 INPUT_BUDGET = 1 << 30
@@ -57,6 +60,31 @@ class QueryBatch:
         for position, label in zip(positions.tolist(), labels, strict=True):
             self.labels[position] = label
 
+    def exclusions(self, positions: np.ndarray, artifact: Artifact) -> sp.csr_matrix | None:
+        """(P, N) what the queries at ``positions`` leave out: each one's seen items, its
+        ``exclude_items`` and an item itself; None when nothing is left out.
+
+        Built from (row, column) pairs, in time proportional to the excluded items:
+        nothing here walks the N columns.
+        """
+        P, N = len(positions), artifact.index.num_items
+        excluded = [self.queries[i].exclude_items for i in positions]
+        lengths = [len(items) for items in excluded]
+        named = [item for items in excluded for item in items]
+        seen_at, seen_cols = _gather_rows(artifact.seen, self.seen_rows[positions])
+        self_rows = self.self_rows[positions]
+        itself = np.flatnonzero(self_rows >= 0)
+        rows = np.concatenate([seen_at, np.repeat(np.arange(P), lengths), itself])
+        cols = np.concatenate([seen_cols, artifact.item_rows(named), self_rows[itself]])
+        known = cols >= 0  # unknown ids can never be returned anyway
+        if not known.any():
+            return None
+        rows, cols = rows[known], cols[known]
+        order = np.argsort(rows, kind="stable")  # CSR arrays directly: no COO pass
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=P))])
+        ones = np.ones(len(cols), np.float32)
+        return sp.csr_matrix((ones, cols[order], indptr), shape=(P, N))  # repeats allowed
+
 
 class QuerySources:
     """Fills a ``QueryBatch``'s vectors from each query's source, over one artifact.
@@ -77,7 +105,7 @@ class QuerySources:
         artifact: Artifact,
         query_vectors: QueryVectors | None = None,
         input_budget: int = INPUT_BUDGET,
-        runtime: str = "torch",
+        runtime: Runtime = "torch",
     ) -> None:
         self.artifact = artifact
         self.runtime = tower_runtime(artifact, runtime)
@@ -229,6 +257,16 @@ def _padded_cat(parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(parts)
     width = max(p.shape[1] for p in parts)
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
+def _gather_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, columns) of the nonzeros of ``matrix[rows[b]]`` for every b with rows[b] >= 0."""
+    positions = np.flatnonzero(rows >= 0)
+    starts = matrix.indptr[rows[positions]]
+    lengths = matrix.indptr[rows[positions] + 1] - starts
+    offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)  # (nnz,) start - before
+    picked = offsets + np.arange(lengths.sum())
+    return np.repeat(positions, lengths), matrix.indices[picked].astype(np.int64)
 
 
 def _encodes(text: str) -> bool:
