@@ -47,7 +47,7 @@ from twotower.serving.query import (
     check_k,
 )
 from twotower.serving.query_vectors import QueryVectors, read_query_vectors
-from twotower.serving.runtime import TowerRuntime
+from twotower.serving.runtime import tower_runtime
 from twotower.serving.settings import Runtime
 from twotower.serving.sources import INPUT_BUDGET, QueryBatch, QuerySources
 
@@ -76,7 +76,8 @@ class Retriever:
         runtime: Runtime = "torch",
     ) -> None:
         self.artifact = artifact
-        self.sources = QuerySources(artifact, query_vectors, input_budget, runtime)
+        self.runtime = tower_runtime(artifact, runtime)
+        self.sources = QuerySources(artifact, self.runtime, query_vectors, input_budget)
         artifact.query_keys, artifact.item_keys  # noqa: B018 (built now, not on a request)
 
     @classmethod
@@ -98,11 +99,6 @@ class Retriever:
     def interests(self) -> int:
         """K, the vectors the query tower gives each query (1 unless multi-interest)."""
         return self.artifact.query_tower.interests
-
-    @property
-    def runtime(self) -> TowerRuntime:
-        """What runs the query tower."""
-        return self.sources.runtime
 
     @property
     def known_inputs(self) -> dict | None:

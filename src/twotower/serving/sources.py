@@ -27,10 +27,9 @@ from twotower.features.specs import TextFeature
 from twotower.serving.artifact import Artifact
 from twotower.serving.query import Query, Result, UnknownItemError, UnknownQueryError
 from twotower.serving.query_vectors import QueryVectors
-from twotower.serving.runtime import tower_runtime
-from twotower.serving.settings import Runtime
+from twotower.serving.runtime import TowerRuntime
 
-# The most bytes the known users' model inputs may take in memory (QuerySources).
+# The most bytes the known users' model inputs may take in memory (Retriever's default).
 INPUT_BUDGET = 1 << 30
 CHUNK_ROWS = 4096  # queries through the tower at once
 
@@ -91,24 +90,21 @@ class QuerySources:
 
     Args:
         artifact: the loaded artifact.
-        query_vectors: known users' precomputed vectors, used instead of a tower pass
-            for the users they hold; None: the tower computes every query vector.
-        input_budget: the most bytes the known users' model inputs may take: when they
-            fit, every known user's row is transformed once, here, and a request only
-            gathers its users' rows; else each request transforms its users' rows.
-            Not kept when ``query_vectors`` holds every known user.
-        runtime: what runs the query tower (``twotower.serving.runtime``).
+        runtime: what runs its query tower.
+        query_vectors: known users' precomputed vectors, or None.
+        input_budget: the most bytes the known users' kept model inputs may take
+            (``Retriever``'s arguments say more).
     """
 
     def __init__(
         self,
         artifact: Artifact,
-        query_vectors: QueryVectors | None = None,
-        input_budget: int = INPUT_BUDGET,
-        runtime: Runtime = "torch",
+        runtime: TowerRuntime,
+        query_vectors: QueryVectors | None,
+        input_budget: int,
     ) -> None:
         self.artifact = artifact
-        self.runtime = tower_runtime(artifact, runtime)
+        self.runtime = runtime
         self.query_vectors = query_vectors
         every_user_stored = query_vectors is not None and bool(query_vectors.present.all())
         self.known_inputs = None if every_user_stored else _known_inputs(artifact, input_budget)

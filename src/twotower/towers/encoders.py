@@ -198,7 +198,7 @@ class FeatureEncoders(nn.Module):
         }
 
 
-def _encode(encoder: nn.Module, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _encode(encoder: HistoryEncoder, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """One feature's encoding; an encoder that reads timestamps gets them beside."""
     extra = encoder.times_input
     return encoder(inputs[name]) if extra is None else encoder(inputs[name], inputs[extra])

@@ -11,8 +11,9 @@ tower, and outputs that table's width D:
     order.py        the orderings they share (padding moved to the end)
 
 ``mean`` and ``sum`` pooling are ``twotower.towers.encoders.PooledEncoder``. What a
-tower asks of an encoder is declared here (``HistoryEncoder``, ``SequenceEncoder``);
-the registries map config names to the classes.
+tower asks of an encoder is declared here (``HistoryEncoder``, ``SequenceEncoder``;
+the extractors share ``InterestExtractor``); the registries map config names to the
+classes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from torch import nn
 
 from twotower.towers.history.attention import AttentionPooling
 from twotower.towers.history.gru import GRUEncoder
-from twotower.towers.history.interests import RoutingInterests, SelfAttentiveInterests
+from twotower.towers.history.interests import (
+    InterestExtractor,
+    RoutingInterests,
+    SelfAttentiveInterests,
+)
 from twotower.towers.history.transformer import CausalTransformer
 
 
@@ -77,7 +82,7 @@ HISTORY_ENCODERS: dict[str, type[HistoryEncoder]] = {
     "gru": GRUEncoder,
 }
 # multi-interest extractors (``features.query.<history>.extractor``): interests K > 1
-INTEREST_EXTRACTORS: dict[str, type[HistoryEncoder]] = {
+INTEREST_EXTRACTORS: dict[str, type[InterestExtractor]] = {
     "self_attention": SelfAttentiveInterests,
     "routing": RoutingInterests,
 }
@@ -89,6 +94,7 @@ __all__ = [
     "CausalTransformer",
     "GRUEncoder",
     "HistoryEncoder",
+    "InterestExtractor",
     "RoutingInterests",
     "SelfAttentiveInterests",
     "SequenceEncoder",

@@ -44,7 +44,25 @@ from twotower.towers.history.order import (
 )
 
 
-class SelfAttentiveInterests(nn.Module):
+class InterestExtractor(nn.Module):
+    """What every extractor declares (``HistoryEncoder``): K = ``spec.interests``
+    vectors of the shared table's width D, read from the codes alone.
+
+    Args:
+        table: the shared item-id embedding table (D = its width).
+        spec: the history feature.
+    """
+
+    times_input = None  # reads no timestamps
+
+    def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
+        super().__init__()
+        self.table = table
+        self.width = table.embedding_dim
+        self.interests = spec.interests
+
+
+class SelfAttentiveInterests(InterestExtractor):
     """(B, L) item codes, most recent first, 0-padded -> (B, K, D) ComiRec-SA interests.
 
     Args:
@@ -52,13 +70,8 @@ class SelfAttentiveInterests(nn.Module):
         spec: the history feature (``interests`` K, ``max_len`` recency embeddings).
     """
 
-    times_input = None  # reads no timestamps (``HistoryEncoder``)
-
     def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
-        super().__init__()
-        self.table = table
-        self.width = table.embedding_dim
-        self.interests = spec.interests
+        super().__init__(table, spec)
         self.max_len = spec.max_len
         self.recency = position_table(spec.max_len, self.width)
         self.project = nn.Linear(self.width, 4 * self.width, bias=False)  # ComiRec's 4 D
@@ -77,7 +90,7 @@ class SelfAttentiveInterests(nn.Module):
         return torch.einsum("blk,bld->bkd", weights, scattered(packed, real, 0.0))
 
 
-class RoutingInterests(nn.Module):
+class RoutingInterests(InterestExtractor):
     """(B, L) item codes, most recent first, 0-padded -> (B, K, D) routed interests.
 
     Args:
@@ -85,13 +98,8 @@ class RoutingInterests(nn.Module):
         spec: the history feature (``interests`` K, ``routing_iterations``).
     """
 
-    times_input = None  # reads no timestamps (``HistoryEncoder``)
-
     def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
-        super().__init__()
-        self.table = table
-        self.width = table.embedding_dim
-        self.interests = spec.interests
+        super().__init__(table, spec)
         self.iterations = spec.routing_iterations
         self.maps = nn.Linear(self.width, spec.interests * self.width, bias=False)  # S_1..S_K
 
