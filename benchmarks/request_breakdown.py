@@ -37,7 +37,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import uvicorn
 
-from twotower.serving import batching, retriever, runtime
+from twotower.serving import batching, retriever, runtime, sources
 from twotower.serving.http import create_app
 from twotower.serving.server import bind
 from twotower.serving.settings import ServiceConfig
@@ -85,10 +85,13 @@ def instrument(times: dict[str, list[float]]) -> None:
 
     batching.MicroBatcher.submit = timed_submit
     batching.MicroBatcher._answer = timed(times, "retrieve", batching.MicroBatcher._answer)
-    stages = {"user vectors": "_embed_users", "exclusions": "_exclusions", "search": "_search"}
-    for name, method in stages.items():
-        function = getattr(retriever.Retriever, method)
-        setattr(retriever.Retriever, method, timed(times, name, function))
+    stages = {
+        "user vectors": (sources.QuerySources, "users"),
+        "exclusions": (sources.QueryBatch, "exclusions"),
+        "search": (retriever.Retriever, "_search"),
+    }
+    for name, (owner, method) in stages.items():
+        setattr(owner, method, timed(times, name, getattr(owner, method)))
     for kind in (runtime.TorchRuntime, runtime.OnnxRuntime):
         kind.vectors = timed(times, "tower", kind.vectors)
 

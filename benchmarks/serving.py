@@ -43,7 +43,7 @@ import numpy as np
 from twotower.demo import _write_synthetic, demo_config
 from twotower.export import export_run
 from twotower.serving import Retriever
-from twotower.serving.retriever import Query
+from twotower.serving.query import Query
 from twotower.towers.model import embed_rows
 from twotower.training.run import train_run
 

@@ -340,6 +340,29 @@ def recall(
         typer.echo(json.dumps(line, default=str))
 
 
+ServeRuntime = Annotated[
+    str,
+    typer.Option(
+        help="What runs the query tower: torch, or onnx (the graph of an artifact "
+        "exported with --onnx, on ONNX Runtime)."
+    ),
+]
+ServeQueryVectors = Annotated[
+    Path | None,
+    typer.Option(
+        help="Answer the known users this file holds from their precomputed vectors "
+        "(twotower export --query-vectors), without a tower pass."
+    ),
+]
+ServeWorkers = Annotated[
+    int,
+    typer.Option(
+        help="Worker processes sharing the socket and one mapped copy of the item "
+        "vectors, index and tower weights; reloads switch all of them or none."
+    ),
+]
+
+
 @app.command()
 def serve(
     artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT_DIR", help="An exported artifact.")],
@@ -357,27 +380,9 @@ def serve(
     ] = 0.0,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
     threads: Threads = None,
-    query_vectors: Annotated[
-        Path | None,
-        typer.Option(
-            help="Answer the known users this file holds from their precomputed vectors "
-            "(twotower export --query-vectors), without a tower pass."
-        ),
-    ] = None,
-    runtime: Annotated[
-        str,
-        typer.Option(
-            help="What runs the query tower: torch, or onnx (the graph of an artifact "
-            "exported with --onnx, on ONNX Runtime)."
-        ),
-    ] = "torch",
-    workers: Annotated[
-        int,
-        typer.Option(
-            help="Worker processes sharing the socket and one mapped copy of the item "
-            "vectors, index and tower weights; reloads switch all of them or none."
-        ),
-    ] = 1,
+    query_vectors: ServeQueryVectors = None,
+    runtime: ServeRuntime = "torch",
+    workers: ServeWorkers = 1,
 ) -> None:
     """Serve top-K recall over HTTP: POST /recall, /recall/batch, GET /items/{id}/similar.
 
@@ -388,9 +393,7 @@ def serve(
     from twotower.serving.server import serve as run_server
     from twotower.serving.settings import ServiceConfig
 
-    if batch_queries < 1 or batch_wait_ms < 0 or max_body_bytes < 1:
-        raise ConfigError("--batch-queries and --max-body-bytes must be >= 1, --batch-wait-ms >= 0")
-    config = ServiceConfig(
+    config = ServiceConfig(  # refuses a bad value (ConfigError: one line, status 2)
         max_body_bytes=max_body_bytes,
         batch_queries=batch_queries,
         batch_wait_ms=batch_wait_ms,

@@ -42,7 +42,7 @@ from twotower.sources import KnownQueries, check_as_of, open_source
 from twotower.storage import replaced_folder
 from twotower.threads import set_threads
 from twotower.towers.model import Tower, embed_inputs, embed_rows
-from twotower.towers.portable import OUTPUT, save_onnx
+from twotower.towers.onnx import OUTPUT, save_onnx
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import METRICS_FILE, load_model, reported_model
 

@@ -144,3 +144,30 @@ def test_a_streamed_history_cannot_have_time_buckets():
     config = FeaturesConfig(query=[spec], item=[IdFeature("item", "item")])
     with pytest.raises(ConfigError, match="time_buckets need each item's timestamp"):
         StreamingFit(FeaturePipeline(config).transforms["query"])
+
+
+def test_input_column_is_the_one_answer_to_which_column_a_feature_reads():
+    """A history fitted in memory reads the query key column; fitted from rows, its
+    own list column. The pipeline's transform, the input contract and every side's
+    column list take that one answer."""
+    from twotower.features.contract import input_contract
+
+    config = FeaturesConfig(
+        query=[IdFeature("user", "user"), HistoryFeature("history", "user", "item", max_len=3)],
+        item=[IdFeature("item", "item")],
+    )
+    in_memory, from_rows = FeaturePipeline(config), FeaturePipeline(config)
+    assert in_memory.input_column("query", "history") == "user"
+    assert in_memory.input_columns("query") == ["user"]
+    from_rows.fit_side("item", pa.table({"item": ["a", "b"]}), "item", np.ones(2, np.int64))
+    fit = StreamingFit(from_rows.transforms["query"])
+    fit.update(pa.table({"user": [1, 2]}))
+    fit.finish()
+    assert from_rows.input_column("query", "history") == "history"
+    assert from_rows.input_column("query", "user") == "user"
+    assert from_rows.input_columns("query") == ["user", "history"]
+    assert from_rows.input_column("item", "item") == "item"
+    contract = {entry["name"]: entry["column"] for entry in input_contract(from_rows, "query")}
+    assert contract == {"user": "user", "history": "history"}
+    rows = pa.table({"user": [1], "history": [["b"]]})
+    assert set(from_rows.transform("query", rows)) == {"user", "history"}

@@ -9,7 +9,7 @@ import pytest
 
 from twotower.errors import DataError
 from twotower.serving.batching import MicroBatcher
-from twotower.serving.retriever import Query, Result
+from twotower.serving.query import Query, Result
 
 
 class GatedRetriever:

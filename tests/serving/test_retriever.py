@@ -12,7 +12,7 @@ import pytest
 
 from twotower.errors import DataError
 from twotower.serving import Artifact, Result, Retriever, UnknownItemError, UnknownQueryError
-from twotower.serving.retriever import Query
+from twotower.serving.query import Query
 from twotower.towers.model import embed_rows
 from twotower.training.run import load_model
 
@@ -179,6 +179,50 @@ def test_recall_rows_of_a_known_user_equals_recall_users_without_seen(retriever,
     by_rows = retriever.recall_rows(rows, 8)
     by_ids = retriever.recall_users(rows.column("user_id").to_pylist(), 8, exclude_seen=False)
     assert by_rows == by_ids
+
+
+@pytest.mark.parametrize(
+    "fixture", ["demo_artifact", "sequence_artifact", "timed_artifact", "interests_artifact"]
+)
+def test_recall_rows_answers_as_its_rows_through_the_tower_and_one_search(fixture, request):
+    """``recall_rows`` asks ``retrieve`` with one ``Query(features=...)`` per row: the
+    answers are the rows' own columns through the query tower and one index search
+    (columns no feature reads left out), labelled with each row's key."""
+    folder, _ = request.getfixturevalue(fixture)
+    retriever = Retriever.load(folder)
+    artifact = retriever.artifact
+    rows = artifact.queries.slice(3, 6)
+    results = retriever.recall_rows(rows.append_column("unread", pa.array(range(6))), 7)
+    vectors = embed_rows(artifact.query_tower, artifact.pipeline, "query", rows).numpy()
+    if vectors.ndim == 3:
+        ids, scores, interests = artifact.index.search_interests(vectors, 7, None)
+    else:
+        (ids, scores), interests = artifact.index.search(vectors, 7, None), None
+    item_ids = artifact.item_ids.to_pylist()
+    for b, result in enumerate(results):
+        assert result.items == [item_ids[i] for i in ids[b]]
+        np.testing.assert_allclose(result.scores, scores[b], rtol=1e-5, atol=1e-6)
+        assert result.interests == (None if interests is None else interests[b].tolist())
+        assert result.vector == "tower"
+    assert [r.query for r in results] == rows.column(artifact.query_key).to_pylist()
+    features = [{c: row[c] for c in retriever.query_columns} for row in rows.to_pylist()]
+    answers = retriever.retrieve([Query(features=f, k=7) for f in features])
+    assert [(a.items, a.scores, a.interests) for a in answers] == [
+        (r.items, r.scores, r.interests) for r in results
+    ]
+
+
+def test_recall_rows_converts_its_values_to_the_stored_types_as_a_request_row(retriever):
+    """Values convert where nothing is lost (ages as text); one that does not is refused
+    with the error a request's row gets."""
+    rows = retriever.artifact.queries.slice(0, 2)
+    at = rows.schema.get_field_index("age")
+    ages = [None if age is None else str(age) for age in rows.column("age").to_pylist()]
+    as_text = rows.set_column(at, "age", pa.array(ages, pa.string()))
+    assert retriever.recall_rows(as_text, 3) == retriever.recall_rows(rows, 3)
+    bad = rows.set_column(at, "age", pa.array(["30", "old"]))
+    with pytest.raises(DataError, match="feature 'age': 'old' is not a valid double"):
+        retriever.recall_rows(bad, 3)
 
 
 def test_recall_rows_names_every_missing_column(retriever):

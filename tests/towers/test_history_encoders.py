@@ -12,7 +12,13 @@ from torch import nn
 
 from twotower.features.specs import HistoryFeature
 from twotower.towers.encoders import PooledEncoder, embedding_table
-from twotower.towers.history import HISTORY_ENCODERS, AttentionPooling, CausalTransformer
+from twotower.towers.history import (
+    HISTORY_ENCODERS,
+    AttentionPooling,
+    CausalTransformer,
+    HistoryEncoder,
+    SequenceEncoder,
+)
 from twotower.towers.history.order import oldest_first
 
 ENCODERS = ["mean", "sum", *HISTORY_ENCODERS]
@@ -31,6 +37,22 @@ def make(name: str, max_len: int = 6, **spec) -> nn.Module:
 
 
 HISTORIES = torch.tensor([[5, 3, 2, 0, 0, 0], [7, 0, 0, 0, 0, 0], [4, 11, 9, 1, 6, 8]])
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_every_encoder_declares_the_history_encoder_interface(name):
+    """What a tower reads of an encoder is declared, not probed: one vector of the
+    table's width, no timestamps; a per-position output for the sequence encoders."""
+    encoder = make(name)
+    assert isinstance(encoder, HistoryEncoder)
+    assert (encoder.width, encoder.interests, encoder.times_input) == (D, 1, None)
+    assert isinstance(encoder, SequenceEncoder) == (name in SEQUENCES)
+
+
+def test_attention_with_time_gaps_declares_the_timestamps_it_reads():
+    encoder = timed()
+    assert isinstance(encoder, HistoryEncoder) and not isinstance(encoder, SequenceEncoder)
+    assert encoder.times_input == "history:times"
 
 
 @pytest.mark.parametrize("name", ENCODERS)

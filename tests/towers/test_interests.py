@@ -20,7 +20,13 @@ from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature, OneHotFeature
 from twotower.towers.config import MLPConfig, ModelConfig
 from twotower.towers.encoders import embedding_table
-from twotower.towers.history import INTEREST_EXTRACTORS, AttentionPooling, SelfAttentiveInterests
+from twotower.towers.history import (
+    INTEREST_EXTRACTORS,
+    AttentionPooling,
+    HistoryEncoder,
+    SelfAttentiveInterests,
+    SequenceEncoder,
+)
 from twotower.towers.history.interests import squash
 from twotower.towers.model import TwoTower, embed_rows, interest_scores, select_interests
 
@@ -34,6 +40,13 @@ def make(extractor: str, interests: int = K, **spec) -> nn.Module:
         "history", "user", "item_id", max_len=6, interests=interests, extractor=extractor, **spec
     )
     return INTEREST_EXTRACTORS[extractor](embedding_table(30, D, sparse=False), feature).eval()
+
+
+@pytest.mark.parametrize("extractor", INTEREST_EXTRACTORS)
+def test_an_extractor_declares_its_k_interests(extractor):
+    extract = make(extractor)
+    assert isinstance(extract, HistoryEncoder) and not isinstance(extract, SequenceEncoder)
+    assert (extract.width, extract.interests, extract.times_input) == (D, K, None)
 
 
 @pytest.mark.parametrize("extractor", INTEREST_EXTRACTORS)

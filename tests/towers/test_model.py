@@ -25,6 +25,7 @@ from twotower.features.specs import (
 )
 from twotower.towers.config import MLPConfig, ModelConfig
 from twotower.towers.encoders import FeatureEncoders, PooledEncoder, embedding_table
+from twotower.towers.history import HistoryEncoder
 from twotower.towers.model import Temperature, TwoTower, build_query_tower, embed_rows
 
 FEATURES = FeaturesConfig(
@@ -125,6 +126,18 @@ def test_pooled_encoder_mean_leaves_out_padding():
     assert torch.equal(mean, torch.tensor([[0.5, 1.0], [4.0, 4.0], [0.0, 0.0]]))
     total = PooledEncoder(table, "sum")(torch.tensor([[1, 2, 4]]))
     assert torch.equal(total, torch.tensor([[7.0, 2.0]]))
+
+
+def test_every_feature_encoder_declares_what_the_tower_reads(fitted):
+    """Ids, one-hot, dense, lists, text and histories: each encoder declares its width,
+    K and timestamps (``HistoryEncoder``); the tower's width is their sum."""
+    _, pipeline = fitted
+    model = build(pipeline)
+    for tower in (model.query_tower, model.item_tower):
+        encoders = tower.encoders.encoders.values()
+        assert all(isinstance(encoder, HistoryEncoder) for encoder in encoders)
+        assert all((e.interests, e.times_input) == (1, None) for e in encoders)
+        assert tower.encoders.output_dim == sum(encoder.width for encoder in encoders)
 
 
 def test_encoders_concatenate_in_config_order_and_name_missing_inputs(fitted):

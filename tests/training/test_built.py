@@ -196,7 +196,8 @@ def test_an_artifact_exported_from_built_data_serves_as_in_memory(configs, strea
     from twotower.data.matrix import interaction_matrix
     from twotower.export import export_run
     from twotower.index.topk import top_k
-    from twotower.serving.retriever import Query, Retriever
+    from twotower.serving.query import Query
+    from twotower.serving.retriever import Retriever
     from twotower.towers.model import embed_rows
     from twotower.training.run import load_model
 

@@ -36,7 +36,7 @@ def input_contract(pipeline: FeaturePipeline, side: str) -> list[dict[str, Any]]
     out = []
     for name, transform in pipeline.transforms[side].items():
         spec = transform.spec
-        column = spec.name if getattr(transform, "from_rows", False) else spec.column
+        column = pipeline.input_column(side, name)
         entry = {"name": name, "feature": name, "kind": spec.kind, "column": column}
         out.append({**entry, **_encoding(spec, transform.size)})
         if isinstance(spec, HistoryFeature) and spec.time_buckets:

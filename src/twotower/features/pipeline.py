@@ -150,34 +150,67 @@ class FeaturePipeline:
             copy.transforms["query"][name] = fresh
         return copy
 
+    def input_column(self, side: str, name: str) -> str:
+        """The raw column that feature ``name`` of ``side`` reads: its ``column``, except
+        a history fitted from rows (a data build), which reads the list column named
+        after the feature (each row carries its own history)."""
+        transform = self.transforms[side][name]
+        if isinstance(transform, HistoryTransform) and transform.from_rows:
+            return transform.spec.name
+        return transform.spec.column
+
+    def input_columns(self, side: str) -> list[str]:
+        """Every raw column the features of ``side`` read, once each, in config order."""
+        return list(dict.fromkeys(self.input_column(side, name) for name in self.transforms[side]))
+
     def transform(self, side: str, table: pa.Table) -> dict[str, torch.Tensor]:
-        """Model inputs of a batch of raw rows (a table with the side's feature columns).
+        """Model inputs of a batch of raw rows (a table with the side's input columns).
 
         Returns:
             Feature name -> tensor: ``id``/``bucketize``: (B,) int64; ``onehot``:
             (B, C) float32; ``dense``: (B, 2) float32; ``multihot``/``text``/
             ``history``: (B, L) int64, 0-padded; and for a history with
             ``time_buckets``, ``"{name}:times"``: (B, L) float64 its items' timestamps.
+
+        Raises:
+            DataError: ``table`` lacks a column a feature reads.
         """
         out = {}
         for name, transform in self.transforms[side].items():
-            if isinstance(transform, HistoryTransform) and transform.from_rows:
-                spec = transform.spec
-                if spec.name not in table.column_names:
-                    raise DataError(
-                        f"history feature {spec.name!r} reads its rows' list column "
-                        f"{spec.name!r} (as twotower data build writes it), which the "
-                        f"{side} rows lack; they have {table.column_names}"
-                    )
-                item = self.transforms["item"][spec.item_feature]
-                lists = transform.transform_lists(table.column(spec.name), item)
-                out[name] = torch.from_numpy(lists)
-                continue
-            _require_column(table, transform.spec, side)
-            column = table.column(transform.spec.column)
-            out[name] = torch.from_numpy(transform.transform(column))
-            if isinstance(transform, HistoryTransform) and transform.spec.time_buckets:
-                out[transform.spec.times_input] = torch.from_numpy(transform.times(column))
+            values = self._input_values(side, name, table)
+            if isinstance(transform, HistoryTransform):
+                arrays = self._history_inputs(transform, values)
+            else:
+                arrays = {name: transform.transform(values)}
+            out.update({key: torch.from_numpy(array) for key, array in arrays.items()})
+        return out
+
+    def _input_values(self, side: str, name: str, table: pa.Table) -> pa.ChunkedArray:
+        """The column of ``table`` that feature ``name`` reads (``input_column``)."""
+        column = self.input_column(side, name)
+        if column in table.column_names:
+            return table.column(column)
+        spec = self.transforms[side][name].spec
+        if column != spec.column:  # a history's own list column
+            raise DataError(
+                f"history feature {spec.name!r} reads its rows' list column {column!r} (as "
+                f"twotower data build writes it), which the {side} rows lack; they have "
+                f"{table.column_names}"
+            )
+        _require_column(table, spec, side)
+        return table.column(column)
+
+    def _history_inputs(
+        self, transform: HistoryTransform, values: pa.ChunkedArray
+    ) -> dict[str, np.ndarray]:
+        """A history's item codes and, with ``time_buckets``, their timestamps."""
+        spec = transform.spec
+        if transform.from_rows:  # each row's list of item ids, in the item vocabulary
+            item = self.transforms["item"][spec.item_feature]
+            return {spec.name: transform.transform_lists(values, item)}
+        out = {spec.name: transform.transform(values)}
+        if spec.time_buckets:
+            out[spec.times_input] = transform.times(values)
         return out
 
     def transform_chunks(

@@ -1,6 +1,7 @@
 """Serving: a verified artifact and a framework-free retriever over it.
 
 artifact.py   the exported artifact's layout; ``Artifact.load`` checks every file
+query.py      ``Query`` and ``Result``: what one retrieval asks for and answers
 retriever.py  ``Retriever``: known users, new users' rows, free text, similar items
 """
 
@@ -11,13 +12,24 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from twotower.serving.artifact import Artifact
-    from twotower.serving.retriever import Result, Retriever, UnknownItemError, UnknownQueryError
+    from twotower.serving.query import Query, Result, UnknownItemError, UnknownQueryError
+    from twotower.serving.retriever import Retriever
 
-__all__ = ["Artifact", "Result", "Retriever", "UnknownItemError", "UnknownQueryError"]
+__all__ = [
+    "Artifact",
+    "Query",
+    "Result",
+    "Retriever",
+    "UnknownItemError",
+    "UnknownQueryError",
+]
 # Imported on first use, so that a module of this package that needs neither (the
 # parent of several workers: server.py, workers.py) does not load torch.
-_HOMES = {"Artifact": "twotower.serving.artifact"} | dict.fromkeys(
-    ["Result", "Retriever", "UnknownItemError", "UnknownQueryError"], "twotower.serving.retriever"
+_HOMES = {
+    "Artifact": "twotower.serving.artifact",
+    "Retriever": "twotower.serving.retriever",
+} | dict.fromkeys(
+    ["Query", "Result", "UnknownItemError", "UnknownQueryError"], "twotower.serving.query"
 )
 
 

@@ -65,7 +65,7 @@ SEEN_FILE = "seen.npz"
 # marks them); read where the manifest lists it.
 HELDOUT_FILE = "heldout.npz"
 INDEX_DIR = "index"
-# Optional: the query tower as an ONNX graph (twotower.towers.portable), its weights
+# Optional: the query tower as an ONNX graph (twotower.towers.onnx), its weights
 # beside it in query_tower.onnx.data.
 ONNX_FILE = "onnx/query_tower.onnx"
 # What the loader reads from the manifest besides its format version.

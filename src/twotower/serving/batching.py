@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from twotower.errors import DataError
-from twotower.serving.retriever import Query, Result, Retriever
+from twotower.serving.query import Query, Result
+from twotower.serving.retriever import Retriever
 
 log = logging.getLogger(__name__)
 

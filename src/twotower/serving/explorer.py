@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from twotower.features.categorical import IdTransform
 from twotower.features.history import HistoryTransform
 from twotower.serving.artifact import Artifact
-from twotower.serving.retriever import UnknownItemError, UnknownQueryError
+from twotower.serving.query import UnknownItemError, UnknownQueryError
 from twotower.serving.schemas import MAX_EXCLUDE
 
 MAX_SUGGESTIONS = 50

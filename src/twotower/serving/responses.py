@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twotower.errors import DataError
 from twotower.serving import schemas
-from twotower.serving.retriever import UnknownItemError, UnknownQueryError
+from twotower.serving.query import UnknownItemError, UnknownQueryError
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,8 @@ import torch
 
 from twotower.errors import ConfigError, DataError
 from twotower.serving.artifact import Artifact
+from twotower.serving.settings import Runtime, check_runtime
 from twotower.towers.model import embed_inputs
-
-RUNTIMES = ("torch", "onnx")
 
 
 class TowerRuntime(Protocol):
@@ -50,7 +49,7 @@ class TorchRuntime:
 
 
 class OnnxRuntime:
-    """An ONNX query tower (``twotower.towers.portable``) on ONNX Runtime.
+    """An ONNX query tower (``twotower.towers.onnx``) on ONNX Runtime.
 
     Args:
         path: the ``.onnx`` file.
@@ -103,15 +102,14 @@ class OnnxRuntime:
         return feeds
 
 
-def tower_runtime(artifact: Artifact, name: str) -> TowerRuntime:
-    """The runtime ``name`` (one of ``RUNTIMES``) over ``artifact``'s query tower.
+def tower_runtime(artifact: Artifact, name: Runtime) -> TowerRuntime:
+    """The runtime ``name`` (one of ``settings.RUNTIMES``) over ``artifact``'s query tower.
 
     Raises:
         ConfigError: an unknown runtime name, or its package is missing.
         DataError: the artifact lacks what the runtime runs.
     """
-    if name not in RUNTIMES:
-        raise ConfigError(f"unknown tower runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+    check_runtime(name)
     if name == "torch":
         return TorchRuntime(artifact)
     entry = artifact.manifest.get("onnx")

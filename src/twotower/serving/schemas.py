@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from twotower.serving.retriever import Query
+from twotower.serving.query import Query
 
 MAX_K = 1000
 MAX_BATCH = 1000

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal, get_args
+
+from twotower.errors import ConfigError
+
+Runtime = Literal["torch", "onnx"]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)  # what may run the query tower
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +35,9 @@ class ServiceConfig:
             ``onnx`` (the artifact's ONNX graph on ONNX Runtime, ``twotower export
             --onnx``), with which a reload whose artifact lacks the graph fails and the
             old artifact keeps serving.
+
+    Raises:
+        ConfigError: a value out of its range, or an unknown runtime.
     """
 
     max_body_bytes: int = 1 << 20
@@ -38,4 +47,21 @@ class ServiceConfig:
     reload_on_sighup: bool = False
     threads: int | None = None
     query_vectors: Path | None = None
-    runtime: str = "torch"
+    runtime: Runtime = "torch"
+
+    def __post_init__(self) -> None:
+        if self.batch_queries < 1 or self.batch_wait_ms < 0 or self.max_body_bytes < 1:
+            raise ConfigError(
+                "--batch-queries and --max-body-bytes must be >= 1, --batch-wait-ms >= 0"
+            )
+        check_runtime(self.runtime)
+
+
+def check_runtime(name: str) -> None:
+    """Refuses a tower runtime that is not one of ``RUNTIMES``.
+
+    Raises:
+        ConfigError: naming the runtime and the choices.
+    """
+    if name not in RUNTIMES:
+        raise ConfigError(f"unknown tower runtime {name!r}; choose one of {', '.join(RUNTIMES)}")

@@ -25,7 +25,8 @@ from twotower.errors import DataError
 from twotower.serving import schemas
 from twotower.serving.batching import MicroBatcher
 from twotower.serving.middleware import ServiceMetrics
-from twotower.serving.retriever import Query, Result, Retriever
+from twotower.serving.query import Query, Result
+from twotower.serving.retriever import Retriever
 from twotower.serving.settings import ServiceConfig
 from twotower.threads import set_threads
 

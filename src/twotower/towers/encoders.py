@@ -15,6 +15,10 @@ evaluation and serving feed a tower the same tensors:
 With a multi-interest history the side's encoding is (B, K, output_dim): each
 interest beside the same encodings of the other features.
 
+Every encoder declares what ``FeatureEncoders`` reads of it, the attributes of
+``twotower.towers.history.HistoryEncoder``: ``width``, ``interests`` (K) and
+``times_input`` (the timestamps it takes beside its codes, if any).
+
 A history feature shares the embedding table of an item-side id feature (the
 item tower's), so a user is described by the same item vectors the item tower
 learns. Sharing parameters does not couple the towers at scoring time: a query's
@@ -36,7 +40,12 @@ from twotower.features.specs import (
     OneHotFeature,
     TextFeature,
 )
-from twotower.towers.history import HISTORY_ENCODERS, INTEREST_EXTRACTORS
+from twotower.towers.history import (
+    HISTORY_ENCODERS,
+    INTEREST_EXTRACTORS,
+    HistoryEncoder,
+    SequenceEncoder,
+)
 from twotower.towers.history.order import oldest_first
 
 
@@ -49,6 +58,9 @@ def embedding_table(rows: int, dim: int, sparse: bool) -> nn.Embedding:
 
 class LookupEncoder(nn.Module):
     """(B,) indices -> (B, dim) rows of an embedding table."""
+
+    interests = 1
+    times_input = None
 
     def __init__(self, table: nn.Embedding) -> None:
         super().__init__()
@@ -64,6 +76,9 @@ class PooledEncoder(nn.Module):
 
     Padding is left out of the mean; a row of padding only pools to zeros.
     """
+
+    interests = 1
+    times_input = None
 
     def __init__(self, table: nn.Embedding, pooling: str) -> None:
         super().__init__()
@@ -85,6 +100,9 @@ class PooledEncoder(nn.Module):
 
 class VectorEncoder(nn.Module):
     """(B, C) float features (one-hot, standardized value + missing flag), as they are."""
+
+    interests = 1
+    times_input = None
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -123,7 +141,7 @@ class FeatureEncoders(nn.Module):
             for spec in specs
             if isinstance(spec, HistoryFeature) and spec.item_dropout > 0
         }
-        self.interests = max(getattr(e, "interests", 1) for e in self.encoders.values())
+        self.interests = max(encoder.interests for encoder in self.encoders.values())
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, output_dim) the concatenated encodings of a batch of model inputs;
@@ -150,7 +168,8 @@ class FeatureEncoders(nn.Module):
 
         Args:
             inputs: model inputs of B rows; ``inputs[history]`` (B, L) most recent first.
-            history: a history feature whose encoder has ``sequence`` (transformer, gru).
+            history: a history feature whose encoder is a ``SequenceEncoder``
+                (transformer, gru).
 
         Returns:
             One row per real history position: row b's positions oldest first, rows in
@@ -159,7 +178,7 @@ class FeatureEncoders(nn.Module):
         encoder = self.encoders[history]
         if self.interests > 1:
             raise ValueError("a multi-interest tower is not trained one position at a time")
-        if not hasattr(encoder, "sequence"):
+        if not isinstance(encoder, SequenceEncoder):
             raise ValueError(f"history feature {history!r} has no sequence encoder")
         codes, lengths = oldest_first(inputs[history])  # (B, L), (B,)
         real = torch.arange(codes.shape[1], device=codes.device) < lengths[:, None]  # (B, L)
@@ -179,37 +198,41 @@ class FeatureEncoders(nn.Module):
         }
 
 
-def _encode(encoder: nn.Module, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _encode(encoder: HistoryEncoder, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """One feature's encoding; an encoder that reads timestamps gets them beside."""
-    extra = getattr(encoder, "times_input", None)
+    extra = encoder.times_input
     return encoder(inputs[name]) if extra is None else encoder(inputs[name], inputs[extra])
 
 
 def _encoder(
     spec: FeatureSpec, size: int, shared: dict[str, nn.Embedding], sparse: bool
 ) -> nn.Module:
-    if isinstance(spec, IdFeature) and spec.hash_functions > 1:
-        return PooledEncoder(embedding_table(size, spec.dim, sparse), "sum")
-    if isinstance(spec, IdFeature):
-        return LookupEncoder(embedding_table(size, spec.dim, sparse))
-    if isinstance(spec, DenseFeature):
-        if spec.transform == "bucketize":
-            return LookupEncoder(embedding_table(size, spec.dim, sparse))
-        return VectorEncoder(size)
-    if isinstance(spec, OneHotFeature):
+    """One feature's encoder (of ``size`` embedding rows or vector width)."""
+    if isinstance(spec, HistoryFeature):
+        return _history_encoder(spec, shared)
+    if isinstance(spec, OneHotFeature) or (
+        isinstance(spec, DenseFeature) and spec.transform != "bucketize"
+    ):
         return VectorEncoder(size)
     if isinstance(spec, (MultiHotFeature, TextFeature)):
         return PooledEncoder(embedding_table(size, spec.dim, sparse), spec.pooling)
-    if isinstance(spec, HistoryFeature):
-        if spec.item_feature not in shared:
-            raise ValueError(
-                f"history feature {spec.name!r} shares the table of item id feature "
-                f"{spec.item_feature!r}, which the item tower lacks"
-            )
-        table = shared[spec.item_feature]
-        if spec.multi_interest:
-            return INTEREST_EXTRACTORS[spec.extractor](table, spec)
-        if spec.encoder in ("mean", "sum"):
-            return PooledEncoder(table, spec.encoder)
-        return HISTORY_ENCODERS[spec.encoder](table, spec)
+    if isinstance(spec, IdFeature) and spec.hash_functions > 1:  # the sum of its rows
+        return PooledEncoder(embedding_table(size, spec.dim, sparse), "sum")
+    if isinstance(spec, (IdFeature, DenseFeature)):  # an id, or a bucketized value
+        return LookupEncoder(embedding_table(size, spec.dim, sparse))
     raise TypeError(f"no encoder for feature kind {type(spec).__name__}")
+
+
+def _history_encoder(spec: HistoryFeature, shared: dict[str, nn.Embedding]) -> HistoryEncoder:
+    """A history's encoder, over the item-id table ``spec.item_feature`` it shares."""
+    if spec.item_feature not in shared:
+        raise ValueError(
+            f"history feature {spec.name!r} shares the table of item id feature "
+            f"{spec.item_feature!r}, which the item tower lacks"
+        )
+    table = shared[spec.item_feature]
+    if spec.multi_interest:
+        return INTEREST_EXTRACTORS[spec.extractor](table, spec)
+    if spec.encoder in ("mean", "sum"):
+        return PooledEncoder(table, spec.encoder)
+    return HISTORY_ENCODERS[spec.encoder](table, spec)

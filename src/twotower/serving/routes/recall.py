@@ -9,9 +9,9 @@ from fastapi import Path as PathParam
 
 from twotower.errors import DataError
 from twotower.serving import schemas
+from twotower.serving.query import Query as RetrievalQuery
+from twotower.serving.query import Result
 from twotower.serving.responses import ERRORS, refusal, status_of
-from twotower.serving.retriever import Query as RetrievalQuery
-from twotower.serving.retriever import Result
 from twotower.serving.state import Service
 
 router = APIRouter()

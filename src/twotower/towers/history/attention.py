@@ -35,6 +35,8 @@ class AttentionPooling(nn.Module):
         times_input: the model input of the items' timestamps, when time gaps are read.
     """
 
+    interests = 1  # one vector per query (``HistoryEncoder``)
+
     def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
         super().__init__()
         self.table = table

@@ -25,6 +25,9 @@ class GRUEncoder(nn.Module):
         spec: the history feature (``layers``; ``dropout`` between layers).
     """
 
+    interests = 1  # one vector per query, no timestamps (``SequenceEncoder``)
+    times_input = None
+
     def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
         super().__init__()
         self.table = table

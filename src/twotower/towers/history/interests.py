@@ -44,7 +44,25 @@ from twotower.towers.history.order import (
 )
 
 
-class SelfAttentiveInterests(nn.Module):
+class InterestExtractor(nn.Module):
+    """What every extractor declares (``HistoryEncoder``): K = ``spec.interests``
+    vectors of the shared table's width D, read from the codes alone.
+
+    Args:
+        table: the shared item-id embedding table (D = its width).
+        spec: the history feature.
+    """
+
+    times_input = None  # reads no timestamps
+
+    def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
+        super().__init__()
+        self.table = table
+        self.width = table.embedding_dim
+        self.interests = spec.interests
+
+
+class SelfAttentiveInterests(InterestExtractor):
     """(B, L) item codes, most recent first, 0-padded -> (B, K, D) ComiRec-SA interests.
 
     Args:
@@ -53,10 +71,7 @@ class SelfAttentiveInterests(nn.Module):
     """
 
     def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
-        super().__init__()
-        self.table = table
-        self.width = table.embedding_dim
-        self.interests = spec.interests
+        super().__init__(table, spec)
         self.max_len = spec.max_len
         self.recency = position_table(spec.max_len, self.width)
         self.project = nn.Linear(self.width, 4 * self.width, bias=False)  # ComiRec's 4 D
@@ -75,7 +90,7 @@ class SelfAttentiveInterests(nn.Module):
         return torch.einsum("blk,bld->bkd", weights, scattered(packed, real, 0.0))
 
 
-class RoutingInterests(nn.Module):
+class RoutingInterests(InterestExtractor):
     """(B, L) item codes, most recent first, 0-padded -> (B, K, D) routed interests.
 
     Args:
@@ -84,10 +99,7 @@ class RoutingInterests(nn.Module):
     """
 
     def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
-        super().__init__()
-        self.table = table
-        self.width = table.embedding_dim
-        self.interests = spec.interests
+        super().__init__(table, spec)
         self.iterations = spec.routing_iterations
         self.maps = nn.Linear(self.width, spec.interests * self.width, bias=False)  # S_1..S_K
 
@@ -116,9 +128,3 @@ def squash(z: torch.Tensor) -> torch.Tensor:
     """The capsule nonlinearity |z|^2 / (1 + |z|^2) z / |z| on the last axis (0 at 0)."""
     squared = (z * z).sum(dim=-1, keepdim=True)
     return z * (squared / (1 + squared) / torch.sqrt(squared + 1e-12))
-
-
-INTEREST_EXTRACTORS: dict[str, type[nn.Module]] = {
-    "self_attention": SelfAttentiveInterests,
-    "routing": RoutingInterests,
-}

@@ -51,6 +51,9 @@ class CausalTransformer(nn.Module):
             ``dropout``).
     """
 
+    interests = 1  # one vector per query, no timestamps (``SequenceEncoder``)
+    times_input = None
+
     def __init__(self, table: nn.Embedding, spec: HistoryFeature) -> None:
         super().__init__()
         self.table = table
