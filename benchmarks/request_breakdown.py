@@ -37,7 +37,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import uvicorn
 
-from twotower.serving import batching, retriever, runtime, sources
+from twotower.serving import batching, query_sources, retriever, runtime
 from twotower.serving.http import create_app
 from twotower.serving.server import bind
 from twotower.serving.settings import ServiceConfig
@@ -86,8 +86,8 @@ def instrument(times: dict[str, list[float]]) -> None:
     batching.MicroBatcher.submit = timed_submit
     batching.MicroBatcher._answer = timed(times, "retrieve", batching.MicroBatcher._answer)
     stages = {
-        "user vectors": (sources.QuerySources, "users"),
-        "exclusions": (sources.QueryBatch, "exclusions"),
+        "user vectors": (query_sources.QuerySources, "users"),
+        "exclusions": (query_sources.QueryBatch, "exclusions"),
         "search": (retriever.Retriever, "_search"),
     }
     for name, (owner, method) in stages.items():
