@@ -46,10 +46,10 @@ from twotower.serving.query import (
     UnknownQueryError,
     check_k,
 )
+from twotower.serving.query_sources import INPUT_BUDGET, QueryBatch, QuerySources
 from twotower.serving.query_vectors import QueryVectors, read_query_vectors
 from twotower.serving.runtime import tower_runtime
 from twotower.serving.settings import Runtime
-from twotower.serving.query_sources import INPUT_BUDGET, QueryBatch, QuerySources
 
 
 class Retriever:
