@@ -26,7 +26,8 @@ class ServiceConfig:
         reload_on_sighup: reload the artifact when the process gets SIGHUP (needs the
             main thread's event loop, as under ``twotower serve``).
         threads: CPU threads torch computes with, for the whole process; None: the
-            CPUs this process may use (``twotower.threads``).
+            thread variables where set, else the CPUs this process may use
+            (``twotower.threads.default_threads``).
         query_vectors: a file of the artifact's known users' precomputed vectors
             (``twotower.serving.query_vectors``), read again on each reload; a reload
             whose artifact the file does not match fails and the old artifact keeps
