@@ -40,18 +40,10 @@ from twotower.threads import set_threads
 from twotower.towers.model import TwoTower
 from twotower.training.built import evaluate_built
 from twotower.training.checkpoint import CheckpointStore
-from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
-from twotower.training.held_out import QueryTrainingData
-from twotower.training.sequences import SequenceTrainingData
-from twotower.training.streaming import StreamingTrainingData
-from twotower.training.trainer import (
-    EpochCallback,
-    RunState,
-    Trainer,
-    evaluate_model,
-    resolve_device,
-)
+from twotower.training.evaluate import evaluate_model
+from twotower.training.examples import EXAMPLES, TrainingData, TrainingExamples
+from twotower.training.trainer import EpochCallback, RunPlan, RunState, Trainer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +69,7 @@ class TrainResult:
 
 def _stream_data(
     config: Config, out: Path, resume: bool, device: torch.device, main: bool
-) -> StreamingTrainingData:
+) -> TrainingExamples:
     """Streamed training data: features fitted by the data build, from the stream, or
     the run's saved ones when it resumes."""
     stream, built = built_stream(config.data.stream), config.data.stream.built
@@ -99,9 +91,8 @@ def _stream_data(
         pipeline, items, counts, exact = fit_stream_pipeline(stream, config.features, config.seed)
         if main:
             save_fitted(features, pipeline, counts, exact)
-    training = config.training
-    return StreamingTrainingData(
-        stream, pipeline, items, counts, device, config.seed, training.weights, training.weight_cap
+    return EXAMPLES[config.training.examples].from_stream(
+        config, stream, pipeline, items, counts, device
     )
 
 
@@ -112,7 +103,7 @@ def _memory_data(
     device: torch.device,
     main: bool,
     loaded: tuple[Dataset, Split],
-) -> TrainingData:
+) -> TrainingExamples:
     """The ``loaded`` dataset and split, with features fitted on its training split (or
     the run's own)."""
     dataset, split = loaded
@@ -122,32 +113,7 @@ def _memory_data(
         pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
         if main:
             pipeline.save(out / "features")
-    if config.training.one_pass:
-        training = config.training
-        return SequenceTrainingData(
-            dataset,
-            split,
-            pipeline,
-            device,
-            training.position_weights,
-            training.weights,
-            training.weight_cap,
-        )
-    training = config.training
-    if training.examples == "queries":
-        return QueryTrainingData(
-            dataset,
-            split,
-            pipeline,
-            device,
-            training.holdout,
-            training.position_weights,
-            training.weights,
-            training.weight_cap,
-        )
-    return TrainingData(
-        dataset, split, pipeline, training.history, device, training.weights, training.weight_cap
-    )
+    return EXAMPLES[config.training.examples].from_split(config, dataset, split, pipeline, device)
 
 
 def train_run(
@@ -193,7 +159,8 @@ def train_run(
     torch.manual_seed(config.seed)
     model = TwoTower.build(config.model, config.features, data.pipeline).to(device)
     extra = _extra(config, data.pipeline)
-    trainer = Trainer(model, data, config.training, out, config.seed, extra, collective, on_epoch)
+    plan = RunPlan(config.training)
+    trainer = Trainer(model, data, plan, out, config.seed, extra, collective, on_epoch)
     state = trainer.fit(resume=resume)
     if not collective.is_main:  # rank 0 alone evaluates the best model and writes metrics
         return TrainResult({}, state, out)
@@ -233,9 +200,9 @@ def _refit(
     data = _memory_data(config, out, False, device, True, (dataset, refit))
     torch.manual_seed(config.seed)
     model = TwoTower.build(config.model, config.features, data.pipeline).to(device)
-    lrs = [record["lr"] for record in state.records[: state.best_epoch]]
+    lrs = tuple(record["lr"] for record in state.records[: state.best_epoch])
     extra = _extra(config, data.pipeline)
-    trainer = Trainer(model, data, config.training, out, config.seed, extra, lrs=lrs)
+    trainer = Trainer(model, data, RunPlan(config.training, lrs), out, config.seed, extra)
     log.info("refit on train + validation: %d epochs", len(lrs))
     trainer.fit()
     return {**trainer.evaluate("test"), "refit_epochs": len(lrs)}
