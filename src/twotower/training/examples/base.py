@@ -1,7 +1,6 @@
 """What every kind of training examples shares: the ``TrainingExamples`` protocol the
-trainer and the evaluator read, the ``ExampleBuilder`` protocol that makes them from a
-config, the per-row ``Batch``, the loss of one example per row, and the interactions'
-loss weights.
+trainer and the evaluator read, the per-row ``Batch``, the loss of one example per row,
+and the interactions' loss weights.
 
 A kind of examples owns its batches and how a batch becomes a loss (its ``loss``
 method), so the trainer runs any kind without asking which it is.
@@ -11,24 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal, NoReturn, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from twotower.data.config import StreamConfig
-from twotower.data.dataset import Dataset
 from twotower.data.splits import Split
-from twotower.errors import ConfigError, DataError
+from twotower.errors import DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.towers.model import TwoTower, select_interests
-from twotower.training.config import STREAM_REFUSAL
 from twotower.training.distributed import Collective
 from twotower.training.objectives import EmbedItems, embed_unique
-
-if TYPE_CHECKING:
-    from twotower.config import Config
 
 
 @dataclasses.dataclass
@@ -108,55 +101,6 @@ class TrainingExamples(Protocol):
     ) -> torch.Tensor:
         """The training loss of one of this kind's batches (a scalar, graph attached)."""
         ...
-
-
-class ExampleBuilder(Protocol):
-    """Makes one kind of ``TrainingExamples`` from a config: the values of ``EXAMPLES``."""
-
-    def from_split(
-        self,
-        config: Config,
-        dataset: Dataset,
-        split: Split,
-        pipeline: FeaturePipeline,
-        device: torch.device,
-    ) -> TrainingExamples:
-        """The examples of ``split``'s training interactions, held in memory."""
-        ...
-
-    def from_stream(
-        self,
-        config: Config,
-        stream: StreamConfig,
-        pipeline: FeaturePipeline,
-        items: pa.Table,
-        counts: np.ndarray,
-        device: torch.device,
-    ) -> TrainingExamples:
-        """The examples of the interactions ``stream`` reads; ``items`` the corpus,
-        ``counts`` (N,) its training interactions per item.
-
-        Raises:
-            ConfigError: this kind needs the data in memory.
-        """
-        ...
-
-
-class InMemoryExamples:
-    """A builder of examples made from each query's whole training history, which a
-    stream does not hold: ``from_stream`` refuses."""
-
-    def from_stream(
-        self,
-        config: Config,
-        stream: StreamConfig,
-        pipeline: FeaturePipeline,
-        items: pa.Table,
-        counts: np.ndarray,
-        device: torch.device,
-    ) -> NoReturn:
-        """Raises ConfigError: this kind of examples needs the data in memory."""
-        raise ConfigError(STREAM_REFUSAL)
 
 
 def item_embedder(model: TwoTower, data: TrainingExamples) -> EmbedItems:

@@ -19,13 +19,12 @@ the model learns to find the target in its own input. Two rules:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import Literal, TypedDict
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from twotower.data.config import StreamConfig
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP, WEIGHT, Dataset
 from twotower.data.splits import Split, recency_order
 from twotower.data.stream import shard_bounds
@@ -36,10 +35,6 @@ from twotower.towers.model import TwoTower
 from twotower.training.config import HistoryRule, TrainingConfig, WeightRule
 from twotower.training.distributed import Collective
 from twotower.training.examples.base import Batch, interaction_weights, row_loss, to_device
-from twotower.training.examples.stream import StreamingTrainingData
-
-if TYPE_CHECKING:
-    from twotower.config import Config
 
 
 class RowOptions(TypedDict, total=False):
@@ -48,52 +43,6 @@ class RowOptions(TypedDict, total=False):
     device: torch.device | str
     weights: WeightRule
     weight_cap: float
-
-
-def row_options(training: TrainingConfig, device: torch.device) -> RowOptions:
-    """The ``RowOptions`` a training config gives, on ``device``."""
-    return RowOptions(device=device, weights=training.weights, weight_cap=training.weight_cap)
-
-
-class InteractionExamples:
-    """``training.examples: interactions``: ``TrainingData`` from data in memory,
-    ``StreamingTrainingData`` from a stream."""
-
-    def from_split(
-        self,
-        config: Config,
-        dataset: Dataset,
-        split: Split,
-        pipeline: FeaturePipeline,
-        device: torch.device,
-    ) -> TrainingData:
-        """The training interactions of ``split``, with features from ``pipeline``."""
-        history = config.training.history
-        return TrainingData(
-            dataset, split, pipeline, history, **row_options(config.training, device)
-        )
-
-    def from_stream(
-        self,
-        config: Config,
-        stream: StreamConfig,
-        pipeline: FeaturePipeline,
-        items: pa.Table,
-        counts: np.ndarray,
-        device: torch.device,
-    ) -> StreamingTrainingData:
-        """The interactions ``stream`` reads, ``items`` the corpus (``counts`` per item)."""
-        training = config.training
-        return StreamingTrainingData(
-            stream,
-            pipeline,
-            items,
-            counts,
-            device,
-            config.seed,
-            training.weights,
-            training.weight_cap,
-        )
 
 
 class TrainingData:
@@ -172,6 +121,12 @@ class TrainingData:
         )
         self._rank = torch.empty_like(order)  # each row's count of earlier rows of its query
         self._rank[order] = torch.arange(len(order), device=self.device) - starts.values
+
+    @staticmethod
+    def config_arguments(training: TrainingConfig) -> tuple:
+        """The constructor's arguments after ``pipeline`` that a training config gives
+        (``device``, ``weights`` and ``weight_cap`` aside)."""
+        return (training.history,)
 
     def __len__(self) -> int:
         return len(self.query_idx)

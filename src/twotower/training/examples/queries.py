@@ -30,14 +30,13 @@ from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import HistoryFeature
 from twotower.towers.model import TwoTower
+from twotower.training.config import TrainingConfig
 from twotower.training.distributed import Collective
-from twotower.training.examples.base import Batch, InMemoryExamples, item_embedder
-from twotower.training.examples.interactions import RowOptions, TrainingData, row_options
+from twotower.training.examples.base import Batch, item_embedder
+from twotower.training.examples.interactions import RowOptions, TrainingData
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
-
-    from twotower.config import Config
 
 POOLING_ENCODERS = ("mean", "sum", "attention")
 
@@ -55,29 +54,6 @@ class QueryBatch(Batch):
     """
 
     owners: torch.Tensor
-
-
-class QueryExamples(InMemoryExamples):
-    """``training.examples: queries``: ``QueryTrainingData``, in memory only."""
-
-    def from_split(
-        self,
-        config: Config,
-        dataset: Dataset,
-        split: Split,
-        pipeline: FeaturePipeline,
-        device: torch.device,
-    ) -> QueryTrainingData:
-        """The queries of ``split``'s training interactions, with features from ``pipeline``."""
-        training = config.training
-        return QueryTrainingData(
-            dataset,
-            split,
-            pipeline,
-            training.holdout,
-            training.position_weights,
-            **row_options(training, device),
-        )
 
 
 class QueryTrainingData(TrainingData):
@@ -121,6 +97,12 @@ class QueryTrainingData(TrainingData):
         self._starts = torch.cumsum(counts, 0) - counts  # each query's first row in order
         self._newest_first = order.flip(0)  # rows by query (last first), newest first
         self._flipped_starts = len(order) - self._starts - counts
+
+    @staticmethod
+    def config_arguments(training: TrainingConfig) -> tuple:
+        """The constructor's arguments after ``pipeline`` that a training config gives
+        (``device``, ``weights`` and ``weight_cap`` aside)."""
+        return (training.holdout, training.position_weights)
 
     def __len__(self) -> int:
         """Queries (examples) in one epoch."""

@@ -29,14 +29,13 @@ from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import HistoryFeature
 from twotower.towers.history.order import reversed_real
 from twotower.towers.model import TwoTower
+from twotower.training.config import TrainingConfig
 from twotower.training.distributed import Collective
-from twotower.training.examples.base import Batch, InMemoryExamples, item_embedder
-from twotower.training.examples.interactions import RowOptions, TrainingData, row_options
+from twotower.training.examples.base import Batch, item_embedder
+from twotower.training.examples.interactions import RowOptions, TrainingData
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
-
-    from twotower.config import Config
 
 SEQUENCE_ENCODERS = ("transformer", "gru")
 
@@ -52,24 +51,6 @@ class SequenceBatch(Batch):
         weights: (P,) each position's weight in the loss, or None: all alike.
         queries: (P,) each position's query index.
     """
-
-
-class SequenceExamples(InMemoryExamples):
-    """``training.examples: sequences``: ``SequenceTrainingData``, in memory only."""
-
-    def from_split(
-        self,
-        config: Config,
-        dataset: Dataset,
-        split: Split,
-        pipeline: FeaturePipeline,
-        device: torch.device,
-    ) -> SequenceTrainingData:
-        """The windows of ``split``'s training interactions, features from ``pipeline``."""
-        training = config.training
-        return SequenceTrainingData(
-            dataset, split, pipeline, training.position_weights, **row_options(training, device)
-        )
 
 
 class SequenceTrainingData(TrainingData):
@@ -112,6 +93,12 @@ class SequenceTrainingData(TrainingData):
             else torch.ones(len(windows), device=self.device)
         )
         self.num_targets = int(targets.sum())
+
+    @staticmethod
+    def config_arguments(training: TrainingConfig) -> tuple:
+        """The constructor's arguments after ``pipeline`` that a training config gives
+        (``device``, ``weights`` and ``weight_cap`` aside)."""
+        return (training.position_weights,)
 
     def __len__(self) -> int:
         """Training positions (targets) in one epoch."""
