@@ -26,7 +26,8 @@ from twotower.training.objectives import EmbedItems, embed_unique
 
 @dataclasses.dataclass
 class Batch:
-    """One batch of training examples, one positive per row.
+    """One batch of training examples, one positive per row (an interaction each);
+    ``QueryBatch`` and ``SequenceBatch`` say how theirs differ.
 
     Attributes:
         query: feature name -> the batch's query inputs, (B, ...).
