@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from twotower.sources import load_data
-from twotower.training.data import TrainingData
+from twotower.training.evaluate import embed_all, evaluate_model
+from twotower.training.examples import TrainingData
 from twotower.training.run import load_model
-from twotower.training.trainer import embed_all, evaluate_model
 
 
 def main() -> None:

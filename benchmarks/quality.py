@@ -20,8 +20,9 @@ config's own objective and settings, untouched: what a user running it gets) wit
 tower variant (``mlp``: the recipe's towers as they are; ``dcn``: DCN-v2 towers of the same width;
 ``attention``, ``transformer``, ``gru``: the MLP towers with that history encoder
 (``attention-time``: attention with time-gap buckets, where there are timestamps), the
-last two trained in one pass, with in_batch or mixed only; ``interests-sa``,
-``interests-routing``: a four-interest query tower, self-attentive or routed), each
+last two trained in one pass (``training.examples: sequences``), with in_batch or
+mixed only; ``interests-sa``, ``interests-routing``: a four-interest query tower,
+self-attentive or routed), each
 trained once per seed. A "best" row per objective takes the variant with the higher
 mean *validation* metric (the recipe's early-stopping metric); test metrics are only
 reported, never used to choose. Two-tower cells are mean ± standard deviation over
@@ -93,9 +94,9 @@ VARIANTS = {
     "transformer": [
         "features.query.history.encoder=transformer",
         "features.query.history.heads=2",
-        "training.one_pass=true",
+        "training.examples=sequences",
     ],
-    "gru": ["features.query.history.encoder=gru", "training.one_pass=true"],
+    "gru": ["features.query.history.encoder=gru", "training.examples=sequences"],
     # multi-interest query towers: four interests from the history (ComiRec's default K)
     "interests-sa": ["features.query.history.interests=4"],
     "interests-routing": [

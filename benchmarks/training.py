@@ -38,7 +38,7 @@ machine, where absolute rates do not.
 
 ``--encoders mean,attention,transformer,gru --objectives ''``: one epoch of in-batch
 softmax with each history encoder instead, with its ceiling (``encoders.json``,
-``encoders.md``). With ``--set training.one_pass=true`` (sequence encoders only) the
+``encoders.md``). With ``--set training.examples=sequences`` (sequence encoders only) the
 epoch and both sides of the ceiling take ``SequenceTrainingData``'s window batches,
 and examples are training positions.
 """
@@ -69,10 +69,10 @@ from twotower.features.pipeline import FeaturePipeline
 from twotower.sources import load_data
 from twotower.threads import set_threads
 from twotower.towers.model import TwoTower
-from twotower.training.data import Batch, TrainingData
+from twotower.training.evaluate import evaluate_model
+from twotower.training.examples import EXAMPLES, Batch, TrainingData
 from twotower.training.run import train_run
-from twotower.training.sequences import SequenceTrainingData
-from twotower.training.trainer import Trainer, evaluate_model
+from twotower.training.trainer import RunPlan, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from objectives import OBJECTIVES, objective_settings  # noqa: E402
@@ -145,11 +145,9 @@ def one_objective(
 def training_data(
     config: Config, dataset: Dataset, split: Split, pipeline: FeaturePipeline
 ) -> TrainingData:
-    """The examples ``train_run`` trains on: one per interaction, or one-pass windows."""
-    if config.training.one_pass:
-        weights = config.training.position_weights
-        return SequenceTrainingData(dataset, split, pipeline, position_weights=weights)
-    return TrainingData(dataset, split, pipeline, config.training.history)
+    """The examples ``train_run`` trains on (``training.examples``), on the CPU."""
+    builder = EXAMPLES[config.training.examples]
+    return builder.from_split(config, dataset, split, pipeline, torch.device("cpu"))
 
 
 MAX_PREBUILT = 64  # batches built ahead for the ceiling: bounds the memory they hold
@@ -188,7 +186,7 @@ def bare_step_ceiling(
             model.load_state_dict(start)
             model.train()
             torch.manual_seed(config.seed)  # the same dropout
-            trainer = Trainer(model, data, config.training, out, seed=config.seed)
+            trainer = Trainer(model, data, RunPlan(config.training), out, seed=config.seed)
             rates.append(timed_steps(trainer, source))
     pipeline, ceiling = statistics.median(pipeline_rates), statistics.median(ceiling_rates)
     build = sum(len(batch.positives) for batch in prebuilt) / build_seconds
@@ -265,7 +263,8 @@ def against_reference(
         Examples(data), batch_size=config.training.batch_size, shuffle=True
     )
     optimizer = torch.optim.Adam(naive_model.parameters(), lr=config.training.lr)
-    trainer = Trainer(ours_model, data, config.training, out / "reference", seed=0)
+    plan = RunPlan(config.training)
+    trainer = Trainer(ours_model, data, plan, out / "reference", seed=0)
     naive_rates, ours_rates = [], []
     for repeat in range(3):
         clock = time.perf_counter()

@@ -30,7 +30,7 @@ from twotower.threads import available_cpus
 from twotower.towers.config import MLPConfig, ModelConfig
 from twotower.towers.model import embed_rows
 from twotower.training.config import TrainingConfig
-from twotower.training.data import TrainingExamples
+from twotower.training.examples import TrainingExamples
 from twotower.training.run import load_model, train_run
 
 

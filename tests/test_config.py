@@ -324,9 +324,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
-    config = load_config(path)
+def test_every_shipped_config_loads(path, caplog):
+    with caplog.at_level("WARNING"):
+        config = load_config(path)
     assert config.features.query and config.features.item
+    assert not caplog.records, caplog.text  # written in today's keys
 
 
 def test_synthetic_config_is_the_demo_recipe():
@@ -354,6 +356,38 @@ def test_a_renamed_key_still_loads_under_its_old_name(tmp_path: Path, caplog) ->
     path.write_text("training: {objective: {kind: hinge, neg_per_pos: 7}}\n")
     with pytest.raises(ConfigError, match="unknown key 'neg_per_pos'"):  # only pointwise had it
         load_config(path)
+
+
+def test_the_old_one_pass_key_still_loads_as_examples(tmp_path: Path, caplog) -> None:
+    """``one_pass: true`` was sequence training, now ``examples: sequences``; ``one_pass:
+    false`` left ``examples`` to say. Both still load, with a warning naming the new
+    spelling, in YAML, in a config saved with both keys, and in an override."""
+    path = tmp_path / "old.yaml"
+    sequences = apply_overrides(Config(), ["training.examples=sequences"]).training
+    true = "'one_pass: true' is now written 'examples: sequences'"
+    false = "'one_pass: false' is now written 'examples: interactions'"
+    for text, expected, warning in [
+        ("training: {one_pass: true}", sequences, true),
+        ("training: {one_pass: true, examples: interactions}", sequences, true),  # saved
+        ("training: {one_pass: false}", Config().training, false),
+    ]:
+        path.write_text(text + "\n")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="twotower.config_io"):
+            assert load_config(path).training == expected, text
+        assert warning in caplog.text
+    path.write_text("training: {one_pass: false, examples: queries, objective: {kind: full}}\n")
+    with caplog.at_level("WARNING", logger="twotower.config_io"):
+        assert load_config(path).training.examples == "queries"
+    assert "'one_pass: false' is no longer read ('examples: queries' says it)" in caplog.text
+    on = apply_overrides(Config(), ["training.one_pass=true"])
+    assert on.training == sequences
+    assert "'one_pass=true' is now written 'examples=sequences'" in caplog.text
+    assert apply_overrides(on, ["training.one_pass=false"]) == Config()
+    assert "one_pass" not in to_dict(on)["training"]
+    path.write_text("training: {one_pass: true, examples: queries, objective: {kind: full}}\n")
+    with pytest.raises(ConfigError, match="contradicts 'examples: queries'"):
+        load_config(path)  # refused before too: one_pass excluded examples=queries
 
 
 def test_a_history_feature_written_with_pooling_loads_as_its_encoder(tmp_path: Path) -> None:

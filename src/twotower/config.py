@@ -26,7 +26,7 @@ from twotower.errors import ConfigError
 from twotower.features.specs import SIDES, FeaturesConfig
 from twotower.storage import atomic_write
 from twotower.towers.config import ModelConfig, tower_width_error
-from twotower.training.config import TrainingConfig
+from twotower.training.config import STREAM_REFUSAL, TrainingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +54,8 @@ class Config:
             raise ValueError(
                 f"threads must be >= 1 (or unset: the CPUs available), got {self.threads}"
             )
-        if self.data.source == "stream" and (
-            self.training.one_pass or self.training.examples == "queries" or self.training.refit
-        ):
-            raise ValueError(
-                "training.one_pass, training.examples=queries and training.refit gather "
-                "each query's whole training history, which a stream does not hold: train "
-                "them in memory"
-            )
+        if self.data.source == "stream" and self.training.in_memory_only:
+            raise ValueError(STREAM_REFUSAL)
 
 
 def check_config(config: Config) -> None:

@@ -3,11 +3,11 @@
 ``from_dict`` builds a dataclass from parsed YAML or JSON, checking every key and
 type: an unknown key fails loudly and names the nearest valid one; a tagged union
 (feature specs, objectives, networks) is told apart by its ``kind``; a field that a
-dataclass renamed (its ``RENAMED``: old -> new name) is still read under its old name,
-with a warning, so configs saved before the rename load. ``to_dict`` is its inverse,
-``apply_overrides`` sets ``dotted.key=value`` strings and ``set_value`` one parsed
-value. This module imports nothing of the pipeline, so reading or writing a config
-never builds, or even imports, a model.
+dataclass renamed (its ``RENAMED``: old -> new name, or old -> a value of another field)
+is still read under its old name, with a warning, so configs saved before the rename
+load. ``to_dict`` is its inverse, ``apply_overrides`` sets ``dotted.key=value`` strings
+and ``set_value`` one parsed value. This module imports nothing of the pipeline, so
+reading or writing a config never builds, or even imports, a model.
 """
 
 from __future__ import annotations
@@ -179,20 +179,70 @@ def _convert_dataclass(cls: type, value: Any, where: str, base_dir: Path) -> Any
 
 
 def _renamed(cls: type, value: dict, where: str) -> dict:
-    """``value`` with the keys a dataclass has renamed (its ``RENAMED``: old -> new)
-    given their new names, so configs saved before a rename still load."""
-    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+    """``value`` with the keys a dataclass has renamed (its ``RENAMED``) given their new
+    names, so configs saved before a rename still load.
+
+    A ``RENAMED`` entry is ``old: new`` (the same value under a new name), or ``old:
+    (field, {old value: field value})``: a setting now written as a value of another
+    field (``_respell``).
+    """
+    renamed: dict[str, Any] = getattr(cls, "RENAMED", {})
     old = [key for key in value if key in renamed]
     if not old:
         return value
     value = dict(value)
     for key in old:
+        if not isinstance(renamed[key], str):
+            _respell(cls, key, value, where)
+            continue
         new = renamed[key]
         if new in value:
             raise ConfigError(f"{where}: {key!r} is the old name of {new!r}; give only {new!r}")
         log.warning("%s: %r is now called %r", where or "config", key, new)
         value[new] = value.pop(key)
     return value
+
+
+def _respell(cls: type, key: str, value: dict, where: str) -> None:
+    """Writes the old ``key`` of ``value`` as the other field's value it now is.
+
+    Where that field is given too, a default gives way: the field keeps its own value
+    where the old key's means the default (``one_pass: false`` beside ``examples:
+    queries``), and takes the old key's where its own is the default (a config saved
+    with both).
+    """
+    old = value.pop(key)
+    field, new = _respelled(cls.RENAMED[key], key, old, where)
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == field)
+    given = value.get(field, default)
+    spelled, place = f"{key}: {_plain(old)}", where or "config"
+    if given in (new, default):
+        log.warning("%s: %r is now written %r", place, spelled, f"{field}: {_plain(new)}")
+        value[field] = new
+    elif new == default:
+        log.warning("%s: %r is no longer read (%r says it)", place, spelled, f"{field}: {given}")
+    else:
+        raise ConfigError(
+            f"{where}: {spelled!r} is now written '{field}: {_plain(new)}', which "
+            f"contradicts '{field}: {_plain(given)}'; give only {field!r}"
+        )
+
+
+def _respelled(rule: tuple[str, dict], key: str, old: Any, where: str) -> tuple[str, Any]:
+    """The field and value an old key's value is now written as (a ``RENAMED`` entry
+    ``(field, {old value: field value})``)."""
+    field, values = rule
+    for before, after in values.items():
+        if type(old) is type(before) and old == before:
+            return field, after
+    place = f"{where}.{key}" if where else key
+    choices = ", ".join(_plain(v) for v in values)
+    raise ConfigError(f"{place}: expected one of {choices}, got {old!r}")
+
+
+def _plain(value: Any) -> str:
+    """A value as YAML spells it (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _convert_scalar(tp: Any, value: Any, where: str, base_dir: Path) -> Any:
@@ -229,7 +279,7 @@ def _replace_path(obj: Any, keys: list[str], value: Any, where: str) -> Any:
     if not dataclasses.is_dataclass(obj):
         raise ConfigError(f"{where}: {head!r} is not a section")
     hints = _field_types(type(obj))
-    head = next(iter(_renamed(type(obj), {head: None}, where)))
+    head, value = _current_key(type(obj), head, bool(rest), value, where)
     if head not in hints:
         raise ConfigError(f"{where}: unknown key {head!r}{_nearest(head, hints)}")
     if rest == ["kind"] and _is_tagged_union(hints[head]):
@@ -245,6 +295,22 @@ def _replace_path(obj: Any, keys: list[str], value: Any, where: str) -> Any:
         return dataclasses.replace(obj, **{head: new})
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _current_key(cls: type, head: str, deeper: bool, value: Any, where: str) -> tuple[str, Any]:
+    """The field an override's ``head`` names today and the value it sets: a renamed
+    key's new name, or the field and value an old key is now written as (``RENAMED``).
+    ``deeper``: the override goes on past ``head``."""
+    rule = getattr(cls, "RENAMED", {}).get(head)
+    if rule is None or isinstance(rule, str):
+        return next(iter(_renamed(cls, {head: None}, where))), value
+    if deeper:
+        raise ConfigError(f"{where}: {head!r} is not a section")
+    field, new = _respelled(rule, head, value, where)
+    log.warning(
+        "%s: %r is now written %r", where, f"{head}={_plain(value)}", f"{field}={_plain(new)}"
+    )
+    return field, new
 
 
 def _is_tagged_union(tp: Any) -> bool:

@@ -201,7 +201,7 @@ def _in_memory_histories(data: DataConfig, split: SplitConfig, max_len: int, rul
 
     from twotower.features.pipeline import FeaturePipeline
     from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
-    from twotower.training.data import TrainingData
+    from twotower.training.examples import TrainingData
 
     dataset = load_dataset(data, {QUERY_ID: None}, {ITEM_ID: None})
     parts = split_interactions(dataset, split)

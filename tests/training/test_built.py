@@ -18,9 +18,8 @@ from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
 from twotower.features.streaming import load_fitted, read_items
 from twotower.prepare import build_data
 from twotower.sources import load_data
-from twotower.training.data import TrainingData
+from twotower.training.examples import StreamingTrainingData, TrainingData
 from twotower.training.run import train_run
-from twotower.training.streaming import StreamingTrainingData
 
 pytest.importorskip("duckdb")
 
@@ -113,8 +112,8 @@ def test_evaluate_ranks_every_built_query_as_in_memory(configs, streamed_run):
     """``twotower evaluate`` of a run on built data ranks each query of the build, with
     its history as of the part, exactly as the in-memory evaluation ranks the same
     model on the in-memory split (every metric, every cutoff, popularity included)."""
+    from twotower.training.evaluate import evaluate_model
     from twotower.training.run import evaluate_run, load_model
-    from twotower.training.trainer import evaluate_model
 
     memory, _ = configs
     got = evaluate_run(streamed_run.out, ks=[1, 5, 10, 50])

@@ -19,8 +19,8 @@ import torch
 
 from twotower.config import load_config
 from twotower.sources import load_data
-from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
+from twotower.training.examples import TrainingData
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "synthetic.yaml"

@@ -150,8 +150,8 @@ def test_a_multi_interest_tower_trains_with_every_objective(small_config, tmp_pa
     extractor and the network learn from the interest each positive selected."""
     from twotower.features.pipeline import FeaturePipeline
     from twotower.towers.model import TwoTower
-    from twotower.training.data import TrainingData
-    from twotower.training.trainer import Trainer
+    from twotower.training.examples import TrainingData
+    from twotower.training.trainer import RunPlan, Trainer
 
     config = apply_overrides(
         small_config,
@@ -162,7 +162,7 @@ def test_a_multi_interest_tower_trains_with_every_objective(small_config, tmp_pa
     data = TrainingData(dataset, split, pipeline)
     torch.manual_seed(0)
     model = TwoTower.build(config.model, config.features, pipeline)
-    trainer = Trainer(model, data, config.training, tmp_path, seed=0)
+    trainer = Trainer(model, data, RunPlan(config.training), tmp_path, seed=0)
     batch = next(iter(data.batches(64, torch.Generator().manual_seed(0))))
     extractor = model.query_tower.encoders.encoders["history"]
     before = {n: p.detach().clone() for n, p in extractor.named_parameters() if n != "table.weight"}
@@ -208,3 +208,40 @@ def test_a_scheduled_run_steps_at_its_rates_and_resumes_exactly(small_config, tm
     resumed = train_run(config, tmp_path / "resumed", resume=True)
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
     assert resumed.metrics == straight.metrics
+
+
+def test_an_unvalidated_run_logs_its_loss_and_no_metric(small_config, tmp_path, caplog):
+    """A refit's plan (fixed learning rates, no validation) logs each epoch's loss and no
+    validation metric (it once printed the epoch number as ``valid/ndcg@10``); a
+    validated run logs the metric's value."""
+    from twotower.features.pipeline import FeaturePipeline
+    from twotower.towers.model import TwoTower
+    from twotower.training.examples import TrainingData
+    from twotower.training.trainer import RunPlan, Trainer
+
+    config = with_training(small_config, "steps_per_epoch=2", "epochs=1")
+    dataset, split = load_data(config)
+    pipeline = FeaturePipeline.fit(config.features, dataset, split.train)
+    data = TrainingData(dataset, split, pipeline)
+    metric = config.training.metric
+
+    def message(record: dict) -> str:  # what an epoch logs
+        text = f"epoch {record['epoch']}: loss {record['loss']:.4f}"
+        return f"{text}, {metric} {record[metric]:.4f}" if metric in record else text
+
+    for name, plan in [
+        ("refit", RunPlan(config.training, lrs=(0.01, 0.005))),
+        ("validated", RunPlan(config.training)),
+    ]:
+        torch.manual_seed(0)
+        model = TwoTower.build(config.model, config.features, pipeline)
+        (tmp_path / name).mkdir()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="twotower.training.trainer"):
+            records = Trainer(model, data, plan, tmp_path / name, seed=0).fit().records
+        logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch")]
+        assert logged == [message(record) for record in records]
+        validated = [metric in record for record in records]
+        assert validated == [name == "validated"] * len(records)
+        lrs = plan.lrs or (config.training.lr,)
+        assert [record["lr"] for record in records] == list(lrs)

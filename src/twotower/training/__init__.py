@@ -1,9 +1,10 @@
-"""Training: objectives (sampler + loss), in-memory examples, the fit loop, checkpoints.
+"""Training: objectives (sampler + loss), training examples, the fit loop, checkpoints.
 
 config.py      TrainingConfig
 objectives.py  the six objectives and their configs
-data.py        training examples and both sides' inputs; leak-free histories
-streaming.py   training examples streamed from Parquet, for data larger than memory
+examples/      what one example is (training.examples): interactions in memory or
+               streamed, sequences, queries; each kind's batches and loss step
+evaluate.py    a model ranked on the held-out parts of its examples
 distributed.py several processes under torchrun: DDP, cross-rank gathering
 trainer.py     epochs, validation, early stopping, resume
 checkpoint.py  atomic, checksummed checkpoints

@@ -160,6 +160,14 @@ ObjectiveConfig = (
 
 HistoryRule = Literal["auto", "before_event", "mask_target"]
 WeightRule = Literal["none", "raw", "log1p", "capped"]
+ExampleKind = Literal["interactions", "queries", "sequences"]
+
+# Why a stream cannot feed what ``TrainingConfig.in_memory_only`` names (written once:
+# the config check and the example builders raise it).
+STREAM_REFUSAL = (
+    "training.examples=queries or sequences and training.refit gather each query's whole "
+    "training history, which a stream does not hold: train them in memory"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,20 +194,23 @@ class TrainingConfig:
         steps_per_epoch: end an epoch (validate, checkpoint) after this many steps
             instead of after every interaction: for streams too long to wait for a
             whole pass. The next epoch starts a new shuffled pass. None: whole passes.
-        one_pass: train a sequence-encoded history (``transformer``, ``gru``) on every
-            prefix of each query's training items in one forward pass (SASRec): position
-            t predicts item t + 1. A batch holds about ``batch_size`` positions. Needs
-            the ``in_batch`` or ``mixed`` objective.
-        position_weights: in one-pass training, ``query``: each query's positions share
-            one weight, so long histories do not swamp short ones; ``position``: every
-            position counts alike. In query-level training (``examples: queries``) the
-            same for a query's held-out items.
-        examples: ``interactions``: one example per training interaction (the query's
-            history without its target); ``queries``: one example per query, each of
-            its training items held out of its history input with probability
-            ``holdout`` (drawn afresh every epoch) and the held-out ones its positives
-            (``twotower.training.held_out``). Needs the ``full`` objective and one
-            pooled history feature; ``batch_size`` then counts queries.
+        position_weights: in sequence training (``examples: sequences``), ``query``:
+            each query's positions share one weight, so long histories do not swamp
+            short ones; ``position``: every position counts alike. In query-level
+            training (``examples: queries``) the same for a query's held-out items.
+        examples: what one training example is (``twotower.training.examples``):
+            ``interactions``: one per training interaction (the query's history
+            without its target); in memory or streamed. ``sequences``: every prefix of
+            each query's training items, trained in one forward pass of a
+            sequence-encoded history (``transformer``, ``gru``; SASRec): position t
+            predicts item t + 1, and a batch holds about ``batch_size`` positions.
+            Needs the ``in_batch`` or ``mixed`` objective. ``queries``: one per query,
+            each of its training items held out of its history input with probability
+            ``holdout`` (drawn afresh every epoch) and the held-out ones its positives.
+            Needs the ``full`` objective and one pooled history feature;
+            ``batch_size`` then counts queries. ``sequences`` and ``queries`` gather
+            each query's whole training history: in memory only. (The old
+            ``one_pass: true`` is read as ``examples: sequences``, with a warning.)
         holdout: the probability of holding an item out, in query-level training.
         weights: how an interaction's ``weight`` column (a rating, a watch time, a
             count) weighs its example in the loss, for every objective: ``none``
@@ -220,6 +231,11 @@ class TrainingConfig:
             validation for test. The refitted run is ``RUN_DIR/refit``. In memory only.
     """
 
+    # read before ``examples`` said what an example is: one_pass: true was sequences
+    RENAMED: ClassVar[dict[str, tuple[str, dict[bool, str]]]] = {
+        "one_pass": ("examples", {True: "sequences", False: "interactions"})
+    }
+
     objective: ObjectiveConfig = dataclasses.field(default_factory=InBatchConfig)
     epochs: int = 10
     batch_size: int = 512
@@ -235,9 +251,8 @@ class TrainingConfig:
     eval_batch_size: int = 1024
     tensorboard: bool = True
     steps_per_epoch: int | None = None
-    one_pass: bool = False
     position_weights: Literal["query", "position"] = "query"
-    examples: Literal["interactions", "queries"] = "interactions"
+    examples: ExampleKind = "interactions"
     holdout: float = 0.5
     weights: WeightRule = "none"
     weight_cap: float = 5.0
@@ -250,17 +265,17 @@ class TrainingConfig:
             raise ValueError(f"weight_cap must be > 0, got {self.weight_cap}")
         if not 0.0 < self.lr_factor < 1.0:
             raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
-        if self.one_pass and self.objective.kind not in ("in_batch", "mixed"):
+        if self.examples == "sequences" and self.objective.kind not in ("in_batch", "mixed"):
             raise ValueError(
-                f"one_pass trains with the in_batch or mixed objective, not {self.objective.kind!r}"
+                "examples=sequences trains with the in_batch or mixed objective, not "
+                f"{self.objective.kind!r}"
             )
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
-        if self.examples == "queries" and (self.one_pass or self.objective.kind != "full"):
+        if self.examples == "queries" and self.objective.kind != "full":
             raise ValueError(
                 "examples=queries trains each query's held-out items against the whole "
-                f"corpus: it needs the full objective (not {self.objective.kind!r}) and "
-                "no one_pass"
+                f"corpus: it needs the full objective (not {self.objective.kind!r})"
             )
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
@@ -271,3 +286,9 @@ class TrainingConfig:
         name, _, k = self.metric.removeprefix("valid/").partition("@")
         if k and (not k.isdigit() or int(k) not in self.ks):
             raise ValueError(f"metric {self.metric!r}: its cutoff must be one of ks {self.ks}")
+
+    @property
+    def in_memory_only(self) -> bool:
+        """Whether training gathers each query's whole training history (query-level or
+        sequence examples, a refit), which only data held in memory has."""
+        return self.examples != "interactions" or self.refit

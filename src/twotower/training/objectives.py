@@ -36,8 +36,10 @@ from twotower.losses import (
 from twotower.sampling import CANDIDATE_SAMPLERS, FREQUENCIES, SAMPLERS
 from twotower.training.config import (
     FullConfig,
+    HingeConfig,
     InBatchConfig,
     ListwiseConfig,
+    LogisticConfig,
     MixedConfig,
     ObjectiveConfig,
     PointwiseConfig,
@@ -95,7 +97,9 @@ class SharedCandidates(nn.Module):
     """Softmax over candidates shared by the batch: in-batch, or in-batch + sampled.
 
     Corrections run in this order: logQ, accidental-hit masking, masking of the
-    query's other known positives (with ``known``), hard negatives.
+    query's other known positives (with ``known``), hard negatives. With several
+    training processes (``collective``), every rank's positives are each row's
+    candidates: the global batch's.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class SharedCandidates(nn.Module):
         mask_hits: bool,
         hard_negatives: int,
         known: KnownPairs | None = None,
+        collective: Collective | None = None,
     ) -> None:
         super().__init__()
         self.loss = SampledSoftmax()
@@ -116,7 +121,7 @@ class SharedCandidates(nn.Module):
         self.hard_negatives = hard_negatives
         self.known = known
         self.step = 0
-        self.collective = Collective()  # the trainer sets the process group's, if any
+        self.collective = collective or Collective()
 
     def forward(
         self,
@@ -289,7 +294,10 @@ def embed_unique(items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:
 
 
 def build_objective(
-    config: ObjectiveConfig, counts: np.ndarray, known: KnownPairs | None = None
+    config: ObjectiveConfig,
+    counts: np.ndarray,
+    known: KnownPairs | None = None,
+    collective: Collective | None = None,
 ) -> nn.Module:
     """The objective a config names: its ``kind`` picks the loss from ``LOSSES`` and,
     for the shared-candidate softmax, the sampler from ``CANDIDATE_SAMPLERS``.
@@ -298,6 +306,8 @@ def build_objective(
         config: one of the objective configs.
         counts: (N,) training interactions per item (popularity sampling, logQ).
         known: the training (query, item) pairs, for ``mask_known``.
+        collective: the training processes, whose positives the shared-candidate
+            softmax gathers; None: this one alone.
 
     Raises:
         ConfigError: ``mask_known`` without the pairs; a corpus too large for ``full``.
@@ -326,11 +336,19 @@ def build_objective(
             config.mask_hits,
             config.hard_negatives,
             known if config.mask_known else None,
+            collective,
         )
+    return _row_negatives(config, counts)
+
+
+def _row_negatives(
+    config: PointwiseConfig | HingeConfig | LogisticConfig | ListwiseConfig, counts: np.ndarray
+) -> RowNegatives:
+    """The per-row-negatives objective of a config: its sampler and its loss."""
     if config.sampler == "popularity":
         sampler = SAMPLERS["popularity"](counts, config.alpha)
     else:
-        sampler = SAMPLERS["uniform"](num_items)
+        sampler = SAMPLERS["uniform"](len(counts))
     # a loss's settings are the config fields of the same names (margin, sigma)
     options = {
         name: getattr(config, name)

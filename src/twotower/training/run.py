@@ -17,15 +17,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import torch
 
 from twotower.config import Config, save_config
 from twotower.config_io import from_dict, to_dict
-from twotower.data.config import StreamConfig
-from twotower.data.dataset import Dataset
-from twotower.data.splits import Split
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.sources import DataSource, FittedFeatures, open_source
@@ -33,18 +28,10 @@ from twotower.storage import remove_partial_files, write_json
 from twotower.threads import set_threads
 from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
-from twotower.training.data import TrainingData
 from twotower.training.distributed import Collective
 from twotower.training.evaluate import evaluate_source
-from twotower.training.held_out import QueryTrainingData
-from twotower.training.sequences import SequenceTrainingData
-from twotower.training.streaming import StreamingTrainingData
-from twotower.training.trainer import (
-    EpochCallback,
-    RunState,
-    Trainer,
-    resolve_device,
-)
+from twotower.training.examples import EXAMPLES
+from twotower.training.trainer import EpochCallback, RunPlan, RunState, Trainer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -66,72 +53,6 @@ class TrainResult:
     metrics: dict[str, float]
     state: RunState
     out: Path
-
-
-class _Examples:
-    """The training examples ``training.examples`` and ``training.one_pass`` name, made
-    of either kind of source (the source calls the constructor that fits it)."""
-
-    def from_split(
-        self,
-        config: Config,
-        dataset: Dataset,
-        split: Split,
-        pipeline: FeaturePipeline,
-        device: torch.device,
-    ) -> TrainingData:
-        training = config.training
-        if training.one_pass:
-            return SequenceTrainingData(
-                dataset,
-                split,
-                pipeline,
-                device,
-                training.position_weights,
-                training.weights,
-                training.weight_cap,
-            )
-        if training.examples == "queries":
-            return QueryTrainingData(
-                dataset,
-                split,
-                pipeline,
-                device,
-                training.holdout,
-                training.position_weights,
-                training.weights,
-                training.weight_cap,
-            )
-        return TrainingData(
-            dataset,
-            split,
-            pipeline,
-            training.history,
-            device,
-            training.weights,
-            training.weight_cap,
-        )
-
-    def from_stream(
-        self,
-        config: Config,
-        stream: StreamConfig,
-        pipeline: FeaturePipeline,
-        items: pa.Table,
-        counts: np.ndarray,
-        device: torch.device,
-    ) -> StreamingTrainingData:
-        training = config.training
-        return StreamingTrainingData(
-            stream,
-            pipeline,
-            items,
-            counts,
-            device,
-            config.seed,
-            training.weights,
-            training.weight_cap,
-        )
 
 
 def _features(
@@ -182,13 +103,14 @@ def train_run(
         save_config(config, out / "config.yaml")
     source = open_source(config)
     features = _features(source, config, out / "features", resume, collective.is_main)
-    data = source.examples(_Examples(), config, features, device)
+    data = source.examples(EXAMPLES[config.training.examples], config, features, device)
     # seeded after the data is ready, so the initial weights do not depend on whatever
     # randomness reading and fitting the data used
     torch.manual_seed(config.seed)
     model = TwoTower.build(config.model, config.features, data.pipeline).to(device)
     extra = _extra(config, data.pipeline)
-    trainer = Trainer(model, data, config.training, out, config.seed, extra, collective, on_epoch)
+    plan = RunPlan(config.training)
+    trainer = Trainer(model, data, plan, out, config.seed, extra, collective, on_epoch)
     state = trainer.fit(resume=resume)
     if not collective.is_main:  # rank 0 alone evaluates the best model and writes metrics
         return TrainResult({}, state, out)
@@ -218,12 +140,12 @@ def _refit(
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     features = _features(source, config, out / "features", False, True)
-    data = source.examples(_Examples(), config, features, device)
+    data = source.examples(EXAMPLES[config.training.examples], config, features, device)
     torch.manual_seed(config.seed)
     model = TwoTower.build(config.model, config.features, data.pipeline).to(device)
-    lrs = [record["lr"] for record in state.records[: state.best_epoch]]
+    lrs = tuple(record["lr"] for record in state.records[: state.best_epoch])
     extra = _extra(config, data.pipeline)
-    trainer = Trainer(model, data, config.training, out, config.seed, extra, lrs=lrs)
+    trainer = Trainer(model, data, RunPlan(config.training, lrs), out, config.seed, extra)
     log.info("refit on train + validation: %d epochs", len(lrs))
     trainer.fit()
     return {**trainer.evaluate("test"), "refit_epochs": len(lrs)}

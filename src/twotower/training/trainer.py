@@ -17,23 +17,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from twotower.errors import ConfigError, DataError
-from twotower.evaluation.ranking import evaluate
-from twotower.towers.model import TwoTower, interest_scores, select_interests
+from twotower.towers.model import TwoTower
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.config import TrainingConfig
-from twotower.training.data import Batch, TrainingExamples
 from twotower.training.distributed import Collective
-from twotower.training.objectives import (
-    KnownPairs,
-    SharedCandidates,
-    build_objective,
-    embed_unique,
-)
+from twotower.training.evaluate import evaluate_model
+from twotower.training.examples import Batch, TrainingExamples
+from twotower.training.objectives import KnownPairs, build_objective
 from twotower.training.run_log import RunLog
 
 log = logging.getLogger(__name__)
@@ -55,6 +49,38 @@ class RunState:
     bad_epochs: int = 0
     stopped: bool = False
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What the fit loop runs: the training options and each epoch's learning rate.
+
+    Attributes:
+        training: the training options.
+        lrs: None: up to ``training.epochs`` epochs at ``epoch_lr``'s rates, each
+            validated (early stopping and the best checkpoint follow
+            ``training.metric``). A refit's plan: exactly these epochs at these learning
+            rates, none validated, every epoch the best so far.
+    """
+
+    training: TrainingConfig
+    lrs: tuple[float, ...] | None = None
+
+    @property
+    def validated(self) -> bool:
+        """Whether each epoch is ranked on the validation part."""
+        return self.lrs is None
+
+    @property
+    def epochs(self) -> int:
+        """The most epochs the run trains."""
+        return self.training.epochs if self.lrs is None else len(self.lrs)
+
+    def lr(self, epoch: int, records: list[dict[str, Any]]) -> float:
+        """The learning rate of ``epoch`` (1-based), given the records of those before."""
+        if self.lrs is None:
+            return epoch_lr(self.training, epoch, records)
+        return self.lrs[epoch - 1]
 
 
 def epoch_lr(config: TrainingConfig, epoch: int, records: list[dict[str, Any]]) -> float:
@@ -107,59 +133,6 @@ def build_optimizers(model: torch.nn.Module, config: TrainingConfig) -> list[tor
     return optimizers
 
 
-@torch.inference_mode()
-def embed_all(
-    model: TwoTower, data: TrainingExamples, batch_size: int, part: str = "valid"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, D) every query's vector as of ``part`` and (N, D) every item's, in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        sides = []
-        for tower, inputs, count in (
-            (model.query_tower, lambda rows: data.query_inputs(rows, part), data.num_queries),
-            (model.item_tower, data.item_inputs, data.num_items),
-        ):
-            rows = torch.arange(count, device=data.device)
-            sides.append(torch.cat([tower(inputs(chunk)) for chunk in rows.split(batch_size)]))
-    finally:
-        model.train(was_training)
-    return sides[0], sides[1]
-
-
-def evaluate_model(
-    model: TwoTower,
-    data: TrainingExamples,
-    part: str,
-    ks: list[int] | tuple[int, ...],
-    exclude_seen: bool = True,
-    batch_size: int = 1024,
-) -> dict[str, float]:
-    """Exact full-corpus metrics of a model on ``valid`` or ``test`` of ``data.split``.
-
-    Every item is embedded once, every query with the history known at that step;
-    scores are (B, N) inner products of unit vectors (the temperature does not
-    change a ranking). ``popularity@k`` counts what is known before the step (not
-    reported for streamed data).
-    """
-    queries, items = embed_all(model, data, batch_size, part)
-
-    def score(chunk: np.ndarray) -> torch.Tensor:
-        return interest_scores(queries[torch.from_numpy(chunk).to(queries.device)], items)
-
-    return evaluate(
-        score,
-        data.split,
-        part,
-        len(queries),
-        len(items),
-        ks=ks,
-        exclude_seen=exclude_seen,
-        chunk_size=batch_size,
-        item_popularity=data.popularity,
-    )
-
-
 def _known_pairs(config: TrainingConfig, data: TrainingExamples) -> KnownPairs | None:
     """The training (query, item) pairs, where the objective masks a query's known
     positives and the data has them all."""
@@ -168,45 +141,16 @@ def _known_pairs(config: TrainingConfig, data: TrainingExamples) -> KnownPairs |
 
 
 class _StepLoss(torch.nn.Module):
-    """A batch's training loss as one module call, so DistributedDataParallel can wrap it."""
+    """A batch's training loss as one module call, so DistributedDataParallel can wrap
+    the model and the objective it runs; the examples say how their batch becomes a
+    loss (``TrainingExamples.loss``)."""
 
     def __init__(self, model: TwoTower, objective: torch.nn.Module, data: TrainingExamples) -> None:
         super().__init__()
         self.model, self.objective, self.data = model, objective, data
 
     def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        tower = self.model.query_tower
-        if batch.sequence is not None:
-            query = tower.at_positions(batch.query, batch.sequence)  # (P, D)
-        elif batch.owners is not None:  # query-level: B query rows, P positives
-            return self.objective.sets(
-                tower(batch.query),
-                batch.positives,
-                batch.owners,
-                self.embed_items,
-                self.model.scale(),
-                batch.weights,
-                batch.queries,
-            )
-        elif tower.interests == 1:
-            query = tower(batch.query)  # (B, D)
-        else:  # each row's positive is scored by the interest closest to it
-            with torch.no_grad():
-                targets = embed_unique(batch.positives, self.embed_items)  # (B, D)
-            query = select_interests(tower(batch.query), targets)  # (B, K, D) -> (B, D)
-        return self.objective(
-            query,
-            batch.positives,
-            self.embed_items,
-            self.model.scale(),
-            generator,
-            batch.weights,
-            batch.queries,
-        )
-
-    def embed_items(self, items: torch.Tensor) -> torch.Tensor:
-        """(M, D) vectors of (M,) item indices, through the item tower."""
-        return self.model.item_tower(self.data.item_inputs(items))
+        return self.data.loss(self.model, self.objective, batch, generator)
 
 
 class Trainer:
@@ -216,7 +160,7 @@ class Trainer:
         model: the model, on ``data.device``.
         data: the training examples and feature inputs; the ``valid`` part of its
             split is ranked after each epoch.
-        config: the training options.
+        plan: the training options and each epoch's learning rate (``RunPlan``).
         out: the run folder.
         seed: seeds the shuffles and the negative sampler.
         extra: JSON/tensor-ready values stored in every checkpoint (config, features).
@@ -233,24 +177,23 @@ class Trainer:
         self,
         model: TwoTower,
         data: TrainingExamples,
-        config: TrainingConfig,
+        plan: RunPlan,
         out: Path,
         seed: int,
         extra: dict[str, Any] | None = None,
         collective: Collective | None = None,
         on_epoch: EpochCallback | None = None,
-        lrs: list[float] | None = None,
     ) -> None:
         self.model, self.data, self.on_epoch = model, data, on_epoch
-        # a refit: these epochs' learning rates, no validation, every epoch the best
-        self.lrs = lrs
-        self.config, self.out, self.seed, self.extra = config, Path(out), seed, extra or {}
+        self.plan, self.config = plan, plan.training
+        self.out, self.seed, self.extra = Path(out), seed, extra or {}
         self.collective = collective or Collective()
         self.objective = build_objective(
-            config.objective, data.item_counts(), _known_pairs(config, data)
+            self.config.objective,
+            data.item_counts(),
+            _known_pairs(self.config, data),
+            self.collective,
         ).to(data.device)
-        if isinstance(self.objective, SharedCandidates):
-            self.objective.collective = self.collective
         self.step_loss: torch.nn.Module = _StepLoss(model, self.objective, data)
         # sparse gradients are averaged by Collective.average_sparse, not by DDP (see there)
         sparse = sparse_parameters(self.step_loss)
@@ -260,13 +203,13 @@ class Trainer:
             DDP = torch.nn.parallel.DistributedDataParallel
             DDP._set_params_and_buffers_to_ignore_for_model(self.step_loss, list(sparse))
             self.step_loss = DDP(self.step_loss, device_ids=[data.device] if on_gpu else None)
-        self.optimizers = build_optimizers(model, config)
+        self.optimizers = build_optimizers(model, self.config)
         self.sampler_generator = torch.Generator().manual_seed(seed + 1)
         self.store = CheckpointStore(self.out / "checkpoints")
         self.state = RunState()
 
     def fit(self, resume: bool = False) -> RunState:
-        """Trains until ``epochs`` or early stopping; returns the final run state."""
+        """Trains until the plan's epochs or early stopping; returns the final run state."""
         main = self.collective.is_main
         run_log = RunLog(self.out, self.config.tensorboard) if main else None
         if resume:
@@ -274,8 +217,7 @@ class Trainer:
         if run_log is not None:
             run_log.restart(self.state.records)
         try:
-            epochs = len(self.lrs) if self.lrs is not None else self.config.epochs
-            while self.state.epoch < epochs and not self.state.stopped:
+            while self.state.epoch < self.plan.epochs and not self.state.stopped:
                 record = self._epoch(self.state.epoch + 1)
                 self._end_epoch(record)
                 if run_log is not None:
@@ -288,15 +230,32 @@ class Trainer:
         return self.state
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
-        """Trains one epoch, then validates; returns the epoch's record."""
+        """Trains one epoch, then validates (where the plan does); returns its record."""
         self.model.train()
-        if self.lrs is not None:
-            lr = self.lrs[epoch - 1]
-        else:
-            lr = epoch_lr(self.config, epoch, self.state.records)
+        lr = self.plan.lr(epoch, self.state.records)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
+        clock = time.perf_counter()
+        total, examples = self._train_epoch(epoch)
+        seconds = time.perf_counter() - clock
+        if self.collective.distributed:  # the epoch's figures over every rank's examples
+            total, examples = self.collective.sum([total, float(examples)])
+        record = {
+            "epoch": epoch,
+            "step": self.state.step,
+            "loss": total / max(examples, 1),
+            "examples_per_s": examples / max(seconds, 1e-9),
+            "train_seconds": seconds,
+            "lr": lr,
+            "temperature": float(1.0 / self.model.scale()),
+        }
+        if self.collective.is_main and self.plan.validated:
+            record.update(self.evaluate("valid"))
+        return self.collective.broadcast(record)  # every rank stops at the same epoch
+
+    def _train_epoch(self, epoch: int) -> tuple[float, int]:
+        """One epoch's optimizer steps; returns this rank's summed loss and examples."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         total, examples, clock = 0.0, 0, time.perf_counter()
         world = self.collective.world_size
@@ -313,21 +272,7 @@ class Trainer:
             examples += len(batch.positives)
             rate = examples * world / max(time.perf_counter() - clock, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:,.0f}")
-        seconds = time.perf_counter() - clock
-        if self.collective.distributed:  # the epoch's figures over every rank's examples
-            total, examples = self.collective.sum([total, float(examples)])
-        record = {
-            "epoch": epoch,
-            "step": self.state.step,
-            "loss": total / max(examples, 1),
-            "examples_per_s": examples / max(seconds, 1e-9),
-            "train_seconds": seconds,
-            "lr": lr,
-            "temperature": float(1.0 / self.model.scale()),
-        }
-        if self.collective.is_main and self.lrs is None:
-            record.update(self.evaluate("valid"))
-        return self.collective.broadcast(record)  # every rank stops at the same epoch
+        return total, examples
 
     def train_step(self, batch: Batch) -> float:
         """One optimizer step on a batch; returns its loss (this rank's rows' mean).
@@ -369,7 +314,8 @@ class Trainer:
         state = self.state
         state.epoch = record["epoch"]
         state.records.append(record)
-        value = record[self.config.metric] if self.lrs is None else float(state.epoch)
+        # unvalidated (a refit), every epoch is the best so far
+        value = record[self.config.metric] if self.plan.validated else float(state.epoch)
         if value > state.best:
             state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
             if self.collective.is_main:
@@ -378,9 +324,11 @@ class Trainer:
         else:
             state.bad_epochs += 1
             state.stopped = 0 < self.config.patience <= state.bad_epochs
-        log.info(
-            "epoch %d: loss %.4f, %s %.4f", state.epoch, record["loss"], self.config.metric, value
-        )
+        if self.plan.validated:
+            metric = self.config.metric
+            log.info("epoch %d: loss %.4f, %s %.4f", state.epoch, record["loss"], metric, value)
+        else:
+            log.info("epoch %d: loss %.4f", state.epoch, record["loss"])
         if self.collective.is_main:
             self.store.save("last", self._checkpoint(), state.epoch)
         self.collective.barrier()  # no rank runs ahead of a checkpoint being written

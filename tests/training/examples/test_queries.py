@@ -16,7 +16,7 @@ from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.sources import load_data
 from twotower.training.distributed import Collective
-from twotower.training.held_out import QueryTrainingData
+from twotower.training.examples import QueryTrainingData
 from twotower.training.objectives import FullSoftmax, KnownPairs
 from twotower.training.run import train_run
 

@@ -17,8 +17,8 @@ from twotower.errors import ConfigError, DataError
 from twotower.features.streaming import fit_stream_pipeline
 from twotower.sources import load_data
 from twotower.training.distributed import Collective
+from twotower.training.examples import StreamingTrainingData
 from twotower.training.run import train_run
-from twotower.training.streaming import StreamingTrainingData
 
 CONFIG = """
 data:

@@ -1,4 +1,4 @@
-"""One-pass sequence training (SASRec): every prefix of a query's history at once.
+"""``training.examples: sequences``: every prefix of a query's history at once (SASRec).
 
 Each query's training items, oldest first, are cut into windows of ``max_len + 1``
 items that overlap by one: items 1 .. n - 1 are each the target of exactly one
@@ -16,7 +16,7 @@ most ``max_len``, as at evaluation time, but fewer after a window's start.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -28,11 +28,29 @@ from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import HistoryFeature
 from twotower.towers.history.order import reversed_real
-from twotower.training.config import WeightRule
-from twotower.training.data import Batch, TrainingData
+from twotower.towers.model import TwoTower
+from twotower.training.config import TrainingConfig
 from twotower.training.distributed import Collective
+from twotower.training.examples.base import Batch, item_embedder
+from twotower.training.examples.interactions import RowOptions, TrainingData
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 SEQUENCE_ENCODERS = ("transformer", "gru")
+
+
+class SequenceBatch(Batch):
+    """One batch of windows: B rows of a query's items, P positions that have a target.
+
+    Attributes:
+        query: feature name -> the windows' query inputs, (B, ...), the window itself
+            (most recent first) as the sequence-encoded history.
+        positives: (P,) the targets of the real positions, window by window, oldest
+            first: position t's target is the window's item t + 1.
+        weights: (P,) each position's weight in the loss, or None: all alike.
+        queries: (P,) each position's query index.
+    """
 
 
 class SequenceTrainingData(TrainingData):
@@ -40,11 +58,11 @@ class SequenceTrainingData(TrainingData):
     pass; evaluation is unchanged. Implements ``TrainingExamples``.
 
     Args:
-        dataset, split, pipeline, device: as for ``TrainingData``.
+        dataset, split, pipeline: as for ``TrainingData``.
         position_weights: ``query``: a query's positions share one weight (1 / its
             targets); ``position``: every position weighs 1.
-        weights, weight_cap: as for ``TrainingData``: each position's weight is then
-            also its target interaction's weight.
+        options: ``device``, ``weights``, ``weight_cap``, as for ``TrainingData``: each
+            position's weight is then also its target interaction's weight.
 
     Raises:
         ConfigError: the query side has no history feature with a sequence encoder, or
@@ -56,12 +74,10 @@ class SequenceTrainingData(TrainingData):
         dataset: Dataset,
         split: Split,
         pipeline: FeaturePipeline,
-        device: torch.device | str = "cpu",
         position_weights: Literal["query", "position"] = "query",
-        weights: WeightRule = "none",
-        weight_cap: float = 5.0,
+        **options: Unpack[RowOptions],
     ) -> None:
-        super().__init__(dataset, split, pipeline, "before_event", device, weights, weight_cap)
+        super().__init__(dataset, split, pipeline, "before_event", **options)
         self.spec = _sequence_feature(self.history_features)
         rows, window_query = self._windows(self.spec.max_len)  # (W, max_len + 1), (W,)
         self.window_query = window_query
@@ -78,6 +94,12 @@ class SequenceTrainingData(TrainingData):
         )
         self.num_targets = int(targets.sum())
 
+    @staticmethod
+    def config_arguments(training: TrainingConfig) -> tuple:
+        """The constructor's arguments after ``pipeline`` that a training config gives
+        (``device``, ``weights`` and ``weight_cap`` aside)."""
+        return (training.position_weights,)
+
     def __len__(self) -> int:
         """Training positions (targets) in one epoch."""
         return self.num_targets
@@ -92,7 +114,7 @@ class SequenceTrainingData(TrainingData):
 
     def batches(
         self, batch_size: int, generator: torch.Generator, collective: Collective | None = None
-    ) -> Iterator[Batch]:
+    ) -> Iterator[SequenceBatch]:
         """One epoch of shuffled windows, every window once; with W processes each rank
         takes its contiguous share of every global batch (as ``TrainingData.batches``)."""
         collective = collective or Collective()
@@ -105,7 +127,7 @@ class SequenceTrainingData(TrainingData):
             bounds = shard_bounds(len(rows), world)
             yield self.window_batch(rows[bounds[rank] : bounds[rank + 1]])
 
-    def window_batch(self, windows: torch.Tensor) -> Batch:
+    def window_batch(self, windows: torch.Tensor) -> SequenceBatch:
         """The batch of (B,) windows: each one's query inputs with its window as history
         (most recent first), and the (P,) targets of its positions, oldest first."""
         items = self.window_items[windows]  # (B, max_len + 1) item indices, -1 pads
@@ -118,8 +140,26 @@ class SequenceTrainingData(TrainingData):
         if self.row_weights is not None:  # times each target interaction's own weight
             weights = weights * self.row_weights[self.window_rows[windows, 1:][real]]
         queries = self.window_query[windows][:, None].expand_as(real)[real]  # (P,)
-        return Batch(
-            query, targets[real], sequence=self.spec.name, weights=weights, queries=queries
+        return SequenceBatch(query, targets[real], weights=weights, queries=queries)
+
+    def loss(
+        self,
+        model: TwoTower,
+        objective: torch.nn.Module,
+        batch: SequenceBatch,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """The loss of a batch of windows: the sequence encoder's vector at every real
+        position (one forward pass) against that position's target."""
+        query = model.query_tower.at_positions(batch.query, self.spec.name)  # (P, D)
+        return objective(
+            query,
+            batch.positives,
+            item_embedder(model, self),
+            model.scale(),
+            generator,
+            batch.weights,
+            batch.queries,
         )
 
     def _windows(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,13 +190,14 @@ def _sequence_feature(features: list[HistoryFeature]) -> HistoryFeature:
     dropped = [spec.name for spec in features if spec.item_dropout > 0]
     if dropped:
         raise ConfigError(
-            f"training.one_pass trains every position of the history, so history feature(s) "
-            f"{dropped} cannot drop items (set item_dropout: 0)"
+            "training.examples=sequences trains every position of the history, so history "
+            f"feature(s) {dropped} cannot drop items (set item_dropout: 0)"
         )
     if len(features) != 1 or features[0].encoder not in SEQUENCE_ENCODERS:
         encoders = {spec.name: spec.encoder for spec in features}
         raise ConfigError(
-            "training.one_pass needs exactly one history feature, with a sequence encoder "
-            f"({' or '.join(SEQUENCE_ENCODERS)}); the query side has {encoders or 'none'}"
+            "training.examples=sequences needs exactly one history feature, with a sequence "
+            f"encoder ({' or '.join(SEQUENCE_ENCODERS)}); the query side has "
+            f"{encoders or 'none'}"
         )
     return features[0]

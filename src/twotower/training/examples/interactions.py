@@ -1,8 +1,11 @@
-"""Training examples in memory: every row's model inputs, batches gathered by index.
+"""``training.examples: interactions``: one example per training interaction.
 
-Both sides' feature rows are transformed once with the fitted pipeline (the same
-``FeaturePipeline.transform`` serving calls) and kept as tensors; a batch gathers
-the rows of its queries and items. No per-example Python runs in an epoch.
+In memory (``TrainingData``), or streamed from Parquet (``StreamingTrainingData``,
+``stream.py``) when the data does not fit.
+
+In memory, both sides' feature rows are transformed once with the fitted pipeline
+(the same ``FeaturePipeline.transform`` serving calls) and kept as tensors; a batch
+gathers the rows of its queries and items. No per-example Python runs in an epoch.
 
 History features, for a training example (q, i), must not contain i itself, or
 the model learns to find the target in its own input. Two rules:
@@ -15,9 +18,8 @@ the model learns to find the target in its own input. Two rules:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
-from typing import Literal, Protocol
+from typing import Literal, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -29,90 +31,18 @@ from twotower.data.stream import shard_bounds
 from twotower.errors import DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import HistoryFeature
-from twotower.training.config import HistoryRule, WeightRule
+from twotower.towers.model import TwoTower
+from twotower.training.config import HistoryRule, TrainingConfig, WeightRule
 from twotower.training.distributed import Collective
+from twotower.training.examples.base import Batch, interaction_weights, row_loss, to_device
 
 
-@dataclasses.dataclass
-class Batch:
-    """One batch of training interactions.
+class RowOptions(TypedDict, total=False):
+    """What every in-memory kind of examples takes as ``TrainingData`` does."""
 
-    Attributes:
-        query: feature name -> the batch's query inputs, (B, ...).
-        positives: (B,) int64 item indices of the interacted items; in one-pass
-            sequence batches (P,), one per real position of ``query[sequence]``.
-        sequence: the history feature trained in one pass (``SequenceTrainingData``),
-            or None: one example per row.
-        weights: (B,) or (P,) each example's (or position's) weight in the loss, or
-            None: all alike.
-        queries: (B,) or (P,) each example's query index (masking a query's other
-            known positives reads it), or None where unknown.
-        owners: in query-level batches (``QueryTrainingData``), (P,) the query row
-            each positive belongs to: B rows, P positives, ``queries`` (B,); None:
-            positive b belongs to row b.
-    """
-
-    query: dict[str, torch.Tensor]
-    positives: torch.Tensor
-    sequence: str | None = None
-    weights: torch.Tensor | None = None
-    queries: torch.Tensor | None = None
-    owners: torch.Tensor | None = None
-
-
-class TrainingExamples(Protocol):
-    """What the trainer and the evaluator read of training data: the in-memory
-    ``TrainingData``, its one-pass ``SequenceTrainingData``, its query-level
-    ``QueryTrainingData`` and the streamed
-    ``StreamingTrainingData`` all offer it.
-
-    Attributes:
-        device: where batches and inputs live.
-        num_items: N, the corpus size.
-        num_queries: the query rows ``query_inputs`` indexes (all queries, or the
-            evaluation sample of a stream).
-        split: the held-out parts ranked by evaluation, indexed by those query rows
-            (and the training interactions, to exclude seen items).
-        popularity: what ``popularity@k`` counts when evaluating: ``"known"`` (the
-            interactions known before the part), or None (not reported).
-    """
-
-    device: torch.device
-    num_items: int
-    num_queries: int
-    split: Split
-    popularity: Literal["known"] | None
-
-    def __len__(self) -> int:
-        """Training interactions in one epoch."""
-        ...
-
-    def steps(self, batch_size: int, world: int) -> int:
-        """Optimizer steps in one epoch of ``batches``."""
-        ...
-
-    def item_counts(self) -> np.ndarray:
-        """(N,) training interactions per item (popularity sampling, logQ)."""
-        ...
-
-    def training_pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows,) query and item indices of every training interaction, or None where
-        they are not all at hand (a stream)."""
-        ...
-
-    def item_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The item tower's inputs of (M,) item indices."""
-        ...
-
-    def query_inputs(self, queries: torch.Tensor, part: str = "train") -> dict[str, torch.Tensor]:
-        """The query tower's inputs of (B,) query rows, with histories as of ``part``."""
-        ...
-
-    def batches(
-        self, batch_size: int, generator: torch.Generator, collective: Collective | None = None
-    ) -> Iterator[Batch]:
-        """One epoch of shuffled batches, this process's share of each global batch."""
-        ...
+    device: torch.device | str
+    weights: WeightRule
+    weight_cap: float
 
 
 class TrainingData:
@@ -175,7 +105,11 @@ class TrainingData:
         timestamps = train.column(TIMESTAMP).to_numpy() if TIMESTAMP in train.column_names else None
         if timestamps is not None and any(s.time_buckets for s in self.history_features):
             self._times = torch.tensor(timestamps, dtype=torch.float64, device=self.device)
-        order = torch.from_numpy(recency_order(query, timestamps)).to(self.device)
+        self._index_recency(torch.from_numpy(recency_order(query, timestamps)).to(self.device))
+
+    def _index_recency(self, order: torch.Tensor) -> None:
+        """Keeps (rows,) the training rows by query, oldest first (``order``), each row's
+        place in it and its count of earlier rows of its query."""
         self._sequence_order = order  # training rows, by query, oldest first
         self._position = torch.empty_like(order)
         self._position[order] = torch.arange(len(order), device=self.device)
@@ -187,6 +121,12 @@ class TrainingData:
         )
         self._rank = torch.empty_like(order)  # each row's count of earlier rows of its query
         self._rank[order] = torch.arange(len(order), device=self.device) - starts.values
+
+    @staticmethod
+    def config_arguments(training: TrainingConfig) -> tuple:
+        """The constructor's arguments after ``pipeline`` that a training config gives
+        (``device``, ``weights`` and ``weight_cap`` aside)."""
+        return (training.history,)
 
     def __len__(self) -> int:
         return len(self.query_idx)
@@ -250,6 +190,12 @@ class TrainingData:
         weights = None if self.row_weights is None else self.row_weights[rows]
         return Batch(query, positives, weights=weights, queries=self.query_idx[rows])
 
+    def loss(
+        self, model: TwoTower, objective: torch.nn.Module, batch: Batch, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The loss of a batch of interactions: each row's query against its positive."""
+        return row_loss(self, model, objective, batch, generator)
+
     def _history_before(self, rows: torch.Tensor, spec: HistoryFeature, width: int) -> torch.Tensor:
         """(B, width) item codes of each row's earlier interactions, most recent first."""
         earlier, source = self._earlier(rows, width)
@@ -282,28 +228,3 @@ def _row_weights(
         )
     weights = interaction_weights(train.column(WEIGHT), rule, cap, "training interaction")
     return torch.tensor(weights, device=device)
-
-
-def interaction_weights(
-    column: pa.ChunkedArray | pa.Array, rule: str, cap: float, where: str
-) -> np.ndarray:
-    """(rows,) float32 loss weights of raw interaction weights under ``rule``
-    (``raw``, ``log1p``, ``capped``; see ``TrainingConfig.weights``).
-
-    Raises:
-        DataError: a weight is negative, missing or not a number; ``where`` names the rows.
-    """
-    raw = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
-    bad = ~np.isfinite(raw) | (raw < 0)
-    if bad.any():
-        raise DataError(
-            f"training.weights={rule!r}: {int(bad.sum())} {where} weight(s) are "
-            f"negative or not a number (the first: {raw[bad][0]})"
-        )
-    weights = {"raw": raw, "log1p": np.log1p(raw), "capped": np.minimum(raw, cap)}[rule]
-    return weights.astype(np.float32)
-
-
-def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The same inputs, each tensor on ``device``."""
-    return {name: tensor.to(device) for name, tensor in inputs.items()}

@@ -1,4 +1,5 @@
-"""Training examples streamed from Parquet (``data.source: stream``), in bounded memory.
+"""``training.examples: interactions`` streamed from Parquet (``data.source: stream``),
+in bounded memory.
 
 What is held in memory: the item corpus and its model inputs, the per-item training
 counts (for logQ and popularity sampling), one shuffle buffer per reading process,
@@ -31,9 +32,10 @@ from twotower.data.stream import ParquetStream, Piece
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.streaming import ItemKeys, stream_query_columns
+from twotower.towers.model import TwoTower
 from twotower.training.config import WeightRule
-from twotower.training.data import Batch, interaction_weights, to_device
 from twotower.training.distributed import Collective
+from twotower.training.examples.base import Batch, interaction_weights, row_loss, to_device
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,12 @@ class StreamingTrainingData:
         for _ in range(int(per_rank.max()) - steps):
             nothing = torch.zeros(0, device=self.device) if weighted else None
             yield Batch(to_device(empty[0], self.device), empty[1].to(self.device), weights=nothing)
+
+    def loss(
+        self, model: TwoTower, objective: torch.nn.Module, batch: Batch, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The loss of a batch of interactions: each row's query against its positive."""
+        return row_loss(self, model, objective, batch, generator)
 
     def _empty(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         table = next(self.stream.read(self.stream.share(None, 0, 1)[:1])).slice(0, 0)

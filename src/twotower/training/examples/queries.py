@@ -1,4 +1,4 @@
-"""Query-level training: one example per query, its held-out items the positives.
+"""``training.examples: queries``: one example per query, its held-out items the positives.
 
 Each epoch every query with training items is one example. Each of its training items
 is held out with probability ``holdout``, independently and afresh every epoch: the
@@ -17,8 +17,9 @@ softmax (every positive against the whole corpus, in one (B, N) score matrix).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -28,11 +29,31 @@ from twotower.data.stream import shard_bounds
 from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import HistoryFeature
-from twotower.training.config import WeightRule
-from twotower.training.data import Batch, TrainingData
+from twotower.towers.model import TwoTower
+from twotower.training.config import TrainingConfig
 from twotower.training.distributed import Collective
+from twotower.training.examples.base import Batch, item_embedder
+from twotower.training.examples.interactions import RowOptions, TrainingData
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 POOLING_ENCODERS = ("mean", "sum", "attention")
+
+
+@dataclasses.dataclass(kw_only=True)
+class QueryBatch(Batch):
+    """One batch of queries: B query rows and P positives, held-out items of theirs.
+
+    Attributes:
+        query: feature name -> the B queries' inputs, (B, ...).
+        positives: (P,) int64 item indices of the held-out items.
+        owners: (P,) the query row each positive belongs to.
+        weights: (P,) each positive's weight in the loss, or None: all alike.
+        queries: (B,) each row's query index.
+    """
+
+    owners: torch.Tensor
 
 
 class QueryTrainingData(TrainingData):
@@ -41,13 +62,13 @@ class QueryTrainingData(TrainingData):
     Evaluation is unchanged. Implements ``TrainingExamples``.
 
     Args:
-        dataset, split, pipeline, device: as for ``TrainingData``.
+        dataset, split, pipeline: as for ``TrainingData``.
         holdout: the probability that a training item is held out as a positive.
         position_weights: ``query``: a query's positives share one weight (1 / their
             number), so heavy users do not swamp light ones; ``position``: every
             positive weighs 1.
-        weights, weight_cap: as for ``TrainingData``: each positive's weight is then
-            also its interaction's weight.
+        options: ``device``, ``weights``, ``weight_cap``, as for ``TrainingData``: each
+            positive's weight is then also its interaction's weight.
 
     Raises:
         ConfigError: the query side has no history feature, more than one, or one whose
@@ -60,13 +81,11 @@ class QueryTrainingData(TrainingData):
         dataset: Dataset,
         split: Split,
         pipeline: FeaturePipeline,
-        device: torch.device | str = "cpu",
         holdout: float = 0.5,
         position_weights: Literal["query", "position"] = "query",
-        weights: WeightRule = "none",
-        weight_cap: float = 5.0,
+        **options: Unpack[RowOptions],
     ) -> None:
-        super().__init__(dataset, split, pipeline, "mask_target", device, weights, weight_cap)
+        super().__init__(dataset, split, pipeline, "mask_target", **options)
         self.spec = _pooled_feature(self.history_features)
         self.holdout = holdout
         self.position_weights = position_weights
@@ -79,6 +98,12 @@ class QueryTrainingData(TrainingData):
         self._newest_first = order.flip(0)  # rows by query (last first), newest first
         self._flipped_starts = len(order) - self._starts - counts
 
+    @staticmethod
+    def config_arguments(training: TrainingConfig) -> tuple:
+        """The constructor's arguments after ``pipeline`` that a training config gives
+        (``device``, ``weights`` and ``weight_cap`` aside)."""
+        return (training.holdout, training.position_weights)
+
     def __len__(self) -> int:
         """Queries (examples) in one epoch."""
         return len(self.example_queries)
@@ -89,7 +114,7 @@ class QueryTrainingData(TrainingData):
 
     def batches(
         self, batch_size: int, generator: torch.Generator, collective: Collective | None = None
-    ) -> Iterator[Batch]:
+    ) -> Iterator[QueryBatch]:
         """One epoch of shuffled query batches, each query once, its held-out items drawn
         from ``generator``; with W processes each rank takes its contiguous share of every
         global batch (as ``TrainingData.batches``), all ranks drawing the same items."""
@@ -106,7 +131,7 @@ class QueryTrainingData(TrainingData):
             mine = queries[bounds[rank] : bounds[rank + 1]]
             yield self.query_batch(mine, held[first:last] < self.holdout)
 
-    def query_batch(self, queries: torch.Tensor, held: torch.Tensor) -> Batch:
+    def query_batch(self, queries: torch.Tensor, held: torch.Tensor) -> QueryBatch:
         """The batch of (B,) queries given (R,) whether each of their training items,
         query by query and newest first, is held out.
 
@@ -142,7 +167,26 @@ class QueryTrainingData(TrainingData):
         if self.row_weights is not None:
             own = self.row_weights[rows[held]]
             weights = own if weights is None else weights * own
-        return Batch(query, positives, weights=weights, queries=queries, owners=owners)
+        return QueryBatch(query, positives, weights=weights, queries=queries, owners=owners)
+
+    def loss(
+        self,
+        model: TwoTower,
+        objective: torch.nn.Module,
+        batch: QueryBatch,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """The loss of a batch of queries: each query's vector against every one of its
+        held-out items, from one score matrix (``objective.sets``: the full softmax)."""
+        return objective.sets(
+            model.query_tower(batch.query),
+            batch.positives,
+            batch.owners,
+            item_embedder(model, self),
+            model.scale(),
+            batch.weights,
+            batch.queries,
+        )
 
 
 def _pooled_feature(features: list[HistoryFeature]) -> HistoryFeature:

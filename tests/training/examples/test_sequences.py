@@ -16,8 +16,8 @@ from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.sources import load_data
 from twotower.towers.model import TwoTower
+from twotower.training.examples import SequenceTrainingData
 from twotower.training.run import train_run
-from twotower.training.sequences import SequenceTrainingData
 
 HISTORY = "features.query.history"
 
@@ -99,9 +99,11 @@ def test_weights_share_one_per_query_unless_positions_count_alike(data, sequence
     assert torch.equal(weights, torch.ones_like(weights))
 
 
-def test_one_pass_needs_a_sequence_encoder_and_a_shared_softmax(small_config, data):
-    with pytest.raises(ConfigError, match="one_pass trains with the in_batch or mixed"):
-        apply_overrides(small_config, ["training.objective.kind=hinge", "training.one_pass=true"])
+def test_sequences_need_a_sequence_encoder_and_a_shared_softmax(small_config, data):
+    with pytest.raises(ConfigError, match="examples=sequences trains with the in_batch or mixed"):
+        apply_overrides(
+            small_config, ["training.objective.kind=hinge", "training.examples=sequences"]
+        )
     dataset, split = load_data(small_config)  # the recipe's history is mean-pooled
     pipeline = FeaturePipeline.fit(small_config.features, dataset, split.train)
     with pytest.raises(ConfigError, match=r"exactly one history feature.*'history': 'mean'"):
@@ -114,9 +116,10 @@ def test_one_pass_needs_a_sequence_encoder_and_a_shared_softmax(small_config, da
         SequenceTrainingData(dataset, split, pipeline)
 
 
-def test_a_one_pass_run_resumes_exactly(sequence_config, tmp_path):
+def test_a_sequence_run_resumes_exactly(sequence_config, tmp_path):
     config = apply_overrides(
-        sequence_config, ["training.one_pass=true", "training.epochs=2", "training.patience=0"]
+        sequence_config,
+        ["training.examples=sequences", "training.epochs=2", "training.patience=0"],
     )
     straight = train_run(config, tmp_path / "straight")
     train_run(apply_overrides(config, ["training.epochs=1"]), tmp_path / "resumed")
@@ -125,9 +128,9 @@ def test_a_one_pass_run_resumes_exactly(sequence_config, tmp_path):
 
 
 @pytest.mark.parametrize("encoder", ["transformer", "gru"])
-def test_a_one_pass_run_beats_popularity(small_config, popularity_recall, tmp_path, encoder):
+def test_a_sequence_run_beats_popularity(small_config, popularity_recall, tmp_path, encoder):
     settings = [f"{HISTORY}.encoder={encoder}", f"{HISTORY}.max_len=10", f"{HISTORY}.heads=2"]
-    config = apply_overrides(small_config, [*settings, "training.one_pass=true"])
+    config = apply_overrides(small_config, [*settings, "training.examples=sequences"])
     recall = train_run(config, tmp_path).metrics["valid/recall@10"]
     assert recall > 1.4 * popularity_recall, (recall, popularity_recall)
 

@@ -14,7 +14,7 @@ from twotower.data.splits import split_interactions
 from twotower.errors import DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
-from twotower.training.data import TrainingData
+from twotower.training.examples import TrainingData
 
 FEATURES = FeaturesConfig(
     query=[
