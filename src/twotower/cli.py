@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -214,8 +215,9 @@ def tune(
 def _tuning_modules() -> tuple[ModuleType, ModuleType]:
     """``twotower.tuning``'s space and study modules, or an error that says how to
     install Optuna, which they need."""
-    try:
-        from twotower.tuning import space, study
+    try:  # by their full names, so a missing Optuna is found even where they were loaded
+        space = importlib.import_module("twotower.tuning.space")
+        study = importlib.import_module("twotower.tuning.study")
     except ModuleNotFoundError as err:
         if err.name != "optuna":
             raise

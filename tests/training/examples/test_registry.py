@@ -14,7 +14,7 @@ from twotower.config import Config, apply_overrides
 from twotower.data.config import DataConfig, StreamConfig
 from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
-from twotower.prepare import load_data
+from twotower.sources import load_data
 from twotower.towers.model import TwoTower
 from twotower.training.config import FullConfig, InBatchConfig, TrainingConfig
 from twotower.training.examples import (
