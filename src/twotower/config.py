@@ -54,7 +54,7 @@ class Config:
             raise ValueError(
                 f"threads must be >= 1 (or unset: the CPUs available), got {self.threads}"
             )
-        if self.data.source == "stream" and self.training.in_memory_only:
+        if self.data.streamed and self.training.in_memory_only:
             raise ValueError(STREAM_REFUSAL)
 
 

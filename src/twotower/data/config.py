@@ -226,8 +226,15 @@ class DataConfig:
     stream: StreamConfig | None = None
 
     def __post_init__(self) -> None:
-        if (self.source == "stream") != (self.stream is not None):
+        if self.streamed != (self.stream is not None):
             raise ValueError("data.source 'stream' goes with a data.stream section, and only it")
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the data is read from Parquet in bounded memory, never whole
+        (``source: stream``); ``twotower.sources.open_source`` then reads it as a stream
+        or a data build, and nothing else asks."""
+        return self.source == "stream"
         if self.sample_queries is not None and self.sample_queries < 1:
             raise ValueError(f"sample_queries must be >= 1, got {self.sample_queries}")
 

@@ -59,12 +59,12 @@ __all__ = [
 
 
 def open_source(config: Config) -> DataSource:
-    """The source the config names: the one place that asks which kind it is.
+    """The source the config names: the one place that chooses by ``data.source``.
 
     Raises:
         DataError: a table or build file is missing, malformed or inconsistent (named).
     """
-    if config.data.source != "stream":
+    if not config.data.streamed:
         return MemorySource.read(config)
     if config.data.stream.built is None:
         return StreamSource(config)
@@ -78,7 +78,7 @@ def load_data(config: Config) -> tuple[Dataset, Split]:
         ConfigError: the source is a stream (read by ``open_source`` in bounded memory).
         DataError: a table is missing, malformed or inconsistent (named).
     """
-    if config.data.source == "stream":
+    if config.data.streamed:
         raise ConfigError(
             "data.source 'stream' is read by training only, in bounded memory; this command "
             "needs the data in memory (a 'files' source over the same Parquet files)"
