@@ -228,6 +228,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.streamed != (self.stream is not None):
             raise ValueError("data.source 'stream' goes with a data.stream section, and only it")
+        if self.sample_queries is not None and self.sample_queries < 1:
+            raise ValueError(f"sample_queries must be >= 1, got {self.sample_queries}")
 
     @property
     def streamed(self) -> bool:
@@ -235,8 +237,6 @@ class DataConfig:
         (``source: stream``); ``twotower.sources.open_source`` then reads it as a stream
         or a data build, and nothing else asks."""
         return self.source == "stream"
-        if self.sample_queries is not None and self.sample_queries < 1:
-            raise ValueError(f"sample_queries must be >= 1, got {self.sample_queries}")
 
 
 @dataclasses.dataclass(frozen=True)
