@@ -28,7 +28,7 @@ import torch
 
 from twotower.config import Config
 from twotower.config_io import to_dict
-from twotower.data.build import QUERY_COLUMNS, SEEN, TARGETS, built_stream
+from twotower.data.build.format import QUERY_COLUMNS, SEEN, TARGETS, built_stream
 from twotower.data.matrix import interaction_matrix
 from twotower.errors import ConfigError, DataError
 from twotower.features.contract import input_contract

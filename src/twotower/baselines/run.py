@@ -22,7 +22,7 @@ from twotower.baselines.config import BaselinesConfig
 from twotower.baselines.ease import EASE
 from twotower.baselines.itemknn import ItemKNN
 from twotower.baselines.popularity import Popularity
-from twotower.data.build import SEEN, TARGETS, built_stream
+from twotower.data.build.format import SEEN, TARGETS, built_stream
 from twotower.data.config import StreamConfig
 from twotower.data.dataset import Dataset
 from twotower.data.matrix import known_before

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twotower.data.build import SEEN, TARGETS
+from twotower.data.build.format import SEEN, TARGETS
 from twotower.data.config import StreamConfig
 from twotower.data.stream import ParquetStream
 from twotower.evaluation.ranking import HeldOut, evaluate_chunks
@@ -42,7 +42,7 @@ def evaluate_built(
 
     Args:
         model: the trained model.
-        stream: the build as a stream (``twotower.data.build.built_stream``).
+        stream: the build as a stream (``twotower.data.build.format.built_stream``).
         folder: the build folder.
         pipeline: the run's fitted features.
         part: ``valid`` or ``test``.

@@ -23,7 +23,7 @@ import torch
 
 from twotower.config import Config, save_config
 from twotower.config_io import from_dict, to_dict
-from twotower.data.build import FEATURES_DIR, built_stream
+from twotower.data.build.format import FEATURES_DIR, built_stream
 from twotower.data.dataset import Dataset
 from twotower.data.splits import Split
 from twotower.errors import ConfigError, DataError
