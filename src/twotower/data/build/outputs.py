@@ -45,10 +45,10 @@ def write_parts(db: Database, job: BuildJob, rule: str) -> Files:
         _step_table(db, name, target, longest, known)
     files: Files = {}
     for index, name in enumerate(SPLIT_NAMES):
-        columns, source = _history_columns(db, name, lengths, rule, recency)
+        columns, join = _history_columns(db, name, lengths, rule, recency)
         select = ", ".join(_row_columns(job.outputs, q) + columns)
         query = (
-            f"SELECT {select} FROM interactions i {source} "
+            f"SELECT {select} FROM interactions i {join} "
             f"LEFT JOIN query_table q ON i.{q(QUERY_ID)} = q.key WHERE i.{PART} = {index}"
         )
         per_file = job.options.rows_per_part if name == "train" else None
