@@ -1,8 +1,9 @@
-"""The layering of docs/architecture.md, as import-linter contracts in pyproject.toml.
+"""The layering of docs/architecture.md, as import-linter contracts in pyproject.toml,
+and no import cycle anywhere in the package.
 
-The contracts are checked on the package as it is, and shown to fail when a forbidden
-import is added to a copy of it; serving is imported in a fresh interpreter to see
-that it loads no training code.
+The contracts and the cycle check run on the package as it is, and are shown to fail
+when a forbidden import, or a cycle, is added to a copy of it; serving is imported in
+a fresh interpreter to see that it loads no training code.
 """
 
 import json
@@ -47,6 +48,9 @@ def test_every_contract_holds() -> None:
         ("training/config.py", "import torch", "config", "Config modules import no torch"),
         ("index/exact.py", "import twotower.evaluation.ranking", "index", "The index never"),
         ("data/dataset.py", "import twotower.cli", "pipeline", "Imports point down"),
+        ("data/build/spark.py", "import twotower.data.build.duckdb", "build", "The data build"),
+        ("data/build/format.py", "import twotower.data.build.plan", "build", "The data build"),
+        ("export.py", "import twotower.data.build.duckdb", "build-readers", "Readers of a data"),
     ],
 )
 def test_a_forbidden_import_breaks_its_contract(
@@ -60,6 +64,78 @@ def test_a_forbidden_import_breaks_its_contract(
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{broken}" in result.stdout and "BROKEN" in result.stdout
     assert line.removeprefix("import ") in result.stdout  # the offending import is named
+
+
+# the import graph of the package on the path, as (importer, imported) pairs
+_EDGES = """
+import json, grimp
+graph = grimp.build_graph("twotower", cache_dir=None)
+edges = [
+    (module, imported)
+    for module in sorted(graph.modules)
+    for imported in sorted(graph.find_modules_directly_imported_by(module))
+]
+print(json.dumps(edges))
+"""
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """Every cycle of imports between twotower modules of ``root/src``: each strongly
+    connected component of the import graph with more than one module, sorted (Tarjan's
+    algorithm; imports under ``TYPE_CHECKING`` count)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _EDGES],
+        env={**os.environ, "PYTHONPATH": str(root / "src")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    imports: dict[str, list[str]] = {}
+    for importer, imported in json.loads(result.stdout):
+        imports.setdefault(importer, []).append(imported)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for imported in imports.get(module, []):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:  # the root of a component: pop it whole
+            component = stack[stack.index(module) :]
+            del stack[stack.index(module) :]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(imports):
+        if module not in index:
+            visit(module)
+    return sorted(cycles)
+
+
+def test_no_import_cycle_between_twotower_modules() -> None:
+    cycles = import_cycles(ROOT)
+    assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_an_import_cycle_added_to_a_copy_is_found_and_named(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "src" / "twotower", tmp_path / "src" / "twotower")
+    for module, line in (
+        ("data/matrix.py", "import twotower.data.splits"),
+        ("data/splits.py", "import twotower.data.stream"),
+        ("data/stream.py", "import twotower.data.matrix"),
+    ):
+        path = tmp_path / "src" / "twotower" / module
+        path.write_text(path.read_text(encoding="utf-8") + f"\n{line}\n", encoding="utf-8")
+    cycle = ["twotower.data.matrix", "twotower.data.splits", "twotower.data.stream"]
+    assert import_cycles(tmp_path) == [cycle]
 
 
 def _loaded_after(code: str) -> list[str]:

@@ -522,7 +522,7 @@ def data_synth(
     """
     from twotower.data.config import SyntheticConfig
     from twotower.data.synthetic import generate, write_parquet
-    from twotower.data.synthetic_stream import StreamSynthConfig, write_stream
+    from twotower.data.synthetic_stream import StreamSynthConfig, write_synthetic_stream
 
     if raw and interactions is None:
         raise ConfigError("--raw writes raw logs of --interactions rows: give --interactions")
@@ -537,7 +537,7 @@ def data_synth(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if interactions is not None:
-        paths = write_stream(stream, out, raw)
+        paths = write_synthetic_stream(stream, out, raw)
     else:
         paths = write_parquet(generate(config).dataset, out)
     for role, path in paths.items():
@@ -557,8 +557,8 @@ def data_build(
         str, typer.Option(help="duckdb (one machine) or spark (a Spark cluster, --master).")
     ] = "duckdb",
     master: Annotated[
-        str, typer.Option(help="The Spark master, with --engine spark.")
-    ] = "local[2]",
+        str | None, typer.Option(help="The Spark master, with --engine spark (local[2]).")
+    ] = None,
     rows_per_part: Annotated[int, typer.Option(help="Training rows per Parquet file.")] = 5_000_000,
     row_group_rows: Annotated[
         int, typer.Option(help="Rows per Parquet row group (divides --rows-per-part).")
@@ -573,15 +573,17 @@ def data_build(
     The folder appears whole or not at all; a killed build leaves nothing that reads as
     finished.
     """
-    from twotower.data.build import BuildOptions
+    from twotower.data.build.engine import engine_named
+    from twotower.data.build.job import BuildOptions
     from twotower.prepare import build_data
 
     config = _config(config_path, overrides, None)
     try:
-        options = BuildOptions(memory_limit, threads, rows_per_part, row_group_rows)
+        options = BuildOptions(threads, rows_per_part, row_group_rows)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    manifest = build_data(config, out, options, engine, master)
+    chosen = engine_named(engine, memory_limit=memory_limit, master=master)
+    manifest = build_data(config, out, options, chosen)
     typer.echo(json.dumps({"rows": manifest["rows"], "seconds": manifest["seconds"]}, indent=2))
 
 

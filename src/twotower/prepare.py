@@ -10,14 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from twotower.config import Config, save_config
-from twotower.data.build import (
-    FEATURES_DIR,
-    BuildOptions,
-    Histories,
-    build_split,
-    output_columns,
-    stream_files,
-)
+from twotower.data.build.engine import Engine, build_split
+from twotower.data.build.format import FEATURES_DIR, output_columns, stream_files
+from twotower.data.build.job import BuildOptions, Histories
 from twotower.data.config import StreamConfig
 from twotower.data.splits import split_interactions
 from twotower.features.specs import HistoryFeature
@@ -63,12 +58,12 @@ def build_data(
     config: Config,
     out: Path,
     options: BuildOptions | None = None,
-    engine: str = "duckdb",
-    master: str = "local[2]",
+    engine: Engine | str = "duckdb",
 ) -> dict[str, Any]:
     """``twotower data build``: the config's split, histories and feature columns built
-    out of core into ``out`` (``twotower.data.build``), and its features fitted there
-    once (``features/``: the state, ``item_counts.npy``, ``fit.json``), as in memory.
+    out of core into ``out`` on ``engine`` (``twotower.data.build``), and its features
+    fitted there once (``features/``: the state, ``item_counts.npy``, ``fit.json``), as
+    in memory.
 
     Returns:
         The build's manifest.
@@ -100,4 +95,4 @@ def build_data(
         }
 
     histories = Histories(lengths, config.training.history)
-    return build_split(data, config.split, out, options, histories, engine, master, columns, fit)
+    return build_split(data, config.split, out, options, histories, engine, columns, fit)

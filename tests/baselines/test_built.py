@@ -22,7 +22,7 @@ KS = [1, 5, 10, 50]
 def demo(tmp_path_factory):
     """The demo's tables (random split, so queries have several held-out items) and
     their build, in row groups of 64 queries."""
-    from twotower.data.build import BuildOptions
+    from twotower.data.build.job import BuildOptions
     from twotower.demo import _write_synthetic, demo_config
 
     folder = tmp_path_factory.mktemp("demo")

@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from twotower.config import Config
-from twotower.data.build import built_stream
+from twotower.data.build.format import built_stream
 from twotower.data.config import DataConfig, StreamConfig
 from twotower.errors import ConfigError
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature

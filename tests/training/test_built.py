@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from twotower.config import Config
-from twotower.data.build import FEATURES_DIR, built_stream
+from twotower.data.build.format import FEATURES_DIR, built_stream
 from twotower.data.config import DataConfig, StreamConfig
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature

@@ -79,7 +79,9 @@ class StreamSynthConfig(PlantedClusters):
         return max(1, self.interactions // self.per_user)
 
 
-def write_stream(config: StreamSynthConfig, out: Path, raw: bool = False) -> dict[str, Path]:
+def write_synthetic_stream(
+    config: StreamSynthConfig, out: Path, raw: bool = False
+) -> dict[str, Path]:
     """Generates the data block by block and writes it under ``out``.
 
     Args:

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from twotower.data.build import TRAIN_INTERACTIONS
+from twotower.data.build.format import TRAIN_INTERACTIONS
 from twotower.data.config import StreamConfig
 from twotower.data.stream import ParquetStream, read_item_table
 from twotower.errors import DataError
@@ -313,7 +313,7 @@ def fit_built_pipeline(
     features are fitted on the corpus rows with training interactions.
 
     Args:
-        stream: the build as a stream (``twotower.data.build.built_stream``).
+        stream: the build as a stream (``twotower.data.build.format.built_stream``).
         queries: the build's one row per query.
         features: the features to fit.
         key: the query side's key column (the query table's key, else the

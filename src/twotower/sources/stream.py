@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from twotower.config import Config
 from twotower.config_io import to_dict
-from twotower.data.build import FEATURES_DIR, QUERY_COLUMNS, SEEN, TARGETS, built_stream
+from twotower.data.build.format import FEATURES_DIR, QUERY_COLUMNS, SEEN, TARGETS, built_stream
 from twotower.data.config import StreamConfig
 from twotower.data.stream import ParquetStream
 from twotower.errors import ConfigError, DataError

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from twotower.config import load_config
-from twotower.data.synthetic_stream import StreamSynthConfig, write_stream
+from twotower.data.synthetic_stream import StreamSynthConfig, write_synthetic_stream
 from twotower.errors import ConfigError, DataError
 from twotower.features.streaming import fit_stream_pipeline
 from twotower.sources import load_data
@@ -58,7 +58,7 @@ training:
 def stream_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("stream")
     synth = StreamSynthConfig(interactions=12_000, num_items=600, per_user=20, num_clusters=8)
-    write_stream(synth, folder)
+    write_synthetic_stream(synth, folder)
     (folder / "config.yaml").write_text(CONFIG)
     return folder
 
@@ -186,10 +186,10 @@ def test_streamed_examples_carry_their_rows_weights(stream_dir):
 
 
 def test_raw_logs_hold_the_streams_events_and_users(stream_dir, tmp_path):
-    """``write_stream(raw=True)`` with the same settings: every event of the stream's
+    """``write_synthetic_stream(raw=True)`` with the same settings: every event of the stream's
     train, valid and test rows, unsplit, and each user's features once in a table."""
     synth = StreamSynthConfig(interactions=12_000, num_items=600, per_user=20, num_clusters=8)
-    paths = write_stream(synth, tmp_path, raw=True)
+    paths = write_synthetic_stream(synth, tmp_path, raw=True)
     events = ["user_id", "item_id", "timestamp"]
     stream = pa.concat_tables(
         [

@@ -1,64 +1,28 @@
-"""``twotower data build --engine spark`` (local[2]) writes what the DuckDB build writes:
-every split method, histories and latest histories, on generated data and
-MovieLens-100K."""
+"""``twotower data build --engine spark`` (local[2]) writes what the DuckDB build writes,
+file for file: every split method, histories and latest histories, feature tables and
+ids without a row, on generated data and MovieLens-100K. (Spark's side of the engines'
+contract is ``test_engines.py``.)"""
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from twotower.data.build import BuildOptions, Histories, build_split, read_manifest
+from twotower.data.build.engine import build_split
+from twotower.data.build.format import read_build_manifest
+from twotower.data.build.job import BuildOptions, Histories
+from twotower.data.build.spark import SparkEngine
 from twotower.data.config import SplitConfig
-
-pytest.importorskip("pyspark", reason="PySpark is not installed (pip install 'twotower[spark]')")
-
-
-def _java_major() -> int:
-    """The installed Java's major version, 0 if none."""
-    if shutil.which("java") is None:
-        return 0
-    shown = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
-    found = re.search(r'version "(\d+)(?:\.(\d+))?', shown)
-    if found is None:
-        return 0
-    major = int(found.group(1))
-    return int(found.group(2) or 0) if major == 1 else major  # "1.8" is Java 8
-
-
-if _java_major() < 17:
-    pytest.skip(
-        "Spark needs Java 17 or later (apt-get install openjdk-17-jre-headless)",
-        allow_module_level=True,
-    )
 
 OPTIONS = BuildOptions(rows_per_part=1200, row_group_rows=300, threads=2)
 
 
-@pytest.fixture(scope="module")
-def spark():
-    """One local[2] session for the module (a build reuses an active session)."""
-    from pyspark.sql import SparkSession
-
-    session = (
-        SparkSession.builder.master("local[2]")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "4")
-        .getOrCreate()
-    )
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
-
 def contents(folder: Path) -> dict[str, list]:
     """Every file's rows, by file, and the manifest's layout (files and row counts)."""
-    manifest = read_manifest(folder)
+    manifest = read_build_manifest(folder)
     rows = {name: pq.read_table(folder / name).to_pylist() for name in manifest["files"]}
     layout = {name: entry["rows"] for name, entry in manifest["files"].items()}
     return {"rows": rows, "layout": layout, "parts": manifest["rows"]}
@@ -76,7 +40,7 @@ def test_spark_writes_what_duckdb_writes(spark, generated, tmp_path, method, rul
     split = splits[method]
     histories = Histories({"history": 5, "long": 30}, rule)
     build_split(data, split, tmp_path / "duckdb", OPTIONS, histories)
-    build_split(data, split, tmp_path / "spark", OPTIONS, histories, engine="spark")
+    build_split(data, split, tmp_path / "spark", OPTIONS, histories, engine=SparkEngine())
     assert contents(tmp_path / "spark") == contents(tmp_path / "duckdb")
 
 
