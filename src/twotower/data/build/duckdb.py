@@ -68,38 +68,14 @@ class DuckDBEngine:
 
 
 class DuckDBDialect(Dialect):
-    """DuckDB's spelling of the plan's expressions."""
+    """DuckDB's spelling of the plan's expressions (its column of ``SPELLINGS``)."""
 
-    quote_char = '"'
-
-    def epoch_seconds(self, column: str) -> str:
-        return f"floor(epoch({column}))"
-
-    def round_even(self, value: str) -> str:
-        return f"round_even({value}, 0)"
-
-    def head(self, items: str, length: int) -> str:
-        return f"{items}[1:{length}]"
-
-    def or_empty(self, items: str) -> str:
-        return f"coalesce({items}, [])"
-
-    def reverse(self, items: str) -> str:
-        return f"list_reverse({items})"
-
-    def blank(self, items: str, item: str) -> str:
-        return f"list_transform({items}, lambda x: CASE WHEN x = {item} THEN NULL ELSE x END)"
-
-    def window_list(self, item: str, window: str) -> str:
-        return f"list({item}) OVER ({window})"
+    name, quote_char = "duckdb", '"'
 
     def latest(self, item: str, keys: list[str], where: str | None) -> str:
         descending = ", ".join(f"{key} DESC" for key in keys)
         rows = f" FILTER (WHERE {where})" if where else ""
         return f"list({item} ORDER BY {descending}){rows}"
-
-    def distinct_sorted(self, item: str, where: str) -> str:
-        return f"list_sort(coalesce(list(DISTINCT {item}) FILTER (WHERE {where}), []))"
 
     def sorted_pair(self, value: str, table: str, k: int) -> str:
         return f"SELECT {value} FROM {table} ORDER BY 1 LIMIT 2 OFFSET {k}"

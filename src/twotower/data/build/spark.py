@@ -83,30 +83,9 @@ class SparkEngine:
 
 
 class SparkDialect(Dialect):
-    """Spark SQL's spelling of the plan's expressions."""
+    """Spark SQL's spelling of the plan's expressions (its column of ``SPELLINGS``)."""
 
-    quote_char = "`"
-
-    def epoch_seconds(self, column: str) -> str:
-        return f"floor(unix_timestamp({column}))"
-
-    def round_even(self, value: str) -> str:
-        return f"bround({value}, 0)"
-
-    def head(self, items: str, length: int) -> str:
-        return f"slice({items}, 1, {length})"
-
-    def or_empty(self, items: str) -> str:
-        return f"coalesce({items}, array())"
-
-    def reverse(self, items: str) -> str:
-        return f"reverse({items})"
-
-    def blank(self, items: str, item: str) -> str:
-        return f"transform({items}, x -> CASE WHEN x = {item} THEN NULL ELSE x END)"
-
-    def window_list(self, item: str, window: str) -> str:
-        return f"collect_list({item}) OVER ({window})"
+    name, quote_char = "spark", "`"
 
     def latest(self, item: str, keys: list[str], where: str | None) -> str:
         # no ordered aggregate: sort (keys..., item) structs, largest first
@@ -115,9 +94,6 @@ class SparkDialect(Dialect):
         if where:
             row = f"CASE WHEN {where} THEN {row} END"
         return f"transform(sort_array(collect_list({row}), false), s -> s.item)"
-
-    def distinct_sorted(self, item: str, where: str) -> str:
-        return f"array_sort(collect_set(CASE WHEN {where} THEN {item} END))"
 
     def sorted_pair(self, value: str, table: str, k: int) -> str:
         ranked = (
