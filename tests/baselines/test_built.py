@@ -4,11 +4,14 @@ rank exactly as the in-memory baselines do on the same split."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from twotower.baselines.config import BaselinesConfig
 from twotower.baselines.run import evaluate_baseline
+from twotower.config import Config
+from twotower.data.config import DataConfig, StreamConfig
 from twotower.errors import DataError
 from twotower.prepare import build_data
 from twotower.sources import BuiltSource, MemorySource, load_data
@@ -16,6 +19,12 @@ from twotower.sources import BuiltSource, MemorySource, load_data
 pytest.importorskip("duckdb")
 
 KS = [1, 5, 10, 50]
+
+
+def _built(folder: Path) -> BuiltSource:
+    """The build in ``folder`` alone, under a default config (what the baselines read)."""
+    stream = StreamConfig(built=folder)
+    return BuiltSource(Config(data=DataConfig(source="stream", stream=stream)))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,7 @@ def test_a_baseline_on_the_build_ranks_as_in_memory(demo, name):
     settings = BaselinesConfig(ease_l2=50.0, itemknn_neighbors=20, itemknn_shrink=1.0)
     dataset, split = load_data(config)
     expected = evaluate_baseline(name, MemorySource(dataset, split), KS, settings)
-    got = evaluate_baseline(name, BuiltSource.at(built), KS, settings)
+    got = evaluate_baseline(name, _built(built), KS, settings)
     assert got.keys() == expected.keys()
     assert got["test/queries"] == expected["test/queries"] > 100
     for key, value in expected.items():
@@ -54,7 +63,7 @@ def test_a_baseline_too_large_for_memory_is_refused_naming_its_size(demo, monkey
     real = os.sysconf
     monkeypatch.setattr(os, "sysconf", lambda n: 1 if n == "SC_PHYS_PAGES" else real(n))
     with pytest.raises(DataError, match=r"ease on 150 items needs about 0.0 GiB \(three dense"):
-        evaluate_baseline("ease", BuiltSource.at(built), KS)
+        evaluate_baseline("ease", _built(built), KS)
 
 
 @pytest.mark.parametrize(("name", "passes"), [("pop", 2), ("itemknn", 3), ("ease", 2)])
@@ -71,6 +80,6 @@ def test_each_query_file_is_read_once_to_fit_and_once_to_rank(demo, monkeypatch,
 
         monkeypatch.setattr(BuiltSource, method, counted)
     _, built = demo
-    source = BuiltSource.at(built)
+    source = _built(built)
     evaluate_baseline(name, source, KS, BaselinesConfig(ease_l2=50.0), parts=("test",))
     assert [path.name for path in reads] == ["queries_test.parquet"] * passes

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 
 from twotower.config import Config
 from twotower.config_io import to_dict
@@ -88,16 +89,16 @@ class StreamSource:
         sample: int | None = None,
         seed: int = 0,
     ) -> Iterator[QueryChunk]:
-        raise ConfigError(NEEDS_BUILD.format(what="ranking a streamed run's queries"))
+        raise _needs_build("ranking a streamed run's queries")
 
     def num_queries(self, part: str) -> int:
-        raise ConfigError(NEEDS_BUILD.format(what="ranking a streamed run's queries"))
+        raise _needs_build("ranking a streamed run's queries")
 
     def popularity(self, part: str) -> np.ndarray:
-        raise ConfigError(NEEDS_BUILD.format(what="ranking a streamed run's queries"))
+        raise _needs_build("ranking a streamed run's queries")
 
     def known_queries(self, as_of: str, pipeline: FeaturePipeline) -> KnownQueries:
-        raise ConfigError(NEEDS_BUILD.format(what="exporting a streamed run"))
+        raise _needs_build("exporting a streamed run")
 
     def _item_keys(self) -> tuple[ItemKeys, int]:
         """The corpus's item ids (read alone: the baselines need no item feature) and N."""
@@ -122,14 +123,6 @@ class BuiltSource(StreamSource):
         super().__init__(config)
         assert config.data.stream.built is not None  # open_source chooses this source so
         self.folder = Path(config.data.stream.built)
-
-    @classmethod
-    def at(cls, folder: Path) -> BuiltSource:
-        """The build in ``folder`` alone, under a default config (what the baselines read)."""
-        from twotower.data.config import DataConfig
-
-        data = DataConfig(source="stream", stream=StreamConfig(built=Path(folder)))
-        return cls(Config(data=data))
 
     def fit_features(self, config: Config) -> FittedFeatures:
         """The features the build fitted (``features/``), refused where the build was
@@ -199,7 +192,12 @@ class BuiltSource(StreamSource):
     def _queries(self, part: str) -> Path:
         return self.folder / f"queries_{part}.parquet"
 
-    def _matrix(self, column: pa.ChunkedArray, path: Path) -> Any:
+    def _matrix(self, column: pa.ChunkedArray, path: Path) -> sp.csr_matrix:
         """(rows, N) binary CSR of a list column of item ids."""
         keys, num_items = self._item_keys()
         return item_matrix(column, keys, num_items, path)
+
+
+def _needs_build(what: str) -> ConfigError:
+    """The one refusal of a stream without a build, for ``what`` it was asked."""
+    return ConfigError(NEEDS_BUILD.format(what=what))

@@ -184,8 +184,12 @@ def evaluate_run(
     """
     metrics: dict[str, float] = {}
     source: DataSource | None = None
+    models: dict[Path, tuple[Config, FeaturePipeline, TwoTower]] = {}
     for part in parts:
-        config, pipeline, model = load_model(reported_model(run_dir, part, checkpoint), checkpoint)
+        folder = reported_model(run_dir, part, checkpoint)
+        if folder not in models:  # valid and test share a model unless the run refitted
+            models[folder] = load_model(folder, checkpoint)
+        config, pipeline, model = models[folder]
         set_threads(threads or config.threads)
         source = source or open_source(config)
         model = model.to(resolve_device(config.training.device))
