@@ -11,7 +11,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX
-from twotower.data.splits import Split
+from twotower.data.splits import Split, check_held_out
 from twotower.errors import DataError
 
 
@@ -61,8 +61,7 @@ def known_before(split: Split, part: str, num_queries: int, num_items: int) -> s
 
     Train for ``valid``; train + validation for ``test``.
     """
-    if part not in ("valid", "test"):
-        raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
+    check_held_out(part)
     known = interaction_matrix(split.train, num_queries, num_items)
     if part == "test":
         known = (known + interaction_matrix(split.valid, num_queries, num_items)).tocsr()

@@ -28,6 +28,13 @@ from twotower.errors import DataError
 
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "valid", "test")
+HELD_OUT = ("valid", "test")  # the parts a model is ranked on
+
+
+def check_held_out(part: str) -> None:
+    """Refuses a part that is neither ``valid`` nor ``test``."""
+    if part not in HELD_OUT:
+        raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from twotower.data.matrix import interaction_matrix, known_before
-from twotower.data.splits import Split
+from twotower.data.splits import Split, check_held_out
 from twotower.evaluation.metrics import RankingTotals
 from twotower.index.topk import ScoreFn, top_k
 
@@ -73,8 +73,7 @@ def evaluate(
         ``{"{part}/{metric}@{k}": value, ..., "{part}/queries": evaluated count}``; the
         metrics are those of ``twotower.evaluation.metrics.ranking_metrics``.
     """
-    if part not in ("valid", "test"):
-        raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
+    check_held_out(part)
     held_out = interaction_matrix(split.part(part), num_queries, num_items)
     seen = known_before(split, part, num_queries, num_items)
     if isinstance(item_popularity, str):

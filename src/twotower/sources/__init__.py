@@ -33,7 +33,6 @@ from twotower.sources.base import (
     KnownQueries,
     QueryChunk,
     check_as_of,
-    check_part,
 )
 from twotower.sources.memory import MemorySource, read_dataset
 from twotower.sources.stream import BuiltSource, StreamSource
@@ -51,7 +50,6 @@ __all__ = [
     "QueryChunk",
     "StreamSource",
     "check_as_of",
-    "check_part",
     "load_data",
     "open_source",
     "read_dataset",

@@ -18,12 +18,12 @@ import scipy.sparse as sp
 from twotower.config import Config
 from twotower.data.config import StreamConfig
 from twotower.data.dataset import Dataset
-from twotower.data.splits import Split
+from twotower.data.splits import HELD_OUT, Split
 from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.streaming import FIT_FILE, load_fitted, save_fitted
 
-PARTS = ("valid", "test")
+PARTS = HELD_OUT  # the parts a source holds queries of
 AS_OF = ("valid", "test", "all")  # whose interactions an artifact's users know
 
 # The one error for a streamed config with no data build where a command needs one.
@@ -164,12 +164,6 @@ class DataSource(Protocol):
         """This source with the validation interactions moved into training
         (``training.refit``)."""
         ...
-
-
-def check_part(part: str) -> None:
-    """Refuses a part that is neither ``valid`` nor ``test``."""
-    if part not in PARTS:
-        raise ValueError(f"part must be 'valid' or 'test', got {part!r}")
 
 
 def check_as_of(as_of: str) -> None:

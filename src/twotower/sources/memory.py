@@ -21,7 +21,6 @@ from twotower.sources.base import (
     KnownQueries,
     QueryChunk,
     check_as_of,
-    check_part,
 )
 
 
@@ -90,7 +89,6 @@ class MemorySource:
         Raises:
             ConfigError: a ``sample`` (for a data build; in memory every query is ranked).
         """
-        check_part(part)
         if sample is not None:
             raise ConfigError("a sample of queries is for a data build; in memory all are ranked")
         dataset = self.dataset

@@ -23,6 +23,7 @@ from twotower.config import Config
 from twotower.config_io import to_dict
 from twotower.data.build.format import FEATURES_DIR, QUERY_COLUMNS, SEEN, TARGETS, built_stream
 from twotower.data.config import StreamConfig
+from twotower.data.splits import check_held_out
 from twotower.data.stream import ParquetStream
 from twotower.errors import ConfigError, DataError
 from twotower.features.pipeline import FeaturePipeline
@@ -41,7 +42,6 @@ from twotower.sources.base import (
     KnownQueries,
     QueryChunk,
     check_as_of,
-    check_part,
 )
 
 
@@ -145,7 +145,7 @@ class BuiltSource(StreamSource):
         """The part's queries a row group of ``queries_{part}.parquet`` at a time;
         ``sample``: each row kept with probability sample / rows, by a generator seeded
         with ``seed`` (the same rows every time)."""
-        check_part(part)
+        check_held_out(part)
         path = self._queries(part)
         columns = {SEEN, TARGETS}
         if pipeline is not None:
