@@ -25,7 +25,7 @@ from twotower.data.dataset import ITEM_IDX, QUERY_IDX, Dataset
 from twotower.errors import DataError
 from twotower.features.categorical import IdTransform, MultiHotTransform, OneHotTransform
 from twotower.features.dense import DenseTransform
-from twotower.features.history import HistoryTransform
+from twotower.features.history import HistoryTransform, Recent
 from twotower.features.specs import SIDES, FeaturesConfig, FeatureSpec
 from twotower.features.text import TextTransform
 from twotower.features.transform import FitContext, Transform
@@ -163,8 +163,54 @@ class FeaturePipeline:
         """Every raw column the features of ``side`` read, once each, in config order."""
         return list(dict.fromkeys(self.input_column(side, name) for name in self.transforms[side]))
 
-    def transform(self, side: str, table: pa.Table) -> dict[str, torch.Tensor]:
+    def state_columns(self, side: str) -> list[str]:
+        """The raw columns a request-time row carries besides its ``Recent`` items: every
+        input column except those only histories read (a build's history list columns)."""
+        return list(
+            dict.fromkeys(
+                self.input_column(side, name)
+                for name, t in self.transforms[side].items()
+                if not isinstance(t, HistoryTransform)
+            )
+        )
+
+    @property
+    def recent_length(self) -> int:
+        """The most recent items any query history feature reads (0: none reads any)."""
+        lengths = [
+            t.spec.max_len
+            for t in self.transforms["query"].values()
+            if isinstance(t, HistoryTransform)
+        ]
+        return max(lengths, default=0)
+
+    def history_codes(self, items: pa.Table) -> dict[str, np.ndarray]:
+        """For each query history feature, (N,) int64 the code of each row of ``items``
+        in the item-id feature it shares: what ``transform``'s ``recent`` rows map to."""
+        out = {}
+        for name, transform in self.transforms["query"].items():
+            if isinstance(transform, HistoryTransform):
+                item = self.transforms["item"][transform.spec.item_feature]
+                codes = item.transform(items.column(item.spec.column))
+                out[name] = np.asarray(codes, dtype=np.int64)
+        return out
+
+    def transform(
+        self,
+        side: str,
+        table: pa.Table,
+        recent: Recent | None = None,
+        codes: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Model inputs of a batch of raw rows (a table with the side's input columns).
+
+        Args:
+            side: ``query`` or ``item``.
+            table: the raw rows.
+            recent: each row's recent items, given at request time: the history
+                features read these instead of their fitted state or a list column
+                (and ``table`` needs only ``state_columns``).
+            codes: with ``recent``, ``history_codes`` of the item table its rows index.
 
         Returns:
             Feature name -> tensor: ``id``/``bucketize``: (B,) int64; ``onehot``:
@@ -177,11 +223,16 @@ class FeaturePipeline:
         """
         out = {}
         for name, transform in self.transforms[side].items():
-            values = self._input_values(side, name, table)
-            if isinstance(transform, HistoryTransform):
-                arrays = self._history_inputs(transform, values)
+            if isinstance(transform, HistoryTransform) and recent is not None:
+                assert codes is not None, "recent rows need the item table's history_codes"
+                items, times = transform.transform_recent(recent, codes[name])
+                arrays = {name: items}
+                if transform.spec.time_buckets:
+                    arrays[transform.spec.times_input] = times
+            elif isinstance(transform, HistoryTransform):
+                arrays = self._history_inputs(transform, self._input_values(side, name, table))
             else:
-                arrays = {name: transform.transform(values)}
+                arrays = {name: transform.transform(self._input_values(side, name, table))}
             out.update({key: torch.from_numpy(array) for key, array in arrays.items()})
         return out
 
@@ -214,12 +265,18 @@ class FeaturePipeline:
         return out
 
     def transform_chunks(
-        self, side: str, table: pa.Table, rows: int
+        self,
+        side: str,
+        table: pa.Table,
+        rows: int,
+        recent: Recent | None = None,
+        codes: dict[str, np.ndarray] | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """``transform`` of ``table``, ``rows`` rows at a time, each chunk when asked for
-        (bounded memory: a tower pass can take each in turn)."""
+        """``transform`` of ``table`` (and ``recent``), ``rows`` rows at a time, each chunk
+        when asked for (bounded memory: a tower pass can take each in turn)."""
         for start in range(0, table.num_rows, rows):
-            yield self.transform(side, table.slice(start, rows))
+            part = None if recent is None else recent.slice(start, rows)
+            yield self.transform(side, table.slice(start, rows), part, codes)
 
     def sizes(self, side: str) -> dict[str, int]:
         """Embedding rows (or vector width) of each feature of a side."""

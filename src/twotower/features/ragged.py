@@ -42,3 +42,11 @@ def pad(
     out = np.zeros((len(lengths), width), dtype)
     out[row, position] = values[np.repeat(starts, kept) + position]
     return out
+
+
+def spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The flat positions ``starts[r] .. starts[r] + lengths[r]`` of every row r, row
+    after row: what gathers rows of a ragged array (``values[spans(...)]``)."""
+    lengths = np.asarray(lengths, np.int64)
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(np.asarray(starts, np.int64) - before, lengths) + np.arange(lengths.sum())
