@@ -1,0 +1,367 @@
+"""``RedisStore``: users' states in Redis, shared by every replica of the service.
+
+The keys of one user (``prefix`` is the store's, ``twotower`` by default; ``ID`` the
+user's query key as text, so ``12`` and ``"12"`` are one user):
+
+    PREFIX:u:{ID}:features  HASH   column -> its raw value as JSON
+    PREFIX:u:{ID}:recent    LIST   "TIMESTAMP|ITEM", most recent first; TIMESTAMP is
+                                   Python's ``repr`` of the float (empty when unknown),
+                                   ITEM the item's key as text
+    PREFIX:u:{ID}:seen      SET    the keys (as text) of every item they interacted with
+    PREFIX:u:{ID}:meta      HASH   fingerprint: the artifact last loaded for them
+
+The braces are a Redis Cluster hash tag: a user's keys share one slot, so the scripts
+that change them run on one node (a cluster needs user ids that are not empty).
+
+Reads are one pipelined round trip per batch of users. Every change of a user runs as
+one Lua script, so it is atomic per user: ``append`` applies ``merge_recent``'s rule to
+the stored list (timestamps compared as numbers, so both stores agree on equal ones),
+and ``load_artifact`` writes an artifact's users, skipping those already tagged with its
+fingerprint. Both are idempotent, so a batch sent again after a failure (or retried by
+the client after a dropped connection) is taken once.
+
+Every connection attempt and reply waits at most ``timeout`` seconds, and a command
+whose connection broke is tried once more at once, so a request never hangs. The client
+replaces connections the server closed and reconnects by itself when the server is
+back. A server that cannot be reached raises ``StoreUnavailableError`` naming the store
+and what failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import redis
+import redis.exceptions as rex
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from tqdm.auto import tqdm
+
+from twotower.errors import ConfigError, DataError
+from twotower.serving.stores.base import Entry, Event, StoreUnavailableError, UserStates
+
+if TYPE_CHECKING:
+    from twotower.serving.artifact import Artifact
+
+SCHEMES = ("redis", "rediss", "unix")
+PARTS = ("features", "recent", "seen", "meta")
+# Errors that say the server is gone or cannot take a command now (a replica, out of
+# memory, a failed AOF write, a long script): a retry later may succeed.
+_UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, rex.OutOfMemoryError)
+_BUSY_REPLIES = ("MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN")
+
+# The merge rule of base.merge_recent, in Lua. An entry is {timestamp or false, item,
+# text}; ``false`` stands for NaN, so two entries without a timestamp compare equal.
+_LUA_MERGE = """
+local function parse(text)
+  local bar = string.find(text, '|', 1, true)
+  return {tonumber(string.sub(text, 1, bar - 1)) or false, string.sub(text, bar + 1), text}
+end
+local function entries_of(key)
+  local entries = {}
+  for _, text in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    entries[#entries + 1] = parse(text)
+  end
+  return entries
+end
+local function merge(entries, entry)
+  for _, kept in ipairs(entries) do
+    if kept[2] == entry[2] and kept[1] == entry[1] then return end
+  end
+  local place = 1
+  if entry[1] then
+    while place <= #entries and entries[place][1] and entries[place][1] > entry[1] do
+      place = place + 1
+    end
+  end
+  table.insert(entries, place, entry)
+end
+-- values[first..last] as arguments of command, a thousand at a time (Lua's stack)
+local function push(command, key, values, first, last)
+  for start = first, last, 1000 do
+    redis.call(command, key, unpack(values, start, math.min(start + 999, last)))
+  end
+end
+local function store(key, entries, width)
+  local texts = {}
+  for i = 1, math.min(#entries, width) do texts[i] = entries[i][3] end
+  redis.call('DEL', key)
+  push('RPUSH', key, texts, 1, #texts)
+end
+"""
+
+# KEYS: recent, seen. ARGV: width, then the events' entries in the order they arrived.
+_LUA_APPEND = (
+    _LUA_MERGE
+    + """
+local entries = entries_of(KEYS[1])
+local items = {}
+for a = 2, #ARGV do
+  local entry = parse(ARGV[a])
+  merge(entries, entry)
+  items[#items + 1] = entry[2]
+end
+store(KEYS[1], entries, tonumber(ARGV[1]))
+push('SADD', KEYS[2], items, 1, #items)
+return #entries
+"""
+)
+
+# KEYS: features, recent, seen, meta. ARGV: fingerprint, width, 2 x columns, entries,
+# then the column/value pairs, the recent entries (most recent first), the seen items.
+_LUA_LOAD = (
+    _LUA_MERGE
+    + """
+if redis.call('HGET', KEYS[4], 'fingerprint') == ARGV[1] then return 0 end
+local pairs_end = 4 + tonumber(ARGV[3])
+local recent_end = pairs_end + tonumber(ARGV[4])
+redis.call('DEL', KEYS[1])
+push('HSET', KEYS[1], ARGV, 5, pairs_end)
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  push('RPUSH', KEYS[2], ARGV, pairs_end + 1, recent_end)
+else
+  local entries = entries_of(KEYS[2])
+  for a = recent_end, pairs_end + 1, -1 do  -- oldest first: ties keep the artifact's order
+    merge(entries, parse(ARGV[a]))
+  end
+  store(KEYS[2], entries, tonumber(ARGV[2]))
+end
+push('SADD', KEYS[3], ARGV, recent_end + 1, #ARGV)
+redis.call('HSET', KEYS[4], 'fingerprint', ARGV[1])
+return 1
+"""
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadCounts:
+    """What ``load_artifact`` did.
+
+    Attributes:
+        loaded: users whose state the artifact's now holds.
+        skipped: users already loaded from this artifact (same fingerprint).
+    """
+
+    loaded: int
+    skipped: int
+
+
+class RedisStore:
+    """Users' states in Redis (``redis://``, ``rediss://`` or ``unix://`` URL).
+
+    Args:
+        url: where the server is, as redis-py reads it (a password may be in it).
+        prefix: the start of every key this store writes; several stores (artifacts,
+            services) can share a server under different prefixes.
+        timeout: seconds a connection attempt or a reply may take before the store
+            counts as unavailable.
+
+    Raises:
+        ConfigError: a URL of another scheme, or a prefix with a brace.
+    """
+
+    def __init__(self, url: str, prefix: str = "twotower", timeout: float = 1.0) -> None:
+        self.url_name = _redacted(url)
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme not in SCHEMES:
+            raise ConfigError(
+                f"user-state store {self.url_name!r}: not a Redis URL "
+                "(redis://HOST:PORT/DB, rediss://... or unix:///PATH)"
+            )
+        if "{" in prefix or "}" in prefix:
+            raise ConfigError(f"Redis key prefix {prefix!r}: braces would change the hash tag")
+        self.prefix = prefix
+        self._client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._append = self._client.register_script(_LUA_APPEND)
+        self._load = self._client.register_script(_LUA_LOAD)
+
+    @property
+    def name(self) -> str:
+        """The server's URL without password or options."""
+        return self.url_name
+
+    def keys(self, user: Any) -> list[str]:
+        """The user's four keys: features, recent, seen, meta."""
+        return [f"{self.prefix}:u:{{{user}}}:{part}" for part in PARTS]
+
+    def read(self, users: Sequence[Any]) -> UserStates:
+        """The states of ``users`` (query keys, matched as text), in one round trip.
+
+        Item ids come back as text, timestamps as floats (NaN where unknown).
+
+        Raises:
+            StoreUnavailableError: the server cannot be reached.
+        """
+        pipe = self._client.pipeline(transaction=False)
+        for user in users:
+            features, recent, seen, meta = self.keys(user)
+            pipe.exists(features, recent, seen, meta)
+            pipe.hgetall(features)
+            pipe.lrange(recent, 0, -1)
+            pipe.smembers(seen)
+        with self._calling(f"reading {len(users)} users"):
+            replies = pipe.execute()
+        return UserStates(
+            known=np.array(replies[0::4], dtype=bool),
+            features=[{k: json.loads(v) for k, v in f.items()} for f in replies[1::4]],
+            recent=[[_parse_entry(text) for text in texts] for texts in replies[2::4]],
+            seen=[sorted(items) for items in replies[3::4]],
+        )
+
+    def append(self, events: Sequence[Event], width: int) -> None:
+        """Appends events to their users' recent lists (cut to ``width``) and seen sets,
+        by ``merge_recent``'s rule, one script per user, every user in one pipeline.
+
+        Raises:
+            StoreUnavailableError: the server cannot be reached; some users of the
+                batch may hold their events already (sending it again is harmless).
+        """
+        by_user: dict[str, list[str]] = collections.defaultdict(list)
+        for event in events:
+            by_user[str(event.user)].append(_entry_text(event.item, event.timestamp))
+        calls = [(self.keys(user)[1:3], [width, *entries]) for user, entries in by_user.items()]
+        with self._calling(f"appending {len(events)} events"):
+            self._run(self._append, calls)
+
+    def load_artifact(self, artifact: Artifact, chunk: int = 1000) -> LoadCounts:
+        """Writes every known user of ``artifact`` (features, recent list, seen items),
+        tagged with its fingerprint, ``chunk`` users per pipeline.
+
+        Per user, atomically: a user already tagged with this fingerprint is skipped;
+        else the artifact's feature values replace the stored ones, its recent entries
+        are merged into a stored list by the merge rule (cut to the longest history
+        the features read) or become the list where there is none, as they are, and its
+        seen items join the stored ones. So loading twice is loading once, and events
+        appended before the load are kept.
+
+        Raises:
+            StoreUnavailableError: the server cannot be reached (loading again resumes).
+            DataError: a feature value that JSON cannot hold.
+        """
+        users = artifact.queries.num_rows
+        loaded = 0
+        bar = tqdm(total=users, desc="load users", unit="user", unit_scale=True, disable=None)
+        with bar:
+            for start in range(0, users, chunk):
+                rows = np.arange(start, min(start + chunk, users))
+                calls = _load_calls(self, artifact, rows)
+                with self._calling(f"loading users {start} to {rows[-1]}"):
+                    loaded += sum(self._run(self._load, calls))
+                bar.update(len(rows))
+        return LoadCounts(loaded=loaded, skipped=users - loaded)
+
+    def ping(self) -> None:
+        """Returns when the server answers.
+
+        Raises:
+            StoreUnavailableError: it does not.
+        """
+        with self._calling("ping"):
+            self._client.ping()
+
+    def close(self) -> None:
+        """Closes the store's connections."""
+        self._client.close()
+
+    def _run(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Each (keys, args) call of ``script`` (EVALSHA), all in one pipeline; where the
+        server lacks the script (a restarted one), it is sent and the pipeline run again,
+        which the scripts' idempotence makes harmless."""
+        try:
+            return self._evalsha(script.sha, calls)
+        except rex.NoScriptError:
+            return self._evalsha(self._client.script_load(script.script), calls)
+
+    def _evalsha(self, sha: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        return pipe.execute()
+
+    @contextlib.contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        """Turns redis-py's errors into the store's: unavailable (the server is gone or
+        cannot take the command now) or a data error (anything else)."""
+        try:
+            yield
+        except rex.RedisError as err:
+            unavailable = isinstance(err, _UNAVAILABLE) or str(err).startswith(_BUSY_REPLIES)
+            kind = StoreUnavailableError if unavailable else DataError
+            raise kind(f"user-state store {self.name}: {what} failed ({err})") from None
+
+
+def _load_calls(
+    store: RedisStore, artifact: Artifact, rows: np.ndarray
+) -> list[tuple[list[str], list[Any]]]:
+    """The load script's (keys, args) for the artifact's users at ``rows``."""
+    columns = artifact.pipeline.state_columns("query")
+    table = artifact.queries.slice(int(rows[0]), len(rows))
+    users = table.column(artifact.query_key).to_pylist()
+    values = table.select(columns).to_pylist()
+    recent, seen = artifact.recent, artifact.seen
+    items = _item_texts(artifact)
+    width = artifact.pipeline.recent_length
+    calls = []
+    for user, row, features in zip(users, rows, values, strict=True):
+        pairs = [text for column, value in features.items() for text in _field(column, value)]
+        start, end = recent.indptr[row], recent.indptr[row + 1]
+        entries = [
+            _entry_text(item, t)
+            for item, t in zip(items[recent.rows[start:end]], recent.times[start:end], strict=True)
+        ]
+        logged = items[seen.indices[seen.indptr[row] : seen.indptr[row + 1]]].tolist()
+        args = [artifact.fingerprint, width, len(pairs), len(entries), *pairs, *entries, *logged]
+        calls.append((store.keys(user), args))
+    return calls
+
+
+def _item_texts(artifact: Artifact) -> np.ndarray:
+    """(N,) object array: each item row's key as text."""
+    return np.array([str(item) for item in artifact.item_ids.to_pylist()], dtype=object)
+
+
+def _field(column: str, value: Any) -> tuple[str, str]:
+    try:
+        return column, json.dumps(value)
+    except TypeError:
+        raise DataError(
+            f"query feature column {column!r}: {value!r} has no JSON form for the store"
+        ) from None
+
+
+def _stamp_text(timestamp: float) -> str:
+    """A timestamp's text in the store: Python's repr (exact), empty for NaN."""
+    timestamp = float(timestamp)
+    return "" if math.isnan(timestamp) else repr(timestamp)
+
+
+def _entry_text(item: Any, timestamp: float) -> str:
+    return f"{_stamp_text(timestamp)}|{item}"
+
+
+def _parse_entry(text: str) -> Entry:
+    stamp, _, item = text.partition("|")
+    return item, float(stamp) if stamp else math.nan
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its user, password and options: safe for logs and messages."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    if not parts.scheme:
+        return url.rpartition("@")[2].partition("?")[0]
+    return f"{parts.scheme}://{host}{parts.path}"
