@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Make, import and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+state_app = typer.Typer(help="Users' state for serving, in an online store.", no_args_is_help=True)
+app.add_typer(state_app, name="state")
 
 Overrides = Annotated[
     list[str] | None,
@@ -599,6 +601,39 @@ def data_prepare(
 
     config = _config(config_path, overrides, data_dir)
     typer.echo(json.dumps(prepare_data(config, out), indent=2))
+
+
+# Seconds a bulk load waits for Redis (a request waits the store's default, far less).
+STATE_LOAD_TIMEOUT = 30.0
+
+
+@state_app.command("load")
+def state_load(
+    artifact: Annotated[Path, typer.Argument(metavar="ARTIFACT", help="An exported artifact.")],
+    url: Annotated[
+        str,
+        typer.Option(
+            "--redis",
+            help="The Redis server: redis://HOST:PORT/DB (rediss:// with TLS, unix:///PATH).",
+        ),
+    ],
+    prefix: Annotated[str, typer.Option(help="The start of every key written.")] = "twotower",
+) -> None:
+    """Load an artifact's users (features, recent items, seen items) into Redis, tagged
+    with its fingerprint: users already loaded from it are skipped, events kept."""
+    from twotower.serving.artifact import Artifact
+    from twotower.serving.stores.redis_store import RedisStore
+
+    loaded = Artifact.load(artifact)
+    store = RedisStore(url, prefix, timeout=STATE_LOAD_TIMEOUT)
+    try:
+        counts = store.load_artifact(loaded)
+    finally:
+        store.close()
+    typer.echo(
+        f"Loaded {counts.loaded} users of {artifact} (fingerprint {loaded.fingerprint}) into "
+        f"{store.name} under {prefix!r}; {counts.skipped} held this artifact already"
+    )
 
 
 def main() -> None:
