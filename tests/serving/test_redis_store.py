@@ -14,13 +14,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import redis
+import redis.connection
 import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
+from typer.testing import CliRunner
 
+from twotower.cli import app, main
 from twotower.errors import ConfigError, DataError
 from twotower.features.history import RecentLists
+from twotower.serving.artifact import Artifact
 from twotower.serving.stores.base import Event, StoreUnavailableError, merge_recent
 from twotower.serving.stores.redis_store import LoadCounts, RedisStore
 
@@ -256,3 +260,42 @@ def test_sigkill_right_after_append_loses_no_acknowledged_event(redis_server):
     for recent in states.recent:
         assert normal(recent) == [(str(i), float(i)) for i in reversed(range(5))]
     store.close()
+
+
+def test_a_batch_is_one_round_trip(store, monkeypatch):
+    store.append([Event(0, 1, 1.0)], width=5)  # the server has the script from now on
+    sent = []
+    send = redis.connection.Connection.send_packed_command
+    monkeypatch.setattr(
+        redis.connection.Connection,
+        "send_packed_command",
+        lambda self, command, *args, **kw: (sent.append(1), send(self, command, *args, **kw))[1],
+    )
+    store.read(list(range(50)))
+    assert len(sent) == 1
+    store.append([Event(user, 2, 2.0) for user in range(50)], width=5)
+    assert len(sent) == 2
+
+
+def test_state_load_command_loads_and_then_skips(shared_redis, monkeypatch):
+    monkeypatch.setattr(Artifact, "load", lambda folder: fake_artifact())
+    command = ["state", "load", "some/artifact", "--redis", shared_redis.url, "--prefix", "cli"]
+    first = CliRunner().invoke(app, command)
+    assert first.exit_code == 0, first.output
+    assert (
+        f"Loaded 3 users of some/artifact (fingerprint f1) into {shared_redis.url}" in first.output
+    )
+    again = CliRunner().invoke(app, command)
+    assert "Loaded 0 users" in again.output and "3 held this artifact already" in again.output
+    store = RedisStore(shared_redis.url, prefix="cli")
+    assert store.read([5]).features == [{"segment": "a", "age": 31.0}]
+    store.close()
+
+
+def test_state_load_refuses_a_url_of_another_scheme(capsys, monkeypatch):
+    monkeypatch.setattr(Artifact, "load", lambda folder: fake_artifact())
+    monkeypatch.setattr("sys.argv", ["twotower", "state", "load", "a", "--redis", "http://h:1"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert "'http://h:1': not a Redis URL" in capsys.readouterr().err
