@@ -46,6 +46,7 @@ from redis.retry import Retry
 from tqdm.auto import tqdm
 
 from twotower.errors import ConfigError, DataError
+from twotower.serving.stores import redis_scripts
 from twotower.serving.stores.base import Entry, Event, StoreUnavailableError, UserStates
 
 if TYPE_CHECKING:
@@ -57,88 +58,6 @@ PARTS = ("features", "recent", "seen", "meta")
 # memory, a failed AOF write, a long script): a retry later may succeed.
 _UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, rex.OutOfMemoryError)
 _BUSY_REPLIES = ("MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN")
-
-# The merge rule of base.merge_recent, in Lua. An entry is {timestamp or false, item,
-# text}; ``false`` stands for NaN, so two entries without a timestamp compare equal.
-_LUA_MERGE = """
-local function parse(text)
-  local bar = string.find(text, '|', 1, true)
-  return {tonumber(string.sub(text, 1, bar - 1)) or false, string.sub(text, bar + 1), text}
-end
-local function entries_of(key)
-  local entries = {}
-  for _, text in ipairs(redis.call('LRANGE', key, 0, -1)) do
-    entries[#entries + 1] = parse(text)
-  end
-  return entries
-end
-local function merge(entries, entry)
-  for _, kept in ipairs(entries) do
-    if kept[2] == entry[2] and kept[1] == entry[1] then return end
-  end
-  local place = 1
-  if entry[1] then
-    while place <= #entries and entries[place][1] and entries[place][1] > entry[1] do
-      place = place + 1
-    end
-  end
-  table.insert(entries, place, entry)
-end
--- values[first..last] as arguments of command, a thousand at a time (Lua's stack)
-local function push(command, key, values, first, last)
-  for start = first, last, 1000 do
-    redis.call(command, key, unpack(values, start, math.min(start + 999, last)))
-  end
-end
-local function store(key, entries, width)
-  local texts = {}
-  for i = 1, math.min(#entries, width) do texts[i] = entries[i][3] end
-  redis.call('DEL', key)
-  push('RPUSH', key, texts, 1, #texts)
-end
-"""
-
-# KEYS: recent, seen. ARGV: width, then the events' entries in the order they arrived.
-_LUA_APPEND = (
-    _LUA_MERGE
-    + """
-local entries = entries_of(KEYS[1])
-local items = {}
-for a = 2, #ARGV do
-  local entry = parse(ARGV[a])
-  merge(entries, entry)
-  items[#items + 1] = entry[2]
-end
-store(KEYS[1], entries, tonumber(ARGV[1]))
-push('SADD', KEYS[2], items, 1, #items)
-return #entries
-"""
-)
-
-# KEYS: features, recent, seen, meta. ARGV: fingerprint, width, 2 x columns, entries,
-# then the column/value pairs, the recent entries (most recent first), the seen items.
-_LUA_LOAD = (
-    _LUA_MERGE
-    + """
-if redis.call('HGET', KEYS[4], 'fingerprint') == ARGV[1] then return 0 end
-local pairs_end = 4 + tonumber(ARGV[3])
-local recent_end = pairs_end + tonumber(ARGV[4])
-redis.call('DEL', KEYS[1])
-push('HSET', KEYS[1], ARGV, 5, pairs_end)
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  push('RPUSH', KEYS[2], ARGV, pairs_end + 1, recent_end)
-else
-  local entries = entries_of(KEYS[2])
-  for a = recent_end, pairs_end + 1, -1 do  -- oldest first: ties keep the artifact's order
-    merge(entries, parse(ARGV[a]))
-  end
-  store(KEYS[2], entries, tonumber(ARGV[2]))
-end
-push('SADD', KEYS[3], ARGV, recent_end + 1, #ARGV)
-redis.call('HSET', KEYS[4], 'fingerprint', ARGV[1])
-return 1
-"""
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,11 +88,11 @@ class RedisStore:
     """
 
     def __init__(self, url: str, prefix: str = "twotower", timeout: float = 1.0) -> None:
-        self.url_name = _redacted(url)
+        self._name = _redacted(url)
         scheme = urllib.parse.urlsplit(url).scheme
         if scheme not in SCHEMES:
             raise ConfigError(
-                f"user-state store {self.url_name!r}: not a Redis URL "
+                f"user-state store {self._name!r}: not a Redis URL "
                 "(redis://HOST:PORT/DB, rediss://... or unix:///PATH)"
             )
         if "{" in prefix or "}" in prefix:
@@ -186,13 +105,13 @@ class RedisStore:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
         )
-        self._append = self._client.register_script(_LUA_APPEND)
-        self._load = self._client.register_script(_LUA_LOAD)
+        self._append = self._client.register_script(redis_scripts.APPEND)
+        self._load = self._client.register_script(redis_scripts.LOAD)
 
     @property
     def name(self) -> str:
         """The server's URL without password or options."""
-        return self.url_name
+        return self._name
 
     def keys(self, user: Any) -> list[str]:
         """The user's four keys: features, recent, seen, meta."""
@@ -253,16 +172,28 @@ class RedisStore:
             DataError: a feature value that JSON cannot hold.
         """
         users = artifact.queries.num_rows
+        items = _item_texts(artifact)
         loaded = 0
         bar = tqdm(total=users, desc="load users", unit="user", unit_scale=True, disable=None)
         with bar:
             for start in range(0, users, chunk):
                 rows = np.arange(start, min(start + chunk, users))
-                calls = _load_calls(self, artifact, rows)
                 with self._calling(f"loading users {start} to {rows[-1]}"):
+                    rows = self._not_loaded(artifact, rows)
+                    calls = _load_calls(self, artifact, rows, items)
                     loaded += sum(self._run(self._load, calls))
-                bar.update(len(rows))
+                bar.update(min(chunk, users - start))
         return LoadCounts(loaded=loaded, skipped=users - loaded)
+
+    def _not_loaded(self, artifact: Artifact, rows: np.ndarray) -> np.ndarray:
+        """The ``rows`` whose users are not tagged with the artifact's fingerprint yet, so
+        a load run again builds no scripts for them (the script checks again)."""
+        users = artifact.queries.column(artifact.query_key).slice(int(rows[0]), len(rows))
+        pipe = self._client.pipeline(transaction=False)
+        for user in users.to_pylist():
+            pipe.hget(self.keys(user)[3], "fingerprint")
+        tags = np.array(pipe.execute(), dtype=object)
+        return rows[tags != artifact.fingerprint]
 
     def ping(self) -> None:
         """Returns when the server answers.
@@ -305,15 +236,15 @@ class RedisStore:
 
 
 def _load_calls(
-    store: RedisStore, artifact: Artifact, rows: np.ndarray
+    store: RedisStore, artifact: Artifact, rows: np.ndarray, items: np.ndarray
 ) -> list[tuple[list[str], list[Any]]]:
-    """The load script's (keys, args) for the artifact's users at ``rows``."""
+    """The load script's (keys, args) for the artifact's users at ``rows``; ``items`` is
+    ``_item_texts(artifact)``."""
     columns = artifact.pipeline.state_columns("query")
-    table = artifact.queries.slice(int(rows[0]), len(rows))
+    table = artifact.queries.take(rows)
     users = table.column(artifact.query_key).to_pylist()
     values = table.select(columns).to_pylist()
     recent, seen = artifact.recent, artifact.seen
-    items = _item_texts(artifact)
     width = artifact.pipeline.recent_length
     calls = []
     for user, row, features in zip(users, rows, values, strict=True):
