@@ -324,7 +324,7 @@ def test_a_multi_interest_artifact_answers_as_the_library_does(interests_artifac
         row = retriever.artifact.queries.slice(2, 1).to_pylist()[0]
         answer = client.post("/recall", json={"features": row, "k": 5}).json()
         (expected,) = retriever.recall_rows(retriever.artifact.queries.slice(2, 1), 5)
-        assert {k: answer[k] for k in ("items", "scores", "interests", "vector")} == {
+        assert {k: answer[k] for k in ("items", "scores", "interests", "vector", "state")} == {
             k: v for k, v in _items(expected).items() if k != "query"
         }
         item = oracle.item_ids[3]
