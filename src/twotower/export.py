@@ -27,6 +27,7 @@ import torch
 from twotower.config_io import to_dict
 from twotower.errors import ConfigError, DataError
 from twotower.features.contract import input_contract
+from twotower.features.history import RecentLists
 from twotower.features.pipeline import FeaturePipeline
 from twotower.index import INDEXES, Index, build_index, choose_index, recall_against_exact
 from twotower.serving.artifact import (
@@ -34,6 +35,7 @@ from twotower.serving.artifact import (
     ONNX_FILE,
     Artifact,
     ArtifactContents,
+    served_inputs,
     write_artifact,
 )
 from twotower.serving.query_vectors import write_query_vectors
@@ -102,7 +104,13 @@ def export_run(
     with replaced_folder(out, MANIFEST_FILE, "an exported artifact") as staging:
         contents = artifact_contents(run_dir, index, threads, as_of)
         if onnx:
-            entry = write_onnx(contents.query_tower, contents.pipeline, contents.queries, staging)
+            entry = write_onnx(
+                contents.query_tower,
+                contents.pipeline,
+                contents.queries,
+                staging,
+                served=(contents.recent, contents.items),
+            )
             contents = dataclasses.replace(contents, manifest={**contents.manifest, "onnx": entry})
         manifest = write_artifact(staging, contents)
     if query_vectors is not None:
@@ -128,7 +136,7 @@ def artifact_contents(
     vectors = embed_rows(model.item_tower, known.pipeline, "item", items).cpu().numpy()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
     built = build_index(choose_index(index, len(vectors)), vectors)
-    recall = _index_recall(built, vectors, model.query_tower, known)
+    recall = _index_recall(built, vectors, model.query_tower, known, items)
     return ArtifactContents(
         config=to_dict(config),
         pipeline=known.pipeline,
@@ -140,18 +148,27 @@ def artifact_contents(
         item_vectors=vectors,
         seen=known.seen,
         heldout=known.heldout,
+        recent=known.recent,
         index=built,
         manifest=_manifest(recall, run_dir, as_of, model_dir),
     )
 
 
 def write_onnx(
-    tower: Tower, pipeline: FeaturePipeline, queries: pa.Table, folder: Path
+    tower: Tower,
+    pipeline: FeaturePipeline,
+    queries: pa.Table,
+    folder: Path,
+    served: tuple[RecentLists, pa.Table] | None = None,
 ) -> dict[str, Any]:
     """Writes the query tower as ONNX into the artifact folder ``folder`` and checks it.
 
     The graph runs on ONNX Runtime for up to ``ONNX_CHECK_QUERIES`` known queries (a
     fixed sample, with their histories), against PyTorch on the same inputs.
+
+    Args:
+        served: the queries' recent items and the item table, for queries served from
+            their state (``served_inputs``); None: the queries' rows alone.
 
     Returns:
         The manifest's ``onnx`` entry: the file, the input contract
@@ -163,16 +180,23 @@ def write_onnx(
     """
     contract = input_contract(pipeline, "query")
     shapes = {spec["name"]: spec["shape"] for spec in contract}
-    example = _example_inputs(pipeline.transform("query", queries.slice(0, 64)), shapes)
+
+    def inputs(rows: np.ndarray) -> dict[str, torch.Tensor]:
+        if served is None:
+            return pipeline.transform("query", queries.take(rows))
+        recent, items = served
+        return served_inputs(pipeline, queries, recent, pipeline.history_codes(items), rows)
+
+    example = _example_inputs(inputs(np.arange(min(64, queries.num_rows))), shapes)
     save_onnx(tower, example, shapes, folder / ONNX_FILE)
     rng = np.random.default_rng(0)
     count = min(ONNX_CHECK_QUERIES, queries.num_rows)
     rows = np.sort(rng.choice(queries.num_rows, size=count, replace=False))
-    inputs = pipeline.transform("query", queries.take(rows))
+    checked = inputs(rows)
     names = [spec["name"] for spec in contract]
     shape = (tower.interests, tower.output_dim)
-    expected = embed_inputs(tower, [inputs]).cpu().numpy()
-    got = OnnxRuntime(folder / ONNX_FILE, names, shape).vectors([inputs])
+    expected = embed_inputs(tower, [checked]).cpu().numpy()
+    got = OnnxRuntime(folder / ONNX_FILE, names, shape).vectors([checked])
     error = float(np.abs(got - expected).max()) if count else 0.0
     if not error <= ONNX_TOLERANCE:
         raise RuntimeError(
@@ -220,7 +244,7 @@ def _manifest(recall: dict[str, Any], run_dir: Path, as_of: str, model_dir: Path
 
 
 def _index_recall(
-    index: Index, vectors: np.ndarray, query_tower: Tower, known: KnownQueries
+    index: Index, vectors: np.ndarray, query_tower: Tower, known: KnownQueries, items: pa.Table
 ) -> dict[str, Any]:
     """Recall@10 of the index against exact search, for a sample of known queries.
 
@@ -231,8 +255,10 @@ def _index_recall(
     rng = np.random.default_rng(0)
     count = min(RECALL_QUERIES, queries.num_rows)
     rows = np.sort(rng.choice(queries.num_rows, size=count, replace=False))
-    vectors_q = embed_rows(query_tower, known.pipeline, "query", queries.take(rows))
-    vectors_q = np.ascontiguousarray(vectors_q.cpu().numpy(), dtype=np.float32)
+    codes = known.pipeline.history_codes(items)
+    served = served_inputs(known.pipeline, queries, known.recent, codes, rows)
+    vectors_q = embed_inputs(query_tower, [served]).cpu().numpy()
+    vectors_q = np.ascontiguousarray(vectors_q, dtype=np.float32)
     recall = recall_against_exact(index, vectors, vectors_q, RECALL_K, known.seen[rows])
     return {"k": RECALL_K, "queries": count, "recall": recall, "exact": index.is_exact}
 

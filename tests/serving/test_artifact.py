@@ -82,9 +82,10 @@ def test_a_listed_path_outside_the_artifact_is_refused(copy):
 @pytest.mark.parametrize(
     ("version", "message"),
     [
-        (2, "format version 2 is newer than 1, the one this version of twotower reads; upgrade"),
-        ("1", "format version '1' is not 1"),
-        (None, "format version None is not 1"),
+        (3, "format version 3 is newer than 2, the one this version of twotower reads; upgrade"),
+        (1, "format version 1 is not 2, the one .* reads; export the run again"),
+        ("2", "format version '2' is not 2"),
+        (None, "format version None is not 2"),
     ],
 )
 def test_another_format_version_is_refused_naming_both(copy, version, message):

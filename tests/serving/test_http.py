@@ -37,6 +37,7 @@ def _items(result) -> dict:
         "scores": result.scores,
         "interests": result.interests,
         "vector": result.vector,
+        "state": result.state,
     }
 
 
@@ -147,7 +148,7 @@ BAD_BODIES = [
     (b'{"user_id": 1, "exclude_items": 5}', "exclude_items: Input should be a valid list"),
     (b'{"features": {"age": {"x": 1}}}', "features.age"),
     (b'{"features": [1]}', "features: Input should be a valid dictionary"),
-    (b'{"k": 5}', "give exactly one of user_id, features or text, got none"),
+    (b'{"k": 5}', "give one of user_id, features, text or history (features may go with"),
     (b'{"user_id": 1, "text": "a"}', "got user_id and text"),
     (b'{"text": 5}', "text: Input should be a valid string"),
     (b'{"text": "\\ud800"}', "text: Input should be a valid string"),  # a lone surrogate
@@ -317,13 +318,13 @@ def test_a_multi_interest_artifact_answers_as_the_library_does(interests_artifac
         batch = client.post("/recall/batch", json={"queries": [{"user_id": u} for u in users]})
         expected = retriever.recall_users(users, 10)
         assert [
-            {k: e[k] for k in ("query", "items", "scores", "interests", "vector")}
+            {k: e[k] for k in ("query", "items", "scores", "interests", "vector", "state")}
             for e in batch.json()["results"]
         ] == [_items(e) for e in expected]
         row = retriever.artifact.queries.slice(2, 1).to_pylist()[0]
         answer = client.post("/recall", json={"features": row, "k": 5}).json()
         (expected,) = retriever.recall_rows(retriever.artifact.queries.slice(2, 1), 5)
-        assert {k: answer[k] for k in ("items", "scores", "interests", "vector")} == {
+        assert {k: answer[k] for k in ("items", "scores", "interests", "vector", "state")} == {
             k: v for k, v in _items(expected).items() if k != "query"
         }
         item = oracle.item_ids[3]

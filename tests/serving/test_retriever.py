@@ -13,8 +13,18 @@ import pytest
 from twotower.errors import DataError
 from twotower.serving import Artifact, Result, Retriever, UnknownItemError, UnknownQueryError
 from twotower.serving.query import Query
-from twotower.towers.model import embed_rows
+from twotower.features.history import Recent
+from twotower.towers.model import embed_inputs, embed_rows
 from twotower.training.run import load_model
+
+
+def stored_history(retriever: Retriever, user: dict) -> dict:
+    """A known user's stored history as a request gives it: item ids oldest first, and
+    their timestamps."""
+    (entries,) = retriever.store.read([user["user_id"]]).recent
+    items = [item for item, _ in reversed(entries)]
+    times = [time for _, time in reversed(entries)]
+    return {"history": items, "history_times": None if np.isnan(times).any() else times}
 
 
 def brute_force(query: np.ndarray, items: np.ndarray, k: int, banned=None) -> list[int]:
@@ -108,7 +118,10 @@ def test_a_multi_interest_artifact_serves_each_items_best_interest(interests_art
     assert len(found) > 1  # the interests do find different items
     similar = retriever.similar_items(oracle.item_ids[3], 5)
     assert similar.interests is None and len(similar.items) == 5
-    (row,) = retriever.recall_rows(retriever.artifact.queries.slice(4, 1), 10)
+    user = retriever.artifact.queries.slice(4, 1).to_pylist()[0]
+    (row,) = retriever.retrieve(
+        [Query(features=user, k=10, exclude_seen=False, **stored_history(retriever, user))]
+    )
     best, interests, _ = brute_force_interests(
         oracle.query_vectors[4], oracle.item_vectors, 10, np.zeros(len(oracle.item_ids), bool)
     )
@@ -173,12 +186,47 @@ def test_recall_rows_of_a_new_user_equals_the_model_with_an_unseen_id(retriever,
     assert [r.query for r in results] == [-1, -2]
 
 
-def test_recall_rows_of_a_known_user_equals_recall_users_without_seen(retriever, demo_artifact):
+@pytest.mark.parametrize(
+    "fixture", ["demo_artifact", "sequence_artifact", "timed_artifact", "interests_artifact"]
+)
+def test_a_request_carrying_a_users_rows_and_history_is_answered_as_that_user(fixture, request):
+    """A request with a known user's feature values and history (and timestamps), as a
+    new user would send them, gets the items and scores the trained model gives that
+    user offline (its exported history through the fitted features)."""
+    folder, oracle = request.getfixturevalue(fixture)
+    retriever = Retriever.load(folder)
+    rows = list(range(0, 60, 7))
+    users = retriever.artifact.queries.take(rows).to_pylist()
+    queries = [
+        Query(features=user, k=8, exclude_seen=False, **stored_history(retriever, user))
+        for user in users
+    ]
+    by_request = retriever.retrieve(queries)
+    by_ids = retriever.recall_users([u["user_id"] for u in users], 8, exclude_seen=False)
+    for row, got, want in zip(rows, by_request, by_ids, strict=True):
+        assert got.items == want.items and got.interests == want.interests
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+        assert got.state == {"features": "request", "history": "request"}
+        assert want.state == {"features": "stored", "history": "stored"}
+        vector = oracle.query_vectors[row]
+        if vector.ndim == 1:  # the offline vector, by brute force
+            best = brute_force(vector, oracle.item_vectors, 8)
+            assert got.items == [oracle.item_ids[i] for i in best]
+
+
+def test_features_without_a_history_are_a_user_with_none(retriever, demo_artifact):
+    """Raw feature values alone carry no history, even with a known user's key: the
+    stored state is read only for ``user``."""
     _, oracle = demo_artifact
-    rows = retriever.artifact.queries.slice(10, 3)
-    by_rows = retriever.recall_rows(rows, 8)
-    by_ids = retriever.recall_users(rows.column("user_id").to_pylist(), 8, exclude_seen=False)
-    assert by_rows == by_ids
+    user = retriever.artifact.queries.slice(10, 1).to_pylist()[0]
+    (result,) = retriever.retrieve([Query(features=user, k=8)])
+    no_history = dict(user, user_id=-1)
+    _, pipeline, model = load_model(oracle.run_dir)
+    vector = embed_rows(model.query_tower, pipeline, "query", pa.Table.from_pylist([no_history]))
+    best = brute_force(vector.numpy()[0], oracle.item_vectors, 8)
+    assert result.state == {"features": "request", "history": "none"}
+    (anonymous,) = retriever.retrieve([Query(features=no_history, k=8)])
+    assert anonymous.items == [oracle.item_ids[i] for i in best]
 
 
 @pytest.mark.parametrize(
@@ -186,14 +234,17 @@ def test_recall_rows_of_a_known_user_equals_recall_users_without_seen(retriever,
 )
 def test_recall_rows_answers_as_its_rows_through_the_tower_and_one_search(fixture, request):
     """``recall_rows`` asks ``retrieve`` with one ``Query(features=...)`` per row: the
-    answers are the rows' own columns through the query tower and one index search
-    (columns no feature reads left out), labelled with each row's key."""
+    answers are the rows' own columns (and no history) through the query tower and one
+    index search (columns no feature reads left out), labelled with each row's key."""
     folder, _ = request.getfixturevalue(fixture)
     retriever = Retriever.load(folder)
     artifact = retriever.artifact
     rows = artifact.queries.slice(3, 6)
     results = retriever.recall_rows(rows.append_column("unread", pa.array(range(6))), 7)
-    vectors = embed_rows(artifact.query_tower, artifact.pipeline, "query", rows).numpy()
+    pipeline = artifact.pipeline
+    none = Recent.empty(rows.num_rows, pipeline.recent_length)
+    inputs = pipeline.transform("query", rows, none, artifact.history_codes)
+    vectors = embed_inputs(artifact.query_tower, [inputs]).numpy()
     if vectors.ndim == 3:
         ids, scores, interests = artifact.index.search_interests(vectors, 7, None)
     else:
@@ -293,6 +344,7 @@ def test_results_are_json_ready_and_empty_requests_are_empty(retriever, demo_art
         "scores": result.scores,
         "interests": None,  # a single-vector model
         "vector": "tower",  # computed by the query tower
+        "state": {"features": "stored", "history": "stored"},  # as exported
     }
     assert all(type(i) is int for i in result.items)
     assert retriever.recall_users([], 3) == []

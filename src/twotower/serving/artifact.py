@@ -10,6 +10,11 @@ file when loaded. This module alone knows the layout (no pickle anywhere):
     items.parquet        the raw item table: the corpus, its key and feature columns
     queries.parquet      the raw query table of the known queries (users)
     seen.npz             CSR arrays (indptr, indices, shape): the logged items of each query
+    recent.npz           each query's latest interactions, most recent first, as many as
+                         the longest history feature reads: ``indptr`` (Q + 1,), ``rows``
+                         item rows, ``times`` timestamps (NaN: none); with the query's row
+                         of queries.parquet and of seen.npz, the state a user is served
+                         from until events change it (``twotower.serving.stores``)
     heldout.npz          optional: the same for each query's test items under the split
     index/               the item index (``index/index.json`` names its kind)
     onnx/                optional (``twotower export --onnx``): query_tower.onnx, the query
@@ -37,6 +42,7 @@ import torch
 
 from twotower.config_io import from_dict
 from twotower.errors import DataError
+from twotower.features.history import RecentLists
 from twotower.features.pipeline import ARRAYS_FILE, STATE_FILE, FeaturePipeline
 from twotower.index import Index, load_index
 from twotower.index.base import META_FILE
@@ -53,7 +59,9 @@ from twotower.storage import (
 from twotower.towers.config import ModelConfig
 from twotower.towers.model import Tower, build_query_tower
 
-FORMAT_VERSION = 1
+# 2: the known users' recent interactions (recent.npz) are the history they are served
+# with; version 1 artifacts held them only inside the fitted features
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 FEATURES_DIR = "features"
 QUERY_TOWER_FILE = "query_tower.pt"
@@ -61,6 +69,7 @@ ITEM_VECTORS_FILE = "item_vectors.npy"
 ITEMS_FILE = "items.parquet"
 QUERIES_FILE = "queries.parquet"
 SEEN_FILE = "seen.npz"
+RECENT_FILE = "recent.npz"
 # Optional: each known query's held-out test items under the run's split (the explorer
 # marks them); read where the manifest lists it.
 HELDOUT_FILE = "heldout.npz"
@@ -88,8 +97,12 @@ REQUIRED_FILES = (
     ITEMS_FILE,
     QUERIES_FILE,
     SEEN_FILE,
+    RECENT_FILE,
     f"{INDEX_DIR}/{META_FILE}",
 )
+# The known users' files: not read (nor hashed) by a service whose users' state lives
+# in an online store (``Artifact.load(..., users=False)``).
+USER_FILES = (QUERIES_FILE, SEEN_FILE, RECENT_FILE, HELDOUT_FILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +120,7 @@ class ArtifactContents:
         item_vectors: (N, D) float32 item vectors.
         seen: (num_queries, N) CSR of the items each known query interacted with.
         heldout: (num_queries, N) CSR of each query's test items under the split.
+        recent: each known query's latest interactions (item rows), most recent first.
         index: the item index, built on ``item_vectors``.
         manifest: more manifest entries (``twotower_version``, ``index_recall``, ...).
     """
@@ -121,6 +135,7 @@ class ArtifactContents:
     item_vectors: np.ndarray
     seen: sp.csr_matrix
     heldout: sp.csr_matrix
+    recent: RecentLists
     index: Index
     manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -140,6 +155,7 @@ def write_artifact(folder: Path, contents: ArtifactContents) -> dict[str, Any]:
         atomic_write(folder / name, lambda f, table=table: pq.write_table(table, f))
     save_csr(folder / SEEN_FILE, contents.seen)
     save_csr(folder / HELDOUT_FILE, contents.heldout)
+    save_recent(folder / RECENT_FILE, contents.recent)
     contents.index.save(folder / INDEX_DIR)
     manifest = {
         **contents.manifest,
@@ -180,7 +196,11 @@ class Artifact:
         seen: (num_queries, N) CSR of the items each known query interacted with.
         heldout: (num_queries, N) CSR of each query's test items under the run's split
             (a subset of ``seen``), or None for an artifact exported without it.
+        recent: each known query's latest interactions (item rows), most recent first.
         index: the item index, built on ``item_vectors``.
+        users: whether the known users' files were read; when not (a service whose
+            users' state lives in an online store), ``queries`` has no row (its schema
+            only), ``seen`` and ``recent`` none, ``heldout`` is None.
     """
 
     folder: Path
@@ -194,7 +214,9 @@ class Artifact:
     item_vectors: np.ndarray
     seen: sp.csr_matrix
     heldout: sp.csr_matrix | None
+    recent: RecentLists
     index: Index
+    users: bool = True
 
     @property
     def query_key(self) -> str:
@@ -210,6 +232,16 @@ class Artifact:
         return self.items.column(self.item_key).combine_chunks()
 
     @functools.cached_property
+    def item_id_values(self) -> np.ndarray:
+        """(N,) the item keys by item row, as numpy (int64, float64 or object)."""
+        return self.item_ids.to_numpy(zero_copy_only=False)
+
+    @functools.cached_property
+    def query_id_values(self) -> np.ndarray:
+        """(Q,) the query keys by query row, as numpy (int64, float64 or object)."""
+        return self.queries.column(self.query_key).to_numpy()
+
+    @functools.cached_property
     def query_keys(self) -> KeyIndex:
         """Query key -> row of ``queries``, built on first use."""
         return KeyIndex(self.queries.column(self.query_key).combine_chunks())
@@ -220,8 +252,14 @@ class Artifact:
         return KeyIndex(self.item_ids)
 
     @classmethod
-    def load(cls, folder: Path) -> Artifact:
+    def load(cls, folder: Path, users: bool = True) -> Artifact:
         """Reads an artifact after checking its format version and every file's checksum.
+
+        Args:
+            folder: the artifact folder.
+            users: read the known users' files (``USER_FILES``); False for a service
+                whose users' state lives in an online store: those files are then
+                neither read nor hashed, and the artifact holds no user.
 
         Raises:
             DataError: no manifest, a format version other than this package's, or a
@@ -230,13 +268,15 @@ class Artifact:
         folder = Path(folder)
         manifest = read_manifest(folder)
         fingerprint = sha256_file(folder / MANIFEST_FILE)[:16]
-        verify_files(folder, manifest)
+        verify_files(folder, manifest, skip=() if users else USER_FILES)
         pipeline = FeaturePipeline.load(folder / FEATURES_DIR)
         where = f"{folder / MANIFEST_FILE}: config.model"
         model_config = from_dict(ModelConfig, manifest["config"].get("model", {}), where=where)
-        num_queries, num_items = manifest["num_queries"], manifest["num_items"]
+        num_items = manifest["num_items"]
+        num_queries = manifest["num_queries"] if users else 0
         vectors_shape = (num_items, manifest["embedding_dim"])
         # read in this order, so a manifest at odds with the files is named by its tables
+        queries_path = folder / QUERIES_FILE
         return cls(
             folder=folder,
             manifest=manifest,
@@ -244,17 +284,38 @@ class Artifact:
             model_config=model_config,
             pipeline=pipeline,
             items=_read_parquet(folder / ITEMS_FILE, manifest["item_key"], num_items),
-            queries=_read_parquet(folder / QUERIES_FILE, manifest["query_key"], num_queries),
+            queries=(
+                _read_parquet(queries_path, manifest["query_key"], num_queries)
+                if users
+                else _read_schema(queries_path).empty_table()
+            ),
             item_vectors=load_array(folder / ITEM_VECTORS_FILE, vectors_shape, mapped=True),
-            seen=load_csr(folder / SEEN_FILE, (num_queries, num_items)),
+            seen=(
+                load_csr(folder / SEEN_FILE, (num_queries, num_items))
+                if users
+                else sp.csr_matrix((0, num_items), dtype=np.float32)
+            ),
+            recent=load_recent(folder / RECENT_FILE, num_queries, num_items)
+            if users
+            else _NO_RECENT,
             index=_read_index(folder / INDEX_DIR, vectors_shape),
             query_tower=_read_query_tower(folder / QUERY_TOWER_FILE, model_config, pipeline),
             heldout=(
                 load_csr(folder / HELDOUT_FILE, (num_queries, num_items))
-                if HELDOUT_FILE in manifest["files"]
+                if users and HELDOUT_FILE in manifest["files"]
                 else None
             ),
+            users=users,
         )
+
+    @functools.cached_property
+    def history_codes(self) -> dict[str, np.ndarray]:
+        """The item table's codes in each query history feature's item vocabulary."""
+        return self.pipeline.history_codes(self.items)
+
+    def known_inputs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The query tower's inputs for known query ``rows`` in their exported state."""
+        return served_inputs(self.pipeline, self.queries, self.recent, self.history_codes, rows)
 
     def query_rows(self, ids: Sequence[Any]) -> np.ndarray:
         """(B,) int64 rows of ``queries`` holding these query keys; -1 for an unknown key.
@@ -280,7 +341,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise DataError(
             f"{path}: artifact format version {version!r} is "
             f"{'newer than' if newer else 'not'} {FORMAT_VERSION}, the one this version of "
-            f"twotower reads{'; upgrade twotower to load it' if newer else ''}"
+            f"twotower reads; "
+            + ("upgrade twotower to load it" if newer else "export the run again (twotower export)")
         )
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing or not isinstance(manifest["files"], dict):
@@ -288,8 +350,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """Checks that the folder holds exactly the listed files, each with its SHA-256."""
+def verify_files(folder: Path, manifest: dict[str, Any], skip: Sequence[str] = ()) -> None:
+    """Checks that the folder holds exactly the listed files, each with its SHA-256
+    (except the files named in ``skip``, which are not read: their presence only)."""
     listed: dict[str, str] = manifest["files"]
     where = folder / MANIFEST_FILE
     for name in REQUIRED_FILES:
@@ -302,12 +365,68 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
         path = folder / name
         if not path.is_file():
             raise DataError(f"{path}: missing, though {MANIFEST_FILE} lists it")
-        if sha256_file(path) != digest:
+        if name not in skip and sha256_file(path) != digest:
             raise DataError(f"{path}: corrupt (its checksum does not match {MANIFEST_FILE})")
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
         if path.is_file() and name != MANIFEST_FILE and name not in listed:
             raise DataError(f"{path}: not listed in {MANIFEST_FILE}; the artifact was altered")
+
+
+def served_inputs(
+    pipeline: FeaturePipeline,
+    queries: pa.Table,
+    recent: RecentLists,
+    codes: dict[str, np.ndarray],
+    rows: np.ndarray,
+) -> dict[str, torch.Tensor]:
+    """The query tower's inputs for known query ``rows`` as they are served: each one's
+    row of ``queries`` and its ``recent`` items as its history (``codes``: the item
+    table's ``FeaturePipeline.history_codes``)."""
+    width = pipeline.recent_length
+    return pipeline.transform("query", queries.take(rows), recent.recent(rows, width), codes)
+
+
+def save_recent(path: Path, recent: RecentLists) -> None:
+    """Writes ``recent.npz``: the ragged arrays, no pickle."""
+    atomic_write(
+        path,
+        lambda f: np.savez(f, indptr=recent.indptr, rows=recent.rows, times=recent.times),
+    )
+
+
+def load_recent(path: Path, num_queries: int, num_items: int) -> RecentLists:
+    """Reads ``recent.npz``, refusing arrays of another shape or rows outside the items.
+
+    Raises:
+        DataError: the file is unreadable or inconsistent (named).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            indptr, rows, times = arrays["indptr"], arrays["rows"], arrays["times"]
+    except (ValueError, OSError, EOFError, KeyError) as err:
+        raise DataError(f"{path}: not readable recent-interaction arrays ({err})") from None
+    consistent = (
+        len(indptr) == num_queries + 1
+        and indptr[-1] == len(rows) == len(times)
+        and (np.diff(indptr) >= 0).all()
+        and (len(rows) == 0 or (rows.min() >= 0 and rows.max() < num_items))
+    )
+    if not consistent:
+        raise DataError(
+            f"{path}: expected the recent items of {num_queries} queries among {num_items}"
+        )
+    return RecentLists(indptr.astype(np.int64), rows.astype(np.int64), times.astype(np.float64))
+
+
+_NO_RECENT = RecentLists(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0))
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
 
 
 def _read_parquet(path: Path, key: str, rows: int) -> pa.Table:

@@ -1,10 +1,17 @@
 """Query vectors from each source a ``Query`` may start from, for one batch at a time;
 and what each query of the batch leaves out of its search.
 
-    users    -> precomputed vectors, or their kept (or transformed) inputs -> tower
-    features -> raw rows converted to the stored types (features/rows.py) -> tower
-    texts    -> the query text feature columns, every other column missing -> tower
+    users    -> unchanged since export, nothing in the request: precomputed vectors,
+                or their kept (or transformed) exported inputs -> tower
+             -> else their state from the store, with the request's on top ┐
+    features -> the request's feature values and history                   ├ tower
+    texts    -> the query text feature columns (and the request's history) ┘
     items    -> their own item vectors
+
+A state (``stores.base``) becomes the tower's inputs as a raw row converted to the
+stored types (features/rows.py) and its recent items as the history features' input
+(``FeaturePipeline.transform``'s ``recent``): the same inputs, value for value, as
+the exported user's.
 
 Each source fills its queries' slots of a ``QueryBatch``: the vector, the label its
 result carries and what its search leaves out; a query that fails gets its error in
@@ -13,6 +20,7 @@ its slot instead, and never fails the others.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,12 +30,15 @@ import scipy.sparse as sp
 import torch
 
 from twotower.errors import DataError
-from twotower.features.rows import column_type, rows_table
+from twotower.features.history import Recent
+from twotower.features.rows import rows_table
 from twotower.features.specs import TextFeature
 from twotower.serving.artifact import Artifact
 from twotower.serving.query import Query, Result, UnknownItemError, UnknownQueryError
 from twotower.serving.query_vectors import QueryVectors
 from twotower.serving.runtime import TowerRuntime
+from twotower.serving.stores.base import StateStore, StoreUnavailableError, UserStates
+from twotower.serving.stores.memory import MemoryStore
 
 # The most bytes the known users' model inputs may take in memory (Retriever's default).
 INPUT_BUDGET = 1 << 30
@@ -45,6 +56,8 @@ class QueryBatch:
         shape = (B, dim) if interests == 1 else (B, interests, dim)
         self.vectors = np.zeros(shape, dtype=np.float32)  # (B, D) or (B, K, D) queries
         self.seen_rows = np.full(B, -1, dtype=np.int64)  # query rows whose seen items go
+        self.seen_items: list[np.ndarray | None] = [None] * B  # or the item rows that go
+        self.states: list[dict[str, str] | None] = [None] * B  # what each read (Result.state)
         self.self_rows = np.full(B, -1, dtype=np.int64)  # item rows excluded as themselves
         self.sources = ["tower"] * B  # where each query vector came from (Result.vector)
 
@@ -71,10 +84,15 @@ class QueryBatch:
         lengths = [len(items) for items in excluded]
         named = [item for items in excluded for item in items]
         seen_at, seen_cols = _gather_rows(artifact.seen, self.seen_rows[positions])
+        state_seen = [self.seen_items[i] for i in positions]
+        state_at = np.repeat(np.arange(P), [0 if s is None else len(s) for s in state_seen])
+        state_cols = [s for s in state_seen if s is not None]
         self_rows = self.self_rows[positions]
         itself = np.flatnonzero(self_rows >= 0)
-        rows = np.concatenate([seen_at, np.repeat(np.arange(P), lengths), itself])
-        cols = np.concatenate([seen_cols, artifact.item_rows(named), self_rows[itself]])
+        rows = np.concatenate([seen_at, state_at, np.repeat(np.arange(P), lengths), itself])
+        cols = np.concatenate(
+            [seen_cols, *state_cols, artifact.item_rows(named), self_rows[itself]]
+        ).astype(np.int64)
         known = cols >= 0  # unknown ids can never be returned anyway
         if not known.any():
             return None
@@ -94,6 +112,7 @@ class QuerySources:
         query_vectors: known users' precomputed vectors, or None.
         input_budget: the most bytes the known users' kept model inputs may take
             (``Retriever``'s arguments say more).
+        store: where users' states live; None: a ``MemoryStore`` of the artifact.
     """
 
     def __init__(
@@ -102,45 +121,74 @@ class QuerySources:
         runtime: TowerRuntime,
         query_vectors: QueryVectors | None,
         input_budget: int,
+        store: StateStore | None = None,
     ) -> None:
         self.artifact = artifact
         self.runtime = runtime
         self.query_vectors = query_vectors
+        self.store = MemoryStore(artifact) if store is None else store
         every_user_stored = query_vectors is not None and bool(query_vectors.present.all())
         self.known_inputs = None if every_user_stored else _known_inputs(artifact, input_budget)
-        # keys by row as numpy (int64, float64 or object): answers index them
-        self.item_id_values = artifact.item_ids.to_numpy(zero_copy_only=False)
-        self.query_id_values = artifact.queries.column(artifact.query_key).to_numpy()
-        self.query_columns = artifact.pipeline.input_columns("query")
+        self.query_columns = artifact.pipeline.state_columns("query")
         self.text_columns = [
             spec.column for spec in artifact.pipeline.config.query if isinstance(spec, TextFeature)
         ]
+        self.width = artifact.pipeline.recent_length
+        self.timed = any(
+            getattr(spec, "time_buckets", 0) for spec in artifact.pipeline.config.query
+        )
 
     def embed(self, batch: QueryBatch, groups: dict[str, list[int]]) -> None:
         """Fills the vectors (or errors) of the positions of each source in ``groups``."""
         self.users(batch, groups["user"])
         self.items(batch, groups["item"])
-        self.features(batch, groups["features"])
         self.texts(batch, groups["text"])
+        self.from_states(batch, groups["features"] + groups["text"], None)
 
     def users(self, batch: QueryBatch, positions: list[int]) -> None:
-        """Known users: their stored rows through the tower; their seen items noted."""
+        """Known users: unchanged since export and with nothing in the request, their
+        exported inputs (or precomputed vectors); else their state from the store."""
         if not positions:
             return
-        rows = self.artifact.query_rows([batch.queries[i].user for i in positions])  # (U,)
-        known, found = batch.resolve(positions, rows, UnknownQueryError, "user"), rows[rows >= 0]
-        if len(known):
-            stored = self.query_vectors
-            ready = stored.present[found] if stored is not None else np.zeros(len(found), bool)
-            if ready.any():  # precomputed: no tower pass
-                batch.vectors[known[ready]] = stored.vectors[found[ready]]
-                for position in known[ready].tolist():
-                    batch.sources[position] = "precomputed"
-            if not ready.all():
-                batch.vectors[known[~ready]] = self._embed_known(found[~ready])
-            batch.relabel(known, self.query_id_values[found].tolist())
-            wants_seen = np.array([batch.queries[i].exclude_seen for i in known], dtype=bool)
-            batch.seen_rows[known[wants_seen]] = found[wants_seen]
+        queries = [batch.queries[i] for i in positions]
+        users = [q.user for q in queries]
+        rows = self.artifact.query_rows(users)  # (U,)
+        plain = np.array([q.features is None and q.history is None for q in queries], bool)
+        fast = (rows >= 0) & plain
+        if fast.any() and isinstance(self.store, MemoryStore):
+            fast[fast] = ~self.store.changed([u for u, f in zip(users, fast, strict=True) if f])
+        else:
+            fast[:] = False
+        self._exported(batch, np.asarray(positions)[fast], rows[fast])
+        rest = [p for p, f in zip(positions, fast.tolist(), strict=True) if not f]
+        if not rest:
+            return
+        try:
+            stored = self.store.read([batch.queries[i].user for i in rest])
+        except StoreUnavailableError as err:
+            for position in rest:
+                batch.out[position] = err
+            return
+        self.from_states(batch, rest, stored)
+
+    def _exported(self, batch: QueryBatch, known: np.ndarray, found: np.ndarray) -> None:
+        """Known users in their exported state: precomputed vectors where stored, else
+        their exported inputs through the tower; their seen items noted."""
+        if not len(known):
+            return
+        stored = self.query_vectors
+        ready = stored.present[found] if stored is not None else np.zeros(len(found), bool)
+        if ready.any():  # precomputed: no tower pass
+            batch.vectors[known[ready]] = stored.vectors[found[ready]]
+            for position in known[ready].tolist():
+                batch.sources[position] = "precomputed"
+        if not ready.all():
+            batch.vectors[known[~ready]] = self._embed_known(found[~ready])
+        batch.relabel(known, self.artifact.query_id_values[found].tolist())
+        wants_seen = np.array([batch.queries[i].exclude_seen for i in known], dtype=bool)
+        batch.seen_rows[known[wants_seen]] = found[wants_seen]
+        for position in known.tolist():
+            batch.states[position] = {"features": "stored", "history": "stored"}
 
     def items(self, batch: QueryBatch, positions: list[int]) -> None:
         """Items: their own vectors as the query (with ``model.item_bias``, ending with
@@ -157,36 +205,11 @@ class QuerySources:
         batch.self_rows[known] = found
         for position in known.tolist():
             batch.sources[position] = "item"
-        batch.relabel(known, self.item_id_values[found].tolist())
-
-    def features(self, batch: QueryBatch, positions: list[int]) -> None:
-        """Raw rows: converted to the artifact's column types, then through the tower."""
-        if not positions:
-            return
-        good = []
-        for position in positions:
-            unknown = sorted(set(batch.queries[position].features) - set(self.query_columns))
-            if unknown:
-                batch.out[position] = DataError(
-                    f"unknown feature(s) {', '.join(map(repr, unknown))}; the query side reads "
-                    f"{', '.join(map(repr, self.query_columns))}"
-                )
-            else:
-                good.append(position)
-        rows = [batch.queries[i].features for i in good]
-        table, errors = rows_table(rows, self.query_columns, self.artifact.queries.schema)
-        for index, error in errors.items():
-            batch.out[good[index]] = error
-        places = [p for index, p in enumerate(good) if index not in errors]
-        if places:
-            batch.vectors[places] = self._embed(table)
-            key = self.artifact.query_key
-            batch.relabel(np.array(places), [batch.queries[i].features.get(key) for i in places])
+        batch.relabel(known, self.artifact.item_id_values[found].tolist())
 
     def texts(self, batch: QueryBatch, positions: list[int]) -> None:
-        """Texts: in the query text feature columns, every other column missing."""
-        if not positions:
-            return
+        """Refuses texts this artifact cannot read; ``from_states`` embeds the others, each in
+        the query text feature columns (every other column missing)."""
         if not self.text_columns:
             error = DataError(
                 "this artifact's query side has no text feature (its query features read "
@@ -199,36 +222,187 @@ class QuerySources:
             text = batch.queries[position].text
             if not isinstance(text, str) or not _encodes(text):
                 batch.out[position] = DataError(f"text must be valid Unicode text, got {text!r}")
-        positions = [p for p in positions if batch.out[p] is None]
-        if not positions:
-            return
-        texts = pa.array([batch.queries[i].text for i in positions], pa.string())
-        schema = self.artifact.queries.schema
-        columns = {
-            column: texts
-            if column in self.text_columns
-            else pa.nulls(len(texts), column_type(schema, column))
-            for column in self.query_columns
-        }
-        batch.vectors[positions] = self._embed(pa.table(columns))
-        batch.relabel(np.array(positions), [batch.queries[i].text for i in positions])
 
-    def _embed(self, table: pa.Table) -> np.ndarray:
-        """(rows, D) query vectors of raw query rows."""
-        chunks = self.artifact.pipeline.transform_chunks("query", table, CHUNK_ROWS)
-        return self.runtime.vectors(chunks)
+    def from_states(
+        self, batch: QueryBatch, positions: list[int], stored: UserStates | None
+    ) -> None:
+        """Queries through the tower from a state: ``stored`` (the store's, one per
+        position) with the request's feature values, history and text on top, or the
+        request's alone (``stored`` None)."""
+        missing = [False] * len(positions) if stored is None else (~stored.known).tolist()
+        states = []
+        for index, position in enumerate(positions):
+            if batch.out[position] is not None:  # a text this artifact cannot read
+                continue
+            query = batch.queries[position]
+            if missing[index] and query.features is None and query.history is None:
+                batch.out[position] = UnknownQueryError([query.user])
+                continue
+            unknown = sorted(set(query.features or ()) - set(self.query_columns))
+            if unknown:
+                batch.out[position] = self._unknown_features(unknown)
+                continue
+            state = _requested_state(query, stored, index, self.text_columns, self.timed)
+            if isinstance(state, _State) and state.label is None and query.features:
+                state = dataclasses.replace(
+                    state, label=query.features.get(self.artifact.query_key)
+                )
+            if isinstance(state, DataError):
+                batch.out[position] = state
+            else:
+                states.append((position, state))
+        if states:
+            self._embed_states(batch, states)
+
+    def _unknown_features(self, unknown: list[str]) -> DataError:
+        """The error of a request naming feature columns the query side does not read."""
+        histories = self.artifact.pipeline.recent_length > 0
+        return DataError(
+            f"unknown feature(s) {', '.join(map(repr, unknown))}; the query side reads "
+            f"{', '.join(map(repr, self.query_columns))}"
+            + ("; a user's recent items go in the query's history" if histories else "")
+        )
+
+    def _embed_states(self, batch: QueryBatch, states: list[tuple[int, _State]]) -> None:
+        """The vectors of the queries at the positions of ``states``, from those states."""
+        recent_ids = [item for _, s in states for item, _ in s.recent]
+        recent_rows = self.artifact.item_rows(recent_ids)
+        seen_ids = [item for _, s in states for item in s.seen]
+        seen_rows = self.artifact.item_rows(seen_ids)
+        # request histories name known items; an item gone from the artifact since a
+        # stored state named it is left out
+        failed: dict[int, DataError] = {}
+        lengths, row_parts, time_parts, seen_parts = [], [], [], []
+        start, seen_start = 0, 0
+        for index, (_, state) in enumerate(states):
+            rows = recent_rows[start : start + len(state.recent)]
+            start += len(state.recent)
+            seen = seen_rows[seen_start : seen_start + len(state.seen)]
+            seen_start += len(state.seen)
+            if state.from_request and (rows < 0).any():
+                unknown = [i for (i, _), r in zip(state.recent, rows, strict=True) if r < 0]
+                failed[index] = UnknownItemError(unknown)
+            times = np.array([t for _, t in state.recent], np.float64)[rows >= 0]
+            lengths.append(int((rows >= 0).sum()))
+            row_parts.append(rows[rows >= 0])
+            time_parts.append(times)
+            seen_parts.append(seen[seen >= 0])
+        table, errors = rows_table(
+            [s.features for _, s in states], self.query_columns, self.artifact.queries.schema
+        )
+        converted = [i for i in range(len(states)) if i not in errors]  # the table's rows
+        table = table.filter(pa.array([i not in failed for i in converted], pa.bool_()))
+        errors.update(failed)
+        for index, error in errors.items():
+            batch.out[states[index][0]] = error
+        keep = np.array([i not in errors for i in range(len(states))], dtype=bool)
+        if not keep.any():
+            return
+        recent = Recent.ragged(
+            np.asarray(lengths)[keep],
+            np.concatenate([r for r, k in zip(row_parts, keep, strict=True) if k]),
+            np.concatenate([t for t, k in zip(time_parts, keep, strict=True) if k]),
+            max(self.width, 1),
+        )
+        codes = self.artifact.history_codes
+        chunks = self.artifact.pipeline.transform_chunks("query", table, CHUNK_ROWS, recent, codes)
+        places = [p for (p, _), k in zip(states, keep, strict=True) if k]
+        batch.vectors[places] = self.runtime.vectors(chunks)
+        for index in np.flatnonzero(keep).tolist():
+            position, state = states[index]
+            batch.labels[position] = state.label
+            batch.states[position] = state.used
+            if batch.queries[position].exclude_seen:
+                batch.seen_items[position] = seen_parts[index]
 
     def _embed_known(self, rows: np.ndarray) -> np.ndarray:
-        """(U, D) vectors of known query rows: their inputs gathered (or transformed
-        now, when they were not kept), through the tower."""
+        """(U, D) vectors of known query rows in their exported state: their kept inputs
+        gathered (or transformed now, when they were not kept), through the tower."""
         inputs = self.known_inputs
+        pieces = [rows[s : s + CHUNK_ROWS] for s in range(0, len(rows), CHUNK_ROWS)]
         if inputs is None:
-            return self._embed(self.artifact.queries.take(pa.array(rows)))
-        pieces = (
-            torch.from_numpy(rows[s : s + CHUNK_ROWS]) for s in range(0, len(rows), CHUNK_ROWS)
+            return self.runtime.vectors(self.artifact.known_inputs(piece) for piece in pieces)
+        chunks = (
+            {name: values[torch.from_numpy(piece)] for name, values in inputs.items()}
+            for piece in pieces
         )
-        chunks = ({name: values[piece] for name, values in inputs.items()} for piece in pieces)
         return self.runtime.vectors(chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """What the tower reads for one query: raw feature values, recent (item id,
+    timestamp) entries most recent first, seen item ids; its label and provenance."""
+
+    features: dict[str, Any]
+    recent: list[tuple[Any, float]]
+    seen: list[Any]
+    label: Any
+    used: dict[str, str]
+    from_request: bool  # the recent items are the request's: unknown ones are errors
+
+
+def _requested_state(
+    query: Query,
+    stored: UserStates | None,
+    index: int,
+    text_columns: list[str],
+    timed: bool,
+) -> _State | DataError:
+    """One query's state: the stored one (``stored``'s ``index``-th, if any) with what
+    the request gives on top (the module doc of ``serving.query`` says how)."""
+    known = stored is not None and bool(stored.known[index])
+    features = dict(stored.features[index]) if known else {}
+    recent = list(stored.recent[index]) if known else []
+    seen = list(stored.seen[index]) if known else []
+    given = dict(query.features or {})
+    if query.text is not None:
+        given.update({column: query.text for column in text_columns})
+    features.update(given)
+    used_features = ("stored+request" if given else "stored") if features and known else "none"
+    if given and not known:
+        used_features = "request"
+    history = "stored" if known and recent else "none"
+    if query.history is not None:
+        entries = _request_history(query, timed)
+        if isinstance(entries, DataError):
+            return entries
+        recent, history = entries, "request"
+        seen.extend(item for item, _ in entries)
+    label = query.user if query.user is not None else query.text
+    return _State(
+        features,
+        recent,
+        seen,
+        label,
+        {"features": used_features, "history": history},
+        query.history is not None,
+    )
+
+
+def _request_history(query: Query, timed: bool) -> list[tuple[Any, float]] | DataError:
+    """A request's history as (item, timestamp) entries, most recent first."""
+    items = list(query.history or ())
+    times = query.history_times
+    if times is None:
+        if timed and items:
+            return DataError(
+                "this artifact's history features read timestamps (time_buckets): give "
+                "history_times beside the history"
+            )
+        return [(item, float("nan")) for item in reversed(items)]
+    if len(times) != len(items):
+        return DataError(
+            f"history_times has {len(times)} timestamps for {len(items)} history items"
+        )
+    try:
+        stamps = np.asarray(times, dtype=np.float64)
+    except (TypeError, ValueError):
+        return DataError(f"history_times must be numbers, got {list(times)[:5]!r}")
+    if not np.isfinite(stamps).all():
+        return DataError("history_times must be finite numbers")
+    order = np.argsort(stamps, kind="stable")[::-1]  # latest first; of equal, last given
+    return [(items[i], float(stamps[i])) for i in order.tolist()]
 
 
 def _known_inputs(artifact: Artifact, budget: int, chunk: int = CHUNK_ROWS) -> dict | None:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from twotower.errors import DataError
 from twotower.serving.artifact import Artifact
 from twotower.storage import atomic_write
-from twotower.towers.model import embed_rows
+from twotower.towers.model import embed_inputs
 
 VECTOR = "vector"
 ARTIFACT = "artifact"
@@ -54,8 +54,12 @@ class QueryVectors:
 def query_vectors(artifact: Artifact, batch_size: int = 4096) -> np.ndarray:
     """(U, D) or (U, K, D) float32: each known query's vector, as a request for that
     user computes it (its stored row and history through the query tower)."""
-    tower, pipeline = artifact.query_tower, artifact.pipeline
-    vectors = embed_rows(tower, pipeline, "query", artifact.queries, batch_size)
+    count = artifact.queries.num_rows
+    chunks = (
+        artifact.known_inputs(np.arange(start, min(start + batch_size, count)))
+        for start in range(0, count, batch_size)
+    )
+    vectors = embed_inputs(artifact.query_tower, chunks)
     return np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
 
 

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from twotower.errors import DataError
 from twotower.serving import schemas
 from twotower.serving.query import UnknownItemError, UnknownQueryError
+from twotower.serving.stores.base import StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,10 @@ class AsciiJSONResponse(JSONResponse):
 
 
 def status_of(error: DataError) -> int:
-    """The status a request gets for ``error``: 404 for an unknown id, else 422."""
+    """The status a request gets for ``error``: 503 when the user-state store cannot
+    be reached (worth a retry), 404 for an unknown id, else 422."""
+    if isinstance(error, StoreUnavailableError):
+        return 503
     return 404 if isinstance(error, (UnknownQueryError, UnknownItemError)) else 422
 
 

@@ -50,6 +50,7 @@ from twotower.serving.query_sources import INPUT_BUDGET, QueryBatch, QuerySource
 from twotower.serving.query_vectors import QueryVectors, read_query_vectors
 from twotower.serving.runtime import tower_runtime
 from twotower.serving.settings import Runtime
+from twotower.serving.stores.base import StateStore
 
 
 class Retriever:
@@ -66,6 +67,8 @@ class Retriever:
             Not kept when ``query_vectors`` holds every known user.
         runtime: what runs the query tower (``twotower.serving.runtime``): ``torch``, or
             ``onnx`` for the ONNX graph of an artifact exported with it.
+        store: where users' states live (``twotower.serving.stores``); None: in this
+            process, starting from the artifact's (``MemoryStore``).
     """
 
     def __init__(
@@ -74,11 +77,13 @@ class Retriever:
         query_vectors: QueryVectors | None = None,
         input_budget: int = INPUT_BUDGET,
         runtime: Runtime = "torch",
+        store: StateStore | None = None,
     ) -> None:
         self.artifact = artifact
         self.runtime = tower_runtime(artifact, runtime)
-        self.sources = QuerySources(artifact, self.runtime, query_vectors, input_budget)
+        self.sources = QuerySources(artifact, self.runtime, query_vectors, input_budget, store)
         artifact.query_keys, artifact.item_keys  # noqa: B018 (built now, not on a request)
+        artifact.history_codes  # noqa: B018
 
     @classmethod
     def load(
@@ -111,14 +116,19 @@ class Retriever:
         return self.sources.query_columns
 
     @property
+    def store(self) -> StateStore:
+        """Where the users' states live."""
+        return self.sources.store
+
+    @property
     def query_id_values(self) -> np.ndarray:
         """The query keys by query row (int64, float64 or object)."""
-        return self.sources.query_id_values
+        return self.artifact.query_id_values
 
     @property
     def item_id_values(self) -> np.ndarray:
         """The item ids by item row (int64, float64 or object)."""
-        return self.sources.item_id_values
+        return self.artifact.item_id_values
 
     def retrieve(self, queries: Sequence[Query]) -> list[Result | DataError]:
         """Answers any mix of queries in one tower pass per source and one index search.
@@ -253,6 +263,7 @@ class Retriever:
                 result,
                 interests=None if item_query else result.interests,
                 vector=batch.sources[position],
+                state=batch.states[position],
             )
 
     def _search(

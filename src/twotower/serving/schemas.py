@@ -27,6 +27,8 @@ MAX_BATCH = 1000
 MAX_EXCLUDE = 10_000
 MAX_TEXT = 10_000
 MAX_FEATURES = 256
+MAX_HISTORY = 1000
+MAX_EVENTS = 10_000
 
 Id = StrictInt | StrictStr
 # An item id in an answer is the artifact's key as stored: integers and text, or, for a
@@ -37,8 +39,22 @@ VectorSource = Literal["tower", "precomputed", "item"]
 FeatureValue = Scalar | list[Scalar]
 
 
+class StateUsed(BaseModel):
+    """What a query through the tower read of the user's state."""
+
+    features: Literal["stored", "request", "stored+request", "none"] = Field(
+        description="Feature values: the store's, the request's, the store's with some "
+        "replaced by the request's, or none (all missing)."
+    )
+    history: Literal["stored", "request", "none"] = Field(
+        description="Recent items: the store's, the request's (which replaces the "
+        "store's), or none."
+    )
+
+
 class RecallRequest(BaseModel):
-    """One query: exactly one of ``user_id``, ``features`` or ``text``."""
+    """One query: one of ``user_id``, ``features``, ``text`` (a user's ``features`` may
+    go with its ``user_id``), or a ``history`` alone."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -46,6 +62,8 @@ class RecallRequest(BaseModel):
             "examples": [
                 {"user_id": 17, "k": 10},
                 {"features": {"age": 31, "segment": "b"}, "k": 20},
+                {"history": [50, 181, 172], "history_times": [884e6, 885e6, 886e6]},
+                {"user_id": 17, "history": [50, 181]},
                 {"text": "red running shoes", "k": 10, "exclude_items": [12, 40]},
             ]
         },
@@ -53,15 +71,31 @@ class RecallRequest(BaseModel):
 
     user_id: Id | None = Field(
         None,
-        description="A known user (query) id. Its stored feature row and its logged "
-        "interactions (as history) feed the query tower.",
+        description="A user (query) id. Its state in the user-state store (feature values, "
+        "recent and seen items; the artifact's, as events changed it) feeds the query "
+        "tower. With features or history, those replace the stored ones; a user the "
+        "store does not know is then served from them alone (else a 404).",
     )
     features: dict[str, FeatureValue] | None = Field(
         None,
         max_length=MAX_FEATURES,
-        description="Raw query-side feature values by column name, for a user the "
-        "artifact does not know (cold start). A column left out is a missing value; a "
-        "name the query side does not read is a 422.",
+        description="Raw query-side feature values by column name: a user the artifact "
+        "does not know (cold start), or with user_id, values replacing the stored ones. "
+        "A column left out is missing (or stored); a name the query side does not read "
+        "is a 422.",
+    )
+    history: list[Id] | None = Field(
+        None,
+        max_length=MAX_HISTORY,
+        description="The query's recent interactions, item ids in the order they happened "
+        "(oldest first). The history features read them (replacing a known user's stored "
+        "recent items) and they count as seen. An unknown item id is a 404.",
+    )
+    history_times: list[StrictInt | StrictFloat] | None = Field(
+        None,
+        max_length=MAX_HISTORY,
+        description="Their timestamps, one per history item, in the interaction log's "
+        "units; required where a history feature reads time gaps.",
     )
     text: str | None = Field(
         None,
@@ -87,10 +121,12 @@ class RecallRequest(BaseModel):
     @model_validator(mode="after")
     def _one_source(self) -> RecallRequest:
         given = [n for n in ("user_id", "features", "text") if getattr(self, n) is not None]
+        if given == ["user_id", "features"] or (not given and self.history is not None):
+            return self
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of user_id, features or text, got "
-                f"{' and '.join(given) if given else 'none'}"
+                "give one of user_id, features, text or history (features may go with "
+                f"user_id), got {' and '.join(given) if given else 'none'}"
             )
         return self
 
@@ -100,6 +136,8 @@ class RecallRequest(BaseModel):
             user=self.user_id,
             features=self.features,
             text=self.text,
+            history=self.history,
+            history_times=self.history_times,
             k=self.k,
             exclude_seen=self.exclude_seen,
             exclude_items=tuple(self.exclude_items),
@@ -139,6 +177,11 @@ class RecallResponse(BaseModel):
         "precomputed (the user's row of the query vectors file the service was started "
         "with) or item (the item's own vector).",
     )
+    state: StateUsed | None = Field(
+        None,
+        description="For a query through the tower, what it read of the user's state "
+        "(null for an item's neighbours).",
+    )
 
 
 class BatchResult(BaseModel):
@@ -149,6 +192,7 @@ class BatchResult(BaseModel):
     scores: list[float] = Field(default_factory=list, description="Their cosine similarities.")
     interests: list[int] | None = Field(None, description="As in RecallResponse.")
     vector: VectorSource | None = Field(None, description="As in RecallResponse.")
+    state: StateUsed | None = Field(None, description="As in RecallResponse.")
     error: str | None = Field(None, description="Why this query has no answer, if it has none.")
     status: int = Field(200, description="The status a POST /recall of this query gets.")
 

@@ -20,6 +20,7 @@ from twotower.data.config import StreamConfig
 from twotower.data.dataset import Dataset
 from twotower.data.splits import HELD_OUT, Split
 from twotower.errors import ConfigError
+from twotower.features.history import RecentLists
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.streaming import FIT_FILE, load_fitted, save_fitted
 
@@ -61,12 +62,15 @@ class KnownQueries:
         pipeline: the transforms that read them, histories as of ``as_of``.
         seen: (Q, N) binary CSR: each query's items as of ``as_of``.
         heldout: (Q, N) binary CSR: each query's test items.
+        recent: each query's latest items as of ``as_of``, as many as the longest
+            history feature reads: the state a served user starts from.
     """
 
     queries: pa.Table
     pipeline: FeaturePipeline
     seen: sp.csr_matrix
     heldout: sp.csr_matrix
+    recent: RecentLists
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,11 +9,12 @@ import numpy as np
 import pyarrow as pa
 
 from twotower.config import Config
-from twotower.data.dataset import Dataset
+from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP, Dataset
 from twotower.data.load import load_dataset
 from twotower.data.matrix import interaction_matrix, known_before
 from twotower.data.splits import Split, split_interactions
 from twotower.errors import ConfigError
+from twotower.features.history import RecentLists
 from twotower.features.pipeline import FeaturePipeline
 from twotower.sources.base import (
     ExampleBuilder,
@@ -127,6 +128,13 @@ class MemorySource:
             pipeline=pipeline.with_histories(dataset, known),
             seen=interaction_matrix(known, dataset.num_queries, dataset.num_items),
             heldout=interaction_matrix(split.test, dataset.num_queries, dataset.num_items),
+            recent=RecentLists.from_log(
+                known.column(QUERY_IDX).to_numpy(),
+                known.column(ITEM_IDX).to_numpy(),
+                known.column(TIMESTAMP).to_numpy() if TIMESTAMP in known.column_names else None,
+                dataset.num_queries,
+                pipeline.recent_length,
+            ),
         )
 
     def refit(self) -> MemorySource:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
@@ -26,7 +27,9 @@ from twotower.data.config import StreamConfig
 from twotower.data.splits import check_held_out
 from twotower.data.stream import ParquetStream
 from twotower.errors import ConfigError, DataError
+from twotower.features.history import RecentLists
 from twotower.features.pipeline import FeaturePipeline
+from twotower.features.ragged import list_parts
 from twotower.features.streaming import (
     ItemKeys,
     fit_stream_pipeline,
@@ -182,12 +185,36 @@ class BuiltSource(StreamSource):
         test = pq.read_table(test_path, columns=[self.query_key, TARGETS])
         if not test.column(self.query_key).equals(state.column(self.query_key)):
             raise DataError(f"{self.folder}: queries_test.parquet and {path.name} disagree")
+        histories = [
+            c for c in pipeline.input_columns("query") if c not in pipeline.state_columns("query")
+        ]
         return KnownQueries(
-            queries=state.drop_columns(list(QUERY_COLUMNS)),
+            queries=state.drop_columns([*QUERY_COLUMNS, *histories]),
             pipeline=pipeline,
             seen=self._matrix(state.column(SEEN), path),
             heldout=self._matrix(test.column(TARGETS), test_path),
+            recent=self._recent(state, histories, pipeline.recent_length),
         )
+
+    def _recent(self, state: pa.Table, histories: list[str], width: int) -> RecentLists:
+        """Each row's latest items from its longest history list column (item ids, most
+        recent first; blanks left out), without timestamps: a build keeps none."""
+        if not histories:
+            return RecentLists.from_lists(np.zeros(0, np.int64), np.zeros(state.num_rows), 0)
+        lists = state.column(histories[0]).combine_chunks()
+        for name in histories[1:]:  # the longest lists: the feature that reads the most
+            other = state.column(name).combine_chunks()
+            if (
+                pc.sum(pc.list_value_length(other)).as_py()
+                > pc.sum(pc.list_value_length(lists)).as_py()
+            ):
+                lists = other
+        flat, lengths = list_parts(lists)
+        rows = self._item_keys()[0].find(flat)
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        known = rows >= 0
+        lengths = np.bincount(owner[known], minlength=len(lengths))
+        return RecentLists.from_lists(rows[known], lengths, width)
 
     def _queries(self, part: str) -> Path:
         return self.folder / f"queries_{part}.parquet"

@@ -53,6 +53,7 @@ def _response(answer: Result | DataError, fingerprint: str) -> schemas.RecallRes
         scores=answer.scores,
         interests=answer.interests,
         vector=answer.vector,
+        state=answer.state,
     )
 
 
@@ -66,4 +67,5 @@ def _entry(answer: Result | DataError) -> schemas.BatchResult:
         scores=answer.scores,
         interests=answer.interests,
         vector=answer.vector,
+        state=answer.state,
     )
