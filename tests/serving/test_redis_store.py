@@ -26,6 +26,7 @@ from twotower.errors import ConfigError, DataError
 from twotower.features.history import RecentLists
 from twotower.serving.artifact import Artifact
 from twotower.serving.stores.base import Event, StoreUnavailableError, merge_recent
+from twotower.serving.stores.memory import MemoryStore, artifact_states
 from twotower.serving.stores.redis_store import LoadCounts, RedisStore
 
 NAN = math.nan
@@ -299,3 +300,48 @@ def test_state_load_refuses_a_url_of_another_scheme(capsys, monkeypatch):
         main()
     assert exited.value.code == 2
     assert "'http://h:1': not a Redis URL" in capsys.readouterr().err
+
+
+def same_states(a, b) -> bool:
+    """Whether two stores' answers hold the same states (ids as text, seen as sets)."""
+    return (
+        a.known.tolist() == b.known.tolist()
+        and a.features == b.features
+        and [normal(r) for r in a.recent] == [normal(r) for r in b.recent]
+        and [sorted(map(str, s)) for s in a.seen] == [sorted(map(str, s)) for s in b.seen]
+    )
+
+
+def test_after_a_load_every_demo_user_reads_as_the_artifact_holds_it(shared_redis, demo_artifact):
+    artifact = Artifact.load(demo_artifact[0])
+    store = RedisStore(shared_redis.url, prefix="demo-load")
+    assert store.load_artifact(artifact, chunk=64).loaded == artifact.queries.num_rows
+    users = artifact.query_id_values.tolist()
+    states = store.read(users)
+    assert states.known.all() and any(states.recent) and any(states.features)
+    assert same_states(states, artifact_states(artifact, np.arange(len(users))))
+    assert same_states(states, MemoryStore(artifact).read(users))
+    store.close()
+
+
+def test_the_same_events_change_both_stores_alike(shared_redis, demo_artifact):
+    artifact = Artifact.load(demo_artifact[0])
+    redis_store, memory = RedisStore(shared_redis.url, prefix="demo-events"), MemoryStore(artifact)
+    redis_store.load_artifact(artifact)
+    rng = np.random.default_rng(0)
+    users = [*artifact.query_id_values.tolist()[:40], 10**6, 10**6 + 1]  # two new users
+    items = artifact.item_id_values.tolist()
+    logged = rng.choice(artifact.recent.times, 15)  # ties with the artifact's entries
+    stamps = [NAN, *logged, *np.round(rng.uniform(logged.min(), logged.max(), 15))]
+    width = artifact.pipeline.recent_length
+    for _ in range(5):
+        events = [
+            Event(users[rng.integers(len(users))], items[rng.integers(len(items))], t)
+            for t in rng.choice(stamps, 60)
+        ]
+        held = memory.read(users[:10])  # and entries the users hold already
+        events += [Event(u, *r[0]) for u, r in zip(users, held.recent, strict=False) if r]
+        redis_store.append(events, width)
+        memory.append(events, width)
+        assert same_states(redis_store.read(users), memory.read(users))
+    redis_store.close()

@@ -240,7 +240,8 @@ def _load_calls(
 ) -> list[tuple[list[str], list[Any]]]:
     """The load script's (keys, args) for the artifact's users at ``rows``; ``items`` is
     ``_item_texts(artifact)``."""
-    columns = artifact.pipeline.state_columns("query")
+    names = artifact.queries.schema.names  # as artifact_states: the columns it holds
+    columns = [c for c in artifact.pipeline.state_columns("query") if c in names]
     table = artifact.queries.take(rows)
     users = table.column(artifact.query_key).to_pylist()
     values = table.select(columns).to_pylist()
