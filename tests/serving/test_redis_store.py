@@ -1,5 +1,6 @@
-"""RedisStore against a real redis-server: the merge rule equals merge_recent, loads are
-idempotent, and a lost or killed server loses no acknowledged event."""
+"""RedisStore against a real redis-server: the merge rule equals merge_recent, its answers
+equal the in-memory store's, loads are idempotent, and a lost or killed server loses no
+acknowledged event."""
 
 from __future__ import annotations
 
@@ -278,24 +279,25 @@ def test_a_batch_is_one_round_trip(store, monkeypatch):
     assert len(sent) == 2
 
 
-def test_state_load_command_loads_and_then_skips(shared_redis, monkeypatch):
-    monkeypatch.setattr(Artifact, "load", lambda folder: fake_artifact())
-    command = ["state", "load", "some/artifact", "--redis", shared_redis.url, "--prefix", "cli"]
+def test_state_load_command_loads_and_then_skips(shared_redis, demo_artifact):
+    folder = demo_artifact[0]
+    command = ["state", "load", str(folder), "--redis", shared_redis.url, "--prefix", "cli"]
     first = CliRunner().invoke(app, command)
     assert first.exit_code == 0, first.output
-    assert (
-        f"Loaded 3 users of some/artifact (fingerprint f1) into {shared_redis.url}" in first.output
-    )
+    artifact = Artifact.load(folder)
+    loaded = f"Loaded {artifact.queries.num_rows} users of {folder} (fingerprint "
+    assert f"{loaded}{artifact.fingerprint}) into {shared_redis.url} under 'cli'" in first.output
     again = CliRunner().invoke(app, command)
-    assert "Loaded 0 users" in again.output and "3 held this artifact already" in again.output
+    assert "0 users" in again.output and f"{artifact.queries.num_rows} held" in again.output
     store = RedisStore(shared_redis.url, prefix="cli")
-    assert store.read([5]).features == [{"segment": "a", "age": 31.0}]
+    users = artifact.query_id_values.tolist()
+    assert same_states(store.read(users), artifact_states(artifact, np.arange(len(users))))
     store.close()
 
 
-def test_state_load_refuses_a_url_of_another_scheme(capsys, monkeypatch):
-    monkeypatch.setattr(Artifact, "load", lambda folder: fake_artifact())
-    monkeypatch.setattr("sys.argv", ["twotower", "state", "load", "a", "--redis", "http://h:1"])
+def test_state_load_refuses_a_url_of_another_scheme(capsys, monkeypatch, demo_artifact):
+    command = ["twotower", "state", "load", str(demo_artifact[0]), "--redis", "http://h:1"]
+    monkeypatch.setattr("sys.argv", command)
     with pytest.raises(SystemExit) as exited:
         main()
     assert exited.value.code == 2
