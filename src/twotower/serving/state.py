@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import time
@@ -24,7 +23,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 
 from twotower.errors import DataError
@@ -177,26 +175,14 @@ class ServiceState:
                 "redis://HOST:PORT/DB, or with one worker",
             )
         async with self.reload_lock:  # a memory store changes hands at a reload
-            retriever = self.retriever
-            artifact = retriever.artifact
-            rows = artifact.item_rows([event.item for event in events])
-            ids = artifact.item_id_values[np.maximum(rows, 0)].tolist() if len(rows) else []
-            refused = [
-                (i, f"unknown item id {e.item!r}") for i, e in enumerate(events) if rows[i] < 0
-            ]
-            taken = [
-                dataclasses.replace(event, item=ids[i])
-                for i, event in enumerate(events)
-                if rows[i] >= 0
-            ]
-            width = artifact.pipeline.recent_length
             try:
-                await asyncio.to_thread(retriever.store.append, taken, width)
+                refused = await asyncio.to_thread(self.retriever.ingest, events)
             except StoreUnavailableError as err:
                 raise HTTPException(503, str(err)) from None
-        self.metrics.events.labels("stored").inc(len(taken))
+        stored = len(events) - len(refused)
+        self.metrics.events.labels("stored").inc(stored)
         self.metrics.events.labels("refused").inc(len(refused))
-        return len(taken), refused
+        return stored, refused
 
     async def store_problem(self) -> str | None:
         """Why the users' state store does not answer now; None when it does."""
