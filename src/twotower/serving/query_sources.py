@@ -299,7 +299,10 @@ def _known_inputs(artifact: Artifact, budget: int, chunk: int = CHUNK_ROWS) -> d
     """Every known query row's model inputs, transformed once (each tensor padded to
     its widest chunk), or None when they would take more than ``budget`` bytes."""
     queries = artifact.queries
-    chunks = artifact.pipeline.transform_chunks("query", queries, chunk)
+    chunks = (
+        artifact.known_inputs(np.arange(start, min(start + chunk, queries.num_rows)))
+        for start in range(0, queries.num_rows, chunk)
+    )
     first = next(chunks, None)
     if first is None:
         return None
