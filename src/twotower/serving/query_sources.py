@@ -127,7 +127,10 @@ class QuerySources:
         self.store = MemoryStore(artifact) if store is None else store
         every_user_stored = query_vectors is not None and bool(query_vectors.present.all())
         self.known_inputs = None if every_user_stored else _known_inputs(artifact, input_budget)
-        self.query_columns = artifact.pipeline.state_columns("query")
+        # the key too: a state's table then has its rows even where no feature reads
+        # a column besides the history, and a request may label a row with its key
+        state = artifact.pipeline.state_columns("query")
+        self.query_columns = list(dict.fromkeys([*state, artifact.query_key]))
         self.text_columns = [
             spec.column for spec in artifact.pipeline.config.query if isinstance(spec, TextFeature)
         ]

@@ -112,8 +112,9 @@ class Retriever:
 
     @property
     def query_columns(self) -> list[str]:
-        """The raw columns the query features read (``FeaturePipeline.input_columns``)."""
-        return self.sources.query_columns
+        """The raw columns the query features read besides the history (which a query
+        gives as its ``history``): ``FeaturePipeline.state_columns``."""
+        return self.artifact.pipeline.state_columns("query")
 
     @property
     def store(self) -> StateStore:
