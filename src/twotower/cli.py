@@ -358,6 +358,21 @@ ServeQueryVectors = Annotated[
         "(twotower export --query-vectors), without a tower pass."
     ),
 ]
+ServeState = Annotated[
+    str | None,
+    typer.Option(
+        help="Keep users' states (features, recent and seen items) in Redis, shared by "
+        "every replica: redis://HOST:PORT/DB (fill it with twotower state load). "
+        "Default: in the service's memory, from the artifact."
+    ),
+]
+ServeIngestToken = Annotated[
+    Path | None,
+    typer.Option(
+        help="File holding the token POST /events takes besides the admin token "
+        "(else $TWOTOWER_INGEST_TOKEN)."
+    ),
+]
 ServeWorkers = Annotated[
     int,
     typer.Option(
@@ -387,13 +402,16 @@ def serve(
     query_vectors: ServeQueryVectors = None,
     runtime: ServeRuntime = "torch",
     workers: ServeWorkers = 1,
+    state: ServeState = None,
+    ingest_token_file: ServeIngestToken = None,
 ) -> None:
-    """Serve top-K recall over HTTP: POST /recall, /recall/batch, GET /items/{id}/similar.
+    """Serve top-K recall over HTTP: POST /recall, /recall/batch, GET /items/{id}/similar;
+    POST /events appends interactions to users' states.
 
     SIGHUP (or POST /admin/reload) loads the artifact folder again without dropping
     requests. The OpenAPI schema is at /openapi.json, its pages at /docs.
     """
-    from twotower.serving.server import read_admin_token
+    from twotower.serving.server import ADMIN_TOKEN_VARIABLE, INGEST_TOKEN_VARIABLE, read_token
     from twotower.serving.server import serve as run_server
     from twotower.serving.settings import ServiceConfig
 
@@ -401,11 +419,13 @@ def serve(
         max_body_bytes=max_body_bytes,
         batch_queries=batch_queries,
         batch_wait_ms=batch_wait_ms,
-        admin_token=read_admin_token(admin_token_file),
+        admin_token=read_token(admin_token_file, ADMIN_TOKEN_VARIABLE, "admin token"),
+        ingest_token=read_token(ingest_token_file, INGEST_TOKEN_VARIABLE, "ingest token"),
         reload_on_sighup=True,
         threads=threads,
         query_vectors=query_vectors,
         runtime=runtime,
+        state=state,
     )
 
     def ready(url: str) -> None:

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 
 from twotower.errors import DataError
+from twotower.features.history import Recent
 from twotower.serving import Artifact, Result, Retriever, UnknownItemError, UnknownQueryError
 from twotower.serving.query import Query
-from twotower.features.history import Recent
 from twotower.towers.model import embed_inputs, embed_rows
 from twotower.training.run import load_model
 

@@ -189,7 +189,7 @@ def test_a_built_stream_names_no_files_of_its_own(tmp_path):
 def test_an_artifact_exported_from_built_data_serves_as_in_memory(configs, streamed_run, tmp_path):
     """Exported from a run on built data, the artifact answers each known user with
     every logged interaction as history and seen items excluded: the exact top 10 that
-    the same model gives in memory. A cold-start row may bring its history list."""
+    the same model gives in memory. A request may bring the history itself."""
     import numpy as np
 
     from twotower.data.matrix import interaction_matrix
@@ -216,9 +216,10 @@ def test_an_artifact_exported_from_built_data_serves_as_in_memory(configs, strea
     user_ids = dataset.queries.column(dataset.query_key).to_pylist()
     answers = retriever.recall_users(user_ids, 10)
     assert [a.items for a in answers] == [item_ids[row].tolist() for row in ranked]
-    # a cold-start feature row with a history list: the same answer as that known user
-    history = retriever.artifact.queries.column("history")[0].as_py()
-    cold = retriever.retrieve([Query(features={"history": history}, k=10)])
+    # a request carrying that user's history (oldest first): the known user's answer
+    (recent,) = retriever.store.read([user_ids[0]]).recent
+    history = [item for item, _ in reversed(recent)]
+    cold = retriever.retrieve([Query(history=history, k=10, exclude_seen=False)])
     known = retriever.recall_users([user_ids[0]], 10, exclude_seen=False)
     assert cold[0].items == known[0].items
     empty = retriever.retrieve([Query(features={}, k=10)])  # no history: an empty one

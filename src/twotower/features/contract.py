@@ -94,9 +94,10 @@ def _encoding(spec: Any, size: int) -> dict[str, Any]:
         return {"dtype": "int64", "shape": length, "encoding": how}
     if isinstance(spec, HistoryFeature):
         how = (
-            f"the query's logged items, most recent first, as indices of item feature "
-            f"{spec.item_feature!r} ({codes} of its vocabulary), 0-padded; at most "
-            f"{spec.max_len}"
+            f"the user's recent items, most recent first (its state's recent entries, or "
+            f"a request's history reversed), each as its index in item feature "
+            f"{spec.item_feature!r} ({codes} of its vocabulary: the code of the item's "
+            f"value in that feature's column), 0-padded; at most {spec.max_len}"
         )
         return {"dtype": "int64", "shape": length, "encoding": how}
     raise TypeError(f"no input contract for feature kind {spec.kind!r}")

@@ -14,9 +14,10 @@
     GET  /explorer/map           a sample of items on the corpus map
 
 ``create_app`` only assembles: one ``ServiceState`` (``state.py``: the artifact, the
-micro-batcher, metrics, reloads) and a router per concern (``routes/recall.py``,
-``routes/ops.py``, ``routes/explorer.py``) whose handlers reach that state through
-``Depends`` and return the response model they declare; ``responses.py`` turns every
+micro-batcher, metrics, reloads, users' states) and a router per concern
+(``routes/recall.py``, ``routes/events.py``, ``routes/ops.py``, ``routes/explorer.py``)
+whose handlers reach that state through ``Depends`` and return the response model
+they declare; ``responses.py`` turns every
 error into ``{"detail": "..."}``.
 
 Requests never wait on each other's Python: handlers queue their queries on the
@@ -37,7 +38,7 @@ from fastapi import FastAPI
 
 from twotower.serving.middleware import BodyLimitMiddleware, MetricsMiddleware
 from twotower.serving.responses import AsciiJSONResponse, add_error_handlers
-from twotower.serving.routes import explorer, ops, recall
+from twotower.serving.routes import events, explorer, ops, recall
 from twotower.serving.settings import ServiceConfig
 from twotower.serving.state import ServiceState
 
@@ -69,6 +70,6 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     add_error_handlers(app)
-    for routes in (recall, ops, explorer):  # this order is the OpenAPI schema's
+    for routes in (recall, events, ops, explorer):  # this order is the OpenAPI schema's
         app.include_router(routes.router)
     return app

@@ -69,6 +69,12 @@ class ServiceMetrics:
         self.reloads = Counter(
             "twotower_reloads", "Artifact reloads, by result.", ["result"], registry=self.registry
         )
+        self.events = Counter(
+            "twotower_events",
+            "Events sent to POST /events: stored, or refused (an unknown item).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.artifact = Gauge(
             "twotower_artifact_info",
             "1 for the artifact being served (its index kind, what runs its query tower).",

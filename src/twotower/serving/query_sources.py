@@ -25,16 +25,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import scipy.sparse as sp
 import torch
 
 from twotower.errors import DataError
-from twotower.features.history import Recent
-from twotower.features.rows import rows_table
 from twotower.features.specs import TextFeature
 from twotower.serving.artifact import Artifact
 from twotower.serving.query import Query, Result, UnknownItemError, UnknownQueryError
+from twotower.serving.query_states import QueryState, query_state, state_inputs
 from twotower.serving.query_vectors import QueryVectors
 from twotower.serving.runtime import TowerRuntime
 from twotower.serving.stores.base import StateStore, StoreUnavailableError, UserStates
@@ -129,7 +127,10 @@ class QuerySources:
         self.store = MemoryStore(artifact) if store is None else store
         every_user_stored = query_vectors is not None and bool(query_vectors.present.all())
         self.known_inputs = None if every_user_stored else _known_inputs(artifact, input_budget)
-        self.query_columns = artifact.pipeline.state_columns("query")
+        # the key too: a state's table then has its rows even where no feature reads
+        # a column besides the history, and a request may label a row with its key
+        state = artifact.pipeline.state_columns("query")
+        self.query_columns = list(dict.fromkeys([*state, artifact.query_key]))
         self.text_columns = [
             spec.column for spec in artifact.pipeline.config.query if isinstance(spec, TextFeature)
         ]
@@ -242,8 +243,8 @@ class QuerySources:
             if unknown:
                 batch.out[position] = self._unknown_features(unknown)
                 continue
-            state = _requested_state(query, stored, index, self.text_columns, self.timed)
-            if isinstance(state, _State) and state.label is None and query.features:
+            state = query_state(query, stored, index, self.text_columns, self.timed)
+            if isinstance(state, QueryState) and state.label is None and query.features:
                 state = dataclasses.replace(
                     state, label=query.features.get(self.artifact.query_key)
                 )
@@ -263,57 +264,25 @@ class QuerySources:
             + ("; a user's recent items go in the query's history" if histories else "")
         )
 
-    def _embed_states(self, batch: QueryBatch, states: list[tuple[int, _State]]) -> None:
+    def _embed_states(self, batch: QueryBatch, states: list[tuple[int, QueryState]]) -> None:
         """The vectors of the queries at the positions of ``states``, from those states."""
-        recent_ids = [item for _, s in states for item, _ in s.recent]
-        recent_rows = self.artifact.item_rows(recent_ids)
-        seen_ids = [item for _, s in states for item in s.seen]
-        seen_rows = self.artifact.item_rows(seen_ids)
-        # request histories name known items; an item gone from the artifact since a
-        # stored state named it is left out
-        failed: dict[int, DataError] = {}
-        lengths, row_parts, time_parts, seen_parts = [], [], [], []
-        start, seen_start = 0, 0
-        for index, (_, state) in enumerate(states):
-            rows = recent_rows[start : start + len(state.recent)]
-            start += len(state.recent)
-            seen = seen_rows[seen_start : seen_start + len(state.seen)]
-            seen_start += len(state.seen)
-            if state.from_request and (rows < 0).any():
-                unknown = [i for (i, _), r in zip(state.recent, rows, strict=True) if r < 0]
-                failed[index] = UnknownItemError(unknown)
-            times = np.array([t for _, t in state.recent], np.float64)[rows >= 0]
-            lengths.append(int((rows >= 0).sum()))
-            row_parts.append(rows[rows >= 0])
-            time_parts.append(times)
-            seen_parts.append(seen[seen >= 0])
-        table, errors = rows_table(
-            [s.features for _, s in states], self.query_columns, self.artifact.queries.schema
-        )
-        converted = [i for i in range(len(states)) if i not in errors]  # the table's rows
-        table = table.filter(pa.array([i not in failed for i in converted], pa.bool_()))
-        errors.update(failed)
-        for index, error in errors.items():
+        inputs = state_inputs([s for _, s in states], self.artifact, self.query_columns)
+        for index, error in inputs.errors.items():
             batch.out[states[index][0]] = error
-        keep = np.array([i not in errors for i in range(len(states))], dtype=bool)
-        if not keep.any():
+        if not len(inputs.kept):
             return
-        recent = Recent.ragged(
-            np.asarray(lengths)[keep],
-            np.concatenate([r for r, k in zip(row_parts, keep, strict=True) if k]),
-            np.concatenate([t for t, k in zip(time_parts, keep, strict=True) if k]),
-            max(self.width, 1),
+        artifact = self.artifact
+        chunks = artifact.pipeline.transform_chunks(
+            "query", inputs.table, CHUNK_ROWS, inputs.recent, artifact.history_codes
         )
-        codes = self.artifact.history_codes
-        chunks = self.artifact.pipeline.transform_chunks("query", table, CHUNK_ROWS, recent, codes)
-        places = [p for (p, _), k in zip(states, keep, strict=True) if k]
+        places = [states[i][0] for i in inputs.kept.tolist()]
         batch.vectors[places] = self.runtime.vectors(chunks)
-        for index in np.flatnonzero(keep).tolist():
-            position, state = states[index]
+        for index, position in zip(inputs.kept.tolist(), places, strict=True):
+            state = states[index][1]
             batch.labels[position] = state.label
             batch.states[position] = state.used
             if batch.queries[position].exclude_seen:
-                batch.seen_items[position] = seen_parts[index]
+                batch.seen_items[position] = inputs.seen[index]
 
     def _embed_known(self, rows: np.ndarray) -> np.ndarray:
         """(U, D) vectors of known query rows in their exported state: their kept inputs
@@ -329,87 +298,14 @@ class QuerySources:
         return self.runtime.vectors(chunks)
 
 
-@dataclasses.dataclass(frozen=True)
-class _State:
-    """What the tower reads for one query: raw feature values, recent (item id,
-    timestamp) entries most recent first, seen item ids; its label and provenance."""
-
-    features: dict[str, Any]
-    recent: list[tuple[Any, float]]
-    seen: list[Any]
-    label: Any
-    used: dict[str, str]
-    from_request: bool  # the recent items are the request's: unknown ones are errors
-
-
-def _requested_state(
-    query: Query,
-    stored: UserStates | None,
-    index: int,
-    text_columns: list[str],
-    timed: bool,
-) -> _State | DataError:
-    """One query's state: the stored one (``stored``'s ``index``-th, if any) with what
-    the request gives on top (the module doc of ``serving.query`` says how)."""
-    known = stored is not None and bool(stored.known[index])
-    features = dict(stored.features[index]) if known else {}
-    recent = list(stored.recent[index]) if known else []
-    seen = list(stored.seen[index]) if known else []
-    given = dict(query.features or {})
-    if query.text is not None:
-        given.update({column: query.text for column in text_columns})
-    features.update(given)
-    used_features = ("stored+request" if given else "stored") if features and known else "none"
-    if given and not known:
-        used_features = "request"
-    history = "stored" if known and recent else "none"
-    if query.history is not None:
-        entries = _request_history(query, timed)
-        if isinstance(entries, DataError):
-            return entries
-        recent, history = entries, "request"
-        seen.extend(item for item, _ in entries)
-    label = query.user if query.user is not None else query.text
-    return _State(
-        features,
-        recent,
-        seen,
-        label,
-        {"features": used_features, "history": history},
-        query.history is not None,
-    )
-
-
-def _request_history(query: Query, timed: bool) -> list[tuple[Any, float]] | DataError:
-    """A request's history as (item, timestamp) entries, most recent first."""
-    items = list(query.history or ())
-    times = query.history_times
-    if times is None:
-        if timed and items:
-            return DataError(
-                "this artifact's history features read timestamps (time_buckets): give "
-                "history_times beside the history"
-            )
-        return [(item, float("nan")) for item in reversed(items)]
-    if len(times) != len(items):
-        return DataError(
-            f"history_times has {len(times)} timestamps for {len(items)} history items"
-        )
-    try:
-        stamps = np.asarray(times, dtype=np.float64)
-    except (TypeError, ValueError):
-        return DataError(f"history_times must be numbers, got {list(times)[:5]!r}")
-    if not np.isfinite(stamps).all():
-        return DataError("history_times must be finite numbers")
-    order = np.argsort(stamps, kind="stable")[::-1]  # latest first; of equal, last given
-    return [(items[i], float(stamps[i])) for i in order.tolist()]
-
-
 def _known_inputs(artifact: Artifact, budget: int, chunk: int = CHUNK_ROWS) -> dict | None:
     """Every known query row's model inputs, transformed once (each tensor padded to
     its widest chunk), or None when they would take more than ``budget`` bytes."""
     queries = artifact.queries
-    chunks = artifact.pipeline.transform_chunks("query", queries, chunk)
+    chunks = (
+        artifact.known_inputs(np.arange(start, min(start + chunk, queries.num_rows)))
+        for start in range(0, queries.num_rows, chunk)
+    )
     first = next(chunks, None)
     if first is None:
         return None

@@ -50,7 +50,7 @@ from twotower.serving.query_sources import INPUT_BUDGET, QueryBatch, QuerySource
 from twotower.serving.query_vectors import QueryVectors, read_query_vectors
 from twotower.serving.runtime import tower_runtime
 from twotower.serving.settings import Runtime
-from twotower.serving.stores.base import StateStore
+from twotower.serving.stores.base import Event, StateStore
 
 
 class Retriever:
@@ -112,8 +112,9 @@ class Retriever:
 
     @property
     def query_columns(self) -> list[str]:
-        """The raw columns the query features read (``FeaturePipeline.input_columns``)."""
-        return self.sources.query_columns
+        """The raw columns the query features read besides the history (which a query
+        gives as its ``history``): ``FeaturePipeline.state_columns``."""
+        return self.artifact.pipeline.state_columns("query")
 
     @property
     def store(self) -> StateStore:
@@ -152,6 +153,29 @@ class Retriever:
         if len(live):
             self._answer(batch, live)
         return batch.out  # type: ignore[return-value]
+
+    def ingest(self, events: Sequence[Event]) -> list[tuple[int, str]]:
+        """Appends ``events`` to their users' states in the store (``stores.base``:
+        each user's at once, by the merge rule): every event whose item this artifact
+        holds, each other one refused.
+
+        Returns:
+            (position, reason) of each refused event; the others are stored.
+
+        Raises:
+            StoreUnavailableError: the store cannot be reached; no event of the batch
+                may be taken as stored.
+        """
+        rows = self.artifact.item_rows([event.item for event in events])
+        ids = self.item_id_values[np.maximum(rows, 0)].tolist() if len(rows) else []
+        refused = [(i, f"unknown item id {e.item!r}") for i, e in enumerate(events) if rows[i] < 0]
+        taken = [
+            dataclasses.replace(event, item=ids[i])  # the artifact's own id
+            for i, event in enumerate(events)
+            if rows[i] >= 0
+        ]
+        self.store.append(taken, self.artifact.pipeline.recent_length)
+        return refused
 
     def recall_users(
         self,

@@ -7,6 +7,7 @@ JSON types strictly: ``"k": "10"`` or ``"exclude_seen": 1`` is a 422, not a gues
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import (
@@ -144,6 +145,58 @@ class RecallRequest(BaseModel):
         )
 
 
+class EventIn(BaseModel):
+    """One interaction to append to a user's state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: Id = Field(description="The user's id; a user the store does not know starts here.")
+    item: Id = Field(description="The item's id, matched by value; an unknown one is refused.")
+    timestamp: StrictInt | StrictFloat | None = Field(
+        None,
+        description="When it happened, in the interaction log's units; default: the "
+        "service's clock in Unix seconds.",
+    )
+
+    @model_validator(mode="after")
+    def _finite(self) -> EventIn:
+        if self.timestamp is not None and not math.isfinite(self.timestamp):
+            raise ValueError("timestamp must be a finite number")
+        return self
+
+
+class EventsRequest(BaseModel):
+    """Interactions to append to their users' states, in the order they happened."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"events": [{"user": 17, "item": 50, "timestamp": 893286638}]}]
+        },
+    )
+
+    events: list[EventIn] = Field(
+        min_length=1,
+        max_length=MAX_EVENTS,
+        description=f"1 to {MAX_EVENTS} events; each user's in the order they happened.",
+    )
+
+
+class RefusedEvent(BaseModel):
+    """An event that was not stored, and why."""
+
+    index: int = Field(description="Its position in the request's events.")
+    error: str = Field(description="Why, naming the value at fault.")
+
+
+class EventsResponse(BaseModel):
+    """What a batch of events did: the others were stored, each user's atomically."""
+
+    artifact: str = Field(description="The fingerprint of the artifact that checked them.")
+    stored: int = Field(description="How many events were stored.")
+    refused: list[RefusedEvent] = Field(description="Each event refused, and why.")
+
+
 class BatchRequest(BaseModel):
     """Many queries in one request, answered together."""
 
@@ -220,9 +273,11 @@ class HealthResponse(BaseModel):
 
 
 class ReadyResponse(BaseModel):
-    """Readiness: an artifact is loaded and the batch worker is running."""
+    """Readiness: an artifact is loaded, the batch worker runs, the state store answers."""
 
     status: str = Field(description='"ready", or "unavailable" with status 503.')
+    store: str = Field(description='Where users\' states live: "memory" or the Redis URL.')
+    problem: str | None = Field(None, description="Why the service is not ready, if it is not.")
     artifact: str = Field(description="The fingerprint of the artifact being served.")
     items: int = Field(description="Items in its corpus.")
     index: str = Field(description="Its index kind.")

@@ -19,23 +19,27 @@ from twotower.serving.workers import Supervisor
 
 log = logging.getLogger(__name__)
 
-TOKEN_VARIABLE = "TWOTOWER_ADMIN_TOKEN"
+ADMIN_TOKEN_VARIABLE = "TWOTOWER_ADMIN_TOKEN"
+INGEST_TOKEN_VARIABLE = "TWOTOWER_INGEST_TOKEN"
 
 
-def read_admin_token(path: Path | None) -> str | None:
-    """The admin token from ``path`` (its first line) or ``$TWOTOWER_ADMIN_TOKEN``.
+def read_token(path: Path | None, variable: str, what: str = "token") -> str | None:
+    """A token from ``path`` (its first line) or the environment ``variable``.
 
     Never from the command line itself, where other users of the machine could read
     it in the process list.
+
+    Raises:
+        DataError: the file cannot be read, or holds fewer than 16 characters.
     """
     if path is None:
-        return os.environ.get(TOKEN_VARIABLE) or None
+        return os.environ.get(variable) or None
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read the admin token ({err})") from None
+        raise DataError(f"{path}: cannot read the {what} ({err})") from None
     if len(token) < 16:
-        raise DataError(f"{path}: the admin token must be at least 16 characters")
+        raise DataError(f"{path}: the {what} must be at least 16 characters")
     return token
 
 

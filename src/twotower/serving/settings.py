@@ -36,9 +36,16 @@ class ServiceConfig:
             ``onnx`` (the artifact's ONNX graph on ONNX Runtime, ``twotower export
             --onnx``), with which a reload whose artifact lacks the graph fails and the
             old artifact keeps serving.
+        state: where users' states live: None, in the service's memory, starting from
+            the artifact's (``MemoryStore``); or a Redis URL (``redis://HOST:PORT/DB``,
+            ``rediss://`` or ``unix://``), which every replica may share and which
+            ``twotower state load`` fills from an artifact (``RedisStore``).
+        ingest_token: when set, ``POST /events`` takes it (or the admin token) as
+            ``Authorization: Bearer <token>``; with neither set, loopback clients only.
 
     Raises:
-        ConfigError: a value out of its range, or an unknown runtime.
+        ConfigError: a value out of its range, an unknown runtime, a state URL of
+            another scheme, or precomputed query vectors with a Redis state.
     """
 
     max_body_bytes: int = 1 << 20
@@ -49,6 +56,8 @@ class ServiceConfig:
     threads: int | None = None
     query_vectors: Path | None = None
     runtime: Runtime = "torch"
+    state: str | None = None
+    ingest_token: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_queries < 1 or self.batch_wait_ms < 0 or self.max_body_bytes < 1:
@@ -56,6 +65,30 @@ class ServiceConfig:
                 "--batch-queries and --max-body-bytes must be >= 1, --batch-wait-ms >= 0"
             )
         check_runtime(self.runtime)
+        if self.state is not None:
+            check_state_url(self.state)
+            if self.query_vectors is not None:
+                raise ConfigError(
+                    "--query-vectors hold users' exported vectors, but with --state their "
+                    "states live in Redis and change with events: give one of the two"
+                )
+
+
+STATE_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_state_url(url: str) -> None:
+    """Refuses a user-state store URL that is not a Redis one.
+
+    Raises:
+        ConfigError: naming the URL (without a password) and the schemes taken.
+    """
+    if not url.startswith(STATE_SCHEMES):
+        shown = url.split("@")[-1]
+        raise ConfigError(
+            f"--state {shown!r}: not a Redis URL; give redis://HOST:PORT/DB (or rediss://, "
+            "unix://), or leave it out to keep users' states in memory"
+        )
 
 
 def check_runtime(name: str) -> None:

@@ -6,6 +6,10 @@ when enabled) loads and verifies the new artifact beside the old one and swaps t
 single ``retriever`` reference: batches in flight finish on the old artifact, the next
 ones use the new one, and no request is dropped. A reload that fails leaves the old
 artifact serving.
+
+Users' states live in the retriever's ``MemoryStore`` (the artifact's, changed by
+events, handed on to the next artifact at a reload) or, with ``config.state``, in one
+Redis store that outlives reloads, and the artifact's own users are then not loaded.
 """
 
 from __future__ import annotations
@@ -23,11 +27,20 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 
 from twotower.errors import DataError
 from twotower.serving import schemas
+from twotower.serving.artifact import Artifact
 from twotower.serving.batching import MicroBatcher
 from twotower.serving.middleware import ServiceMetrics
 from twotower.serving.query import Query, Result
+from twotower.serving.query_vectors import read_query_vectors
 from twotower.serving.retriever import Retriever
 from twotower.serving.settings import ServiceConfig
+from twotower.serving.stores import (
+    Event,
+    MemoryStore,
+    StateStore,
+    StoreUnavailableError,
+    open_store,
+)
 from twotower.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -48,6 +61,9 @@ class ServiceState:
         self.folder = Path(folder)
         self.config = config
         set_threads(config.threads)
+        # a shared store outlives reloads; None: each retriever's MemoryStore
+        self.store: StateStore | None = open_store(config.state) if config.state else None
+        self.retriever: Retriever | None = None
         self.retriever = self.load()
         self.metrics = ServiceMetrics()
         self.metrics.serving(*_labels(self.retriever))
@@ -120,13 +136,63 @@ class ServiceState:
             )
 
     def load(self) -> Retriever:
-        """The artifact folder's retriever as configured, warmed (not yet served).
+        """The artifact folder's retriever as configured, warmed (not yet served): over
+        the shared store, or over the memory store of the retriever served now handed
+        on to the new artifact.
 
         Raises:
             DataError: the folder holds no valid artifact for this configuration.
         """
         config = self.config
-        return _warmed(Retriever.load(self.folder, config.query_vectors, config.runtime))
+        artifact = Artifact.load(self.folder, users=self.store is None)
+        vectors = None
+        if config.query_vectors is not None:
+            vectors = read_query_vectors(config.query_vectors, artifact)
+        store = self.store
+        if store is None and self.retriever is not None:
+            assert isinstance(self.retriever.store, MemoryStore)
+            store = self.retriever.store.carried(artifact)
+        return _warmed(Retriever(artifact, vectors, runtime=config.runtime, store=store))
+
+    async def ingest(self, events: list[Event]) -> tuple[int, list[tuple[int, str]]]:
+        """Appends ``events`` to their users' states: every event whose item the served
+        artifact holds, each other one refused by name.
+
+        Returns:
+            How many were stored, and (position, reason) of each refused one.
+
+        Raises:
+            HTTPException: 409 with users' states in the memory of one worker of
+                several (each would hold its own); 503 when the store is unreachable
+                (no event of the batch may be taken as stored) or shutting down.
+        """
+        if not self.ready:
+            raise HTTPException(503, "the service is shutting down")
+        if self.store is None and self.reload_hook is not None:
+            raise HTTPException(
+                409,
+                "events need one store for every worker: serve with --state "
+                "redis://HOST:PORT/DB, or with one worker",
+            )
+        async with self.reload_lock:  # a memory store changes hands at a reload
+            try:
+                refused = await asyncio.to_thread(self.retriever.ingest, events)
+            except StoreUnavailableError as err:
+                raise HTTPException(503, str(err)) from None
+        stored = len(events) - len(refused)
+        self.metrics.events.labels("stored").inc(stored)
+        self.metrics.events.labels("refused").inc(len(refused))
+        return stored, refused
+
+    async def store_problem(self) -> str | None:
+        """Why the users' state store does not answer now; None when it does."""
+        if self.store is None:
+            return None
+        try:
+            await asyncio.to_thread(self.store.ping)
+        except StoreUnavailableError as err:
+            return str(err)
+        return None
 
     def swap(self, retriever: Retriever) -> None:
         """Serves ``retriever`` from the next batch on; batches in flight finish on the
@@ -154,6 +220,8 @@ class ServiceState:
         if self.config.reload_on_sighup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await asyncio.to_thread(self.batcher.stop)
+        if self.store is not None:
+            self.store.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from twotower.serving import schemas
+from twotower.serving.auth import authorize
 from twotower.serving.state import Service
 
 router = APIRouter()
@@ -24,12 +23,16 @@ async def health() -> schemas.HealthResponse:
 
 @router.get("/ready", response_model=schemas.ReadyResponse, responses={503: {}})
 async def ready(state: Service, response: Response) -> schemas.ReadyResponse:
-    """Readiness: 200 with the artifact served, 503 while shutting down."""
+    """Readiness: 200 with the artifact served; 503 while shutting down or while the
+    users' state store does not answer (the service recovers when it does again)."""
     artifact = state.retriever.artifact
-    up = state.ready
-    response.status_code = 200 if up else 503
+    problem = None if state.ready else "the service is shutting down"
+    problem = problem or await state.store_problem()
+    response.status_code = 200 if problem is None else 503
     return schemas.ReadyResponse(
-        status="ready" if up else "unavailable",
+        status="ready" if problem is None else "unavailable",
+        store=state.retriever.store.name,
+        problem=problem,
         artifact=artifact.fingerprint,
         items=artifact.index.num_items,
         index=artifact.index.kind,
@@ -55,24 +58,5 @@ async def admin_reload(
     authorization: Annotated[str | None, Header(description="Bearer <token>")] = None,
 ) -> schemas.ReloadResponse:
     """Load the artifact folder again (e.g. after a new export) and serve it."""
-    _authorize(state.config.admin_token, authorization, request.client)
+    authorize([state.config.admin_token], authorization, request.client)
     return await state.reload()
-
-
-def _authorize(token: str | None, authorization: str | None, client: Any) -> None:
-    """A configured token must be presented; without one, only loopback clients pass."""
-    if token is None:
-        host = getattr(client, "host", None)
-        try:
-            local = host is not None and ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            local = False
-        if not local:
-            raise HTTPException(
-                403, "admin endpoints answer only loopback clients unless an admin token is set"
-            )
-        return
-    if authorization is None or not authorization.startswith("Bearer "):
-        raise HTTPException(401, "admin endpoints need 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(authorization[len("Bearer ") :].encode(), token.encode()):
-        raise HTTPException(403, "wrong admin token")

@@ -128,7 +128,12 @@ def artifact_states(artifact: Artifact, rows: np.ndarray) -> UserStates:
     columns a request may give), recent entries and seen items, by item id."""
     names = artifact.queries.schema.names
     columns = [c for c in artifact.pipeline.state_columns("query") if c in names]
-    features = artifact.queries.select(columns).take(rows).to_pylist()
+    # (a table of no column has no row to list: then every state's values are none)
+    features = (
+        artifact.queries.select(columns).take(rows).to_pylist()
+        if columns
+        else [{} for _ in range(len(rows))]
+    )
     ids, recent, seen = artifact.item_id_values, artifact.recent, artifact.seen
     recent_ids = _rows_of(ids, recent.rows, recent.indptr, rows)
     times = _rows_of(None, recent.times, recent.indptr, rows)
