@@ -44,3 +44,10 @@ def test_integer_lookup_equals_a_dict(keys, probes):
     wanted = probes + keys[:5]
     found = KeyIndex(pa.array(keys, pa.int64())).rows(wanted)
     assert found.tolist() == [rows.get(p, -1) for p in wanted]
+
+
+def test_canonical_spells_ids_as_the_key_column_does_known_or_not():
+    integer = KeyIndex(pa.array([5, 17], pa.int64()))
+    assert integer.canonical([17, "17", " 017", "ghost", 2.5, 99]) == [17, 17, 17, "ghost", 2.5, 99]
+    text = KeyIndex(pa.array(["a", "17"]))
+    assert text.canonical([17, "17", "b", None]) == ["17", "17", "b", None]

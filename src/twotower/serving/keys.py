@@ -53,6 +53,15 @@ class KeyIndex:
         out[valid] = self._sorted.find(values[valid].astype(np.int64))
         return out
 
+    def canonical(self, ids: Sequence[Any]) -> list[Any]:
+        """Each id as this key column spells it, known or not: an int for integer keys
+        (``"017"`` is 17), text for text keys; an id that is neither stays as given. A
+        store that names users by text (the Redis one) then finds one user however a
+        request typed its id."""
+        if self.integer:
+            return [i if (n := _as_int(i)) is None else n for i in ids]
+        return [i if _not_an_id(i) else str(i) for i in ids]
+
 
 def _not_an_id(value: Any) -> bool:
     return value is None or isinstance(value, (bool, list, dict, tuple, float))

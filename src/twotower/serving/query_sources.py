@@ -152,7 +152,7 @@ class QuerySources:
         if not positions:
             return
         queries = [batch.queries[i] for i in positions]
-        users = [q.user for q in queries]
+        users = self.artifact.query_keys.canonical([q.user for q in queries])
         rows = self.artifact.query_rows(users)  # (U,)
         plain = np.array([q.features is None and q.history is None for q in queries], bool)
         fast = (rows >= 0) & plain
@@ -165,7 +165,9 @@ class QuerySources:
         if not rest:
             return
         try:
-            stored = self.store.read([batch.queries[i].user for i in rest])
+            stored = self.store.read(
+                [u for u, f in zip(users, fast.tolist(), strict=True) if not f]
+            )
         except StoreUnavailableError as err:
             for position in rest:
                 batch.out[position] = err

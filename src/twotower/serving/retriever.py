@@ -169,8 +169,9 @@ class Retriever:
         rows = self.artifact.item_rows([event.item for event in events])
         ids = self.item_id_values[np.maximum(rows, 0)].tolist() if len(rows) else []
         refused = [(i, f"unknown item id {e.item!r}") for i, e in enumerate(events) if rows[i] < 0]
-        taken = [
-            dataclasses.replace(event, item=ids[i])  # the artifact's own id
+        users = self.artifact.query_keys.canonical([event.user for event in events])
+        taken = [  # as the artifact spells its ids
+            dataclasses.replace(event, user=users[i], item=ids[i])
             for i, event in enumerate(events)
             if rows[i] >= 0
         ]
