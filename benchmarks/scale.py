@@ -192,51 +192,12 @@ def twotower(*args: str) -> list[str]:
 
 def one_size(args, rows: int) -> dict:
     """Every stage on ``rows`` interactions (see the module doc)."""
-    folder = args.out / f"rows-{rows}"
-    folder.mkdir(parents=True, exist_ok=True)
-    ledger = folder / "stages.json"  # finished stages, kept across restarts
-    results: dict = json.loads(ledger.read_text()) if ledger.is_file() else {"rows": rows}
-    raw = folder / "raw"
-    if not (raw / "users.parquet").is_file():
-        results.pop("synth", None)
-        synth = twotower("data", "synth", "--raw", "--out", str(raw), "--per-query", "20")
-        synth += ["--interactions", str(rows), "--items", str(args.items)]
-        stage(results, "synth", synth, folder / "synth.log")
-        _save(results, folder)
-    built = folder / "built-duckdb"
-    raw_config = folder / "raw.yaml"
-    raw_config.write_text(CONFIG.format(data=RAW.format(raw=raw.resolve()), steps=args.steps))
+    folder, results = size_folder(args.out, rows)
+    synth_raw(args, folder, results)
     for engine in args.engines:
-        out = folder / f"built-{engine}"
-        command = twotower("data", "build", str(raw_config), "--out", str(out))
-        command += ["--engine", engine, "--threads", "2"]
-        if engine == "duckdb":
-            command += ["--memory-limit", args.memory_limit]
-        if stage(results, f"build-{engine}", command, folder / f"build-{engine}.log"):
-            results[f"build-{engine}"]["rows"] = _manifest_rows(out)
-            _save(results, folder)
-    config = folder / "built.yaml"
-    config.write_text(CONFIG.format(data=BUILT.format(built=built.resolve()), steps=args.steps))
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+        build_raw(args, folder, results, engine)
     for processes in (1, 2):
-        run = folder / f"run-{processes}"
-        if processes == 1:
-            command = twotower("train", str(config), "--out", str(run))
-        else:
-            command = [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m"]
-            command += ["twotower", "train", str(config), "--out", str(run)]
-        name = f"train-{processes}"
-        if name in results:
-            continue
-        shutil.rmtree(run, ignore_errors=True)
-        stage(results, name, command, folder / f"{name}.log")
-        record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-        results[name].update(
-            examples_per_s=round(record["examples_per_s"]),
-            steps_seconds=round(record["train_seconds"], 1),
-            valid_recall_at_10=record["valid/recall@10"],
-        )
-        _save(results, folder)
+        train_built(args, folder, results, processes)
     run = folder / "run-1"
     command = twotower("evaluate", str(run), "--split", "test", "--sample", str(args.sample))
     if stage(results, "evaluate", command, folder / "evaluate.log"):
@@ -245,19 +206,87 @@ def one_size(args, rows: int) -> dict:
             queries=metrics["test/queries"], test_recall_at_10=metrics["test/recall@10"]
         )
         _save(results, folder)
+    artifact = export_artifact(folder, results)
+    if "serve" not in results:
+        results["serve"] = serve(artifact)
+        _save(results, folder)
+    print(f"  serve: {results['serve']}", flush=True)
+    return results
+
+
+def size_folder(out: Path, rows: int) -> tuple[Path, dict]:
+    """``OUT/rows-N`` and its ledger of finished stages (``stages.json``, kept across
+    restarts)."""
+    folder = out / f"rows-{rows}"
+    folder.mkdir(parents=True, exist_ok=True)
+    ledger = folder / "stages.json"
+    results: dict = json.loads(ledger.read_text()) if ledger.is_file() else {"rows": rows}
+    return folder, results
+
+
+def synth_raw(args, folder: Path, results: dict) -> None:
+    """``data synth --raw``: ``results["rows"]`` interactions over ``args.items`` items."""
+    raw = folder / "raw"
+    if not (raw / "users.parquet").is_file():
+        results.pop("synth", None)
+        synth = twotower("data", "synth", "--raw", "--out", str(raw), "--per-query", "20")
+        synth += ["--interactions", str(results["rows"]), "--items", str(args.items)]
+        stage(results, "synth", synth, folder / "synth.log")
+        _save(results, folder)
+
+
+def build_raw(args, folder: Path, results: dict, engine: str) -> None:
+    """``data build`` of the raw logs on ``engine`` (DuckDB: under ``args.memory_limit``)."""
+    raw_config = folder / "raw.yaml"
+    raw = (folder / "raw").resolve()
+    raw_config.write_text(CONFIG.format(data=RAW.format(raw=raw), steps=args.steps))
+    out = folder / f"built-{engine}"
+    command = twotower("data", "build", str(raw_config), "--out", str(out))
+    command += ["--engine", engine, "--threads", "2"]
+    if engine == "duckdb":
+        command += ["--memory-limit", args.memory_limit]
+    if stage(results, f"build-{engine}", command, folder / f"build-{engine}.log"):
+        results[f"build-{engine}"]["rows"] = _manifest_rows(out)
+        _save(results, folder)
+
+
+def train_built(args, folder: Path, results: dict, processes: int) -> None:
+    """``train`` from the DuckDB build, in one process or under torchrun."""
+    name = f"train-{processes}"
+    if name in results:
+        return
+    config = folder / "built.yaml"
+    built = (folder / "built-duckdb").resolve()
+    config.write_text(CONFIG.format(data=BUILT.format(built=built), steps=args.steps))
+    run = folder / f"run-{processes}"
+    if processes == 1:
+        command = twotower("train", str(config), "--out", str(run))
+    else:
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+        command = [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m"]
+        command += ["twotower", "train", str(config), "--out", str(run)]
+    shutil.rmtree(run, ignore_errors=True)
+    stage(results, name, command, folder / f"{name}.log")
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    results[name].update(
+        examples_per_s=round(record["examples_per_s"]),
+        steps_seconds=round(record["train_seconds"], 1),
+        valid_recall_at_10=record["valid/recall@10"],
+    )
+    _save(results, folder)
+
+
+def export_artifact(folder: Path, results: dict) -> Path:
+    """``export --index auto`` of the one-process run; returns the artifact folder."""
     artifact = folder / "artifact"
-    command = twotower("export", str(run), "--out", str(artifact), "--index", "auto")
+    command = twotower("export", str(folder / "run-1"), "--out", str(artifact), "--index", "auto")
     if stage(results, "export", command, folder / "export.log"):
         manifest = json.loads((artifact / "manifest.json").read_text())
         results["export"].update(
             index=manifest["index"], index_recall_at_10=manifest["index_recall"]["recall"]
         )
         _save(results, folder)
-    if "serve" not in results:
-        results["serve"] = serve(artifact)
-        _save(results, folder)
-    print(f"  serve: {results['serve']}", flush=True)
-    return results
+    return artifact
 
 
 def _manifest_rows(folder: Path) -> dict:
