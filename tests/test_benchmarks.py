@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,36 @@ def test_load_quick_serves_every_request_through_reloads(tmp_path):
     assert summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
     assert "| requests | errors |" in (tmp_path / "load.md").read_text()
     assert (tmp_path / "load.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="redis-server is not installed (Debian: apt-get install redis-server)",
+)
+def test_state_scale_quick_serves_the_same_users_from_redis_and_from_memory(tmp_path):
+    # without wrk (the open-loop client) the requests at fixed rates are left out
+    wrk = shutil.which("wrk") is not None
+    run_quick("state_scale.py", tmp_path, "--sizes=20000", *([] if wrk else ["--rates="]))
+    result = json.loads((tmp_path / "state-scale.json").read_text())
+    (size,) = result["sizes"]
+    users = size["users"]
+    assert users == 1000 and size["redis_load"]["users"] == users
+    assert size["redis_load"]["keys"] >= 2 * users  # each user's features and tag, at least
+    assert size["redis_load"]["used_memory_mib"] >= 1
+    assert size["answers_agree"]
+    for store in ("memory", "redis"):
+        (start,) = size[store]["starts"]
+        assert start["seconds"] > 0 and start["rss_mib"] >= start["anon_mib"] > 50
+        assert size[store]["after_requests"]["rss_mib"] > 50
+    assert all(size["store_reads"][f"read_{n}_ms"] > 0 for n in (1, 16, 64))
+    runs = size.get("open_loop", [])
+    assert sorted(r["store"] for r in runs) == (["memory", "redis"] if wrk else [])
+    for run in runs:
+        assert run["offered_per_s"] == 50 and run["non_2xx"] + run["socket_errors"] == 0
+        assert run["p50_ms"] <= run["p90_ms"] <= run["p99_ms"] and run["batch_ms"] > 0
+    assert len(size["medians"]["latency"]) == (1 if wrk else 0)
+    assert "| 1,000 |" in (tmp_path / "state-scale.md").read_text()
+    assert (tmp_path / "state-scale.png").stat().st_size > 1000
 
 
 def test_build_quick_measures_time_and_memory_per_engine(tmp_path):
