@@ -16,8 +16,8 @@ logs, the DuckDB build, one training process, ``export --index auto``. Then:
 2. ``twotower serve ARTIFACT`` (users in the service's memory) and ``twotower serve
    ARTIFACT --state redis://...`` are each started ``--starts`` times: the seconds from
    the command to ``GET /ready`` answering 200, and the service's resident memory then
-   (RSS, its anonymous part, PSS). Both last services stay up; 50 known users' answers
-   are compared (same items, scores within 1e-4).
+   (RSS, and its anonymous part: what is not mapped from files). The last service of
+   each stays up; 50 known users' answers are compared (same items, scores within 1e-4).
 3. Open loop, as ``benchmarks/openloop.py`` measures it (``wrk``, 32 connections, each
    request's latency counted from when it was due): random known users (k = 10) at
    each ``--rates`` rate for ``--duration`` s, the two services taken in turn,
@@ -26,7 +26,8 @@ logs, the DuckDB build, one training process, ``export --index auto``. Then:
    computed from the state read for that batch; the memory store keeps the artifact's
    users' model inputs from load. So the difference is the round trip plus that state
    path.
-4. The store's read alone: ``RedisStore.read`` of 1, 16 and 64 random users (median).
+4. The store's read alone: ``RedisStore.read`` of 1, 16, 64 and 256 random users
+   (median of 50).
 
 Writes ``state-scale.json``, ``state-scale.md`` and ``state-scale.png`` in --out.
 ``--quick``: 20,000 and 60,000 interactions over 5,000 items, 20 training steps, one
@@ -58,7 +59,8 @@ import scale  # noqa: E402
 from openloop import bodies, offer  # noqa: E402
 
 STORES = ("memory", "redis")
-MEMORY_KEYS = ("seconds", "rss_mib", "anon_mib", "pss_mib")
+MEMORY_KEYS = ("seconds", "rss_mib", "anon_mib")
+READS = (1, 16, 64, 256)  # users per RedisStore.read (a micro-batch holds up to 256)
 LATENCY_KEYS = ("p50_ms", "p90_ms", "p99_ms", "batch_ms", "mean_batch", "achieved_per_s")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,18 +152,13 @@ def _ready(url: str) -> bool:
 
 
 def memory_of(pid: int) -> dict:
-    """The process's resident memory, its anonymous part, and its PSS, in MiB."""
+    """The process's resident memory and its anonymous part (not file-backed), in MiB."""
     status = Path(f"/proc/{pid}/status").read_text()
-    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
 
-    def kib(text: str, field: str) -> float:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) / 1024
+    def mib(field: str) -> int:
+        return round(int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1)) / 1024)
 
-    return {
-        "rss_mib": round(kib(status, "VmRSS")),
-        "anon_mib": round(kib(status, "RssAnon")),
-        "pss_mib": round(kib(rollup, "Pss")),
-    }
+    return {"rss_mib": mib("VmRSS"), "anon_mib": mib("RssAnon")}
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -245,7 +242,7 @@ def open_loop(args, urls: dict[str, str], lines: Path) -> list[dict]:
     return runs
 
 
-def store_reads(url: str, artifact: Path, sizes=(1, 16, 64), repeats: int = 50) -> dict:
+def store_reads(url: str, artifact: Path, sizes=READS, repeats: int = 50) -> dict:
     """Median milliseconds of one ``RedisStore.read`` of ``size`` random known users."""
     import numpy as np
 
@@ -323,7 +320,9 @@ def medians(result: dict) -> dict:
         for store in STORES:
             mine = [run for run in runs if run["store"] == store]
             row[store] = {key: statistics.median(r[key] for r in mine) for key in LATENCY_KEYS}
-        row["difference"] = {key: row["redis"][key] - row["memory"][key] for key in LATENCY_KEYS}
+        row["difference"] = {
+            key: round(row["redis"][key] - row["memory"][key], 3) for key in LATENCY_KEYS
+        }
         latency.append(row)
     return {"start": start, "latency": latency}
 
@@ -360,10 +359,10 @@ def markdown(results: dict) -> str:
                 f"| {r['users']:,} | {row['rate']:,} | {' ms | '.join(cells)} ms | {batch} ms "
                 f"({row['redis']['mean_batch']:.1f}) |"
             )
-    lines += ["", "| users | `RedisStore.read`: 1 user | 16 users | 64 users |"]
-    lines.append("|---:|---:|---:|---:|")
+    lines += ["", "| users | `RedisStore.read`: 1 user | 16 users | 64 users | 256 users |"]
+    lines.append("|---:|---:|---:|---:|---:|")
     for r in results["sizes"]:
-        reads = [f"{r['store_reads'][f'read_{n}_ms']:.2f} ms" for n in (1, 16, 64)]
+        reads = [f"{r['store_reads'][f'read_{n}_ms']:.2f} ms" for n in READS]
         lines.append(f"| {r['users']:,} | {' | '.join(reads)} |")
     return "\n".join(lines) + "\n"
 
