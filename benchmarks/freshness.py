@@ -240,9 +240,8 @@ class Replayer:
         """Appends the events to the live store (the frozen store never takes any)."""
         users, items = events.users.tolist(), events.items.tolist()
         triples = zip(users, items, events.timestamps.tolist(), strict=True)
-        self.live.store.append(
-            [Event(*t) for t in triples], self.live.artifact.pipeline.recent_length
-        )
+        refused = self.live.ingest([Event(*t) for t in triples])
+        assert not refused, refused  # every replayed item is in the corpus
         for user, item in zip(users, items, strict=True):
             self.since.setdefault(user, []).append(item)
 
