@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -53,8 +54,13 @@ def client(folder: Path, state: str | None = None) -> Iterator[TestClient]:
         yield http
 
 
+def post(http: TestClient, path: str, body: dict):
+    """POSTs ``body`` as ASCII JSON (any text, even what UTF-8 cannot carry, escaped)."""
+    return http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
 def recall(http: TestClient, user, k: int = K) -> dict:
-    answer = http.post("/recall", json={"user_id": user, "k": k})
+    answer = post(http, "/recall", {"user_id": user, "k": k})
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -118,6 +124,19 @@ def test_an_event_sent_to_one_service_changes_the_others_next_answer(database, d
     assert answers[0]["items"] != before["items"]
     (both,) = after_ingest(folder, [*events, Event(user, unseen_item(oracle, 5, 1), 5.0)], [user])
     same_answer(again, both)
+
+
+def test_any_text_is_a_user_id_as_in_memory(database, demo_artifact):
+    """JSON may carry text that UTF-8 cannot (a lone surrogate): a user id still."""
+    folder, oracle = demo_artifact
+    events = [Event(user, oracle.item_ids[n], 1.0) for n, user in enumerate(["\ud800", "{a}"])]
+    with client(folder) as memory, client(folder, database) as redis_backed:
+        for http in (memory, redis_backed):
+            stored = post(http, "/events", event_body(*events))
+            assert stored.status_code == 200 and stored.json()["stored"] == 2, stored.text
+        for event in events:
+            body, expected = recall(redis_backed, event.user), recall(memory, event.user)
+            assert body["query"] == event.user and body["items"] == expected["items"]
 
 
 @contextlib.contextmanager
