@@ -66,10 +66,15 @@ def recall(http: TestClient, user, k: int = K) -> dict:
 
 
 def after_ingest(folder: Path, events: list[Event], users: list) -> list:
-    """The oracle: the answers of a memory-backed retriever after ``ingest(events)``."""
+    """The oracle: the answers of a memory-backed retriever after ``ingest(events)``;
+    each known user's differs from its answer without them (so a lost event shows)."""
     retriever = Retriever.load(folder)
+    known = [user for user in users if retriever.artifact.query_rows([user])[0] >= 0]
+    before = {r.query: r.items for r in retriever.recall_users(known, K)}
     assert retriever.ingest(events) == []
-    return retriever.recall_users(users, K)
+    answers = retriever.recall_users(users, K)
+    assert all(a.items != before[a.query] for a in answers if a.query in before)
+    return answers
 
 
 def same_answer(body: dict, expected) -> None:
