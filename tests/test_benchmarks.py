@@ -64,18 +64,34 @@ def test_training_quick_measures_speed_memory_and_the_reference_ratio(tmp_path):
     assert "plain reference loop" in (tmp_path / "training.md").read_text()
 
 
-def test_load_quick_serves_every_request_through_reloads(tmp_path):
-    run_quick("load.py", tmp_path)
-    result = json.loads((tmp_path / "load.json").read_text())
+@pytest.fixture(scope="module")
+def load_out(tmp_path_factory) -> Path:
+    """One --out for the load runs: the artifact is built once and reused."""
+    return tmp_path_factory.mktemp("load")
+
+
+@pytest.mark.parametrize("state", ["memory", "redis"])
+def test_load_quick_serves_every_request_and_event_through_reloads(load_out, state, request):
+    options = ["--events-per-second=20"]
+    if state == "redis":
+        options.append(f"--state={request.getfixturevalue('redis_server').url}")
+    run_quick("load.py", load_out, *options)
+    result = json.loads((load_out / "load.json").read_text())
     summary = result["summary"]
-    assert result["service_alive_at_end"]
+    assert result["service_alive_at_end"] and result["events_per_second"] == 20
     assert summary["requests"] > 100 and summary["errors"] == 0
     assert summary["reloads"] >= 3 and summary["reload_results"] == [200] * summary["reloads"]
     assert len(summary["series"]) == 6  # one window per second of --quick's 6 s
     assert sum(w["requests"] for w in summary["series"]) == summary["requests"]
     assert summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
-    assert "| requests | errors |" in (tmp_path / "load.md").read_text()
-    assert (tmp_path / "load.png").stat().st_size > 1000
+    # 20 a second on a schedule over 6 s: every one acknowledged, through the reloads
+    assert 100 <= summary["events"] == summary["events_acknowledged"]
+    assert summary["events_failed"] == 0
+    assert sum(w["events"] for w in summary["series"]) == summary["events"]
+    table = (load_out / "load.md").read_text()
+    assert "| requests | errors |" in table and "events: acknowledged / failed" in table
+    assert f"users' states in {'memory' if state == 'memory' else 'redis://'}" in table
+    assert (load_out / "load.png").stat().st_size > 1000
 
 
 def test_build_quick_measures_time_and_memory_per_engine(tmp_path):

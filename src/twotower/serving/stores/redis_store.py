@@ -101,6 +101,9 @@ class RedisStore:
         self._client = redis.Redis.from_url(
             url,
             decode_responses=True,
+            # JSON may carry text UTF-8 cannot (a lone surrogate); as a user id it is
+            # still one, kept in Redis as the bytes Python's surrogatepass gives it
+            encoding_errors="surrogatepass",
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
