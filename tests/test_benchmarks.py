@@ -1,13 +1,17 @@
-"""The benchmark suites run end to end in their quick modes (on the real MovieLens data)."""
+"""The benchmark suites run end to end in their quick modes (on the real MovieLens data);
+the freshness replay's steps on a tiny synthetic log, against oracles."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,18 +65,34 @@ def test_training_quick_measures_speed_memory_and_the_reference_ratio(tmp_path):
     assert "plain reference loop" in (tmp_path / "training.md").read_text()
 
 
-def test_load_quick_serves_every_request_through_reloads(tmp_path):
-    run_quick("load.py", tmp_path)
-    result = json.loads((tmp_path / "load.json").read_text())
+@pytest.fixture(scope="module")
+def load_out(tmp_path_factory) -> Path:
+    """One --out for the load runs: the artifact is built once and reused."""
+    return tmp_path_factory.mktemp("load")
+
+
+@pytest.mark.parametrize("state", ["memory", "redis"])
+def test_load_quick_serves_every_request_and_event_through_reloads(load_out, state, request):
+    options = ["--events-per-second=20"]
+    if state == "redis":
+        options.append(f"--state={request.getfixturevalue('redis_server').url}")
+    run_quick("load.py", load_out, *options)
+    result = json.loads((load_out / "load.json").read_text())
     summary = result["summary"]
-    assert result["service_alive_at_end"]
+    assert result["service_alive_at_end"] and result["events_per_second"] == 20
     assert summary["requests"] > 100 and summary["errors"] == 0
     assert summary["reloads"] >= 3 and summary["reload_results"] == [200] * summary["reloads"]
     assert len(summary["series"]) == 6  # one window per second of --quick's 6 s
     assert sum(w["requests"] for w in summary["series"]) == summary["requests"]
     assert summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
-    assert "| requests | errors |" in (tmp_path / "load.md").read_text()
-    assert (tmp_path / "load.png").stat().st_size > 1000
+    # 20 a second on a schedule over 6 s: every one acknowledged, through the reloads
+    assert 100 <= summary["events"] == summary["events_acknowledged"]
+    assert summary["events_failed"] == 0
+    assert sum(w["events"] for w in summary["series"]) == summary["events"]
+    table = (load_out / "load.md").read_text()
+    assert "| requests | errors |" in table and "events: acknowledged / failed" in table
+    assert f"users' states in {'memory' if state == 'memory' else 'redis://'}" in table
+    assert (load_out / "load.png").stat().st_size > 1000
 
 
 @pytest.mark.skipif(
@@ -198,3 +218,149 @@ def test_search_levers_keep_validation_only_and_never_train_a_recorded_run_again
     assert again.returncode == 0, again.stderr[-3000:]
     assert ledger.read_text().splitlines() == [json.dumps(e) for e in entries]
     assert "valid recall@10" not in again.stdout
+
+
+def _freshness():
+    """The replay benchmark's module (``benchmarks/freshness.py``)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import freshness
+
+    return freshness
+
+
+@pytest.fixture(scope="module")
+def freshness_cut(tiny_demo, tmp_path_factory):
+    """(cut, artifact folder): the tiny demo's log, its first ten users' events moved
+    into its last eighth of time (new at export), cut at its 80% time; the part before
+    trained (with time-gap buckets) and exported by the benchmark's own steps."""
+    from twotower.data.synthetic import generate
+
+    freshness = _freshness()
+    folder = tmp_path_factory.mktemp("freshness")
+    history = "features.query.history"
+    config = tiny_demo(
+        folder / "demo",
+        f"{history}.encoder=attention",
+        f"{history}.time_buckets=8",
+        f"{history}.time_unit=3600",
+    )
+    dataset = generate(config.data.synthetic).dataset
+    stamps = dataset.column("timestamp")
+    late = dataset.column("query_idx") < 10
+    moved = np.where(late, stamps.max() - (stamps.max() - stamps) // 8, stamps)  # last 1/8
+    log = dataset.interactions.set_column(
+        dataset.interactions.column_names.index("timestamp"), "timestamp", pa.array(moved)
+    )
+    cut = freshness.cut_log(dataclasses.replace(dataset, interactions=log), 0.8)
+    config = dataclasses.replace(config, data=freshness.export_data(cut, folder / "data"))
+    chosen = freshness.export_chosen(config, {"base": []}, folder)
+    assert chosen["chosen"] == "base" and "valid/ndcg@10" in chosen["candidates"]["base"]
+    return cut, folder / "artifact"
+
+
+@pytest.fixture(scope="module")
+def freshness_replayed(freshness_cut):
+    """The first two thirds of the tiny cut's events replayed: a namespace of the cut,
+    the artifact, the new users' rows, the events, the replayer and what it replayed."""
+    from types import SimpleNamespace
+
+    from twotower.serving import Retriever
+    from twotower.serving.artifact import Artifact
+
+    freshness = _freshness()
+    cut, folder = freshness_cut
+    artifact = Artifact.load(folder)
+    live, frozen = Retriever(artifact), Retriever(artifact)
+    rows = freshness.new_user_rows(cut, live.query_columns)
+    part = cut.replay.slice(0, 2 * len(cut.replay) // 3)
+    replayer = freshness.Replayer(live, frozen, rows)
+    replayed = freshness.replay(replayer, part)
+    return SimpleNamespace(
+        cut=cut, artifact=artifact, rows=rows, part=part, replayer=replayer, replayed=replayed
+    )
+
+
+def test_freshness_live_store_holds_each_users_latest_events_of_the_log_so_far(
+    freshness_replayed,
+):
+    from twotower.features.history import RecentLists
+
+    run = freshness_replayed
+    cut, part, live = run.cut, run.part, run.replayer.live
+    users = np.concatenate([cut.before.column("query_id").to_numpy(), part.users])
+    items = np.concatenate([cut.before.column("item_id").to_numpy(), part.items])
+    stamps = np.concatenate([cut.before.column("timestamp").to_numpy(), part.timestamps])
+    keys, owner = np.unique(users, return_inverse=True)
+    width = run.artifact.pipeline.recent_length
+    expected = RecentLists.from_log(owner, items, stamps.astype(float), len(keys), width)
+    states = live.store.read(keys.tolist())
+    for q in range(len(keys)):
+        span = slice(expected.indptr[q], expected.indptr[q + 1])
+        pairs = zip(expected.rows[span].tolist(), expected.times[span].tolist(), strict=True)
+        assert states.recent[q] == list(pairs), keys[q]
+    assert live.store.changed(part.users.tolist()).all()
+
+
+def test_freshness_frozen_arm_answers_as_exported(freshness_replayed):
+    from twotower.serving import Retriever
+    from twotower.serving.query import Query
+
+    frozen = freshness_replayed.replayer.frozen
+    known = sorted(set(freshness_replayed.cut.before.column("query_id").to_pylist()))
+    rows = freshness_replayed.rows
+    assert len(rows) == 10 and not set(rows) & set(known)
+    assert not frozen.store.changed(known).any()
+    queries = [Query(user=u) for u in known] + [Query(features=row) for row in rows.values()]
+    exported = Retriever(freshness_replayed.artifact).retrieve(queries)
+    assert [r.items for r in frozen.retrieve(queries)] == [r.items for r in exported]
+
+
+def test_freshness_runs_of_distinct_users_answer_as_one_event_at_a_time(
+    freshness_replayed, tmp_path
+):
+    from twotower.serving import Retriever
+
+    freshness, run = _freshness(), freshness_replayed
+    part, replayed = run.part, run.replayed
+    one_by_one = freshness.Replayer(Retriever(run.artifact), Retriever(run.artifact), run.rows)
+    for position in range(len(part)):
+        event = part.slice(position, position + 1)
+        for arm, (rank,) in one_by_one.recall(event).items():
+            assert rank == replayed.ranks[arm][position], (arm, position)
+        one_by_one.ingest(event)
+    assert replayed.known.any() and (~replayed.known).any()
+    first = replayed.earlier == 0  # no replayed event yet: every arm reads one state
+    for arm in freshness.ARMS:
+        assert (replayed.ranks[arm][first] == replayed.ranks["live"][first]).all()
+
+    result = freshness.summary(replayed, draws=200)
+    assert result["overall"]["all"]["events"] == len(part)
+    assert "| new since export |" in freshness.markdown(result)
+    freshness.plot(result, tmp_path / "freshness.png")
+    assert (tmp_path / "freshness.png").stat().st_size > 1000
+
+
+def test_freshness_hit_rate_and_ndcg_by_hand(freshness_cut):
+    """Three events of three known users, their items placed by hand: first, third and
+    outside the top 10: HR@10 = 2/3, NDCG@10 = (1 + 1/log2(4) + 0) / 3 = 0.5."""
+    from twotower.serving import Retriever
+    from twotower.serving.artifact import Artifact
+    from twotower.serving.query import Query
+
+    freshness = _freshness()
+    cut, folder = freshness_cut
+    artifact = Artifact.load(folder)
+    live, frozen = Retriever(artifact), Retriever(artifact)
+    users = sorted(set(cut.before.column("query_id").to_pylist()))[:3]
+    everything = live.retrieve([Query(user=u, k=artifact.index.num_items) for u in users])
+    items = [everything[0].items[0], everything[1].items[2], everything[2].items[10]]
+    events = freshness.Events(np.array(users), np.array(items), np.array([1e10] * 3))
+    replayed = freshness.replay(freshness.Replayer(live, frozen, {}), events)
+    for arm in freshness.ARMS:
+        assert replayed.ranks[arm].tolist() == [0, 2, -1]
+    scores = freshness.summary(replayed, draws=10)["overall"]["all"]
+    assert scores["events"] == 3 and scores["users"] == 3
+    for arm in freshness.ARMS:
+        assert scores[arm] == {"hr@10": pytest.approx(2 / 3), "ndcg@10": pytest.approx(0.5)}
+    assert freshness.distinct_runs(np.array([5, 6, 5, 7, 7])) == [(0, 2), (2, 4), (4, 5)]
+    assert freshness.earlier_events(np.array([5, 6, 5, 5, 6])).tolist() == [0, 0, 1, 2, 1]

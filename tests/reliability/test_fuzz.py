@@ -1,7 +1,9 @@
 """The running service, fuzzed from its own OpenAPI schema (schemathesis): no request
 gets a 5xx, every answer matches the schema's documented responses, and the service
 is still up and answering correctly afterwards. Requests carry the admin token, so
-the events and reloads they make are taken, not only refused.
+the events and reloads they make are taken, not only refused. The service runs twice:
+its users' states in its memory, then in Redis (a real server, loaded from the
+artifact).
 
 Bounded for CI: a fixed number of generated requests, no deadline.
 """
@@ -18,10 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from twotower.serving.artifact import Artifact
 from twotower.serving.http import ServiceConfig, create_app
 from twotower.serving.query import Query
+from twotower.serving.stores.redis_store import RedisStore
 
-EXAMPLES = 300  # per mode, over all operations
+EXAMPLES = {"memory": 300, "redis": 150}  # per mode, over all operations
 QUERYING = {
     "POST /recall",
     "POST /recall/batch",
@@ -32,26 +36,34 @@ TOKEN = "fuzzing-admin-token-0123456789"
 AUTHORIZED = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def service(demo_artifact, live_service, tmp_path_factory):
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def service(request, demo_artifact, live_service, tmp_path_factory):
+    """The service's URL, its users' states in its memory or in Redis."""
     folder = tmp_path_factory.mktemp("fuzz") / "artifact"
     shutil.copytree(demo_artifact[0], folder)
-    app = create_app(folder, ServiceConfig(admin_token=TOKEN, max_body_bytes=64 * 1024))
-    with live_service(app) as url:
-        yield url
+    state = None
+    if request.param == "redis":
+        state = request.getfixturevalue("shared_redis").url
+        store = RedisStore(state)
+        store.load_artifact(Artifact.load(folder))
+        store.close()
+    config = ServiceConfig(admin_token=TOKEN, max_body_bytes=64 * 1024, state=state)
+    with live_service(create_app(folder, config)) as url:
+        yield url, request.param
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_generated_request_gets_a_server_error(service, mode):
     """Valid requests (positive) and requests that break the schema (negative), spread
     over every operation the schema lists, admin ones included."""
+    service, store = service
     schema = schemathesis.openapi.from_url(f"{service}/openapi.json")
     operations = {f"{op.ok().method.upper()} {op.ok().path}" for op in schema.get_all_operations()}
     answered: collections.Counter = collections.Counter()
 
     @given(case=schema.as_strategy(generation_mode=mode))
     @settings(
-        max_examples=EXAMPLES,
+        max_examples=EXAMPLES[store],
         deadline=None,
         database=None,
         suppress_health_check=list(HealthCheck),
@@ -68,6 +80,7 @@ def test_no_generated_request_gets_a_server_error(service, mode):
     if mode == GenerationMode.POSITIVE:  # every operation, answered as well as refused
         assert reached == operations, answered
         assert {2, 4} <= {status for _, _, status in answered}, answered
+        assert answered["POST", "/events", 2], answered  # taken, by either store
     else:  # every operation that takes a body or a bounded value, refused with a 4xx
         refused = {f"{method} {path}" for method, path, status in answered if status == 4}
         assert refused >= QUERYING, answered
@@ -77,6 +90,7 @@ def test_the_service_answers_correctly_after_the_fuzzing(service, retriever, dem
     """Runs after the fuzz test (file order): the service is up and still right. The
     fuzzed events may have changed any user's stored state, so the query carries the
     whole state itself (which wins over the stored one) and keeps seen items."""
+    service, _ = service
     user = demo_artifact[1].query_ids[3]
     (stored,) = retriever.store.read([user]).recent
     state = {

@@ -17,7 +17,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from twotower.data.dataset import ITEM_ID, QUERY_ID
+from twotower.serving import Artifact, Retriever, UnknownQueryError, explorer
 from twotower.serving.http import create_app
+from twotower.serving.query import Query
+from twotower.serving.stores import MemoryStore
 from twotower.sources import load_data
 from twotower.training.run import load_model
 
@@ -50,6 +53,99 @@ def test_query_record_holds_the_row_the_history_and_the_held_out_items(
     heldout = _test_items(demo_artifact[1].run_dir, user)
     assert sorted(record["heldout"]) == sorted(set(heldout)) and heldout
     assert sorted(record["before_heldout"]) == sorted(seen - set(heldout))
+
+
+def _record_of_state(retriever, user) -> dict:
+    """The oracle for a record: the user's state as the store reads it, item ids only."""
+    state = retriever.store.read([user])
+    assert state.known[0]
+    return {
+        "features": state.features[0],
+        "history": [item for item, _ in state.recent[0]],
+        "history_total": len(state.recent[0]),
+    }
+
+
+def _record_ids(record: dict) -> dict:
+    history = [item["item_id"] for item in record["history"]]
+    return {"features": record["features"], "history": history, "history_total": len(history)}
+
+
+def test_the_record_is_the_users_state_in_the_store(client, retriever):
+    artifact = retriever.artifact
+    users = artifact.queries.column(artifact.query_key).to_pylist()[:20]
+    width = artifact.pipeline.recent_length
+    for user in users:
+        record = client.get(f"/explorer/queries/{user}").json()
+        assert record["id"] == user
+        assert _record_ids(record) == _record_of_state(retriever, user)
+        assert f"the latest {width}" in record["history_kind"]
+
+
+def test_the_record_after_an_event_shows_its_item_first(demo_artifact):
+    folder, oracle = demo_artifact
+    user_row = 9
+    user = oracle.query_ids[user_row]
+    item = oracle.item_ids[int(np.flatnonzero(~oracle.seen[user_row])[0])]  # never had it
+    event = {"user": user, "item": item, "timestamp": 4e9}  # later than every logged one
+    with TestClient(create_app(folder), client=LOOPBACK) as client:
+        before = client.get(f"/explorer/queries/{user}").json()
+        assert client.post("/events", json={"events": [event]}).json()["stored"] == 1
+        after = client.get(f"/explorer/queries/{user}").json()
+        served = client.app.state.service.retriever
+        assert _record_ids(after) == _record_of_state(served, user)
+        # a user the artifact does not know, started by events: its state, no split
+        other = oracle.item_ids[3]
+        events = [{"user": "newcomer", "item": item, "timestamp": 1.0}]
+        events.append({"user": "newcomer", "item": other, "timestamp": 2.0})
+        client.post("/events", json={"events": events})
+        newcomer = client.get("/explorer/queries/newcomer").json()
+    history = [entry["item_id"] for entry in after["history"]]
+    width = served.artifact.pipeline.recent_length
+    assert item not in [entry["item_id"] for entry in before["history"]]
+    assert history[0] == item
+    assert history[1:] == [entry["item_id"] for entry in before["history"]][: width - 1]
+    assert item in after["before_heldout"] and item not in before["before_heldout"]
+    assert after["heldout"] == before["heldout"] and after["features"] == before["features"]
+    assert newcomer["id"] == "newcomer" and newcomer["features"] == {}
+    assert [entry["item_id"] for entry in newcomer["history"]] == [other, item]
+    assert newcomer["heldout"] == []
+
+
+def test_a_typed_history_is_the_request_state(client, retriever):
+    """The page's request shape: item ids as typed (text), oldest first, with or
+    without the user id."""
+    artifact = retriever.artifact
+    user = artifact.queries.column(artifact.query_key)[3].as_py()
+    typed = [str(i) for i in artifact.item_ids.to_pylist()[10:13]]
+    alone = client.post("/recall", json={"k": K, "exclude_seen": True, "history": typed})
+    assert alone.status_code == 200, alone.text
+    assert alone.json()["state"] == {"features": "none", "history": "request"}
+    (expected,) = retriever.retrieve([Query(history=[int(i) for i in typed], k=K)])
+    assert alone.json()["items"] == expected.items
+    body = {"user_id": user, "k": K, "exclude_seen": True, "history": typed}
+    mine = client.post("/recall", json=body).json()
+    assert mine["state"] == {"features": "stored", "history": "request"}
+    (expected,) = retriever.retrieve([Query(user=user, history=[int(i) for i in typed], k=K)])
+    assert mine["items"] == expected.items
+    unknown = client.post("/recall", json={**body, "history": [typed[0], "nope"]})
+    assert unknown.status_code == 404
+    assert "unknown item id(s): 'nope'" in unknown.json()["detail"]
+
+
+def test_the_record_needs_no_users_in_the_artifact(demo_artifact):
+    """A service whose users live in an online store loads the artifact without them:
+    the record comes from the store alone, with no held-out items; no suggestions."""
+    folder, oracle = demo_artifact
+    bare = Artifact.load(folder, users=False)
+    store = MemoryStore(Artifact.load(folder))  # stands in for an online store
+    user = oracle.query_ids[5]
+    record = explorer.query_record(bare, store, str(user))
+    assert _record_ids(record) == _record_of_state(Retriever(Artifact.load(folder)), user)
+    assert record["id"] == str(user) and record["heldout"] == record["before_heldout"] == []
+    with pytest.raises(UnknownQueryError):
+        explorer.query_record(bare, store, "nobody")
+    assert explorer.suggest(bare, "", 10) == [] and not explorer.info(bare)["users"]
 
 
 def test_items_come_back_in_the_order_asked_and_unknown_ids_are_named(client, retriever):
@@ -217,6 +313,52 @@ def test_the_page_in_a_browser(browser, demo_artifact, retriever, live_service):
         page.click("#tab-search")
         assert "no text feature" in page.inner_text("#search-note")
         assert page.is_disabled("#search-text")
+
+
+def _answered(page, read: str) -> list[str]:
+    """Retrieves, waits for an answer that says it read ``read``; the items shown."""
+    page.click("#user-go")
+    page.wait_for_function(
+        f"document.querySelector('#user-results-title').textContent.includes('{read}')"
+    )
+    return _shown_ids(page, "#user-results")
+
+
+def test_recent_items_typed_in_the_page_are_the_query(
+    browser, demo_artifact, retriever, live_service
+):
+    artifact = retriever.artifact
+    user = artifact.queries.column(artifact.query_key)[3].as_py()
+    typed = artifact.item_ids.to_pylist()[10:13]
+    with live_service(create_app(demo_artifact[0])) as url:
+        page = _open(browser, url)
+        # A user id alone: its stored state.
+        page.fill("#user-id", str(user))
+        shown = _answered(page, "features: stored, history: stored")
+        assert shown == [str(i) for i in retriever.recall_users([user], K)[0].items]
+        # Recent items alone: a new visitor, served from them.
+        page.fill("#user-id", "")
+        page.fill("#user-recent", ", ".join(str(i) for i in typed))
+        shown = _answered(page, "features: none, history: request")
+        (expected,) = retriever.retrieve([Query(history=typed, k=K)])
+        assert shown == [str(i) for i in expected.items]
+        assert _shown_ids(page, "#user-history") == [str(i) for i in typed[::-1]]
+        assert "from the request" in page.inner_text("#user-history-title")
+        assert page.inner_text("#user-features") == "none stored"
+        # Both: the typed items replace the user's stored ones.
+        page.fill("#user-id", str(user))
+        shown = _answered(page, "features: stored, history: request")
+        (expected,) = retriever.retrieve([Query(user=user, history=typed, k=K)])
+        assert shown == [str(i) for i in expected.items]
+        assert "replacing the stored ones" in page.inner_text("#user-history-title")
+        assert page.locator("#user-features").inner_text().startswith("user_id")
+        _shot(page, "recent")
+        # An unknown item typed: the service's message, no stale answer beside it.
+        page.fill("#user-recent", f"{typed[0]}, nope")
+        page.click("#user-go")
+        page.wait_for_selector("#error.shown")
+        assert "unknown item id(s): 'nope'" in page.inner_text("#error")
+        assert page.locator("#user-results li").count() == 0
 
 
 def test_search_updates_as_one_types(browser, text_artifact, live_service):

@@ -51,3 +51,15 @@ def test_canonical_spells_ids_as_the_key_column_does_known_or_not():
     assert integer.canonical([17, "17", " 017", "ghost", 2.5, 99]) == [17, 17, 17, "ghost", 2.5, 99]
     text = KeyIndex(pa.array(["a", "17"]))
     assert text.canonical([17, "17", "b", None]) == ["17", "17", "b", None]
+
+
+def test_texts_of_integers_find_integer_keys_as_ints_do_in_bulk():
+    """A store's replies (every id the text of an int) take the parsed path; any id
+    that is not one sends the batch one id at a time, with the same answers."""
+    keys = KeyIndex(pa.array([5, 17, -3], pa.int64()))
+    texts = ["17", " 17", "+017", "-3", "4"]
+    assert keys.rows(texts).tolist() == [1, 1, 1, 2, -1]
+    assert keys.rows([*texts, "x"]).tolist() == [1, 1, 1, 2, -1, -1]
+    assert keys.rows(["\u0661\u0667", "17"]).tolist() == [-1, 1]  # other scripts' digits
+    assert keys.rows(["99999999999999999999", "5"]).tolist() == [-1, 0]
+    assert keys.rows([17, 5]).tolist() == [1, 0] and keys.rows([]).tolist() == []

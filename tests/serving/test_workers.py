@@ -1,6 +1,7 @@
 """Several worker processes: they answer as one process does, a reload switches every
 worker or none (through a real service, and the parent's two phases on a planted
-failure), a killed worker is started again, and the large files are mapped, not read."""
+failure), a killed worker is started again, events need a shared (Redis) store and
+through it reach every worker, and the large files are mapped, not read."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from multiprocessing import Pipe
@@ -22,27 +22,9 @@ from twotower.export import export_run
 from twotower.serving import Artifact, Retriever
 from twotower.serving.server import bind
 from twotower.serving.settings import ServiceConfig
+from twotower.serving.stores import Event
+from twotower.serving.stores.redis_store import RedisStore
 from twotower.serving.workers import Supervisor, _Worker
-
-
-def _start(folder: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "twotower", "serve", str(folder), "--port", "0", *options]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    line = process.stdout.readline().decode()
-    assert "Serving" in line and "http://127.0.0.1:" in line, line + process.stdout.read().decode()
-    return process, line.split(" on ")[1].split(" ")[0]
-
-
-def _stop(process: subprocess.Popen) -> bytes:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return process.stdout.read()
 
 
 def _fingerprints(url: str, user, count: int = 40) -> set[str]:
@@ -70,13 +52,13 @@ def _worker_pids(parent: int) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def two_workers(demo_artifact, tmp_path_factory):
+def two_workers(demo_artifact, tmp_path_factory, serve_process):
     """(process, URL, artifact folder, run folder) of ``twotower serve --workers 2``."""
     folder = Path(tmp_path_factory.mktemp("workers")) / "artifact"
     shutil.copytree(demo_artifact[0], folder)
-    process, url = _start(folder, "--workers", "2")
-    yield process, url, folder, demo_artifact[1].run_dir
-    output = _stop(process)
+    with serve_process(folder, "--workers", "2") as (process, url):
+        yield process, url, folder, demo_artifact[1].run_dir
+    output = process.stdout.read()
     assert process.returncode in (0, -signal.SIGTERM), output.decode()
     assert b"Traceback" not in output, output.decode()
 
@@ -136,6 +118,58 @@ def test_a_killed_worker_is_started_again(two_workers, demo_artifact):
         assert time.monotonic() < deadline, "the killed worker was not started again"
         time.sleep(0.1)
     assert len(_fingerprints(url, demo_artifact[1].query_ids[1])) == 1
+
+
+def test_events_with_states_in_each_workers_memory_are_refused_naming_state(two_workers):
+    _, url, _, _ = two_workers
+    with httpx.Client(base_url=url, timeout=30) as http:
+        answer = http.post("/events", json={"events": [{"user": 1, "item": 1}]})
+    assert answer.status_code == 409
+    assert "--state redis://HOST:PORT/DB" in answer.json()["detail"]
+
+
+def _posted(url: str, path: str, body: dict) -> dict:
+    with httpx.Client(base_url=url, timeout=30) as http:  # a new connection
+        answer = http.post(path, json=body)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_with_redis_an_event_through_one_worker_changes_the_others_answer(
+    redis_server, demo_artifact, serve_process
+):
+    """Each worker in turn is frozen (SIGSTOP), so the other one takes the connection."""
+    folder, oracle = demo_artifact
+    store = RedisStore(redis_server.url)
+    store.load_artifact(Artifact.load(folder))
+    store.close()
+    user = oracle.query_ids[6]
+    unseen = [oracle.item_ids[i] for i in np.flatnonzero(~oracle.seen[6])[:2]]
+    events = [Event(user, unseen[0], 1e12), Event(user, unseen[1], 1e12 + 1)]
+    with serve_process(folder, "--workers", "2", "--state", redis_server.url) as (process, url):
+        workers = sorted(_worker_pids(process.pid))
+        assert len(workers) == 2
+        answers = []
+        for sender, reader, event in zip(workers, workers[::-1], events, strict=True):
+            os.kill(reader, signal.SIGSTOP)
+            try:
+                body = {
+                    "events": [{"user": user, "item": event.item, "timestamp": event.timestamp}]
+                }
+                assert _posted(url, "/events", body)["stored"] == 1
+            finally:
+                os.kill(reader, signal.SIGCONT)
+            os.kill(sender, signal.SIGSTOP)
+            try:
+                answers.append(_posted(url, "/recall", {"user_id": user, "k": 10}))
+            finally:
+                os.kill(sender, signal.SIGCONT)
+    for sent, answer in enumerate(answers, start=1):
+        retriever = Retriever.load(folder)  # the oracle: memory state, the same events
+        assert retriever.ingest(events[:sent]) == []
+        (expected,) = retriever.recall_users([user], 10)
+        assert answer["items"] == expected.items
+        np.testing.assert_allclose(answer["scores"], expected.scores, rtol=1e-5, atol=1e-6)
 
 
 class _FakeProcess:

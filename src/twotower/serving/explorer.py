@@ -1,20 +1,25 @@
-"""What the retrieval explorer page shows, read from the artifact being served.
+"""What the retrieval explorer page shows, read from the artifact being served and
+its users' state store.
 
 The page itself (``explorer.html``, plain HTML and JavaScript, no build step) is served
 at ``GET /``; it retrieves through the service's own ``/recall`` and
 ``/items/{id}/similar`` and reads rows through these lookups:
 
-- ``suggest``: known query ids that start with what was typed;
-- ``query_record``: a query's raw feature values and its history: the items its
-  history feature holds (most recent first) where it has one, else every item it
-  interacted with; and, for artifacts that carry the run's split, its held-out test
-  items and the items it saw before them (to rank as the evaluation does);
+- ``suggest``: the artifact's known query ids that start with what was typed (none
+  where the artifact's users are not loaded, their state being in an online store:
+  the list is then empty and any user id may still be typed);
+- ``query_record``: a user's state as the store holds it now, events included: its
+  raw feature values and its recent items, most recent first (where no history
+  feature reads them, every item it interacted with); and, for artifacts that carry
+  the run's split and hold the user, its held-out test items and the items it saw
+  besides them (to rank as the evaluation does);
 - ``item_records``: items' raw fields (title, genres, ...) by id;
 - ``projection``: every item vector's coordinates on the first two principal
   components (computed once per artifact from the item vectors: a D x D covariance
   and its eigenvectors), for a map of the corpus with the items on screen marked.
 
-Each is a handful of vectorized Arrow operations on the artifact's tables.
+Each is one read of the store and a handful of vectorized Arrow operations on the
+artifact's tables.
 """
 
 from __future__ import annotations
@@ -29,11 +34,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from twotower.features.categorical import IdTransform
-from twotower.features.history import HistoryTransform
 from twotower.serving.artifact import Artifact
 from twotower.serving.query import UnknownItemError, UnknownQueryError
 from twotower.serving.schemas import MAX_EXCLUDE
+from twotower.serving.stores.base import StateStore
 
 MAX_SUGGESTIONS = 50
 MAX_HISTORY = 50
@@ -54,6 +58,7 @@ def info(artifact: Artifact) -> dict[str, Any]:
         "item_key": artifact.item_key,
         "items": artifact.items.num_rows,
         "queries": artifact.queries.num_rows,
+        "users": artifact.users,
         "text_search": bool(_text_columns(artifact)),
         "heldout": artifact.heldout is not None,
         "item_fields": [c for c in artifact.items.column_names if c != artifact.item_key],
@@ -68,36 +73,54 @@ def suggest(artifact: Artifact, prefix: str, limit: int) -> list[Any]:
     return keys.take(pa.array(rows, pa.int64())).to_pylist()
 
 
-def query_record(artifact: Artifact, query_id: Any) -> dict[str, Any]:
-    """A known query's features and history.
+def query_record(artifact: Artifact, store: StateStore, query_id: Any) -> dict[str, Any]:
+    """A user's state as the store holds it now (events included): its stored feature
+    values and recent items (where no history feature reads recent items, every item it
+    interacted with); and where the artifact carries the run's split and holds the user,
+    its held-out items and the other items it interacted with.
+
+    Items the artifact does not hold (a store written for another artifact) are left out.
 
     Raises:
-        UnknownQueryError: the artifact has no such query.
+        UnknownQueryError: the store does not know the user.
+        StoreUnavailableError: the store cannot be reached.
     """
-    (row,) = artifact.query_rows([query_id])
-    if row < 0:
+    states = store.read([query_id])
+    if not states.known[0]:
         raise UnknownQueryError([query_id])
-    features = _plain_row(artifact.queries.slice(int(row), 1))
-    items, kind = _history(artifact, artifact.queries.column(artifact.query_key)[int(row)])
-    if items is None:
-        seen = artifact.seen[int(row)].indices
+    (row,) = artifact.query_rows([query_id])
+    seen = _known_item_rows(artifact, states.seen[0])
+    width = artifact.pipeline.recent_length
+    if width:
+        items = _known_item_rows(artifact, [item for item, _ in states.recent[0]])
+        kind = (
+            "the user's recent items in the state store, most recent first "
+            f"(the history features read the latest {width})"
+        )
+    else:
         items, kind = np.sort(seen), "every item it interacted with"
     ids = artifact.item_ids.take(pa.array(items[:MAX_HISTORY], pa.int64())).to_pylist()
-    record = {
-        "id": features[artifact.query_key],
-        "features": features,
+    heldout, before = _split_items(artifact, row, seen)
+    return {
+        "id": artifact.queries.column(artifact.query_key)[row].as_py() if row >= 0 else query_id,
+        "features": _plain(states.features[0]),
         "history": item_records(artifact, ids),
         "history_kind": kind,
         "history_total": int(len(items)),
-        "heldout": [],
-        "before_heldout": [],
+        "heldout": artifact.item_ids.take(pa.array(heldout, pa.int64())).to_pylist(),
+        "before_heldout": artifact.item_ids.take(pa.array(before, pa.int64())).to_pylist(),
     }
-    if artifact.heldout is not None:  # the split's test items, and what came before them
-        heldout = artifact.heldout[int(row)].indices
-        before = np.setdiff1d(artifact.seen[int(row)].indices, heldout)[:MAX_EXCLUDE]
-        record["heldout"] = artifact.item_ids.take(pa.array(heldout, pa.int64())).to_pylist()
-        record["before_heldout"] = artifact.item_ids.take(pa.array(before, pa.int64())).to_pylist()
-    return record
+
+
+def _split_items(artifact: Artifact, row: int, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out item rows, the other ``seen`` item rows, at most ``MAX_EXCLUDE``) of
+    query ``row`` under the run's split; none where the artifact carries no split, and
+    no held-out ones where it does not hold the user (``row`` -1)."""
+    none = np.zeros(0, np.int64)
+    if artifact.heldout is None:
+        return none, none
+    heldout = artifact.heldout[int(row)].indices if row >= 0 else none
+    return heldout, np.setdiff1d(seen, heldout)[:MAX_EXCLUDE]
 
 
 def item_records(artifact: Artifact, item_ids: list[Any]) -> list[dict[str, Any]]:
@@ -118,6 +141,12 @@ def items_on_map(artifact: Artifact, item_ids: list[Any]) -> dict[str, list]:
         "items": [_plain(record) for record in table.to_pylist()],
         "points": np.round(projection(artifact)[rows], 4).tolist(),
     }
+
+
+def _known_item_rows(artifact: Artifact, item_ids: list[Any]) -> np.ndarray:
+    """(n,) int64 the item rows of those of ``item_ids`` the artifact holds, in order."""
+    rows = artifact.item_rows(item_ids) if item_ids else np.zeros(0, np.int64)
+    return rows[rows >= 0]
 
 
 def _item_rows(artifact: Artifact, item_ids: list[Any]) -> np.ndarray:
@@ -160,33 +189,12 @@ def corpus_map(artifact: Artifact, limit: int) -> dict[str, Any]:
     }
 
 
-def _history(artifact: Artifact, key: pa.Scalar) -> tuple[np.ndarray | None, str]:
-    """(item rows, description) from the query side's history feature, most recent first;
-    (None, "") when there is none or its item feature is hashed (not decodable)."""
-    for name, transform in artifact.pipeline.transforms["query"].items():
-        if not isinstance(transform, HistoryTransform):
-            continue
-        ids = artifact.pipeline.transforms["item"].get(transform.spec.item_feature)
-        if not isinstance(ids, IdTransform) or ids.spec.hash_buckets:
-            continue
-        codes = transform.transform(pa.array([key.as_py()], key.type))[0]
-        codes = codes[codes >= 2]  # 0 padding, 1 an item unknown at fitting
-        item_keys = ids.vocabulary.values.take(pa.array(codes - 2, pa.int64()))
-        rows = artifact.item_rows(item_keys.to_pylist())
-        return rows[rows >= 0], f"the history feature {name!r}, most recent first"
-    return None, ""
-
-
 def _text_columns(artifact: Artifact) -> list[str]:
     return [
         t.spec.column
         for t in artifact.pipeline.transforms["query"].values()
         if t.spec.kind == "text"
     ]
-
-
-def _plain_row(table: pa.Table) -> dict[str, Any]:
-    return _plain(table.to_pylist()[0])
 
 
 def _plain(value: Any) -> Any:

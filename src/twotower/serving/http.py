@@ -9,7 +9,7 @@
     GET  /                       the retrieval explorer page (``serving/explorer.py``)
     GET  /explorer/info          the artifact's keys, sizes and item fields
     GET  /explorer/queries       known query ids by prefix (suggestions)
-    GET  /explorer/queries/{query_id}  a query's features and history
+    GET  /explorer/queries/{query_id}  a user's state in the store: features, recent items
     POST /explorer/items         items' raw fields and their places on the map
     GET  /explorer/map           a sample of items on the corpus map
 

@@ -47,6 +47,9 @@ class KeyIndex:
                 dtype=np.int64,
                 count=len(ids),
             )
+        numbers = _integers(ids)
+        if numbers is not None:  # every id an int or an integer's text: parsed in C
+            return self._sorted.find(numbers)
         values = np.fromiter((_as_int(i) for i in ids), dtype=object, count=len(ids))
         valid = np.not_equal(values, None)
         out = np.full(len(ids), MISSING, dtype=np.int64)
@@ -61,6 +64,27 @@ class KeyIndex:
         if self.integer:
             return [i if (n := _as_int(i)) is None else n for i in ids]
         return [i if _not_an_id(i) else str(i) for i in ids]
+
+
+def _integers(ids: Sequence[Any]) -> np.ndarray | None:
+    """(B,) int64 of ids that are all ints, or all texts of ints in int64's range (as a
+    store's replies are); None when any is not, for ``_as_int`` to judge one by one."""
+    if not len(ids):
+        return np.zeros(0, np.int64)
+    try:
+        array = np.asarray(ids)
+    except ValueError:  # lists among the ids
+        return None
+    if array.ndim != 1:
+        return None
+    if array.dtype.kind == "i":
+        return array.astype(np.int64)
+    if array.dtype.kind != "U":
+        return None
+    try:  # ASCII first: numpy would read other scripts' digits, which _as_int refuses
+        return array.astype("S").astype(np.int64)  # refuses a text not a whole int64
+    except (UnicodeEncodeError, ValueError, OverflowError):
+        return None
 
 
 def _not_an_id(value: Any) -> bool:

@@ -35,7 +35,7 @@ from twotower.serving.query import Query, Result, UnknownItemError, UnknownQuery
 from twotower.serving.query_states import QueryState, query_state, state_inputs
 from twotower.serving.query_vectors import QueryVectors
 from twotower.serving.runtime import TowerRuntime
-from twotower.serving.stores.base import StateStore, StoreUnavailableError, UserStates
+from twotower.serving.stores.base import StateStore, UserStates
 from twotower.serving.stores.memory import MemoryStore
 
 # The most bytes the known users' model inputs may take in memory (Retriever's default).
@@ -168,7 +168,7 @@ class QuerySources:
             stored = self.store.read(
                 [u for u, f in zip(users, fast.tolist(), strict=True) if not f]
             )
-        except StoreUnavailableError as err:
+        except DataError as err:  # unreachable (503), or a state it cannot read
             for position in rest:
                 batch.out[position] = err
             return

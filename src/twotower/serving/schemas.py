@@ -301,7 +301,11 @@ class ExplorerInfo(BaseModel):
     query_key: str = Field(description="The query table's key column.")
     item_key: str = Field(description="The item table's key column.")
     items: int = Field(description="Items in the corpus.")
-    queries: int = Field(description="Known queries (users).")
+    queries: int = Field(description="Known queries (users) the artifact holds, loaded.")
+    users: bool = Field(
+        description="Whether the artifact's users are loaded (suggestions come from them); "
+        "false where users' states live in an online store (any user id may be typed)."
+    )
     text_search: bool = Field(description="Whether the query side reads text.")
     heldout: bool = Field(description="Whether the artifact carries the split's test items.")
     item_fields: list[str] = Field(description="The item table's other columns.")
@@ -328,14 +332,19 @@ class CorpusMap(BaseModel):
 
 
 class QueryRecord(BaseModel):
-    """A known query: its raw features and its history."""
+    """A user's state in the user-state store: its raw features and its recent items."""
 
     id: Any = Field(description="The query id.")
-    features: dict[str, Any] = Field(description="The query table's row.")
-    history: list[dict[str, Any]] = Field(description="Items (their rows), at most 50.")
+    features: dict[str, Any] = Field(description="Its stored raw feature values.")
+    history: list[dict[str, Any]] = Field(
+        description="Its recent items (their rows), most recent first, at most 50."
+    )
     history_kind: str = Field(description="Where the history comes from.")
     history_total: int = Field(description="How many items the whole history holds.")
-    heldout: list[Any] = Field(description="Its test items under the run's split.")
+    heldout: list[Any] = Field(
+        description="Its test items under the run's split (none where the artifact does "
+        "not hold the user)."
+    )
     before_heldout: list[Any] = Field(
         description="The items it interacted with besides those (at most 10,000)."
     )

@@ -174,7 +174,9 @@ class ServiceState:
                 "events need one store for every worker: serve with --state "
                 "redis://HOST:PORT/DB, or with one worker",
             )
-        async with self.reload_lock:  # a memory store changes hands at a reload
+        # a memory store changes hands at a reload: its events wait for one to end
+        lock = self.reload_lock if self.store is None else contextlib.nullcontext()
+        async with lock:
             try:
                 refused = await asyncio.to_thread(self.retriever.ingest, events)
             except StoreUnavailableError as err:

@@ -49,15 +49,22 @@ async def explorer_suggest(
     return schemas.Suggestions(ids=ids)
 
 
-@router.get("/explorer/queries/{query_id}", response_model=schemas.QueryRecord, responses=ERRORS)
+@router.get(
+    "/explorer/queries/{query_id}",
+    response_model=schemas.QueryRecord,
+    responses={**ERRORS, 503: {"model": schemas.ErrorResponse}},
+)
 async def explorer_query(
     query_id: Annotated[str, PathParam(description="A query id, matched by value.")],
     state: Service,
 ) -> schemas.QueryRecord:
-    """A known query's raw features and its history, with the items' fields."""
-    artifact = state.retriever.artifact
+    """A user's state in the store: its raw features and recent items, with the items'
+    fields (404: a user the store does not know; 503: the store does not answer)."""
+    retriever = state.retriever  # one artifact and its store, whatever a reload does meanwhile
     try:
-        record = await asyncio.to_thread(explorer.query_record, artifact, query_id)
+        record = await asyncio.to_thread(
+            explorer.query_record, retriever.artifact, retriever.store, query_id
+        )
     except DataError as err:
         raise refusal(err) from None
     return schemas.QueryRecord(**record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -46,26 +47,11 @@ def _response(answer: Result | DataError, fingerprint: str) -> schemas.RecallRes
     """One query's answer, or the HTTP error its failure calls for."""
     if isinstance(answer, DataError):
         raise refusal(answer)
-    return schemas.RecallResponse(
-        artifact=fingerprint,
-        query=answer.query,
-        items=answer.items,
-        scores=answer.scores,
-        interests=answer.interests,
-        vector=answer.vector,
-        state=answer.state,
-    )
+    return schemas.RecallResponse(artifact=fingerprint, **dataclasses.asdict(answer))
 
 
 def _entry(answer: Result | DataError) -> schemas.BatchResult:
     """One query's answer in a batch: its items, or its error and status."""
     if isinstance(answer, DataError):
         return schemas.BatchResult(error=str(answer), status=status_of(answer))
-    return schemas.BatchResult(
-        query=answer.query,
-        items=answer.items,
-        scores=answer.scores,
-        interests=answer.interests,
-        vector=answer.vector,
-        state=answer.state,
-    )
+    return schemas.BatchResult(**dataclasses.asdict(answer))

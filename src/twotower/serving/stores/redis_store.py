@@ -101,6 +101,9 @@ class RedisStore:
         self._client = redis.Redis.from_url(
             url,
             decode_responses=True,
+            # JSON may carry text UTF-8 cannot (a lone surrogate); as a user id it is
+            # still one, kept in Redis as the bytes Python's surrogatepass gives it
+            encoding_errors="surrogatepass",
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
@@ -136,7 +139,7 @@ class RedisStore:
             replies = pipe.execute()
         return UserStates(
             known=np.array(replies[0::4], dtype=bool),
-            features=[{k: json.loads(v) for k, v in f.items()} for f in replies[1::4]],
+            features=[_features(user, f) for user, f in zip(users, replies[1::4], strict=True)],
             recent=[[_parse_entry(text) for text in texts] for texts in replies[2::4]],
             seen=[sorted(items) for items in replies[3::4]],
         )
@@ -297,3 +300,18 @@ def _redacted(url: str) -> str:
     if not parts.scheme:
         return url.rpartition("@")[2].partition("?")[0]
     return f"{parts.scheme}://{host}{parts.path}"
+
+
+def _features(user: Any, stored: dict[str, str]) -> dict[str, Any]:
+    """A user's stored feature values, each parsed from its JSON.
+
+    Raises:
+        DataError: a value that is not JSON (written by something else), naming it.
+    """
+    try:
+        return {column: json.loads(value) for column, value in stored.items()}
+    except ValueError as err:
+        raise DataError(
+            f"the stored features of user {user!r} are not JSON values ({err}); write each "
+            "as JSON or load the user again (twotower state load)"
+        ) from None
