@@ -13,11 +13,13 @@ from twotower.errors import ConfigError, DataError
 from twotower.index import INDEXES, ExactIndex, build_index, load_index
 
 
-def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int, exclude=None):
+def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int, exclude=None, allowed=None):
     """Full sort of every row by (score descending, item row ascending), in float64."""
     scores = queries.astype(np.float64) @ vectors.astype(np.float64).T  # (B, N)
     if exclude is not None:
         scores[exclude.toarray() > 0] = -np.inf
+    if allowed is not None:
+        scores[:, ~allowed] = -np.inf
     rows = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
     order = np.lexsort((rows, -scores), axis=-1)[:, :k]
     top = np.take_along_axis(scores, order, axis=1)
@@ -62,6 +64,45 @@ def test_search_matches_the_oracle(kind: str, with_exclude: bool) -> None:
         # 200 uniform random vectors are the worst case for compression: IVF-PQ's
         # floor is lower here; test_ann.py measures it on clustered vectors
         assert recall(ids, expected_ids) >= (0.6 if kind == "ivfpq" else 0.9)
+
+
+@pytest.mark.parametrize("kind", sorted(INDEXES))
+@pytest.mark.parametrize("share", [0.05, 0.3, 0.9])  # narrow masks gather, wide ones mask
+def test_only_allowed_items_are_returned_as_exact_filtered_search(kind: str, share: float) -> None:
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    queries = rng.standard_normal((12, 16)).astype(np.float32)
+    allowed = rng.random(300) < share
+    exclude = random_exclude(rng, (12, 300))
+    index = build_index(kind, vectors)
+    ids, scores = index.search(queries, 10, exclude=exclude, allowed=allowed)
+    expected_ids, expected_scores = brute_force(vectors, queries, 10, exclude, allowed)
+    found = ids[ids >= 0]
+    assert allowed[found].all()  # never an item outside the mask, whatever the index
+    rows, cols = np.nonzero(ids >= 0)
+    assert not exclude[rows, ids[rows, cols]].any()
+    if index.is_exact:
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+    elif kind == "hnsw":  # walks the whole graph, returns the allowed it meets
+        assert recall(ids, expected_ids) >= 0.9
+
+
+@pytest.mark.parametrize("kind", sorted(INDEXES))
+def test_a_mask_that_allows_nothing_or_few_pads(kind: str) -> None:
+    vectors = np.eye(4, dtype=np.float32)
+    index = build_index("exact" if kind == "ivfpq" else kind, vectors)  # IVF-PQ needs 39+
+    queries = np.ones((2, 4), np.float32)
+    ids, scores = index.search(queries, 3, allowed=np.zeros(4, bool))
+    assert (ids == -1).all() and (scores == -np.inf).all()
+    ids, _ = index.search(queries, 3, allowed=np.array([False, True, False, True]))
+    if not index.is_exact or kind == "flat":  # FAISS orders equal scores its own way
+        ids[:, :2].sort(axis=1)
+    assert ids.tolist() == [[1, 3, -1], [1, 3, -1]]
+    ids, _, interests = index.search_interests(
+        queries[:, None], 3, allowed=np.eye(4, dtype=bool)[2]
+    )
+    assert ids.tolist() == [[2, -1, -1]] * 2 and interests.tolist() == [[0, -1, -1]] * 2
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])
@@ -138,6 +179,10 @@ def test_bad_arguments_are_refused() -> None:
         index.search(np.ones((1, 2), np.float32), 0)
     with pytest.raises(ValueError, match=r"exclude must be \(1, 2\)"):
         index.search(np.ones((1, 2), np.float32), 1, exclude=sp.csr_matrix((2, 2)))
+    with pytest.raises(ValueError, match=r"allowed must be a \(2,\) bool array, got int64"):
+        index.search(np.ones((1, 2), np.float32), 1, allowed=np.ones(2, np.int64))
+    with pytest.raises(ValueError, match=r"allowed must be a \(2,\) bool array"):
+        index.search(np.ones((1, 2), np.float32), 1, allowed=np.ones(3, bool))
 
 
 def test_loading_refuses_a_newer_format_an_unknown_kind_and_bad_vectors(tmp_path) -> None:

@@ -3,8 +3,12 @@
 All three score by inner product (item vectors are unit vectors, so this is the
 cosine). Seen-item exclusion must not cost recall: a query asks FAISS for k plus the
 number of items it excludes, the excluded ones are dropped, and the first k that
-remain are kept. ``flat`` is exact (FAISS's brute force); ``hnsw`` and ``ivfpq``
-trade recall for speed, measured against ``ExactIndex`` at export.
+remain are kept. A mask of allowed items (``Index.search``'s ``allowed``) is FAISS's
+own: an ``IDSelectorBitmap`` in the search parameters, which the search consults as it
+goes (HNSW walks the graph through left-out items but never returns them; IVF skips
+them in its lists), so it costs no over-fetching. ``flat`` is exact (FAISS's brute
+force); ``hnsw`` and ``ivfpq`` trade recall for speed, measured against ``ExactIndex``
+at export.
 
 Saved with FAISS's own binary format (``faiss.index``), never pickle.
 """
@@ -43,8 +47,10 @@ class FaissIndex(Index):
     def _make(self, vectors: np.ndarray) -> Any:
         raise NotImplementedError
 
-    def _tune(self, wanted: int) -> None:
-        """Sets search-time parameters for a search of ``wanted`` results."""
+    def _parameters(self, wanted: int, selector: Any) -> Any:
+        """The search parameters of a search for ``wanted`` results, with ``selector``
+        (None: every item)."""
+        return _faiss().SearchParameters(sel=selector)
 
     def build(self, vectors: np.ndarray) -> None:
         """Trains (where the kind needs it) and fills the index with (N, D) vectors."""
@@ -53,14 +59,24 @@ class FaissIndex(Index):
         self._index.add(vectors)
 
     def search(
-        self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: sp.csr_matrix | None = None,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The top k by inner product, excluded items dropped; see ``Index.search``."""
-        queries, exclude = check_search(self, queries, k, exclude)
+        """The top k by inner product, excluded items dropped, only ``allowed`` ones
+        searched; see ``Index.search``."""
+        queries, exclude, allowed = check_search(self, queries, k, exclude, allowed)
         extra = 0 if exclude is None else int(np.diff(exclude.indptr).max(initial=0))
         wanted = min(k + extra, self.num_items)
-        self._tune(wanted)
-        scores, ids = self._index.search(queries, wanted)  # (B, wanted), -1 where none
+        bits = None if allowed is None else np.packbits(allowed, bitorder="little")
+        selector = None
+        if bits is not None:  # reads ``bits`` in place: kept alive until the search ends
+            faiss = _faiss()
+            selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+        parameters = self._parameters(wanted, selector)
+        scores, ids = self._index.search(queries, wanted, params=parameters)  # -1 where none
         return _drop_excluded(ids.astype(np.int64), scores.astype(np.float32), exclude, k)
 
     def save(self, folder: Path) -> None:
@@ -147,8 +163,9 @@ class HNSWIndex(FaissIndex):
         index.hnsw.efConstruction = self.ef_construction
         return index
 
-    def _tune(self, wanted: int) -> None:
-        self._index.hnsw.efSearch = max(self.ef_search, wanted)
+    def _parameters(self, wanted: int, selector: Any) -> Any:
+        faiss = _faiss()
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, wanted))
 
 
 class IVFPQIndex(FaissIndex):
@@ -183,8 +200,9 @@ class IVFPQIndex(FaissIndex):
         index.train(vectors)
         return index
 
-    def _tune(self, wanted: int) -> None:
-        self._index.nprobe = min(self.nprobe, self._index.nlist)
+    def _parameters(self, wanted: int, selector: Any) -> Any:
+        faiss = _faiss()
+        return faiss.SearchParametersIVF(sel=selector, nprobe=min(self.nprobe, self._index.nlist))
 
 
 def _drop_excluded(

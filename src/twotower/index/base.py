@@ -8,6 +8,13 @@ index is the reference an approximate one is tested against:
     scores  (B, k) float32  their inner products with the query
     where fewer than k items remain for a query, its row ends with -1 / -inf.
 
+A search may be given ``allowed``, an (N,) bool mask over the indexed vectors: the
+items it leaves out are never returned to any query of that call. It is applied inside
+the search (exact: their scores never compete; FAISS: an ``IDSelectorBitmap`` the
+search consults as it goes), never by fetching more and dropping, so a narrow mask
+costs no results. Per-query exclusions (``exclude``) are a different thing: (B, N),
+one row per query.
+
 ``search_interests`` answers multi-interest queries (B, K, D), K vectors per query,
 on top of ``search``: the same ``ids`` and ``scores`` (each item once, at its best
 score over the K vectors) plus ``interests`` (B, k) int64, the vector (0..K-1) that
@@ -46,7 +53,11 @@ class Index(abc.ABC):
 
     @abc.abstractmethod
     def search(
-        self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: sp.csr_matrix | None = None,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The k items of highest inner product with each query.
 
@@ -54,6 +65,8 @@ class Index(abc.ABC):
             queries: (B, D) float32 query vectors.
             k: how many items to return per query (>= 1; more than N pads).
             exclude: (B, N) CSR; items set in row b are never returned for query b.
+            allowed: (N,) bool; items where it is False are never returned (to any
+                query); None: every item may be.
 
         Returns:
             ``(ids, scores)``: (B, k) int64 item rows, best first, and (B, k) float32
@@ -61,7 +74,11 @@ class Index(abc.ABC):
         """
 
     def search_interests(
-        self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: sp.csr_matrix | None = None,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The k items of highest score over each query's K interest vectors.
 
@@ -82,6 +99,7 @@ class Index(abc.ABC):
             queries: (B, K, D) float32, K >= 1 vectors per query.
             k: how many items to return per query (>= 1; more than remain pads).
             exclude: (B, N) CSR; items set in row b are never returned for query b.
+            allowed: (N,) bool; items where it is False are never returned.
 
         Returns:
             ``(ids, scores, interests)``: (B, k) int64 item rows, best first; (B, k)
@@ -96,9 +114,9 @@ class Index(abc.ABC):
             )
         B, K, D = queries.shape
         # width, k and exclude checked against B queries, so the messages name B
-        _, exclude = check_search(self, queries[:, 0], k, exclude)
+        _, exclude, allowed = check_search(self, queries[:, 0], k, exclude, allowed)
         repeated = None if exclude is None else exclude[np.repeat(np.arange(B), K)]  # (B*K, N)
-        ids, scores = self.search(queries.reshape(B * K, D), k, repeated)  # (B*K, k)
+        ids, scores = self.search(queries.reshape(B * K, D), k, repeated, allowed)  # (B*K, k)
         return _merge_interests(ids.reshape(B, K * k), scores.reshape(B, K * k), K, k)
 
     @abc.abstractmethod
@@ -137,9 +155,14 @@ def check_vectors(vectors: np.ndarray, what: str = "vectors") -> np.ndarray:
 
 
 def check_search(
-    index: Index, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None
-) -> tuple[np.ndarray, sp.csr_matrix | None]:
-    """Validated search arguments: (B, D) float32 queries and a (B, N) CSR or None."""
+    index: Index,
+    queries: np.ndarray,
+    k: int,
+    exclude: sp.csr_matrix | None,
+    allowed: np.ndarray | None = None,
+) -> tuple[np.ndarray, sp.csr_matrix | None, np.ndarray | None]:
+    """Validated search arguments: (B, D) float32 queries, a (B, N) CSR or None, and an
+    (N,) bool mask or None."""
     if index.num_items == 0:
         raise ValueError("search before build: the index holds no vectors")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -147,15 +170,22 @@ def check_search(
     queries = check_vectors(queries, "queries")
     if queries.shape[1] != index.dim:
         raise ValueError(f"queries have width {queries.shape[1]}, the index {index.dim}")
+    if allowed is not None:
+        allowed = np.asarray(allowed)
+        if allowed.dtype != np.bool_ or allowed.shape != (index.num_items,):
+            raise ValueError(
+                f"allowed must be a ({index.num_items},) bool array, got "
+                f"{allowed.dtype} {allowed.shape}"
+            )
     if exclude is None:
-        return queries, None
+        return queries, None, allowed
     if not isinstance(exclude, sp.csr_matrix):
         exclude = sp.csr_matrix(exclude)
     if exclude.shape != (len(queries), index.num_items):
         raise ValueError(
             f"exclude must be ({len(queries)}, {index.num_items}), got {exclude.shape}"
         )
-    return queries, exclude
+    return queries, exclude, allowed
 
 
 def _merge_interests(

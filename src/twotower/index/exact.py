@@ -45,24 +45,48 @@ class ExactIndex(Index):
         self._vectors = torch.from_numpy(vectors.copy()).to(self.device)
 
     def search(
-        self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: sp.csr_matrix | None = None,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The exact top k by inner product; see ``Index.search``."""
-        queries, exclude = check_search(self, queries, k, exclude)
+        """The exact top k by inner product; see ``Index.search``.
+
+        With ``allowed``, a narrow mask scores only the items it keeps (their vectors
+        gathered, at most half the corpus), a wide one scores every item and gives the
+        others -inf: the same answer either way, ties to the lower item row.
+        """
+        queries, exclude, allowed = check_search(self, queries, k, exclude, allowed)
         query_vectors = torch.from_numpy(queries).to(self.device)  # (B, D)
+        vectors, kept, blocked = self._vectors, None, None
+        if allowed is not None and 2 * int(allowed.sum()) <= len(allowed):
+            kept = np.flatnonzero(allowed)  # (M,) the items scored, ascending
+            vectors = self._vectors[torch.from_numpy(kept).to(self.device)]
+            exclude = None if exclude is None else exclude[:, kept]
+        elif allowed is not None:
+            blocked = torch.from_numpy(~allowed).to(self.device)
+        if len(vectors) == 0:
+            return np.full((len(queries), k), -1, np.int64), np.full(
+                (len(queries), k), -np.inf, np.float32
+            )
 
         def score_fn(rows: np.ndarray) -> torch.Tensor:
             chunk = query_vectors[torch.from_numpy(rows).to(self.device)]
-            return chunk @ self._vectors.T  # (chunk, N)
+            scores = chunk @ vectors.T  # (chunk, N) or (chunk, M)
+            return scores if blocked is None else scores.masked_fill_(blocked, -torch.inf)
 
-        return top_k(
+        ids, scores = top_k(
             score_fn,
             np.arange(len(queries)),
             k,
             exclude=exclude,
             chunk_size=self.chunk_size,
-            num_items=self.num_items,
+            num_items=len(vectors),
         )
+        if kept is not None:  # positions among the kept items -> item rows
+            ids = np.where(ids >= 0, kept[np.maximum(ids, 0)], -1)
+        return ids, scores
 
     def save(self, folder: Path) -> None:
         """Writes ``index.json`` and the vectors as ``vectors.npy``."""
