@@ -19,7 +19,7 @@ from twotower.towers.model import TwoTower, embed_rows
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import load_model, train_run
 from twotower.training.trainer import build_optimizers
-from twotower.training.warm_start import INIT_FILE, WarmStart
+from twotower.training.warm_start import INIT_FILE, WarmStart, grown_optimizer_state
 
 GROWN = (  # the tables of ids new to the earlier run (users it never saw, rare items)
     "query_tower.encoders.encoders.user_id.table.weight",
@@ -130,6 +130,25 @@ def test_the_optimizer_state_is_carried_and_a_grown_tables_moments_gain_zero_row
     assert optimizers[0].param_groups[0]["lr"] == later.training.lr
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")  # torch's, in Adagrad
+@pytest.mark.parametrize("kind", [torch.optim.SparseAdam, torch.optim.Adagrad])
+def test_a_sparse_tables_optimizer_state_grows_with_zero_rows(kind):
+    old = torch.nn.Embedding(3, 2, sparse=True)
+    optimizer = kind(old.parameters(), lr=0.1)
+    old(torch.tensor([0, 2])).sum().backward()
+    optimizer.step()
+    new = torch.nn.Embedding(5, 2, sparse=True)
+    grown_kind = kind(new.parameters(), lr=0.5)
+    grown_kind.load_state_dict(grown_optimizer_state(optimizer.state_dict(), grown_kind))
+    before, after = optimizer.state[old.weight], grown_kind.state[new.weight]
+    for name, value in before.items():
+        if isinstance(value, torch.Tensor) and value.ndim:  # not a step count
+            assert torch.equal(after[name][:3], value) and not after[name][3:].any()
+    assert grown_kind.param_groups[0]["lr"] == 0.5  # the new config's rate
+    new(torch.tensor([4])).sum().backward()
+    grown_kind.step()  # the grown state steps
+
+
 def test_a_run_from_an_earlier_one_records_it_and_resumes_exactly_after_a_kill(
     earlier, later, tmp_path
 ):
@@ -159,6 +178,17 @@ def test_a_run_from_an_earlier_one_records_it_and_resumes_exactly_after_a_kill(
     assert record["optimizer"] == "carried from epoch 1"
     # the lr schedule starts afresh: epoch 1 of this run is at the configured rate
     assert json.loads(lines[0])["lr"] == later.training.lr
+
+
+def test_the_model_carried_is_the_one_a_run_reports_and_a_refit_starts_from_it(tiny_demo, tmp_path):
+    config = tiny_demo(tmp_path / "data", "training.refit=true")
+    train_run(config, tmp_path / "earlier")
+    result = train_run(config, tmp_path / "later", init_from=tmp_path / "earlier")
+    record = json.loads((tmp_path / "later" / INIT_FILE).read_text())
+    refit = CheckpointStore(tmp_path / "earlier" / "refit" / "checkpoints")
+    assert record["checkpoint"] == str(refit.path("best").resolve())  # the refit's model
+    assert json.loads((tmp_path / "later" / "refit" / INIT_FILE).read_text()) == record
+    assert result.metrics["refit_epochs"] == 1
 
 
 def test_the_new_period_alone_is_trained_on(earlier, later, tmp_path):

@@ -33,7 +33,7 @@ from twotower.training.evaluate import evaluate_source
 from twotower.training.examples import EXAMPLES
 from twotower.training.saved import REFIT_DIR, checkpoint_extra, load_model, reported_model
 from twotower.training.trainer import EpochCallback, RunPlan, RunState, Trainer, resolve_device
-from twotower.training.warm_start import WarmStart
+from twotower.training.warm_start import WarmStart, record_start
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def train_run(
             ``twotower.training.warm_start``): its features grown with this run's
             training examples, its weights and optimizer state carried over, a fresh
             learning-rate schedule. ``out`` records it (``init_from.json``); a resumed
-            run continues from its own checkpoint and needs it not given again.
+            run continues from its own checkpoint, and need not be given it again.
 
     Raises:
         ConfigError: ``init_from``'s model or features differ from the config's (named).
@@ -110,14 +110,12 @@ def train_run(
     set_threads(config.threads)
     device = resolve_device(config.training.device)
     collective = Collective.from_env(device)  # several processes under torchrun
-    if resume and not CheckpointStore(out / "checkpoints").exists("last"):
-        log.warning("%s: no checkpoint to resume from; training from the beginning", out)
-        resume = False
-    if resume:
-        _check_resumable(out, config)
+    resume = resume and _resumable(out, config)
     warm = WarmStart.for_run(out, init_from, resume, config, device)
     if collective.is_main:
-        _prepare_folder(out, config, warm, (out, out / "features", out / "checkpoints"))
+        _prepare_folder(out, config, (out, out / "features", out / "checkpoints"))
+        if not resume:
+            record_start(out, warm)
     source = open_source(config)
     features = _features(source, config, out / "features", resume, collective.is_main, warm)
     plan = RunPlan(config.training)
@@ -135,18 +133,13 @@ def train_run(
     return TrainResult(metrics, state, out)
 
 
-def _prepare_folder(
-    out: Path, config: Config, warm: WarmStart | None, folders: tuple[Path, ...]
-) -> None:
-    """Clears what a killed write left in ``folders``, writes the config and what the
-    run starts from."""
+def _prepare_folder(out: Path, config: Config, folders: tuple[Path, ...]) -> None:
+    """Clears what a killed write left in ``folders`` and writes the config."""
     for folder in folders:
         for path in remove_partial_files(folder):
             log.info("removed %s, left by a write that was killed", path)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    if warm is not None:
-        warm.save(out)
 
 
 def _trainer(
@@ -186,7 +179,8 @@ def _refit(
     it is the model the run reports on test, so export serves it (``reported_model``).
     ``source``: the first run's data, validation moved into training (``refit``).
     """
-    _prepare_folder(out, config, warm, (out,))
+    _prepare_folder(out, config, (out,))
+    record_start(out, warm)
     features = _features(source, config, out / "features", False, True, warm)
     lrs = tuple(record["lr"] for record in state.records[: state.best_epoch])
     trainer = _trainer(source, config, out, features, RunPlan(config.training, lrs), warm)
@@ -263,9 +257,17 @@ def save_evaluation(
     return path
 
 
-def _check_resumable(out: Path, config: Config) -> None:
-    """Refuses to resume a run under a config that changes its model, data or training."""
+def _resumable(out: Path, config: Config) -> bool:
+    """Whether ``out`` has a checkpoint to resume from (a run killed before its first
+    has none: it starts again from the beginning).
+
+    Raises:
+        ConfigError: the config changes the run's model, data or training.
+    """
     store = CheckpointStore(out / "checkpoints")
+    if not store.exists("last"):
+        log.warning("%s: no checkpoint to resume from; training from the beginning", out)
+        return False
     saved = from_dict(Config, store.load("last")["config"], where="checkpoint config")
     changed = sorted(
         key
@@ -277,6 +279,7 @@ def _check_resumable(out: Path, config: Config) -> None:
             f"{out}: cannot resume with a changed config; these differ from the run's: "
             f"{', '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
         )
+    return True
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

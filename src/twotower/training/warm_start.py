@@ -72,8 +72,9 @@ class WarmStart:
         config: Config,
         device: torch.device,
     ) -> WarmStart | None:
-        """What the run ``out`` starts from: ``init_from``, or when it resumes the run its
-        ``INIT_FILE`` records (a refit after it starts from there too); None: scratch.
+        """What the run ``out`` starts from: ``init_from``; None: scratch. A resumed run
+        continues from its own checkpoint, so it needs the earlier run only for a refit
+        still to come, and reads the one its ``INIT_FILE`` records.
 
         Raises:
             ConfigError: a resumed run given another ``init_from`` than it started from.
@@ -87,7 +88,9 @@ class WarmStart:
                 f"{out}: cannot resume with --init-from {init_from}: the run started from "
                 f"{started or 'scratch'}"
             )
-        run = started if resume else init_from
+        run = init_from
+        if resume:  # its own checkpoint holds its start; a refit to come starts from there
+            run = started if config.training.refit else None
         if run is None:
             return None
         warm = cls.read(run, config, device)
@@ -140,9 +143,15 @@ class WarmStart:
             "optimizer": self.optimizer_note,
         }
 
-    def save(self, out: Path) -> None:
-        """Writes ``record`` as ``INIT_FILE`` in the run folder ``out``."""
-        write_json(Path(out) / INIT_FILE, self.record())
+
+def record_start(out: Path, warm: WarmStart | None) -> None:
+    """Writes what the run in ``out`` starts from (``INIT_FILE``: ``warm.record()``), or
+    where it starts from scratch removes one an earlier attempt left."""
+    path = Path(out) / INIT_FILE
+    if warm is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_json(path, warm.record())
 
 
 def _check_compatible(run: Path, old: Config, new: Config) -> None:
