@@ -269,9 +269,9 @@ class SplitConfig:
             raise ValueError(
                 f"ratios must be three non-negative numbers summing to 1: {self.ratios}"
             )
-        cuts = (self.train_from, self.valid_from)
-        if self.method == "time" and None not in cuts and cuts[0] >= cuts[1]:  # type: ignore[operator]
+        start, end = self.train_from, self.valid_from
+        if self.method == "time" and start is not None and end is not None and start >= end:
             raise ValueError(
-                f"train_from ({self.train_from}) must come before valid_from "
-                f"({self.valid_from}): the training examples are the interactions between"
+                f"train_from ({start}) must come before valid_from ({end}): the training "
+                "examples lie between them"
             )
