@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from twotower.cli import app, main
+from twotower.features.pipeline import FeaturePipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,6 +114,30 @@ def test_train_writes_a_run_and_resume_refuses_a_changed_model(tmp_path, monkeyp
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "model.temperature" in err
+
+
+def test_train_init_from_starts_from_an_earlier_run_on_a_new_period(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(TRAIN_CONFIG)
+    earlier, later = tmp_path / "earlier", tmp_path / "later"
+    first = ["train", str(config), "--out", str(earlier), "--set", "data.sample_queries=50"]
+    result = CliRunner().invoke(app, first)
+    assert result.exit_code == 0, result.output
+    # every user now, the new period's interactions the training examples
+    more = ["train", str(config), "--out", str(later), "--set", "split.train_from=1608000000"]
+    result = CliRunner().invoke(app, [*more, "--init-from", str(earlier)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((later / "init_from.json").read_text())
+    assert record["run"] == str(earlier.resolve()) and len(record["sha256"]) == 64
+    sizes = [FeaturePipeline.load(run / "features").sizes("query") for run in (earlier, later)]
+    assert sizes[1]["user_id"] > sizes[0]["user_id"]  # the users new to it joined
+
+    monkeypatch.setattr("sys.argv", ["twotower", *more, "--init-from", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--init-from {tmp_path / 'nowhere'}: no such folder" in err
 
 
 def test_set_kind_switches_an_objective_to_that_kinds_defaults(tmp_path):

@@ -84,6 +84,15 @@ def train(
     ] = False,
     data_dir: DataDir = None,
     threads: Threads = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="RUN",
+            help="Start from this earlier run's model (a warm start): its features grown "
+            "with the new training examples (split.train_from picks a new period), its "
+            "weights and optimizer state carried over.",
+        ),
+    ] = None,
 ) -> None:
     """Train a two-tower model: checkpoints, logs, curves and metrics.json in --out.
 
@@ -97,14 +106,14 @@ def train(
     if int(os.environ.get("RANK", "0")) > 0:  # another rank of a torchrun job: quiet
         logging.getLogger().setLevel(logging.WARNING)
         try:
-            train_run(config, out, resume=resume)
+            train_run(config, out, resume=resume, init_from=init_from)
         finally:
             close_process_group()
         return
     out.mkdir(parents=True, exist_ok=True)
     with _log_to(out / "train.log"):
         try:
-            result = train_run(config, out, resume=resume)
+            result = train_run(config, out, resume=resume, init_from=init_from)
         finally:
             close_process_group()
     best = result.metrics["best_epoch"]

@@ -56,6 +56,13 @@ class Config:
             )
         if self.data.streamed and self.training.in_memory_only:
             raise ValueError(STREAM_REFUSAL)
+        if self.split.train_from is not None and (
+            self.data.streamed or self.training.examples != "interactions"
+        ):
+            raise ValueError(
+                "split.train_from trains on the interactions of a new period with "
+                "training.examples=interactions, from data in memory (not a stream)"
+            )
 
 
 def check_config(config: Config) -> None:

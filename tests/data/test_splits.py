@@ -187,6 +187,67 @@ def test_time_split_leaving_a_part_empty() -> None:
         split_interactions(dataset, SplitConfig(method="time", valid_from=2, test_from=10))
 
 
+# ---- train_from: a new period's examples ------------------------------------------------
+
+
+def test_train_from_makes_only_the_new_period_training_examples() -> None:
+    times = [7, 1, 5, 9, 3, 8, 5, 2, 4]
+    dataset = _dataset(["a", "b", "a", "b", "a", "b", "c", "c", "a"], times)
+    cuts = {"method": "time", "valid_from": 5, "test_from": 8}
+    whole = split_interactions(dataset, SplitConfig(**cuts))
+    split = split_interactions(dataset, SplitConfig(**cuts, train_from=3))
+    # train (t < 5) still holds every earlier interaction: rows 1 (t=1), 4 (t=3),
+    # 7 (t=2), 8 (t=4); the examples are those at or after t=3: rows 4 and 8
+    assert (
+        _rows(split)
+        == _rows(whole)
+        == {
+            "train": [1, 4, 7, 8],
+            "valid": [0, 2, 6],
+            "test": [3, 5],
+        }
+    )
+    assert whole.examples is None and whole.training_examples is whole.train
+    assert split.examples.tolist() == [1, 3]  # rows of train
+    assert split.training_examples.column("row").to_pylist() == [4, 8]
+
+
+def test_train_from_works_with_any_method() -> None:
+    #        row:   0    1    2    3    4    5    6    7
+    queries = ["a", "a", "a", "a", "b", "b", "b", "b"]
+    times = [1, 2, 3, 4, 1, 5, 6, 7]
+    split = split_interactions(
+        _dataset(queries, times), SplitConfig(method="leave_last_out", train_from=2)
+    )
+    assert _rows(split)["train"] == [0, 1, 4, 5]
+    assert split.training_examples.column("row").to_pylist() == [1, 5]
+
+
+def test_refit_split_moves_validation_into_the_examples() -> None:
+    dataset = _dataset(["a", "b", "a", "b", "a", "b"], [1, 2, 3, 4, 5, 6])
+    config = SplitConfig(method="time", valid_from=4, test_from=6, train_from=2)
+    refit = split_interactions(dataset, config).with_valid_in_train()
+    assert refit.valid.num_rows == 0
+    assert refit.train.column("row").to_pylist() == [0, 1, 2, 3, 4]
+    assert refit.training_examples.column("row").to_pylist() == [1, 2, 3, 4]
+
+
+def test_train_from_needs_timestamps() -> None:
+    with pytest.raises(DataError, match="toy: split.train_from .* no timestamp column"):
+        split_interactions(_dataset(["a", "a", "a"]), SplitConfig(train_from=1))
+
+
+def test_train_from_after_every_training_interaction() -> None:
+    dataset = _dataset(["a", "a", "a", "b", "b", "b"], [1, 2, 3, 4, 5, 6])
+    with pytest.raises(DataError, match=r"no training interaction at or after .*\(50\); .* from 1"):
+        split_interactions(dataset, SplitConfig(train_from=50))
+
+
+def test_train_from_after_valid_from_is_refused() -> None:
+    with pytest.raises(ValueError, match="train_from \\(5\\) must come before valid_from"):
+        SplitConfig(method="time", valid_from=5, test_from=8, train_from=5)
+
+
 # ---- given -----------------------------------------------------------------------------
 
 

@@ -8,17 +8,20 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import scipy.sparse as sp
 
 from twotower.config import Config
 from twotower.data.build.format import built_stream
-from twotower.data.config import DataConfig, StreamConfig
+from twotower.data.config import DataConfig, SplitConfig, StreamConfig
+from twotower.data.dataset import QUERY_IDX, TIMESTAMP
 from twotower.errors import ConfigError
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
 from twotower.prepare import build_data
 from twotower.sources import (
     NEEDS_BUILD,
+    NO_WARM_START,
     BuiltSource,
     DataSource,
     MemorySource,
@@ -170,3 +173,47 @@ def test_a_stream_without_a_build_trains_and_refuses_what_needs_one_by_name(conf
 def test_load_data_refuses_a_stream_naming_what_it_needs(configs):
     with pytest.raises(ConfigError, match="needs the data in memory"):
         load_data(configs["built"])
+
+
+def test_a_warm_start_grows_features_in_memory_and_is_refused_on_a_stream(configs):
+    memory = open_source(configs["memory"])
+    earlier = memory.fit_features(configs["memory"]).pipeline
+    grown = memory.fit_features(configs["memory"], init=earlier).pipeline
+    assert grown.sizes("item") == earlier.sizes("item")  # the same data: nothing new
+    message = re.escape(NO_WARM_START.format(what="").split(";")[0])
+    for kind in ("built", "stream"):
+        with pytest.raises(ConfigError, match=message):
+            open_source(configs[kind]).fit_features(configs[kind], init=earlier)
+
+
+def test_a_new_period_fits_features_on_its_examples_and_histories_on_all_it_knows(configs):
+    config = configs["memory"]
+    times = load_data(config)[0].column(TIMESTAMP)
+    train_from = float(np.quantile(times, 0.5))
+    split = SplitConfig(
+        method="time",
+        valid_from=float(np.quantile(times, 0.8)),
+        test_from=float(np.quantile(times, 0.9)),
+        train_from=train_from,
+    )
+    source = open_source(dataclasses.replace(config, split=split))
+    pipeline = source.fit_features(config).pipeline
+    train = source.split.train
+    examples = source.split.training_examples
+    assert 0 < examples.num_rows < train.num_rows
+    items = pipeline.transforms["item"]["item_id"].vocabulary
+    example_items = set(
+        source.dataset.items.column("item_id").take(examples.column("item_idx")).to_pylist()
+    )
+    assert set(items.values.to_pylist()) == example_items  # fitted on the examples alone
+    # a query's history holds its interactions before train_from too
+    earliest = train.filter(pc.less(train.column(TIMESTAMP), train_from))
+    query = earliest.column(QUERY_IDX)[0].as_py()
+    history = pipeline.transform("query", source.dataset.queries.slice(query, 1))["history"]
+    lengths = np.bincount(train.column(QUERY_IDX).to_numpy())
+    assert (history > 0).sum() == min(lengths[query], 8)
+
+
+def test_a_new_period_is_refused_on_a_stream(configs):
+    with pytest.raises(ValueError, match=r"split.train_from .* \(not a stream\)"):
+        dataclasses.replace(configs["built"], split=SplitConfig(train_from=1.0))

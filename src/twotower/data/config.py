@@ -241,16 +241,37 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SplitConfig:
-    """How interactions are split (see the module docstring for each method)."""
+    """How interactions are split (see ``twotower.data.splits`` for each method).
+
+    Attributes:
+        method: ``leave_last_out``, ``random``, ``time`` or ``given``.
+        ratios: train, validation and test shares (``random``; ``time`` without
+            cut-offs).
+        valid_from: ``time``: validation starts at this timestamp.
+        test_from: ``time``: test starts at this timestamp.
+        seed: the seed of ``random``'s shuffle.
+        train_from: the new period of an incremental run: only the training
+            interactions at or after this timestamp are training examples (and what
+            the features are fitted on); the earlier ones still count as known, in
+            histories and seen items. None: every training interaction is an example.
+            Needs timestamps and the data in memory.
+    """
 
     method: Literal["leave_last_out", "random", "time", "given"] = "leave_last_out"
     ratios: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
     valid_from: float | None = None
     test_from: float | None = None
     seed: int = 0
+    train_from: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6:
             raise ValueError(
                 f"ratios must be three non-negative numbers summing to 1: {self.ratios}"
+            )
+        start, end = self.train_from, self.valid_from
+        if self.method == "time" and start is not None and end is not None and start >= end:
+            raise ValueError(
+                f"train_from ({start}) must come before valid_from ({end}): the training "
+                "examples lie between them"
             )

@@ -13,6 +13,11 @@ Methods:
         cut-offs, they are the timestamps' quantiles at 1 - r_test - r_valid and
         1 - r_test.
     given: the user's own train / valid / test files (``data.valid``, ``data.test``).
+
+Whatever the method, ``train_from`` marks a new period (incremental training, from a
+previous run's model): the training interactions at or after it are the training
+examples; those before it stay in ``train``, so histories and seen items still know
+them, but are not trained on again.
 """
 
 from __future__ import annotations
@@ -39,14 +44,38 @@ def check_held_out(part: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """The interactions of each part, each a subset of ``Dataset.interactions``."""
+    """The interactions of each part, each a subset of ``Dataset.interactions``.
+
+    Attributes:
+        train, valid, test: each part's interactions; ``train`` is every interaction
+            known before validation (what histories and seen items hold).
+        examples: (E,) int64 the rows of ``train`` that are training examples, in
+            order (``split.train_from``); None: every row of ``train``.
+    """
 
     train: pa.Table
     valid: pa.Table
     test: pa.Table
+    examples: np.ndarray | None = None
 
     def part(self, name: str) -> pa.Table:
         return getattr(self, name)
+
+    @property
+    def training_examples(self) -> pa.Table:
+        """The training interactions that are examples (all of ``train`` but for a
+        ``train_from``), which the features are fitted on."""
+        return self.train if self.examples is None else self.train.take(pa.array(self.examples))
+
+    def with_valid_in_train(self) -> Split:
+        """Training and validation interactions as training (validation's all examples),
+        no validation, the same test: ``training.refit``'s split."""
+        train = pa.concat_tables([self.train, self.valid], promote_options="default")
+        examples = self.examples
+        if examples is not None:
+            more = np.arange(self.train.num_rows, train.num_rows, dtype=np.int64)
+            examples = np.concatenate([examples, more])
+        return Split(train, self.valid.slice(0, 0), self.test, examples)
 
 
 def split_interactions(dataset: Dataset, config: SplitConfig) -> Split:
@@ -70,7 +99,26 @@ def split_interactions(dataset: Dataset, config: SplitConfig) -> Split:
                 f"{dataset.name}: the {name} split has no interactions after splitting "
                 f"with method {config.method!r}"
             )
-    return Split(**tables)
+    if config.train_from is None:
+        return Split(**tables)
+    return Split(**tables, examples=_examples_from(dataset, part, config.train_from))
+
+
+def _examples_from(dataset: Dataset, part: np.ndarray, train_from: float) -> np.ndarray:
+    """(E,) the rows of the training part at or after ``train_from``, as rows of it."""
+    if not dataset.has_timestamps:
+        raise DataError(
+            f"{dataset.name}: split.train_from picks the training examples by timestamp, "
+            "but the interactions have no timestamp column"
+        )
+    times = dataset.column(TIMESTAMP)[part == TRAIN].astype(np.float64)
+    examples = np.flatnonzero(times >= train_from).astype(np.int64)
+    if len(examples) == 0:
+        raise DataError(
+            f"{dataset.name}: no training interaction at or after split.train_from "
+            f"({train_from}); the training interactions run from {times.min()} to {times.max()}"
+        )
+    return examples
 
 
 def recency_order(query: np.ndarray, timestamps: np.ndarray | None) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from twotower.errors import DataError
 from twotower.features import ragged
 from twotower.features.hashing import hash_buckets
 from twotower.features.specs import IdFeature, MultiHotFeature, OneHotFeature
@@ -60,6 +61,30 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.values)
+
+    def grow(self, fresh: Vocabulary, max_size: int | None = None) -> Vocabulary:
+        """This vocabulary with the values of ``fresh`` (a fit on new data) it lacks
+        appended, in ``fresh``'s order (most frequent first): every value keeps its index.
+
+        Args:
+            fresh: the vocabulary fitted on the new data.
+            max_size: at most this many values in all; the new values past it are left
+                out (they read as out of vocabulary), the old ones never are.
+
+        Raises:
+            DataError: ``fresh``'s values cannot be read as this vocabulary's type.
+        """
+        if len(self) == 0:
+            return fresh
+        try:
+            values = pc.cast(fresh.values, self.values.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise DataError(
+                f"values of type {fresh.values.type} cannot join a vocabulary of {self.values.type}"
+            ) from None
+        new = values.filter(pc.invert(pc.is_in(values, value_set=self.values)))
+        room = len(new) if max_size is None else max(max_size - len(self), 0)
+        return Vocabulary(pa.concat_arrays([self.values, new[:room]]))
 
     def lookup(self, values: pa.Array) -> np.ndarray:
         """(rows,) int64 indices of ``values`` (0 missing, 1 unseen, 2.. the vocabulary).
@@ -140,11 +165,23 @@ def _comparable(values: pa.Array, vocabulary: pa.Array) -> tuple[pa.Array, pa.Ar
 
 
 class _VocabularyTransform(Transform):
-    """A transform whose whole state is one ``Vocabulary``."""
+    """A transform whose whole state is one ``Vocabulary``; ``grow`` appends the new
+    values (an embedding table gains their rows)."""
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
         self.vocabulary = Vocabulary()
+
+    def grow(self, fresh: Transform) -> Transform:
+        assert isinstance(fresh, _VocabularyTransform)
+        grown = type(fresh)(fresh.spec)
+        try:
+            grown.vocabulary = self.vocabulary.grow(
+                fresh.vocabulary, getattr(fresh.spec, "max_size", None)
+            )
+        except DataError as err:
+            raise DataError(f"feature {fresh.spec.name!r}: {err}") from None
+        return grown
 
     @property
     def size(self) -> int:
@@ -189,6 +226,11 @@ class OneHotTransform(_VocabularyTransform):
 
     def fit(self, values: pa.Array, context: FitContext) -> None:
         self.vocabulary = Vocabulary.fit(values, context.weights, self.spec.min_count, None)
+
+    def grow(self, fresh: Transform) -> Transform:
+        """Kept, not grown: the one-hot's width is an input width of the tower's network,
+        so a category new to it reads as out of vocabulary, as it did before."""
+        return Transform.grow(self, fresh)
 
     def transform(self, values: pa.Array) -> np.ndarray:
         return np.eye(self.size, dtype=np.float32)[self.vocabulary.lookup(values)]

@@ -22,9 +22,10 @@ import torch
 
 from twotower.config_io import from_dict, to_dict
 from twotower.data.dataset import ITEM_IDX, QUERY_IDX, Dataset
-from twotower.errors import DataError
+from twotower.errors import ConfigError, DataError
 from twotower.features.categorical import IdTransform, MultiHotTransform, OneHotTransform
 from twotower.features.dense import DenseTransform
+from twotower.features.growth import feature_differences
 from twotower.features.history import HistoryTransform, Recent
 from twotower.features.specs import SIDES, FeaturesConfig, FeatureSpec
 from twotower.features.text import TextTransform
@@ -149,6 +150,50 @@ class FeaturePipeline:
             fresh.fit(pa.array([], pa.null()), context)
             copy.transforms["query"][name] = fresh
         return copy
+
+    def extend(
+        self,
+        config: FeaturesConfig,
+        dataset: Dataset,
+        train: pa.Table,
+        known: pa.Table | None = None,
+    ) -> FeaturePipeline:
+        """This pipeline, fitted on earlier data, carried onto new data (a warm start).
+
+        What is kept, grown and rebuilt:
+            id (vocabulary), multihot: grown: every old value keeps its code; the values
+                of a fresh fit on ``train`` (its ``min_count`` counted there) that are
+                new get the next codes, in the fresh fit's order (most frequent first);
+                past ``max_size`` new values are left out, old ones never are.
+            id (hashed), text: nothing to grow (hashing has no state).
+            onehot, dense (standardize, log1p, bucketize): kept as fitted, since a
+                width or a statistic refitted on new data would shift every old input.
+            history: rebuilt from ``known`` (per-query state, not a learned statistic).
+
+        Args:
+            config: the new features: this pipeline's, but for ``growth.GROWABLE`` and
+                ``growth.WEIGHTLESS`` settings.
+            dataset: the new data (its query and item indices).
+            train: the new training interactions, on which new values are counted.
+            known: the interactions histories hold; default ``train``.
+
+        Raises:
+            ConfigError: ``config`` describes other features (named, with the settings
+                that differ).
+        """
+        changed = feature_differences(self.config, config)
+        if changed:
+            raise ConfigError(
+                "the earlier features cannot be grown into these; they differ in "
+                + ", ".join(changed)
+            )
+        fresh = FeaturePipeline.fit(config, dataset, train)
+        grown = FeaturePipeline(config)
+        grown.transforms = {
+            side: {name: t.grow(fresh.transforms[side][name]) for name, t in transforms.items()}
+            for side, transforms in self.transforms.items()
+        }
+        return grown.with_histories(dataset, train if known is None else known)
 
     def input_column(self, side: str, name: str) -> str:
         """The raw column that feature ``name`` of ``side`` reads: its ``column``, except

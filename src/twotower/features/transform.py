@@ -46,6 +46,23 @@ class Transform(abc.ABC):
     def transform(self, values: pa.Array) -> np.ndarray:
         """Maps raw values (any rows, unseen or missing included) to model inputs."""
 
+    def grow(self, fresh: Transform) -> Transform:
+        """This transform, fitted on earlier data, carried onto new data.
+
+        Args:
+            fresh: the same feature fitted on the new data (its spec may differ from
+                this one's only in what applies to new values: ``min_count``,
+                ``max_size``).
+
+        Returns:
+            A transform under ``fresh``'s spec. By default this one's state, kept as it
+            is: a statistic refitted on new data would shift every input the model
+            learned from. A vocabulary appends the new values instead.
+        """
+        kept = type(fresh)(fresh.spec)
+        kept.load_state(*self.state())
+        return kept
+
     @property
     @abc.abstractmethod
     def size(self) -> int:

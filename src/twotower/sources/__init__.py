@@ -26,6 +26,7 @@ from twotower.errors import ConfigError
 from twotower.sources.base import (
     AS_OF,
     NEEDS_BUILD,
+    NO_WARM_START,
     PARTS,
     DataSource,
     ExampleBuilder,
@@ -40,6 +41,7 @@ from twotower.sources.stream import BuiltSource, StreamSource
 __all__ = [
     "AS_OF",
     "NEEDS_BUILD",
+    "NO_WARM_START",
     "PARTS",
     "BuiltSource",
     "DataSource",

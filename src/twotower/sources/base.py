@@ -130,8 +130,13 @@ class DataSource(Protocol):
         """N, the size of the corpus."""
         ...
 
-    def fit_features(self, config: Config) -> FittedFeatures:
-        """The config's features fitted on the training interactions."""
+    def fit_features(self, config: Config, init: FeaturePipeline | None = None) -> FittedFeatures:
+        """The config's features fitted on the training examples; with ``init``, an
+        earlier run's features grown with them instead (``FeaturePipeline.extend``).
+
+        Raises:
+            ConfigError: ``init`` where the source cannot grow features (a stream).
+        """
         ...
 
     def examples(
@@ -168,6 +173,13 @@ class DataSource(Protocol):
         """This source with the validation interactions moved into training
         (``training.refit``)."""
         ...
+
+
+# The one error of a source that cannot start from an earlier run's features.
+NO_WARM_START = (
+    "training from an earlier run (--init-from) grows its features with the new "
+    "training examples, which needs the data in memory; {what} is not"
+)
 
 
 def check_as_of(as_of: str) -> None:

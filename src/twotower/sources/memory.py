@@ -66,10 +66,19 @@ class MemorySource:
     def num_items(self) -> int:
         return self.dataset.num_items
 
-    def fit_features(self, config: Config) -> FittedFeatures:
-        """The config's features fitted on the training split (deterministic: every rank
-        of a distributed run fits the same state)."""
-        return FittedFeatures(FeaturePipeline.fit(config.features, self.dataset, self.split.train))
+    def fit_features(self, config: Config, init: FeaturePipeline | None = None) -> FittedFeatures:
+        """The config's features fitted on the training examples, or ``init`` grown with
+        them (``FeaturePipeline.extend``); histories from every training interaction
+        (deterministic: every rank of a distributed run fits the same state)."""
+        dataset, split = self.dataset, self.split
+        examples = split.training_examples
+        if init is not None:
+            pipeline = init.extend(config.features, dataset, examples, known=split.train)
+        else:
+            pipeline = FeaturePipeline.fit(config.features, dataset, examples)
+            if split.examples is not None:  # histories also hold the earlier interactions
+                pipeline = pipeline.with_histories(dataset, split.train)
+        return FittedFeatures(pipeline)
 
     def examples(
         self, builder: ExampleBuilder, config: Config, features: FittedFeatures, device: Any
@@ -139,7 +148,4 @@ class MemorySource:
 
     def refit(self) -> MemorySource:
         """Training and validation interactions as training; no validation; the same test."""
-        split = self.split
-        known = pa.concat_tables([split.train, split.valid])
-        refit = Split(train=known, valid=split.valid.slice(0, 0), test=split.test)
-        return MemorySource(self.dataset, refit)
+        return MemorySource(self.dataset, self.split.with_valid_in_train())

@@ -40,6 +40,7 @@ from twotower.features.streaming import (
 )
 from twotower.sources.base import (
     NEEDS_BUILD,
+    NO_WARM_START,
     ExampleBuilder,
     FittedFeatures,
     KnownQueries,
@@ -71,8 +72,14 @@ class StreamSource:
     def num_items(self) -> int:
         return self._item_keys()[1]
 
-    def fit_features(self, config: Config) -> FittedFeatures:
-        """The config's features fitted from one pass over the training stream."""
+    def fit_features(self, config: Config, init: FeaturePipeline | None = None) -> FittedFeatures:
+        """The config's features fitted from one pass over the training stream.
+
+        Raises:
+            ConfigError: ``init`` (a stream does not grow an earlier run's features).
+        """
+        if init is not None:
+            raise ConfigError(NO_WARM_START.format(what="a Parquet stream"))
         pipeline, self._items, counts, exact = fit_stream_pipeline(
             self.stream, config.features, config.seed
         )
@@ -127,9 +134,12 @@ class BuiltSource(StreamSource):
         assert config.data.stream.built is not None  # open_source chooses this source so
         self.folder = Path(config.data.stream.built)
 
-    def fit_features(self, config: Config) -> FittedFeatures:
+    def fit_features(self, config: Config, init: FeaturePipeline | None = None) -> FittedFeatures:
         """The features the build fitted (``features/``), refused where the build was
-        made for other features than the config's."""
+        made for other features than the config's, or with ``init`` (a build's features
+        are fitted when it is built)."""
+        if init is not None:
+            raise ConfigError(NO_WARM_START.format(what="a data build"))
         pipeline, counts, exact = load_fitted(self.folder / FEATURES_DIR)
         if to_dict(pipeline.config) != to_dict(config.features):
             raise ConfigError(

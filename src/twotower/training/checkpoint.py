@@ -46,6 +46,10 @@ class CheckpointStore:
         """The file checkpoint ``name`` points to."""
         return self.folder / self._pointer(name)["file"]
 
+    def sha256(self, name: str) -> str:
+        """The SHA-256 of checkpoint ``name``'s file, as its pointer records it."""
+        return self._pointer(name)["sha256"]
+
     def load(self, name: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         """Reads checkpoint ``name`` after checking its checksum."""
         pointer = self._pointer(name)

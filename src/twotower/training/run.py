@@ -21,7 +21,7 @@ import torch
 
 from twotower.config import Config, save_config
 from twotower.config_io import from_dict, to_dict
-from twotower.errors import ConfigError, DataError
+from twotower.errors import ConfigError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.sources import DataSource, FittedFeatures, open_source
 from twotower.storage import remove_partial_files, write_json
@@ -31,12 +31,13 @@ from twotower.training.checkpoint import CheckpointStore
 from twotower.training.distributed import Collective
 from twotower.training.evaluate import evaluate_source
 from twotower.training.examples import EXAMPLES
+from twotower.training.saved import REFIT_DIR, checkpoint_extra, load_model, reported_model
 from twotower.training.trainer import EpochCallback, RunPlan, RunState, Trainer, resolve_device
+from twotower.training.warm_start import WarmStart, record_start
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
-REFIT_DIR = "refit"  # training.refit's run, inside the run folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,20 +57,30 @@ class TrainResult:
 
 
 def _features(
-    source: DataSource, config: Config, folder: Path, resume: bool, main: bool
+    source: DataSource,
+    config: Config,
+    folder: Path,
+    resume: bool,
+    main: bool,
+    warm: WarmStart | None = None,
 ) -> FittedFeatures:
-    """The run's features: its saved ones when it resumes, else fitted by the source
-    (deterministic, so every rank fits the same state; rank 0 saves them in ``folder``)."""
+    """The run's features: its saved ones when it resumes, else fitted by the source, or
+    with a warm start the earlier run's grown by it (deterministic, so every rank fits
+    the same state; rank 0 saves them in ``folder``)."""
     if resume:
         return FittedFeatures.load(folder)
-    features = source.fit_features(config)
+    features = source.fit_features(config, None if warm is None else warm.pipeline)
     if main:
         features.save(folder)
     return features
 
 
 def train_run(
-    config: Config, out: Path, resume: bool = False, on_epoch: EpochCallback | None = None
+    config: Config,
+    out: Path,
+    resume: bool = False,
+    on_epoch: EpochCallback | None = None,
+    init_from: Path | None = None,
 ) -> TrainResult:
     """Trains the model a config describes and writes the run folder ``out``.
 
@@ -85,67 +96,94 @@ def train_run(
             so a pipeline can always pass ``resume=True``.
         on_epoch: called after each epoch with its number and record (``Trainer``); an
             exception it raises stops the run there, before the final metrics.
+        init_from: an earlier run folder to start from (a warm start,
+            ``twotower.training.warm_start``): its features grown with this run's
+            training examples, its weights and optimizer state carried over, a fresh
+            learning-rate schedule. ``out`` records it (``init_from.json``); a resumed
+            run continues from its own checkpoint, and need not be given it again.
+
+    Raises:
+        ConfigError: ``init_from``'s model or features differ from the config's (named).
+        DataError: ``init_from`` is not a run folder with a trained model.
     """
     out = Path(out)
     set_threads(config.threads)
     device = resolve_device(config.training.device)
     collective = Collective.from_env(device)  # several processes under torchrun
-    if resume and not CheckpointStore(out / "checkpoints").exists("last"):
-        log.warning("%s: no checkpoint to resume from; training from the beginning", out)
-        resume = False
-    if resume:
-        _check_resumable(out, config)
+    resume = resume and _resumable(out, config)
+    warm = WarmStart.for_run(out, init_from, resume, config, device)
     if collective.is_main:
-        for folder in (out, out / "features", out / "checkpoints"):
-            for path in remove_partial_files(folder):
-                log.info("removed %s, left by a write that was killed", path)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+        _prepare_folder(out, config, (out, out / "features", out / "checkpoints"))
+        if not resume:
+            record_start(out, warm)
     source = open_source(config)
-    features = _features(source, config, out / "features", resume, collective.is_main)
+    features = _features(source, config, out / "features", resume, collective.is_main, warm)
+    plan = RunPlan(config.training)
+    start = None if resume else warm  # a resumed run's own checkpoint holds its start
+    trainer = _trainer(source, config, out, features, plan, start, collective, on_epoch)
+    state = trainer.fit(resume=resume)
+    if not collective.is_main:  # rank 0 alone evaluates the best model and writes metrics
+        return TrainResult({}, state, out)
+    trainer.model.load_state_dict(trainer.store.load("best", map_location=device)["model"])
+    metrics: dict[str, float] = {**trainer.evaluate("valid"), **trainer.evaluate("test")}
+    metrics["best_epoch"] = state.best_epoch
+    if config.training.refit:  # refused on a stream when the config is read
+        metrics.update(_refit(config, out / REFIT_DIR, state, source.refit(), warm))
+    write_json(out / METRICS_FILE, metrics)
+    return TrainResult(metrics, state, out)
+
+
+def _prepare_folder(out: Path, config: Config, folders: tuple[Path, ...]) -> None:
+    """Clears what a killed write left in ``folders`` and writes the config."""
+    for folder in folders:
+        for path in remove_partial_files(folder):
+            log.info("removed %s, left by a write that was killed", path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+
+
+def _trainer(
+    source: DataSource,
+    config: Config,
+    out: Path,
+    features: FittedFeatures,
+    plan: RunPlan,
+    warm: WarmStart | None,
+    collective: Collective | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> Trainer:
+    """The examples, the model (seeded, or started from ``warm``) and their trainer."""
+    device = resolve_device(config.training.device)
     data = source.examples(EXAMPLES[config.training.examples], config, features, device)
     # seeded after the data is ready, so the initial weights do not depend on whatever
     # randomness reading and fitting the data used
     torch.manual_seed(config.seed)
     model = TwoTower.build(config.model, config.features, data.pipeline).to(device)
-    extra = _extra(config, data.pipeline)
-    plan = RunPlan(config.training)
+    extra = checkpoint_extra(config, data.pipeline)
     trainer = Trainer(model, data, plan, out, config.seed, extra, collective, on_epoch)
-    state = trainer.fit(resume=resume)
-    if not collective.is_main:  # rank 0 alone evaluates the best model and writes metrics
-        return TrainResult({}, state, out)
-    model.load_state_dict(trainer.store.load("best", map_location=device)["model"])
-    metrics: dict[str, float] = {**trainer.evaluate("valid"), **trainer.evaluate("test")}
-    metrics["best_epoch"] = state.best_epoch
-    if config.training.refit:  # refused on a stream when the config is read
-        metrics.update(_refit(config, out / REFIT_DIR, state, device, source.refit()))
-    write_json(out / METRICS_FILE, metrics)
-    return TrainResult(metrics, state, out)
+    if warm is not None:
+        warm.initialise(model, trainer.optimizers)
+    return trainer
 
 
 def _refit(
-    config: Config, out: Path, state: RunState, device: torch.device, source: DataSource
+    config: Config, out: Path, state: RunState, source: DataSource, warm: WarmStart | None
 ) -> dict[str, float]:
-    """``training.refit``: the model trained again from scratch on train + validation,
-    features fitted on them, for the first run's best epoch's number of epochs at that
-    run's learning rates, no validation; returns its test metrics and ``refit_epochs``.
+    """``training.refit``: the model trained again from scratch (or from ``warm``, as the
+    first run was) on train + validation, features fitted on them, for the first run's
+    best epoch's number of epochs at that run's learning rates, no validation; returns
+    its test metrics and ``refit_epochs``.
 
     Its test metrics are computed as the first run's: histories and seen items as of
     the end of validation. Its run folder ``out`` holds its features and checkpoints;
     it is the model the run reports on test, so export serves it (``reported_model``).
     ``source``: the first run's data, validation moved into training (``refit``).
     """
-    for path in remove_partial_files(out):
-        log.info("removed %s, left by a write that was killed", path)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    features = _features(source, config, out / "features", False, True)
-    data = source.examples(EXAMPLES[config.training.examples], config, features, device)
-    torch.manual_seed(config.seed)
-    model = TwoTower.build(config.model, config.features, data.pipeline).to(device)
+    _prepare_folder(out, config, (out,))
+    record_start(out, warm)
+    features = _features(source, config, out / "features", False, True, warm)
     lrs = tuple(record["lr"] for record in state.records[: state.best_epoch])
-    extra = _extra(config, data.pipeline)
-    trainer = Trainer(model, data, RunPlan(config.training, lrs), out, config.seed, extra)
+    trainer = _trainer(source, config, out, features, RunPlan(config.training, lrs), warm)
     log.info("refit on train + validation: %d epochs", len(lrs))
     trainer.fit()
     return {**trainer.evaluate("test"), "refit_epochs": len(lrs)}
@@ -208,15 +246,6 @@ def evaluate_run(
     return metrics
 
 
-def reported_model(run_dir: Path, part: str = "test", checkpoint: str = "best") -> Path:
-    """The run folder of the model whose ``part`` metrics ``run_dir`` reports: on test,
-    the refit (``refit/``) of a run with ``training.refit``; otherwise the run itself."""
-    refit = Path(run_dir) / REFIT_DIR
-    if part == "test" and CheckpointStore(refit / "checkpoints").exists(checkpoint):
-        return refit
-    return Path(run_dir)
-
-
 def save_evaluation(
     run_dir: Path, metrics: dict[str, float], parts: tuple[str, ...], exclude_seen: bool
 ) -> Path:
@@ -228,9 +257,17 @@ def save_evaluation(
     return path
 
 
-def _check_resumable(out: Path, config: Config) -> None:
-    """Refuses to resume a run under a config that changes its model, data or training."""
+def _resumable(out: Path, config: Config) -> bool:
+    """Whether ``out`` has a checkpoint to resume from (a run killed before its first
+    has none: it starts again from the beginning).
+
+    Raises:
+        ConfigError: the config changes the run's model, data or training.
+    """
     store = CheckpointStore(out / "checkpoints")
+    if not store.exists("last"):
+        log.warning("%s: no checkpoint to resume from; training from the beginning", out)
+        return False
     saved = from_dict(Config, store.load("last")["config"], where="checkpoint config")
     changed = sorted(
         key
@@ -242,41 +279,10 @@ def _check_resumable(out: Path, config: Config) -> None:
             f"{out}: cannot resume with a changed config; these differ from the run's: "
             f"{', '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
         )
+    return True
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): tree}
-
-
-def _extra(config: Config, pipeline: FeaturePipeline) -> dict[str, Any]:
-    """What every checkpoint carries besides weights: the config and the feature state."""
-    text, arrays = pipeline.to_bytes()
-    return {
-        "config": to_dict(config),
-        "features": {
-            "json": text.decode("utf-8"),
-            "arrays": torch.frombuffer(bytearray(arrays), dtype=torch.uint8),
-        },
-    }
-
-
-def load_model(run_dir: Path, checkpoint: str = "best") -> tuple[Config, FeaturePipeline, TwoTower]:
-    """Rebuilds a trained model from a run folder's checkpoint alone.
-
-    Returns:
-        The run's config, its fitted features and the model (on the CPU, eval mode).
-    """
-    state = CheckpointStore(Path(run_dir) / "checkpoints").load(checkpoint)
-    where = f"{run_dir}/checkpoints/{checkpoint}"
-    if "config" not in state or "features" not in state:
-        raise DataError(f"{where}: lacks the config or the feature state")
-    config = from_dict(Config, state["config"], where="config")
-    features = state["features"]
-    pipeline = FeaturePipeline.from_bytes(
-        features["json"].encode("utf-8"), features["arrays"].numpy().tobytes(), where
-    )
-    model = TwoTower.build(config.model, config.features, pipeline)
-    model.load_state_dict(state["model"])
-    return config, pipeline, model.eval()

@@ -93,7 +93,8 @@ def build_split(
         The manifest: each file's rows and sha256, each part's rows, the seconds taken.
 
     Raises:
-        ConfigError: the data is not a ``files`` source; an unknown engine.
+        ConfigError: the data is not a ``files`` source; an unknown engine; a
+            ``split.train_from``.
         DataError: a file is missing, unreadable or lacks a column; an id is empty; a
             part would be empty; ``out`` exists and is not a build.
     """
@@ -101,6 +102,11 @@ def build_split(
         raise ConfigError(
             f"twotower data build reads data.source 'files' (data.interactions), not "
             f"{data.source!r}"
+        )
+    if split.train_from is not None:
+        raise ConfigError(
+            "split.train_from (training on a new period) is for data in memory; a data "
+            "build does not mark it: leave it unset to build"
         )
     chosen = engine_named(engine) if isinstance(engine, str) else engine
     job = BuildJob(data, split, options or BuildOptions(), histories or Histories(), columns or {})

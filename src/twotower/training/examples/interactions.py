@@ -52,7 +52,8 @@ class TrainingData:
 
     Args:
         dataset: the whole dataset (every query and item row).
-        split: its training interactions are the examples.
+        split: its training interactions are the examples (those of ``split.examples``
+            where it marks a new period; the earlier ones still fill histories).
         pipeline: the fitted features.
         history: how history features avoid showing an example its own target;
             ``auto`` is ``before_event`` when interactions have timestamps.
@@ -95,6 +96,8 @@ class TrainingData:
         self.query_idx = torch.tensor(query, device=self.device)
         self.item_idx = torch.tensor(train.column(ITEM_IDX).to_numpy(), device=self.device)
         self.row_weights = _row_weights(train, weights, weight_cap, self.device)
+        # the training rows that are examples; None: every one (no split.train_from)
+        self.examples = None if split.examples is None else torch.tensor(split.examples)
         self.num_items = dataset.num_items
         if history == "auto":
             history = "before_event" if TIMESTAMP in train.column_names else "mask_target"
@@ -129,18 +132,22 @@ class TrainingData:
         return (training.history,)
 
     def __len__(self) -> int:
-        return len(self.query_idx)
+        return len(self.query_idx) if self.examples is None else len(self.examples)
 
     def steps(self, batch_size: int, world: int) -> int:
         """Optimizer steps in one epoch: global batches of ``batch_size * world`` rows."""
         return -(-len(self) // (batch_size * world))
 
     def item_counts(self) -> np.ndarray:
-        """(N,) training interactions per item."""
-        return np.bincount(self.item_idx.cpu().numpy(), minlength=self.num_items)
+        """(N,) training examples per item."""
+        items = self.item_idx.cpu().numpy()
+        if self.examples is not None:
+            items = items[self.examples.numpy()]
+        return np.bincount(items, minlength=self.num_items)
 
     def training_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows,) query and item indices of every training interaction."""
+        """(rows,) query and item indices of every training interaction (each query's
+        known positives, examples or not)."""
         return self.query_idx, self.item_idx
 
     def item_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -168,7 +175,10 @@ class TrainingData:
         """
         collective = collective or Collective()
         world, rank = collective.world_size, collective.rank
-        permutation = torch.randperm(len(self), generator=generator).to(self.device)
+        permutation = torch.randperm(len(self), generator=generator)
+        if self.examples is not None:
+            permutation = self.examples[permutation]
+        permutation = permutation.to(self.device)
         for start in range(0, len(self), batch_size * world):
             rows = permutation[start : start + batch_size * world]
             bounds = shard_bounds(len(rows), world)
