@@ -374,6 +374,22 @@ def _update_replay():
     return update_replay
 
 
+@pytest.mark.skipif(
+    not (DATASETS / "ml-100k").is_dir(),
+    reason="MovieLens-100K is not in ../shared/datasets beside the repository",
+)
+def test_update_replay_quick_writes_its_ledger_table_and_plot(tmp_path):
+    run_quick("update_replay.py", tmp_path)
+    entries = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    arms = [a for a in _update_replay().ARMS if _update_replay().WARM_START or a != "incremental"]
+    assert [(e["arm"], e["step"]) for e in entries] == [("initial", 0)] + [
+        (arm, step) for step in (1, 2) for arm in arms
+    ]
+    assert all(0 < e["recall@10"] <= 1 and e["users"] > 100 for e in entries)
+    assert "| 2 |" in (tmp_path / "update-replay-ml100k.md").read_text()
+    assert (tmp_path / "update-replay-ml100k.png").stat().st_size > 1000
+
+
 def test_update_replay_steps_cut_the_log_into_equal_periods_by_time():
     """1,000 distinct timestamps in shuffled order: the first 60% is the initial data,
     then 4 periods of 100; each validation window is the last 50 before a step's end,
