@@ -366,6 +366,9 @@ def test_freshness_hit_rate_and_ndcg_by_hand(freshness_cut):
     assert freshness.earlier_events(np.array([5, 6, 5, 5, 6])).tolist() == [0, 0, 1, 2, 1]
 
 
+SPLITS = ("train", "valid", "test")
+
+
 def _update_replay():
     """The update replay benchmark's module (``benchmarks/update_replay.py``)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -457,9 +460,6 @@ def test_update_replay_step_scores_the_next_period_with_everything_before_it_kno
         next_period = (stamps >= step.known_until) & (stamps < step.next_until)
         assert np.array_equal(np.sort(parts["test"]), np.sort(stamps[next_period]))
         assert sum(len(p) for p in parts.values()) == (stamps < step.next_until).sum()
-
-
-SPLITS = ("train", "valid", "test")
 
 
 def test_update_replay_arms_score_their_own_runs_on_the_next_period(update_replayed):
