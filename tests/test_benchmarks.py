@@ -364,3 +364,152 @@ def test_freshness_hit_rate_and_ndcg_by_hand(freshness_cut):
         assert scores[arm] == {"hr@10": pytest.approx(2 / 3), "ndcg@10": pytest.approx(0.5)}
     assert freshness.distinct_runs(np.array([5, 6, 5, 7, 7])) == [(0, 2), (2, 4), (4, 5)]
     assert freshness.earlier_events(np.array([5, 6, 5, 5, 6])).tolist() == [0, 0, 1, 2, 1]
+
+
+SPLITS = ("train", "valid", "test")
+
+
+def _update_replay():
+    """The update replay benchmark's module (``benchmarks/update_replay.py``)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import update_replay
+
+    return update_replay
+
+
+@pytest.mark.skipif(
+    not (DATASETS / "ml-100k").is_dir(),
+    reason="MovieLens-100K is not in ../shared/datasets beside the repository",
+)
+def test_update_replay_quick_writes_its_ledger_table_and_plot(tmp_path):
+    run_quick("update_replay.py", tmp_path)
+    entries = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    arms = [a for a in _update_replay().ARMS if _update_replay().WARM_START or a != "incremental"]
+    assert [(e["arm"], e["step"]) for e in entries] == [("initial", 0)] + [
+        (arm, step) for step in (1, 2) for arm in arms
+    ]
+    assert all(0 < e["recall@10"] <= 1 and e["users"] > 100 for e in entries)
+    assert "| 2 |" in (tmp_path / "update-replay-ml100k.md").read_text()
+    assert (tmp_path / "update-replay-ml100k.png").stat().st_size > 1000
+
+
+def test_update_replay_steps_cut_the_log_into_equal_periods_by_time():
+    """1,000 distinct timestamps in shuffled order: the first 60% is the initial data,
+    then 4 periods of 100; each validation window is the last 50 before a step's end,
+    and an incremental update trains from the previous window on."""
+    steps = _update_replay().replay_steps(
+        np.random.default_rng(0).permutation(1000) * 10.0 + 5, 0.6, 4, 0.5
+    )
+    times = np.arange(1000) * 10.0 + 5  # the log in time order
+    assert [s.index for s in steps] == [0, 1, 2, 3]
+    for step in steps:
+        known = 600 + 100 * step.index
+        assert step.known_until == times[known]
+        assert (times < step.valid_from).sum() == known - 50
+        assert ((times >= step.known_until) & (times < step.next_until)).sum() == 100
+    assert steps[-1].next_until > times[-1]
+    assert [s.next_until for s in steps[:-1]] == [s.known_until for s in steps[1:]]
+    assert steps[0].new_from is None
+    assert [s.new_from for s in steps[1:]] == [s.valid_from for s in steps[:-1]]
+    with pytest.raises(ValueError, match="too few"):
+        _update_replay().replay_steps(np.arange(4.0), 0.5, 4, 0.5)
+
+
+@pytest.fixture(scope="module")
+def update_replayed(tiny_demo, tmp_path_factory):
+    """The tiny demo's log replayed from its first half in 2 periods, arms none and full
+    (and incremental where training can start from a run), seed 0: a namespace of the
+    module, the dataset, the steps, their configs, the runs, the ledger and the setup."""
+    from types import SimpleNamespace
+
+    from twotower.data.synthetic import generate
+
+    update_replay = _update_replay()
+    folder = tmp_path_factory.mktemp("update-replay")
+    base = tiny_demo(folder / "demo")
+    dataset = generate(base.data.synthetic).dataset
+    steps = update_replay.replay_steps(dataset.column("timestamp"), 0.5, 2, 0.5)
+    configs = [
+        update_replay.step_config(
+            base, step, update_replay.write_step_data(dataset, step, folder / f"data-{step.index}")
+        )
+        for step in steps
+    ]
+    runs = update_replay.Replay(steps, configs, folder / "runs", incremental_epochs=1)
+    arms = [a for a in update_replay.ARMS if update_replay.WARM_START or a != "incremental"]
+    ledger, setup = folder / "ledger.jsonl", {"recipe": "tiny"}
+    update_replay.replay(runs, arms, [0], ledger, setup)
+    return SimpleNamespace(
+        module=update_replay, dataset=dataset, steps=steps, configs=configs, runs=runs,
+        arms=arms, ledger=ledger, setup=setup,
+    )  # fmt: skip
+
+
+def test_update_replay_step_scores_the_next_period_with_everything_before_it_known(
+    update_replayed,
+):
+    from twotower.sources import MemorySource
+
+    run = update_replayed
+    stamps = run.dataset.column("timestamp")
+    for step, config in zip(run.steps, run.configs, strict=True):
+        split = MemorySource.read(config).split
+        parts = {name: split.part(name).column("timestamp").to_numpy() for name in SPLITS}
+        assert (parts["train"] < step.valid_from).all()
+        assert ((parts["valid"] >= step.valid_from) & (parts["valid"] < step.known_until)).all()
+        next_period = (stamps >= step.known_until) & (stamps < step.next_until)
+        assert np.array_equal(np.sort(parts["test"]), np.sort(stamps[next_period]))
+        assert sum(len(p) for p in parts.values()) == (stamps < step.next_until).sum()
+
+
+def test_update_replay_arms_score_their_own_runs_on_the_next_period(update_replayed):
+    """A trained arm's line is its run's own test metrics (the run's split is the step's);
+    no update scores the initial model with the step's histories and seen items."""
+    from twotower.config import load_config
+
+    run = update_replayed
+    entries = [json.loads(line) for line in run.ledger.read_text().splitlines()]
+    assert [(e["arm"], e["step"]) for e in entries] == [("initial", 0)] + [
+        (arm, 1) for arm in run.arms
+    ]
+    folders = run.runs.out / "seed-0"
+    for entry in entries:
+        if entry["arm"] == "none":
+            assert entry["seconds"] == 0 and entry["epochs"] == 0
+            expected = run.module.next_period(folders / "initial-0", run.configs[1])
+            assert {k: entry[k] for k in expected} == expected
+            continue
+        metrics = json.loads(
+            (folders / f"{entry['arm']}-{entry['step']}" / "metrics.json").read_text()
+        )
+        assert entry["recall@10"] == pytest.approx(metrics["test/recall@10"])
+        assert entry["ndcg@10"] == pytest.approx(metrics["test/ndcg@10"])
+        assert entry["seconds"] > 0 and entry["epochs"] == 1 and entry["setup"] == run.setup
+    if "incremental" in run.arms:  # trained from the initial model on the new period only
+        saved = load_config(folders / "incremental-1" / "config.yaml")
+        assert saved.split.train_from == run.steps[1].new_from == run.steps[0].valid_from
+
+
+def test_update_replay_resumes_from_its_ledger_and_refuses_another_setup(
+    update_replayed, monkeypatch, tmp_path
+):
+    run = update_replayed
+    lines = run.ledger.read_text().splitlines()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded or finished run was trained again")
+
+    monkeypatch.setattr(run.module, "train_run", no_training)
+    run.module.replay(run.runs, run.arms, [0], run.ledger, run.setup)
+    assert run.ledger.read_text().splitlines() == lines
+    # a line lost after its run finished is scored again from the run folder
+    run.ledger.write_text("\n".join(lines[:-1]) + "\n")
+    run.module.replay(run.runs, run.arms, [0], run.ledger, run.setup)
+    assert run.ledger.read_text().splitlines() == lines
+    with pytest.raises(SystemExit, match="give another --ledger"):
+        run.module.replay(run.runs, run.arms, [0], run.ledger, {"recipe": "other"})
+
+    table = run.module.markdown([json.loads(line) for line in lines], run.steps)
+    assert "| 0 |" in table and "| 1 |" in table and "| full |" in table
+    run.module.plot([json.loads(line) for line in lines], tmp_path / "replay.png")
+    assert (tmp_path / "replay.png").stat().st_size > 1000
