@@ -21,7 +21,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 
@@ -86,19 +86,23 @@ class ServiceState:
         return self.retriever.artifact.fingerprint
 
     @property
+    def version(self) -> int:
+        """The version of the artifact being served."""
+        return version_of(self.retriever.artifact)
+
+    @property
     def ready(self) -> bool:
         """Whether requests are answered: the batch worker runs and no shutdown began."""
         return self.batcher.running and not self.closing
 
-    async def answer(self, queries: list[Query]) -> tuple[list[Result | DataError], str]:
+    async def answer(self, queries: list[Query]) -> tuple[list[Result | DataError], Artifact]:
         """Each query's result (or why it has none), by way of the micro-batcher.
 
         Args:
             queries: this request's queries, answered in one batch with other requests'.
 
         Returns:
-            One answer per query, in order, and the fingerprint of the artifact that
-            gave them.
+            One answer per query, in order, and the artifact that gave them.
 
         Raises:
             HTTPException: 503 while the service is shutting down.
@@ -106,7 +110,7 @@ class ServiceState:
         if not self.ready:
             raise HTTPException(503, "the service is shutting down")
         answers, retriever = await self.batcher.submit(queries)
-        return answers, retriever.artifact.fingerprint
+        return answers, retriever.artifact
 
     async def reload(self) -> schemas.ReloadResponse:
         """Loads the artifact folder again, verifies it, and serves it from now on
@@ -132,7 +136,9 @@ class ServiceState:
                 raise HTTPException(409, detail) from None
             self.swap(retriever)
             return schemas.ReloadResponse(
-                artifact=self.fingerprint, previous=previous, seconds=time.perf_counter() - started
+                **answered_by(retriever.artifact),
+                previous=previous,
+                seconds=time.perf_counter() - started,
             )
 
     def load(self) -> Retriever:
@@ -154,12 +160,13 @@ class ServiceState:
             store = self.retriever.store.carried(artifact)
         return _warmed(Retriever(artifact, vectors, runtime=config.runtime, store=store))
 
-    async def ingest(self, events: list[Event]) -> tuple[int, list[tuple[int, str]]]:
+    async def ingest(self, events: list[Event]) -> tuple[int, list[tuple[int, str]], Artifact]:
         """Appends ``events`` to their users' states: every event whose item the served
         artifact holds, each other one refused by name.
 
         Returns:
-            How many were stored, and (position, reason) of each refused one.
+            How many were stored, (position, reason) of each refused one, and the
+            artifact that checked them.
 
         Raises:
             HTTPException: 409 with users' states in the memory of one worker of
@@ -177,14 +184,15 @@ class ServiceState:
         # a memory store changes hands at a reload: its events wait for one to end
         lock = self.reload_lock if self.store is None else contextlib.nullcontext()
         async with lock:
+            retriever = self.retriever
             try:
-                refused = await asyncio.to_thread(self.retriever.ingest, events)
+                refused = await asyncio.to_thread(retriever.ingest, events)
             except StoreUnavailableError as err:
                 raise HTTPException(503, str(err)) from None
         stored = len(events) - len(refused)
         self.metrics.events.labels("stored").inc(stored)
         self.metrics.events.labels("refused").inc(len(refused))
-        return stored, refused
+        return stored, refused, retriever.artifact
 
     async def store_problem(self) -> str | None:
         """Why the users' state store does not answer now; None when it does."""
@@ -252,6 +260,17 @@ async def service(request: Request) -> ServiceState:
 
 
 Service = Annotated[ServiceState, Depends(service)]
+
+
+def answered_by(artifact: Artifact) -> dict[str, Any]:
+    """The fields that name where an answer came from: the artifact's fingerprint and
+    its version."""
+    return {"artifact": artifact.fingerprint, "version": version_of(artifact)}
+
+
+def version_of(artifact: Artifact) -> int:
+    """The artifact's version (its catalogue's changes in place since export)."""
+    return int(artifact.manifest.get("version", 0))
 
 
 def _labels(retriever: Retriever) -> tuple[str, str, str]:
