@@ -104,7 +104,8 @@ def test_a_task_runs_between_the_batches_queued_before_and_after_it():
         first = asyncio.ensure_future(batcher.submit([Query(user="first")]))
         await asyncio.to_thread(retriever.started.wait, 10)
         before = [asyncio.ensure_future(batcher.submit([Query(user=f"b{i}")])) for i in range(3)]
-        between = asyncio.ensure_future(batcher.between(task))
+        between = asyncio.ensure_future(asyncio.to_thread(batcher.between, task))
+        await asyncio.sleep(0.05)  # queued before the next requests
         after = [asyncio.ensure_future(batcher.submit([Query(user=f"a{i}")])) for i in range(2)]
         await asyncio.sleep(0.05)
         retriever.gate.set()
@@ -130,7 +131,7 @@ def test_a_failing_task_raises_to_its_caller_and_the_worker_goes_on():
 
     async def run():
         with pytest.raises(ValueError, match="planted"):
-            await batcher.between(task)
+            await asyncio.to_thread(batcher.between, task)
         return await batcher.submit([Query(user="u")])
 
     try:
@@ -138,3 +139,4 @@ def test_a_failing_task_raises_to_its_caller_and_the_worker_goes_on():
     finally:
         batcher.stop()
     assert results == [Result("u", ["u"], [1.0])]
+    assert batcher.between(lambda: "here") == "here"  # stopped: nothing runs beside it

@@ -18,6 +18,7 @@ runs there, and every batch sees the served state wholly before or wholly after 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -41,8 +42,8 @@ Answer = Result | DataError
 @dataclasses.dataclass
 class _Job:
     queries: Sequence[Query]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop | None  # None: a task's (its future is thread-safe)
+    future: asyncio.Future | concurrent.futures.Future
     task: Callable[[], Any] | None = None  # run alone, between two batches, instead
 
 
@@ -100,16 +101,20 @@ class MicroBatcher:
         self._queue.put(_Job(queries, loop, future))
         return await future
 
-    async def between(self, task: Callable[[], Any]) -> Any:
-        """Runs ``task`` on the worker thread between two batches and returns its result
-        (or raises its error): the batches queued before it are answered first, those
-        queued after it once it returns."""
+    def between(self, task: Callable[[], Any]) -> Any:
+        """Runs ``task`` on the worker thread between two batches; returns its result
+        (or raises its error) once it has run. The batches queued before it are answered
+        first, those queued after it once it returns. Where the worker does not run
+        (before ``start``, after ``stop``), no batch can run beside it: it runs here.
+
+        Blocks the calling thread (never the worker's own): from async code,
+        ``await asyncio.to_thread(batcher.between, task)``.
+        """
         if not self.running:
-            raise RuntimeError("the batcher is not running")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put(_Job([], loop, future, task))
-        return await future
+            return task()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put(_Job([], None, future, task))
+        return future.result()
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -169,16 +174,14 @@ class MicroBatcher:
 def _run_task(job: _Job) -> None:
     """Runs a ``between`` task and hands its caller the result or the error."""
     try:
-        result = job.task()
+        job.future.set_result(job.task())
     except Exception as err:
-        _settle(job, error=err)
-    else:
-        _settle(job, result=result)
+        job.future.set_exception(err)
 
 
 def _settle(
     job: _Job,
-    result: Any = None,
+    result: tuple[list[Answer], Retriever] | None = None,
     error: Exception | None = None,
 ) -> None:
     def settle() -> None:
