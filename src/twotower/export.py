@@ -141,6 +141,7 @@ def artifact_contents(
         config=to_dict(config),
         pipeline=known.pipeline,
         query_tower=model.query_tower,
+        item_tower=model.item_tower,
         items=items,
         queries=known.queries,
         query_key=source.query_key,
