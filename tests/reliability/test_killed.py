@@ -5,9 +5,8 @@
   the metrics of an uninterrupted run; after every kill each checkpoint on disk is
   whole (its checksum verifies) and the run's leftovers are cleaned up by the next start.
 - An export killed at random moments always leaves a whole artifact at ``out``.
-- A service killed after acknowledging a change of its items (``POST /admin/items``)
-  serves it when started again; killed at a random moment among changes, it leaves
-  the artifact folder at one whole version, none acknowledged lost.
+- An update (``twotower export --update``) killed at random moments always leaves one
+  whole version, and the next update completes it.
 
 The moments are drawn from a fresh seed each time (so repeated runs cover different
 ones) and the seed is named in every failure; ``TWOTOWER_KILL_SEED`` replays one.
@@ -19,14 +18,13 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from twotower.serving import Artifact, Retriever
@@ -160,71 +158,41 @@ def test_a_killed_export_leaves_a_whole_artifact(tmp_path, rng):
     assert beside == [".artifact.lock"], f"seed {seed}: left beside the artifact: {beside}"
 
 
-def test_a_service_killed_after_acknowledging_an_item_change_serves_it_again(
-    demo_artifact, tmp_path, serve_process
-):
-    """The change is on disk as the artifact's next version before it is answered: a
-    service started again after SIGKILL serves that version."""
-    folder = Path(shutil.copytree(demo_artifact[0], tmp_path / "artifact"))
-    user = demo_artifact[1].query_ids[3]
-    artifact = Artifact.load(folder)
-    with serve_process(folder) as (process, url), httpx.Client(base_url=url, timeout=60) as http:
-        top = http.post("/recall", json={"user_id": user, "k": 3}).json()["items"]
-        row = {**artifact.items.slice(0, 1).to_pylist()[0], "item_id": 900_100}
-        answer = http.post("/admin/items", json={"block": top, "upsert": [row]})
-        assert answer.status_code == 200, answer.text
-        process.send_signal(signal.SIGKILL)  # no handler, no cleanup
-        process.wait(timeout=30)
-    acknowledged = answer.json()
-    with serve_process(folder) as (_, url), httpx.Client(base_url=url, timeout=60) as http:
-        ready = http.get("/ready").json()
-        after = http.post("/recall", json={"user_id": user, "k": 10}).json()
-        added = http.get("/items/900100/similar?k=3")
-    assert (ready["artifact"], ready["version"]) == (acknowledged["artifact"], 2)
-    assert after["version"] == 2 and not set(after["items"]) & set(top)
-    assert added.status_code == 200
-    (expected,) = Retriever.load(folder).recall_users([user], 10)
-    assert after["items"] == expected.items
-
-
-def test_a_service_killed_while_changing_items_keeps_every_acknowledged_change(
-    demo_artifact, tmp_path, serve_process, rng
-):
-    """Changes sent one after another, the service killed at a random moment among
-    them: the folder holds one whole version, at least the last one acknowledged."""
+def test_a_killed_update_leaves_a_whole_version(tmp_path, rng):
+    """``twotower export --update`` killed at random moments: the artifact always loads
+    as version 1 or 2, answering as that version does; the update then runs to the end."""
     rng, seed = rng
-    folder = Path(shutil.copytree(demo_artifact[0], tmp_path / "artifact"))
-    items = demo_artifact[1].item_ids
-    acknowledged, refused, stop = [1], [], threading.Event()
-    with serve_process(folder) as (process, url):
+    run = tmp_path / "run"
+    _run(_train_command(run, resume=False))
+    first = tmp_path / "first"
+    _run([sys.executable, "-m", "twotower", "export", str(run), "--out", str(first)])
+    artifact = Artifact.load(first)
+    rows = artifact.items.slice(0, 20).to_pylist()
+    for row in rows[:10]:
+        row[artifact.item_key] += 100_000  # ten new items, ten changed ones
+    for row in rows[10:]:
+        row["title"] = f"{row['title']} (new edition)"
+    pq.write_table(pa.Table.from_pylist(rows, artifact.items.schema), tmp_path / "changes.parquet")
+    user = artifact.queries.column(artifact.query_key)[0].as_py()
+    expected = {1: Retriever(artifact).recall_users([user], 10)[0].items}
+    out = tmp_path / "artifact"
 
-        def change() -> None:
-            with httpx.Client(base_url=url, timeout=60) as http:
-                for step in range(1000):
-                    if stop.is_set():
-                        return
-                    verb = "block" if step % 2 == 0 else "unblock"
-                    try:
-                        answer = http.post("/admin/items", json={verb: items[:5]})
-                    except httpx.HTTPError:  # killed meanwhile
-                        return
-                    refused.extend([answer.text] if answer.status_code != 200 else [])
-                    acknowledged.append(answer.json().get("version", acknowledged[-1]))
+    def update() -> list[str]:
+        return [sys.executable, "-m", "twotower", "export", "--update", str(out),
+                "--items", str(tmp_path / "changes.parquet")]  # fmt: skip
 
-        sender = threading.Thread(target=change)
-        sender.start()
-        delay = rng.uniform(0.2, 3.0)
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-        stop.set()
-        sender.join(timeout=60)
-    note = f"seed {seed}: killed {delay:.2f} s in, after version {acknowledged[-1]}"
-    assert refused == [], note
-    artifact = Artifact.load(folder)  # every file's checksum verified
-    assert artifact.version >= acknowledged[-1], note
-    assert artifact.version <= acknowledged[-1] + 1, note  # at most the one in flight
-    with serve_process(folder) as (_, url), httpx.Client(base_url=url, timeout=60) as http:
-        assert http.get("/ready").json()["version"] == artifact.version, note
-        answer = http.post("/admin/items", json={"block": [items[9]]})
-    assert answer.status_code == 200 and answer.json()["version"] == artifact.version + 1, note
+    shutil.copytree(first, out)
+    seconds = _run(update())
+    expected[2] = Retriever.load(out).recall_users([user], 10)[0].items
+    for delay in sorted(rng.uniform(0, seconds) for _ in range(4)):
+        shutil.rmtree(out)
+        shutil.copytree(first, out)
+        killed = _kill_after(update(), delay)
+        note = f"seed {seed}: update killed {delay:.2f} s in (killed: {killed})"
+        loaded = Artifact.load(out)  # every listed file's checksum verified
+        assert loaded.version in (1, 2), note
+        assert Retriever(loaded).recall_users([user], 10)[0].items == expected[loaded.version], note
+        _run(update())
+        assert Retriever.load(out).recall_users([user], 10)[0].items == expected[2], note
+        assert Artifact.load(out).version == 2, note
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], note

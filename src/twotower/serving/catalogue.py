@@ -210,7 +210,12 @@ class Catalogue:
 
     def find(self, ids: Sequence[Any]) -> np.ndarray:
         """(B,) int64 the rows of these ids, removed ones included; -1 for an id no
-        row ever held."""
+        row ever held. Ids match by value, as ``KeyIndex`` matches them; a float id
+        also finds its key in a table keyed by floats."""
+        if pa.types.is_floating(self.items.schema.field(self.key).type):
+            # a float key is looked up by its text, which a float id must become too
+            # (``KeyIndex`` takes no float for an id: 12.0 is no integer key 12)
+            ids = [str(i) if isinstance(i, float) else i for i in ids]
         rows = self.exported_keys.rows(ids)
         added = self.added_keys
         missing = np.flatnonzero(rows < 0)
