@@ -16,7 +16,8 @@ from twotower.config import apply_overrides
 from twotower.export import export_run
 from twotower.serving import Artifact, Retriever
 from twotower.serving.http import ServiceConfig, create_app
-from twotower.serving.updates import ItemChange, apply_update, prepare_update
+from twotower.serving.item_changes import ItemChange, prepare_update
+from twotower.serving.updates import apply_update
 from twotower.training.run import train_run
 
 LOOPBACK = ("127.0.0.1", 50000)

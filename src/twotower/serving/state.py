@@ -31,6 +31,8 @@ from twotower.serving import schemas
 from twotower.serving.artifact import Artifact
 from twotower.serving.artifact_files import manifest_and_fingerprint, manifest_bytes
 from twotower.serving.batching import MicroBatcher
+from twotower.serving.catalogue import ItemUpdate
+from twotower.serving.item_changes import ItemChange, prepare_update
 from twotower.serving.middleware import ServiceMetrics
 from twotower.serving.query import Query, Result
 from twotower.serving.query_vectors import read_query_vectors
@@ -43,7 +45,7 @@ from twotower.serving.stores import (
     StoreUnavailableError,
     open_store,
 )
-from twotower.serving.updates import ItemChange, ItemUpdate, prepare_update, write_update
+from twotower.serving.updates import write_update
 from twotower.serving.versions import next_version
 from twotower.threads import set_threads
 
