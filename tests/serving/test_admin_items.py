@@ -288,3 +288,17 @@ def test_requests_during_changes_see_one_version_whole(demo_artifact, tmp_path, 
     assert {status for status, _ in answers} == {200}
     for _, answer in answers:
         assert answer["items"] == expected[answer["version"]], answer["version"]
+
+
+def test_ready_counts_the_items_the_version_holds(demo_artifact, tmp_path):
+    """Added items count, removed ones do not, blocked and replaced ones once."""
+    folder = _copy(demo_artifact[0], tmp_path)
+    artifact = Artifact.load(folder)
+    first, second, third = demo_artifact[1].item_ids[:3]
+    upsert = [_row(artifact, first, item_id=900_020), _row(artifact, second, price=0.5)]
+    with _service(folder) as client:
+        before = client.get("/ready").json()["items"]
+        _change(client, {"upsert": upsert, "block": [first], "remove": [third]})
+        after = client.get("/ready").json()["items"]
+        info = client.get("/explorer/info").json()["items"]
+    assert before == artifact.items.num_rows and after == before == info

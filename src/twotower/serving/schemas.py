@@ -363,7 +363,7 @@ class ReadyResponse(BaseModel):
     problem: str | None = Field(None, description="Why the service is not ready, if it is not.")
     artifact: str = Field(description="The fingerprint of the artifact being served.")
     version: int = Field(description=VERSION)
-    items: int = Field(description="Items in its corpus.")
+    items: int = Field(description="Items in its corpus (blocked ones included, removed ones not).")
     index: str = Field(description="Its index kind.")
     index_recall: float | None = Field(
         None, description="The index's recall@10 against exact search, measured at export."

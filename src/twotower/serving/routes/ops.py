@@ -34,7 +34,7 @@ async def ready(state: Service, response: Response) -> schemas.ReadyResponse:
         store=state.retriever.store.name,
         problem=problem,
         **answered_by(artifact),
-        items=artifact.index.num_items,
+        items=int(artifact.catalogue.known.sum()),  # blocked ones included, removed not
         index=artifact.index.kind,
         index_recall=(artifact.manifest.get("index_recall") or {}).get("recall"),
     )
