@@ -7,6 +7,11 @@ single ``retriever`` reference: batches in flight finish on the old artifact, th
 ones use the new one, and no request is dropped. A reload that fails leaves the old
 artifact serving.
 
+A change of the catalogue (``change_items``, ``POST /admin/items``) is written as the
+artifact's next version first, then served as a reload is, the next version applied
+to the served artifact in place (``versions.py``) rather than the folder loaded whole.
+Changes, reloads and the other writers of the folder take turns.
+
 Users' states live in the retriever's ``MemoryStore`` (the artifact's, changed by
 events, handed on to the next artifact at a reload) or, with ``config.state``, in one
 Redis store that outlives reloads, and the artifact's own users are then not loaded.

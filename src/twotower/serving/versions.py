@@ -21,15 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from twotower.errors import DataError
 from twotower.serving.artifact import Artifact
 from twotower.serving.artifact_files import manifest_and_fingerprint, read_update
 from twotower.storage import sha256_file
 
-T = TypeVar("T")
-Between = Callable[[Callable[[], T]], T]  # runs a function where no search runs beside it
+# runs a function where no search of the served index runs beside it, returns its result
+Between = Callable[[Callable[[], Artifact]], Artifact]
 
 
 def next_version(served: Artifact, between: Between) -> Artifact | None:
