@@ -75,6 +75,10 @@ class ServiceMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self._artifact_metrics()
+
+    def _artifact_metrics(self) -> None:
+        """What is served: the artifact, its version, the changes of its items."""
         self.artifact = Gauge(
             "twotower_artifact_info",
             "1 for the artifact being served (its index kind, what runs its query tower).",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import signal
 import time
@@ -34,7 +33,6 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from twotower.errors import DataError
 from twotower.serving import schemas
 from twotower.serving.artifact import Artifact
-from twotower.serving.artifact_files import manifest_and_fingerprint, manifest_bytes
 from twotower.serving.batching import MicroBatcher
 from twotower.serving.catalogue import ItemUpdate
 from twotower.serving.item_changes import ItemChange, prepare_update
@@ -51,7 +49,7 @@ from twotower.serving.stores import (
     open_store,
 )
 from twotower.serving.updates import write_update
-from twotower.serving.versions import next_version
+from twotower.serving.versions import fingerprint_of, folder_fingerprint, next_version
 from twotower.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -185,7 +183,7 @@ class ServiceState:
         update and the manifest written (None: it changes nothing, nothing written)."""
         for _ in range(WRITE_ATTEMPTS):
             artifact = self.retriever.artifact
-            if await asyncio.to_thread(_folder_fingerprint, self.folder) != artifact.fingerprint:
+            if await asyncio.to_thread(folder_fingerprint, self.folder) != artifact.fingerprint:
                 await self._serve_folder("the change is not written")  # another writer's first
                 artifact = self.retriever.artifact
             try:
@@ -359,16 +357,6 @@ def answered_by(artifact: Artifact) -> dict[str, Any]:
     """The fields that name where an answer came from: the artifact's fingerprint and
     its version."""
     return {"artifact": artifact.fingerprint, "version": artifact.version}
-
-
-def fingerprint_of(manifest: dict[str, Any]) -> str:
-    """The fingerprint of the version ``manifest`` describes (as ``Artifact.load`` names it)."""
-    return hashlib.sha256(manifest_bytes(manifest)).hexdigest()[:16]
-
-
-def _folder_fingerprint(folder: Path) -> str:
-    """The fingerprint of the version the artifact folder holds now."""
-    return manifest_and_fingerprint(folder)[1]
 
 
 def _labels(retriever: Retriever) -> tuple[str, str, str, int]:

@@ -19,13 +19,14 @@ folder whole then, as a reload does.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twotower.errors import DataError
 from twotower.serving.artifact import Artifact
-from twotower.serving.artifact_files import manifest_and_fingerprint, read_update
+from twotower.serving.artifact_files import manifest_and_fingerprint, manifest_bytes, read_update
 from twotower.storage import sha256_file
 
 # runs a function where no search of the served index runs beside it, returns its result
@@ -58,6 +59,16 @@ def next_version(served: Artifact, between: Between) -> Artifact | None:
         return None
     # a manifest written otherwise than the writers write it is named as a load names it
     return artifact if artifact.fingerprint == fingerprint else None
+
+
+def fingerprint_of(manifest: dict[str, Any]) -> str:
+    """The fingerprint of the version ``manifest`` describes (as ``Artifact.load`` names it)."""
+    return hashlib.sha256(manifest_bytes(manifest)).hexdigest()[:16]
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """The fingerprint of the version the artifact folder holds now."""
+    return manifest_and_fingerprint(folder)[1]
 
 
 def _follows(manifest: dict[str, Any], served: Artifact) -> bool:
