@@ -322,15 +322,8 @@ def read_parquet_any(path: Path) -> pa.Table:
 
 
 def read_item_tower(path: Path, config: ModelConfig, pipeline: FeaturePipeline) -> Tower:
-    """Builds the item tower's shape from the config and features, then loads its weights
-    (mapped, as the query tower's), in evaluation mode."""
-    tower = build_item_tower(config, pipeline.config, pipeline)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        tower.load_state_dict(state, assign=True)
-    except Exception as err:  # torch raises several types for a bad or mismatched file
-        raise DataError(f"{path}: not an item tower of this config ({err})") from None
-    return tower.eval().requires_grad_(False)
+    """Builds the item tower's shape from the config and features, then loads its weights."""
+    return _load_weights(path, build_item_tower(config, pipeline.config, pipeline), "an item")
 
 
 def read_query_tower(path: Path, config: ModelConfig, pipeline: FeaturePipeline) -> Tower:
@@ -339,11 +332,15 @@ def read_query_tower(path: Path, config: ModelConfig, pipeline: FeaturePipeline)
     The query tower's state includes any item-id table its history features share
     with the item tower, so it loads completely on its own.
     """
-    tower = build_query_tower(config, pipeline.config, pipeline)
+    return _load_weights(path, build_query_tower(config, pipeline.config, pipeline), "a query")
+
+
+def _load_weights(path: Path, tower: Tower, side: str) -> Tower:
+    """``tower`` with the weights of ``path``, in evaluation mode, without gradients."""
     try:
         # mapped, not read (its tables may be the item table): processes share its pages
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         tower.load_state_dict(state, assign=True)
     except Exception as err:  # torch raises several types for a bad or mismatched file
-        raise DataError(f"{path}: not a query tower of this config ({err})") from None
+        raise DataError(f"{path}: not {side} tower of this config ({err})") from None
     return tower.eval().requires_grad_(False)

@@ -142,21 +142,20 @@ class Catalogue:
             index: the index built on ``item_vectors`` (N slots), or None.
             key: the item key column.
         """
-        rows = np.arange(items.num_rows, dtype=np.int64)
-        flags = np.zeros(items.num_rows, dtype=bool)
-        keys = KeyIndex(items.column(key).combine_chunks())
+        count = items.num_rows
+        rows = np.arange(count, dtype=np.int64)
         return cls(
-            key,
-            items,
-            item_vectors,
-            index,
-            items.num_rows,
-            rows,
-            rows,
-            flags,
-            flags,
-            len(rows),
-            keys,
+            key=key,
+            items=items,
+            item_vectors=item_vectors,
+            index=index,
+            slots=count,
+            slot_rows=rows,
+            row_slots=rows,
+            blocked=np.zeros(count, dtype=bool),
+            removed=np.zeros(count, dtype=bool),
+            exported_rows=count,
+            exported_keys=KeyIndex(items.column(key).combine_chunks()),
         )
 
     @property
@@ -212,10 +211,7 @@ class Catalogue:
         """(B,) int64 the rows of these ids, removed ones included; -1 for an id no
         row ever held. Ids match by value, as ``KeyIndex`` matches them; a float id
         also finds its key in a table keyed by floats."""
-        if pa.types.is_floating(self.items.schema.field(self.key).type):
-            # a float key is looked up by its text, which a float id must become too
-            # (``KeyIndex`` takes no float for an id: 12.0 is no integer key 12)
-            ids = [str(i) if isinstance(i, float) else i for i in ids]
+        ids = self.as_keys(ids)
         rows = self.exported_keys.rows(ids)
         added = self.added_keys
         missing = np.flatnonzero(rows < 0)
@@ -223,6 +219,14 @@ class Catalogue:
             later = added.rows([ids[i] for i in missing.tolist()])
             rows[missing] = np.where(later >= 0, later + self.exported_rows, -1)
         return rows
+
+    def as_keys(self, ids: Sequence[Any]) -> Sequence[Any]:
+        """``ids`` as ``KeyIndex`` finds them: in a table keyed by floats, a float id as
+        its text (``KeyIndex`` takes no float for an id, so that 12.0 is no integer key
+        12, and looks float keys up by their text)."""
+        if pa.types.is_floating(self.items.schema.field(self.key).type):
+            return [str(i) if isinstance(i, float) else i for i in ids]
+        return ids
 
     def search(
         self,
@@ -325,13 +329,28 @@ class Catalogue:
                 f"{where}: {update.vectors.shape} vectors for {count} rows of width "
                 f"{self.item_vectors.shape[1]}"
             )
+        self._check_ids(update, where)  # before the index grows
         grown = self._with_rows(update) if count else self
         blocked, removed = grown.blocked.copy(), grown.removed.copy()
-        blocked[grown._rows_of(update.blocked, "blocks", where)] = True
-        blocked[grown._rows_of(update.unblocked, "unblocks", where)] = False
-        gone = grown._rows_of(update.removed, "removes", where)
+        blocked[grown.find(list(update.blocked))] = True
+        blocked[grown.find(list(update.unblocked))] = False
+        gone = grown.find(list(update.removed))
         removed[gone], blocked[gone] = True, False
         return dataclasses.replace(grown, blocked=blocked, removed=removed)
+
+    def _check_ids(self, update: ItemUpdate, where: str) -> None:
+        """Refuses an update whose blocked, unblocked or removed ids are neither held
+        here (removed ones included) nor among its own rows."""
+        own = KeyIndex(update.rows.column(self.key).combine_chunks())
+        lists = (update.blocked, update.unblocked, update.removed)
+        for ids, verb in zip(lists, ("blocks", "unblocks", "removes"), strict=True):
+            ids = list(ids)
+            missing = (self.find(ids) < 0) & (own.rows(self.as_keys(ids)) < 0)
+            if missing.any():
+                unknown = [i for i, m in zip(ids, missing.tolist(), strict=True) if m]
+                raise DataError(
+                    f"{where} {verb} item(s) the artifact does not hold: {unknown[:10]}"
+                )
 
     def _with_rows(self, update: ItemUpdate) -> Catalogue:
         """This catalogue with ``update``'s rows added or replaced and their vectors in
@@ -368,11 +387,3 @@ class Catalogue:
             blocked=np.concatenate([self.blocked, extra]),
             removed=removed,
         )
-
-    def _rows_of(self, ids: Sequence[Any], verb: str, where: str) -> np.ndarray:
-        """The rows of ``ids`` that this catalogue holds (removed ones included)."""
-        rows = self.find(list(ids))
-        if (rows < 0).any():
-            unknown = [i for i, r in zip(ids, rows.tolist(), strict=True) if r < 0]
-            raise DataError(f"{where} {verb} item(s) the artifact does not hold: {unknown[:10]}")
-        return rows

@@ -220,7 +220,7 @@ def _refuse_conflicts(catalogue: Catalogue, ours: KeyIndex, given: dict[str, lis
         both = (places[a] >= 0) & np.isin(places[a], places[b])
         if both.any():
             raise DataError(f"items asked both to {a} and to {b}: {_named(given[a], both)}")
-    as_rows = ours.rows(given["remove"]) >= 0
+    as_rows = ours.rows(catalogue.as_keys(given["remove"])) >= 0
     if as_rows.any():
         raise DataError(f"items given as rows and to remove: {_named(given['remove'], as_rows)}")
 
@@ -228,7 +228,7 @@ def _refuse_conflicts(catalogue: Catalogue, ours: KeyIndex, given: dict[str, lis
 def _places(catalogue: Catalogue, ours: KeyIndex, ids: list[Any]) -> np.ndarray:
     """(B,) a number per id equal for equal items however typed (its row, or past the
     rows its position among the change's rows); -1 for an id neither holds."""
-    rows, later = catalogue.find(ids), ours.rows(ids)
+    rows, later = catalogue.find(ids), ours.rows(catalogue.as_keys(ids))
     return np.where(rows >= 0, rows, np.where(later >= 0, catalogue.num_items + later, -1))
 
 
@@ -240,7 +240,7 @@ def _after_rows(
     rows = catalogue.find(ids)
     present = rows >= 0
     removed = present & catalogue.removed[np.maximum(rows, 0)]
-    known = (present & ~removed) | (ours.rows(ids) >= 0)
+    known = (present & ~removed) | (ours.rows(catalogue.as_keys(ids)) >= 0)
     blocked = present & ~removed & catalogue.blocked[np.maximum(rows, 0)]
     return known, blocked
 
@@ -249,7 +249,7 @@ def _spelled(
     catalogue: Catalogue, rows: pa.Table, key: str, ours: KeyIndex, ids: list[Any]
 ) -> list[Any]:
     """Each id as the item table spells it (the change's rows for a new one)."""
-    held, later = catalogue.find(ids), ours.rows(ids)
+    held, later = catalogue.find(ids), ours.rows(catalogue.as_keys(ids))
     values = catalogue.item_id_values[np.maximum(held, 0)].tolist() if len(ids) else []
     new = rows.column(key).to_pylist()
     return [
