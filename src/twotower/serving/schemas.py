@@ -215,9 +215,18 @@ class ItemChanges(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "upsert": [{"item_id": 5001, "category": "toys", "price": 12.5}],
+                    "upsert": [
+                        {
+                            "item_id": 5001,
+                            "category": "c3",
+                            "price": 12.5,
+                            "views": 0,
+                            "genres": "g04|g11",
+                            "title": "kazoo quartet",
+                        }
+                    ],
                     "block": [17],
-                    "remove": [40],
+                    "remove": [93],
                 }
             ]
         },
@@ -261,8 +270,11 @@ class ItemChanges(BaseModel):
 class ItemChangesResponse(BaseModel):
     """The catalogue's new version, served: what it changed and how long it took."""
 
-    artifact: str = Field(description="The fingerprint of the version now served.")
-    version: int = Field(description="The version that holds the change. " + VERSION)
+    artifact: str = Field(
+        description="The fingerprint of the version that holds the change, served by now "
+        "(or of the version served, for a change that changes nothing)."
+    )
+    version: int = Field(description="That version. " + VERSION)
     previous: str = Field(description="The fingerprint of the version it replaced.")
     added: int = Field(description="Items added (new ids).")
     replaced: int = Field(description="Items replaced (known ids given new rows).")
