@@ -100,6 +100,12 @@ def tiny_demo():
     return tiny_demo_config
 
 
+@pytest.fixture(scope="session")
+def tiny_text():
+    """``tiny_text(folder)``: ``tiny_text_config``, for test modules."""
+    return tiny_text_config
+
+
 def tiny_text_config(folder: Path, item_key_offset: float = 0) -> Config:
     """Search logs by hand: query texts like "red shoes", items titled "red shoes 2".
 

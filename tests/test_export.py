@@ -59,7 +59,7 @@ def test_manifest_lists_every_file_with_its_checksum(exported, run_dir):
     config, _, _ = load_model(run_dir)
     assert manifest["config"] == to_dict(config)
     assert manifest["metrics"] == json.loads((run_dir / "metrics.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["twotower_version"] == version("twotower")
+    assert manifest["format_version"] == 3 and manifest["twotower_version"] == version("twotower")
     assert (manifest["num_items"], manifest["num_queries"], manifest["embedding_dim"]) == (
         100,
         200,

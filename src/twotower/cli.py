@@ -259,10 +259,33 @@ def _print_tuning(report: Report, config: Config, out: Path) -> None:
     typer.echo(f"\nBest config: {out / 'best.yaml'} (twotower train {out / 'best.yaml'} --out ...)")
 
 
+UpdateOption = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="ARTIFACT",
+        help="Instead of exporting a run: write the next version of this artifact from "
+        "--items, --block, --unblock and --remove, in place.",
+    ),
+]
+ItemsOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="With --update: a CSV or Parquet file of item rows to add or replace (the item "
+        "key and every column the item features read)."
+    ),
+]
+
+
+def _ids_option(verb: str) -> typer.models.OptionInfo:
+    return typer.Option(help=f"With --update: a file of item ids to {verb}.")
+
+
 @app.command()
 def export(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A training run folder.")],
-    out: Annotated[Path, typer.Option(help="Artifact folder (replaced atomically).")],
+    run_dir: Annotated[
+        Path | None, typer.Argument(metavar="RUN_DIR", help="A training run folder.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Artifact folder (replaced atomically).")] = None,
     index: Annotated[
         str, typer.Option(help="exact, flat, hnsw, ivfpq, or auto (by corpus size).")
     ] = "exact",
@@ -289,11 +312,34 @@ def export(
             "or any ONNX runtime."
         ),
     ] = False,
+    update: UpdateOption = None,
+    items: ItemsOption = None,
+    block: Annotated[Path | None, _ids_option("block")] = None,
+    unblock: Annotated[Path | None, _ids_option("unblock")] = None,
+    remove: Annotated[Path | None, _ids_option("remove")] = None,
 ) -> None:
-    """Write a self-contained, checksummed serving artifact from a run's best model."""
+    """Write a self-contained, checksummed serving artifact from a run's best model; or,
+    with --update, the next version of an artifact with items added, replaced, blocked,
+    unblocked or removed (id files: one id per line, or a Parquet column)."""
+    changes = {"items": items, "block": block, "unblock": unblock, "remove": remove}
+    if update is not None:
+        if run_dir is not None or out is not None:
+            raise ConfigError("--update changes an artifact in place: give no RUN_DIR nor --out")
+        _export_update(update, threads, **changes)
+        return
+    given = [f"--{name}" for name, value in changes.items() if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: only with --update ARTIFACT")
+    if run_dir is None or out is None:
+        raise ConfigError("give a RUN_DIR and --out (or --update ARTIFACT)")
     from twotower.export import export_run
 
     manifest = export_run(run_dir, out, index, threads, as_of, onnx, query_vectors)
+    _print_export(manifest, out, onnx, query_vectors)
+
+
+def _print_export(manifest: dict, out: Path, onnx: bool, query_vectors: Path | None) -> None:
+    """What ``twotower export`` wrote."""
     typer.echo(
         f"Exported {manifest['num_items']} item vectors of dimension {manifest['embedding_dim']} "
         f"and {manifest['num_queries']} known queries, index {manifest['index']!r}, to {out}"
@@ -311,6 +357,21 @@ def export(
         )
     if query_vectors is not None:
         typer.echo(f"Wrote {manifest['num_queries']} query vectors to {query_vectors}")
+
+
+def _export_update(artifact: Path, threads: int | None, **changes: Path | None) -> None:
+    """``twotower export --update``: the next version, and what it changed."""
+    from twotower.export import update_artifact
+
+    done = update_artifact(artifact, threads=threads, **changes)
+    counts = ", ".join(
+        f"{done[name]} {name}" for name in ("added", "replaced", "blocked", "unblocked", "removed")
+    )
+    unchanged = f" ({done['unchanged']} rows unchanged, not written)" if done["unchanged"] else ""
+    if done["written"]:
+        typer.echo(f"Wrote version {done['version']} of {artifact}: {counts}{unchanged}")
+    else:
+        typer.echo(f"Nothing changed: {artifact} stays at version {done['version']}{unchanged}")
 
 
 @app.command()

@@ -9,12 +9,19 @@ It is built in a staging folder beside ``out`` and swapped into place in one ato
 step (``twotower.storage.replaced_folder``), so ``out`` is always a whole artifact:
 the previous one until the swap, the new one after it, whenever the process is
 killed; exports to one folder are serialized by a lock.
+
+An export is version 1 of its artifact. ``update_artifact`` (``twotower export
+--update``) writes the next version in place from files of changed item rows and of
+ids to block, unblock or remove (``twotower.serving.updates``), in time that follows
+the change, not the corpus; a full export again starts over at version 1 with every
+item embedded and the index built anew (compacting what the updates appended).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 from importlib.metadata import version
 from pathlib import Path
@@ -25,6 +32,8 @@ import pyarrow as pa
 import torch
 
 from twotower.config_io import to_dict
+from twotower.data.config import TableSpec
+from twotower.data.tables import position, read_table
 from twotower.errors import ConfigError, DataError
 from twotower.features.contract import input_contract
 from twotower.features.history import RecentLists
@@ -40,6 +49,7 @@ from twotower.serving.artifact import (
 )
 from twotower.serving.query_vectors import write_query_vectors
 from twotower.serving.runtime import OnnxRuntime
+from twotower.serving.updates import ItemChange, prepare_update, write_update
 from twotower.sources import KnownQueries, check_as_of, open_source
 from twotower.storage import replaced_folder
 from twotower.threads import set_threads
@@ -118,6 +128,107 @@ def export_run(
     return manifest
 
 
+def update_artifact(
+    folder: Path,
+    items: Path | None = None,
+    block: Path | None = None,
+    unblock: Path | None = None,
+    remove: Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Writes the next version of the artifact ``folder`` from files of changes.
+
+    Only rows that are new or differ from their item's current row are embedded (by
+    the artifact's own item tower) and written; the artifact's earlier files are
+    never rewritten. The version appears whole or not at all
+    (``twotower.serving.updates.write_update``); a change that changes nothing writes
+    no version.
+
+    Args:
+        folder: an exported artifact.
+        items: a CSV (comma-separated, with a header) or Parquet file of raw item rows
+            to add or replace: the item key and every column the item features read,
+            any other column of the item table optional (``read_item_rows``).
+        block, unblock, remove: files of item ids (``read_ids``).
+        threads: CPU threads for embedding; default the CPUs available.
+
+    Returns:
+        ``version`` (the artifact's version now), ``written`` (whether this call wrote
+        it), and how many items it ``added``, ``replaced``, ``blocked``, ``unblocked``
+        and ``removed``, and how many given rows were ``unchanged``.
+
+    Raises:
+        DataError: ``folder`` holds no artifact, or a file or a change is refused (named).
+    """
+    folder = Path(folder)
+    set_threads(threads)
+    artifact = Artifact.load(folder, users=False, index=False)  # only the items change
+    key = artifact.item_key
+    rows: dict[str, Any] = {}
+    if items is not None:
+        spec = TableSpec(Path(items))
+        rows = {
+            "rows": read_item_rows(spec.path, artifact.items.schema),
+            "source": str(spec.path),
+            "position": functools.partial(position, spec),
+        }
+    change = ItemChange(
+        block=[] if block is None else read_ids(Path(block), key),
+        unblock=[] if unblock is None else read_ids(Path(unblock), key),
+        remove=[] if remove is None else read_ids(Path(remove), key),
+        **rows,
+    )
+    update = prepare_update(artifact, change)
+    summary = {**update.counts(), "unchanged": update.unchanged}
+    if update.empty:
+        return {"version": artifact.version, "written": False, **summary}
+    write_update(folder, update)
+    return {"version": update.version, "written": True, **summary}
+
+
+def read_item_rows(path: Path, schema: pa.Schema) -> pa.Table:
+    """A CSV (comma-separated, a header line) or Parquet file of raw item rows, its
+    columns of the item table read as that table's types (a value that does not
+    convert is refused naming the file, its line or row, and the column).
+
+    Raises:
+        DataError: the file is unreadable, or a value does not convert.
+    """
+    spec = TableSpec(path)
+    names = read_table(spec).table.column_names
+    types = {name: schema.field(name).type for name in names if name in schema.names}
+    return read_table(spec, types).table
+
+
+def read_ids(path: Path, key: str) -> list[Any]:
+    """The item ids a file lists: a Parquet file's column named as the item key (or its
+    only column), else a text file of one id per line (blank lines skipped, a first
+    line that is the key's name taken as a header: a one-column CSV reads the same).
+
+    Raises:
+        DataError: the file is missing or unreadable, or a Parquet file's column is
+            not clear.
+    """
+    spec = TableSpec(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if spec.is_parquet:
+        table = read_table(spec).table
+        if key not in table.column_names and table.num_columns != 1:
+            raise DataError(
+                f"{path}: no column {key!r} (the item key) and more than one column: "
+                f"{', '.join(map(repr, table.column_names))}"
+            )
+        column = key if key in table.column_names else table.column_names[0]
+        return table.column(column).to_pylist()
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err})") from None
+    ids = [line for line in lines if line]
+    return ids[1:] if ids[:1] == [key] else ids
+
+
 def artifact_contents(
     run_dir: Path, index: str, threads: int | None = None, as_of: str = "all"
 ) -> ArtifactContents:
@@ -141,6 +252,7 @@ def artifact_contents(
         config=to_dict(config),
         pipeline=known.pipeline,
         query_tower=model.query_tower,
+        item_tower=model.item_tower,
         items=items,
         queries=known.queries,
         query_key=source.query_key,

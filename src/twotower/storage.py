@@ -154,6 +154,15 @@ def replaced_folder(out: Path, marker: str, kind: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def folder_lock(out: Path) -> Iterator[None]:
+    """Holds the lock ``replaced_folder`` takes for ``out`` (``.<out>.lock`` beside it),
+    for a writer that changes files inside ``out`` instead of replacing it: it and
+    every replacement of ``out`` then wait for each other."""
+    with _folder_lock(Path(os.path.abspath(out))):
+        yield
+
+
+@contextlib.contextmanager
 def _folder_lock(out: Path) -> Iterator[bool]:
     """Holds ``.<out>.lock`` (beside ``out``) exclusively: another writer of ``out`` waits.
     Yields whether it could (not where the system has no ``fcntl``)."""

@@ -5,6 +5,8 @@
   the metrics of an uninterrupted run; after every kill each checkpoint on disk is
   whole (its checksum verifies) and the run's leftovers are cleaned up by the next start.
 - An export killed at random moments always leaves a whole artifact at ``out``.
+- An update (``twotower export --update``) killed at random moments always leaves one
+  whole version, and the next update completes it.
 
 The moments are drawn from a fresh seed each time (so repeated runs cover different
 ones) and the seed is named in every failure; ``TWOTOWER_KILL_SEED`` replays one.
@@ -15,11 +17,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from twotower.serving import Artifact, Retriever
@@ -151,3 +156,43 @@ def test_a_killed_export_leaves_a_whole_artifact(tmp_path, rng):
     _run(export)
     beside = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".artifact"))
     assert beside == [".artifact.lock"], f"seed {seed}: left beside the artifact: {beside}"
+
+
+def test_a_killed_update_leaves_a_whole_version(tmp_path, rng):
+    """``twotower export --update`` killed at random moments: the artifact always loads
+    as version 1 or 2, answering as that version does; the update then runs to the end."""
+    rng, seed = rng
+    run = tmp_path / "run"
+    _run(_train_command(run, resume=False))
+    first = tmp_path / "first"
+    _run([sys.executable, "-m", "twotower", "export", str(run), "--out", str(first)])
+    artifact = Artifact.load(first)
+    rows = artifact.items.slice(0, 20).to_pylist()
+    for row in rows[:10]:
+        row[artifact.item_key] += 100_000  # ten new items, ten changed ones
+    for row in rows[10:]:
+        row["title"] = f"{row['title']} (new edition)"
+    pq.write_table(pa.Table.from_pylist(rows, artifact.items.schema), tmp_path / "changes.parquet")
+    user = artifact.queries.column(artifact.query_key)[0].as_py()
+    expected = {1: Retriever(artifact).recall_users([user], 10)[0].items}
+    out = tmp_path / "artifact"
+
+    def update() -> list[str]:
+        return [sys.executable, "-m", "twotower", "export", "--update", str(out),
+                "--items", str(tmp_path / "changes.parquet")]  # fmt: skip
+
+    shutil.copytree(first, out)
+    seconds = _run(update())
+    expected[2] = Retriever.load(out).recall_users([user], 10)[0].items
+    for delay in sorted(rng.uniform(0, seconds) for _ in range(4)):
+        shutil.rmtree(out)
+        shutil.copytree(first, out)
+        killed = _kill_after(update(), delay)
+        note = f"seed {seed}: update killed {delay:.2f} s in (killed: {killed})"
+        loaded = Artifact.load(out)  # every listed file's checksum verified
+        assert loaded.version in (1, 2), note
+        assert Retriever(loaded).recall_users([user], 10)[0].items == expected[loaded.version], note
+        _run(update())
+        assert Retriever.load(out).recall_users([user], 10)[0].items == expected[2], note
+        assert Artifact.load(out).version == 2, note
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], note

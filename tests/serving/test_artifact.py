@@ -82,10 +82,11 @@ def test_a_listed_path_outside_the_artifact_is_refused(copy):
 @pytest.mark.parametrize(
     ("version", "message"),
     [
-        (3, "format version 3 is newer than 2, the one this version of twotower reads; upgrade"),
-        (1, "format version 1 is not 2, the one .* reads; export the run again"),
-        ("2", "format version '2' is not 2"),
-        (None, "format version None is not 2"),
+        (4, "format version 4 is newer than 3, the one this version of twotower reads; upgrade"),
+        (2, "format version 2 is not 3, the one .* reads; export the run again"),
+        (1, "format version 1 is not 3, the one .* reads; export the run again"),
+        ("3", "format version '3' is not 3"),
+        (None, "format version None is not 3"),
     ],
 )
 def test_another_format_version_is_refused_naming_both(copy, version, message):

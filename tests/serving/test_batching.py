@@ -86,3 +86,57 @@ def test_submit_needs_a_running_worker_and_bad_settings_are_refused():
         asyncio.run(batcher.submit([Query(user=1)]))
     with pytest.raises(ValueError, match="max_queries"):
         MicroBatcher(lambda: GatedRetriever(), max_queries=0)
+
+
+def test_a_task_runs_between_the_batches_queued_before_and_after_it():
+    """Requests queued before a ``between`` task are answered before it runs, those
+    queued after it once it returns: never in one batch with the other side's."""
+    retriever = GatedRetriever()
+    batcher = MicroBatcher(lambda: retriever, max_queries=100)
+    batcher.start()
+    order = []
+
+    def task():
+        order.append([len(b) for b in retriever.batches])
+        return "done"
+
+    async def run():
+        first = asyncio.ensure_future(batcher.submit([Query(user="first")]))
+        await asyncio.to_thread(retriever.started.wait, 10)
+        before = [asyncio.ensure_future(batcher.submit([Query(user=f"b{i}")])) for i in range(3)]
+        between = asyncio.ensure_future(asyncio.to_thread(batcher.between, task))
+        await asyncio.sleep(0.05)  # queued before the next requests
+        after = [asyncio.ensure_future(batcher.submit([Query(user=f"a{i}")])) for i in range(2)]
+        await asyncio.sleep(0.05)
+        retriever.gate.set()
+        return await asyncio.gather(first, *before, between, *after)
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        batcher.stop()
+    assert answers[4] == "done"
+    assert order == [[1, 3]]  # ran once the three queued before it were answered
+    assert [len(b) for b in retriever.batches] == [1, 3, 2]
+
+
+def test_a_failing_task_raises_to_its_caller_and_the_worker_goes_on():
+    retriever = GatedRetriever()
+    retriever.gate.set()
+    batcher = MicroBatcher(lambda: retriever)
+    batcher.start()
+
+    def task():
+        raise ValueError("planted")
+
+    async def run():
+        with pytest.raises(ValueError, match="planted"):
+            await asyncio.to_thread(batcher.between, task)
+        return await batcher.submit([Query(user="u")])
+
+    try:
+        results, _ = asyncio.run(run())
+    finally:
+        batcher.stop()
+    assert results == [Result("u", ["u"], [1.0])]
+    assert batcher.between(lambda: "here") == "here"  # stopped: nothing runs beside it

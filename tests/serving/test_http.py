@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from twotower.serving import Retriever
 from twotower.serving.http import ServiceConfig, create_app
 from twotower.serving.schemas import MAX_BATCH, MAX_K
+from twotower.serving.state import answered_by
 
 LOOPBACK = ("127.0.0.1", 50000)
 
@@ -43,13 +44,13 @@ def _items(result) -> dict:
 
 def test_recall_of_known_users_equals_the_library(client, retriever, demo_artifact):
     _, oracle = demo_artifact
-    fingerprint = retriever.artifact.fingerprint
+    served = answered_by(retriever.artifact)  # its fingerprint and version
     for user, k, exclude_seen in [(oracle.query_ids[0], 10, True), (oracle.query_ids[7], 3, False)]:
         body = {"user_id": user, "k": k, "exclude_seen": exclude_seen}
         response = client.post("/recall", json=body)
         assert response.status_code == 200, response.text
         (expected,) = retriever.recall_users([user], k, exclude_seen=exclude_seen)
-        assert response.json() == {"artifact": fingerprint, **_items(expected)}
+        assert response.json() == {**served, **_items(expected)}
 
 
 def test_exclude_items_and_text_ids(client, retriever, demo_artifact):
@@ -307,13 +308,13 @@ def test_a_multi_interest_artifact_answers_as_the_library_does(interests_artifac
     answers, the interest that found each item included."""
     folder, oracle = interests_artifact
     retriever = Retriever.load(folder)
-    fingerprint = retriever.artifact.fingerprint
+    served = answered_by(retriever.artifact)
     users = [oracle.query_ids[r] for r in (0, 5, 11)]
     with TestClient(create_app(folder), client=LOOPBACK) as client:
         for user in users:
             answer = client.post("/recall", json={"user_id": user, "k": 12}).json()
             (expected,) = retriever.recall_users([user], 12)
-            assert answer == {"artifact": fingerprint, **_items(expected)}
+            assert answer == {**served, **_items(expected)}
             assert len(answer["interests"]) == 12
         batch = client.post("/recall/batch", json={"queries": [{"user_id": u} for u in users]})
         expected = retriever.recall_users(users, 10)

@@ -128,6 +128,28 @@ def test_events_with_states_in_each_workers_memory_are_refused_naming_state(two_
     assert "--state redis://HOST:PORT/DB" in answer.json()["detail"]
 
 
+def test_an_item_change_through_one_worker_is_served_by_every_worker(two_workers, demo_artifact):
+    """The change is written once, then every worker moves to its version (the
+    parent's reload, each worker reading only the new version's files); each worker
+    in turn is frozen (SIGSTOP), so the other one answers."""
+    process, url, folder, _ = two_workers
+    user = demo_artifact[1].query_ids[2]
+    (before,) = _fingerprints(url, user)
+    top = _posted(url, "/recall", {"user_id": user, "k": 3})["items"]
+    answer = _posted(url, "/admin/items", {"block": top})
+    assert answer["previous"] == before and answer["blocked"] == 3
+    written = Artifact.load(folder)
+    assert (answer["artifact"], answer["version"]) == (written.fingerprint, written.version)
+    for frozen in sorted(_worker_pids(process.pid)):
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            after = _posted(url, "/recall", {"user_id": user, "k": 10})
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        assert (after["artifact"], after["version"]) == (answer["artifact"], answer["version"])
+        assert not set(after["items"]) & set(top)
+
+
 def _posted(url: str, path: str, body: dict) -> dict:
     with httpx.Client(base_url=url, timeout=30) as http:  # a new connection
         answer = http.post(path, json=body)

@@ -84,15 +84,16 @@ def recall_against_exact(
     return float(hits.sum() / max(relevant.sum(), 1))
 
 
-def load_index(folder: Path) -> Index:
-    """The index saved in ``folder``, of whatever kind its ``index.json`` names."""
+def load_index(folder: Path, mapped: bool = True) -> Index:
+    """The index saved in ``folder``, of whatever kind its ``index.json`` names, mapped
+    from its files or (``mapped=False``) read into memory, as ``Index.load`` says."""
     kind = read_meta(folder)["kind"]
     if kind not in INDEXES:
         raise DataError(
             f"{Path(folder) / META_FILE}: unknown index kind {kind!r}; this version of "
             f"twotower reads {', '.join(INDEXES)}"
         )
-    return INDEXES[kind].load(folder)
+    return INDEXES[kind].load(folder, mapped=mapped)
 
 
 __all__ = [

@@ -10,6 +10,15 @@ them in its lists), so it costs no over-fetching. ``flat`` is exact (FAISS's bru
 force); ``hnsw`` and ``ivfpq`` trade recall for speed, measured against ``ExactIndex``
 at export.
 
+``add`` is FAISS's own: the new vectors get the next sequential ids, which are the
+positions ``Index.add`` promises (a flat index appends them; HNSW links each into the
+graph as it would have while building; IVF-PQ encodes each with the quantizers trained
+at build time and appends it to its list, so vectors far from the trained data are
+coded less well). A loaded index is mapped from its file (``IO_FLAG_MMAP_IFC``: the
+pages are shared by every process that serves it), and FAISS cannot grow a mapped
+index (it would abort the process), so ``add`` refuses one and ``growable`` copies
+it into memory first; ``load(mapped=False)`` reads it into memory directly.
+
 Saved with FAISS's own binary format (``faiss.index``), never pickle.
 """
 
@@ -23,7 +32,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from twotower.errors import ConfigError, DataError
-from twotower.index.base import Index, check_search, check_vectors, read_meta, write_meta
+from twotower.index.base import (
+    Index,
+    check_added,
+    check_search,
+    check_vectors,
+    read_meta,
+    write_meta,
+)
 
 FAISS_FILE = "faiss.index"
 
@@ -43,6 +59,7 @@ class FaissIndex(Index):
 
     def __init__(self) -> None:
         self._index: Any = None
+        self._mapped = False  # read with IO_FLAG_MMAP_IFC: its arrays cannot grow
 
     def _make(self, vectors: np.ndarray) -> Any:
         raise NotImplementedError
@@ -57,6 +74,37 @@ class FaissIndex(Index):
         vectors = check_vectors(vectors, "item vectors")
         self._index = self._make(vectors)
         self._index.add(vectors)
+        self._mapped = False
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Appends (M, D) vectors with FAISS's ``add`` (ids N..N+M-1); see ``Index.add``.
+
+        Raises:
+            RuntimeError: the index is mapped from its file (``load(mapped=True)``),
+                where FAISS would abort the process; ``growable()`` gives a copy that
+                can grow.
+        """
+        vectors = check_added(self, vectors)
+        if self._mapped:
+            raise RuntimeError(
+                f"this {self.kind} index is mapped read-only from its file and cannot grow; "
+                "add to index.growable() (an in-memory copy), or load it with mapped=False"
+            )
+        self._index.add(vectors)
+
+    def growable(self) -> FaissIndex:
+        """This index, or where it is mapped from its file, an in-memory copy of it (the
+        copy costs the index's size in memory; the mapped pages stay shared)."""
+        if not self._mapped:
+            return self
+        faiss = _faiss()
+        copy = self._copy_settings()
+        copy._index = faiss.deserialize_index(faiss.serialize_index(self._index))
+        return copy
+
+    def _copy_settings(self) -> FaissIndex:
+        """An empty index of this kind with this one's search settings."""
+        return type(self)()
 
     def search(
         self,
@@ -87,8 +135,13 @@ class FaissIndex(Index):
         write_meta(folder, self)
 
     @classmethod
-    def load(cls, folder: Path) -> FaissIndex:
-        """Reads what ``save`` wrote; refuses a file that disagrees with ``index.json``."""
+    def load(cls, folder: Path, mapped: bool = True) -> FaissIndex:
+        """Reads what ``save`` wrote; refuses a file that disagrees with ``index.json``.
+
+        Args:
+            mapped: map the file (processes serving one index share its pages; such an
+                index cannot ``add``) rather than read it into memory.
+        """
         folder = Path(folder)
         meta = read_meta(folder)
         if meta["kind"] != cls.kind:
@@ -97,9 +150,8 @@ class FaissIndex(Index):
         if not path.is_file():
             raise DataError(f"{path}: missing")
         try:
-            # mapped, not read: processes serving one index share its pages
             faiss = _faiss()
-            raw = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+            raw = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
         except RuntimeError as err:
             raise DataError(f"{path}: not a readable FAISS index ({err})") from None
         if (raw.ntotal, raw.d) != (meta["num_items"], meta["dim"]):
@@ -108,7 +160,7 @@ class FaissIndex(Index):
                 f"{meta['num_items']} of width {meta['dim']}"
             )
         index = cls()
-        index._index = raw
+        index._index, index._mapped = raw, mapped
         return index
 
     @property
@@ -163,6 +215,9 @@ class HNSWIndex(FaissIndex):
         index.hnsw.efConstruction = self.ef_construction
         return index
 
+    def _copy_settings(self) -> HNSWIndex:
+        return HNSWIndex(self.neighbors, self.ef_construction, self.ef_search)
+
     def _parameters(self, wanted: int, selector: Any) -> Any:
         faiss = _faiss()
         return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, wanted))
@@ -199,6 +254,9 @@ class IVFPQIndex(FaissIndex):
         index = faiss.IndexIVFPQ(quantizer, dim, lists, m, bits, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
         return index
+
+    def _copy_settings(self) -> IVFPQIndex:
+        return IVFPQIndex(self.nprobe, self.subquantizers)
 
     def _parameters(self, wanted: int, selector: Any) -> Any:
         faiss = _faiss()

@@ -20,6 +20,13 @@ on top of ``search``: the same ``ids`` and ``scores`` (each item once, at its be
 score over the K vectors) plus ``interests`` (B, k) int64, the vector (0..K-1) that
 gave each item that score, -1 in padding.
 
+An index grows by appending: ``add`` puts (M, D) more vectors at positions N..N+M-1,
+and every earlier position keeps its vector, so a caller that maps positions to its
+own rows (``twotower.serving.catalogue``) only appends to that map. Nothing is ever
+deleted from an index: what must not be returned is left out with ``allowed``. An
+index mapped from its file (a FAISS index loaded with ``mapped=True``) cannot grow in
+place; ``growable`` gives one that can (itself, or an in-memory copy).
+
 An index saves itself into a folder of its own: ``index.json`` (its kind, format
 version, size) and whatever files the kind needs; ``load_index`` reads the kind
 back and lets that class load the rest. Nothing is pickled.
@@ -50,6 +57,25 @@ class Index(abc.ABC):
     @abc.abstractmethod
     def build(self, vectors: np.ndarray) -> None:
         """Indexes (N, D) float32 item vectors; row i is item i in every result."""
+
+    @abc.abstractmethod
+    def add(self, vectors: np.ndarray) -> None:
+        """Appends (M, D) float32 vectors after the N indexed ones: they are positions
+        N..N+M-1 in every later result, and positions 0..N-1 are unchanged.
+
+        No search of this index may run while it adds (FAISS's ``add`` is not safe
+        beside a search).
+
+        Raises:
+            ValueError: before ``build``, or vectors of another width or not finite.
+            RuntimeError: the index is mapped from its file and cannot grow in place
+                (``growable`` gives one that can).
+        """
+
+    def growable(self) -> Index:
+        """An index with the same answers that ``add`` can grow: this one, unless it is
+        mapped read-only from its file (then an in-memory copy)."""
+        return self
 
     @abc.abstractmethod
     def search(
@@ -125,8 +151,9 @@ class Index(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, folder: Path) -> Index:
-        """Reads what ``save`` wrote."""
+    def load(cls, folder: Path, mapped: bool = True) -> Index:
+        """Reads what ``save`` wrote: mapped from its files where the kind can (processes
+        serving one index share its pages), or into memory (``mapped=False``)."""
 
     @property
     @abc.abstractmethod
@@ -152,6 +179,16 @@ def check_vectors(vectors: np.ndarray, what: str = "vectors") -> np.ndarray:
     if not np.isfinite(array).all():
         raise ValueError(f"{what} contain NaN or infinite values")
     return array
+
+
+def check_added(index: Index, vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` checked for ``index.add``: (M, D) float32, finite, the index's width."""
+    if index.num_items == 0:
+        raise ValueError("add before build: build the index on its first vectors")
+    vectors = check_vectors(vectors, "added vectors")
+    if vectors.shape[1] != index.dim:
+        raise ValueError(f"added vectors have width {vectors.shape[1]}, the index {index.dim}")
+    return vectors
 
 
 def check_search(

@@ -15,11 +15,19 @@ import scipy.sparse as sp
 import torch
 
 from twotower.errors import DataError
-from twotower.index.base import Index, check_search, check_vectors, read_meta, write_meta
+from twotower.index.base import (
+    Index,
+    check_added,
+    check_search,
+    check_vectors,
+    read_meta,
+    write_meta,
+)
 from twotower.index.topk import top_k
 from twotower.storage import load_array, save_array
 
 VECTORS_FILE = "vectors.npy"
+GROWTH = 1.25  # a new buffer holds this many times the rows it must
 
 
 class ExactIndex(Index):
@@ -37,12 +45,29 @@ class ExactIndex(Index):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
         self.device = torch.device(device)
-        self._vectors = torch.zeros((0, 0), dtype=torch.float32)
+        self._vectors = torch.zeros((0, 0), dtype=torch.float32)  # the filled rows
+        self._buffer: torch.Tensor | None = None  # what ``add`` writes into, if any
 
     def build(self, vectors: np.ndarray) -> None:
         """Keeps a float32 copy of the (N, D) item vectors on the index's device."""
         vectors = check_vectors(vectors, "item vectors")
         self._vectors = torch.from_numpy(vectors.copy()).to(self.device)
+        self._buffer = None
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Appends (M, D) vectors as items N..N+M-1; see ``Index.add``.
+
+        Earlier rows are never written: a search that began before keeps its view.
+        """
+        vectors = check_added(self, vectors)
+        filled, count = self.num_items, len(vectors)
+        if self._buffer is None or filled + count > len(self._buffer):
+            rows = max(filled + count, int(GROWTH * (filled + count)))
+            buffer = torch.empty((rows, self.dim), dtype=torch.float32, device=self.device)
+            buffer[:filled] = self._vectors
+            self._buffer = buffer
+        self._buffer[filled : filled + count] = torch.from_numpy(vectors).to(self.device)
+        self._vectors = self._buffer[: filled + count]
 
     def search(
         self,
@@ -96,16 +121,24 @@ class ExactIndex(Index):
         write_meta(folder, self)
 
     @classmethod
-    def load(cls, folder: Path, chunk_size: int = 1024, device: str = "cpu") -> ExactIndex:
-        """Reads what ``save`` wrote; refuses vectors that disagree with ``index.json``."""
+    def load(
+        cls, folder: Path, mapped: bool = True, chunk_size: int = 1024, device: str = "cpu"
+    ) -> ExactIndex:
+        """Reads what ``save`` wrote; refuses vectors that disagree with ``index.json``.
+
+        Args:
+            mapped: on the CPU, map the file (copy-on-write) rather than read it; a
+                mapped index still grows (``add`` copies its rows into memory first).
+        """
         folder = Path(folder)
         meta = read_meta(folder)
         if meta["kind"] != cls.kind:
             raise DataError(f"{folder}: holds a {meta['kind']!r} index, not {cls.kind!r}")
         shape = (meta["num_items"], meta["dim"])
-        vectors = load_array(folder / VECTORS_FILE, shape, mapped=device == "cpu")
+        on_cpu = device == "cpu"
+        vectors = load_array(folder / VECTORS_FILE, shape, mapped=mapped and on_cpu)
         index = cls(chunk_size=chunk_size, device=device)
-        if device == "cpu":  # the mapped file itself: processes serving it share its pages
+        if on_cpu:  # mapped: the file itself, whose pages processes serving it share
             index._vectors = torch.from_numpy(check_vectors(vectors, "item vectors"))
         else:
             index.build(vectors)

@@ -7,6 +7,8 @@ naming it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -21,16 +23,19 @@ from twotower.features.history import RecentLists
 from twotower.features.pipeline import ARRAYS_FILE, STATE_FILE, FeaturePipeline
 from twotower.index import Index, load_index
 from twotower.index.base import META_FILE
-from twotower.storage import atomic_write, read_json, sha256_file
+from twotower.serving.catalogue import ItemUpdate
+from twotower.storage import atomic_write, load_array, read_json, sha256_file
 from twotower.towers.config import ModelConfig
-from twotower.towers.model import Tower, build_query_tower
+from twotower.towers.model import Tower, build_item_tower, build_query_tower
 
 # 2: the known users' recent interactions (recent.npz) are the history they are served
-# with; version 1 artifacts held them only inside the fitted features
-FORMAT_VERSION = 2
+# with; version 1 artifacts held them only inside the fitted features.
+# 3: the item tower (item_tower.pt) and versions: updates/ changes the catalogue in place.
+FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 FEATURES_DIR = "features"
 QUERY_TOWER_FILE = "query_tower.pt"
+ITEM_TOWER_FILE = "item_tower.pt"
 ITEM_VECTORS_FILE = "item_vectors.npy"
 ITEMS_FILE = "items.parquet"
 QUERIES_FILE = "queries.parquet"
@@ -43,8 +48,15 @@ INDEX_DIR = "index"
 # Optional: the query tower as an ONNX graph (twotower.towers.onnx), its weights
 # beside it in query_tower.onnx.data.
 ONNX_FILE = "onnx/query_tower.onnx"
+# Each version after the first: updates/<version, six digits>/ holds these three files.
+UPDATES_DIR = "updates"
+UPDATE_ITEMS_FILE = "items.parquet"
+UPDATE_VECTORS_FILE = "item_vectors.npy"
+CHANGE_FILE = "change.json"
 # What the loader reads from the manifest besides its format version.
 MANIFEST_KEYS = (
+    "version",
+    "updates",
     "files",
     "config",
     "query_key",
@@ -59,6 +71,7 @@ REQUIRED_FILES = (
     f"{FEATURES_DIR}/{STATE_FILE}",
     f"{FEATURES_DIR}/{ARRAYS_FILE}",
     QUERY_TOWER_FILE,
+    ITEM_TOWER_FILE,
     ITEM_VECTORS_FILE,
     ITEMS_FILE,
     QUERIES_FILE,
@@ -73,8 +86,22 @@ USER_FILES = (QUERIES_FILE, SEEN_FILE, RECENT_FILE, HELDOUT_FILE)
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     """Parses ``manifest.json``; refuses a missing, corrupt or other-version manifest."""
+    return manifest_and_fingerprint(folder)[0]
+
+
+def manifest_and_fingerprint(folder: Path) -> tuple[dict[str, Any], str]:
+    """``manifest.json`` parsed and checked (as ``read_manifest``), and its fingerprint
+    (the first 16 hex digits of its SHA-256), from one read of the file: an update
+    replacing it meanwhile cannot pair one version's manifest with another's name."""
     path = folder / MANIFEST_FILE
-    manifest = read_json(path, f"missing; {folder} is not an exported artifact")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; {folder} is not an exported artifact") from None
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: corrupt ({err})") from None
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: not an artifact manifest")
     version = manifest.get("format_version")
@@ -89,12 +116,59 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing or not isinstance(manifest["files"], dict):
         raise DataError(f"{path}: not an artifact manifest (lacks {', '.join(missing)})")
-    return manifest
+    _check_versions(path, manifest)
+    return manifest, hashlib.sha256(data).hexdigest()[:16]
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest as written: indented JSON with sorted keys (its fingerprint is
+    the SHA-256 of exactly these bytes)."""
+    return json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> str:
+    """Writes ``manifest.json`` atomically (the last file of a version); returns its
+    fingerprint."""
+    data = manifest_bytes(manifest)
+    atomic_write(folder / MANIFEST_FILE, lambda f: f.write(data))
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def update_folder(version: int) -> str:
+    """The folder of version ``version``'s files (2 and above), inside the artifact."""
+    return f"{UPDATES_DIR}/{version:06d}"
+
+
+def _check_versions(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuses a manifest whose ``version`` and ``updates`` disagree: version 1 is the
+    export, and the i-th update (from 0) makes version i + 2 in its own folder."""
+    version, updates = manifest["version"], manifest["updates"]
+    agree = (
+        isinstance(version, int)
+        and isinstance(updates, list)
+        and version == len(updates) + 1
+        and all(
+            isinstance(entry, dict)
+            and entry.get("version") == number + 2
+            and entry.get("folder") == update_folder(number + 2)
+            for number, entry in enumerate(updates)
+        )
+    )
+    if not agree:
+        raise DataError(
+            f"{path}: version {version!r} and its updates disagree (version 1 is the "
+            "export, each update the next, in updates/<version>)"
+        )
 
 
 def verify_files(folder: Path, manifest: dict[str, Any], skip: Sequence[str] = ()) -> None:
     """Checks that the folder holds exactly the listed files, each with its SHA-256
-    (except the files named in ``skip``, which are not read: their presence only)."""
+    (except the files named in ``skip``, which are not read: their presence only).
+
+    What a killed update leaves is not read, and no error: its files under a version
+    folder above the manifest's version, and a manifest it was writing. The next
+    update removes them (``twotower.serving.updates``).
+    """
     listed: dict[str, str] = manifest["files"]
     where = folder / MANIFEST_FILE
     for name in REQUIRED_FILES:
@@ -111,8 +185,24 @@ def verify_files(folder: Path, manifest: dict[str, Any], skip: Sequence[str] = (
             raise DataError(f"{path}: corrupt (its checksum does not match {MANIFEST_FILE})")
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
-        if path.is_file() and name != MANIFEST_FILE and name not in listed:
+        unlisted = name != MANIFEST_FILE and name not in listed
+        if unlisted and path.is_file() and not is_leftover(name, manifest["version"]):
             raise DataError(f"{path}: not listed in {MANIFEST_FILE}; the artifact was altered")
+
+
+def is_leftover(name: str, version: int) -> bool:
+    """Whether the unlisted file ``name`` (relative to the artifact) is what an update
+    killed on top of ``version`` left: anything in the folder of a later version, or
+    a manifest being written (``atomic_write``'s temporary name)."""
+    parts = PurePosixPath(name).parts
+    if len(parts) == 1:
+        return name.startswith(f".{MANIFEST_FILE}.") and name.endswith(".tmp")
+    return parts[0] == UPDATES_DIR and len(parts) > 2 and folder_version(parts[1]) > version
+
+
+def folder_version(name: str) -> int:
+    """The version a folder of updates/ holds (its six digits), or -1 for another name."""
+    return int(name) if len(name) == 6 and name.isdigit() and name.isascii() else -1
 
 
 def save_recent(path: Path, recent: RecentLists) -> None:
@@ -158,18 +248,16 @@ def read_schema(path: Path) -> pa.Schema:
 
 
 def read_parquet(path: Path, key: str, rows: int) -> pa.Table:
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    table = read_parquet_any(path)
     if key not in table.column_names or table.num_rows != rows:
         raise DataError(f"{path}: expected {rows} rows with key column {key!r}")
     return table.combine_chunks()
 
 
-def read_index(folder: Path, shape: tuple[int, int]) -> Index:
-    """The item index, refused unless it holds ``shape`` (N, D) vectors."""
-    index = load_index(folder)
+def read_index(folder: Path, shape: tuple[int, int], mapped: bool = True) -> Index:
+    """The item index, refused unless it holds ``shape`` (N, D) vectors; mapped from
+    its files, or read into memory (``mapped=False``: an index that updates will grow)."""
+    index = load_index(folder, mapped=mapped)
     if (index.num_items, index.dim) != shape:
         raise DataError(
             f"{folder}: the index holds {index.num_items} x {index.dim} "
@@ -178,17 +266,81 @@ def read_index(folder: Path, shape: tuple[int, int]) -> Index:
     return index
 
 
+def read_update(folder: Path, entry: dict[str, Any], schema: pa.Schema, dim: int) -> ItemUpdate:
+    """One version's files (``updates/<version>/``) as the ``ItemUpdate`` they hold.
+
+    Args:
+        folder: the artifact folder.
+        entry: the version's entry in the manifest's ``updates``.
+        schema: the item table's schema, which its rows must have.
+        dim: the width of the item vectors.
+
+    Raises:
+        DataError: a file unreadable or at odds with the entry or the item table (named).
+    """
+    where = folder / entry["folder"]
+    path = where / UPDATE_ITEMS_FILE
+    rows = read_parquet_any(path)
+    if not rows.schema.equals(schema, check_metadata=False):
+        raise DataError(f"{path}: its columns are not the item table's ({schema.names})")
+    vectors = load_array(where / UPDATE_VECTORS_FILE, (rows.num_rows, dim), mapped=False)
+    change = read_json(where / CHANGE_FILE, "missing")
+    lists = {n: change.get(n) if isinstance(change, dict) else None for n in CHANGE_LISTS}
+    if not _agrees(entry, rows.num_rows, lists):
+        raise DataError(f"{where}: its files disagree with the manifest's entry {entry}")
+    return ItemUpdate(
+        rows.combine_chunks(),
+        vectors,
+        *(tuple(lists[name]) for name in CHANGE_LISTS),
+        added=entry["added"],
+        replaced=entry["replaced"],
+        version=entry["version"],
+    )
+
+
+CHANGE_LISTS = ("blocked", "unblocked", "removed")  # change.json's id lists, in this order
+
+
+def _agrees(entry: dict[str, Any], rows: int, lists: dict[str, Any]) -> bool:
+    """Whether an update's files agree with its manifest entry: its rows are the added
+    and replaced ones, and each id list as long as the entry counts."""
+    added, replaced = entry.get("added"), entry.get("replaced")
+    return (
+        isinstance(added, int)
+        and isinstance(replaced, int)
+        and added + replaced == rows
+        and all(isinstance(ids, list) and entry.get(n) == len(ids) for n, ids in lists.items())
+    )
+
+
+def read_parquet_any(path: Path) -> pa.Table:
+    """A Parquet file's table, whatever it holds; refused by name if unreadable."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def read_item_tower(path: Path, config: ModelConfig, pipeline: FeaturePipeline) -> Tower:
+    """Builds the item tower's shape from the config and features, then loads its weights."""
+    return _load_weights(path, build_item_tower(config, pipeline.config, pipeline), "an item")
+
+
 def read_query_tower(path: Path, config: ModelConfig, pipeline: FeaturePipeline) -> Tower:
     """Builds the query tower's shape from the config and features, then loads its weights.
 
     The query tower's state includes any item-id table its history features share
     with the item tower, so it loads completely on its own.
     """
-    tower = build_query_tower(config, pipeline.config, pipeline)
+    return _load_weights(path, build_query_tower(config, pipeline.config, pipeline), "a query")
+
+
+def _load_weights(path: Path, tower: Tower, side: str) -> Tower:
+    """``tower`` with the weights of ``path``, in evaluation mode, without gradients."""
     try:
         # mapped, not read (its tables may be the item table): processes share its pages
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         tower.load_state_dict(state, assign=True)
     except Exception as err:  # torch raises several types for a bad or mismatched file
-        raise DataError(f"{path}: not a query tower of this config ({err})") from None
+        raise DataError(f"{path}: not {side} tower of this config ({err})") from None
     return tower.eval().requires_grad_(False)

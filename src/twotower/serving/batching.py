@@ -9,12 +9,16 @@ with load instead of requests queueing one by one. ``max_wait_ms`` (default 0)
 makes the worker wait that long for more requests before it starts a batch.
 
 The worker reads the retriever to use from ``current`` at the start of each batch,
-so swapping in a new artifact never touches a batch in flight.
+so swapping in a new artifact never touches a batch in flight. ``between`` runs a
+function on the worker itself, after the batches queued before it and before those
+queued after: what must not run beside a search (growing a FAISS index in place)
+runs there, and every batch sees the served state wholly before or wholly after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -22,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -37,8 +42,9 @@ Answer = Result | DataError
 @dataclasses.dataclass
 class _Job:
     queries: Sequence[Query]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop | None  # None: a task's (its future is thread-safe)
+    future: asyncio.Future | concurrent.futures.Future
+    task: Callable[[], Any] | None = None  # run alone, between two batches, instead
 
 
 class MicroBatcher:
@@ -66,6 +72,7 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._held: _Job | None = None  # a task taken while a batch was gathered
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -94,21 +101,39 @@ class MicroBatcher:
         self._queue.put(_Job(queries, loop, future))
         return await future
 
+    def between(self, task: Callable[[], Any]) -> Any:
+        """Runs ``task`` on the worker thread between two batches; returns its result
+        (or raises its error) once it has run. The batches queued before it are answered
+        first, those queued after it once it returns. Where the worker does not run
+        (before ``start``, after ``stop``), no batch can run beside it: it runs here.
+
+        Blocks the calling thread (never the worker's own): from async code,
+        ``await asyncio.to_thread(batcher.between, task)``.
+        """
+        if not self.running:
+            return task()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put(_Job([], None, future, task))
+        return future.result()
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             jobs = self._take()
             real = [job for job in jobs if job is not None]
-            if real:
+            if real and real[0].task is not None:
+                _run_task(real[0])
+            elif real:
                 self._answer(real)
             if len(real) < len(jobs):  # stop() was called
                 return
 
     def _take(self) -> list[_Job | None]:
-        """The next batch: one job, then what has queued up, within the limits."""
-        first = self._queue.get()
+        """The next batch: one job, then what has queued up, within the limits; a task
+        alone (one met while gathering waits for the next call)."""
+        first, self._held = self._held or self._queue.get(), None
         jobs = [first]
-        if first is None:
+        if first is None or first.task is not None:
             return jobs
         count = len(first.queries)
         deadline = time.monotonic() + self.max_wait
@@ -117,6 +142,9 @@ class MicroBatcher:
             try:
                 job = self._queue.get(block=remaining > 0, timeout=max(remaining, 0) or None)
             except queue.Empty:
+                break
+            if job is not None and job.task is not None:
+                self._held = job
                 break
             jobs.append(job)
             if job is None:
@@ -141,6 +169,14 @@ class MicroBatcher:
         for job in jobs:
             _settle(job, result=(answers[start : start + len(job.queries)], retriever))
             start += len(job.queries)
+
+
+def _run_task(job: _Job) -> None:
+    """Runs a ``between`` task and hands its caller the result or the error."""
+    try:
+        job.future.set_result(job.task())
+    except Exception as err:
+        job.future.set_exception(err)
 
 
 def _settle(

@@ -15,8 +15,9 @@ at ``GET /``; it retrieves through the service's own ``/recall`` and
   besides them (to rank as the evaluation does);
 - ``item_records``: items' raw fields (title, genres, ...) by id;
 - ``projection``: every item vector's coordinates on the first two principal
-  components (computed once per artifact from the item vectors: a D x D covariance
-  and its eigenvectors), for a map of the corpus with the items on screen marked.
+  components (computed once per artifact version from the item rows' current vectors:
+  a D x D covariance and its eigenvectors), for a map of the corpus with the items on
+  screen marked; the map leaves out removed items.
 
 Each is one read of the store and a handful of vectorized Arrow operations on the
 artifact's tables.
@@ -56,7 +57,7 @@ def info(artifact: Artifact) -> dict[str, Any]:
         "artifact": artifact.fingerprint,
         "query_key": artifact.query_key,
         "item_key": artifact.item_key,
-        "items": artifact.items.num_rows,
+        "items": int(artifact.catalogue.known.sum()),  # removed items are unknown
         "queries": artifact.queries.num_rows,
         "users": artifact.users,
         "text_search": bool(_text_columns(artifact)),
@@ -180,9 +181,14 @@ def projection(artifact: Artifact) -> np.ndarray:
 
 
 def corpus_map(artifact: Artifact, limit: int) -> dict[str, Any]:
-    """Up to ``limit`` items' map coordinates, evenly strided over the corpus."""
+    """Up to ``limit`` items' map coordinates, evenly strided over the items the
+    catalogue knows (a removed item is not on the map)."""
     points = projection(artifact)
-    rows = np.unique(np.linspace(0, len(points) - 1, min(limit, len(points))).astype(np.int64))
+    known = np.flatnonzero(artifact.catalogue.known)
+    if not len(known):
+        return {"ids": [], "points": []}
+    picks = np.linspace(0, len(known) - 1, min(limit, len(known))).astype(np.int64)
+    rows = known[np.unique(picks)]
     return {
         "ids": artifact.item_ids.take(pa.array(rows)).to_pylist(),
         "points": np.round(points[rows], 4).tolist(),

@@ -6,6 +6,7 @@
     GET  /health, /ready         liveness; readiness (an artifact loaded, the worker up)
     GET  /metrics                Prometheus text: requests, latency, errors, batch sizes
     POST /admin/reload           load the artifact folder again and swap it in
+    POST /admin/items            add, replace, block, unblock or remove items in place
     GET  /                       the retrieval explorer page (``serving/explorer.py``)
     GET  /explorer/info          the artifact's keys, sizes and item fields
     GET  /explorer/queries       known query ids by prefix (suggestions)
@@ -14,10 +15,10 @@
     GET  /explorer/map           a sample of items on the corpus map
 
 ``create_app`` only assembles: one ``ServiceState`` (``state.py``: the artifact, the
-micro-batcher, metrics, reloads, users' states) and a router per concern
-(``routes/recall.py``, ``routes/events.py``, ``routes/ops.py``, ``routes/explorer.py``)
-whose handlers reach that state through ``Depends`` and return the response model
-they declare; ``responses.py`` turns every
+micro-batcher, metrics, reloads, catalogue changes, users' states) and a router per
+concern (``routes/recall.py``, ``routes/events.py``, ``routes/ops.py``,
+``routes/items.py``, ``routes/explorer.py``) whose handlers reach that state through
+``Depends`` and return the response model they declare; ``responses.py`` turns every
 error into ``{"detail": "..."}``.
 
 Requests never wait on each other's Python: handlers queue their queries on the
@@ -38,7 +39,7 @@ from fastapi import FastAPI
 
 from twotower.serving.middleware import BodyLimitMiddleware, MetricsMiddleware
 from twotower.serving.responses import AsciiJSONResponse, add_error_handlers
-from twotower.serving.routes import events, explorer, ops, recall
+from twotower.serving.routes import events, explorer, items, ops, recall
 from twotower.serving.settings import ServiceConfig
 from twotower.serving.state import ServiceState
 
@@ -70,6 +71,6 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     add_error_handlers(app)
-    for routes in (recall, events, ops, explorer):  # this order is the OpenAPI schema's
+    for routes in (recall, events, ops, items, explorer):  # this order is the OpenAPI schema's
         app.include_router(routes.router)
     return app

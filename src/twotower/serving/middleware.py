@@ -75,10 +75,27 @@ class ServiceMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self._artifact_metrics()
+
+    def _artifact_metrics(self) -> None:
+        """What is served: the artifact, its version, the changes of its items."""
         self.artifact = Gauge(
             "twotower_artifact_info",
             "1 for the artifact being served (its index kind, what runs its query tower).",
             ["fingerprint", "index", "runtime"],
+            registry=self.registry,
+        )
+        self.version = Gauge(
+            "twotower_artifact_version",
+            "The version of the artifact being served (1: as exported; one more for each "
+            "change of its catalogue in place).",
+            registry=self.registry,
+        )
+        self.changed_items = Counter(
+            "twotower_item_changes",
+            "Items changed through POST /admin/items, by kind of change (added, replaced, "
+            "blocked, unblocked, removed).",
+            ["kind"],
             registry=self.registry,
         )
 
@@ -86,10 +103,16 @@ class ServiceMetrics:
         self.batch_queries.observe(queries)
         self.batch_seconds.observe(seconds)
 
-    def serving(self, fingerprint: str, index: str, runtime: str) -> None:
-        """Marks this artifact as the one served (and no other)."""
+    def serving(self, fingerprint: str, index: str, runtime: str, version: int) -> None:
+        """Marks this artifact as the one served (and no other), at ``version``."""
         self.artifact.clear()
         self.artifact.labels(fingerprint, index, runtime).set(1)
+        self.version.set(version)
+
+    def item_changes(self, counts: dict[str, int]) -> None:
+        """Counts the items one catalogue change added, replaced, blocked, ..."""
+        for kind, count in counts.items():
+            self.changed_items.labels(kind).inc(count)
 
 
 class MetricsMiddleware:

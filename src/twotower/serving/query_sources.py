@@ -20,6 +20,7 @@ its slot instead, and never fails the others.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -77,7 +78,7 @@ class QueryBatch:
         Built from (row, column) pairs, in time proportional to the excluded items:
         nothing here walks the N columns.
         """
-        P, N = len(positions), artifact.index.num_items
+        P, N = len(positions), artifact.catalogue.num_items
         excluded = [self.queries[i].exclude_items for i in positions]
         lengths = [len(items) for items in excluded]
         named = [item for items in excluded for item in items]
@@ -138,6 +139,14 @@ class QuerySources:
         self.timed = any(
             getattr(spec, "time_buckets", 0) for spec in artifact.pipeline.config.query
         )
+
+    def with_artifact(self, artifact: Artifact) -> QuerySources:
+        """These sources over a later version of the artifact (other items, the same
+        users and towers): the kept inputs, precomputed vectors and store shared. The
+        kept inputs stay right: a history reads its items' ids, which a row keeps."""
+        new = copy.copy(self)
+        new.artifact = artifact
+        return new
 
     def embed(self, batch: QueryBatch, groups: dict[str, list[int]]) -> None:
         """Fills the vectors (or errors) of the positions of each source in ``groups``."""

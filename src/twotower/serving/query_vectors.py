@@ -9,10 +9,13 @@ them with ``twotower serve ARTIFACT --query-vectors FILE``. The file:
         <query key>  the artifact's query key column, with its type
         vector       fixed-size list of float32: D values, or K x D (row-major) for a
                      K-interest query tower
-        artifact     the fingerprint of the artifact whose tower computed the vector
+        artifact     the fingerprint of the artifact whose tower computed the vector (of
+                     its version 1: ``Artifact.base_fingerprint``)
 
 Vectors from one artifact's tower only make sense beside that artifact's item vectors,
-so a file is refused for any other artifact (the fingerprint names it). A known query
+so a file is refused for any other artifact (the fingerprint names it). Its later
+versions (items changed in place) keep the users and the query tower, so a file
+written for one version serves every other. A known query
 without a row in the file is answered by the tower, as without the file.
 """
 
@@ -73,7 +76,7 @@ def write_query_vectors(artifact: Artifact, path: Path) -> int:
             artifact.query_key: keys,
             VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]),
             ARTIFACT: pa.DictionaryArray.from_arrays(
-                pa.array(np.zeros(len(flat), np.int32)), pa.array([artifact.fingerprint])
+                pa.array(np.zeros(len(flat), np.int32)), pa.array([artifact.base_fingerprint])
             ),
         }
     )
@@ -104,10 +107,10 @@ def read_query_vectors(path: Path, artifact: Artifact) -> QueryVectors:
             f"has {key!r}, {VECTOR!r} and {ARTIFACT!r} (twotower export --query-vectors)"
         )
     fingerprints = pc.unique(pc.cast(table.column(ARTIFACT), pa.string())).to_pylist()
-    other = [f for f in fingerprints if f != artifact.fingerprint]
+    other = [f for f in fingerprints if f != artifact.base_fingerprint]
     if other:
         raise DataError(
-            f"{path}: vectors of artifact {other[0]!r}, not of {artifact.fingerprint!r} "
+            f"{path}: vectors of artifact {other[0]!r}, not of {artifact.base_fingerprint!r} "
             f"({artifact.folder}); compute them with this artifact's tower "
             "(twotower export --query-vectors)"
         )

@@ -12,8 +12,9 @@ concurrent requests in one pass (``sources.py`` makes each source's vectors):
     features -> a table of raw rows           ├ pipeline.transform -> query tower ┐
     texts    -> the text feature columns      ┘                                   ├ (B, D)
     items    -> their item vectors ───────────────────────────────────────────────┘
-        -> one index.search with k = the largest k, excluding per query: the user's
-           logged items (``exclude_seen``), ``exclude_items``, and an item itself
+        -> one catalogue search with k = the largest k, excluding per query: the user's
+           logged items (``exclude_seen``), ``exclude_items``, and an item itself; a
+           blocked or removed item is never returned (``twotower.serving.catalogue``)
 
 A multi-interest query tower gives each user, row or text K vectors (B, K, D): the
 search is then ``index.search_interests`` (each vector searched, the results merged
@@ -28,6 +29,7 @@ a result holds fewer than k items when exclusions leave fewer.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,7 +84,8 @@ class Retriever:
         self.artifact = artifact
         self.runtime = tower_runtime(artifact, runtime)
         self.sources = QuerySources(artifact, self.runtime, query_vectors, input_budget, store)
-        artifact.query_keys, artifact.item_keys  # noqa: B018 (built now, not on a request)
+        # built now, not on a request
+        artifact.query_keys, artifact.catalogue.added_keys, artifact.catalogue.live  # noqa: B018
         artifact.history_codes  # noqa: B018
 
     @classmethod
@@ -96,9 +99,22 @@ class Retriever:
         vectors = None if query_vectors is None else read_query_vectors(query_vectors, artifact)
         return cls(artifact, vectors, runtime=runtime)
 
+    def with_artifact(self, artifact: Artifact) -> Retriever:
+        """A retriever over ``artifact``, a later version of this one's
+        (``Artifact.updated``: other items, the same users and towers), sharing this
+        one's tower runtime, kept known-user inputs, precomputed vectors and store:
+        nothing is built again. This one keeps answering from its own version."""
+        new = copy.copy(self)
+        new.artifact = artifact
+        new.sources = self.sources.with_artifact(artifact)
+        artifact.catalogue.added_keys, artifact.catalogue.live  # noqa: B018 (built now)
+        artifact.history_codes  # noqa: B018
+        return new
+
     @property
     def num_items(self) -> int:
-        return self.artifact.index.num_items
+        """N, the item rows (blocked and removed ones included)."""
+        return self.artifact.catalogue.num_items
 
     @property
     def interests(self) -> int:
@@ -140,7 +156,7 @@ class Retriever:
             text for an artifact without a text feature). One bad query never
             fails the others.
         """
-        batch = QueryBatch(queries, self.artifact.index.dim, self.interests)
+        batch = QueryBatch(queries, self.artifact.item_vectors.shape[1], self.interests)
         groups: dict[str, list[int]] = {name: [] for name in SOURCES}
         for position, query in enumerate(batch.queries):
             try:
@@ -298,13 +314,10 @@ class Retriever:
         ks: np.ndarray,
         exclude: sp.csr_matrix | None,
     ) -> list[Result]:
-        """One index search of (B, D) or (B, K, D) query vectors for the largest of ``ks``,
-        then one Result per label: its own k, padding left out."""
-        index, k = self.artifact.index, int(ks.max())
-        if vectors.ndim == 3:
-            ids, scores, interests = index.search_interests(vectors, k, exclude)
-        else:
-            (ids, scores), interests = index.search(vectors, k, exclude), None
+        """One catalogue search of (B, D) or (B, K, D) query vectors for the largest of
+        ``ks`` (live items only: never a blocked or removed one), then one Result per
+        label: its own k, padding left out."""
+        ids, scores, interests = self.artifact.catalogue.search(vectors, int(ks.max()), exclude)
         kept = (ids >= 0) & (np.arange(ids.shape[1]) < ks[:, None])
         items = self.item_id_values[ids[kept]].tolist()
         values = scores[kept].tolist()

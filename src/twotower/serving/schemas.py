@@ -8,7 +8,7 @@ JSON types strictly: ``"k": "10"`` or ``"exclude_seen": 1`` is a 422, not a gues
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -30,8 +30,13 @@ MAX_TEXT = 10_000
 MAX_FEATURES = 256
 MAX_HISTORY = 1000
 MAX_EVENTS = 10_000
+MAX_ITEM_CHANGES = 10_000
 
 Id = StrictInt | StrictStr
+VERSION = (
+    "The version of that artifact: one more with each change of its catalogue in place "
+    "(POST /admin/items, twotower export --update)."
+)
 # An item id in an answer is the artifact's key as stored: integers and text, or, for a
 # corpus keyed by numbers with a fraction, floats.
 KeyValue = StrictInt | StrictStr | StrictFloat
@@ -193,8 +198,93 @@ class EventsResponse(BaseModel):
     """What a batch of events did: the others were stored, each user's atomically."""
 
     artifact: str = Field(description="The fingerprint of the artifact that checked them.")
+    version: int = Field(description=VERSION)
     stored: int = Field(description="How many events were stored.")
     refused: list[RefusedEvent] = Field(description="Each event refused, and why.")
+
+
+ItemRow = Annotated[dict[str, FeatureValue], Field(max_length=MAX_FEATURES)]
+
+
+class ItemChanges(BaseModel):
+    """A change of the catalogue: items added or replaced from raw rows, items blocked,
+    unblocked or removed. Written as the artifact's next version, then served."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "upsert": [
+                        {
+                            "item_id": 5001,
+                            "category": "c3",
+                            "price": 12.5,
+                            "views": 0,
+                            "genres": "g04|g11",
+                            "title": "kazoo quartet",
+                        }
+                    ],
+                    "block": [17],
+                    "remove": [93],
+                }
+            ]
+        },
+    )
+
+    upsert: list[ItemRow] = Field(
+        default_factory=list,
+        max_length=MAX_ITEM_CHANGES,
+        description="Items to add (a new id) or replace (a known id), as raw rows of the "
+        "item table: the item key and every column the item features read (null for a "
+        "missing value); the table's other columns may be left out. The item tower embeds "
+        "them. A replaced item keeps its block.",
+    )
+    block: list[Id] = Field(
+        default_factory=list,
+        max_length=MAX_ITEM_CHANGES,
+        description="Item ids never to return (kept in the artifact, e.g. out of stock); "
+        "an id added in the same change may be blocked.",
+    )
+    unblock: list[Id] = Field(
+        default_factory=list,
+        max_length=MAX_ITEM_CHANGES,
+        description="Blocked item ids to return again.",
+    )
+    remove: list[Id] = Field(
+        default_factory=list,
+        max_length=MAX_ITEM_CHANGES,
+        description="Item ids to remove: never returned, and unknown from then on.",
+    )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ItemChanges:
+        total = len(self.upsert) + len(self.block) + len(self.unblock) + len(self.remove)
+        if total == 0:
+            raise ValueError("give at least one item to upsert, block, unblock or remove")
+        if total > MAX_ITEM_CHANGES:
+            raise ValueError(f"{total} items in one change; at most {MAX_ITEM_CHANGES}")
+        return self
+
+
+class ItemChangesResponse(BaseModel):
+    """The catalogue's new version, served: what it changed and how long it took."""
+
+    artifact: str = Field(
+        description="The fingerprint of the version that holds the change, served by now "
+        "(or of the version served, for a change that changes nothing)."
+    )
+    version: int = Field(description="That version. " + VERSION)
+    previous: str = Field(description="The fingerprint of the version it replaced.")
+    added: int = Field(description="Items added (new ids).")
+    replaced: int = Field(description="Items replaced (known ids given new rows).")
+    blocked: int = Field(description="Items blocked.")
+    unblocked: int = Field(description="Items unblocked.")
+    removed: int = Field(description="Items removed.")
+    seconds: float = Field(
+        description="From the change's arrival to it being served: checking, embedding, "
+        "writing the version and applying it."
+    )
 
 
 class BatchRequest(BaseModel):
@@ -209,10 +299,16 @@ class BatchRequest(BaseModel):
     )
 
 
-class RecallResponse(BaseModel):
-    """The top items of one query, best first."""
+class Answered(BaseModel):
+    """Which artifact an answer came from (the fields every answer of it starts with)."""
 
     artifact: str = Field(description="The fingerprint of the artifact that answered.")
+    version: int = Field(description=VERSION)
+
+
+class RecallResponse(Answered):
+    """The top items of one query, best first."""
+
     query: Any = Field(
         description="The user id, the text, the item id, or a feature row's user key (null "
         "when the row has none)."
@@ -250,10 +346,9 @@ class BatchResult(BaseModel):
     status: int = Field(200, description="The status a POST /recall of this query gets.")
 
 
-class BatchResponse(BaseModel):
+class BatchResponse(Answered):
     """Answers to a batch, in the order of its queries."""
 
-    artifact: str = Field(description="The fingerprint of the artifact that answered.")
     results: list[BatchResult] = Field(description="One per query, in order.")
 
 
@@ -279,7 +374,8 @@ class ReadyResponse(BaseModel):
     store: str = Field(description='Where users\' states live: "memory" or the Redis URL.')
     problem: str | None = Field(None, description="Why the service is not ready, if it is not.")
     artifact: str = Field(description="The fingerprint of the artifact being served.")
-    items: int = Field(description="Items in its corpus.")
+    version: int = Field(description=VERSION)
+    items: int = Field(description="Items in its corpus (blocked ones included, removed ones not).")
     index: str = Field(description="Its index kind.")
     index_recall: float | None = Field(
         None, description="The index's recall@10 against exact search, measured at export."
@@ -290,6 +386,7 @@ class ReloadResponse(BaseModel):
     """The artifact now served after a reload."""
 
     artifact: str = Field(description="The fingerprint of the artifact now served.")
+    version: int = Field(description=VERSION)
     previous: str = Field(description="The fingerprint of the one it replaced.")
     seconds: float = Field(description="How long loading and verifying it took.")
 
@@ -298,6 +395,7 @@ class ExplorerInfo(BaseModel):
     """What the explorer page needs before its first lookup."""
 
     artifact: str = Field(description="The fingerprint of the artifact served.")
+    version: int = Field(description=VERSION)
     query_key: str = Field(description="The query table's key column.")
     item_key: str = Field(description="The item table's key column.")
     items: int = Field(description="Items in the corpus.")
@@ -311,27 +409,27 @@ class ExplorerInfo(BaseModel):
     item_fields: list[str] = Field(description="The item table's other columns.")
 
 
-class Suggestions(BaseModel):
+class Suggestions(Answered):
     """Known query ids that start with a prefix."""
 
     ids: list[Any] = Field(description="Query ids, in table order.")
 
 
-class ItemRecords(BaseModel):
+class ItemRecords(Answered):
     """Items' raw fields."""
 
     items: list[dict[str, Any]] = Field(description="One row per id asked, in that order.")
     points: list[list[float]] = Field(description="Their (x, y) on the corpus map.")
 
 
-class CorpusMap(BaseModel):
+class CorpusMap(Answered):
     """Items on the first two principal components of the item vectors."""
 
     ids: list[Any] = Field(description="Item ids, strided over the corpus.")
     points: list[list[float]] = Field(description="Their (x, y), within [-1, 1].")
 
 
-class QueryRecord(BaseModel):
+class QueryRecord(Answered):
     """A user's state in the user-state store: its raw features and its recent items."""
 
     id: Any = Field(description="The query id.")

@@ -334,8 +334,11 @@ class _ParentLink:
             elif kind == "abort":
                 self.pending = None
                 self.state.failed_reload(message[1])
-            elif kind == "answer":
-                self.answers.put(message[1])
+            elif kind == "answer":  # after this reload's commit, before any other's
+                answer = message[1]
+                if "error" not in answer:
+                    answer = {**answer, "version": self.state.version}
+                self.answers.put(answer)
 
 
 def run_worker(folder: Path, config: ServiceConfig, sock: socket.socket, conn: Connection) -> None:

@@ -163,13 +163,8 @@ class TwoTower(nn.Module):
         cls, config: ModelConfig, features: FeaturesConfig, pipeline: FeaturePipeline
     ) -> TwoTower:
         """The model for fitted features: table sizes come from the pipeline."""
-        sparse, sizes = config.sparse_embeddings, pipeline.sizes("item")
-        item_encoders = FeatureEncoders(features.item, sizes, sparse=sparse)
-        bias = None
-        if config.item_bias:
-            ids = {s.name: sizes[s.name] for s in features.item if isinstance(s, IdFeature)}
-            bias = ItemBias(item_encoders.output_dim, ids, config.temperature)
-        return cls(
+        item_encoders, bias = _item_encoders(config, features, pipeline)
+        return cls(  # built in this order: the seeded initial weights depend on it
             _query_tower(config, features, pipeline, item_encoders.tables()),
             Tower(item_encoders, config.item, bias),
             Temperature(config.temperature, config.learn_temperature, config.min_temperature),
@@ -209,6 +204,29 @@ def interest_scores(queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     if queries.ndim == 2:
         return queries @ items.T
     return (queries @ items.T).amax(dim=1)
+
+
+def build_item_tower(
+    config: ModelConfig, features: FeaturesConfig, pipeline: FeaturePipeline
+) -> Tower:
+    """The item tower alone, shaped as ``TwoTower.build`` shapes it (for loading its
+    saved weights, or as that model's item tower): its tables sized by the pipeline,
+    its ``ItemBias`` where ``model.item_bias`` asks for one."""
+    encoders, bias = _item_encoders(config, features, pipeline)
+    return Tower(encoders, config.item, bias)
+
+
+def _item_encoders(
+    config: ModelConfig, features: FeaturesConfig, pipeline: FeaturePipeline
+) -> tuple[FeatureEncoders, ItemBias | None]:
+    """The item side's feature encoders, and its ``ItemBias`` if the model has one."""
+    sparse, sizes = config.sparse_embeddings, pipeline.sizes("item")
+    encoders = FeatureEncoders(features.item, sizes, sparse=sparse)
+    bias = None
+    if config.item_bias:
+        ids = {s.name: sizes[s.name] for s in features.item if isinstance(s, IdFeature)}
+        bias = ItemBias(encoders.output_dim, ids, config.temperature)
+    return encoders, bias
 
 
 def build_query_tower(

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Request
 
 from twotower.serving import schemas
 from twotower.serving.auth import authorize
-from twotower.serving.state import Service
+from twotower.serving.state import Service, answered_by
 from twotower.serving.stores import Event
 
 router = APIRouter()
@@ -36,9 +36,9 @@ async def events(
         Event(e.user, e.item, float(now if e.timestamp is None else e.timestamp))
         for e in body.events
     ]
-    stored, refused = await state.ingest(batch)
+    stored, refused, artifact = await state.ingest(batch)
     return schemas.EventsResponse(
-        artifact=state.fingerprint,
+        **answered_by(artifact),
         stored=stored,
         refused=[schemas.RefusedEvent(index=i, error=why) for i, why in refused],
     )

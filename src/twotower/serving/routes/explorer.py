@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse
 from twotower.errors import DataError
 from twotower.serving import explorer, schemas
 from twotower.serving.responses import ERRORS, refusal
-from twotower.serving.state import Service
+from twotower.serving.state import Service, answered_by
 
 router = APIRouter()
 
@@ -32,7 +32,8 @@ async def explorer_page() -> HTMLResponse:
 @router.get("/explorer/info", response_model=schemas.ExplorerInfo)
 async def explorer_info(state: Service) -> schemas.ExplorerInfo:
     """The artifact's keys, sizes, item fields and whether text search applies."""
-    return schemas.ExplorerInfo(**explorer.info(state.retriever.artifact))
+    artifact = state.retriever.artifact
+    return schemas.ExplorerInfo(**{**explorer.info(artifact), **answered_by(artifact)})
 
 
 @router.get("/explorer/queries", response_model=schemas.Suggestions)
@@ -46,7 +47,7 @@ async def explorer_suggest(
     """Known query ids starting with ``prefix`` (for suggestions as one types)."""
     artifact = state.retriever.artifact
     ids = await asyncio.to_thread(explorer.suggest, artifact, prefix, limit)
-    return schemas.Suggestions(ids=ids)
+    return schemas.Suggestions(**answered_by(artifact), ids=ids)
 
 
 @router.get(
@@ -67,7 +68,7 @@ async def explorer_query(
         )
     except DataError as err:
         raise refusal(err) from None
-    return schemas.QueryRecord(**record)
+    return schemas.QueryRecord(**answered_by(retriever.artifact), **record)
 
 
 @router.post("/explorer/items", response_model=schemas.ItemRecords, responses=ERRORS)
@@ -78,7 +79,7 @@ async def explorer_items(body: schemas.ItemsRequest, state: Service) -> schemas.
         found = await asyncio.to_thread(explorer.items_on_map, artifact, body.ids)
     except DataError as err:
         raise refusal(err) from None
-    return schemas.ItemRecords(**found)
+    return schemas.ItemRecords(**answered_by(artifact), **found)
 
 
 @router.get("/explorer/map", response_model=schemas.CorpusMap)
@@ -90,4 +91,5 @@ async def explorer_map(
 ) -> schemas.CorpusMap:
     """Items on the first two principal components of the item vectors (a sample)."""
     artifact = state.retriever.artifact
-    return schemas.CorpusMap(**await asyncio.to_thread(explorer.corpus_map, artifact, limit))
+    found = await asyncio.to_thread(explorer.corpus_map, artifact, limit)
+    return schemas.CorpusMap(**answered_by(artifact), **found)

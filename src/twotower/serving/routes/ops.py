@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from twotower.serving import schemas
 from twotower.serving.auth import authorize
-from twotower.serving.state import Service
+from twotower.serving.state import Service, answered_by
 
 router = APIRouter()
 
@@ -33,8 +33,8 @@ async def ready(state: Service, response: Response) -> schemas.ReadyResponse:
         status="ready" if problem is None else "unavailable",
         store=state.retriever.store.name,
         problem=problem,
-        artifact=artifact.fingerprint,
-        items=artifact.index.num_items,
+        **answered_by(artifact),
+        items=int(artifact.catalogue.known.sum()),  # blocked ones included, removed not
         index=artifact.index.kind,
         index_recall=(artifact.manifest.get("index_recall") or {}).get("recall"),
     )
