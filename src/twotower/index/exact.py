@@ -39,6 +39,14 @@ class ExactIndex(Index):
         self.device = torch.device(device)
         self._vectors = torch.zeros((0, 0), dtype=torch.float32)
 
+    @classmethod
+    def over(cls, vectors: np.ndarray, chunk_size: int = 1024) -> ExactIndex:
+        """An index on the CPU over ``vectors`` themselves, not a copy: a mapped file
+        stays mapped (and shared between the processes that map it)."""
+        index = cls(chunk_size=chunk_size)
+        index._vectors = torch.from_numpy(check_vectors(vectors, "item vectors"))
+        return index
+
     def build(self, vectors: np.ndarray) -> None:
         """Keeps a float32 copy of the (N, D) item vectors on the index's device."""
         vectors = check_vectors(vectors, "item vectors")
@@ -104,11 +112,10 @@ class ExactIndex(Index):
             raise DataError(f"{folder}: holds a {meta['kind']!r} index, not {cls.kind!r}")
         shape = (meta["num_items"], meta["dim"])
         vectors = load_array(folder / VECTORS_FILE, shape, mapped=device == "cpu")
-        index = cls(chunk_size=chunk_size, device=device)
         if device == "cpu":  # the mapped file itself: processes serving it share its pages
-            index._vectors = torch.from_numpy(check_vectors(vectors, "item vectors"))
-        else:
-            index.build(vectors)
+            return cls.over(vectors, chunk_size)
+        index = cls(chunk_size=chunk_size, device=device)
+        index.build(vectors)
         return index
 
     @property
