@@ -85,6 +85,35 @@ def test_a_mask_keeps_exactly_the_rows_the_filter_states(items, filter):
     assert FilterMasks(items).select(filter).mask.tolist() == oracle_mask(items, filter).tolist()
 
 
+@pytest.mark.parametrize(
+    "filter",
+    [
+        {"small": {"lt": 1000}},
+        {"small": {"gt": -1000, "in": [1, 300]}},
+        {"small": {"lte": 2**70}},
+        {"unsigned": {"gt": -1}},
+        {"unsigned": {"in": [3, -1]}},
+        {"unsigned": {"lt": 2**70}},
+        {"single": {"gt": 2}, "wide": {"lt": 10**400}},
+        {"wide": {"gt": -(10**400)}},
+        {"shorts": {"in": [2, 1e30]}},
+        {"words": {"not_in": ["x"]}},
+    ],
+)
+def test_every_integer_and_float_width_and_any_json_number_compare_as_numbers(filter):
+    table = pa.table(
+        {
+            "small": pa.array([1, 2, None], pa.int8()),
+            "unsigned": pa.array([1, 2**64 - 1, 3], pa.uint64()),
+            "single": pa.array([1.5, 2.5, None], pa.float32()),
+            "wide": [1.0, -2.0, 3.0],
+            "shorts": pa.array([[1, 2], [3], None], pa.list_(pa.int16())),
+            "words": pa.array([["x"], ["y"], []], pa.large_list(pa.large_string())),
+        }
+    )
+    assert FilterMasks(table).select(filter).mask.tolist() == oracle_mask(table, filter).tolist()
+
+
 def test_random_filters_agree_with_the_row_by_row_oracle():
     rng = random.Random(0)
     n = 500

@@ -235,13 +235,13 @@ def _holds(values: pa.ChunkedArray, column: Column, operator: str, value: Any) -
     if column.is_list:
         return _holds_any(values, column, operator, value)
     valid = _present(values)
+    values = _canonical(values)
     if operator in SETS:
-        found = pc.is_in(_canonical(values, column), value_set=_value_set(column, value))
-        found = _numpy(found)
+        found = _numpy(pc.is_in(values, value_set=pa.array(value, type=values.type)))
         return valid & (found if operator == "in" else ~found)
     bound = value
-    if column.kind == "integer" and not (isinstance(value, int) and -INT64 <= value < INT64):
-        bound = float(max(min(value, INT64), -INT64))  # compared as numbers, beyond int64
+    if isinstance(value, int) and not -INT64 <= value < INT64:  # compared as a float
+        bound = (math.inf if value > 0 else -math.inf) if abs(value) >= 2**1023 else float(value)
     return valid & _numpy(pc.fill_null(RANGES[operator](values, bound), False))
 
 
@@ -250,7 +250,8 @@ def _holds_any(values: pa.Array, column: Column, operator: str, value: tuple) ->
     where the list is present and none is."""
     flat = _decoded(values.flatten())  # the present lists' elements
     parents = pc.list_parent_indices(values).to_numpy()
-    found = _numpy(pc.is_in(_canonical(flat, column), value_set=_value_set(column, value)))
+    flat = _canonical(flat)
+    found = _numpy(pc.is_in(flat, value_set=pa.array(value, type=flat.type)))
     any_found = np.zeros(len(values), dtype=bool)
     any_found[parents[found & _present(flat)]] = True
     if operator == "in":
@@ -271,18 +272,16 @@ def _present(values: pa.Array) -> np.ndarray:
     return present
 
 
-def _canonical(values: pa.Array, column: Column) -> pa.Array:
-    """The values in the type their sets are written in: int64, float64, or as they are."""
-    if column.kind == "integer" and values.type != pa.int64():
-        return pc.cast(values, pa.float64() if values.type == pa.uint64() else pa.int64())
-    if column.kind == "number" and values.type != pa.float64():
+def _canonical(values: pa.Array) -> pa.Array:
+    """Numbers as int64 or float64, the types sets and bounds are compared in (uint64:
+    float64, its values past int64 rounded)."""
+    if values.type == pa.uint64():
+        return pc.cast(values, pa.float64(), safe=False)
+    if pa.types.is_integer(values.type) and values.type != pa.int64():
+        return pc.cast(values, pa.int64())
+    if pa.types.is_floating(values.type) and values.type != pa.float64():
         return pc.cast(values, pa.float64())
     return values
-
-
-def _value_set(column: Column, values: tuple) -> pa.Array:
-    types = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
-    return pa.array(values, type=types.get(column.kind, pa.string()))
 
 
 def _numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
