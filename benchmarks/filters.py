@@ -17,13 +17,14 @@ clusters. Each filter's mask is what the service computes (``FilterMasks``):
     price < 20 (10%)  {"price": {"lt": 20}}
 
 Each index is built once and kept under ``--cache`` (HNSW and IVF-PQ as the service
-builds them, default parameters); a later run reads it back. For each index and filter,
+builds them, default parameters); a later run reads it back (the folder's name holds
+the corpus's size: delete it after changing ``corpus``). For each index and filter,
 ``FilteredSearch`` searches with the mask as its ``allowed`` items, the exact search of
 narrow masks off (``index``: limit 0) and on (``fallback``: the service's default
 limit): recall@10 against ``ExactIndex`` over the filtered items, the share of queries
 answered with fewer than 10 items, single-query latency (p50 and p99 over the queries)
 and the throughput of batches of 64. Every timing is the median of ``--repeats`` runs,
-on ``--threads`` threads (torch's and FAISS's; one by default: two threads that wait
+taken round robin over all the searches, on ``--threads`` threads (torch's and FAISS's; one by default: two threads that wait
 on each other beside other jobs measure the waiting).
 
 The sweep: masks keeping M random items (for each M of ``--sweep``), searched by each
