@@ -513,3 +513,72 @@ def test_update_replay_resumes_from_its_ledger_and_refuses_another_setup(
     assert "| 0 |" in table and "| 1 |" in table and "| full |" in table
     run.module.plot([json.loads(line) for line in lines], tmp_path / "replay.png")
     assert (tmp_path / "replay.png").stat().st_size > 1000
+
+
+@pytest.fixture
+def filters_bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import filters
+
+    return filters
+
+
+def test_filters_corpus_keeps_one_and_ten_percent_and_its_recall_is_by_hand(filters_bench):
+    vectors, items, _ = filters_bench.corpus(20_000, 16)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    masks = filters_bench.FilterMasks(items)
+    shares = [masks.select(f).mask.mean() for f in filters_bench.FILTERS.values() if f]
+    assert abs(shares[0] - 0.01) < 0.003 and abs(shares[1] - 0.10) < 0.01
+    truth = np.array([[1, 2, 3], [4, -1, -1]])
+    found = np.array([[3, 9, 1], [5, 4, -1]])
+    assert filters_bench.recall(found, truth) == 3 / 4
+    sweep = [
+        {"kept": 10, "searched_by": "exact over the kept", "batch_per_s": 900},
+        {"kept": 10, "searched_by": "hnsw", "batch_per_s": 500},
+        {"kept": 100, "searched_by": "exact over the kept", "batch_per_s": 400},
+        {"kept": 100, "searched_by": "hnsw", "batch_per_s": 500},
+        {"kept": 1000, "searched_by": "exact over the kept", "batch_per_s": 600},
+        {"kept": 1000, "searched_by": "hnsw", "batch_per_s": 500},
+    ]
+    assert filters_bench.crossover(sweep) == 10  # up to the first size where it is slower
+
+
+def test_filters_rows_measure_every_index_and_the_fallback_is_exact(filters_bench, tmp_path):
+    vectors, items, centres = filters_bench.corpus(3000, 16)
+    queries = filters_bench.points(np.random.default_rng(1), centres, 64)
+    indexes = {
+        kind: filters_bench.cached_index(kind, vectors, tmp_path / kind)[0]
+        for kind in ("exact", "hnsw", "ivfpq")
+    }
+    assert filters_bench.cached_index("hnsw", vectors, tmp_path / "hnsw")[1] is None  # read
+    args = dataclasses.make_dataclass("Args", ["repeats", "limit", "sweep"])(1, 100, [30, 300])
+    rows, kept = filters_bench.measure_filters(indexes, vectors, items, queries, args)
+    assert {(r["index"], r["filter"], r["path"]) for r in rows} == {
+        (kind, name, "index") for kind in indexes for name in filters_bench.FILTERS
+    } | {
+        (kind, name, "fallback")
+        for kind in ("hnsw", "ivfpq")
+        for name in filters_bench.FILTERS
+        if name != "none"
+    }
+    for row in rows:
+        if row["searched_by"] == "ExactIndex":
+            assert row["recall@10"] == 1.0 and row["short"] == 0.0, row
+    assert [r["searched_by"] for r in rows if r["path"] == "fallback"] == [
+        "ExactIndex",  # 1% of 3,000: 30 items, under the limit
+        "ExactIndex",
+        "HNSWIndex",  # 10%: 300, over it
+        "IVFPQIndex",
+    ]
+    sweep = filters_bench.measure_sweep(indexes, vectors, queries, args)
+    assert [(r["kept"], r["searched_by"]) for r in sweep] == [
+        (size, name) for size in (30, 300) for name in ("exact over the kept", "hnsw", "ivfpq")
+    ]
+    result = {"items": 3000, "dim": 16, "queries": 64, "repeats": 1, "threads": 1}
+    result |= {"limit": 100, "kept": kept, "rows": rows, "sweep": sweep, "crossover": 30}
+    filters_bench.write_markdown(result, tmp_path / "filters.md")
+    filters_bench.plot(result, tmp_path / "filters.png")
+    assert (
+        "| hnsw | category (1%) | fallback | ExactIndex | 1.000 |"
+        in (tmp_path / "filters.md").read_text()
+    )

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from twotower.errors import ConfigError, DataError, TwoTowerError
+from twotower.serving.settings import EXACT_FILTER_LIMIT  # imports nothing heavy
 
 if TYPE_CHECKING:  # the command line imports the pipeline lazily, command by command
     from twotower.config import Config
@@ -443,6 +444,13 @@ ServeIngestToken = Annotated[
         "(else $TWOTOWER_INGEST_TOKEN)."
     ),
 ]
+ServeExactFilterLimit = Annotated[
+    int,
+    typer.Option(
+        help="On an HNSW or IVF-PQ index, a query whose filter keeps at most this many "
+        "items is searched exactly over them (0: never)."
+    ),
+]
 ServeWorkers = Annotated[
     int,
     typer.Option(
@@ -474,6 +482,7 @@ def serve(
     workers: ServeWorkers = 1,
     state: ServeState = None,
     ingest_token_file: ServeIngestToken = None,
+    exact_filter_limit: ServeExactFilterLimit = EXACT_FILTER_LIMIT,
 ) -> None:
     """Serve top-K recall over HTTP: POST /recall, /recall/batch, GET /items/{id}/similar;
     POST /events appends interactions to users' states.
@@ -496,6 +505,7 @@ def serve(
         query_vectors=query_vectors,
         runtime=runtime,
         state=state,
+        exact_filter_limit=exact_filter_limit,
     )
 
     def ready(url: str) -> None:

@@ -62,3 +62,15 @@ def test_the_settings_import_nothing_heavy():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_serve_refuses_a_negative_exact_filter_limit_in_one_line(
+    demo_artifact, monkeypatch, capsys
+):
+    command = ["twotower", "serve", str(demo_artifact[0]), "--exact-filter-limit", "-1"]
+    monkeypatch.setattr("sys.argv", command)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: --exact-filter-limit must be >= 0, got -1\n"
+    assert ServiceConfig(exact_filter_limit=0).exact_filter_limit == 0

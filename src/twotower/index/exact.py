@@ -48,6 +48,14 @@ class ExactIndex(Index):
         self._vectors = torch.zeros((0, 0), dtype=torch.float32)  # the filled rows
         self._buffer: torch.Tensor | None = None  # what ``add`` writes into, if any
 
+    @classmethod
+    def over(cls, vectors: np.ndarray, chunk_size: int = 1024) -> ExactIndex:
+        """An index on the CPU over ``vectors`` themselves, not a copy: a mapped file
+        stays mapped (and shared between the processes that map it)."""
+        index = cls(chunk_size=chunk_size)
+        index._vectors = torch.from_numpy(check_vectors(vectors, "item vectors"))
+        return index
+
     def build(self, vectors: np.ndarray) -> None:
         """Keeps a float32 copy of the (N, D) item vectors on the index's device."""
         vectors = check_vectors(vectors, "item vectors")
@@ -137,11 +145,10 @@ class ExactIndex(Index):
         shape = (meta["num_items"], meta["dim"])
         on_cpu = device == "cpu"
         vectors = load_array(folder / VECTORS_FILE, shape, mapped=mapped and on_cpu)
-        index = cls(chunk_size=chunk_size, device=device)
         if on_cpu:  # mapped: the file itself, whose pages processes serving it share
-            index._vectors = torch.from_numpy(check_vectors(vectors, "item vectors"))
-        else:
-            index.build(vectors)
+            return cls.over(vectors, chunk_size)
+        index = cls(chunk_size=chunk_size, device=device)
+        index.build(vectors)
         return index
 
     @property

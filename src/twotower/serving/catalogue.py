@@ -20,7 +20,16 @@ again. So:
 
 ``search`` takes what a caller says in rows (each query's exclusions, a mask of the
 allowed rows) to slots, asks the index, and gives rows back: nothing outside this
-module knows that slots exist. An artifact with no update has slot i = row i and
+module knows that slots exist.
+
+A narrow mask of allowed rows (a filter that keeps few items) is searched exactly
+instead, over those rows' vectors, when the index is approximate: HNSW walks and IVF
+probes past the items such a mask leaves out and may find fewer than k of those it
+keeps, or miss the best of them; vector databases answer such a filter by brute force
+over the items it keeps, and so does this (``exact_limit``; its default,
+``settings.EXACT_FILTER_LIMIT``, is measured in docs/benchmarks.md). The exact search
+reads ``item_vectors`` in place (a mapped file stays mapped) and scores only the kept
+rows. An artifact with no update has slot i = row i and
 everything live, and searches exactly as before (no mask, no mapping).
 
 ``apply`` makes the next version from an ``ItemUpdate``: a new ``Catalogue`` (the
@@ -41,7 +50,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from twotower.errors import DataError
-from twotower.index import Index
+from twotower.index import ExactIndex, Index
 from twotower.serving.keys import KeyIndex
 
 
@@ -234,6 +243,7 @@ class Catalogue:
         k: int,
         exclude: sp.csr_matrix | None = None,
         allowed: np.ndarray | None = None,
+        exact_limit: int = 0,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The k live items of highest score for each query, in rows.
 
@@ -245,6 +255,8 @@ class Catalogue:
                 query b.
             allowed: (N,) bool over item rows: the only items that may be returned
                 (with the live ones); None: every live item.
+            exact_limit: on an approximate index, an ``allowed`` that keeps at most
+                this many live rows is searched exactly over them (0: never).
 
         Returns:
             ``(rows, scores, interests)``: (B, k) int64 item rows, best first, and
@@ -257,27 +269,48 @@ class Catalogue:
         """
         if self.index is None:
             raise ValueError("this catalogue was loaded without its index: it cannot search")
+        if self.searched_exactly(allowed, exact_limit):
+            return _search(self.exact, queries, k, exclude, allowed & self.returnable)
         mask = self._slot_mask(allowed)
         exclude = self._slot_exclude(exclude)
-        if queries.ndim == 3:
-            slots, scores, interests = self.index.search_interests(queries, k, exclude, mask)
-        else:
-            (slots, scores), interests = self.index.search(queries, k, exclude, mask), None
+        slots, scores, interests = _search(self.index, queries, k, exclude, mask)
         if self.slots == self.num_items:  # slot i is row i
             return slots, scores, interests
         rows = np.where(slots >= 0, self.slot_rows[np.maximum(slots, 0)], -1)
         return rows, scores, interests
 
+    def searched_exactly(self, allowed: np.ndarray | None, exact_limit: int) -> bool:
+        """Whether ``search`` answers ``allowed`` by the exact search over its rows: an
+        approximate index, and at most ``exact_limit`` live rows allowed."""
+        if allowed is None or self.index is None or self.index.is_exact or exact_limit <= 0:
+            return False
+        allowed = self._checked(allowed)
+        return np.count_nonzero(allowed & self.returnable) <= exact_limit
+
+    @functools.cached_property
+    def returnable(self) -> np.ndarray:
+        """(N,) bool: the rows a search may return (neither blocked nor removed)."""
+        return ~self.blocked & ~self.removed
+
+    @functools.cached_property
+    def exact(self) -> ExactIndex:
+        """The exact index over ``item_vectors`` themselves (no copy), by row."""
+        return ExactIndex.over(self.item_vectors)
+
+    def _checked(self, allowed: np.ndarray) -> np.ndarray:
+        allowed = np.asarray(allowed)
+        if allowed.dtype != np.bool_ or allowed.shape != (self.num_items,):
+            raise ValueError(
+                f"allowed must be a ({self.num_items},) bool array over the item rows, "
+                f"got {allowed.dtype} {allowed.shape}"
+            )
+        return allowed
+
     def _slot_mask(self, allowed: np.ndarray | None) -> np.ndarray | None:
         """(T,) bool over the index's T slots: live, in this version, and ``allowed``;
         None where that is every slot (the index searches without a mask)."""
         if allowed is not None:
-            allowed = np.asarray(allowed)
-            if allowed.dtype != np.bool_ or allowed.shape != (self.num_items,):
-                raise ValueError(
-                    f"allowed must be a ({self.num_items},) bool array over the item rows, "
-                    f"got {allowed.dtype} {allowed.shape}"
-                )
+            allowed = self._checked(allowed)
         total = self.index.num_items
         if total == self.slots == self.num_items and self.all_live:
             return allowed  # slot i is row i, every one live
@@ -387,3 +420,18 @@ class Catalogue:
             blocked=np.concatenate([self.blocked, extra]),
             removed=removed,
         )
+
+
+def _search(
+    index: Index,
+    queries: np.ndarray,
+    k: int,
+    exclude: sp.csr_matrix | None,
+    allowed: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``Index.search`` for (B, D) queries (no interests), ``search_interests`` for
+    (B, K, D) ones."""
+    if queries.ndim == 3:
+        return index.search_interests(queries, k, exclude, allowed)
+    ids, scores = index.search(queries, k, exclude, allowed)
+    return ids, scores, None

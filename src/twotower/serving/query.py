@@ -51,6 +51,9 @@ class Query:
         exclude_seen: leave out the items the user interacted with (stored, and the
             ``history``).
         exclude_items: item keys left out of this query's result.
+        filter: only items whose columns of the item table satisfy it, e.g.
+            ``{"category": {"in": ["toys"]}, "price": {"lt": 20}}``
+            (``twotower.serving.filters`` gives the syntax); None: every item.
     """
 
     user: Any = None
@@ -62,6 +65,7 @@ class Query:
     k: int = 10
     exclude_seen: bool = True
     exclude_items: Sequence[Any] = ()
+    filter: Mapping[str, Mapping[str, Any]] | None = None
 
     @property
     def source(self) -> str:

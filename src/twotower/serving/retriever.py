@@ -14,7 +14,9 @@ concurrent requests in one pass (``sources.py`` makes each source's vectors):
     items    -> their item vectors ───────────────────────────────────────────────┘
         -> one catalogue search with k = the largest k, excluding per query: the user's
            logged items (``exclude_seen``), ``exclude_items``, and an item itself; a
-           blocked or removed item is never returned (``twotower.serving.catalogue``)
+           blocked or removed item is never returned (``twotower.serving.catalogue``);
+           one search per distinct filter instead, each with its mask of allowed
+           items (``filters.py``: checked and cached per filter)
 
 A multi-interest query tower gives each user, row or text K vectors (B, K, D): the
 search is then ``index.search_interests`` (each vector searched, the results merged
@@ -41,6 +43,7 @@ import scipy.sparse as sp
 
 from twotower.errors import DataError
 from twotower.serving.artifact import Artifact
+from twotower.serving.filters import FilterMasks, Selection
 from twotower.serving.query import (
     SOURCES,
     Query,
@@ -51,7 +54,7 @@ from twotower.serving.query import (
 from twotower.serving.query_sources import INPUT_BUDGET, QueryBatch, QuerySources
 from twotower.serving.query_vectors import QueryVectors, read_query_vectors
 from twotower.serving.runtime import tower_runtime
-from twotower.serving.settings import Runtime
+from twotower.serving.settings import EXACT_FILTER_LIMIT, Runtime
 from twotower.serving.stores.base import Event, StateStore
 
 
@@ -71,6 +74,8 @@ class Retriever:
             ``onnx`` for the ONNX graph of an artifact exported with it.
         store: where users' states live (``twotower.serving.stores``); None: in this
             process, starting from the artifact's (``MemoryStore``).
+        exact_filter_limit: on an approximate index, a query whose filter keeps at
+            most this many items is searched exactly over them (``Catalogue.search``).
     """
 
     def __init__(
@@ -80,10 +85,13 @@ class Retriever:
         input_budget: int = INPUT_BUDGET,
         runtime: Runtime = "torch",
         store: StateStore | None = None,
+        exact_filter_limit: int = EXACT_FILTER_LIMIT,
     ) -> None:
         self.artifact = artifact
         self.runtime = tower_runtime(artifact, runtime)
         self.sources = QuerySources(artifact, self.runtime, query_vectors, input_budget, store)
+        self.exact_filter_limit = exact_filter_limit
+        self.filters = FilterMasks(artifact.items)
         # built now, not on a request
         artifact.query_keys, artifact.catalogue.added_keys, artifact.catalogue.live  # noqa: B018
         artifact.history_codes  # noqa: B018
@@ -107,6 +115,7 @@ class Retriever:
         new = copy.copy(self)
         new.artifact = artifact
         new.sources = self.sources.with_artifact(artifact)
+        new.filters = FilterMasks(artifact.items)  # its masks are over the new rows
         artifact.catalogue.added_keys, artifact.catalogue.live  # noqa: B018 (built now)
         artifact.history_codes  # noqa: B018
         return new
@@ -153,21 +162,29 @@ class Retriever:
         Returns:
             One entry per query, in order: its ``Result``, or the ``DataError`` that
             query alone caused (an unknown user or item, a bad feature value, k < 1,
-            text for an artifact without a text feature). One bad query never
-            fails the others.
+            text for an artifact without a text feature, a bad filter). One bad query
+            never fails the others.
         """
         batch = QueryBatch(queries, self.artifact.item_vectors.shape[1], self.interests)
         groups: dict[str, list[int]] = {name: [] for name in SOURCES}
+        selections: dict[int, Selection] = {}  # the filtered queries' masks
         for position, query in enumerate(batch.queries):
             try:
                 check_k(query.k)
-                groups[query.source].append(position)
+                source = query.source
+                if query.filter is not None:  # checked before any tower pass
+                    selections[position] = self.filters.select(query.filter)
+                groups[source].append(position)
             except DataError as err:
                 batch.out[position] = err
         self.sources.embed(batch, groups)
-        live = np.array([i for i, o in enumerate(batch.out) if o is None], dtype=np.int64)
-        if len(live):
-            self._answer(batch, live)
+        by_filter: dict[tuple | None, list[int]] = {}  # one search per distinct filter
+        for position in (i for i, o in enumerate(batch.out) if o is None):
+            selection = selections.get(position)
+            by_filter.setdefault(None if selection is None else selection.key, []).append(position)
+        for positions in by_filter.values():
+            selection = selections.get(positions[0])
+            self._answer(batch, np.array(positions), None if selection is None else selection.mask)
         return batch.out  # type: ignore[return-value]
 
     def ingest(self, events: Sequence[Event]) -> list[tuple[int, str]]:
@@ -291,13 +308,14 @@ class Retriever:
         check_k(k)
         return _raise_first(self.retrieve([Query(item=item_id, k=k)]))[0]
 
-    def _answer(self, batch: QueryBatch, live: np.ndarray) -> None:
-        """Searches for the ``live`` positions of ``batch`` (those without an error) and
-        puts each one's ``Result`` in its slot."""
+    def _answer(self, batch: QueryBatch, live: np.ndarray, allowed: np.ndarray | None) -> None:
+        """Searches for the ``live`` positions of ``batch`` (those without an error),
+        among the ``allowed`` items only (None: every item), and puts each one's
+        ``Result`` in its slot."""
         ks = np.array([min(batch.queries[i].k, self.num_items) for i in live])
         exclude = batch.exclusions(live, self.artifact)
         labels = [batch.labels[i] for i in live]
-        results = self._search(batch.vectors[live], labels, ks, exclude)
+        results = self._search(batch.vectors[live], labels, ks, exclude, allowed)
         for position, result in zip(live, results, strict=True):
             item_query = batch.self_rows[position] >= 0
             batch.out[position] = dataclasses.replace(
@@ -313,11 +331,16 @@ class Retriever:
         labels: list[Any],
         ks: np.ndarray,
         exclude: sp.csr_matrix | None,
+        allowed: np.ndarray | None = None,
     ) -> list[Result]:
         """One catalogue search of (B, D) or (B, K, D) query vectors for the largest of
-        ``ks`` (live items only: never a blocked or removed one), then one Result per
-        label: its own k, padding left out."""
-        ids, scores, interests = self.artifact.catalogue.search(vectors, int(ks.max()), exclude)
+        ``ks``, among the items (item rows) ``allowed`` leaves in (live items only: never
+        a blocked or removed one), then one Result per label: its own k, padding left
+        out."""
+        catalogue = self.artifact.catalogue
+        ids, scores, interests = catalogue.search(
+            vectors, int(ks.max()), exclude, allowed, self.exact_filter_limit
+        )
         kept = (ids >= 0) & (np.arange(ids.shape[1]) < ks[:, None])
         items = self.item_id_values[ids[kept]].tolist()
         values = scores[kept].tolist()

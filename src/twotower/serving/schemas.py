@@ -31,6 +31,8 @@ MAX_FEATURES = 256
 MAX_HISTORY = 1000
 MAX_EVENTS = 10_000
 MAX_ITEM_CHANGES = 10_000
+MAX_FILTER_COLUMNS = 64
+MAX_FILTER_VALUES = 10_000
 
 Id = StrictInt | StrictStr
 VERSION = (
@@ -58,6 +60,37 @@ class StateUsed(BaseModel):
     )
 
 
+FilterValue = StrictInt | StrictFloat | StrictStr | StrictBool
+Bound = StrictInt | StrictFloat
+
+
+class Condition(BaseModel):
+    """What one item column must satisfy; every condition given holds (AND). A null
+    value never satisfies one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    in_: list[FilterValue] | None = Field(
+        None,
+        alias="in",
+        max_length=MAX_FILTER_VALUES,
+        description="The value is one of these (of a list column: any element is).",
+    )
+    not_in: list[FilterValue] | None = Field(
+        None,
+        max_length=MAX_FILTER_VALUES,
+        description="The value is none of these (of a list column: no element is).",
+    )
+    gt: Bound | None = Field(None, description="The value is above this (numeric columns).")
+    gte: Bound | None = Field(None, description="The value is at least this.")
+    lt: Bound | None = Field(None, description="The value is below this.")
+    lte: Bound | None = Field(None, description="The value is at most this.")
+
+    def condition(self) -> dict[str, Any]:
+        """The condition as the retriever's filter takes it: the operators given."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class RecallRequest(BaseModel):
     """One query: one of ``user_id``, ``features``, ``text`` (a user's ``features`` may
     go with its ``user_id``), or a ``history`` alone."""
@@ -71,6 +104,7 @@ class RecallRequest(BaseModel):
                 {"history": [50, 181, 172], "history_times": [884e6, 885e6, 886e6]},
                 {"user_id": 17, "history": [50, 181]},
                 {"text": "red running shoes", "k": 10, "exclude_items": [12, 40]},
+                {"user_id": 17, "filter": {"category": {"in": ["c1", "c3"]}, "price": {"lt": 20}}},
             ]
         },
     )
@@ -123,6 +157,17 @@ class RecallRequest(BaseModel):
         max_length=MAX_EXCLUDE,
         description="Item ids never to return for this query; unknown ids are ignored.",
     )
+    filter: dict[str, Condition] | None = Field(
+        None,
+        max_length=MAX_FILTER_COLUMNS,
+        description="Only items whose columns in the item table satisfy every condition, "
+        'e.g. {"category": {"in": ["toys", "games"]}, "price": {"gte": 5, "lt": 20}}: '
+        "in / not_in on text, integer, number or boolean columns (and lists of them: "
+        "any element), gt / gte / lt / lte on numeric ones. A null value matches no "
+        "condition. Applied inside the search. A column that is not filterable, a "
+        "value of the wrong kind or an empty filter is a 422.",
+        examples=[{"category": {"in": ["c1", "c3"]}, "price": {"lt": 20}}],
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RecallRequest:
@@ -147,6 +192,9 @@ class RecallRequest(BaseModel):
             k=self.k,
             exclude_seen=self.exclude_seen,
             exclude_items=tuple(self.exclude_items),
+            filter=None
+            if self.filter is None
+            else {column: c.condition() for column, c in self.filter.items()},
         )
 
 

@@ -11,6 +11,9 @@ from twotower.errors import ConfigError
 
 Runtime = Literal["torch", "onnx"]
 RUNTIMES: tuple[str, ...] = get_args(Runtime)  # what may run the query tower
+# A filter that keeps at most this many items is searched exactly over them on an
+# approximate index (docs/serving.md, "Filters"; measured in docs/benchmarks.md).
+EXACT_FILTER_LIMIT = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,9 @@ class ServiceConfig:
             ``twotower state load`` fills from an artifact (``RedisStore``).
         ingest_token: when set, ``POST /events`` takes it (or the admin token) as
             ``Authorization: Bearer <token>``; with neither set, loopback clients only.
+        exact_filter_limit: on an approximate index (HNSW, IVF-PQ), a query whose
+            filter keeps at most this many items is searched exactly over them
+            (``twotower.serving.catalogue``); 0: never.
 
     Raises:
         ConfigError: a value out of its range, an unknown runtime, a state URL of
@@ -58,12 +64,15 @@ class ServiceConfig:
     runtime: Runtime = "torch"
     state: str | None = None
     ingest_token: str | None = None
+    exact_filter_limit: int = EXACT_FILTER_LIMIT
 
     def __post_init__(self) -> None:
         if self.batch_queries < 1 or self.batch_wait_ms < 0 or self.max_body_bytes < 1:
             raise ConfigError(
                 "--batch-queries and --max-body-bytes must be >= 1, --batch-wait-ms >= 0"
             )
+        if self.exact_filter_limit < 0:
+            raise ConfigError(f"--exact-filter-limit must be >= 0, got {self.exact_filter_limit}")
         check_runtime(self.runtime)
         if self.state is not None:
             check_state_url(self.state)

@@ -249,7 +249,14 @@ class ServiceState:
         if store is None and self.retriever is not None:
             assert isinstance(self.retriever.store, MemoryStore)
             store = self.retriever.store.carried(artifact)
-        return _warmed(Retriever(artifact, vectors, runtime=config.runtime, store=store))
+        retriever = Retriever(
+            artifact,
+            vectors,
+            runtime=config.runtime,
+            store=store,
+            exact_filter_limit=config.exact_filter_limit,
+        )
+        return _warmed(retriever)
 
     async def ingest(self, events: list[Event]) -> tuple[int, list[tuple[int, str]], Artifact]:
         """Appends ``events`` to their users' states: every event whose item the served
