@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from twotower.errors import DataError
 from twotower.index import INDEXES
 from twotower.serving import Retriever
+from twotower.serving.catalogue import Catalogue
 from twotower.serving.http import ServiceConfig, create_app
 from twotower.serving.query import Query
 
@@ -125,7 +126,9 @@ def test_every_index_kind_answers_only_items_that_satisfy_the_filter(demo_artifa
     retriever = Retriever.load(folder)
     index = INDEXES[kind]()
     index.build(retriever.artifact.item_vectors)
-    artifact = dataclasses.replace(retriever.artifact, index=index)
+    artifact = retriever.artifact
+    catalogue = Catalogue.exported(artifact.items, artifact.item_vectors, index, artifact.item_key)
+    artifact = dataclasses.replace(artifact, catalogue=catalogue)
     retriever = Retriever(artifact, exact_filter_limit=limit)
     exact = kind == "exact" or (kind != "flat" and limit > 0)  # by itself or the fallback
     for filter in FILTERS:
