@@ -155,6 +155,7 @@ def test_random_filters_agree_with_the_row_by_row_oracle():
         ({"category": {"not_in": [3]}}, "'category' holds text, so not_in takes text; got 3"),
         ({"sale": {"in": ["yes"]}}, "'sale' holds booleans, so in takes booleans"),
         ({"category": {"in": "toys"}}, "in takes a list of values, got 'toys'"),
+        ({"category": {"in": "t" * 5000}}, "in takes a list of values, got 'ttttt"),
         ({"price": {"lt": "20"}}, "lt takes a finite number, got '20'"),
         ({"price": {"lt": float("nan")}}, "lt takes a finite number, got nan"),
         ({"price": {"lt": True}}, "lt takes a finite number, got True"),
@@ -164,9 +165,10 @@ def test_random_filters_agree_with_the_row_by_row_oracle():
     ],
 )
 def test_each_bad_filter_is_refused_naming_the_column_and_the_fault(items, filter, message):
-    with pytest.raises(DataError, match=None) as caught:
+    with pytest.raises(DataError) as caught:
         FilterMasks(items).select(filter)
     assert message in str(caught.value)
+    assert len(str(caught.value)) < 300  # a value is named, not echoed whole
 
 
 def test_a_filter_asked_again_is_a_lookup_and_the_cache_is_bounded(items):

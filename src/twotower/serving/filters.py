@@ -135,7 +135,7 @@ class FilterMasks:
         field = self.items.schema.field(name) if name in self.items.schema.names else None
         why = "no such column" if field is None else f"its type {field.type} is not filterable"
         return (
-            f"filter on column {name!r}: {why}; the filterable columns are "
+            f"filter on column {_shown(name)}: {why}; the filterable columns are "
             f"{', '.join(map(repr, self.columns))}"
         )
 
@@ -178,12 +178,14 @@ def _check_condition(column: Column, condition: Any) -> list[tuple[str, str, Any
     if not isinstance(condition, Mapping) or not condition:
         raise DataError(
             f"{where}: a condition maps one or more of {', '.join(OPERATORS)} to values, "
-            f"got {condition!r}"
+            f"got {_shown(condition)}"
         )
     checked = []
     for operator, value in condition.items():
         if operator not in OPERATORS:
-            raise DataError(f"{where}: unknown operator {operator!r}; use {', '.join(OPERATORS)}")
+            raise DataError(
+                f"{where}: unknown operator {_shown(operator)}; use {', '.join(OPERATORS)}"
+            )
         if operator in SETS:
             checked.append((column.name, operator, _check_set(column, operator, value, where)))
             continue
@@ -193,7 +195,7 @@ def _check_condition(column: Column, condition: Any) -> list[tuple[str, str, Any
                 f"numbers; use in or not_in"
             )
         if not _is_number(value):
-            raise DataError(f"{where}: {operator} takes a finite number, got {value!r}")
+            raise DataError(f"{where}: {operator} takes a finite number, got {_shown(value)}")
         checked.append((column.name, operator, value))
     return checked
 
@@ -201,7 +203,7 @@ def _check_condition(column: Column, condition: Any) -> list[tuple[str, str, Any
 def _check_set(column: Column, operator: str, values: Any, where: str) -> tuple:
     """The values of ``in`` / ``not_in`` in the column's kind, sorted, each once."""
     if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
-        raise DataError(f"{where}: {operator} takes a list of values, got {values!r}")
+        raise DataError(f"{where}: {operator} takes a list of values, got {_shown(values)}")
     values = list(values)
     fits = {
         "text": lambda v: isinstance(v, str),
@@ -213,13 +215,19 @@ def _check_set(column: Column, operator: str, values: Any, where: str) -> tuple:
     if wrong:
         wanted = KINDS[column.kind] if column.kind != "integer" else "numbers"
         raise DataError(
-            f"{where}: {column.describe()}, so {operator} takes {wanted}; got {wrong[0]!r}"
+            f"{where}: {column.describe()}, so {operator} takes {wanted}; got {_shown(wrong[0])}"
         )
     if column.kind == "integer":  # a number with a fraction is no integer's value
         values = [int(v) for v in values if float(v).is_integer() and -INT64 <= v < INT64]
     elif column.kind == "number":
         values = [float(v) for v in values]
     return tuple(sorted(set(values)))
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to 80 characters: a message names a value, not a whole list."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_number(value: Any) -> bool:
