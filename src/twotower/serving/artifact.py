@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,9 +76,9 @@ from twotower.serving.artifact_files import (
     REQUIRED_FILES,
     SEEN_FILE,
     USER_FILES,
+    fingerprint_of,
     load_recent,
     manifest_and_fingerprint,
-    manifest_bytes,
     read_index,
     read_item_tower,
     read_manifest,
@@ -361,7 +360,7 @@ class Artifact:
                 f"version {self.version}"
             )
         catalogue = self.catalogue.apply(update, f"version {update.version}")
-        fingerprint = hashlib.sha256(manifest_bytes(manifest)).hexdigest()[:16]
+        fingerprint = fingerprint_of(manifest)
         new = dataclasses.replace(
             self, manifest=manifest, fingerprint=fingerprint, catalogue=catalogue
         )

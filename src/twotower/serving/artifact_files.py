@@ -117,7 +117,18 @@ def manifest_and_fingerprint(folder: Path) -> tuple[dict[str, Any], str]:
     if missing or not isinstance(manifest["files"], dict):
         raise DataError(f"{path}: not an artifact manifest (lacks {', '.join(missing)})")
     _check_versions(path, manifest)
-    return manifest, hashlib.sha256(data).hexdigest()[:16]
+    return manifest, _fingerprint(data)
+
+
+def fingerprint_of(manifest: dict[str, Any]) -> str:
+    """The fingerprint of the version ``manifest`` describes: the first 16 hex digits of
+    the SHA-256 of the manifest as written (``manifest_bytes``), as ``Artifact.load``
+    names the version it reads."""
+    return _fingerprint(manifest_bytes(manifest))
+
+
+def _fingerprint(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
@@ -131,7 +142,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> str:
     fingerprint."""
     data = manifest_bytes(manifest)
     atomic_write(folder / MANIFEST_FILE, lambda f: f.write(data))
-    return hashlib.sha256(data).hexdigest()[:16]
+    return _fingerprint(data)
 
 
 def update_folder(version: int) -> str:
@@ -174,20 +185,30 @@ def verify_files(folder: Path, manifest: dict[str, Any], skip: Sequence[str] = (
     for name in REQUIRED_FILES:
         if name not in listed:
             raise DataError(f"{where}: does not list {name}, which every artifact has")
-    for name, digest in sorted(listed.items()):
+    verify_listed(folder, manifest, [name for name in sorted(listed) if name not in skip])
+    for name in skip:  # not read: present, where listed
+        if name in listed and not (folder / name).is_file():
+            raise DataError(f"{folder / name}: missing, though {MANIFEST_FILE} lists it")
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        unlisted = name != MANIFEST_FILE and name not in listed
+        if unlisted and path.is_file() and not is_leftover(name, manifest["version"]):
+            raise DataError(f"{path}: not listed in {MANIFEST_FILE}; the artifact was altered")
+
+
+def verify_listed(folder: Path, manifest: dict[str, Any], names: Sequence[str]) -> None:
+    """Checks each of ``names`` (files the manifest lists) against its SHA-256 there."""
+    listed: dict[str, str] = manifest["files"]
+    where = folder / MANIFEST_FILE
+    for name in names:
         parts = PurePosixPath(name).parts
         if PurePosixPath(name).is_absolute() or ".." in parts or name == MANIFEST_FILE:
             raise DataError(f"{where}: lists {name!r}, which is not a file of the artifact")
         path = folder / name
         if not path.is_file():
             raise DataError(f"{path}: missing, though {MANIFEST_FILE} lists it")
-        if name not in skip and sha256_file(path) != digest:
+        if sha256_file(path) != listed[name]:
             raise DataError(f"{path}: corrupt (its checksum does not match {MANIFEST_FILE})")
-    for path in sorted(folder.rglob("*")):
-        name = path.relative_to(folder).as_posix()
-        unlisted = name != MANIFEST_FILE and name not in listed
-        if unlisted and path.is_file() and not is_leftover(name, manifest["version"]):
-            raise DataError(f"{path}: not listed in {MANIFEST_FILE}; the artifact was altered")
 
 
 def is_leftover(name: str, version: int) -> bool:

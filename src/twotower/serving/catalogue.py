@@ -269,8 +269,9 @@ class Catalogue:
         """
         if self.index is None:
             raise ValueError("this catalogue was loaded without its index: it cannot search")
-        if self.searched_exactly(allowed, exact_limit):
-            return _search(self.exact, queries, k, exclude, allowed & self.returnable)
+        kept = self._exactly_searched(allowed, exact_limit)
+        if kept is not None:  # few allowed on an approximate index: exact over their rows
+            return _search(self.exact, queries, k, exclude, kept)
         mask = self._slot_mask(allowed)
         exclude = self._slot_exclude(exclude)
         slots, scores, interests = _search(self.index, queries, k, exclude, mask)
@@ -282,10 +283,14 @@ class Catalogue:
     def searched_exactly(self, allowed: np.ndarray | None, exact_limit: int) -> bool:
         """Whether ``search`` answers ``allowed`` by the exact search over its rows: an
         approximate index, and at most ``exact_limit`` live rows allowed."""
+        return self._exactly_searched(allowed, exact_limit) is not None
+
+    def _exactly_searched(self, allowed: np.ndarray | None, exact_limit: int) -> np.ndarray | None:
+        """(N,) the rows the exact search keeps, where ``searched_exactly``; else None."""
         if allowed is None or self.index is None or self.index.is_exact or exact_limit <= 0:
-            return False
-        allowed = self._checked(allowed)
-        return np.count_nonzero(allowed & self.returnable) <= exact_limit
+            return None
+        kept = self._checked(allowed) & self.returnable
+        return kept if np.count_nonzero(kept) <= exact_limit else None
 
     @functools.cached_property
     def returnable(self) -> np.ndarray:

@@ -33,6 +33,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from twotower.errors import DataError
 from twotower.serving import schemas
 from twotower.serving.artifact import Artifact
+from twotower.serving.artifact_files import fingerprint_of
 from twotower.serving.batching import MicroBatcher
 from twotower.serving.catalogue import ItemUpdate
 from twotower.serving.item_changes import ItemChange, prepare_update
@@ -49,7 +50,7 @@ from twotower.serving.stores import (
     open_store,
 )
 from twotower.serving.updates import write_update
-from twotower.serving.versions import fingerprint_of, folder_fingerprint, next_version
+from twotower.serving.versions import folder_fingerprint, next_version
 from twotower.threads import set_threads
 
 log = logging.getLogger(__name__)

@@ -19,15 +19,16 @@ folder whole then, as a reload does.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twotower.errors import DataError
 from twotower.serving.artifact import Artifact
-from twotower.serving.artifact_files import manifest_and_fingerprint, manifest_bytes, read_update
-from twotower.storage import sha256_file
+from twotower.serving.artifact_files import (
+    manifest_and_fingerprint,
+    read_update,
+    verify_listed,
+)
 
 # runs a function where no search of the served index runs beside it, returns its result
 Between = Callable[[Callable[[], Artifact]], Artifact]
@@ -51,7 +52,8 @@ def next_version(served: Artifact, between: Between) -> Artifact | None:
     if not _follows(manifest, served):
         return None
     entry = manifest["updates"][-1]
-    _verify(folder, manifest, entry["folder"])
+    prefix = f"{entry['folder']}/"  # only the new version's files are read
+    verify_listed(folder, manifest, [name for name in manifest["files"] if name.startswith(prefix)])
     update = read_update(folder, entry, served.items.schema, served.item_vectors.shape[1])
     try:
         artifact = between(lambda: served.updated(update, manifest))
@@ -59,11 +61,6 @@ def next_version(served: Artifact, between: Between) -> Artifact | None:
         return None
     # a manifest written otherwise than the writers write it is named as a load names it
     return artifact if artifact.fingerprint == fingerprint else None
-
-
-def fingerprint_of(manifest: dict[str, Any]) -> str:
-    """The fingerprint of the version ``manifest`` describes (as ``Artifact.load`` names it)."""
-    return hashlib.sha256(manifest_bytes(manifest)).hexdigest()[:16]
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -80,16 +77,3 @@ def _follows(manifest: dict[str, Any], served: Artifact) -> bool:
         and manifest.get("base_fingerprint") == served.base_fingerprint
         and all(files.get(name) == digest for name, digest in served.manifest["files"].items())
     )
-
-
-def _verify(folder: Path, manifest: dict[str, Any], version_folder: str) -> None:
-    """Checks the files of one version's folder against the manifest's checksums."""
-    prefix = f"{version_folder}/"
-    for name, digest in manifest["files"].items():
-        if not name.startswith(prefix):
-            continue
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path}: missing, though the manifest lists it")
-        if sha256_file(path) != digest:
-            raise DataError(f"{path}: corrupt (its checksum does not match the manifest)")
