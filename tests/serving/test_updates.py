@@ -18,6 +18,7 @@ import pytest
 from twotower.errors import DataError
 from twotower.export import export_run
 from twotower.serving import Artifact, Retriever
+from twotower.serving.item_changes import _same, _same_rows
 from twotower.serving.query import Query, UnknownItemError
 from twotower.serving.query_vectors import read_query_vectors, write_query_vectors
 from twotower.serving.stores.base import Event
@@ -399,3 +400,28 @@ def test_ids_keep_their_type_however_given(float_key_artifact, tmp_path):
     added = apply_update(later, prepare_update(later, ItemChange(rows=table)))
     assert added.item_rows(["100.5"]).tolist() == [27]
     assert added.items.column("title")[27].as_py() == "red shoes 9"
+
+
+def test_rows_are_compared_column_by_column_as_values_are():
+    """Equal rows are found in Arrow (null equals null, NaN equals NaN) as the
+    value-by-value comparison finds them, lists included."""
+    values = [1.0, 2.0, float("nan"), None]
+
+    def table(seed: int) -> pa.Table:
+        pick = np.random.default_rng(seed).integers(0, 4, size=(200, 3))
+        return pa.table(
+            {
+                "price": pa.array([values[i] for i in pick[:, 0]], pa.float64()),
+                "title": pa.array([[None, "a", "b", "a"][i] for i in pick[:, 1]]),
+                "tags": pa.array([[None, [], ["x"], ["x", "y"]][i] for i in pick[:, 2]]),
+            }
+        )
+
+    new = table(1)
+    old = pa.concat_tables([new.slice(0, 100), table(2).slice(100)])  # half the same
+    expected = [
+        all(_same(a[c], b[c]) for c in a)
+        for a, b in zip(new.to_pylist(), old.to_pylist(), strict=True)
+    ]
+    assert _same_rows(new, old).tolist() == expected
+    assert all(expected[:100]) and not all(expected[100:])

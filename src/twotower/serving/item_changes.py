@@ -162,9 +162,27 @@ def _check_keys(rows: pa.Table, key: str, change: ItemChange) -> None:
 
 def _same_rows(new: pa.Table, old: pa.Table) -> np.ndarray:
     """(R,) bool whether each row of ``new`` holds the same values as that of ``old``
-    (NaN equal to NaN: an unchanged missing value is no change)."""
-    pairs = zip(new.to_pylist(), old.to_pylist(), strict=True)
-    return np.array([_same(a, b) for a, b in pairs], dtype=bool)
+    (null equal to null, NaN to NaN: an unchanged missing value is no change); column
+    by column, compared in Arrow (a nested column value by value)."""
+    same = np.ones(new.num_rows, dtype=bool)
+    for name in new.column_names:
+        a, b = new.column(name).combine_chunks(), old.column(name).combine_chunks()
+        same &= _same_values(a, b)
+    return same
+
+
+def _same_values(a: pa.Array, b: pa.Array) -> np.ndarray:
+    """(R,) bool whether ``a[i]`` equals ``b[i]``, two arrays of one type."""
+    kind = a.type
+    if pa.types.is_nested(kind) or pa.types.is_dictionary(kind):
+        pairs = zip(a.to_pylist(), b.to_pylist(), strict=True)
+        return np.array([_same(x, y) for x, y in pairs], dtype=bool)
+    equal = pc.fill_null(pc.equal(a, b), False)
+    equal = pc.or_(equal, pc.and_(pc.is_null(a), pc.is_null(b)))
+    if pa.types.is_floating(kind):
+        nan = pc.and_(pc.is_nan(a), pc.is_nan(b))
+        equal = pc.or_(equal, pc.fill_null(nan, False))
+    return equal.to_numpy(zero_copy_only=False)
 
 
 def _same(a: Any, b: Any) -> bool:
