@@ -5,7 +5,7 @@ left as it is, updated on each new period from its previous weights, or retraine
         [--periods 4] [--valid-share 0.5] [--seeds 0,1,2] [--arms none,incremental,full]
         [--incremental-epochs 10] [--ledger benchmarks/results/update-replay/ledger.jsonl]
         [--data-dir ../shared/datasets] [--plot docs/update-replay-ml100k.png]
-        [--threads 1] [--quick]
+        [--threads 1] [--quick] [--timing LEDGER]
 
 The log is ordered by time. Its first ``--start`` share is the initial data; the rest is
 cut into ``--periods`` periods of equal counts, each ``[from, until)`` in time. Step t
@@ -29,7 +29,10 @@ Each finished (arm, step, seed) is one line of the ledger, with its quality and 
 wall time of its update (``train_run``, from reading the data to the final metrics);
 a rerun skips recorded lines and refuses a ledger of another setup. The table and the
 plot are drawn from the whole ledger. ``--quick`` (1 epoch, seed 0, 3 periods) writes
-its ledger, table and plot in ``--out`` instead.
+its ledger, table and plot in ``--out`` instead. ``--timing LEDGER`` takes the seconds
+from another ledger of the same replay (some seeds, run with nothing else on the machine):
+each (arm, step)'s seconds become that ledger's mean, and its quality must equal this
+ledger's for the seeds both hold.
 """
 
 from __future__ import annotations
@@ -254,6 +257,10 @@ def recorded(ledger: Path, setup: dict) -> set[tuple[str, int, int]]:
     return {(e["arm"], e["step"], e["seed"]) for e in entries}
 
 
+def read_ledger(ledger: Path) -> list[dict]:
+    return [json.loads(line) for line in ledger.read_text().splitlines()]
+
+
 def record(ledger: Path, entry: dict) -> None:
     """Appends one line to the ledger."""
     ledger.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +280,24 @@ def summary(entries: Sequence[dict]) -> dict[tuple[int, str], dict]:
         result[key] = {name: (float(np.mean(v)), float(np.std(v))) for name, v in values.items()}
         result[key]["seeds"] = len(group)
     return result
+
+
+def retimed(entries: Sequence[dict], timing: Sequence[dict]) -> list[dict]:
+    """``entries`` with each (arm, step)'s seconds replaced by its mean in ``timing``, a
+    ledger of the same replay timed alone; raises ``ValueError`` when a (arm, step, seed)
+    both hold differs in quality (then they are not the same replay) or when ``timing``
+    lacks a (arm, step) of ``entries``."""
+    own = {(e["arm"], e["step"], e["seed"]): e for e in entries}
+    seconds: dict[tuple[str, int], list[float]] = {}
+    for entry in timing:
+        key = (entry["arm"], entry["step"], entry["seed"])
+        if key in own and any(own[key][m] != entry[m] for m in METRICS):
+            raise ValueError(f"--timing: {key} has other metrics than the ledger's")
+        seconds.setdefault(key[:2], []).append(entry["seconds"])
+    missing = sorted({(e["arm"], e["step"]) for e in entries} - set(seconds))
+    if missing:
+        raise ValueError(f"--timing: no timing for (arm, step) {missing}")
+    return [e | {"seconds": float(np.mean(seconds[(e["arm"], e["step"])]))} for e in entries]
 
 
 def _arm_order(arm: str) -> int:
@@ -312,7 +337,7 @@ def markdown(entries: Sequence[dict], steps: Sequence[Step]) -> str:
 
 def _cell(value: tuple[float, float], digits: int) -> str:
     mean, spread = value
-    return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread else "")
+    return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if round(spread, digits) else "")
 
 
 def _day(stamp: float) -> str:
@@ -378,6 +403,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "update-replay-ml100k.png")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="1 epoch, seed 0, 3 periods")
+    parser.add_argument(
+        "--timing", type=Path, help="a ledger of the same replay timed alone: its seconds"
+    )
     args = parser.parse_args()
     arms = args.arms.split(",")
     if any(arm not in ARMS for arm in arms):
@@ -411,7 +439,9 @@ def main() -> None:
     setup |= {name: getattr(args, name) for name in SETUP}
     runs = Replay(steps, configs, args.out, args.incremental_epochs)
     replay(runs, args.arms.split(","), [int(s) for s in args.seeds.split(",")], args.ledger, setup)
-    entries = [json.loads(line) for line in args.ledger.read_text().splitlines()]
+    entries = read_ledger(args.ledger)
+    if args.timing is not None:
+        entries = retimed(entries, read_ledger(args.timing))
     table = markdown(entries, steps)
     (args.ledger.parent / "update-replay-ml100k.md").write_text(table)
     plot(entries, args.plot)

@@ -415,6 +415,27 @@ def test_update_replay_steps_cut_the_log_into_equal_periods_by_time():
         _update_replay().replay_steps(np.arange(4.0), 0.5, 4, 0.5)
 
 
+def test_update_replay_seconds_come_from_a_ledger_timed_alone():
+    """The timing ledger's mean seconds replace each (arm, step)'s; a line of other
+    quality, or an (arm, step) it lacks, is refused."""
+    retimed = _update_replay().retimed
+
+    def line(arm, step, seed, recall, seconds):
+        keys = {"arm": arm, "step": step, "seed": seed}
+        return keys | {"recall@10": recall, "ndcg@10": recall / 2, "seconds": seconds}
+
+    ledger = [line("full", 1, 0, 0.1, 90.0), line("full", 1, 1, 0.2, 110.0)]
+    ledger += [line("none", 1, 0, 0.05, 0.0)]
+    timing = [line("full", 1, 0, 0.1, 40.0), line("full", 1, 2, 0.3, 60.0)]
+    timing += [line("none", 1, 0, 0.05, 0.0)]
+    assert [e["seconds"] for e in retimed(ledger, timing)] == [50.0, 50.0, 0.0]
+    assert [e["recall@10"] for e in retimed(ledger, timing)] == [0.1, 0.2, 0.05]
+    with pytest.raises(ValueError, match=r"\('full', 1, 0\) has other metrics"):
+        retimed(ledger, [line("full", 1, 0, 0.11, 40.0), timing[2]])
+    with pytest.raises(ValueError, match=r"no timing for \(arm, step\) \[\('none', 1\)\]"):
+        retimed(ledger, timing[:2])
+
+
 @pytest.fixture(scope="module")
 def update_replayed(tiny_demo, tmp_path_factory):
     """The tiny demo's log replayed from its first half in 2 periods, arms none and full
