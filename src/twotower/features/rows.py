@@ -83,10 +83,20 @@ def _column(
             pieces.append(_convert([value], target))
         except _REFUSED:
             pieces.append(pa.nulls(1, target))
-            errors.setdefault(
-                index, DataError(f"feature {column!r}: {value!r} is not a valid {target}")
-            )
+            errors.setdefault(index, _refusal(column, value, target))
     return pa.concat_arrays(pieces) if pieces else pa.nulls(0, target)
+
+
+def _refusal(column: str, value: Any, target: pa.DataType) -> DataError:
+    """The error of a value that does not convert (a list of another width than a
+    fixed-width column's said so)."""
+    if pa.types.is_fixed_size_list(target) and isinstance(value, list):
+        if len(value) != target.list_size:
+            return DataError(
+                f"feature {column!r}: a list of {len(value)} values, where the column holds "
+                f"lists of {target.list_size} ({target})"
+            )
+    return DataError(f"feature {column!r}: {value!r} is not a valid {target}")
 
 
 def _convert(values: list[Any], target: pa.DataType) -> pa.Array:
