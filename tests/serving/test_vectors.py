@@ -206,3 +206,19 @@ def test_json_item_rows_are_checked_by_their_position(exported):
     )
     update = prepare_update(artifact, ItemChange(rows=rows[:1] + [{"i": 2002, "image": None}]))
     assert update.counts()["added"] == 2  # a missing image reads as zeros here
+
+
+def test_a_warm_start_keeps_the_fitted_statistics(exported, tmp_path):
+    """``--init-from`` the exported run, on data whose taste vectors moved: the new run
+    (the projection's weights carried over) standardizes them with the earlier run's
+    mean and std."""
+    _, run = exported
+    config = vector_config(tmp_path / "data")
+    users = pq.read_table(config.data.queries.path)
+    moved = np.stack(users.column("taste").to_numpy(zero_copy_only=False)) + 5.0
+    pq.write_table(users.set_column(1, "taste", pa.array(moved.tolist())), config.data.queries.path)
+    train_run(config, tmp_path / "warm", init_from=run)
+    earlier, later = (load_model(folder)[1] for folder in (run, tmp_path / "warm"))
+    kept = [p.transforms["query"]["taste"] for p in (earlier, later)]
+    assert np.array_equal(kept[0].mean, kept[1].mean) and np.array_equal(kept[0].std, kept[1].std)
+    assert np.abs(kept[1].mean - moved.mean(axis=0)).min() > 4  # not refitted on the new rows
