@@ -90,12 +90,12 @@ def _column(
 def _refusal(column: str, value: Any, target: pa.DataType) -> DataError:
     """The error of a value that does not convert (a list of another width than a
     fixed-width column's said so)."""
-    if pa.types.is_fixed_size_list(target) and isinstance(value, list):
-        if len(value) != target.list_size:
-            return DataError(
-                f"feature {column!r}: a list of {len(value)} values, where the column holds "
-                f"lists of {target.list_size} ({target})"
-            )
+    fixed = pa.types.is_fixed_size_list(target)
+    if fixed and isinstance(value, list) and len(value) != target.list_size:
+        return DataError(
+            f"feature {column!r}: a list of {len(value)} values, where the column holds "
+            f"lists of {target.list_size} ({target})"
+        )
     return DataError(f"feature {column!r}: {value!r} is not a valid {target}")
 
 

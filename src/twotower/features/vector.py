@@ -77,6 +77,7 @@ def read_vectors(values: pa.Array | pa.ChunkedArray, dim: int) -> VectorRows:
 
 
 def _numeric_lists(kind: pa.DataType) -> bool:
+    """Whether ``kind`` is a list type (variable, large or fixed-size) of numbers."""
     lists = pa.types.is_list(kind) or pa.types.is_large_list(kind)
     if not (lists or pa.types.is_fixed_size_list(kind)):
         return False
