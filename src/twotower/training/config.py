@@ -130,20 +130,38 @@ class FullConfig:
             another's softmax (the multinomial likelihood of Mult-DAE / Mult-VAE), and
             only its other training items (its input) are left out. False: each
             positive competes with none of the query's training items.
+        mask_seen: in sequence training (``training.examples: sequences``): leave out
+            of each position's softmax the items its query interacted with before that
+            position's target (what evaluation leaves out as seen at that moment), the
+            target itself always kept. Items after the position stay in: they are the
+            next items a next-item model is meant to rank.
+        chunk_rows: score this many rows (positions, queries) against the corpus at a
+            time and score each chunk again in the backward pass, so a step holds
+            ``chunk_rows`` x N scores instead of rows x N, for one more (chunk, N)
+            product per chunk; None: every row at once. The loss is the same.
     """
 
     kind: Literal["full"] = "full"
     max_items: int = 100_000
     mask_known: bool = False
     positives_compete: bool = False
+    mask_seen: bool = False
+    chunk_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {self.max_items}")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1 (or unset: all rows), got {self.chunk_rows}")
         if self.positives_compete and not self.mask_known:
             raise ValueError(
                 "positives_compete changes what mask_known leaves out; without mask_known "
                 "every item already competes"
+            )
+        if self.mask_seen and self.mask_known:
+            raise ValueError(
+                "mask_known already leaves out every training item of the query, the ones "
+                "before each position (mask_seen) among them: choose one"
             )
 
 
@@ -204,7 +222,8 @@ class TrainingConfig:
             each query's training items, trained in one forward pass of a
             sequence-encoded history (``transformer``, ``gru``; SASRec): position t
             predicts item t + 1, and a batch holds about ``batch_size`` positions.
-            Needs the ``in_batch`` or ``mixed`` objective. ``queries``: one per query,
+            Needs the ``in_batch``, ``mixed`` or ``full`` objective (``full``: every
+            position against the whole corpus, SASRec's cross-entropy). ``queries``: one per query,
             each of its training items held out of its history input with probability
             ``holdout`` (drawn afresh every epoch) and the held-out ones its positives.
             Needs the ``full`` objective and one pooled history feature;
@@ -265,18 +284,9 @@ class TrainingConfig:
             raise ValueError(f"weight_cap must be > 0, got {self.weight_cap}")
         if not 0.0 < self.lr_factor < 1.0:
             raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
-        if self.examples == "sequences" and self.objective.kind not in ("in_batch", "mixed"):
-            raise ValueError(
-                "examples=sequences trains with the in_batch or mixed objective, not "
-                f"{self.objective.kind!r}"
-            )
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
-        if self.examples == "queries" and self.objective.kind != "full":
-            raise ValueError(
-                "examples=queries trains each query's held-out items against the whole "
-                f"corpus: it needs the full objective (not {self.objective.kind!r})"
-            )
+        self._check_examples()
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -286,6 +296,32 @@ class TrainingConfig:
         name, _, k = self.metric.removeprefix("valid/").partition("@")
         if k and (not k.isdigit() or int(k) not in self.ks):
             raise ValueError(f"metric {self.metric!r}: its cutoff must be one of ks {self.ks}")
+
+    def _check_examples(self) -> None:
+        """Refuses an objective that ``examples`` cannot train with, or an objective
+        setting that has no meaning for it."""
+        kind = self.objective.kind
+        if self.examples == "sequences" and kind not in ("in_batch", "mixed", "full"):
+            raise ValueError(
+                "examples=sequences trains with the in_batch, mixed or full objective, "
+                f"not {kind!r}"
+            )
+        if self.examples == "queries" and kind != "full":
+            raise ValueError(
+                "examples=queries trains each query's held-out items against the whole "
+                f"corpus: it needs the full objective (not {kind!r})"
+            )
+        if getattr(self.objective, "mask_seen", False) and self.examples != "sequences":
+            raise ValueError(
+                "objective.mask_seen leaves out the items before each position of a query's "
+                f"sequence: it needs examples=sequences (not {self.examples!r}; mask_known "
+                "leaves out all of a query's training items)"
+            )
+        if getattr(self.objective, "positives_compete", False) and self.examples == "sequences":
+            raise ValueError(
+                "objective.positives_compete lets a query's held-out positives compete "
+                "(examples=queries); a sequence position has one positive"
+            )
 
     @property
     def in_memory_only(self) -> bool:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from twotower.errors import ConfigError
 from twotower.losses import (
@@ -48,6 +49,9 @@ from twotower.training.distributed import Collective
 
 # (M,) item indices -> (M, D) item vectors, through the item tower.
 EmbedItems = Callable[[torch.Tensor], torch.Tensor]
+
+# (S,) rows and (S,) items: row at[s] leaves item items[s] out of its softmax.
+SeenItems = tuple[torch.Tensor, torch.Tensor]
 
 
 class RowNegatives(nn.Module):
@@ -224,20 +228,32 @@ class KnownPairs:
 class FullSoftmax(nn.Module):
     """Softmax over the whole corpus: each row's positive against every item, exactly.
 
+    Each step runs the item tower once on every item; the (B, N) scores are then
+    computed all at once, or ``chunk_rows`` rows at a time, each chunk's scores made
+    again in the backward pass (activation checkpointing): a step then holds
+    ``chunk_rows`` x N scores, not B x N, at the cost of a second (chunk, D) x (D, N)
+    product per chunk. The loss and its gradient are the same either way.
+
     Args:
         num_items: N; every step embeds items 0..N-1 through the item tower.
         known: if given, each row's query's other training positives are masked.
         positives_compete: in ``sets``, a row's positives are not masked from one
             another's softmax (``FullConfig.positives_compete``).
+        chunk_rows: rows scored at once; None: all of them.
     """
 
     def __init__(
-        self, num_items: int, known: KnownPairs | None = None, positives_compete: bool = False
+        self,
+        num_items: int,
+        known: KnownPairs | None = None,
+        positives_compete: bool = False,
+        chunk_rows: int | None = None,
     ) -> None:
         super().__init__()
         self.num_items = num_items
         self.known = known
         self.positives_compete = positives_compete
+        self.chunk_rows = chunk_rows
         self.loss = MultiPositiveSoftmax()  # every item a candidate: the full softmax
 
     def forward(
@@ -249,12 +265,15 @@ class FullSoftmax(nn.Module):
         generator: torch.Generator,
         weights: torch.Tensor | None = None,
         queries: torch.Tensor | None = None,
+        seen: SeenItems | None = None,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items, each row
         weighted by ``weights`` (B,) if given; ``queries`` (B,) are the rows' query
-        indices, which masking known positives needs. ``sets`` with one positive a row."""
+        indices, which masking known positives needs; ``seen``: items left out of
+        each row's softmax (sequence training's ``mask_seen``). ``sets`` with one
+        positive a row."""
         rows = torch.arange(len(positives), device=positives.device)
-        return self.sets(query, positives, rows, embed_items, scale, weights, queries)
+        return self.sets(query, positives, rows, embed_items, scale, weights, queries, seen)
 
     def sets(
         self,
@@ -265,6 +284,7 @@ class FullSoftmax(nn.Module):
         scale: torch.Tensor,
         weights: torch.Tensor | None = None,
         queries: torch.Tensor | None = None,
+        seen: SeenItems | None = None,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against (P,) positives, positive p belonging
         to row ``owners[p]``: what ``forward`` gives with each positive its own row
@@ -272,19 +292,75 @@ class FullSoftmax(nn.Module):
 
         Each positive's term is ``-log softmax`` of its score among every item (with
         ``known``: among itself and the items that are not training positives of the
-        row's query; with ``positives_compete`` also among the row's other positives);
-        the loss is their mean, weighted by ``weights`` (P,) if given.
+        row's query; with ``positives_compete`` also among the row's other positives;
+        with ``seen``: among the items not seen by its row, and itself); the loss is
+        their mean, weighted by ``weights`` (P,) if given.
         """
         items = embed_items(torch.arange(self.num_items, device=positives.device))  # (N, D)
-        logits = query @ items.T * scale  # (B, N)
+        if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
+            return (query.sum() + items.sum()) * scale * 0.0
+        if self.known is not None and queries is None:
+            raise ValueError("masking known positives needs each row's query")
+        chunk = self.chunk_rows or len(query)
+        terms, order = [], []
+        for start in range(0, len(query), chunk):
+            rows = slice(start, start + chunk)
+            mine = torch.nonzero((owners >= start) & (owners < rows.stop)).squeeze(1)  # (P_c,)
+            if not len(mine):
+                continue
+            part = (rows, owners[mine] - start, positives[mine], queries, seen)
+            if self.chunk_rows is None:
+                terms.append(self._terms(query, items, scale, *part))
+            else:  # the (chunk, N) scores are made again in backward, not kept
+                terms.append(
+                    checkpoint(self._terms, query[rows], items, scale, *part, use_reentrant=False)
+                )
+            order.append(mine)
+        weights = None if weights is None else weights[torch.cat(order)]
+        return self.loss.mean(torch.cat(terms), weights)
+
+    def _terms(
+        self,
+        query: torch.Tensor,
+        items: torch.Tensor,
+        scale: torch.Tensor,
+        rows: slice,
+        owners: torch.Tensor,
+        positives: torch.Tensor,
+        queries: torch.Tensor | None,
+        seen: SeenItems | None,
+    ) -> torch.Tensor:
+        """(P_c,) the terms of the positives of ``rows``: (R, D) ``query`` (those rows)
+        against (N, D) ``items``, ``owners`` counted from ``rows.start``."""
+        logits = query @ items.T * scale  # (R, N)
+        exclude = self._exclude(rows, len(logits), owners, positives, queries, seen)
+        return self.loss.terms(logits, positives, owners, exclude)
+
+    def _exclude(
+        self,
+        rows: slice,
+        count: int,
+        owners: torch.Tensor,
+        positives: torch.Tensor,
+        queries: torch.Tensor | None,
+        seen: SeenItems | None,
+    ) -> torch.Tensor | None:
+        """(count, N) bool: the items left out of the softmax of ``rows`` (``count`` of
+        them), whose (P_c,) positives are ``positives``, in rows ``owners`` (counted
+        from ``rows.start``); None: none."""
         exclude = None
-        if self.known is not None and len(positives):
-            if queries is None:
-                raise ValueError("masking known positives needs each row's query")
-            exclude = self.known.rows(queries)
+        if self.known is not None:
+            assert queries is not None
+            exclude = self.known.rows(queries[rows])
             if self.positives_compete:
                 exclude[owners, positives] = False
-        return self.loss(logits, positives, owners, exclude, weights)
+        if seen is not None:
+            at, items = seen
+            mine = (at >= rows.start) & (at < rows.start + count)
+            if exclude is None:
+                exclude = torch.zeros(count, self.num_items, dtype=torch.bool, device=at.device)
+            exclude[at[mine] - rows.start, items[mine]] = True
+        return exclude
 
 
 def embed_unique(items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:
@@ -322,7 +398,10 @@ def build_objective(
             )
         _check_known(config, known)
         return FullSoftmax(
-            num_items, known if config.mask_known else None, config.positives_compete
+            num_items,
+            known if config.mask_known else None,
+            config.positives_compete,
+            config.chunk_rows,
         )
     if isinstance(config, (InBatchConfig, MixedConfig)):
         frequency = _frequency(config, counts)
