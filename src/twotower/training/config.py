@@ -223,9 +223,10 @@ class TrainingConfig:
             sequence-encoded history (``transformer``, ``gru``; SASRec): position t
             predicts item t + 1, and a batch holds about ``batch_size`` positions.
             Needs the ``in_batch``, ``mixed`` or ``full`` objective (``full``: every
-            position against the whole corpus, SASRec's cross-entropy). ``queries``: one per query,
-            each of its training items held out of its history input with probability
-            ``holdout`` (drawn afresh every epoch) and the held-out ones its positives.
+            position against the whole corpus, SASRec's cross-entropy). ``queries``:
+            one per query, each of its training items held out of its history input
+            with probability ``holdout`` (drawn afresh every epoch) and the held-out
+            ones its positives.
             Needs the ``full`` objective and one pooled history feature;
             ``batch_size`` then counts queries. ``sequences`` and ``queries`` gather
             each query's whole training history: in memory only. (The old

@@ -126,16 +126,16 @@ def test_seen_items_are_every_earlier_item_of_the_query_not_only_the_windows(seq
     assert data.spec.max_len == 4  # most queries have several windows
     batch = data.window_batch(torch.arange(len(data.window_items)))
     at, items = batch.seen
-    got = [sorted(items[at == p].tolist()) for p in range(len(batch.positives))]
-    want = []
-    for row, q in enumerate(data.window_query.tolist()):
-        sequence = ordered(split.train)[q]
-        window = data.window_items[row]
-        start = next(  # the window's first item, as the n-th of the query's
-            n for n in range(len(sequence)) if sequence[n : n + 2] == window[:2].tolist()
-        )
-        for t in range(1, int((window >= 0).sum())):
-            want.append(sorted(sequence[: start + t]))
+    assert bool((at[1:] >= at[:-1]).all())  # position by position
+    counts = torch.bincount(at, minlength=len(batch.positives)).tolist()
+    got = [sorted(part.tolist()) for part in items.split(counts)]
+    want, sequences, windows = [], ordered(split.train), {}
+    for row, q in enumerate(data.window_query.tolist()):  # a query's windows in turn
+        start = windows.get(q, 0) * data.spec.max_len  # the window's first item's place
+        windows[q] = windows.get(q, 0) + 1
+        assert sequences[q][start] == data.window_items[row, 0]
+        for t in range(1, int((data.window_items[row] >= 0).sum())):
+            want.append(sorted(sequences[q][: start + t]))
     assert got == want
     plain = SequenceTrainingData(dataset, split, pipeline).window_batch(torch.arange(3))
     assert plain.seen is None
