@@ -54,7 +54,7 @@ ITEM_GROUPS = ("head", "torso", "tail", "new")
 QUERY_GROUPS = ("few", "some", "many")
 METRICS = ("recall", "hr", "ndcg", "mrr", "precision")
 
-# (ranked, hits, num_relevant) -> each row's value of every metric at every cutoff
+# (hit rows, hit ranks, num_relevant) -> each row's value of every metric at every cutoff
 PerRow = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
@@ -130,22 +130,23 @@ class GroupTotals:
     def add(
         self,
         ranked: np.ndarray,
-        hits: np.ndarray,
+        hits: tuple[np.ndarray, np.ndarray],
         relevant: sp.csr_matrix,
         query_counts: np.ndarray,
         values: dict[str, np.ndarray],
     ) -> None:
-        """Counts the rows of a chunk: their (Qc, K) ``ranked`` items and ``hits``,
-        their (Qc, N) canonical ``relevant`` CSR, (Qc,) training counts, and each
-        row's ``values`` of every metric (the rows' own, from ``per_row``)."""
-        ranked_groups = np.where(ranked >= 0, self.labels[np.maximum(ranked, 0)], -1)
-        self._add_item_groups(ranked, hits, relevant, ranked_groups)
+        """Counts the rows of a chunk: their (Qc, K) ``ranked`` items, the (row, rank)
+        of each of their ``hits`` (``np.nonzero`` order), their (Qc, N) canonical
+        ``relevant`` CSR, (Qc,) training counts, and each row's ``values`` of every
+        metric (the rows' own, from ``per_row``)."""
+        ranked_groups = np.where(ranked >= 0, self.labels[np.maximum(ranked, 0)], -1)  # (Qc, K)
+        self._add_item_groups(hits, relevant, ranked_groups[hits])
         self._add_shares(ranked_groups)
         self._add_by_count(np.asarray(query_counts, dtype=np.int64), values)
         self.rows += len(ranked)
 
     def _add_item_groups(
-        self, ranked: np.ndarray, hits: np.ndarray, relevant: sp.csr_matrix, groups: np.ndarray
+        self, hits: tuple[np.ndarray, np.ndarray], relevant: sp.csr_matrix, hit_groups: np.ndarray
     ) -> None:
         """Each item group's metrics: hits and held-out items outside it ignored."""
         G = len(ITEM_GROUPS)
@@ -153,23 +154,27 @@ class GroupTotals:
         keys = owner * G + self.labels[relevant.indices]
         held_out = np.bincount(keys, minlength=relevant.shape[0] * G).reshape(-1, G)  # (Qc, G)
         for group in range(G):
-            rows = np.flatnonzero(held_out[:, group] > 0)
-            if len(rows) == 0:
+            counted = held_out[:, group] > 0
+            if not counted.any():
                 continue
-            group_hits = hits[rows] & (groups[rows] == group)
-            values = self.per_row(ranked[rows], group_hits, held_out[rows, group])
+            renumbered = np.cumsum(counted) - 1  # a counted row's place among them
+            mine = hit_groups == group  # a group's hits lie in its counted rows
+            rows, positions = renumbered[hits[0][mine]], hits[1][mine]
+            values = self.per_row(rows, positions, held_out[counted, group])
             for name, sums in self.item_sums.items():
                 sums[group] += float(np.sum(values[name]))
-            self.item_rows[group] += len(rows)
+            self.item_rows[group] += int(counted.sum())
 
     def _add_shares(self, groups: np.ndarray) -> None:
-        """The share of each row's top k that each item group takes."""
-        shown = np.cumsum(groups >= 0, axis=1)
-        for group in range(len(ITEM_GROUPS)):
-            taken = np.cumsum(groups == group, axis=1)
-            for k in self.ks:  # ranked is padded to the largest k
-                share = taken[:, k - 1] / np.maximum(shown[:, k - 1], 1)
-                self.shares[k][group] += float(np.sum(share))
+        """The share of each row's top k that each item group takes: a row's top k items
+        weigh 1 / (its items shown) each."""
+        present = groups >= 0
+        for k in self.ks:  # ranked is padded to the largest k
+            shown = present[:, :k].sum(axis=1)
+            weights = np.broadcast_to(1.0 / np.maximum(shown, 1)[:, None], (len(groups), k))
+            top = present[:, :k]
+            shares = np.bincount(groups[:, :k][top], weights[top], minlength=len(ITEM_GROUPS))
+            self.shares[k] += shares
 
     def _add_by_count(self, counts: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """Per-row metrics summed by training count; the query groups are cut at the end,

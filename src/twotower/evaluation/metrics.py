@@ -25,6 +25,7 @@ activity group (``twotower.evaluation.groups``), under ``groups/...`` keys.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -109,7 +110,8 @@ class RankingTotals:
         item_counts = _per_item(item_counts, num_items, "item_counts")
         self.groups = None
         if item_counts is not None:
-            self.groups = GroupTotals(self.ks, item_counts, self._row_values)
+            per_row = functools.partial(row_metrics, ks=self.ks)
+            self.groups = GroupTotals(self.ks, item_counts, per_row)
         self.rows = 0
         self.sums: dict[str, float] = {}
         # coverage@k counts the items whose best position over all rows is < k
@@ -129,8 +131,8 @@ class RankingTotals:
         num_relevant = np.diff(relevant.indptr)
         rows = np.flatnonzero(num_relevant > 0)
         ranked = ranked[rows]
-        hits = _hits(ranked, rows, relevant)  # (Qc, K)
-        values = self._row_values(ranked, hits, num_relevant[rows], self.item_popularity)
+        hits = np.nonzero(_hits(ranked, rows, relevant))  # (H,) rows and ranks of the hits
+        values = self._row_values(ranked, hits, num_relevant[rows])
         present = ranked >= 0
         positions = np.broadcast_to(np.arange(ranked.shape[1]), ranked.shape)
         np.minimum.at(self.best_position, ranked[present], positions[present])
@@ -143,15 +145,14 @@ class RankingTotals:
         return RowMetrics(rows, num_relevant[rows], values)
 
     def _row_values(
-        self,
-        ranked: np.ndarray,
-        hits: np.ndarray,
-        num_relevant: np.ndarray,
-        item_popularity: np.ndarray | None = None,
+        self, ranked: np.ndarray, hits: tuple[np.ndarray, np.ndarray], num_relevant: np.ndarray
     ) -> dict[str, np.ndarray]:
-        """Each row's value of every metric but coverage at every cutoff."""
-        cumulative = _cumulative(ranked, hits, num_relevant, item_popularity)
-        return {name: v for k in self.ks for name, v in _per_row(cumulative, k).items()}
+        """Each row's value of every metric but coverage at every cutoff, k by k."""
+        values = row_metrics(*hits, num_relevant, self.ks)
+        if self.item_popularity is None:
+            return values
+        values |= _popularity(ranked, self.item_popularity, self.ks)
+        return {f"{name}@{k}": values[f"{name}@{k}"] for k in self.ks for name in _names(values)}
 
     def result(self) -> dict[str, float]:
         """Every metric at every cutoff over the rows added (see the module doc)."""
@@ -167,6 +168,11 @@ class RankingTotals:
         if self.groups is not None:
             result.update(self.groups.result(self.best_position))
         return result
+
+
+def _names(values: dict[str, np.ndarray]) -> list[str]:
+    """The metric names of ``{"name@k": ...}`` keys, in their first order."""
+    return list(dict.fromkeys(key.split("@")[0] for key in values))
 
 
 def _per_item(values: np.ndarray | None, num_items: int, name: str) -> np.ndarray | None:
@@ -235,45 +241,45 @@ def _hits(ranked: np.ndarray, rows: np.ndarray, relevant: sp.csr_matrix) -> np.n
     return (ranked >= 0) & (keys[found] == candidates)
 
 
-def _cumulative(
-    ranked: np.ndarray,
-    hits: np.ndarray,
-    num_relevant: np.ndarray,
-    item_popularity: np.ndarray | None,
+def row_metrics(
+    hit_rows: np.ndarray, hit_positions: np.ndarray, num_relevant: np.ndarray, ks: list[int]
 ) -> dict[str, np.ndarray]:
-    """Running sums over ranks, so that any cutoff k is a column lookup."""
-    K = ranked.shape[1]
+    """Each row's recall, hr, ndcg, mrr and precision at every cutoff, from its hits
+    alone (the one routine every metric here, and every group's, goes through).
+
+    Args:
+        hit_rows: (H,) the row of each hit, ascending.
+        hit_positions: (H,) its 0-based rank, ascending within a row.
+        num_relevant: (Q,) each row's relevant items, each >= 1.
+        ks: the cutoffs.
+
+    Returns:
+        ``{"recall@k": (Q,) ..., "hr@k", "ndcg@k", "mrr@k", "precision@k"}``, k by k.
+    """
+    Q, K = len(num_relevant), max(ks)
     discount = 1.0 / np.log2(np.arange(2, K + 2))  # (K,) rank i -> 1 / log2(i + 1)
-    first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), K)  # 0-based, K = none
-    cumulative = {
-        "hits": np.cumsum(hits, axis=1),
-        "dcg": np.cumsum(hits * discount, axis=1),
-        "ideal": np.cumsum(discount),
-        "num_relevant": num_relevant,
-        "first_hit": first_hit,
-    }
-    if item_popularity is not None:
-        present = ranked >= 0
-        popularity = np.where(present, item_popularity[np.maximum(ranked, 0)], 0.0)
-        cumulative["popularity"] = np.cumsum(popularity, axis=1)
-        cumulative["shown"] = np.cumsum(present, axis=1)
-    return cumulative
-
-
-def _per_row(cumulative: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
-    """Each counted row's value of every metric but coverage at cutoff ``k``."""
-    hits = cumulative["hits"][:, k - 1]
-    num_relevant = cumulative["num_relevant"]
-    ideal = cumulative["ideal"][np.minimum(k, num_relevant) - 1]
-    first_hit = cumulative["first_hit"]
-    result = {
-        f"recall@{k}": hits / num_relevant,
-        f"hr@{k}": hits > 0,
-        f"ndcg@{k}": cumulative["dcg"][:, k - 1] / ideal,
-        f"mrr@{k}": np.where(first_hit < k, 1.0 / (first_hit + 1), 0.0),
-        f"precision@{k}": hits / k,
-    }
-    if "popularity" in cumulative:
-        shown = cumulative["shown"][:, k - 1]
-        result[f"popularity@{k}"] = cumulative["popularity"][:, k - 1] / np.maximum(shown, 1)
+    ideal = np.cumsum(discount)
+    first_hit = np.full(Q, K, dtype=np.int64)  # 0-based, K = none
+    firsts = np.flatnonzero(np.diff(hit_rows, prepend=-1))  # each row's first hit
+    first_hit[hit_rows[firsts]] = hit_positions[firsts]
+    result = {}
+    for k in ks:
+        within = hit_positions < k
+        rows, weights = hit_rows[within], discount[hit_positions[within]]
+        hits = np.bincount(rows, minlength=Q)  # (Q,) hits@k
+        # summed in rank order within a row, as a running sum over ranks would
+        dcg = np.bincount(rows, weights=weights, minlength=Q)
+        result[f"recall@{k}"] = hits / num_relevant
+        result[f"hr@{k}"] = hits > 0
+        result[f"ndcg@{k}"] = dcg / ideal[np.minimum(k, num_relevant) - 1]
+        result[f"mrr@{k}"] = np.where(first_hit < k, 1.0 / (first_hit + 1), 0.0)
+        result[f"precision@{k}"] = hits / k
     return result
+
+
+def _popularity(ranked: np.ndarray, item_popularity: np.ndarray, ks: list[int]) -> dict:
+    """Each row's ``popularity@k``: the mean popularity of its top k (padding left out)."""
+    present = ranked >= 0
+    popularity = np.cumsum(np.where(present, item_popularity[np.maximum(ranked, 0)], 0.0), axis=1)
+    shown = np.cumsum(present, axis=1)
+    return {f"popularity@{k}": popularity[:, k - 1] / np.maximum(shown[:, k - 1], 1) for k in ks}
