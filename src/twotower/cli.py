@@ -182,7 +182,8 @@ def evaluate_command(
     from twotower.training.run import evaluate_run, save_evaluation
 
     parts, ks = _parts(split), _ks(k)
-    compared = _compared(compare or [])  # read first: a wrong folder fails before ranking
+    name = run_dir.resolve().name
+    compared = _compared(name, compare or [])  # read first: a wrong folder fails early
     per_query = QueryMetrics() if per_user else None
     metrics = evaluate_run(
         run_dir,
@@ -202,19 +203,21 @@ def evaluate_command(
         write_query_metrics(per_query.table(), per_user)
         typer.echo(f"Per user: {per_user}")
     if plot is not None:
-        runs = {run_dir.name or str(run_dir): metrics, **compared}
+        runs = {name: metrics, **compared}
         _plot_groups(runs, parts[-1], plot_metric or f"ndcg@{min(ks)}", plot)
         typer.echo(f"Plot: {plot}")
 
 
-def _compared(folders: list[Path]) -> dict[str, dict[str, float]]:
-    """Each folder's ``metrics.json`` (a run's or a baseline's), by the folder's path."""
-    runs = {}
+def _compared(own: str, folders: list[Path]) -> dict[str, dict[str, float]]:
+    """Each folder's ``metrics.json`` (a run's or a baseline's), by the folder's name
+    (its path where the run's own, ``own``, or another has that name)."""
+    runs: dict[str, dict[str, float]] = {}
     for folder in folders:
         path = folder / "metrics.json"
         if not path.is_file():
             raise ConfigError(f"--compare {folder}: no metrics.json there")
-        runs[str(folder)] = json.loads(path.read_text(encoding="utf-8"))
+        name = folder.name if folder.name not in (*runs, own) else str(folder)
+        runs[name] = json.loads(path.read_text(encoding="utf-8"))
     return runs
 
 

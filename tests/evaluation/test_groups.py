@@ -307,3 +307,13 @@ def test_without_ids_the_rows_are_numbered_across_chunks() -> None:
     evaluate_chunks(chunks, "test", 15, (5,), per_query=per_query)
     expected = np.flatnonzero(np.diff((held_out - held_out.multiply(seen)).tocsr().indptr) > 0)
     assert per_query.table().column("query_id").to_pylist() == expected.tolist()
+
+
+def test_a_part_with_no_evaluated_query_adds_no_rows() -> None:
+    seen = sp.csr_matrix(np.ones((3, 4), dtype=np.float32))
+    chunk = HeldOut(_lookup(np.zeros((3, 4))), seen.copy(), seen)  # every item seen
+    per_query = QueryMetrics()
+    counts = np.full(4, 3.0)
+    got = evaluate_chunks([chunk], "test", 4, (2,), item_counts=counts, per_query=per_query)
+    assert got["test/queries"] == 0 and per_query.table().num_rows == 0
+    assert not any(key.startswith("test/groups/query:") for key in got)

@@ -43,10 +43,10 @@ class QueryMetrics:
     def end_part(self, part: str) -> None:
         """Closes ``part``: its rows get the part's name and their activity group, cut
         at the terciles of the part's counts."""
-        if not self.chunks:
-            return
-        table = pa.concat_tables(self.chunks)
+        table = pa.concat_tables(self.chunks) if self.chunks else None
         self.chunks = []
+        if table is None or table.num_rows == 0:  # no query of the part was evaluated
+            return
         counts = table.column("train_count").to_numpy()
         groups = query_groups(counts, activity_cutoffs(np.bincount(counts)))
         names = np.asarray(QUERY_GROUPS, dtype=object)[groups]
