@@ -112,7 +112,8 @@ class GroupTotals:
     Args:
         ks: the cutoffs.
         item_counts: (N,) training interactions per item; they set the item groups.
-        per_row: the per-row metrics of ranked rows, their hits and held-out counts.
+        per_row: each row's metrics from its hits' rows and ranks and its held-out
+            count (``twotower.evaluation.metrics.row_metrics``).
     """
 
     def __init__(self, ks: list[int], item_counts: np.ndarray, per_row: PerRow) -> None:
