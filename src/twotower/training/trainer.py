@@ -250,8 +250,8 @@ class Trainer:
             "lr": lr,
             "temperature": float(1.0 / self.model.scale()),
         }
-        if self.collective.is_main and self.plan.validated:
-            record.update(self.evaluate("valid"))
+        if self.collective.is_main and self.plan.validated:  # by group only at the end
+            record.update(self.evaluate("valid", groups=False))
         return self.collective.broadcast(record)  # every rank stops at the same epoch
 
     def _train_epoch(self, epoch: int) -> tuple[float, int]:
@@ -298,8 +298,11 @@ class Trainer:
         self.state.step += 1
         return value
 
-    def evaluate(self, part: str, exclude_seen: bool = True) -> dict[str, float]:
-        """Full-corpus ranking metrics of the current model on ``valid`` or ``test``."""
+    def evaluate(
+        self, part: str, exclude_seen: bool = True, groups: bool = True
+    ) -> dict[str, float]:
+        """Full-corpus ranking metrics of the current model on ``valid`` or ``test``
+        (``groups``: by item popularity and query activity group too)."""
         return evaluate_model(
             self.model,
             self.data,
@@ -307,6 +310,7 @@ class Trainer:
             self.config.ks,
             exclude_seen=exclude_seen,
             batch_size=self.config.eval_batch_size,
+            groups=groups,
         )
 
     def _end_epoch(self, record: dict[str, Any]) -> None:
