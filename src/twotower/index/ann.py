@@ -1,14 +1,23 @@
 """FAISS indexes behind the ``Index`` interface: flat inner product, HNSW and IVF-PQ.
 
 All three score by inner product (item vectors are unit vectors, so this is the
-cosine). Seen-item exclusion must not cost recall: a query asks FAISS for k plus the
-number of items it excludes, the excluded ones are dropped, and the first k that
-remain are kept. A mask of allowed items (``Index.search``'s ``allowed``) is FAISS's
-own: an ``IDSelectorBitmap`` in the search parameters, which the search consults as it
-goes (HNSW walks the graph through left-out items but never returns them; IVF skips
-them in its lists), so it costs no over-fetching. ``flat`` is exact (FAISS's brute
-force); ``hnsw`` and ``ivfpq`` trade recall for speed, measured against ``ExactIndex``
-at export.
+cosine). What a query may not return is one selector the search consults as it goes,
+never a longer list fetched and filtered: an ``IDSelectorBitmap`` over the allowed
+items (``Index.search``'s ``allowed``, shared by the queries of a call) with the
+query's own excluded items cleared. HNSW walks the graph through left-out items but
+never returns them; IVF skips them in its lists; the flat scan skips them. A FAISS
+search takes one set of parameters for all its queries, so queries are searched
+together where they leave out the same items (those that leave out none, above all),
+and each other query alone, with the bits of its exclusions cleared for its call
+(one bitmap per call, restored after each query: nothing is allocated per query).
+
+Excluded items still take places in HNSW's candidate list as the walk passes them,
+so a query that excludes e items searches with ``efSearch`` at least k + e: the walk
+as wide as it would be to find k + e items. It then answers, item for item, what
+asking for k + e and dropping the excluded ones would answer, and the same whatever
+else is in its batch. IVF-PQ and flat answer exactly that too (they scan what they
+scan, whatever is asked). ``flat`` is exact (FAISS's brute force); ``hnsw`` and
+``ivfpq`` trade recall for speed, measured against ``ExactIndex`` at export.
 
 ``add`` is FAISS's own: the new vectors get the next sequential ids, which are the
 positions ``Index.add`` promises (a flat index appends them; HNSW links each into the
@@ -24,7 +33,9 @@ Saved with FAISS's own binary format (``faiss.index``), never pickle.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +76,9 @@ class FaissIndex(Index):
         raise NotImplementedError
 
     def _parameters(self, wanted: int, selector: Any) -> Any:
-        """The search parameters of a search for ``wanted`` results, with ``selector``
-        (None: every item)."""
+        """The search parameters of a search whose queries leave out ``wanted - k``
+        items besides the k they want (HNSW widens its walk to ``wanted``), with
+        ``selector`` (None: every item)."""
         return _faiss().SearchParameters(sel=selector)
 
     def build(self, vectors: np.ndarray) -> None:
@@ -113,19 +125,28 @@ class FaissIndex(Index):
         exclude: sp.csr_matrix | None = None,
         allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The top k by inner product, excluded items dropped, only ``allowed`` ones
-        searched; see ``Index.search``."""
+        """The top k by inner product among the ``allowed`` items that each query does
+        not exclude, left out inside the search; see ``Index.search``."""
         queries, exclude, allowed = check_search(self, queries, k, exclude, allowed)
-        extra = 0 if exclude is None else int(np.diff(exclude.indptr).max(initial=0))
-        wanted = min(k + extra, self.num_items)
-        bits = None if allowed is None else np.packbits(allowed, bitorder="little")
+        B, N = len(queries), self.num_items
+        ids = np.full((B, k), -1, dtype=np.int64)
+        scores = np.full((B, k), -np.inf, dtype=np.float32)
+        found = min(k, N)  # FAISS pads past N itself; asked for at most N here
+        groups = _groups(exclude, B)
+        bits = _bitmap(allowed, N, every=len(groups) == 1 and not len(groups[0][1]))
         selector = None
-        if bits is not None:  # reads ``bits`` in place: kept alive until the search ends
+        if bits is not None:  # reads ``bits`` in place: kept alive until the searches end
             faiss = _faiss()
-            selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
-        parameters = self._parameters(wanted, selector)
-        scores, ids = self._index.search(queries, wanted, params=parameters)  # -1 where none
-        return _drop_excluded(ids.astype(np.int64), scores.astype(np.float32), exclude, k)
+            selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+        for positions, excluded in groups:
+            # every item allowed to the group: no selector (FAISS's fastest path)
+            chosen = selector if len(excluded) or allowed is not None else None
+            parameters = self._parameters(min(k + len(excluded), N), chosen)
+            with _left_out(bits, excluded):
+                top, rows = self._index.search(queries[positions], found, params=parameters)
+            ids[positions, :found], scores[positions, :found] = rows, top
+        scores[ids < 0] = -np.inf  # FAISS pads an inner-product search with -FLT_MAX
+        return ids, scores
 
     def save(self, folder: Path) -> None:
         """Writes ``index.json`` and ``faiss.index`` (FAISS's binary format)."""
@@ -263,23 +284,46 @@ class IVFPQIndex(FaissIndex):
         return faiss.SearchParametersIVF(sel=selector, nprobe=min(self.nprobe, self._index.nlist))
 
 
-def _drop_excluded(
-    ids: np.ndarray, scores: np.ndarray, exclude: sp.csr_matrix | None, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Removes excluded and missing (-1) results, keeps the order, pads to (B, k)."""
-    bad = ids < 0
-    if exclude is not None and ids.size and exclude.nnz:
-        # (row, item) pairs as one int64 each, looked up among the excluded pairs
-        width = exclude.shape[1]
-        found = np.arange(len(ids))[:, None] * width + np.where(bad, 0, ids)
-        rows = np.repeat(np.arange(exclude.shape[0]), np.diff(exclude.indptr))
-        bad |= np.isin(found, rows * width + exclude.indices)
-    order = np.argsort(bad, axis=1, kind="stable")  # kept results first, in rank order
-    ids = np.take_along_axis(np.where(bad, -1, ids), order, axis=1)
-    scores = np.take_along_axis(np.where(bad, -np.inf, scores), order, axis=1)
-    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
-    out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
-    width = min(k, ids.shape[1])
-    out_ids[:, :width] = ids[:, :width]
-    out_scores[:, :width] = scores[:, :width]
-    return out_ids, out_scores
+def _groups(exclude: sp.csr_matrix | None, B: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The queries that leave out the same items, searched together: (positions, their
+    excluded items) per group, the group that excludes nothing first."""
+    if exclude is None or not exclude.nnz:
+        return [(np.arange(B), np.zeros(0, dtype=np.int64))]
+    lengths = np.diff(exclude.indptr)
+    groups: dict[bytes, list[int]] = {}
+    for position in np.flatnonzero(lengths).tolist():
+        items = exclude.indices[exclude.indptr[position] : exclude.indptr[position + 1]]
+        groups.setdefault(items.tobytes(), []).append(position)
+    plain = np.flatnonzero(lengths == 0)
+    found = [(plain, np.zeros(0, dtype=np.int64))] if len(plain) else []
+    for positions in groups.values():
+        start = exclude.indptr[positions[0]]
+        items = exclude.indices[start : start + lengths[positions[0]]]
+        found.append((np.array(positions), items.astype(np.int64)))
+    return found
+
+
+def _bitmap(allowed: np.ndarray | None, N: int, every: bool) -> np.ndarray | None:
+    """The selector's bits (one per item, little-endian within a byte, as
+    ``IDSelectorBitmap`` reads them): ``allowed``, or every item; None where the
+    search needs no selector at all (``every``: no query excludes anything)."""
+    if allowed is not None:
+        return np.packbits(allowed, bitorder="little")
+    if every:
+        return None
+    return np.full((N + 7) // 8, 0xFF, dtype=np.uint8)
+
+
+@contextlib.contextmanager
+def _left_out(bits: np.ndarray | None, excluded: np.ndarray) -> Iterator[None]:
+    """``bits`` with the bits of ``excluded`` items cleared, then restored as they were."""
+    if not len(excluded):
+        yield
+        return
+    places = excluded >> 3
+    saved = bits[places]  # a copy, read before any bit is cleared
+    np.bitwise_and.at(bits, places, ~np.left_shift(1, excluded & 7).astype(np.uint8))
+    try:
+        yield
+    finally:
+        bits[places] = saved
