@@ -9,14 +9,15 @@ never returns them; IVF skips them in its lists; the flat scan skips them. A FAI
 search takes one set of parameters for all its queries, so queries are searched
 together where they leave out the same items (those that leave out none, above all),
 and each other query alone, with the bits of its exclusions cleared for its call
-(one bitmap per call, restored after each query: nothing is allocated per query).
+(one bitmap per call, its bits restored after each query's search).
 
 Excluded items still take places in HNSW's candidate list as the walk passes them,
 so a query that excludes e items searches with ``efSearch`` at least k + e: the walk
 as wide as it would be to find k + e items. It then answers, item for item, what
 asking for k + e and dropping the excluded ones would answer, and the same whatever
 else is in its batch. IVF-PQ and flat answer exactly that too (they scan what they
-scan, whatever is asked). ``flat`` is exact (FAISS's brute force); ``hnsw`` and
+scan, whatever is asked; flat's scores up to the last bit, as FAISS scores 20 or more
+queries of one call with BLAS and fewer one by one). ``flat`` is exact (FAISS's brute force); ``hnsw`` and
 ``ivfpq`` trade recall for speed, measured against ``ExactIndex`` at export.
 
 ``add`` is FAISS's own: the new vectors get the next sequential ids, which are the
