@@ -185,3 +185,20 @@ def test_top_k_excludes_per_query_for_any_order_of_queries():
         masked = np.where(exclude[q].toarray()[0], -np.inf, scores[q])
         best = np.lexsort((np.arange(30), -masked))[:5]
         np.testing.assert_array_equal(ids[position], np.where(masked[best] > -np.inf, best, -1))
+
+
+@pytest.mark.parametrize("kind", ANN)
+def test_k_above_what_remains_pads_each_query_on_its_own(kind):
+    rng = np.random.default_rng(6)
+    items = clustered(rng, 60)
+    queries = items[:3]
+    exclude = sp.csr_matrix(
+        (np.ones(15, np.float32), np.r_[0:10, 20:25], [0, 10, 10, 15]), shape=(3, 60)
+    )
+    ids, scores = build_index(kind, items).search(queries, 80, exclude)
+    assert ids.shape == (3, 80)
+    assert [int((row >= 0).sum()) for row in ids] == [50, 60, 55]  # every item left
+    for row, excluded in zip(ids, (range(10), (), range(20, 25)), strict=True):
+        assert not set(row.tolist()) & set(excluded)
+        assert len(set(row[row >= 0].tolist())) == (row >= 0).sum()  # no item twice
+    assert np.isneginf(scores[ids < 0]).all() and np.isfinite(scores[ids >= 0]).all()

@@ -17,8 +17,9 @@ as wide as it would be to find k + e items. It then answers, item for item, what
 asking for k + e and dropping the excluded ones would answer, and the same whatever
 else is in its batch. IVF-PQ and flat answer exactly that too (they scan what they
 scan, whatever is asked; flat's scores up to the last bit, as FAISS scores 20 or more
-queries of one call with BLAS and fewer one by one). ``flat`` is exact (FAISS's brute force); ``hnsw`` and
-``ivfpq`` trade recall for speed, measured against ``ExactIndex`` at export.
+queries of one call with BLAS and fewer one by one). ``flat`` is exact (FAISS's
+brute force); ``hnsw`` and ``ivfpq`` trade recall for speed, measured against
+``ExactIndex`` at export.
 
 ``add`` is FAISS's own: the new vectors get the next sequential ids, which are the
 positions ``Index.add`` promises (a flat index appends them; HNSW links each into the
@@ -34,9 +35,7 @@ Saved with FAISS's own binary format (``faiss.index``), never pickle.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +80,11 @@ class FaissIndex(Index):
         items besides the k they want (HNSW widens its walk to ``wanted``), with
         ``selector`` (None: every item)."""
         return _faiss().SearchParameters(sel=selector)
+
+    def _setting(self, wanted: int) -> int:
+        """What of ``_parameters`` depends on ``wanted`` (searches that agree on it and
+        on the selector share their parameters): nothing here."""
+        return 0
 
     def build(self, vectors: np.ndarray) -> None:
         """Trains (where the kind needs it) and fills the index with (N, D) vectors."""
@@ -133,19 +137,22 @@ class FaissIndex(Index):
         ids = np.full((B, k), -1, dtype=np.int64)
         scores = np.full((B, k), -np.inf, dtype=np.float32)
         found = min(k, N)  # FAISS pads past N itself; asked for at most N here
-        groups = _groups(exclude, B)
-        bits = _bitmap(allowed, N, every=len(groups) == 1 and not len(groups[0][1]))
-        selector = None
-        if bits is not None:  # reads ``bits`` in place: kept alive until the searches end
-            faiss = _faiss()
-            selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
-        for positions, excluded in groups:
-            # every item allowed to the group: no selector (FAISS's fastest path)
-            chosen = selector if len(excluded) or allowed is not None else None
-            parameters = self._parameters(min(k + len(excluded), N), chosen)
-            with _left_out(bits, excluded):
-                top, rows = self._index.search(queries[positions], found, params=parameters)
-            ids[positions, :found], scores[positions, :found] = rows, top
+        selection = _Selection(exclude, allowed, B, N)
+        made: dict[tuple[int, bool], Any] = {}  # FAISS's Python wrapper makes them slowly
+        for positions, start, end in selection.groups:
+            wanted = min(k + end - start, N)
+            key = (self._setting(wanted), selection.needed(start, end))
+            if key not in made:
+                made[key] = self._parameters(wanted, selection.selector if key[1] else None)
+            saved = selection.clear(start, end)
+            alone = isinstance(positions, int)
+            rows = slice(positions, positions + 1) if alone else positions
+            if alone and found == k:  # FAISS writes into the row itself
+                self._index.search(queries[rows], k, params=made[key], D=scores[rows], I=ids[rows])
+            else:
+                top, found_ids = self._index.search(queries[rows], found, params=made[key])
+                ids[rows, :found], scores[rows, :found] = found_ids, top
+            selection.restore(start, end, saved)
         scores[ids < 0] = -np.inf  # FAISS pads an inner-product search with -FLT_MAX
         return ids, scores
 
@@ -242,7 +249,10 @@ class HNSWIndex(FaissIndex):
 
     def _parameters(self, wanted: int, selector: Any) -> Any:
         faiss = _faiss()
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, wanted))
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=self._setting(wanted))
+
+    def _setting(self, wanted: int) -> int:
+        return max(self.ef_search, wanted)  # efSearch
 
 
 class IVFPQIndex(FaissIndex):
@@ -285,46 +295,74 @@ class IVFPQIndex(FaissIndex):
         return faiss.SearchParametersIVF(sel=selector, nprobe=min(self.nprobe, self._index.nlist))
 
 
-def _groups(exclude: sp.csr_matrix | None, B: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The queries that leave out the same items, searched together: (positions, their
-    excluded items) per group, the group that excludes nothing first."""
-    if exclude is None or not exclude.nnz:
-        return [(np.arange(B), np.zeros(0, dtype=np.int64))]
-    lengths = np.diff(exclude.indptr)
+class _Selection:
+    """What each query of one search may return: the bits of an ``IDSelectorBitmap``
+    (one per item, little-endian within a byte, as FAISS reads them), shared by the
+    call's queries, in which a query's excluded items are cleared for its own search.
+
+    ``groups`` lists the queries that leave out the same items, searched together:
+    (position, or an array of positions, and the range of ``exclude.indices`` that
+    holds their excluded items), the group that excludes nothing first.
+
+    Args:
+        exclude: (B, N) CSR, or None.
+        allowed: (N,) bool, or None.
+    """
+
+    def __init__(
+        self, exclude: sp.csr_matrix | None, allowed: np.ndarray | None, B: int, N: int
+    ) -> None:
+        self.masked = allowed is not None
+        excluding = exclude is not None and exclude.nnz > 0
+        self.groups = _groups(exclude, B) if excluding else [(np.arange(B), 0, 0)]
+        self.bits, self.selector = None, None
+        if self.masked or excluding:  # FAISS reads the bits in place while it searches
+            self.bits = (
+                np.packbits(allowed, bitorder="little")
+                if self.masked
+                else np.full((N + 7) // 8, 0xFF, dtype=np.uint8)
+            )
+            faiss = _faiss()
+            self.selector = faiss.IDSelectorBitmap(len(self.bits), faiss.swig_ptr(self.bits))
+        if excluding:  # each excluded item's byte, and that byte with its bit cleared
+            self.places = (exclude.indices >> 3).astype(np.int64)
+            self.masks = ~np.left_shift(1, exclude.indices & 7).astype(np.uint8)
+
+    def needed(self, start: int, end: int) -> bool:
+        """Whether the group whose exclusions are ``[start, end)`` needs the selector
+        (without one, FAISS searches every item its fastest way)."""
+        return self.masked or end > start
+
+    def clear(self, start: int, end: int) -> np.ndarray | None:
+        """Clears the bits of the excluded items ``[start, end)``; returns their bytes as
+        they were, for ``restore``."""
+        if end == start:
+            return None
+        places = self.places[start:end]
+        saved = self.bits[places]  # a copy, read before any bit is cleared
+        np.bitwise_and.at(self.bits, places, self.masks[start:end])
+        return saved
+
+    def restore(self, start: int, end: int, saved: np.ndarray | None) -> None:
+        """Puts back the bytes ``clear`` changed."""
+        if saved is not None:
+            self.bits[self.places[start:end]] = saved
+
+
+def _groups(exclude: sp.csr_matrix, B: int) -> list[tuple[int | np.ndarray, int, int]]:
+    """The queries that leave out the same items: (a position, or an array of them;
+    and their items' range in ``exclude.indices``), those that exclude nothing first."""
+    indptr = exclude.indptr.tolist()
     groups: dict[bytes, list[int]] = {}
-    for position in np.flatnonzero(lengths).tolist():
-        items = exclude.indices[exclude.indptr[position] : exclude.indptr[position + 1]]
-        groups.setdefault(items.tobytes(), []).append(position)
-    plain = np.flatnonzero(lengths == 0)
-    found = [(plain, np.zeros(0, dtype=np.int64))] if len(plain) else []
+    plain = []
+    for position in range(B):
+        start, end = indptr[position], indptr[position + 1]
+        if start == end:
+            plain.append(position)
+        else:
+            groups.setdefault(exclude.indices[start:end].tobytes(), []).append(position)
+    found: list[tuple[int | np.ndarray, int, int]] = [(np.array(plain), 0, 0)] if plain else []
     for positions in groups.values():
-        start = exclude.indptr[positions[0]]
-        items = exclude.indices[start : start + lengths[positions[0]]]
-        found.append((np.array(positions), items.astype(np.int64)))
+        first = positions[0] if len(positions) == 1 else np.array(positions)
+        found.append((first, indptr[positions[0]], indptr[positions[0] + 1]))
     return found
-
-
-def _bitmap(allowed: np.ndarray | None, N: int, every: bool) -> np.ndarray | None:
-    """The selector's bits (one per item, little-endian within a byte, as
-    ``IDSelectorBitmap`` reads them): ``allowed``, or every item; None where the
-    search needs no selector at all (``every``: no query excludes anything)."""
-    if allowed is not None:
-        return np.packbits(allowed, bitorder="little")
-    if every:
-        return None
-    return np.full((N + 7) // 8, 0xFF, dtype=np.uint8)
-
-
-@contextlib.contextmanager
-def _left_out(bits: np.ndarray | None, excluded: np.ndarray) -> Iterator[None]:
-    """``bits`` with the bits of ``excluded`` items cleared, then restored as they were."""
-    if not len(excluded):
-        yield
-        return
-    places = excluded >> 3
-    saved = bits[places]  # a copy, read before any bit is cleared
-    np.bitwise_and.at(bits, places, ~np.left_shift(1, excluded & 7).astype(np.uint8))
-    try:
-        yield
-    finally:
-        bits[places] = saved

@@ -16,7 +16,9 @@ concurrent requests in one pass (``sources.py`` makes each source's vectors):
            logged items (``exclude_seen``), ``exclude_items``, and an item itself; a
            blocked or removed item is never returned (``twotower.serving.catalogue``);
            one search per distinct filter instead, each with its mask of allowed
-           items (``filters.py``: checked and cached per filter)
+           items (``filters.py``: checked and cached per filter). A query's
+           exclusions and the mask are one selector inside the index search, never
+           more items fetched and dropped (``twotower.index``)
 
 A multi-interest query tower gives each user, row or text K vectors (B, K, D): the
 search is then ``index.search_interests`` (each vector searched, the results merged
