@@ -203,6 +203,9 @@ class SharedCandidates(nn.Module):
         sampler = self.sampler if mined is None else mined.sampler
         candidates, log_q = sampler.candidates(everyone.cpu(), generator)  # (M,)
         candidates, log_q = candidates.to(device), log_q.to(device)
+        # the mined draws' own generator, seeded alike on every rank (one with no rows
+        # too), so that the shared extras stay the same on every rank
+        own = None if mined is None else _seeded_by(generator)
         vectors = self._vectors(positives, everyone, candidates, embed_items)  # (M, D)
         logits = query @ vectors.T * scale  # (B, M)
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
@@ -213,7 +216,7 @@ class SharedCandidates(nn.Module):
         if queries is None and mined is not None:
             raise ValueError("mined negatives need each row's query")
         if mined is not None:
-            rows = (query, positives, queries, embed_items, scale, generator)
+            rows = (query, positives, queries, embed_items, scale, own)
             mined_logits, log_q = self._mined(mined, rows, candidates, log_q, everyone, offset)
         if self.logq:
             logits = logq_correction(logits, log_q)
@@ -264,12 +267,9 @@ class SharedCandidates(nn.Module):
         mined candidates. Accidental hits and known positives are masked as in the
         shared columns (only rows whose query had no candidate can meet them).
         """
-        query, positives, queries, embed_items, scale, generator = rows
-        # a generator of its own, seeded alike on every rank, so that the shared extras
-        # stay the same on every rank; each rank draws its rows' share of the global
-        # batch's draws, as one process with the global batch would
-        seed = int(torch.randint(2**62, (1,), generator=generator))
-        own = torch.Generator().manual_seed(seed)
+        query, positives, queries, embed_items, scale, own = rows
+        # each rank draws its rows' share of the global batch's draws, as one process
+        # with the global batch would
         h, batch = mined.count, len(everyone)
         items = mined.negatives.sample(queries, positives, h, own, mined.fallback, int(offset))
         vectors = embed_unique(items.flatten(), embed_items).view(*items.shape, -1)
@@ -406,6 +406,11 @@ class FullSoftmax(nn.Module):
             if self.positives_compete:
                 exclude[owners, positives] = False
         return self.loss(logits, positives, owners, exclude, weights)
+
+
+def _seeded_by(generator: torch.Generator) -> torch.Generator:
+    """A new CPU generator seeded by one draw of ``generator``."""
+    return torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
 
 
 def embed_unique(items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:
