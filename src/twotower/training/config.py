@@ -74,6 +74,13 @@ class MiningConfig:
             )
 
 
+# Why a stream cannot feed mined negatives (the objective and the mining raise it).
+MINING_REFUSAL = (
+    "training.objective.mined_negatives ranks the corpus for every training query, "
+    "which in-memory training data has and a stream does not"
+)
+
+
 def _refused(mining: MiningConfig, kind: str, why: str) -> None:
     """Raises ValueError where an objective that cannot take mined negatives is given some."""
     if mining.enabled:

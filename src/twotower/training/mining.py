@@ -24,7 +24,7 @@ import torch
 from twotower.errors import ConfigError
 from twotower.sampling import MinedNegatives
 from twotower.towers.model import TwoTower, interest_scores
-from twotower.training.config import MiningConfig, TrainingConfig
+from twotower.training.config import MINING_REFUSAL, MiningConfig, TrainingConfig
 from twotower.training.evaluate import embed_all
 from twotower.training.examples import TrainingExamples
 
@@ -46,10 +46,7 @@ class NegativeMining:
     def __init__(self, config: MiningConfig, data: TrainingExamples, batch_size: int) -> None:
         pairs = data.training_pairs()
         if pairs is None:
-            raise ConfigError(
-                "training.objective.mined_negatives ranks the corpus for every training "
-                "query, which in-memory training data has and a stream does not"
-            )
+            raise ConfigError(MINING_REFUSAL)
         queries, items = (side.cpu().numpy() for side in pairs)
         shape = (data.num_queries, data.num_items)
         ones = np.ones(len(queries), dtype=np.float32)

@@ -43,6 +43,7 @@ from twotower.sampling import (
     UniformSampler,
 )
 from twotower.training.config import (
+    MINING_REFUSAL,
     FullConfig,
     HingeConfig,
     InBatchConfig,
@@ -525,10 +526,7 @@ def _check_known(config: InBatchConfig | MixedConfig | FullConfig, known: object
 
 def _check_mined(config: ObjectiveConfig, mined: object) -> None:
     if config.mined_negatives.enabled and mined is None:
-        raise ConfigError(
-            "training.objective.mined_negatives ranks the corpus for every training "
-            "query, which in-memory training data has and a stream does not"
-        )
+        raise ConfigError(MINING_REFUSAL)
 
 
 def _frequency(config: InBatchConfig | MixedConfig, counts: np.ndarray):
