@@ -215,3 +215,12 @@ def test_a_table_over_the_bound_is_refused_when_training_starts(small_config, tm
     )
     with pytest.raises(ConfigError, match=r"600 queries x 400 ranks = 240,000 candidates"):
         train_run(dataclasses.replace(config), tmp_path / "run")
+
+
+def test_a_stream_is_refused_when_the_mining_is_built():
+    class Streamed:  # what a stream's examples answer: its training pairs are not at hand
+        def training_pairs(self):
+            return None
+
+    with pytest.raises(ConfigError, match="a stream does not"):
+        NegativeMining(MiningConfig(ratio=0.5), Streamed(), batch_size=64)
