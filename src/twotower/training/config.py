@@ -14,6 +14,83 @@ FrequencyName = Literal["counts", "streaming", "none"]
 
 
 @dataclasses.dataclass(frozen=True)
+class MiningConfig:
+    """Hard negatives mined from the model's own ranking, mixed with the sampled ones.
+
+    Every ``every`` steps the current model ranks the whole corpus for each training
+    query, its training positives left out; the items at ranks ``window`` (1-based,
+    both ends included) become that query's candidates, and ``ratio`` of each row's
+    sampled negatives are drawn uniformly from its query's candidates (the rest from
+    the objective's sampler). Before the first refresh every negative is sampled.
+
+    Attributes:
+        ratio: the share of the sampled negatives drawn from the mined candidates
+            (rounded half up to a count); 0 turns mining off.
+        window: the first and last rank (1-based) of the candidates.
+        every: steps between two refreshes, or ``epoch``: at the start of each epoch.
+        warmup: steps trained on sampled negatives alone before the first refresh;
+            None: one period (``every`` steps, or one epoch).
+        max_candidates: the most (query, candidate) cells held: queries x window
+            width, 4 bytes each (int32); a larger table is refused.
+    """
+
+    ratio: float = 0.0
+    window: tuple[int, int] = (101, 500)
+    every: int | Literal["epoch"] = "epoch"
+    warmup: int | None = None
+    max_candidates: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"mined_negatives.ratio must be in [0, 1], got {self.ratio}")
+        if len(self.window) != 2 or not 1 <= self.window[0] <= self.window[1]:
+            raise ValueError(
+                "mined_negatives.window must be [first, last] ranks with "
+                f"1 <= first <= last, got {list(self.window)}"
+            )
+        if self.every != "epoch" and self.every < 1:
+            raise ValueError(f"mined_negatives.every must be >= 1 or 'epoch', got {self.every}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"mined_negatives.warmup must be >= 0, got {self.warmup}")
+        if self.max_candidates < 1:
+            raise ValueError("mined_negatives.max_candidates must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any negative is mined."""
+        return self.ratio > 0
+
+    def share(self, negatives: int) -> int:
+        """How many of ``negatives`` sampled negatives a row draws from its candidates."""
+        return int(self.ratio * negatives + 0.5)
+
+    def check(self, negatives: int, what: str) -> None:
+        """Raises ValueError where mining is on but ``ratio`` of ``negatives`` (the
+        objective's ``what``) rounds to no mined negative."""
+        if self.enabled and self.share(negatives) == 0:
+            raise ValueError(
+                f"mined_negatives.ratio={self.ratio} of {what}={negatives} rounds to no "
+                "mined negative: raise the ratio or the negatives"
+            )
+
+
+# Why a stream cannot feed mined negatives (the objective and the mining raise it).
+MINING_REFUSAL = (
+    "training.objective.mined_negatives ranks the corpus for every training query, "
+    "which in-memory training data has and a stream does not"
+)
+
+
+def _refused(mining: MiningConfig, kind: str, why: str) -> None:
+    """Raises ValueError where an objective that cannot take mined negatives is given some."""
+    if mining.enabled:
+        raise ValueError(
+            f"the {kind} objective takes no mined negatives ({why}); mined_negatives "
+            "apply to pointwise, hinge, logistic, listwise and mixed"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class SampledNegatives:
     """Per-row negatives, shared by the pointwise, pairwise and listwise objectives.
 
@@ -21,11 +98,14 @@ class SampledNegatives:
         sampler: ``uniform`` over the corpus or ``popularity`` (count^alpha).
         alpha: the popularity exponent.
         num_negatives: negatives drawn for each positive (each objective sets its default).
+        mined_negatives: the share of them mined from the model's ranking (off by
+            default; ``MiningConfig``).
     """
 
     sampler: SamplerName = "uniform"
     alpha: float = 0.75
     num_negatives: int = 1
+    mined_negatives: MiningConfig = dataclasses.field(default_factory=MiningConfig)
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.num_negatives < 1:
@@ -33,6 +113,7 @@ class SampledNegatives:
                 f"need alpha >= 0 and num_negatives >= 1, got alpha={self.alpha}, "
                 f"num_negatives={self.num_negatives}"
             )
+        self.mined_negatives.check(self.num_negatives, "num_negatives")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +165,8 @@ class SoftmaxCorrections:
             row's query (in-memory training data).
         hard_negatives: if > 0, keep only this many highest-scoring negatives per row.
         streaming_buckets: hash buckets of the streaming frequency estimate.
+        mined_negatives: ``mixed`` only: the share of its ``num_sampled`` negatives
+            mined from the model's ranking, per row (``MiningConfig``).
     """
 
     logq: FrequencyName = "counts"
@@ -91,6 +174,7 @@ class SoftmaxCorrections:
     mask_known: bool = False
     hard_negatives: int = 0
     streaming_buckets: int = 1 << 20
+    mined_negatives: MiningConfig = dataclasses.field(default_factory=MiningConfig)
 
     def __post_init__(self) -> None:
         if self.hard_negatives < 0 or self.streaming_buckets < 1:
@@ -103,6 +187,10 @@ class InBatchConfig(SoftmaxCorrections):
 
     kind: Literal["in_batch"] = "in_batch"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _refused(self.mined_negatives, "in_batch", "it samples none; mixed does")
+
 
 @dataclasses.dataclass(frozen=True)
 class MixedConfig(SoftmaxCorrections):
@@ -110,6 +198,10 @@ class MixedConfig(SoftmaxCorrections):
 
     kind: Literal["mixed"] = "mixed"
     num_sampled: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.mined_negatives.check(self.num_sampled, "num_sampled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +231,8 @@ class FullConfig:
             time and score each chunk again in the backward pass, so a step holds
             ``chunk_rows`` x N scores instead of rows x N, for one more (chunk, N)
             product per chunk; None: every row at once. The loss is the same.
+        mined_negatives: refused (every item is already a negative); present so that
+            a config naming it is told why.
     """
 
     kind: Literal["full"] = "full"
@@ -147,8 +241,10 @@ class FullConfig:
     positives_compete: bool = False
     mask_seen: bool = False
     chunk_rows: int | None = None
+    mined_negatives: MiningConfig = dataclasses.field(default_factory=MiningConfig)
 
     def __post_init__(self) -> None:
+        _refused(self.mined_negatives, "full", "every item is already a negative")
         if self.max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {self.max_items}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
@@ -302,6 +398,11 @@ class TrainingConfig:
         """Refuses an objective that ``examples`` cannot train with, or an objective
         setting that has no meaning for it."""
         kind = self.objective.kind
+        if self.examples != "interactions" and self.objective.mined_negatives.enabled:
+            raise ValueError(
+                "mined_negatives rank the corpus for the queries of per-interaction "
+                f"examples: examples={self.examples!r} takes none (use interactions)"
+            )
         if self.examples == "sequences" and kind not in ("in_batch", "mixed", "full"):
             raise ValueError(
                 "examples=sequences trains with the in_batch, mixed or full objective, "

@@ -15,6 +15,7 @@ one item tower, and hands scores (never the model) to the loss:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 
@@ -34,8 +35,16 @@ from twotower.losses import (
     mask_known_positives,
     negative_mask,
 )
-from twotower.sampling import CANDIDATE_SAMPLERS, FREQUENCIES, SAMPLERS
+from twotower.sampling import (
+    CANDIDATE_SAMPLERS,
+    FREQUENCIES,
+    SAMPLERS,
+    MinedNegatives,
+    MixedSampler,
+    UniformSampler,
+)
 from twotower.training.config import (
+    MINING_REFUSAL,
     FullConfig,
     HingeConfig,
     InBatchConfig,
@@ -63,14 +72,27 @@ class RowNegatives(nn.Module):
         num_negatives: n.
         scaled: the loss takes cosines divided by the temperature (BCE, softmax),
             rather than raw cosines (triplet losses, whose margin is in cosine units).
+        mined: each query's mined candidates; once refreshed, ``num_mined`` of a row's
+            n negatives come from its query's (the first columns), the rest from
+            ``sampler``.
+        num_mined: how many.
     """
 
-    def __init__(self, loss: nn.Module, sampler, num_negatives: int, scaled: bool) -> None:
+    def __init__(
+        self,
+        loss: nn.Module,
+        sampler,
+        num_negatives: int,
+        scaled: bool,
+        mined: MinedNegatives | None = None,
+        num_mined: int = 0,
+    ) -> None:
         super().__init__()
         self.loss = loss
         self.sampler = sampler
         self.num_negatives = num_negatives
         self.scaled = scaled
+        self.mined, self.num_mined = mined, num_mined
 
     def forward(
         self,
@@ -83,11 +105,11 @@ class RowNegatives(nn.Module):
         queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items, each row
-        weighted by ``weights`` (B,) if given (``queries``: unused here)."""
+        weighted by ``weights`` (B,) if given; ``queries`` (B,), the rows' query
+        indices, pick the mined negatives."""
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
             return query.sum() + embed_items(positives).sum()
-        negatives = self.sampler.sample(positives.cpu(), self.num_negatives, generator)
-        negatives = negatives.to(positives.device)  # (B, n)
+        negatives = self.negatives(positives, queries, generator)  # (B, n)
         items = embed_unique(torch.cat([positives, negatives.flatten()]), embed_items)
         pos_items, neg_items = items[: len(positives)], items[len(positives) :]
         pos = (query * pos_items).sum(-1)  # (B,)
@@ -96,6 +118,39 @@ class RowNegatives(nn.Module):
             pos, neg = pos * scale, neg * scale
         return self.loss(pos, neg, negative_mask(positives, negatives), weights)
 
+    def negatives(
+        self, positives: torch.Tensor, queries: torch.Tensor | None, generator: torch.Generator
+    ) -> torch.Tensor:
+        """(B, n) negatives of each row: once mined candidates are refreshed, the first
+        ``num_mined`` columns drawn from the row's query's, the rest from ``sampler``."""
+        mined = self.num_mined if self.mined is not None and self.mined.ready else 0
+        easy = self.sampler.sample(positives.cpu(), self.num_negatives - mined, generator)
+        easy = easy.to(positives.device)
+        if not mined:
+            return easy
+        if queries is None:
+            raise ValueError("mined negatives need each row's query")
+        hard = self.mined.sample(queries, positives, mined, generator, self.sampler)
+        return torch.cat([hard, easy], dim=1)
+
+
+@dataclasses.dataclass
+class MinedShare:
+    """Where the ``mixed`` softmax's mined negatives come from, once refreshed.
+
+    Attributes:
+        negatives: each query's mined candidates.
+        count: h, drawn for each row: columns of that row alone.
+        sampler: the shared candidates meanwhile, the batch plus m - h uniform items
+            (before the first refresh the objective's own sampler draws all m).
+        fallback: draws the rows whose query has no candidate (uniformly).
+    """
+
+    negatives: MinedNegatives
+    count: int
+    sampler: MixedSampler
+    fallback: UniformSampler
+
 
 class SharedCandidates(nn.Module):
     """Softmax over candidates shared by the batch: in-batch, or in-batch + sampled.
@@ -103,7 +158,9 @@ class SharedCandidates(nn.Module):
     Corrections run in this order: logQ, accidental-hit masking, masking of the
     query's other known positives (with ``known``), hard negatives. With several
     training processes (``collective``), every rank's positives are each row's
-    candidates: the global batch's.
+    candidates: the global batch's. With ``mined`` (``mixed`` only), each row also
+    meets h negatives drawn from its query's mined candidates, as columns of its own,
+    corrected and masked as the shared ones are (``_mined``).
     """
 
     def __init__(
@@ -115,6 +172,7 @@ class SharedCandidates(nn.Module):
         hard_negatives: int,
         known: KnownPairs | None = None,
         collective: Collective | None = None,
+        mined: MinedShare | None = None,
     ) -> None:
         super().__init__()
         self.loss = SampledSoftmax()
@@ -126,6 +184,7 @@ class SharedCandidates(nn.Module):
         self.known = known
         self.step = 0
         self.collective = collective or Collective()
+        self.mined = mined
 
     def forward(
         self,
@@ -139,38 +198,99 @@ class SharedCandidates(nn.Module):
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items, each row
         weighted by ``weights`` (B,) if given; ``queries`` (B,) are the rows' query
-        indices, which masking known positives needs."""
+        indices, which masking known positives and mined negatives need."""
         self.step += 1
         device = positives.device
         # with several processes every rank's positives are candidates (the global batch)
         everyone, offset = self.collective.gather_ids(positives)  # (G,), this rank's start
         self.frequency.update(everyone.cpu(), self.step)
-        candidates, log_q = self.sampler.candidates(everyone.cpu(), generator)  # (M,)
+        mined = self.mined if self.mined is not None and self.mined.negatives.ready else None
+        sampler = self.sampler if mined is None else mined.sampler
+        candidates, log_q = sampler.candidates(everyone.cpu(), generator)  # (M,)
         candidates, log_q = candidates.to(device), log_q.to(device)
-        if self.collective.distributed:
-            # a rank embeds its own positives; sampled extras are the same on every rank
-            # (one sampler seed), so each rank embeds them itself
-            vectors = self.collective.gather_rows(embed_unique(positives, embed_items))
-            if len(candidates) > len(everyone):
-                extra = embed_unique(candidates[len(everyone) :], embed_items)
-                vectors = torch.cat([vectors, extra])  # (M, D)
-        else:
-            vectors = embed_unique(candidates, embed_items)
+        # the mined draws' own generator, seeded alike on every rank (one with no rows
+        # too), so that the shared extras stay the same on every rank
+        own = None if mined is None else _seeded_by(generator)
+        vectors = self._vectors(positives, everyone, candidates, embed_items)  # (M, D)
         logits = query @ vectors.T * scale  # (B, M)
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
             return logits.sum()
         labels = offset + torch.arange(len(positives), device=device)  # positives come first
+        if queries is None and self.known is not None:
+            raise ValueError("masking known positives needs each row's query")
+        if queries is None and mined is not None:
+            raise ValueError("mined negatives need each row's query")
+        if mined is not None:
+            rows = (query, positives, queries, embed_items, scale, own)
+            mined_logits, log_q = self._mined(mined, rows, candidates, log_q, everyone, offset)
         if self.logq:
             logits = logq_correction(logits, log_q)
         if self.mask_hits:
             logits = mask_accidental_hits(logits, labels, positives, candidates)
         if self.known is not None:
-            if queries is None:
-                raise ValueError("masking known positives needs each row's query")
             logits = mask_known_positives(logits, labels, self.known(queries, candidates))
+        if mined is not None:
+            logits = torch.cat([logits, mined_logits], dim=1)  # (B, M + h)
         if self.hard_negatives:
             logits, labels = hardest_negatives(logits, labels, self.hard_negatives)
         return self.loss(logits, labels, weights)
+
+    def _vectors(
+        self,
+        positives: torch.Tensor,
+        everyone: torch.Tensor,
+        candidates: torch.Tensor,
+        embed_items: EmbedItems,
+    ) -> torch.Tensor:
+        """(M, D) the candidates' vectors, each distinct item through the tower once."""
+        if not self.collective.distributed:
+            return embed_unique(candidates, embed_items)
+        # a rank embeds its own positives; sampled extras are the same on every rank
+        # (one sampler seed), so each rank embeds them itself
+        vectors = self.collective.gather_rows(embed_unique(positives, embed_items))
+        if len(candidates) > len(everyone):
+            extra = embed_unique(candidates[len(everyone) :], embed_items)
+            vectors = torch.cat([vectors, extra])  # (M, D)
+        return vectors
+
+    def _mined(
+        self,
+        mined: MinedShare,
+        rows: tuple,
+        candidates: torch.Tensor,
+        log_q: torch.Tensor,
+        everyone: torch.Tensor,
+        offset: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h) logits of each row's mined negatives, and the shared candidates'
+        (B, M) log Q with the mined draws counted (``everyone``: the global batch's
+        positives, this rank's from ``offset``).
+
+        With logQ, a candidate's term is the log of its expected number of occurrences
+        among the row's candidates, whichever part it came from: ``B p_j + (m - h) / N``
+        from the shared part, plus ``h / c`` where j is one of the row's query's c
+        mined candidates. Accidental hits and known positives are masked as in the
+        shared columns (only rows whose query had no candidate can meet them).
+        """
+        query, positives, queries, embed_items, scale, own = rows
+        # each rank draws its rows' share of the global batch's draws, as one process
+        # with the global batch would
+        h, batch = mined.count, len(everyone)
+        items = mined.negatives.sample(queries, positives, h, own, mined.fallback, int(offset))
+        vectors = embed_unique(items.flatten(), embed_items).view(*items.shape, -1)
+        logits = torch.einsum("bd,bhd->bh", query, vectors) * scale  # (B, h)
+        if self.logq:
+            expected = mined.sampler.expected_counts(items, batch)
+            expected = expected + mined.negatives.expected_counts(queries, items, h)
+            logits = logits - torch.log(expected).to(logits.dtype)
+            shared = torch.exp(log_q.to(torch.float64))[None, :]
+            shared = shared + mined.negatives.expected_counts(queries, candidates, h)
+            log_q = torch.log(shared).to(log_q.dtype)  # (B, M)
+        if self.mask_hits:
+            logits = logits.masked_fill(~negative_mask(positives, items), float("-inf"))
+        if self.known is not None:
+            logits = logits.masked_fill(self.known(queries, items), float("-inf"))
+        return logits, log_q
 
     def get_extra_state(self) -> dict:
         """The step count and frequency estimate, saved in checkpoints for resuming."""
@@ -197,9 +317,11 @@ class KnownPairs:
         self.keys = torch.unique(queries.long() * num_items + items.long())  # sorted
 
     def __call__(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """(B, M) bool: whether item ``items[j]`` is a training positive of ``queries[b]``."""
+        """(B, M) bool: whether item ``items[j]`` (or ``items[b, j]``, for (B, M) items
+        of each row's own) is a training positive of ``queries[b]``."""
         keys = self._on(queries.device)
-        wanted = queries.long()[:, None] * self.num_items + items.long()[None, :]  # (B, M)
+        items = items.long() if items.dim() == 2 else items.long()[None, :]
+        wanted = queries.long()[:, None] * self.num_items + items  # (B, M)
         at = torch.searchsorted(keys, wanted).clamp(max=max(len(keys) - 1, 0))
         return keys[at] == wanted if len(keys) else torch.zeros_like(wanted, dtype=torch.bool)
 
@@ -363,6 +485,11 @@ class FullSoftmax(nn.Module):
         return exclude
 
 
+def _seeded_by(generator: torch.Generator) -> torch.Generator:
+    """A new CPU generator seeded by one draw of ``generator``."""
+    return torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+
+
 def embed_unique(items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:
     """(M, D) vectors of (M,) item ids, running each distinct item through the tower once."""
     unique, inverse = torch.unique(items, return_inverse=True)
@@ -374,6 +501,7 @@ def build_objective(
     counts: np.ndarray,
     known: KnownPairs | None = None,
     collective: Collective | None = None,
+    mined: MinedNegatives | None = None,
 ) -> nn.Module:
     """The objective a config names: its ``kind`` picks the loss from ``LOSSES`` and,
     for the shared-candidate softmax, the sampler from ``CANDIDATE_SAMPLERS``.
@@ -384,9 +512,12 @@ def build_objective(
         known: the training (query, item) pairs, for ``mask_known``.
         collective: the training processes, whose positives the shared-candidate
             softmax gathers; None: this one alone.
+        mined: each query's mined candidates, for ``mined_negatives`` (the trainer's
+            ``NegativeMining`` refreshes them).
 
     Raises:
-        ConfigError: ``mask_known`` without the pairs; a corpus too large for ``full``.
+        ConfigError: ``mask_known`` without the pairs; ``mined_negatives`` without the
+            candidates; a corpus too large for ``full``.
     """
     num_items = len(counts)
     if isinstance(config, FullConfig):
@@ -403,6 +534,7 @@ def build_objective(
             config.positives_compete,
             config.chunk_rows,
         )
+    _check_mined(config, mined)
     if isinstance(config, (InBatchConfig, MixedConfig)):
         frequency = _frequency(config, counts)
         sizes = (num_items, config.num_sampled) if isinstance(config, MixedConfig) else ()
@@ -416,12 +548,31 @@ def build_objective(
             config.hard_negatives,
             known if config.mask_known else None,
             collective,
+            _mined_share(config, frequency, num_items, mined),
         )
-    return _row_negatives(config, counts)
+    return _row_negatives(config, counts, mined)
+
+
+def _mined_share(
+    config: InBatchConfig | MixedConfig,
+    frequency,
+    num_items: int,
+    mined: MinedNegatives | None,
+) -> MinedShare | None:
+    """The mixed softmax's mined negatives: h of its m sampled ones, per row."""
+    if not isinstance(config, MixedConfig) or mined is None:
+        return None  # in_batch refuses mined negatives in its config
+    if not config.mined_negatives.enabled:
+        return None
+    h = config.mined_negatives.share(config.num_sampled)
+    shared = MixedSampler(frequency, num_items, config.num_sampled - h)
+    return MinedShare(mined, h, shared, UniformSampler(num_items))
 
 
 def _row_negatives(
-    config: PointwiseConfig | HingeConfig | LogisticConfig | ListwiseConfig, counts: np.ndarray
+    config: PointwiseConfig | HingeConfig | LogisticConfig | ListwiseConfig,
+    counts: np.ndarray,
+    mined: MinedNegatives | None = None,
 ) -> RowNegatives:
     """The per-row-negatives objective of a config: its sampler and its loss."""
     if config.sampler == "popularity":
@@ -437,7 +588,11 @@ def _row_negatives(
     loss = LOSSES[config.kind](**options)
     # BCE and softmax take cosines / temperature; the triplet margins are in cosine units
     scaled = isinstance(config, (PointwiseConfig, ListwiseConfig))
-    return RowNegatives(loss, sampler, config.num_negatives, scaled)
+    mining = config.mined_negatives
+    if not mining.enabled:
+        mined = None
+    num_mined = mining.share(config.num_negatives) if mined is not None else 0
+    return RowNegatives(loss, sampler, config.num_negatives, scaled, mined, num_mined)
 
 
 def _check_known(config: InBatchConfig | MixedConfig | FullConfig, known: object) -> None:
@@ -446,6 +601,11 @@ def _check_known(config: InBatchConfig | MixedConfig | FullConfig, known: object
             "training.objective.mask_known needs every training (query, item) pair, "
             "which in-memory training data has and a stream does not"
         )
+
+
+def _check_mined(config: ObjectiveConfig, mined: object) -> None:
+    if config.mined_negatives.enabled and mined is None:
+        raise ConfigError(MINING_REFUSAL)
 
 
 def _frequency(config: InBatchConfig | MixedConfig, counts: np.ndarray):
