@@ -186,7 +186,10 @@ def plot(entries: list[dict], path: Path) -> None:
 
 
 def _kept(metrics: dict, part: str) -> dict:
-    return {f"{part}/{m}": metrics[f"{part}/{m}"] for m in METRICS}
+    """The part's metrics of ``METRICS`` and every group's (``benchmarks/groups.py``
+    draws those)."""
+    kept = {f"{part}/{m}": metrics[f"{part}/{m}"] for m in METRICS}
+    return kept | {k: v for k, v in metrics.items() if k.startswith(f"{part}/groups/")}
 
 
 def arguments() -> argparse.Namespace:
