@@ -99,34 +99,34 @@ def _mean(entries: list[dict], key: str) -> float:
 
 def table(entries: list[dict], dataset: str) -> str:
     """One dataset's markdown table: a row per model (the recipe: mean over its seeds),
-    overall and each group's recall@10 and ndcg@10, and the tail's share of the top 10."""
+    each cell recall@10 / ndcg@10, overall and per group, then the tail items' share of
+    the top 10 and the catalogue's coverage@10."""
     groups = [g for g in GROUPS if any(f"test/groups/{g}/queries" in e for e in entries)]
-    rows = {m: [e for e in entries if e["model"] == m] for m in MODELS}
-    rows |= {
-        m: [e for e in entries if e["model"] == m]
-        for m in dict.fromkeys(e["model"] for e in entries)
-        if m not in rows
-    }
-    first = entries[0]
-    header = ["model", "seeds", *(f"all {m}" for m in SHOWN)]
-    header += [f"{g} {m}" for g in groups for m in SHOWN]
-    header += ["tail share@10", "coverage@10"]
+    models = dict.fromkeys([*MODELS, *(e["model"] for e in entries)])
+    header = ["model", "seeds", "all", *groups, "tail share@10", "coverage@10"]
     lines = [
-        f"**{dataset}**, test. Item groups by training count: "
-        + ", ".join(_counts(first, g) for g in groups)
+        f"**{dataset}**, test, recall@10 / ndcg@10. Training counts: "
+        + ", ".join(_counts(entries[0], g) for g in groups)
         + ".",
         "",
         "| " + " | ".join(header) + " |",
         "|---|---:|" + "---:|" * (len(header) - 2),
     ]
-    for model, group in rows.items():
-        if not group:
+    for model in models:
+        rows = [e for e in entries if e["model"] == model]
+        if not rows:
             continue
-        cells = [_mean(group, f"test/{m}") for m in SHOWN]
-        cells += [_mean(group, f"test/groups/{g}/{m}") for g in groups for m in SHOWN]
-        cells += [_mean(group, "test/groups/item:tail/share@10"), _mean(group, "test/coverage@10")]
-        lines.append(f"| {model} | {len(group)} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+        cells = [_pair(rows, "test/")] + [_pair(rows, f"test/groups/{g}/") for g in groups]
+        cells += [
+            f"{_mean(rows, 'test/groups/item:tail/share@10'):.4f}",
+            f"{_mean(rows, 'test/coverage@10'):.4f}",
+        ]
+        lines.append(f"| {model} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pair(rows: list[dict], prefix: str) -> str:
+    return " / ".join(f"{_mean(rows, prefix + m):.4f}" for m in SHOWN)
 
 
 def _counts(entry: dict, group: str) -> str:
@@ -148,7 +148,11 @@ def draw(args: argparse.Namespace) -> None:
             continue
         parts.append(table(own, name))
         runs = {
-            model: {k: _mean([e for e in own if e["model"] == model], k) for k in own[0]}
+            model: {
+                k: _mean([e for e in own if e["model"] == model], k)
+                for k in own[0]
+                if k.startswith("test/")
+            }
             for model in dict.fromkeys(e["model"] for e in own)
         }
         plot_groups(runs, "test", "ndcg@10", args.ledger.parent / f"groups-{name}.png")

@@ -140,7 +140,7 @@ def test_impossible_objective_settings_are_refused(make):
 
 def test_full_softmax_is_every_item_in_one_softmax_by_hand_with_its_gradient():
     from twotower.training.config import FullConfig
-    from twotower.training.objectives import FullSoftmax
+    from twotower.training.full_softmax import FullSoftmax
 
     objective = build_objective(FullConfig(), np.ones(4))
     assert isinstance(objective, FullSoftmax)
@@ -176,7 +176,7 @@ def test_full_softmax_refuses_a_corpus_above_its_limit_naming_it():
 
 
 def test_known_pairs_answer_membership_for_every_query_and_candidate():
-    from twotower.training.objectives import KnownPairs
+    from twotower.training.full_softmax import KnownPairs
 
     known = KnownPairs(torch.tensor([0, 0, 1, 2, 0]), torch.tensor([3, 1, 1, 0, 3]), num_items=4)
     table = known(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]))
@@ -192,7 +192,7 @@ def test_mask_known_removes_the_querys_other_positives_from_its_softmax():
     """Rows 0 and 1 are one user who liked items 0 and 1; row 2 another user. In-batch,
     row 0's candidate column 1 (item 1, the same user's other positive) is masked, as is
     row 1's column 0; row 2 keeps both, and no row loses its own label."""
-    from twotower.training.objectives import KnownPairs
+    from twotower.training.full_softmax import KnownPairs
 
     counts = np.array([1, 1, 1, 1])
     known = KnownPairs(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2]), num_items=4)
@@ -219,7 +219,7 @@ def test_full_softmax_masks_the_querys_other_positives_by_hand():
     """Query 0 liked items 0 and 3, query 1 item 2. Row 0 (query 0, positive 0) keeps
     items 0, 1, 2 in its softmax, not 3; row 1 (query 1, positive 2) keeps all four."""
     from twotower.training.config import FullConfig
-    from twotower.training.objectives import KnownPairs
+    from twotower.training.full_softmax import KnownPairs
 
     known = KnownPairs(torch.tensor([0, 0, 1]), torch.tensor([0, 3, 2]), num_items=4)
     masked = build_objective(FullConfig(mask_known=True), np.ones(4), known)
@@ -241,7 +241,7 @@ def test_full_softmax_masks_the_querys_other_positives_by_hand():
 def test_known_rows_equal_the_membership_test_against_every_item():
     """``rows`` marks exactly what the pairwise test finds: repeated queries, a query
     with no pairs (5), duplicate pairs and the first and last items included."""
-    from twotower.training.objectives import KnownPairs
+    from twotower.training.full_softmax import KnownPairs
 
     generator = torch.Generator().manual_seed(0)
     queries = torch.randint(0, 5, (200,), generator=generator)  # queries 0-4 only
@@ -273,7 +273,7 @@ def test_held_out_positives_compete_only_when_asked(compete):
     itself, the other positive and the unknown item 3; without, over itself and item 3.
     The loss is the mean of the two terms, by hand, and so is its gradient."""
     from twotower.training.config import FullConfig
-    from twotower.training.objectives import KnownPairs
+    from twotower.training.full_softmax import KnownPairs
 
     known = KnownPairs(torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), num_items=4)
     config = FullConfig(mask_known=True, positives_compete=compete)
@@ -331,7 +331,7 @@ def test_full_softmax_leaves_each_rows_seen_items_out_but_never_its_positive():
 def random_full_case(seed: int) -> dict:
     """Seven query rows, 11 items, positives with owners out of order, weights, known
     pairs and seen items: every input a chunk boundary could cut wrongly."""
-    from twotower.training.objectives import KnownPairs
+    from twotower.training.full_softmax import KnownPairs
 
     g = torch.Generator().manual_seed(seed)
     items = torch.nn.functional.normalize(torch.randn(11, 3, generator=g), dim=1)
@@ -352,7 +352,7 @@ def random_full_case(seed: int) -> dict:
 @pytest.mark.parametrize("masking", ["none", "known", "compete", "seen"])
 @pytest.mark.parametrize("chunk_rows", [1, 3, 7, 50])
 def test_chunked_full_softmax_equals_all_rows_at_once_with_its_gradient(masking, chunk_rows):
-    from twotower.training.objectives import FullSoftmax
+    from twotower.training.full_softmax import FullSoftmax
 
     case = random_full_case(0)
     known = case["known"] if masking in ("known", "compete") else None

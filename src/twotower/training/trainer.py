@@ -29,8 +29,9 @@ from twotower.training.config import TrainingConfig
 from twotower.training.distributed import Collective
 from twotower.training.evaluate import evaluate_model
 from twotower.training.examples import Batch, TrainingExamples
+from twotower.training.full_softmax import KnownPairs
 from twotower.training.mining import negative_mining
-from twotower.training.objectives import KnownPairs, build_objective
+from twotower.training.objectives import build_objective
 from twotower.training.run_log import RunLog
 
 log = logging.getLogger(__name__)

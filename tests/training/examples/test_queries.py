@@ -17,7 +17,7 @@ from twotower.features.pipeline import FeaturePipeline
 from twotower.sources import load_data
 from twotower.training.distributed import Collective
 from twotower.training.examples import QueryTrainingData
-from twotower.training.objectives import FullSoftmax, KnownPairs
+from twotower.training.full_softmax import FullSoftmax, KnownPairs
 from twotower.training.run import train_run
 
 HISTORY = "features.query.history"

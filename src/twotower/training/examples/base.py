@@ -21,7 +21,7 @@ from twotower.errors import DataError
 from twotower.features.pipeline import FeaturePipeline
 from twotower.towers.model import TwoTower, select_interests
 from twotower.training.distributed import Collective
-from twotower.training.objectives import EmbedItems, embed_unique
+from twotower.training.full_softmax import EmbedItems, embed_unique
 
 
 @dataclasses.dataclass

@@ -39,7 +39,7 @@ from twotower.training.config import TrainingConfig
 from twotower.training.distributed import Collective
 from twotower.training.examples.base import Batch, item_embedder
 from twotower.training.examples.interactions import RowOptions, TrainingData
-from twotower.training.objectives import SeenItems
+from twotower.training.full_softmax import SeenItems
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
