@@ -17,17 +17,23 @@ Each part writes ``OUT/PART.json``; a part whose file exists is not run again.
   resident memory, sampled every 0.2 s), and the bytes of every file it writes, per
   event, per user and per item.
 - ``towers``: in one process on one thread, from the run and the build above: the CPU
-  time to embed every item (raw row -> features -> item tower) and 10,000 known users
-  (their stored state -> query tower), and exact scoring (256 queries against every
-  item vector, top 100); the model's tables, row by row.
+  time of the build's feature fit (its pass over the training rows) and of the Spark
+  driver's rewrite of the training parts (``write_stream``), the training rows' mean
+  history length, to embed every
+  item (raw row -> features -> item tower) and 10,000 known users (their stored state
+  -> query tower), and of exact scoring (256 queries against every item vector, top
+  100); the bytes per item of the item table and of its model inputs in memory; the
+  model's tables, row by row.
 - ``memory``: the anonymous memory ``Artifact.load`` adds, without the users (a
-  service over Redis) and with them (the memory store), per item and per user.
+  service over Redis) and with them (the memory store), per item and per user; and
+  the bytes of the per-item arrays the loaded catalogue holds (the item table, its
+  keys and masks, the history codes), the part of it that grows with the items.
 - ``state``: the bytes a known user's state takes on the wire from Redis (the replies
   of ``RedisStore.read``'s four commands, RESP2), computed from the artifact's users as
   ``twotower state load`` writes them; and a ``/recall`` answer's bytes at k = 10.
 - ``indexes``: the bytes per item of an HNSW index (M 32; built with efConstruction 40,
   which does not change its size) at 10,000 and 40,000 items, and of an IVF-PQ index
-  (the project's defaults) at 200,000 items, with its build's CPU time; and the cost
+  (the project's defaults) at 100,000 items, with its build's CPU time; and the cost
   of one IVF-PQ query shaped as at 100,000,000 items (lists of 2,500 codes, 16
   probed: 500,000 items in 200 lists) plus its coarse step (40,000 centroids).
 
@@ -231,10 +237,16 @@ def towers(work: Path) -> dict:
         index.search(np.ascontiguousarray(queries[:256]), 100)
         times.append(time.process_time() - clock)
     pairs = 256 * len(vectors)
+    inputs = known.pipeline.transform("item", items)
     return {
+        "fit_cpu_us_per_train_row": fit_cpu_us(work),
+        "rewrite_cpu_us_per_train_row": rewrite_cpu_us(work),
+        "history_mean_length": history_length(work),
         "items": len(vectors),
         "dim": int(vectors.shape[1]),
         "item_cpu_us": per_unit(item_cpu * 1e6, len(vectors)),
+        "item_table_bytes": per_unit(items.nbytes, len(vectors)),
+        "item_inputs_bytes": per_unit(sum(t.nbytes for t in inputs.values()), len(vectors)),
         "users": len(rows),
         "user_cpu_us": per_unit(user_cpu * 1e6, len(rows)),
         "exact_pair_cpu_ns": per_unit(statistics.median(times) * 1e9, pairs),
@@ -243,6 +255,61 @@ def towers(work: Path) -> dict:
         },
         "parameters_total": sum(p.numel() for p in model.parameters()),
     }
+
+
+def fit_cpu_us(work: Path) -> float:
+    """CPU microseconds per training row of the build's feature fit (``data build``'s
+    last step, one pass over the training rows in the driver's process, whatever the
+    engine)."""
+    from twotower.config import load_config
+    from twotower.data.build.format import built_stream
+    from twotower.features.streaming import fit_built_pipeline
+
+    config = load_config(work / "built.yaml")
+    stream = built_stream(config.data.stream)
+    built = work / "built"
+    rows = json.loads((built / "manifest.json").read_text())["rows"]["train"]
+    clock = time.process_time()
+    fit_built_pipeline(stream, built / "queries_valid.parquet", config.features, "user_id")
+    return per_unit((time.process_time() - clock) * 1e6, rows)
+
+
+def history_length(work: Path) -> float:
+    """The mean length of the training rows' history lists (the item rows a training
+    example reads besides its own item)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = count = 0
+    for part in sorted((work / "built" / "train").glob("*.parquet")):
+        lengths = pc.list_value_length(pq.read_table(part, columns=["history"])["history"])
+        total += pc.sum(lengths).as_py() or 0
+        count += len(lengths)
+    return per_unit(total, count)
+
+
+def rewrite_cpu_us(work: Path) -> float:
+    """CPU microseconds per training row of the Spark build's driver step: its sorted
+    files read and written again in the build's layout (``write_stream``, checksums
+    included), here the DuckDB build's training parts."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from twotower.data.build.parquet import write_stream
+
+    parts = sorted((work / "built" / "train").glob("*.parquet"))
+    staging = work / "rewrite"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    clock = time.process_time()
+    batches = (b for p in parts for b in pq.ParquetFile(p).iter_batches(batch_size=100_000))
+    reader = pa.RecordBatchReader.from_batches(pq.read_schema(parts[0]), batches)
+    files = write_stream(reader, staging, "train", 5_000_000, 100_000)
+    cpu = time.process_time() - clock
+    shutil.rmtree(staging)
+    return per_unit(cpu * 1e6, sum(f["rows"] for f in files.values()))
 
 
 LOAD = """
@@ -254,8 +321,15 @@ def anon():
     return int(text.split("RssAnon:")[1].split()[0]) * 1024
 start = anon()
 artifact = Artifact.load(Path(sys.argv[1]), users=sys.argv[2] == "users")
-artifact.history_codes
-print(json.dumps({"anon_bytes": anon() - start}))
+codes = artifact.history_codes
+catalogue = artifact.catalogue
+arrays = [v for v in vars(catalogue).values() if hasattr(v, "nbytes")]
+keys = catalogue.exported_keys._sorted
+arrays += [keys._order, keys._sorted]
+arrays += [catalogue.item_ids, catalogue.item_id_values, *codes.values()]
+unique = {id(a): a for a in arrays if a is not catalogue.item_vectors}
+held = sum(a.nbytes for a in unique.values())
+print(json.dumps({"anon_bytes": anon() - start, "held_bytes": held}))
 """
 
 
@@ -266,14 +340,15 @@ def memory(work: Path) -> dict:
         command = [sys.executable, "-c", LOAD, str(work / "artifact"), users]
         env = {**os.environ, **ONE_THREAD}
         text = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-        out[users] = json.loads(text.stdout.strip().splitlines()[-1])["anon_bytes"]
+        out[users] = json.loads(text.stdout.strip().splitlines()[-1])
     return {
         "items": ITEMS,
         "users": USERS,
-        "anon_bytes_without_users": out["no-users"],
-        "anon_bytes_with_users": out["users"],
-        "per_item_without_users": per_unit(out["no-users"], ITEMS),
-        "per_user": per_unit(out["users"] - out["no-users"], USERS),
+        "anon_bytes_without_users": out["no-users"]["anon_bytes"],
+        "anon_bytes_with_users": out["users"]["anon_bytes"],
+        "per_item_without_users": per_unit(out["no-users"]["anon_bytes"], ITEMS),
+        "per_user": per_unit(out["users"]["anon_bytes"] - out["no-users"]["anon_bytes"], USERS),
+        "per_item_held_arrays": per_unit(out["no-users"]["held_bytes"], ITEMS),
     }
 
 
@@ -334,15 +409,20 @@ def indexes(work: Path) -> dict:
         index.save(work / f"hnsw-{count}")
         size = folder_bytes(work / f"hnsw-{count}" / "faiss.index")
         out["hnsw"].append(
-            {"items": count, "bytes": size, "per_item": per_unit(size, count), "build_cpu_s": cpu}
+            {
+                "items": len(vectors),
+                "bytes": size,
+                "per_item": per_unit(size, len(vectors)),
+                "build_cpu_s": round(cpu, 1),
+            }
         )
-    vectors = corpus(200_000, 64)[0]
+    vectors = corpus(100_000, 64)[0]
     index = IVFPQIndex()
     clock = time.process_time()
     index.build(vectors)
     cpu = time.process_time() - clock
-    index.save(work / "ivfpq-200000")
-    size = folder_bytes(work / "ivfpq-200000" / "faiss.index")
+    index.save(work / "ivfpq-100000")
+    size = folder_bytes(work / "ivfpq-100000" / "faiss.index")
     raw = index._index
     out["ivfpq"] = {
         "items": len(vectors),
