@@ -636,3 +636,20 @@ def test_next_item_chooses_eases_l2_on_validation_and_tables_the_lift(tmp_path):
     assert lines[5] == "| toys | recipe over EASE | | " + " | ".join(["+25.0%"] * 5) + " |"
     study.plot(entries, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_unit_costs_reply_bytes_are_resp2_by_hand():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import unit_costs
+
+    assert unit_costs.resp_size(4) == len(b":4\r\n")
+    assert unit_costs.resp_size("hello") == len(b"$5\r\nhello\r\n")
+    assert unit_costs.resp_size("\u00e9") == len(b"$2\r\n\xc3\xa9\r\n")  # bytes, not characters
+    assert unit_costs.resp_size(["a", "bc"]) == len(b"*2\r\n$1\r\na\r\n$2\r\nbc\r\n")
+    # HGETALL's reply in RESP2 is a flat array: field, value, field, value
+    assert unit_costs.resp_size({"f": "v"}) == len(b"*2\r\n$1\r\nf\r\n$1\r\nv\r\n")
+    assert unit_costs.resp_size([]) == len(b"*0\r\n")
+    with pytest.raises(TypeError):
+        unit_costs.resp_size(1.5)
+    assert unit_costs.per_unit(1_000_000, 3) == 333_300.0
+    assert unit_costs.per_unit(5, 0) == 0.0
