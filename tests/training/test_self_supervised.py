@@ -56,10 +56,14 @@ def test_bad_values_are_config_errors(small_config, setting, message):
 
 
 def test_two_views_without_masking_or_dropout_are_refused(small_config):
+    # any order of overrides reads: mask=0 first passes through mask = dropout = 0
+    config = apply_overrides(
+        small_config, [f"{SSL}.weight=0.1", f"{SSL}.mask=0", f"{SSL}.dropout=0.2"]
+    )
+    _, _, model = built(config)
+    ItemSelfSupervision(config.training.self_supervised, model)
     with pytest.raises(ConfigError, match="mask and dropout are both 0"):
-        apply_overrides(small_config, [f"{SSL}.weight=0.1", f"{SSL}.mask=0"])
-    # off, anything goes
-    apply_overrides(small_config, [f"{SSL}.mask=0"])
+        ItemSelfSupervision(SelfSupervisedConfig(weight=0.1, mask=0.0), model)
 
 
 def test_it_is_off_by_default(small_config, tmp_path):

@@ -197,11 +197,6 @@ class SelfSupervisedConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.batch < 2:
             raise ValueError(f"batch must be >= 2 (an item needs others), got {self.batch}")
-        if self.weight > 0 and self.mask == 0 and self.dropout == 0:
-            raise ValueError(
-                "mask and dropout are both 0: the two views of an item would be the same; "
-                "set mask (feature masking) or dropout"
-            )
 
     @property
     def on(self) -> bool:

@@ -25,13 +25,21 @@ class ItemSelfSupervision(torch.nn.Module):
         model: the model trained; its item tower is checked for what masking needs.
 
     Raises:
-        ConfigError: feature masking on an item tower of one feature, whose masked view
-            would hold nothing of the item.
+        ConfigError: neither masking nor dropout (two identical views); feature
+            masking on an item tower of one feature, whose masked view would hold
+            nothing of the item.
     """
 
     def __init__(self, config: SelfSupervisedConfig, model: TwoTower) -> None:
         super().__init__()
         features = list(model.item_tower.encoders.encoders)
+        if config.mask == 0 and config.dropout == 0:
+            # checked here, not as the config is read: --set mask=0 then dropout=0.2
+            # passes through mask = dropout = 0 on the way
+            raise ConfigError(
+                "training.self_supervised: mask and dropout are both 0, so the two views "
+                "of an item would be the same; set mask (feature masking) or dropout"
+            )
         if config.mask > 0 and len(features) == 1:
             raise ConfigError(
                 f"training.self_supervised.mask={config.mask}: the item tower has one "
