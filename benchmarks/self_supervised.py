@@ -2,8 +2,8 @@
 validation only: overall, and on the head and tail items.
 
     python benchmarks/self_supervised.py --ledger benchmarks/results/self-supervised/ledger.jsonl \
-        [--datasets ml100k,ml1m] [--variants off,uniform,batch] [--seeds 1,2] [--threads 1]
-        [--epochs ml100k=10,...] [--set key=value ...]
+        [--datasets ml100k,ml1m,synthetic] [--variants off,uniform,batch] [--seeds 1,2]
+        [--threads 1] [--epochs ml100k=10,...] [--set key=value ...]
 
 Each run trains a shipped recipe (``configs/<dataset>.yaml``, its refit off) with one
 variant's overrides (``VARIANTS``; ``--epochs`` caps a recipe's epochs alike for every
@@ -50,6 +50,7 @@ SSL = "training.self_supervised"
 # masking is refused there and the views differ by dropout on the id's vector
 VIEWS = {
     "ml100k": [f"{SSL}.mask=0.5"],
+    "synthetic": [f"{SSL}.mask=0.5"],
     "ml1m": [f"{SSL}.dropout=0.2", f"{SSL}.mask=0"],
 }
 VARIANTS = {

@@ -4,6 +4,7 @@ gradient goes, and runs of every kind of examples with it on."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -18,6 +19,8 @@ from twotower.training.config import SelfSupervisedConfig
 from twotower.training.examples import EXAMPLES
 from twotower.training.self_supervised import ItemSelfSupervision, step_items
 from twotower.training.trainer import RunPlan, Trainer
+
+from .test_distributed import TORCHRUN, _train
 
 SSL = "training.self_supervised"
 ON = [f"{SSL}.weight=0.5", f"{SSL}.batch=64", f"{SSL}.dropout=0.1"]
@@ -161,3 +164,12 @@ def test_a_run_with_it_resumes_exactly(small_config, tmp_path):
     resumed = train_run(config, tmp_path / "resumed", resume=True)
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
     assert resumed.metrics == straight.metrics
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_two_processes_train_with_it(tmp_path):
+    # batch 64 on two ranks leaves rank 1 an empty share of the last step (no items)
+    settings = [*ON, f"{SSL}.items=batch", "training.epochs=1", "training.batch_size=64"]
+    _train(tmp_path / "two", settings, processes=2)
+    (line,) = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert math.isfinite(json.loads(line)["loss"])
