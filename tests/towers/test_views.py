@@ -21,6 +21,7 @@ from twotower.features.specs import (
     MultiHotFeature,
     OneHotFeature,
     TextFeature,
+    VectorFeature,
 )
 from twotower.losses import ViewContrastiveLoss
 from twotower.towers.config import MLPConfig, ModelConfig
@@ -42,6 +43,8 @@ FEATURES = FeaturesConfig(
         DenseFeature("weight", "weight", transform="bucketize", num_buckets=3, dim=4),
         MultiHotFeature("genres", "genres", dim=4),
         TextFeature("title", "title", buckets=64, dim=4),
+        VectorFeature("image", "image", dim=2, normalize="standardize", missing="zero"),
+        VectorFeature("text", "text", dim=3, project=4, missing="zero"),
     ],
 )
 ITEMS = {
@@ -53,6 +56,8 @@ ITEMS = {
     "weight": [0.5, 1.5, 2.5, 3.5, 4.5, 5.5],
     "genres": ["x|y", "y", "z", "x", "x|z", "y|z"],
     "title": ["red car", "blue car", "green tree", "red tree", "big car", "small tree"],
+    "image": [[1.0, 2.0], [2.0, 1.0], [3.0, 5.0], [4.0, 2.0], [5.0, 4.0], [6.0, 3.0]],
+    "text": [[1.0, 0.5, 0.2], [0.3, 1.0, 0.1], [0.2, 0.2, 1.0]] * 2,
 }
 
 

@@ -6,6 +6,8 @@ evaluation and serving feed a tower the same tensors:
     id, bucketized dense     (B,) int64   -> its own embedding table
     id, two hash functions   (B, 2) int64 -> the sum of its two rows of the table
     onehot, dense            (B, C) float -> passed through as they are
+    vector                   (B, dim) float -> as it is, or a learned linear map to
+                                             ``project`` wide
     multihot, text           (B, L) int64 -> pooled embedding (0 pads, left out)
     history                  (B, L) int64 -> pooled, attention-pooled, or encoded as a
                                              sequence (``towers/history/``) over the
@@ -26,6 +28,7 @@ of a row's value (``FeatureEncoders.blank``, ``twotower.towers.views``):
     multihot, text, hashed   no codes (all padding): pooled to zeros
     onehot                   the one-hot of the missing category (column 0)
     dense                    [0, 1]: the mean after standardization, flagged missing
+    vector                   all zeros (a missing row's), before any projection
 
 A history feature shares the embedding table of an item-side id feature (the
 item tower's), so a user is described by the same item vectors the item tower
@@ -47,6 +50,7 @@ from twotower.features.specs import (
     MultiHotFeature,
     OneHotFeature,
     TextFeature,
+    VectorFeature,
 )
 from twotower.features.transform import MISSING
 from twotower.towers.history import (
@@ -116,7 +120,8 @@ class PooledEncoder(nn.Module):
 
 
 class VectorEncoder(nn.Module):
-    """(B, C) float features (one-hot, standardized value + missing flag), as they are.
+    """(B, C) float features (one-hot, standardized value + missing flag, a vector), as
+    they are.
 
     Args:
         missing: (C,) the feature's input for a missing value (``blank`` puts it in).
@@ -137,6 +142,25 @@ class VectorEncoder(nn.Module):
     def blank(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(B, C) inputs with the (B,) bool ``rows`` set to the missing value's."""
         return torch.where(rows[:, None], self.missing.to(x.dtype), x)
+
+
+class ProjectionEncoder(nn.Module):
+    """(B, C) float vectors -> (B, width) through a learned linear map (with a bias)."""
+
+    interests = 1
+    times_input = None
+
+    def __init__(self, inputs: int, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(inputs, width)
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def blank(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(B, C) vectors with the (B,) bool ``rows`` zeroed (a missing row's input)."""
+        return x.masked_fill(rows[:, None], 0.0)
 
 
 class FeatureEncoders(nn.Module):
@@ -255,6 +279,10 @@ def _encoder(
     """One feature's encoder (of ``size`` embedding rows or vector width)."""
     if isinstance(spec, HistoryFeature):
         return _history_encoder(spec, shared)
+    if isinstance(spec, VectorFeature) and spec.project is not None:
+        return ProjectionEncoder(size, spec.project)
+    if isinstance(spec, VectorFeature):
+        return VectorEncoder(torch.zeros(size))  # a missing row is all zeros
     if isinstance(spec, OneHotFeature):
         return VectorEncoder(F.one_hot(torch.tensor(MISSING), size).float())
     if isinstance(spec, DenseFeature) and spec.transform != "bucketize":
