@@ -173,6 +173,13 @@ def test_identical_views_make_the_loss_of_an_item_against_itself(fitted):
     assert value.item() > math.log1p(5 * math.exp(-1 / tau)) - 1e-6  # orthogonal's is least
 
 
+def test_masking_makes_two_views_of_every_item_differ(fitted):
+    _, model, inputs = fitted
+    model.eval()  # no dropout: masking alone
+    first, second = item_views(model.item_tower, inputs, 0.5, 0.0, torch.Generator())
+    assert (first - second).abs().amax(dim=1).min() > 1e-3
+
+
 def test_dropout_makes_two_views_of_the_same_inputs_differ(fitted):
     _, model, inputs = fitted
     model.train()

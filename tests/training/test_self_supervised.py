@@ -76,6 +76,23 @@ def test_it_is_off_by_default(small_config, tmp_path):
     assert trainer.step_loss.self_supervision is None
 
 
+def test_weight_0_trains_bit_for_bit_as_without_it(small_config, tmp_path):
+    # its other settings, however set, neither draw from a generator nor touch a weight
+    from twotower.training.run import train_run
+
+    from .test_trainer import assert_same_weights, weights
+
+    short = ["training.epochs=2", "training.patience=0", "training.steps_per_epoch=4"]
+    plain = apply_overrides(small_config, short)
+    idle = [f"{SSL}.weight=0", f"{SSL}.items=uniform", f"{SSL}.batch=64", f"{SSL}.dropout=0.3"]
+    default = train_run(plain, tmp_path / "default")
+    zero = train_run(apply_overrides(plain, idle), tmp_path / "zero")
+    assert_same_weights(weights(tmp_path / "default"), weights(tmp_path / "zero"))
+    assert zero.metrics == default.metrics
+    on = train_run(apply_overrides(plain, ON), tmp_path / "on")  # and the term does count
+    assert on.metrics != default.metrics
+
+
 def test_masking_an_item_tower_of_one_feature_is_refused(small_config):
     features = dataclasses.replace(small_config.features, item=small_config.features.item[:1])
     config = dataclasses.replace(apply_overrides(small_config, ON), features=features)
