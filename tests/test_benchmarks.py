@@ -653,3 +653,25 @@ def test_unit_costs_reply_bytes_are_resp2_by_hand():
         unit_costs.resp_size(1.5)
     assert unit_costs.per_unit(1_000_000, 3) == 333_300.0
     assert unit_costs.per_unit(5, 0) == 0.0
+
+
+def test_self_supervised_ledger_holds_the_groups_and_names_a_capped_run(tmp_path):
+    """Two one-epoch synthetic runs: each line has the project's groups and says it was
+    capped, a second call trains nothing again, and the table names the rows capped."""
+    ledger = tmp_path / "ledger.jsonl"
+    command = [sys.executable, str(ROOT / "benchmarks" / "self_supervised.py")]
+    command += [f"--ledger={ledger}", "--datasets=synthetic", "--variants=off,uniform"]
+    command += ["--seeds=1", "--epochs=synthetic=1", f"--plot={tmp_path / 'ndcg.png'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    entries = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [e["variant"] for e in entries] == ["off", "uniform"]
+    for e in entries:
+        assert e["capped"] is True and e["epochs"] == 1 and e["best_epoch"] == 1
+        assert 0 < e["valid/groups/item:tail/queries"] < e["valid/queries"]
+        assert "valid/groups/item:head/ndcg@10" in e and "valid/groups/query:few/ndcg@10" in e
+    assert "| off (capped at 1 epochs) | 1 | 1 |" in done.stdout
+    assert (tmp_path / "ndcg.png").stat().st_size > 0
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "epoch 1:" not in again.stdout + again.stderr
+    assert ledger.read_text().splitlines() == [json.dumps(e) for e in entries]

@@ -8,6 +8,8 @@
   (in-batch or mixed negatives).
 - ``MultiPositiveSoftmax``: the same with several positives per query row (query-level
   training with the full softmax).
+- ``ViewContrastiveLoss``: InfoNCE between two views of the same items (a
+  self-supervised term for the item tower, beside an objective's loss).
 - ``corrections``: ``logq_correction``, ``mask_accidental_hits``,
   ``mask_known_positives``, ``hardest_negatives``
   and ``negative_mask``, applied by the caller in a visible order.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from twotower.losses.contrastive import ViewContrastiveLoss
 from twotower.losses.corrections import (
     hardest_negatives,
     logq_correction,
@@ -50,6 +53,7 @@ __all__ = [
     "SampledSoftmax",
     "TripletHinge",
     "TripletLogistic",
+    "ViewContrastiveLoss",
     "hardest_negatives",
     "logq_correction",
     "mask_accidental_hits",

@@ -19,7 +19,16 @@ interest beside the same encodings of the other features.
 
 Every encoder declares what ``FeatureEncoders`` reads of it, the attributes of
 ``twotower.towers.history.HistoryEncoder``: ``width``, ``interests`` (K) and
-``times_input`` (the timestamps it takes beside its codes, if any).
+``times_input`` (the timestamps it takes beside its codes, if any). The encoders of
+features an item tower can hold also know their feature's missing input (``blank``:
+what ``FeaturePipeline.transform`` gives a null), which feature masking puts in place
+of a row's value (``FeatureEncoders.blank``, ``twotower.towers.views``):
+
+    id, bucketized dense     index 0, the missing value's row
+    multihot, text, hashed   no codes (all padding): pooled to zeros
+    onehot                   the one-hot of the missing category (column 0)
+    dense                    [0, 1]: the mean after standardization, flagged missing
+    vector                   all zeros (a missing row's), before any projection
 
 A history feature shares the embedding table of an item-side id feature (the
 item tower's), so a user is described by the same item vectors the item tower
@@ -43,6 +52,7 @@ from twotower.features.specs import (
     TextFeature,
     VectorFeature,
 )
+from twotower.features.transform import MISSING
 from twotower.towers.history import (
     HISTORY_ENCODERS,
     INTEREST_EXTRACTORS,
@@ -73,6 +83,10 @@ class LookupEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.table(x)
 
+    def blank(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(B,) indices with the (B,) bool ``rows`` set to the missing value's index."""
+        return x.masked_fill(rows, MISSING)
+
 
 class PooledEncoder(nn.Module):
     """(B, L) indices, 0-padded -> (B, dim) mean or sum of their embeddings.
@@ -100,20 +114,34 @@ class PooledEncoder(nn.Module):
             x, self.table.weight, mode=self.pooling, padding_idx=0, sparse=self.table.sparse
         )
 
+    def blank(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(B, L) indices with the (B,) bool ``rows`` emptied (all padding)."""
+        return x.masked_fill(rows[:, None], 0)
+
 
 class VectorEncoder(nn.Module):
     """(B, C) float features (one-hot, standardized value + missing flag, a vector), as
-    they are."""
+    they are.
+
+    Args:
+        missing: (C,) the feature's input for a missing value (``blank`` puts it in).
+    """
 
     interests = 1
     times_input = None
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, missing: torch.Tensor) -> None:
         super().__init__()
-        self.width = width
+        self.width = len(missing)
+        # not saved: it follows from the feature's kind, and checkpoints stay as they were
+        self.register_buffer("missing", missing, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def blank(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(B, C) inputs with the (B,) bool ``rows`` set to the missing value's."""
+        return torch.where(rows[:, None], self.missing.to(x.dtype), x)
 
 
 class ProjectionEncoder(nn.Module):
@@ -129,6 +157,10 @@ class ProjectionEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
+
+    def blank(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(B, C) vectors with the (B,) bool ``rows`` zeroed (a missing row's input)."""
+        return x.masked_fill(rows[:, None], 0.0)
 
 
 class FeatureEncoders(nn.Module):
@@ -210,6 +242,24 @@ class FeatureEncoders(nn.Module):
         ]
         return torch.cat(parts, dim=1)
 
+    def blank(self, inputs: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The inputs with some features of some rows replaced by their missing input.
+
+        Args:
+            inputs: model inputs of B rows.
+            rows: (B, F) bool, True where row b's f-th feature (in config order, as
+                ``encoders``) is blanked.
+
+        Raises:
+            TypeError: a feature's encoder has no missing input (a history).
+        """
+        blanked = dict(inputs)
+        for f, (name, encoder) in enumerate(self.encoders.items()):
+            if not hasattr(encoder, "blank"):
+                raise TypeError(f"feature {name!r} ({type(encoder).__name__}) cannot be blanked")
+            blanked[name] = encoder.blank(inputs[name], rows[:, f])
+        return blanked
+
     def tables(self) -> dict[str, nn.Embedding]:
         """The id features' embedding tables, by feature name (shared with history)."""
         return {
@@ -231,10 +281,12 @@ def _encoder(
         return _history_encoder(spec, shared)
     if isinstance(spec, VectorFeature) and spec.project is not None:
         return ProjectionEncoder(size, spec.project)
-    if isinstance(spec, (OneHotFeature, VectorFeature)) or (
-        isinstance(spec, DenseFeature) and spec.transform != "bucketize"
-    ):
-        return VectorEncoder(size)
+    if isinstance(spec, VectorFeature):
+        return VectorEncoder(torch.zeros(size))  # a missing row is all zeros
+    if isinstance(spec, OneHotFeature):
+        return VectorEncoder(F.one_hot(torch.tensor(MISSING), size).float())
+    if isinstance(spec, DenseFeature) and spec.transform != "bucketize":
+        return VectorEncoder(torch.tensor([0.0, 1.0]))  # DenseTransform's [value, flag]
     if isinstance(spec, (MultiHotFeature, TextFeature)):
         return PooledEncoder(embedding_table(size, spec.dim, sparse), spec.pooling)
     if isinstance(spec, IdFeature) and spec.hash_functions > 1:  # the sum of its rows

@@ -111,6 +111,13 @@ class Tower(nn.Module):
         vectors = F.normalize(self.network(encoded.flatten(0, 1)), dim=-1).view(B, K, -1)
         return self._finish(encoded, inputs, vectors)
 
+    def view(self, inputs: dict[str, torch.Tensor], dropout: float = 0.0) -> torch.Tensor:
+        """(B, D') unit vectors of the network's output alone (no bias coordinate), with
+        dropout of probability ``dropout`` on the concatenated encodings in training: an
+        item's view for a self-supervised loss (``twotower.towers.views``)."""
+        encoded = F.dropout(self.encoders(inputs), dropout, self.training)
+        return F.normalize(self.network(encoded), dim=-1)
+
     def at_positions(self, inputs: dict[str, torch.Tensor], history: str) -> torch.Tensor:
         """(P, D) unit vectors of every prefix of the ``history`` feature in one pass:
         position t of row b (oldest first) sees that row's other features and its

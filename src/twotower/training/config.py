@@ -272,6 +272,52 @@ ObjectiveConfig = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class SelfSupervisedConfig:
+    """A self-supervised loss for the item tower (Yao et al. 2021), added to the
+    objective's: each step, two views of some items (feature masking, then dropout on
+    the input encodings), both through the item tower, and the InfoNCE of each item's
+    first view against every item's second view (``ViewContrastiveLoss``).
+
+    Attributes:
+        weight: the term's weight in the loss; 0 (the default) turns it off.
+        temperature: the InfoNCE temperature tau.
+        mask: the probability that a view blanks an item feature (puts in its missing
+            input); at 0.5 the two views blank complementary halves
+            (``twotower.towers.views``).
+        dropout: dropout on each view's concatenated feature encodings.
+        items: which items make the views each step: ``batch``, the batch's distinct
+            positives (popular items, as the objective sees them), or ``uniform``,
+            drawn uniformly from the corpus (rare items as often as popular ones,
+            which is what the paper credits for the tail).
+        batch: at most this many items each step.
+    """
+
+    weight: float = 0.0
+    temperature: float = 0.1
+    mask: float = 0.5
+    dropout: float = 0.0
+    items: Literal["batch", "uniform"] = "uniform"
+    batch: int = 512
+
+    def __post_init__(self) -> None:
+        if not self.weight >= 0:
+            raise ValueError(f"weight must be >= 0 (0: off), got {self.weight}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.mask <= 1.0:
+            raise ValueError(f"mask must be a probability in [0, 1], got {self.mask}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.batch < 2:
+            raise ValueError(f"batch must be >= 2 (an item needs others), got {self.batch}")
+
+    @property
+    def on(self) -> bool:
+        """Whether the term is added to the loss."""
+        return self.weight > 0
+
+
 HistoryRule = Literal["auto", "before_event", "mask_target"]
 WeightRule = Literal["none", "raw", "log1p", "capped"]
 ExampleKind = Literal["interactions", "queries", "sequences"]
@@ -345,6 +391,8 @@ class TrainingConfig:
             rates, and report test metrics of that model (validation metrics stay the
             first model's): the footing of the baselines, which are refitted on train +
             validation for test. The refitted run is ``RUN_DIR/refit``. In memory only.
+        self_supervised: a self-supervised loss for the item tower, added to the
+            objective's (``SelfSupervisedConfig``); off unless its ``weight`` is > 0.
     """
 
     # read before ``examples`` said what an example is: one_pass: true was sequences
@@ -375,6 +423,7 @@ class TrainingConfig:
     lr_schedule: Literal["constant", "cosine", "plateau"] = "constant"
     lr_factor: float = 0.5
     refit: bool = False
+    self_supervised: SelfSupervisedConfig = dataclasses.field(default_factory=SelfSupervisedConfig)
 
     def __post_init__(self) -> None:
         if not self.weight_cap > 0:

@@ -33,6 +33,7 @@ from twotower.training.full_softmax import KnownPairs
 from twotower.training.mining import negative_mining
 from twotower.training.objectives import build_objective
 from twotower.training.run_log import RunLog
+from twotower.training.self_supervised import ItemSelfSupervision
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +148,25 @@ def _known_pairs(config: TrainingConfig, data: TrainingExamples) -> KnownPairs |
 class _StepLoss(torch.nn.Module):
     """A batch's training loss as one module call, so DistributedDataParallel can wrap
     the model and the objective it runs; the examples say how their batch becomes a
-    loss (``TrainingExamples.loss``)."""
+    loss (``TrainingExamples.loss``), and the self-supervised item term, if any, is
+    added to it."""
 
-    def __init__(self, model: TwoTower, objective: torch.nn.Module, data: TrainingExamples) -> None:
+    def __init__(
+        self,
+        model: TwoTower,
+        objective: torch.nn.Module,
+        data: TrainingExamples,
+        self_supervision: ItemSelfSupervision | None = None,
+    ) -> None:
         super().__init__()
         self.model, self.objective, self.data = model, objective, data
+        self.self_supervision = self_supervision
 
     def forward(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        return self.data.loss(self.model, self.objective, batch, generator)
+        loss = self.data.loss(self.model, self.objective, batch, generator)
+        if self.self_supervision is not None:
+            loss = loss + self.self_supervision(self.model, self.data, batch, generator)
+        return loss
 
 
 class Trainer:
@@ -200,7 +212,10 @@ class Trainer:
             self.collective,
             None if self.mining is None else self.mining.negatives,
         ).to(data.device)
-        self.step_loss: torch.nn.Module = _StepLoss(model, self.objective, data)
+        ssl = self.config.self_supervised
+        self.step_loss: torch.nn.Module = _StepLoss(
+            model, self.objective, data, ItemSelfSupervision(ssl, model) if ssl.on else None
+        )
         # sparse gradients are averaged by Collective.average_sparse, not by DDP (see there)
         sparse = sparse_parameters(self.step_loss)
         self.sparse = list(sparse.values())
