@@ -18,6 +18,14 @@ Whatever the method, ``train_from`` marks a new period (incremental training, fr
 previous run's model): the training interactions at or after it are the training
 examples; those before it stay in ``train``, so histories and seen items still know
 them, but are not trained on again.
+
+Whatever the method, ``new_items`` (a share) holds some items out of training
+entirely: they are drawn with ``seed`` among the items with at least
+``new_items_min_count`` interactions, every interaction of theirs goes to test, and
+the method splits the others as if the new items' interactions were not there. No
+history, seen item or fitted vocabulary then knows a new item: it stays in the corpus
+(the item table) and the item tower reaches it through its features alone, its id
+reading as unknown, as a new id does at serving.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from twotower.data.config import SplitConfig
-from twotower.data.dataset import QUERY_IDX, SPLIT, TIMESTAMP, Dataset
+from twotower.data.dataset import ITEM_IDX, QUERY_IDX, SPLIT, TIMESTAMP, Dataset
 from twotower.errors import DataError
 
 TRAIN, VALID, TEST = 0, 1, 2
@@ -51,15 +59,22 @@ class Split:
             known before validation (what histories and seen items hold).
         examples: (E,) int64 the rows of ``train`` that are training examples, in
             order (``split.train_from``); None: every row of ``train``.
+        new_items: (M,) int64 the item indices held out of training, sorted, whose
+            interactions are all in ``test`` (``split.new_items``); None: none.
     """
 
     train: pa.Table
     valid: pa.Table
     test: pa.Table
     examples: np.ndarray | None = None
+    new_items: np.ndarray | None = None
 
     def part(self, name: str) -> pa.Table:
         return getattr(self, name)
+
+    def new_items_in(self, part: str) -> np.ndarray | None:
+        """(M,) the new items whose held-out pairs ``part`` holds (test alone), else None."""
+        return self.new_items if part == "test" else None
 
     @property
     def training_examples(self) -> pa.Table:
@@ -75,23 +90,18 @@ class Split:
         if examples is not None:
             more = np.arange(self.train.num_rows, train.num_rows, dtype=np.int64)
             examples = np.concatenate([examples, more])
-        return Split(train, self.valid.slice(0, 0), self.test, examples)
+        return Split(train, self.valid.slice(0, 0), self.test, examples, self.new_items)
 
 
 def split_interactions(dataset: Dataset, config: SplitConfig) -> Split:
     """Assigns each interaction to train, validation or test.
 
     Raises:
-        DataError: the method needs timestamps or given files that are absent, or
-            a part would be left without any interaction.
+        DataError: the method needs timestamps or given files that are absent, no item
+            can be drawn as new, or a part would be left without any interaction.
     """
-    assign = {
-        "leave_last_out": _leave_last_out,
-        "random": _random,
-        "time": _time,
-        "given": _given,
-    }[config.method]
-    part = assign(dataset, config)
+    new_items = draw_new_items(dataset, config) if config.new_items > 0 else None
+    part = _parts(dataset, config, new_items)
     tables = {name: dataset.interactions.filter(part == i) for i, name in enumerate(SPLIT_NAMES)}
     for name, table in tables.items():
         if table.num_rows == 0:
@@ -99,9 +109,51 @@ def split_interactions(dataset: Dataset, config: SplitConfig) -> Split:
                 f"{dataset.name}: the {name} split has no interactions after splitting "
                 f"with method {config.method!r}"
             )
-    if config.train_from is None:
-        return Split(**tables)
-    return Split(**tables, examples=_examples_from(dataset, part, config.train_from))
+    examples = None
+    if config.train_from is not None:
+        examples = _examples_from(dataset, part, config.train_from)
+    return Split(**tables, examples=examples, new_items=new_items)
+
+
+def _parts(dataset: Dataset, config: SplitConfig, new_items: np.ndarray | None) -> np.ndarray:
+    """(I,) int8 each interaction's part: the method's; with ``new_items``, theirs are
+    test and the method splits the others as if theirs were not there."""
+    assign = {
+        "leave_last_out": _leave_last_out,
+        "random": _random,
+        "time": _time,
+        "given": _given,
+    }[config.method]
+    if new_items is None:
+        return assign(dataset, config)
+    held = np.isin(dataset.column(ITEM_IDX), new_items)
+    others = dataclasses.replace(dataset, interactions=dataset.interactions.filter(~held))
+    part = np.full(len(held), TEST, dtype=np.int8)
+    part[~held] = assign(others, config)
+    return part
+
+
+def draw_new_items(dataset: Dataset, config: SplitConfig) -> np.ndarray:
+    """(M,) int64 sorted: the items ``split.new_items`` holds out of training.
+
+    M is the share of the items with at least ``new_items_min_count`` interactions,
+    rounded, and at least 1; they are drawn with ``config.seed``, so a seed draws the
+    same items whatever the method.
+
+    Raises:
+        DataError: no item has that many interactions.
+    """
+    counts = np.bincount(dataset.column(ITEM_IDX), minlength=dataset.num_items)
+    eligible = np.flatnonzero(counts >= config.new_items_min_count)
+    if len(eligible) == 0:
+        raise DataError(
+            f"{dataset.name}: split.new_items draws among the items with at least "
+            f"{config.new_items_min_count} interactions (split.new_items_min_count), "
+            "and there are none"
+        )
+    size = max(1, round(config.new_items * len(eligible)))
+    rng = np.random.default_rng(config.seed)
+    return np.sort(rng.choice(eligible, size=size, replace=False)).astype(np.int64)
 
 
 def _examples_from(dataset: Dataset, part: np.ndarray, train_from: float) -> np.ndarray:
