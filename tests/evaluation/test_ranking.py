@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -162,3 +164,20 @@ def test_queries_ranked_chunk_by_chunk_give_the_whole_metrics(part: str) -> None
     assert {type(value) for value in got.values()} <= {float, int}  # plain, for checkpoints
     for name, value in whole.items():
         assert got[name] == pytest.approx(value, rel=1e-12, nan_ok=True), name
+
+
+def test_new_items_metrics_restrict_the_held_out_items_to_them() -> None:
+    # Items 4 and 5 are in test alone: say they are the new items. Held-out new items:
+    # q2 {5}, q3 {4}, ranked as the whole test ranks them: q2 [1, 2, 3, 4, 5] (all
+    # tied, lower index first; 0 seen) -> item 5 at rank 5; q3 [4, 0, 1, 2, 3] -> rank 1.
+    split = dataclasses.replace(SPLIT, new_items=np.array([4, 5]))
+    result = evaluate(_lookup(HAND_SCORES), split, "test", 4, 6, ks=[1, 5], chunk_size=3)
+    assert result["test/new_items/queries"] == 2
+    assert result["test/new_items/recall@1"] == pytest.approx(0.5)
+    assert result["test/new_items/recall@5"] == pytest.approx(1.0)
+    assert result["test/new_items/mrr@5"] == pytest.approx((1 / 5 + 1) / 2)
+    assert result["test/new_items/ndcg@5"] == pytest.approx((1 / np.log2(6) + 1) / 2)
+    whole = evaluate(_lookup(HAND_SCORES), SPLIT, "test", 4, 6, ks=[1, 5])
+    assert {k: v for k, v in result.items() if "/new_items/" not in k} == whole
+    valid = evaluate(_lookup(HAND_SCORES), split, "valid", 4, 6, ks=[1, 5])
+    assert not [k for k in valid if "new_items" in k]  # new items have no valid pairs

@@ -9,6 +9,11 @@ with before the evaluated part (train for ``valid``; train + valid for ``test``)
 removed from its ranking, *and* from its held-out items. A re-consumed item can then
 never be retrieved, so counting it as a miss would only lower every model's score by
 the same unreachable amount. A query with no held-out item left is not evaluated.
+
+New items (``split.new_items``): beside the part's metrics, the same metrics of the
+same rankings with each query's held-out items restricted to the new items, over the
+queries that have any (``test/new_items/recall@10``, ..., ``test/new_items/queries``):
+how well a model places items it never trained on, among the whole corpus.
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ def evaluate(
 
     Returns:
         ``{"{part}/{metric}@{k}": value, ..., "{part}/queries": evaluated count}``; the
-        metrics are those of ``twotower.evaluation.metrics.ranking_metrics``.
+        metrics are those of ``twotower.evaluation.metrics.ranking_metrics``. With
+        the split's new items in ``part``, the same under ``{part}/new_items/``.
     """
     check_held_out(part)
     held_out = interaction_matrix(split.part(part), num_queries, num_items)
@@ -86,6 +92,7 @@ def evaluate(
         exclude_seen,
         chunk_size,
         item_popularity,
+        new_items=split.new_items_in(part),
     )
 
 
@@ -98,6 +105,7 @@ def evaluate_chunks(
     chunk_size: int = 1024,
     item_popularity: np.ndarray | None = None,
     total: int | None = None,
+    new_items: np.ndarray | None = None,
 ) -> dict[str, float]:
     """``evaluate`` over queries that come chunk by chunk (e.g. read from disk), in
     memory bounded by the corpus and a chunk: the same metrics as one call over all
@@ -106,11 +114,14 @@ def evaluate_chunks(
     Args:
         chunks: the queries to rank, a ``HeldOut`` at a time.
         total: the queries to come, for the progress bar, if known.
+        new_items: (M,) the item indices held out of training (``Split.new_items_in``):
+            adds the metrics of each query's held-out new items, ``{part}/new_items/...``.
         part, num_items, ks, exclude_seen, chunk_size, item_popularity: as ``evaluate``'s
             (a popularity must be given as counts).
     """
     totals = RankingTotals(ks, num_items, item_popularity)
     k = max(ks, default=1)  # an empty ks is rejected by RankingTotals above
+    new = None if new_items is None else _NewItems(new_items, ks, num_items, item_popularity)
     evaluated = 0
     bar = tqdm(total=total, desc="ranking", unit="query", leave=False, disable=None)
     with bar:
@@ -124,10 +135,35 @@ def evaluate_chunks(
             score = _counted(chunk.score_fn, bar)
             ranked, _ = top_k(score, queries, k, exclude, chunk_size, num_items)
             totals.add(ranked, held_out[queries])
+            if new is not None:
+                new.add(ranked, held_out[queries])
             evaluated += len(queries)
     result = {f"{part}/{name}": value for name, value in totals.result().items()}
     result[f"{part}/queries"] = evaluated
+    if new is not None:
+        result |= new.result(f"{part}/new_items")
     return result
+
+
+class _NewItems:
+    """The metrics of the rankings with each row's held-out items restricted to the new
+    items (rows with none are not counted), added as ``evaluate_chunks`` ranks."""
+
+    def __init__(
+        self, items: np.ndarray, ks: Sequence[int], num_items: int, popularity: np.ndarray | None
+    ) -> None:
+        mask = np.zeros(num_items, dtype=np.float32)
+        mask[items] = 1.0
+        self.columns = sp.diags(mask, format="csr")  # (N, N): keeps the new items' columns
+        self.totals = RankingTotals(ks, num_items, popularity)
+
+    def add(self, ranked: np.ndarray, held_out: sp.csr_matrix) -> None:
+        self.totals.add(ranked, (held_out @ self.columns).tocsr())
+
+    def result(self, prefix: str) -> dict[str, float]:
+        result = {f"{prefix}/{name}": value for name, value in self.totals.result().items()}
+        result[f"{prefix}/queries"] = self.totals.rows
+        return result
 
 
 def _counted(score_fn: ScoreFn, bar: tqdm) -> ScoreFn:

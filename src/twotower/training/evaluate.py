@@ -108,7 +108,8 @@ def evaluate_source(
 
     Returns:
         ``{part}/{metric}@{k}``, ``popularity@k`` of the items known before the part,
-        and ``{part}/queries`` (``twotower.evaluation.ranking.evaluate_chunks``).
+        and ``{part}/queries``; with new items in the part (``split.new_items``), the
+        same under ``{part}/new_items/`` (``twotower.evaluation.ranking.evaluate_chunks``).
     """
     device = next(model.parameters()).device
     items = embed_rows(model.item_tower, pipeline, "item", source.items(), batch_size)
@@ -136,4 +137,5 @@ def evaluate_source(
             batch_size,
             source.popularity(part),
             total if sample is None else min(total, sample),
+            source.new_items(part),
         )
