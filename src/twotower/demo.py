@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import textwrap
 import time
 from importlib import resources
 from pathlib import Path
@@ -196,16 +197,18 @@ def format_new_items(result: DemoResult) -> str:
     """The demo's new-items table as printed: a title saying what it measures, then one
     row per model of its metrics on the new items' test interactions alone."""
     items, pairs = result.held_out
-    title = (
+    title = textwrap.fill(
         f"New items: {items:,} items held out of training, all {pairs:,} of their "
-        f"interactions in test (run folder {result.out / NEW_ITEMS_DIR}).\n"
-        "The two-tower model places an item it never trained on from its features; "
-        "popularity,\nitem-KNN and EASE know an item only by its interactions, so "
-        "they score every new item 0.\nRanking the full corpus, the new items' test "
-        "interactions alone:\n"
+        f"interactions in test (run folder {result.out / NEW_ITEMS_DIR}). The two-tower "
+        "model places an item it never trained on from its features; popularity, item-KNN "
+        "and EASE know an item only by its interactions, so they score every new item 0. "
+        "The new items' test interactions alone, ranking the full corpus:",
+        width=88,
+        break_long_words=False,
+        break_on_hyphens=False,
     )
     rows = {
         name: {c: values[f"test/new_items/{c}"] for c in NEW_ITEM_COLUMNS}
         for name, values in result.new_items.items()
     }
-    return title + "\n" + format_table(rows, NEW_ITEM_COLUMNS)
+    return f"{title}\n\n{format_table(rows, NEW_ITEM_COLUMNS)}"
