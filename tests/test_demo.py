@@ -95,7 +95,7 @@ def test_the_demo_command_prints_both_tables(tmp_path):
     words = " ".join(second.split())  # the title is wrapped
     assert "Full-corpus ranking, seen items excluded" in first
     assert "4 items held out of training" in words
-    assert "The two-tower model places an item it never trained on" in words
+    assert "The two-tower model can place an item it never trained on" in words
     rows = {line.split()[0]: line.split()[1:] for line in second.splitlines()[-6:-2]}
     # at 10 (of 40 items), the baselines retrieve no new item; a list of 50 holds them all
     for name in ("pop", "itemknn", "ease"):

@@ -200,7 +200,7 @@ def format_new_items(result: DemoResult) -> str:
     title = textwrap.fill(
         f"New items: {items:,} items held out of training, all {pairs:,} of their "
         f"interactions in test (run folder {result.out / NEW_ITEMS_DIR}). The two-tower "
-        "model places an item it never trained on from its features; popularity, item-KNN "
+        "model can place an item it never trained on from its features; popularity, item-KNN "
         "and EASE know an item only by its interactions, so they score every new item 0. "
         "The new items' test interactions alone, ranking the full corpus:",
         width=88,
