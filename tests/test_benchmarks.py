@@ -603,3 +603,36 @@ def test_filters_rows_measure_every_index_and_the_fallback_is_exact(filters_benc
         "| hnsw | category (1%) | fallback | ExactIndex | 1.000 |"
         in (tmp_path / "filters.md").read_text()
     )
+
+
+def _next_item():
+    """The next-item study's module (``benchmarks/next_item.py``)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import next_item
+
+    return next_item
+
+
+def test_next_item_chooses_eases_l2_on_validation_and_tables_the_lift(tmp_path):
+    """The L2 of the best validation NDCG@10 is chosen; the table gives the recipe's mean
+    ± std over seeds and its lift over EASE, computed by hand here."""
+    study = _next_item()
+    ease = tmp_path / "ease.jsonl"
+    for l2, ndcg in ((10.0, 0.05), (30.0, 0.07), (100.0, 0.06)):
+        study.record(ease, {"dataset": "toys", "l2": l2, "valid/ndcg@10": ndcg})
+    assert study.chosen_l2(ease, "toys") == 30.0
+    with pytest.raises(SystemExit, match="no EASE sweep for sports"):
+        study.chosen_l2(ease, "sports")
+
+    def row(model, seed, value, **more):
+        metrics = {f"test/{m}": value for m in study.METRICS}
+        return {"dataset": "toys", "model": model, "seed": seed} | more | metrics
+
+    entries = [row("pop", 0, 0.01), row("ease", 0, 0.08, l2=30.0)]
+    entries += [row("recipe", 0, 0.09), row("recipe", 1, 0.11)]
+    lines = study.table(entries).splitlines()
+    assert lines[3] == "| toys | EASE (L2 30) | 1 | " + " | ".join(["0.0800"] * 5) + " |"
+    assert lines[4] == "| toys | recipe | 2 | " + " | ".join(["0.1000 ± 0.0100"] * 5) + " |"
+    assert lines[5] == "| toys | recipe over EASE | | " + " | ".join(["+25.0%"] * 5) + " |"
+    study.plot(entries, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000

@@ -182,6 +182,50 @@ def test_baseline_writes_metrics_for_valid_and_test(tiny_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"valid/recall@10", "test/recall@10"} <= metrics.keys()
     assert (out / "config.yaml").is_file()
+    # by group, as the model's are, and printed as a table
+    assert {"test/groups/item:head/ndcg@10", "test/groups/query:few/ndcg@10"} <= metrics.keys()
+    assert "test by group" in result.output and "item:tail" in result.output
+
+
+def test_train_and_evaluate_report_metrics_by_group(tiny_run):
+    run = tiny_run / "run"
+    trained = json.loads((run / "metrics.json").read_text())
+    assert {f"{p}/groups/query:many/recall@10" for p in ("valid", "test")} <= trained.keys()
+    epochs = (run / "metrics.jsonl").read_text()
+    assert "groups/" not in epochs  # each epoch's validation is not grouped
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    assert "test by group" in result.output and "query:few" in result.output
+    saved = json.loads((run / "evaluation-test.json").read_text())
+    for key in ("test/groups/item:head/ndcg@10", "test/groups/query:few/recall@10"):
+        assert saved[key] == pytest.approx(trained[key])
+
+
+def test_evaluate_writes_each_users_metrics_and_a_plot_by_group(tiny_run):
+    run, baseline = tiny_run / "run", tiny_run / "ease"
+    config = tiny_run / "c.yaml"
+    ease = ["baseline", str(config), "--model", "ease", "--out", str(baseline)]
+    made = CliRunner().invoke(app, ease)
+    assert made.exit_code == 0, made.output
+    per_user, plot = tiny_run / "users.parquet", tiny_run / "groups.png"
+    args = ["evaluate", str(run), "--per-user", str(per_user), "--plot", str(plot)]
+    result = CliRunner().invoke(app, [*args, "--compare", str(baseline)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "evaluation-both.json").read_text())
+    users = pq.read_table(per_user)
+    assert users.column_names[:5] == ["part", "query_id", "train_count", "group", "held_out"]
+    for part in ("valid", "test"):
+        rows = users.filter(pc.equal(users["part"], part))
+        assert rows.num_rows == saved[f"{part}/queries"]
+        mean = pc.mean(rows["ndcg@10"]).as_py()
+        assert mean == pytest.approx(saved[f"{part}/ndcg@10"], rel=1e-9)
+        assert set(rows["group"].to_pylist()) <= {"few", "some", "many"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = tiny_run / "users.csv"
+    only_test = ["evaluate", str(run), "--split", "test", "--per-user", str(csv)]
+    again = CliRunner().invoke(app, only_test)
+    assert again.exit_code == 0, again.output
+    assert csv.read_text().splitlines()[0].startswith('"part","query_id","train_count"')
 
 
 @pytest.mark.parametrize(
@@ -191,6 +235,8 @@ def test_baseline_writes_metrics_for_valid_and_test(tiny_run):
         (["evaluate", "no-such-run"], "no checkpoint 'best'"),
         (["evaluate", "RUN", "--k", "ten"], "--k 'ten'"),
         (["evaluate", "RUN", "--split", "train"], "--split 'train'"),
+        (["evaluate", "RUN", "--plot", "p.png", "--plot-metric", "auc"], "--plot-metric 'auc'"),
+        (["evaluate", "RUN", "--plot", "p.png", "--compare", "nowhere"], "--compare nowhere"),
         (["baseline", "CONFIG", "--model", "bpr", "--out", "x"], "--model 'bpr'"),
         (["train", "CONFIG", "--out", "x", "--set", "training.epochs=many"], "expected int"),
         (["train", "CONFIG", "--out", "x", "--set", "training.epoch=2"], "did you mean 'epochs'"),

@@ -120,8 +120,36 @@ def train(
             close_process_group()
     best = result.metrics["best_epoch"]
     typer.echo(f"\nBest epoch {best}; full-corpus ranking, seen items excluded:\n")
-    typer.echo(format_metrics(result.metrics, config.training.ks))
+    _print_metrics(result.metrics, list(config.training.ks), ("valid", "test"))
     typer.echo(f"\nRun folder: {out} (metrics.json, metrics.jsonl, curves.png, checkpoints/)")
+
+
+PerUser = Annotated[
+    Path | None,
+    typer.Option(
+        "--per-user",
+        metavar="FILE",
+        help="Write each evaluated user's metrics to FILE (Parquet if it ends in .parquet, "
+        "else CSV): part, query id, training count, activity group, every metric@k.",
+    ),
+]
+
+Plot = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help="Save a PNG of --plot-metric by item popularity and user activity group "
+        "(test if ranked, else valid).",
+    ),
+]
+
+Compare = Annotated[
+    list[Path] | None,
+    typer.Option(
+        metavar="RUN_DIR",
+        help="Another run or baseline folder whose metrics.json joins the plot (repeatable).",
+    ),
+]
 
 
 @app.command("evaluate")
@@ -143,17 +171,75 @@ def evaluate_command(
             "seeded sample (default: every query)."
         ),
     ] = None,
+    per_user: PerUser = None,
+    plot: Plot = None,
+    plot_metric: Annotated[
+        str | None, typer.Option(help="The metric of --plot (default: ndcg at the first k).")
+    ] = None,
+    compare: Compare = None,
 ) -> None:
     """Rank the whole corpus with a trained run's model; print and save the metrics."""
+    from twotower.evaluation.per_query import QueryMetrics, write_query_metrics
     from twotower.training.run import evaluate_run, save_evaluation
 
     parts, ks = _parts(split), _ks(k)
+    name = run_dir.resolve().name
+    compared = _compared(name, compare or [])  # read first: a wrong folder fails early
+    per_query = QueryMetrics() if per_user else None
     metrics = evaluate_run(
-        run_dir, parts, ks, not keep_seen, checkpoint=checkpoint, threads=threads, sample=sample
+        run_dir,
+        parts,
+        ks,
+        not keep_seen,
+        checkpoint=checkpoint,
+        threads=threads,
+        sample=sample,
+        per_query=per_query,
     )
     path = save_evaluation(run_dir, metrics, parts, exclude_seen=not keep_seen)
-    typer.echo(format_metrics(metrics, ks or _run_ks(metrics), parts))
+    ks = ks or _run_ks(metrics)
+    _print_metrics(metrics, ks, parts)
     typer.echo(f"\nSaved: {path}")
+    if per_user is not None and per_query is not None:
+        write_query_metrics(per_query.table(), per_user)
+        typer.echo(f"Per user: {per_user}")
+    if plot is not None:
+        runs = {name: metrics, **compared}
+        _plot_groups(runs, parts[-1], plot_metric or f"ndcg@{min(ks)}", plot)
+        typer.echo(f"Plot: {plot}")
+
+
+def _compared(own: str, folders: list[Path]) -> dict[str, dict[str, float]]:
+    """Each folder's ``metrics.json`` (a run's or a baseline's), by the folder's name
+    (its path where the run's own, ``own``, or another has that name)."""
+    runs: dict[str, dict[str, float]] = {}
+    for folder in folders:
+        path = folder / "metrics.json"
+        if not path.is_file():
+            raise ConfigError(f"--compare {folder}: no metrics.json there")
+        name = folder.name if folder.name not in (*runs, own) else str(folder)
+        runs[name] = json.loads(path.read_text(encoding="utf-8"))
+    return runs
+
+
+def _plot_groups(runs: dict[str, dict[str, float]], part: str, metric: str, path: Path) -> None:
+    """``plot_groups``, refusing a metric the groups do not hold."""
+    from twotower.evaluation.report import plot_groups
+
+    first = next(iter(runs.values()))
+    if not any(key.startswith(f"{part}/groups/") and key.endswith(f"/{metric}") for key in first):
+        raise ConfigError(f"--plot-metric {metric!r}: no {part} metric by group of that name")
+    plot_groups(runs, part, metric, path)
+
+
+def _print_metrics(metrics: dict[str, float], ks: list[int], parts: tuple[str, ...]) -> None:
+    """The metrics table, then the table by group where the metrics hold groups."""
+    from twotower.evaluation.report import format_groups
+
+    typer.echo(format_metrics(metrics, ks, parts))
+    groups = format_groups(metrics, ks, parts)
+    if groups:
+        typer.echo(f"\nBy group (training counts; docs/evaluation.md):\n\n{groups}")
 
 
 @app.command()
@@ -170,7 +256,7 @@ def baseline(
     config = _config(config_path, overrides, data_dir)
     metrics = baseline_run(model, config, out)
     typer.echo(f"{model}: full-corpus ranking, seen items excluded\n")
-    typer.echo(format_metrics(metrics, config.training.ks))
+    _print_metrics(metrics, list(config.training.ks), ("valid", "test"))
     typer.echo(f"\nRun folder: {out}")
 
 

@@ -118,3 +118,28 @@ class TestBaselineContract:
         result = evaluate(model.score, split, "test", 20, 10, ks=[1, 5], chunk_size=7)
         assert result["test/queries"] == 20
         assert 0.0 <= result["test/recall@5"] <= 1.0
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_a_baseline_is_evaluated_by_group_as_the_model_is(name: str) -> None:
+    """``evaluate_baseline`` reports the groups ``evaluate`` reports for the same scores:
+    items by training popularity, queries by activity, as of the part."""
+    from twotower.baselines.run import evaluate_baseline
+    from twotower.data.matrix import known_before
+    from twotower.demo import demo_config
+    from twotower.sources import MemorySource, load_data
+
+    config = demo_config(
+        ["data.synthetic.num_queries=120", "data.synthetic.num_items=60", "split.method=random"]
+    )
+    dataset, split = load_data(config)
+    Q, N = dataset.num_queries, dataset.num_items
+    got = evaluate_baseline(name, MemorySource(dataset, split), [5, 10], parts=("test",))
+    model = BASELINES[name]().fit(known_before(split, "test", Q, N))
+    expected = evaluate(
+        model.score, split, "test", Q, N, [5, 10], item_popularity="known", groups=True
+    )
+    assert {"test/groups/item:tail/ndcg@10", "test/groups/query:few/hr@5"} <= got.keys()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -40,3 +40,31 @@ def test_a_column_the_schema_lacks_is_null_in_every_row():
 def test_no_rows_give_an_empty_table_of_the_columns():
     table, errors = rows_table([], ["user", "age"], SCHEMA)
     assert errors == {} and table.num_rows == 0 and table.column_names == ["user", "age"]
+
+
+def test_a_list_of_another_width_than_a_fixed_width_column_says_so():
+    schema = pa.schema([("emb", pa.list_(pa.float32(), 3))])
+    rows = [{"emb": [1, 2, 3]}, {"emb": [1.0, 2.0]}, {"emb": None}, {"emb": ["a", "b", "c"]}]
+    table, errors = rows_table(rows, ["emb"], schema)
+    assert sorted(errors) == [1, 3]
+    assert str(errors[1]) == (
+        "feature 'emb': a list of 2 values, where the column holds lists of 3 "
+        "(fixed_size_list<item: float>[3])"
+    )
+    assert "['a', 'b', 'c'] is not a valid fixed_size_list" in str(errors[3])
+    assert table.to_pylist() == [{"emb": [1.0, 2.0, 3.0]}, {"emb": None}]
+
+
+def test_a_check_refuses_converted_rows_by_their_position_in_the_request():
+    def odd_users(table: pa.Table) -> dict[int, DataError]:
+        users = table.column("user").to_pylist()
+        return {row: DataError(f"user {u} is odd") for row, u in enumerate(users) if u % 2}
+
+    rows = [{"user": 2}, {"user": 2.5}, {"user": 3}, {"user": 4}, {"user": 5}]
+    table, errors = rows_table(rows, ["user"], SCHEMA, check=odd_users)
+    assert table.column("user").to_pylist() == [2, 4]
+    assert {row: str(error) for row, error in errors.items()} == {
+        1: "feature 'user': 2.5 is not a valid int64",
+        2: "user 3 is odd",
+        4: "user 5 is odd",
+    }

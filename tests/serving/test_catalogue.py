@@ -103,6 +103,36 @@ def test_an_earlier_version_still_answers_as_before(kind):
     assert later.rows([0, 6000]).tolist() == [-1, 400]
 
 
+@pytest.mark.parametrize("kind", list(INDEXES))
+def test_each_query_s_excluded_rows_are_left_out_of_a_changed_catalogue_s_search(kind):
+    """Exclusions are rows, the index speaks slots: a replaced row (3, 7) has a new slot,
+    an added one (400, 401) a slot after the exported ones; each query leaves out its
+    own rows, whatever the index kind."""
+    needs(kind)
+    _, catalogue = changed(kind)
+    queries = unit(np.random.default_rng(7), 12)
+    allowed = np.random.default_rng(8).random(402) < 0.8
+    best = truth(catalogue, queries, 4)
+    odd = [7, 401]  # the odd queries leave these out too
+    excluded = [sorted({*best[b].tolist(), 3, 400, *(odd if b % 2 else [])}) for b in range(12)]
+    indptr = np.cumsum([0, *map(len, excluded)])
+    columns = np.concatenate(excluded)
+    exclude = sp.csr_matrix((np.ones(len(columns)), columns, indptr), shape=(12, 402))
+    for mask in (None, allowed):
+        rows, scores, _ = catalogue.search(queries, 6, exclude, mask)
+        for b in range(12):
+            assert not set(rows[b].tolist()) & {*excluded[b], 9, 11}  # 9 removed, 11 blocked
+            assert mask is None or mask[rows[b]].all()
+        assert (rows >= 0).all() and (np.diff(scores, axis=1) <= 0).all()
+        if INDEXES[kind]().is_exact:
+            for b in range(12):
+                banned = np.zeros(402, bool)
+                banned[excluded[b]] = True
+                keep = ~banned if mask is None else ~banned & mask
+                want = truth(catalogue, queries[b : b + 1], 6, keep)
+                np.testing.assert_array_equal(rows[b], want[0])
+
+
 def test_exclusions_are_rows_and_multi_interest_queries_map_too():
     catalogue = changed("exact")[1]
     queries = unit(np.random.default_rng(6), 4)

@@ -86,12 +86,15 @@ def test_ranks_batches_together_are_the_one_process_batch():
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
-@pytest.mark.parametrize("objective", ["in_batch", "mixed", "in_batch-sparse"])
+@pytest.mark.parametrize("objective", ["in_batch", "mixed", "in_batch-sparse", "mixed-mined"])
 def test_two_processes_train_like_one_with_the_doubled_batch(tmp_path, objective):
-    kind = objective.removesuffix("-sparse")
+    kind = objective.removesuffix("-sparse").removesuffix("-mined")
     settings = [f"training.objective.kind={kind}", "training.epochs=2"]
     if kind == "mixed":
         settings.append("training.objective.num_sampled=64")
+    if objective.endswith("-mined"):  # every rank mines alike; each draws its rows' share
+        mined = "training.objective.mined_negatives"
+        settings += [f"{mined}.ratio=0.25", f"{mined}.window=[11, 60]", f"{mined}.every=7"]
     if objective.endswith("-sparse"):  # sparse gradients, averaged over ranks by hand
         settings += ["model.sparse_embeddings=true", "training.sparse_optimizer=adagrad"]
     _train(tmp_path / "one", [*settings, "training.batch_size=128"])

@@ -302,3 +302,85 @@ def test_positives_compete_without_mask_known_is_refused():
 
     with pytest.raises(ValueError, match="positives_compete changes what mask_known"):
         FullConfig(positives_compete=True)
+
+
+def test_full_softmax_leaves_each_rows_seen_items_out_but_never_its_positive():
+    """Row 0 (positive 0) has seen items 1 and 0 (its own positive: kept); row 1
+    (positive 3) has seen item 2. Row 0's softmax runs over items 0, 2, 3, row 1's over
+    0, 1, 3; the loss is the mean of the two terms, by hand, and so is its gradient."""
+    from twotower.training.config import FullConfig
+
+    objective = build_objective(FullConfig(), np.ones(4))
+    query = torch.tensor([[1.0, 0.0], [0.6, 0.8]], requires_grad=True)
+    positives, scale = torch.tensor([0, 3]), torch.tensor(2.0)
+    seen = (torch.tensor([0, 0, 1]), torch.tensor([1, 0, 2]))
+    loss = objective(query, positives, embed, scale, None, seen=seen)
+    s = query @ ITEMS.T * scale  # (2, 4)
+    expected = (
+        torch.logsumexp(s[0, [0, 2, 3]], 0)
+        - s[0, 0]
+        + torch.logsumexp(s[1, [0, 1, 3]], 0)
+        - s[1, 3]
+    ) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, query)
+    (want,) = torch.autograd.grad(expected, query)
+    torch.testing.assert_close(grad, want)
+
+
+def random_full_case(seed: int) -> dict:
+    """Seven query rows, 11 items, positives with owners out of order, weights, known
+    pairs and seen items: every input a chunk boundary could cut wrongly."""
+    from twotower.training.objectives import KnownPairs
+
+    g = torch.Generator().manual_seed(seed)
+    items = torch.nn.functional.normalize(torch.randn(11, 3, generator=g), dim=1)
+    return {
+        "query": torch.nn.functional.normalize(torch.randn(7, 3, generator=g), dim=1),
+        "items": items.requires_grad_(),
+        "positives": torch.randint(0, 11, (12,), generator=g),
+        "owners": torch.tensor([3, 0, 6, 6, 1, 2, 0, 5, 4, 3, 6, 1]),
+        "weights": torch.rand(12, generator=g),
+        "queries": torch.tensor([0, 1, 2, 0, 3, 1, 4]),
+        "known": KnownPairs(
+            torch.randint(0, 5, (20,), generator=g), torch.randint(0, 11, (20,), generator=g), 11
+        ),
+        "seen": (torch.randint(0, 7, (15,), generator=g), torch.randint(0, 11, (15,), generator=g)),
+    }
+
+
+@pytest.mark.parametrize("masking", ["none", "known", "compete", "seen"])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 50])
+def test_chunked_full_softmax_equals_all_rows_at_once_with_its_gradient(masking, chunk_rows):
+    from twotower.training.objectives import FullSoftmax
+
+    case = random_full_case(0)
+    known = case["known"] if masking in ("known", "compete") else None
+    seen = case["seen"] if masking == "seen" else None
+    results = []
+    for chunk in (None, chunk_rows):
+        objective = FullSoftmax(11, known, masking == "compete", chunk)
+        query = case["query"].clone().requires_grad_()
+        scale = torch.tensor(3.0, requires_grad=True)
+        loss = objective.sets(
+            query,
+            case["positives"],
+            case["owners"],
+            lambda i: case["items"][i] * 1.0,
+            scale,
+            case["weights"],
+            case["queries"],
+            seen,
+        )
+        results.append((loss, *torch.autograd.grad(loss, [query, case["items"], scale])))
+    for whole, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_full_softmax_options_that_contradict_each_other_are_refused():
+    from twotower.training.config import FullConfig
+
+    with pytest.raises(ValueError, match="mask_known already leaves out every training item"):
+        FullConfig(mask_known=True, mask_seen=True)
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+        FullConfig(chunk_rows=0)

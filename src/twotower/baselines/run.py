@@ -52,8 +52,10 @@ def evaluate_baseline(
     config: BaselinesConfig | None = None,
     exclude_seen: bool = True,
     parts: tuple[str, ...] = PARTS,
+    groups: bool = True,
 ) -> dict[str, float]:
-    """Flat ``valid/...`` and ``test/...`` metrics of one baseline (see module doc).
+    """Flat ``valid/...`` and ``test/...`` metrics of one baseline (see module doc),
+    by item popularity and query activity group too (``groups``), as the model's are.
 
     For each part the baseline is fitted on every query's items known before it, summed
     a chunk of queries at a time into item x item co-occurrence counts (in memory, one
@@ -73,10 +75,20 @@ def evaluate_baseline(
         model, popularity = _fit(name, config, source, part)
         chunks = _scored(model, source, part)
         total, num_items = source.num_queries(part), len(popularity)
+        counts = popularity if groups else None
         new_items = source.new_items(part)  # scored 0: no interaction of theirs is known
         results.update(
             evaluate_chunks(
-                chunks, part, num_items, ks, exclude_seen, 1024, popularity, total, new_items
+                chunks,
+                part,
+                num_items,
+                ks,
+                exclude_seen,
+                1024,
+                popularity,
+                total,
+                counts,
+                new_items=new_items,
             )
         )
     return results

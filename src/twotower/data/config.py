@@ -184,9 +184,10 @@ class DataConfig:
     """Where the data comes from.
 
     Attributes:
-        source: ``files`` (the tables below), ``synthetic`` (the built-in generator) or
-            a MovieLens adapter reading the folder ``path``.
-        path: the dataset folder, for adapters.
+        source: ``files`` (the tables below), ``synthetic`` (the built-in generator),
+            a MovieLens or Amazon adapter reading the folder ``path``, or ``sequences``:
+            the sequence file ``path`` (``twotower.data.sequences``).
+        path: the dataset folder, for adapters; the file, for ``sequences``.
         interactions: the interactions file (``files``); with ``split.method: given``
             it holds the training interactions.
         valid: the user's own validation interactions (same columns).
@@ -210,6 +211,9 @@ class DataConfig:
         "movielens-1m",
         "movielens-latest-small",
         "movielens-latest-small-search",
+        "amazon-toys",
+        "amazon-sports",
+        "sequences",
         "stream",
     ] = "synthetic"
     path: Path | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -30,25 +30,27 @@ log = logging.getLogger(__name__)
 ColumnTypes = Mapping[str, pa.DataType | None]
 
 
-# The folder each MovieLens adapter reads, named as GroupLens ships it.
-MOVIELENS_FOLDERS = {
+# The folder each dataset adapter reads, named as its publisher ships it.
+ADAPTER_FOLDERS = {
     "movielens-100k": "ml-100k",
     "movielens-1m": "ml-1m",
     "movielens-latest-small": "ml-latest-small",
     "movielens-latest-small-search": "ml-latest-small",
+    "amazon-toys": "amazon-toys",
+    "amazon-sports": "amazon-sports",
 }
 
 
 def with_data_dir(config: DataConfig, data_dir: Path) -> DataConfig:
-    """The config reading its MovieLens folder from ``data_dir`` (``--data-dir``).
+    """The config reading its dataset folder from ``data_dir`` (``--data-dir``).
 
     Raises:
-        ConfigError: the source is not a MovieLens adapter.
+        ConfigError: the source is not a dataset adapter.
     """
-    folder = MOVIELENS_FOLDERS.get(config.source)
+    folder = ADAPTER_FOLDERS.get(config.source)
     if folder is None:
         raise ConfigError(
-            f"--data-dir applies to the MovieLens sources ({', '.join(MOVIELENS_FOLDERS)}); "
+            f"--data-dir applies to the dataset adapters ({', '.join(ADAPTER_FOLDERS)}); "
             f"this config's data.source is {config.source!r}"
         )
     return dataclasses.replace(config, path=Path(data_dir) / folder)
@@ -72,11 +74,12 @@ def load_dataset(
     elif config.source == "synthetic":
         dataset = generate(config.synthetic).dataset
     else:
-        from twotower.data.movielens import ADAPTERS
-
         if config.path is None:
-            raise DataError(f"data.source {config.source!r} needs data.path, the dataset folder")
-        dataset = ADAPTERS[config.source](config.path)
+            raise DataError(
+                f"data.source {config.source!r} needs data.path, the dataset folder"
+                + (" (the sequence file)" if config.source == "sequences" else "")
+            )
+        dataset = _adapter(config.source)(config.path)
     dataset = _keep_min_weight(dataset, config.min_weight)
     return _sample_queries(dataset, config.sample_queries, config.sample_seed)
 
@@ -188,6 +191,18 @@ def _read_side(
             )
         return None
     return read_table(spec, {spec.key: None, **columns}).table
+
+
+def _adapter(source: str) -> Callable[[Path], Dataset]:
+    """The reader of an adapter source (imported only when one is used)."""
+    from twotower.data.movielens import ADAPTERS
+    from twotower.data.sequences import AMAZON_FILES, amazon_adapter, load_sequences
+
+    if source == "sequences":
+        return load_sequences
+    if source in AMAZON_FILES:
+        return amazon_adapter(source)
+    return ADAPTERS[source]
 
 
 def _keep_min_weight(dataset: Dataset, min_weight: float | None) -> Dataset:

@@ -100,13 +100,19 @@ def _read_parquet(spec: TableSpec, types: dict[str, pa.DataType | None]) -> Tabl
         if bad is not None:
             raise DataError(
                 f"{spec.path}: {position(spec, bad)}, column {name!r}: cannot convert "
-                f"{column[bad].as_py()!r} to {tp}"
+                f"{_shown_value(column[bad].as_py())} to {tp}"
             )
         table = table.set_column(table.schema.get_field_index(name), name, pc.cast(column, tp))
     return TableRead(table)
 
 
 def _read_csv(spec: TableSpec, types: dict[str, pa.DataType | None]) -> TableRead:
+    lists = [name for name, tp in types.items() if tp is not None and pa.types.is_nested(tp)]
+    if lists:
+        raise DataError(
+            f"{spec.path}: column {lists[0]!r} must hold lists ({types[lists[0]]}), which a "
+            "CSV file cannot; write the table as Parquet"
+        )
     data = _csv_bytes(spec)
     if not data.strip():
         raise DataError(f"{spec.path}: the file is empty")
@@ -287,6 +293,13 @@ def _check_text_encoding(spec: TableSpec, table: pa.Table) -> None:
             f"{column[bad].as_py()[:40]!r} are not valid {spec.encoding}; "
             "set 'encoding' (for example latin-1) to the file's encoding"
         )
+
+
+def _shown_value(value: object) -> str:
+    """A value for an error message: a long list by its length and first values."""
+    if isinstance(value, list) and len(value) > 4:
+        return f"a list of {len(value)} values {str(value[:3])[:-1]}, ...]"
+    return repr(value)
 
 
 def position(spec: TableSpec, row: int) -> str:

@@ -14,6 +14,11 @@ New items (``split.new_items``): beside the part's metrics, the same metrics of 
 same rankings with each query's held-out items restricted to the new items, over the
 queries that have any (``test/new_items/recall@10``, ..., ``test/new_items/queries``):
 how well a model places items it never trained on, among the whole corpus.
+
+With ``groups`` (``evaluate``) or ``item_counts`` (``evaluate_chunks``) the metrics are
+also reported by item popularity and query activity (``twotower.evaluation.groups``),
+both read from the interactions known before the part; ``QueryMetrics`` keeps each
+evaluated query's own metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +36,7 @@ from tqdm.auto import tqdm
 from twotower.data.matrix import interaction_matrix, known_before
 from twotower.data.splits import Split, check_held_out
 from twotower.evaluation.metrics import RankingTotals
+from twotower.evaluation.per_query import QueryMetrics
 from twotower.index.topk import ScoreFn, top_k
 
 
@@ -41,11 +48,14 @@ class HeldOut:
         score_fn: (B,) row indices -> (B, N) scores of every item.
         held_out: (rows, N) binary CSR: each row's held-out items.
         seen: (rows, N) binary CSR: the items each row knew before the part.
+        ids: (rows,) each row's query id, for ``QueryMetrics``; None: the rows are
+            numbered in the order they come, from 0.
     """
 
     score_fn: ScoreFn
     held_out: sp.csr_matrix
     seen: sp.csr_matrix
+    ids: pa.Array | pa.ChunkedArray | np.ndarray | None = None
 
 
 def evaluate(
@@ -58,6 +68,7 @@ def evaluate(
     exclude_seen: bool = True,
     chunk_size: int = 1024,
     item_popularity: np.ndarray | Literal["known"] | None = None,
+    groups: bool = False,
 ) -> dict[str, float]:
     """Full-corpus ranking metrics of ``score_fn`` on one held-out part.
 
@@ -73,6 +84,8 @@ def evaluate(
         chunk_size: queries scored at once.
         item_popularity: (N,) counts, or ``"known"`` for the interactions known
             before ``part`` (train; train + valid for test); adds ``popularity@k``.
+        groups: add the metrics by group, ``"{part}/groups/..."``, the groups read from
+            the interactions known before ``part``.
 
     Returns:
         ``{"{part}/{metric}@{k}": value, ..., "{part}/queries": evaluated count}``; the
@@ -82,8 +95,9 @@ def evaluate(
     check_held_out(part)
     held_out = interaction_matrix(split.part(part), num_queries, num_items)
     seen = known_before(split, part, num_queries, num_items)
+    known = np.asarray(seen.sum(axis=0), dtype=np.float32).ravel()
     if isinstance(item_popularity, str):
-        item_popularity = np.asarray(seen.sum(axis=0), dtype=np.float32).ravel()
+        item_popularity = known
     return evaluate_chunks(
         [HeldOut(score_fn, held_out, seen)],
         part,
@@ -92,6 +106,7 @@ def evaluate(
         exclude_seen,
         chunk_size,
         item_popularity,
+        item_counts=known if groups else None,
         new_items=split.new_items_in(part),
     )
 
@@ -105,6 +120,8 @@ def evaluate_chunks(
     chunk_size: int = 1024,
     item_popularity: np.ndarray | None = None,
     total: int | None = None,
+    item_counts: np.ndarray | None = None,
+    per_query: QueryMetrics | None = None,
     new_items: np.ndarray | None = None,
 ) -> dict[str, float]:
     """``evaluate`` over queries that come chunk by chunk (e.g. read from disk), in
@@ -114,15 +131,18 @@ def evaluate_chunks(
     Args:
         chunks: the queries to rank, a ``HeldOut`` at a time.
         total: the queries to come, for the progress bar, if known.
+        item_counts: (N,) each item's interactions known before the part; adds the
+            metrics by group (the queries' counts are their rows of ``seen``).
+        per_query: where each evaluated query's own metrics are kept, if given.
         new_items: (M,) the item indices held out of training (``Split.new_items_in``):
             adds the metrics of each query's held-out new items, ``{part}/new_items/...``.
         part, num_items, ks, exclude_seen, chunk_size, item_popularity: as ``evaluate``'s
             (a popularity must be given as counts).
     """
-    totals = RankingTotals(ks, num_items, item_popularity)
+    totals = RankingTotals(ks, num_items, item_popularity, item_counts)
     k = max(ks, default=1)  # an empty ks is rejected by RankingTotals above
     new = None if new_items is None else _NewItems(new_items, ks, num_items, item_popularity)
-    evaluated = 0
+    evaluated = offset = 0
     bar = tqdm(total=total, desc="ranking", unit="query", leave=False, disable=None)
     with bar:
         for chunk in chunks:
@@ -134,10 +154,17 @@ def evaluate_chunks(
             exclude = chunk.seen if exclude_seen else None
             score = _counted(chunk.score_fn, bar)
             ranked, _ = top_k(score, queries, k, exclude, chunk_size, num_items)
-            totals.add(ranked, held_out[queries])
+            counts = np.diff(chunk.seen.indptr)[queries]
+            rows = totals.add(ranked, held_out[queries], counts)
+            if per_query is not None:
+                ids = _ids(chunk.ids, queries[rows.rows], offset)
+                per_query.add(ids, counts[rows.rows], rows)
             if new is not None:
                 new.add(ranked, held_out[queries])
             evaluated += len(queries)
+            offset += held_out.shape[0]
+    if per_query is not None:
+        per_query.end_part(part)
     result = {f"{part}/{name}": value for name, value in totals.result().items()}
     result[f"{part}/queries"] = evaluated
     if new is not None:
@@ -164,6 +191,19 @@ class _NewItems:
         result = {f"{prefix}/{name}": value for name, value in self.totals.result().items()}
         result[f"{prefix}/queries"] = self.totals.rows
         return result
+
+
+def _ids(
+    ids: pa.Array | pa.ChunkedArray | np.ndarray | None, rows: np.ndarray, offset: int
+) -> pa.Array:
+    """The query ids of a chunk's ``rows``; without ids, the rows' numbers counted
+    from ``offset`` (the rows of the chunks before)."""
+    if ids is None:
+        return pa.array(offset + rows.astype(np.int64))
+    if isinstance(ids, np.ndarray):
+        return pa.array(ids[rows])
+    taken = ids.take(pa.array(rows, type=pa.int64()))
+    return taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
 
 
 def _counted(score_fn: ScoreFn, bar: tqdm) -> ScoreFn:

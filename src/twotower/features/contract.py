@@ -19,6 +19,7 @@ from twotower.features.specs import (
     MultiHotFeature,
     OneHotFeature,
     TextFeature,
+    VectorFeature,
 )
 
 BATCH = "batch"  # the name of every input's first axis
@@ -92,6 +93,8 @@ def _encoding(spec: Any, size: int) -> dict[str, Any]:
             f"{spec.max_len}"
         )
         return {"dtype": "int64", "shape": length, "encoding": how}
+    if isinstance(spec, VectorFeature):
+        return {"dtype": "float32", "shape": [BATCH, spec.dim], "encoding": _vector(spec)}
     if isinstance(spec, HistoryFeature):
         how = (
             f"the user's recent items, most recent first (its state's recent entries, or "
@@ -101,3 +104,18 @@ def _encoding(spec: Any, size: int) -> dict[str, Any]:
         )
         return {"dtype": "int64", "shape": length, "encoding": how}
     raise TypeError(f"no input contract for feature kind {spec.kind!r}")
+
+
+def _vector(spec: VectorFeature) -> str:
+    """How a vector feature's row becomes its input."""
+    how = {
+        "l2": "divided by its Euclidean norm (a row of zeros stays zeros)",
+        "standardize": "less the fitted mean, over the fitted standard deviation, each "
+        "dimension its own (the feature's mean and std arrays in features/features.npz)",
+        "none": "as it is",
+    }[spec.normalize]
+    missing = "all zeros for a missing row" if spec.missing == "zero" else "no row missing"
+    return (
+        f"the row's {spec.dim} numbers (float32), {how}; {missing}; a row of another "
+        "width or with a NaN or infinite number is refused"
+    )

@@ -40,8 +40,12 @@ class DenseTransform(Transform):
         return np.sign(x) * np.log1p(np.abs(x)) if self.spec.transform == "log1p" else x
 
     def fit(self, values: pa.Array, context: FitContext) -> None:
+        self.fit_observed(self.observed(values))
+
+    def observed(self, values: pa.Array) -> np.ndarray:
+        """The values that are not missing, as the statistics see them (prepared)."""
         x, missing = as_float(values)
-        self.fit_observed(self.prepare(x[~missing]))
+        return self.prepare(x[~missing])
 
     def fit_observed(self, observed: np.ndarray) -> None:
         """Fits from the prepared, non-missing values (or a sample of them)."""
@@ -56,8 +60,8 @@ class DenseTransform(Transform):
     def fit_moments(self, count: int, mean: float, std: float) -> None:
         """Fits standardization from the prepared values' count, mean and std."""
         if count:
-            self.mean = mean
-            self.std = std if std > 0 else 1.0
+            self.mean = float(mean)
+            self.std = float(std) if std > 0 else 1.0
 
     def transform(self, values: pa.Array) -> np.ndarray:
         x, missing = as_float(values)

@@ -30,6 +30,7 @@ from twotower.features.history import HistoryTransform, Recent
 from twotower.features.specs import SIDES, FeaturesConfig, FeatureSpec
 from twotower.features.text import TextTransform
 from twotower.features.transform import FitContext, Transform
+from twotower.features.vector import VectorTransform
 from twotower.storage import atomic_write
 
 FORMAT_VERSION = 1
@@ -43,11 +44,14 @@ TRANSFORMS: dict[str, type[Transform]] = {
     "multihot": MultiHotTransform,
     "history": HistoryTransform,
     "text": TextTransform,
+    "vector": VectorTransform,
 }
 
 
 class FeaturePipeline:
-    """Both sides' transforms, in config order. ``transform`` never raises on unseen values."""
+    """Both sides' transforms, in config order. ``transform`` never raises on unseen values
+    (a ``vector`` row of another width, or with a non-finite number, is no value:
+    refused, by row)."""
 
     def __init__(self, config: FeaturesConfig) -> None:
         self.config = config
@@ -110,7 +114,8 @@ class FeaturePipeline:
             _require_column(table, spec, side)
             weights = counts[seen] if spec.column == key else None
             transform.fit(
-                fit_rows.column(spec.column), dataclasses.replace(context, weights=weights)
+                fit_rows.column(spec.column),
+                dataclasses.replace(context, weights=weights, rows=seen),
             )
             if isinstance(transform, IdTransform):
                 codes[name] = transform.transform(table.column(spec.column))
@@ -166,8 +171,9 @@ class FeaturePipeline:
                 new get the next codes, in the fresh fit's order (most frequent first);
                 past ``max_size`` new values are left out, old ones never are.
             id (hashed), text: nothing to grow (hashing has no state).
-            onehot, dense (standardize, log1p, bucketize): kept as fitted, since a
-                width or a statistic refitted on new data would shift every old input.
+            onehot, dense (standardize, log1p, bucketize), vector (a standardized one's
+                means and deviations): kept as fitted, since a width or a statistic
+                refitted on new data would shift every old input.
             history: rebuilt from ``known`` (per-query state, not a learned statistic).
 
         Args:
@@ -259,12 +265,14 @@ class FeaturePipeline:
 
         Returns:
             Feature name -> tensor: ``id``/``bucketize``: (B,) int64; ``onehot``:
-            (B, C) float32; ``dense``: (B, 2) float32; ``multihot``/``text``/
-            ``history``: (B, L) int64, 0-padded; and for a history with
-            ``time_buckets``, ``"{name}:times"``: (B, L) float64 its items' timestamps.
+            (B, C) float32; ``dense``: (B, 2) float32; ``vector``: (B, dim) float32;
+            ``multihot``/``text``/``history``: (B, L) int64, 0-padded; and for a
+            history with ``time_buckets``, ``"{name}:times"``: (B, L) float64 its
+            items' timestamps.
 
         Raises:
-            DataError: ``table`` lacks a column a feature reads.
+            DataError: ``table`` lacks a column a feature reads, or a vector feature
+                refuses a row (named; ``row_errors`` finds every such row first).
         """
         out = {}
         for name, transform in self.transforms[side].items():
@@ -280,6 +288,19 @@ class FeaturePipeline:
                 arrays = {name: transform.transform(self._input_values(side, name, table))}
             out.update({key: torch.from_numpy(array) for key, array in arrays.items()})
         return out
+
+    def row_errors(self, side: str, table: pa.Table) -> dict[int, DataError]:
+        """Each row of ``table`` that ``transform`` would refuse (a vector feature's row
+        of another width, with a non-finite number, or missing where that is an
+        error), by position, with its error: a request's rows are refused one by one,
+        never the batch. Features whose column ``table`` lacks are not read."""
+        errors: dict[int, DataError] = {}
+        for name, transform in self.transforms[side].items():
+            column = self.input_column(side, name)
+            if isinstance(transform, VectorTransform) and column in table.column_names:
+                for row, problem in transform.row_errors(table.column(column)).items():
+                    errors.setdefault(row, DataError(problem))
+        return errors
 
     def _input_values(self, side: str, name: str, table: pa.Table) -> pa.ChunkedArray:
         """The column of ``table`` that feature ``name`` reads (``input_column``)."""

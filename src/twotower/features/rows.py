@@ -10,7 +10,7 @@ integer is not); a value that does not convert is its row's error, never the bat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +23,10 @@ _REFUSED = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
 
 def rows_table(
-    rows: list[Mapping[str, Any]], columns: list[str], schema: pa.Schema
+    rows: list[Mapping[str, Any]],
+    columns: list[str],
+    schema: pa.Schema,
+    check: Callable[[pa.Table], dict[int, DataError]] | None = None,
 ) -> tuple[pa.Table, dict[int, DataError]]:
     """The rows that convert, as a table of ``columns`` typed as in ``schema``; and
     each other row's error, by its position in ``rows``.
@@ -35,17 +38,27 @@ def rows_table(
         rows: ``{column: value}`` per row; keys outside ``columns`` are not read.
         columns: the table's columns, in order.
         schema: the types to convert to (a side's stored table's schema).
+        check: the converted rows -> each one refused (by its row in that table) with
+            its error, such as ``FeaturePipeline.row_errors`` (a vector of another
+            width); those rows are left out too.
 
     Returns:
         (table, errors): ``table`` holds the rows without an error, in order; an error
-        names the column, the value and the type it does not convert to.
+        names the column, the value and the type it does not convert to (or is
+        ``check``'s).
     """
     arrays: dict[str, pa.Array] = {}
     errors: dict[int, DataError] = {}
     for column in columns:
         arrays[column] = _column(column, [row.get(column) for row in rows], schema, errors)
     kept = pa.array([index not in errors for index in range(len(rows))], pa.bool_())
-    return pa.table({name: array.filter(kept) for name, array in arrays.items()}), errors
+    table = pa.table({name: array.filter(kept) for name, array in arrays.items()})
+    refused = check(table) if check is not None else {}
+    if refused:
+        positions = [index for index in range(len(rows)) if index not in errors]
+        errors.update({positions[row]: error for row, error in refused.items()})
+        table = table.filter(pa.array([row not in refused for row in range(table.num_rows)]))
+    return table, errors
 
 
 def column_type(schema: pa.Schema, column: str) -> pa.DataType:
@@ -70,10 +83,20 @@ def _column(
             pieces.append(_convert([value], target))
         except _REFUSED:
             pieces.append(pa.nulls(1, target))
-            errors.setdefault(
-                index, DataError(f"feature {column!r}: {value!r} is not a valid {target}")
-            )
+            errors.setdefault(index, _refusal(column, value, target))
     return pa.concat_arrays(pieces) if pieces else pa.nulls(0, target)
+
+
+def _refusal(column: str, value: Any, target: pa.DataType) -> DataError:
+    """The error of a value that does not convert (a list of another width than a
+    fixed-width column's said so)."""
+    fixed = pa.types.is_fixed_size_list(target)
+    if fixed and isinstance(value, list) and len(value) != target.list_size:
+        return DataError(
+            f"feature {column!r}: a list of {len(value)} values, where the column holds "
+            f"lists of {target.list_size} ({target})"
+        )
+    return DataError(f"feature {column!r}: {value!r} is not a valid {target}")
 
 
 def _convert(values: list[Any], target: pa.DataType) -> pa.Array:

@@ -232,8 +232,54 @@ class TextFeature:
     dim: int = 64
 
 
+@dataclasses.dataclass(frozen=True)
+class VectorFeature:
+    """A fixed-width vector computed elsewhere (a text or an image embedding): ``dim``
+    numbers per row, an Arrow list or fixed_size_list column (Parquet).
+
+    Every row is checked (``twotower.features.vector``): a row of another width, or
+    holding a null, NaN or infinite number, is an error naming its row and column.
+
+    Attributes:
+        dim: the vector's width, which every row must have.
+        normalize: ``l2`` (each row over its Euclidean norm; a row of zeros stays
+            zeros), ``standardize`` (each dimension less its training mean, over its
+            training standard deviation) or ``none`` (as it is).
+        project: > 0: a learned linear map to this width in the tower; None: the
+            (normalized) vector joins the tower's network input as it is.
+        missing: what a missing (null) row is: ``error`` (refused, by row) or ``zero``
+            (all zeros, after normalizing).
+    """
+
+    name: str
+    column: str
+    dim: int
+    kind: Literal["vector"] = "vector"
+    normalize: Literal["l2", "standardize", "none"] = "l2"
+    project: int | None = None
+    missing: Literal["error", "zero"] = "error"
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or (self.project is not None and self.project < 1):
+            raise ValueError(
+                f"vector feature {self.name!r}: dim and project must be >= 1, got "
+                f"{self.dim} and {self.project}"
+            )
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        """The type its column is read as: ``dim`` float32 numbers per row."""
+        return pa.list_(pa.float32(), self.dim)
+
+
 FeatureSpec = (
-    IdFeature | OneHotFeature | DenseFeature | MultiHotFeature | HistoryFeature | TextFeature
+    IdFeature
+    | OneHotFeature
+    | DenseFeature
+    | MultiHotFeature
+    | HistoryFeature
+    | TextFeature
+    | VectorFeature
 )
 SIDES = ("query", "item")
 
@@ -284,17 +330,24 @@ class FeaturesConfig:
     def encoded_widths(self, side: str) -> dict[str, int | None]:
         """Each feature's encoding width on a side, from the config alone, as the towers'
         encoders (``towers/encoders.py``) make it: an embedding's ``dim``, a history its
-        item id table's, a standardized number ``DENSE_VECTOR_WIDTH``; None where the
-        data decides it (a one-hot is as wide as its fitted vocabulary)."""
+        item id table's, a standardized number ``DENSE_VECTOR_WIDTH``, a vector its
+        ``project`` (else its ``dim``); None where the data decides it (a one-hot is as
+        wide as its fitted vocabulary)."""
         item_ids = {s.name: s.dim for s in self.item if isinstance(s, IdFeature)}
         return {spec.name: _encoded_width(spec, item_ids) for spec in getattr(self, side)}
 
     def required_columns(self, side: str) -> dict[str, pa.DataType | None]:
-        """The table columns a side's features read, with the type they must convert to."""
+        """The table columns a side's features read, with the type they must convert to
+        (a vector's: ``dim`` numbers per row, so a row of another width is refused where
+        the file is read, naming it)."""
         columns: dict[str, pa.DataType | None] = {}
         for spec in getattr(self, side):
-            numeric = isinstance(spec, DenseFeature)
-            columns[spec.column] = pa.float64() if numeric else columns.get(spec.column)
+            if isinstance(spec, DenseFeature):
+                columns[spec.column] = pa.float64()
+            elif isinstance(spec, VectorFeature):
+                columns[spec.column] = spec.arrow_type
+            else:
+                columns[spec.column] = columns.get(spec.column)
         return columns
 
 
@@ -305,4 +358,6 @@ def _encoded_width(spec: FeatureSpec, item_ids: dict[str, int]) -> int | None:
         return item_ids.get(spec.item_feature)
     if isinstance(spec, DenseFeature) and spec.transform != "bucketize":
         return DENSE_VECTOR_WIDTH
+    if isinstance(spec, VectorFeature) and spec.project is not None:
+        return spec.project
     return spec.dim

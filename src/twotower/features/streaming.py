@@ -10,6 +10,7 @@ same fitted transform ``FeaturePipeline.fit`` makes from a whole table:
                            more often than that is kept)
     hashed id, text        nothing to fit (hashing)
     dense standardize/log  count, mean and variance, exact (Chan et al.'s merge)
+    vector standardize     the same per dimension; vector l2 / none: nothing to fit
     dense bucketize        quantiles of the values: exact while at most ``max_sample``
                            values were seen, else of a uniform random sample of that
                            many (approximate: rank error about 1 / sqrt(max_sample))
@@ -48,11 +49,12 @@ from twotower.features.categorical import (
     OneHotTransform,
     SortedKeys,
 )
-from twotower.features.dense import DenseTransform, as_float
+from twotower.features.dense import DenseTransform
 from twotower.features.history import HistoryTransform
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature
 from twotower.features.transform import FitContext, Transform
+from twotower.features.vector import VectorTransform
 from twotower.storage import atomic_write, read_json
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,8 @@ class CountSummary:
 
 
 class MomentSummary:
-    """Count, mean and sum of squared deviations of the observed values, merged exactly."""
+    """Count, mean and sum of squared deviations of the observed values, merged exactly:
+    of numbers (x: (n,)), or of each dimension of vectors (x: (n, dim))."""
 
     def __init__(self) -> None:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
@@ -116,8 +119,8 @@ class MomentSummary:
     def update(self, x: np.ndarray) -> None:
         if not len(x):
             return
-        n, mean = len(x), float(x.mean())
-        m2 = float(((x - mean) ** 2).sum())
+        n, mean = len(x), x.mean(axis=0)
+        m2 = ((x - mean) ** 2).sum(axis=0)
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * n / total
@@ -186,6 +189,8 @@ class StreamingFit:
                     self.summaries[name] = SampleSummary(self.max_sample, self.seed)
                 else:
                     self.summaries[name] = MomentSummary()
+            elif isinstance(transform, VectorTransform) and spec.normalize == "standardize":
+                self.summaries[name] = MomentSummary()
 
     def update(self, table: pa.Table) -> None:
         """Adds a batch of rows (a table with the side's feature columns)."""
@@ -196,9 +201,8 @@ class StreamingFit:
                 if isinstance(transform, MultiHotTransform):
                     values = transform.tokens(values)
                 summary.update(values)
-            else:
-                x, missing = as_float(values)
-                summary.update(transform.prepare(x[~missing]))
+            else:  # a number's or a vector's moments
+                summary.update(transform.observed(values))
 
     def finish(self) -> dict[str, bool]:
         """Fits every transform from its summary; returns which fits are exact."""
@@ -218,7 +222,7 @@ class StreamingFit:
                 transform.fit_observed(summary.values)
                 exact[name] = summary.exact
             else:
-                std = float(np.sqrt(summary.m2 / summary.count)) if summary.count else 1.0
+                std = np.sqrt(summary.m2 / summary.count) if summary.count else 1.0
                 transform.fit_moments(summary.count, summary.mean, std)
                 exact[name] = True
         return exact

@@ -24,12 +24,15 @@ class FitContext:
         train: the training interactions (``query_idx``, ``item_idx``, maybe ``timestamp``).
         query_keys: the query key of each query index.
         item_codes: by item index, the item's index in the shared item-id vocabulary.
+        rows: (rows,) each value's row in the side's table, for an error that names a
+            row (None: the values' own positions).
     """
 
     weights: np.ndarray | None = None
     train: pa.Table | None = None
     query_keys: pa.Array | None = None
     item_codes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    rows: np.ndarray | None = None
 
 
 class Transform(abc.ABC):

@@ -1,14 +1,25 @@
 """FAISS indexes behind the ``Index`` interface: flat inner product, HNSW and IVF-PQ.
 
 All three score by inner product (item vectors are unit vectors, so this is the
-cosine). Seen-item exclusion must not cost recall: a query asks FAISS for k plus the
-number of items it excludes, the excluded ones are dropped, and the first k that
-remain are kept. A mask of allowed items (``Index.search``'s ``allowed``) is FAISS's
-own: an ``IDSelectorBitmap`` in the search parameters, which the search consults as it
-goes (HNSW walks the graph through left-out items but never returns them; IVF skips
-them in its lists), so it costs no over-fetching. ``flat`` is exact (FAISS's brute
-force); ``hnsw`` and ``ivfpq`` trade recall for speed, measured against ``ExactIndex``
-at export.
+cosine). What a query may not return is one selector the search consults as it goes,
+never a longer list fetched and filtered: an ``IDSelectorBitmap`` over the allowed
+items (``Index.search``'s ``allowed``, shared by the queries of a call) with the
+query's own excluded items cleared. HNSW walks the graph through left-out items but
+never returns them; IVF skips them in its lists; the flat scan skips them. A FAISS
+search takes one set of parameters for all its queries, so queries are searched
+together where they leave out the same items (those that leave out none, above all),
+and each other query alone, with the bits of its exclusions cleared for its call
+(one bitmap per call, its bits restored after each query's search).
+
+Excluded items still take places in HNSW's candidate list as the walk passes them,
+so a query that excludes e items searches with ``efSearch`` at least k + e: the walk
+as wide as it would be to find k + e items. It then answers, item for item, what
+asking for k + e and dropping the excluded ones would answer, and the same whatever
+else is in its batch. IVF-PQ and flat answer exactly that too (they scan what they
+scan, whatever is asked; flat's scores up to the last bit, as FAISS scores 20 or more
+queries of one call with BLAS and fewer one by one). ``flat`` is exact (FAISS's
+brute force); ``hnsw`` and ``ivfpq`` trade recall for speed, measured against
+``ExactIndex`` at export.
 
 ``add`` is FAISS's own: the new vectors get the next sequential ids, which are the
 positions ``Index.add`` promises (a flat index appends them; HNSW links each into the
@@ -65,9 +76,15 @@ class FaissIndex(Index):
         raise NotImplementedError
 
     def _parameters(self, wanted: int, selector: Any) -> Any:
-        """The search parameters of a search for ``wanted`` results, with ``selector``
-        (None: every item)."""
+        """The search parameters of a search whose queries leave out ``wanted - k``
+        items besides the k they want (HNSW widens its walk to ``wanted``), with
+        ``selector`` (None: every item)."""
         return _faiss().SearchParameters(sel=selector)
+
+    def _setting(self, wanted: int) -> int:
+        """What of ``_parameters`` depends on ``wanted`` (searches that agree on it and
+        on the selector share their parameters): nothing here."""
+        return 0
 
     def build(self, vectors: np.ndarray) -> None:
         """Trains (where the kind needs it) and fills the index with (N, D) vectors."""
@@ -113,19 +130,31 @@ class FaissIndex(Index):
         exclude: sp.csr_matrix | None = None,
         allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The top k by inner product, excluded items dropped, only ``allowed`` ones
-        searched; see ``Index.search``."""
+        """The top k by inner product among the ``allowed`` items that each query does
+        not exclude, left out inside the search; see ``Index.search``."""
         queries, exclude, allowed = check_search(self, queries, k, exclude, allowed)
-        extra = 0 if exclude is None else int(np.diff(exclude.indptr).max(initial=0))
-        wanted = min(k + extra, self.num_items)
-        bits = None if allowed is None else np.packbits(allowed, bitorder="little")
-        selector = None
-        if bits is not None:  # reads ``bits`` in place: kept alive until the search ends
-            faiss = _faiss()
-            selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
-        parameters = self._parameters(wanted, selector)
-        scores, ids = self._index.search(queries, wanted, params=parameters)  # -1 where none
-        return _drop_excluded(ids.astype(np.int64), scores.astype(np.float32), exclude, k)
+        B, N = len(queries), self.num_items
+        ids = np.full((B, k), -1, dtype=np.int64)
+        scores = np.full((B, k), -np.inf, dtype=np.float32)
+        found = min(k, N)  # FAISS pads past N itself; asked for at most N here
+        selection = _Selection(exclude, allowed, B, N)
+        made: dict[tuple[int, bool], Any] = {}  # FAISS's Python wrapper makes them slowly
+        for positions, start, end in selection.groups:
+            wanted = min(k + end - start, N)
+            key = (self._setting(wanted), selection.needed(start, end))
+            if key not in made:
+                made[key] = self._parameters(wanted, selection.selector if key[1] else None)
+            saved = selection.clear(start, end)
+            alone = isinstance(positions, int)
+            rows = slice(positions, positions + 1) if alone else positions
+            if alone and found == k:  # FAISS writes into the row itself
+                self._index.search(queries[rows], k, params=made[key], D=scores[rows], I=ids[rows])
+            else:
+                top, found_ids = self._index.search(queries[rows], found, params=made[key])
+                ids[rows, :found], scores[rows, :found] = found_ids, top
+            selection.restore(start, end, saved)
+        scores[ids < 0] = -np.inf  # FAISS pads an inner-product search with -FLT_MAX
+        return ids, scores
 
     def save(self, folder: Path) -> None:
         """Writes ``index.json`` and ``faiss.index`` (FAISS's binary format)."""
@@ -220,7 +249,10 @@ class HNSWIndex(FaissIndex):
 
     def _parameters(self, wanted: int, selector: Any) -> Any:
         faiss = _faiss()
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, wanted))
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=self._setting(wanted))
+
+    def _setting(self, wanted: int) -> int:
+        return max(self.ef_search, wanted)  # efSearch
 
 
 class IVFPQIndex(FaissIndex):
@@ -263,23 +295,74 @@ class IVFPQIndex(FaissIndex):
         return faiss.SearchParametersIVF(sel=selector, nprobe=min(self.nprobe, self._index.nlist))
 
 
-def _drop_excluded(
-    ids: np.ndarray, scores: np.ndarray, exclude: sp.csr_matrix | None, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Removes excluded and missing (-1) results, keeps the order, pads to (B, k)."""
-    bad = ids < 0
-    if exclude is not None and ids.size and exclude.nnz:
-        # (row, item) pairs as one int64 each, looked up among the excluded pairs
-        width = exclude.shape[1]
-        found = np.arange(len(ids))[:, None] * width + np.where(bad, 0, ids)
-        rows = np.repeat(np.arange(exclude.shape[0]), np.diff(exclude.indptr))
-        bad |= np.isin(found, rows * width + exclude.indices)
-    order = np.argsort(bad, axis=1, kind="stable")  # kept results first, in rank order
-    ids = np.take_along_axis(np.where(bad, -1, ids), order, axis=1)
-    scores = np.take_along_axis(np.where(bad, -np.inf, scores), order, axis=1)
-    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
-    out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
-    width = min(k, ids.shape[1])
-    out_ids[:, :width] = ids[:, :width]
-    out_scores[:, :width] = scores[:, :width]
-    return out_ids, out_scores
+class _Selection:
+    """What each query of one search may return: the bits of an ``IDSelectorBitmap``
+    (one per item, little-endian within a byte, as FAISS reads them), shared by the
+    call's queries, in which a query's excluded items are cleared for its own search.
+
+    ``groups`` lists the queries that leave out the same items, searched together:
+    (position, or an array of positions, and the range of ``exclude.indices`` that
+    holds their excluded items), the group that excludes nothing first.
+
+    Args:
+        exclude: (B, N) CSR, or None.
+        allowed: (N,) bool, or None.
+    """
+
+    def __init__(
+        self, exclude: sp.csr_matrix | None, allowed: np.ndarray | None, B: int, N: int
+    ) -> None:
+        self.masked = allowed is not None
+        excluding = exclude is not None and exclude.nnz > 0
+        self.groups = _groups(exclude, B) if excluding else [(np.arange(B), 0, 0)]
+        self.bits, self.selector = None, None
+        if self.masked or excluding:  # FAISS reads the bits in place while it searches
+            self.bits = (
+                np.packbits(allowed, bitorder="little")
+                if self.masked
+                else np.full((N + 7) // 8, 0xFF, dtype=np.uint8)
+            )
+            faiss = _faiss()
+            self.selector = faiss.IDSelectorBitmap(len(self.bits), faiss.swig_ptr(self.bits))
+        if excluding:  # each excluded item's byte, and that byte with its bit cleared
+            self.places = (exclude.indices >> 3).astype(np.int64)
+            self.masks = ~np.left_shift(1, exclude.indices & 7).astype(np.uint8)
+
+    def needed(self, start: int, end: int) -> bool:
+        """Whether the group whose exclusions are ``[start, end)`` needs the selector
+        (without one, FAISS searches every item its fastest way)."""
+        return self.masked or end > start
+
+    def clear(self, start: int, end: int) -> np.ndarray | None:
+        """Clears the bits of the excluded items ``[start, end)``; returns their bytes as
+        they were, for ``restore``."""
+        if end == start:
+            return None
+        places = self.places[start:end]
+        saved = self.bits[places]  # a copy, read before any bit is cleared
+        np.bitwise_and.at(self.bits, places, self.masks[start:end])
+        return saved
+
+    def restore(self, start: int, end: int, saved: np.ndarray | None) -> None:
+        """Puts back the bytes ``clear`` changed."""
+        if saved is not None:
+            self.bits[self.places[start:end]] = saved
+
+
+def _groups(exclude: sp.csr_matrix, B: int) -> list[tuple[int | np.ndarray, int, int]]:
+    """The queries that leave out the same items: (a position, or an array of them;
+    and their items' range in ``exclude.indices``), those that exclude nothing first."""
+    indptr = exclude.indptr.tolist()
+    groups: dict[bytes, list[int]] = {}
+    plain = []
+    for position in range(B):
+        start, end = indptr[position], indptr[position + 1]
+        if start == end:
+            plain.append(position)
+        else:
+            groups.setdefault(exclude.indices[start:end].tobytes(), []).append(position)
+    found: list[tuple[int | np.ndarray, int, int]] = [(np.array(plain), 0, 0)] if plain else []
+    for positions in groups.values():
+        first = positions[0] if len(positions) == 1 else np.array(positions)
+        found.append((first, indptr[positions[0]], indptr[positions[0] + 1]))
+    return found

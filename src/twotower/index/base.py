@@ -9,11 +9,14 @@ index is the reference an approximate one is tested against:
     where fewer than k items remain for a query, its row ends with -1 / -inf.
 
 A search may be given ``allowed``, an (N,) bool mask over the indexed vectors: the
-items it leaves out are never returned to any query of that call. It is applied inside
-the search (exact: their scores never compete; FAISS: an ``IDSelectorBitmap`` the
-search consults as it goes), never by fetching more and dropping, so a narrow mask
-costs no results. Per-query exclusions (``exclude``) are a different thing: (B, N),
-one row per query.
+items it leaves out are never returned to any query of that call; and ``exclude``, a
+(B, N) CSR whose row b holds the items query b may not return (a user's seen items,
+the items a request names, an item itself). The two make one selection per query,
+applied inside the search, never by fetching more and dropping: the exact index gives
+the items left out -inf before its top k (the mask for every query, the exclusions in
+one scatter over the batch), FAISS consults a per-query ``IDSelectorBitmap`` as it
+searches (``ann.py``). So neither a narrow mask nor a long list of exclusions costs
+results, and a query's answer does not depend on the others of its call.
 
 ``search_interests`` answers multi-interest queries (B, K, D), K vectors per query,
 on top of ``search``: the same ``ids`` and ``scores`` (each item once, at its best

@@ -86,9 +86,11 @@ class ExactIndex(Index):
     ) -> tuple[np.ndarray, np.ndarray]:
         """The exact top k by inner product; see ``Index.search``.
 
-        With ``allowed``, a narrow mask scores only the items it keeps (their vectors
-        gathered, at most half the corpus), a wide one scores every item and gives the
-        others -inf: the same answer either way, ties to the lower item row.
+        A query's exclusions and the shared ``allowed`` mask make one selection: with
+        a narrow mask only the items it keeps are scored (their vectors gathered, at
+        most half the corpus), with a wide one every item is scored and the others get
+        -inf; then each query's excluded items get -inf, one scatter over the whole
+        batch (``top_k``). The same answer either way, ties to the lower item row.
         """
         queries, exclude, allowed = check_search(self, queries, k, exclude, allowed)
         query_vectors = torch.from_numpy(queries).to(self.device)  # (B, D)
@@ -96,7 +98,7 @@ class ExactIndex(Index):
         if allowed is not None and 2 * int(allowed.sum()) <= len(allowed):
             kept = np.flatnonzero(allowed)  # (M,) the items scored, ascending
             vectors = self._vectors[torch.from_numpy(kept).to(self.device)]
-            exclude = None if exclude is None else exclude[:, kept]
+            exclude = None if exclude is None else _among(exclude, allowed)
         elif allowed is not None:
             blocked = torch.from_numpy(~allowed).to(self.device)
         if len(vectors) == 0:
@@ -162,3 +164,14 @@ class ExactIndex(Index):
     @property
     def dim(self) -> int:
         return self._vectors.shape[1]
+
+
+def _among(exclude: sp.csr_matrix, allowed: np.ndarray) -> sp.csr_matrix:
+    """(B, M) ``exclude`` over the M allowed items only (column j: the j-th allowed
+    item); excluded items that are not allowed are dropped (they are never scored)."""
+    position = np.cumsum(allowed) - 1  # (N,) an allowed item's place among the M
+    kept = allowed[exclude.indices]  # (nnz,)
+    indptr = np.concatenate([[0], np.cumsum(kept)])[exclude.indptr]
+    columns = position[exclude.indices[kept]]
+    ones = np.ones(len(columns), dtype=np.float32)
+    return sp.csr_matrix((ones, columns, indptr), shape=(exclude.shape[0], int(allowed.sum())))

@@ -62,8 +62,8 @@ def top_k(
     for start in range(0, len(query_idx), chunk_size):
         chunk = query_idx[start : start + chunk_size]
         chunk_scores = _checked_scores(score_fn(chunk), len(chunk), exclude)
-        if exclude is not None:
-            chunk_scores = _mask(chunk_scores, exclude[chunk])
+        if exclude is not None and exclude.nnz:
+            chunk_scores = _mask(chunk_scores, *row_pairs(exclude, chunk))
         chunk_ids, chunk_top = _exact_top_k(chunk_scores, k)
         ids[start : start + len(chunk)] = chunk_ids.cpu().numpy()
         scores[start : start + len(chunk)] = chunk_top.cpu().numpy()
@@ -85,12 +85,28 @@ def _checked_scores(
     return scores
 
 
-def _mask(scores: torch.Tensor, exclude: sp.csr_matrix) -> torch.Tensor:
-    """Sets the excluded (B, N) positions to -inf, on a copy: score_fn owns its tensor."""
-    coo = exclude.tocoo()
-    rows = torch.from_numpy(coo.row.astype(np.int64)).to(scores.device)
-    cols = torch.from_numpy(coo.col.astype(np.int64)).to(scores.device)
-    return scores.index_put((rows, cols), torch.tensor(-torch.inf, device=scores.device))
+def row_pairs(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The nonzeros of ``matrix[rows]`` as (P,) positions in ``rows`` and (P,) columns,
+    read from the CSR arrays directly (no sliced matrix is built).
+
+    Args:
+        matrix: (R, N) CSR.
+        rows: (B,) int64 row numbers of ``matrix``, each in 0..R-1 (repeats allowed).
+    """
+    starts = matrix.indptr[rows]
+    lengths = matrix.indptr[rows + 1] - starts
+    total = int(lengths.sum())
+    # each nonzero's place in matrix.indices: its row's start, plus its rank in the row
+    before = np.cumsum(lengths) - lengths
+    picked = np.repeat(starts - before, lengths) + np.arange(total)
+    return np.repeat(np.arange(len(rows)), lengths), matrix.indices[picked].astype(np.int64)
+
+
+def _mask(scores: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+    """Sets the excluded (rows, cols) of (B, N) scores to -inf in one scatter, on a copy:
+    score_fn owns its tensor."""
+    where = (torch.from_numpy(rows).to(scores.device), torch.from_numpy(cols).to(scores.device))
+    return scores.index_put(where, torch.tensor(-torch.inf, device=scores.device))
 
 
 def _exact_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

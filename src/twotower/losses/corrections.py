@@ -34,16 +34,19 @@ def logq_correction(logits: Tensor, log_q: Tensor) -> Tensor:
 
     Args:
         logits: (B, M) scores of each query against the M candidates.
-        log_q: (M,) log sampling probability of each candidate.
+        log_q: (M,) log sampling probability of each candidate, or (B, M) where it
+            differs by row (candidates drawn for each row besides the shared ones).
 
     Returns:
-        (B, M) ``logits - log_q[None, :]``.
+        (B, M) ``logits - log_q`` (broadcast over the rows for a (M,) ``log_q``).
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must be (B, M), got {tuple(logits.shape)}")
-    if log_q.shape != (logits.shape[1],):
+    if log_q.ndim == 2 and log_q.shape != logits.shape:
+        raise ValueError(f"a (B, M) log_q must be {tuple(logits.shape)}, got {tuple(log_q.shape)}")
+    if log_q.ndim != 2 and log_q.shape != (logits.shape[1],):
         raise ValueError(f"log_q must be (M,) with M={logits.shape[1]}, got {tuple(log_q.shape)}")
-    return logits - log_q[None, :]
+    return logits - log_q
 
 
 def mask_accidental_hits(

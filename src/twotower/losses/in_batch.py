@@ -89,13 +89,23 @@ class MultiPositiveSoftmax(nn.Module):
         Returns:
             () the loss; 0, still attached to ``logits``, when there are no positives.
         """
+        terms = self.terms(logits, labels, owners, exclude)
+        if not len(terms):
+            return logits.sum() * 0.0
+        return self.mean(terms, weights)
+
+    def terms(
+        self, logits: Tensor, labels: Tensor, owners: Tensor, exclude: Tensor | None = None
+    ) -> Tensor:
+        """(P,) each positive's ``term_p``; ``forward``'s arguments, its mean aside. The
+        full softmax scores a few rows at a time with it (``FullSoftmax.chunk_rows``)."""
         if logits.ndim != 2 or labels.ndim != 1 or owners.shape != labels.shape:
             raise ValueError(
                 f"need (B, M) logits and labels and owners of one shape (P,), got "
                 f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(owners.shape)}"
             )
         if not len(labels):
-            return logits.sum() * 0.0
+            return logits.new_zeros(0)
         for name, values, size in (
             ("labels", labels, logits.shape[1]),
             ("owners", owners, len(logits)),
@@ -105,20 +115,21 @@ class MultiPositiveSoftmax(nn.Module):
                     f"{name} must be int64 in [0, {size}), got {values.dtype} from "
                     f"{int(values.min())} to {int(values.max())}"
                 )
-        weights = checked_weights(weights, len(labels))
         scores = logits[owners, labels]  # (P,)
         if exclude is None:
-            normalizer = torch.logsumexp(logits, dim=1)[owners]
-        else:
-            if exclude.shape != logits.shape or exclude.dtype != torch.bool:
-                raise ValueError(
-                    f"exclude must be a bool tensor of shape {tuple(logits.shape)}, "
-                    f"got {exclude.dtype} {tuple(exclude.shape)}"
-                )
-            others = torch.logsumexp(logits.masked_fill(exclude, -torch.inf), dim=1)
-            others = others[owners]  # its own column is counted once, excluded or not
-            normalizer = torch.where(
-                exclude[owners, labels], torch.logaddexp(scores, others), others
+            return torch.logsumexp(logits, dim=1)[owners] - scores
+        if exclude.shape != logits.shape or exclude.dtype != torch.bool:
+            raise ValueError(
+                f"exclude must be a bool tensor of shape {tuple(logits.shape)}, "
+                f"got {exclude.dtype} {tuple(exclude.shape)}"
             )
-        losses = normalizer - scores
-        return losses.mean() if weights is None else weighted_mean(losses, weights)
+        others = torch.logsumexp(logits.masked_fill(exclude, -torch.inf), dim=1)
+        others = others[owners]  # its own column is counted once, excluded or not
+        normalizer = torch.where(exclude[owners, labels], torch.logaddexp(scores, others), others)
+        return normalizer - scores
+
+    @staticmethod
+    def mean(terms: Tensor, weights: Tensor | None = None) -> Tensor:
+        """The mean of (P,) ``terms``, or their ``weights``-weighted mean (P,)."""
+        weights = checked_weights(weights, len(terms))
+        return terms.mean() if weights is None else weighted_mean(terms, weights)

@@ -11,6 +11,9 @@ Shared candidates for softmax objectives, with their log sampling probability:
 - ``InBatchSampler``: the batch's own positives.
 - ``MixedSampler``: the batch's positives plus m uniform corpus items.
 
+Hard negatives mined from a model's ranking (``MinedNegatives``): each query's items
+in a window of ranks, its training positives excluded, drawn uniformly per row.
+
 Item-frequency estimates for the logQ correction:
 
 - ``CountFrequency``: count / total from known training counts.
@@ -27,6 +30,7 @@ from twotower.sampling.frequency import (
     StreamingFrequency,
     hash_items,
 )
+from twotower.sampling.mined import MinedNegatives
 from twotower.sampling.samplers import (
     MAX_REDRAW_ROUNDS,
     SAMPLERS,
@@ -42,6 +46,7 @@ __all__ = [
     "CountFrequency",
     "InBatchSampler",
     "ItemFrequency",
+    "MinedNegatives",
     "MixedSampler",
     "PopularitySampler",
     "StreamingFrequency",

@@ -96,10 +96,17 @@ class MixedSampler:
         """
         sampled = self._uniform.sample_shared(self.num_sampled, generator)  # (m,)
         ids = torch.cat([positives, sampled.to(positives.device)])  # (M,)
-        p = torch.exp(self.frequency.log_prob(ids).to(torch.float64))
-        from_positives = p if self.frequency.per_step else len(positives) * p
-        log_q = torch.log(from_positives + self.num_sampled / self.num_items)
+        log_q = torch.log(self.expected_counts(ids, len(positives)))
         return ids, log_q.to(torch.float32)
+
+    def expected_counts(self, items: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Float64 of the shape of ``items``: each item's expected number of occurrences
+        in a candidate set of ``batch_size`` positives and the m uniform draws,
+        ``B p_j + m / N`` (the exponent of its log Q)."""
+        log_p = self.frequency.log_prob(items.reshape(-1)).view(items.shape)
+        p = torch.exp(log_p.to(torch.float64))
+        from_positives = p if self.frequency.per_step else batch_size * p
+        return from_positives + self.num_sampled / self.num_items
 
 
 CANDIDATE_SAMPLERS: dict[str, type[InBatchSampler | MixedSampler]] = {

@@ -20,7 +20,9 @@ again. So:
 
 ``search`` takes what a caller says in rows (each query's exclusions, a mask of the
 allowed rows) to slots, asks the index, and gives rows back: nothing outside this
-module knows that slots exist.
+module knows that slots exist. The index leaves both out inside its search (each
+query's excluded slots and the mask of live, allowed slots as one selector), never
+by fetching more and dropping.
 
 A narrow mask of allowed rows (a filter that keeps few items) is searched exactly
 instead, over those rows' vectors, when the index is approximate: HNSW walks and IVF

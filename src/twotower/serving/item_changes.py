@@ -17,6 +17,7 @@ item keeps its id, and so its trained id row: only what its other columns say ch
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -135,7 +136,8 @@ def item_rows(artifact: Artifact, change: ItemChange) -> pa.Table:
                 f"{', '.join(map(repr, lacking))}; every row holds the item key and each "
                 f"column the item features read ({', '.join(map(repr, required))})"
             )
-    converted, errors = rows_table(records, schema.names, schema)
+    check = functools.partial(artifact.pipeline.row_errors, "item")
+    converted, errors = rows_table(records, schema.names, schema, check)
     if errors:
         index = min(errors)
         raise DataError(f"{change.source}, {change.position(index)}: {errors[index]}")

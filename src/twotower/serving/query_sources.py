@@ -31,6 +31,7 @@ import torch
 
 from twotower.errors import DataError
 from twotower.features.specs import TextFeature
+from twotower.index.topk import row_pairs
 from twotower.serving.artifact import Artifact
 from twotower.serving.query import Query, Result, UnknownItemError, UnknownQueryError
 from twotower.serving.query_states import QueryState, query_state, state_inputs
@@ -58,6 +59,7 @@ class QueryBatch:
         self.seen_items: list[np.ndarray | None] = [None] * B  # or the item rows that go
         self.states: list[dict[str, str] | None] = [None] * B  # what each read (Result.state)
         self.self_rows = np.full(B, -1, dtype=np.int64)  # item rows excluded as themselves
+        self.ks = np.ones(B, dtype=np.int64)  # each valid query's k, at most N
         self.sources = ["tower"] * B  # where each query vector came from (Result.vector)
 
     def resolve(self, positions: list[int], rows: np.ndarray, error: type, source: str):
@@ -75,31 +77,44 @@ class QueryBatch:
         """(P, N) what the queries at ``positions`` leave out: each one's seen items, its
         ``exclude_items`` and an item itself; None when nothing is left out.
 
-        Built from (row, column) pairs, in time proportional to the excluded items:
-        nothing here walks the N columns.
+        The (query, item row) pairs of the whole batch are gathered at once, and the
+        CSR arrays built from them directly, in time proportional to the excluded
+        items: nothing here walks the N columns, nor builds a matrix per query.
         """
         P, N = len(positions), artifact.catalogue.num_items
-        excluded = [self.queries[i].exclude_items for i in positions]
-        lengths = [len(items) for items in excluded]
-        named = [item for items in excluded for item in items]
-        seen_at, seen_cols = _gather_rows(artifact.seen, self.seen_rows[positions])
-        state_seen = [self.seen_items[i] for i in positions]
-        state_at = np.repeat(np.arange(P), [0 if s is None else len(s) for s in state_seen])
-        state_cols = [s for s in state_seen if s is not None]
+        seen = self.seen_rows[positions]
+        has_seen = seen >= 0
+        at, cols = row_pairs(artifact.seen, seen[has_seen])  # grouped by query, in order
+        at = np.flatnonzero(has_seen)[at]
+        listed_at, listed = self._listed(positions, artifact)
         self_rows = self.self_rows[positions]
         itself = np.flatnonzero(self_rows >= 0)
-        rows = np.concatenate([seen_at, state_at, np.repeat(np.arange(P), lengths), itself])
-        cols = np.concatenate(
-            [seen_cols, *state_cols, artifact.item_rows(named), self_rows[itself]]
-        ).astype(np.int64)
-        known = cols >= 0  # unknown ids can never be returned anyway
-        if not known.any():
+        if len(listed) or len(itself):  # more than the seen items: regrouped by query
+            at = np.concatenate([at, listed_at, itself])
+            cols = np.concatenate([cols, listed, self_rows[itself]])
+            known = cols >= 0  # unknown ids can never be returned anyway
+            order = np.argsort(at[known], kind="stable")
+            at, cols = at[known][order], cols[known][order]
+        if not len(cols):
             return None
-        rows, cols = rows[known], cols[known]
-        order = np.argsort(rows, kind="stable")  # CSR arrays directly: no COO pass
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=P))])
-        ones = np.ones(len(cols), np.float32)
-        return sp.csr_matrix((ones, cols[order], indptr), shape=(P, N))  # repeats allowed
+        indptr = np.zeros(P + 1, dtype=np.int64)
+        np.cumsum(np.bincount(at, minlength=P), out=indptr[1:])
+        ones = np.ones(len(cols), dtype=np.float32)
+        return sp.csr_matrix((ones, cols, indptr), shape=(P, N))  # repeats allowed
+
+    def _listed(self, positions: np.ndarray, artifact: Artifact) -> tuple[np.ndarray, np.ndarray]:
+        """(query, item row) pairs of the items the queries at ``positions`` list
+        themselves: a state's seen items (a changed user's, a request's history) and
+        ``exclude_items`` (-1 for an id the catalogue does not know)."""
+        states = [self.seen_items[i] for i in positions.tolist()]
+        named = [self.queries[i].exclude_items for i in positions.tolist()]
+        if not any(s is not None and len(s) for s in states) and not any(map(len, named)):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        counts = [0 if s is None else len(s) for s in states] + [len(n) for n in named]
+        at = np.repeat(np.tile(np.arange(len(positions)), 2), counts)
+        rows = artifact.item_rows([item for items in named for item in items])
+        cols = np.concatenate([*(s for s in states if s is not None), rows]).astype(np.int64)
+        return at, cols
 
 
 class QuerySources:
@@ -334,16 +349,6 @@ def _padded_cat(parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(parts)
     width = max(p.shape[1] for p in parts)
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
-
-
-def _gather_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, columns) of the nonzeros of ``matrix[rows[b]]`` for every b with rows[b] >= 0."""
-    positions = np.flatnonzero(rows >= 0)
-    starts = matrix.indptr[rows[positions]]
-    lengths = matrix.indptr[rows[positions] + 1] - starts
-    offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)  # (nnz,) start - before
-    picked = offsets + np.arange(lengths.sum())
-    return np.repeat(positions, lengths), matrix.indices[picked].astype(np.int64)
 
 
 def _encodes(text: str) -> bool:

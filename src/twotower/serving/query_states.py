@@ -10,6 +10,7 @@ and the recent items as item rows (``Recent``), with each state's seen item rows
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,9 @@ def state_inputs(states: list[QueryState], artifact: Artifact, columns: list[str
         if states[index].from_request:
             unknown = [i for i, _ in states[index].recent if artifact.item_rows([i])[0] < 0]
             errors[index] = UnknownItemError(unknown)
-    table, invalid = rows_table([s.features for s in states], columns, artifact.queries.schema)
+    features = [s.features for s in states]
+    check = functools.partial(artifact.pipeline.row_errors, "query")
+    table, invalid = rows_table(features, columns, artifact.queries.schema, check)
     converted = [i for i in range(count) if i not in invalid]  # the table's rows
     table = table.filter(pa.array([i not in errors for i in converted], pa.bool_()))
     errors.update(invalid)

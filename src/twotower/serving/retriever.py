@@ -16,7 +16,9 @@ concurrent requests in one pass (``sources.py`` makes each source's vectors):
            logged items (``exclude_seen``), ``exclude_items``, and an item itself; a
            blocked or removed item is never returned (``twotower.serving.catalogue``);
            one search per distinct filter instead, each with its mask of allowed
-           items (``filters.py``: checked and cached per filter)
+           items (``filters.py``: checked and cached per filter). A query's
+           exclusions and the mask are one selector inside the index search, never
+           more items fetched and dropped (``twotower.index``)
 
 A multi-interest query tower gives each user, row or text K vectors (B, K, D): the
 search is then ``index.search_interests`` (each vector searched, the results merged
@@ -168,9 +170,11 @@ class Retriever:
         batch = QueryBatch(queries, self.artifact.item_vectors.shape[1], self.interests)
         groups: dict[str, list[int]] = {name: [] for name in SOURCES}
         selections: dict[int, Selection] = {}  # the filtered queries' masks
+        N = self.num_items
         for position, query in enumerate(batch.queries):
             try:
                 check_k(query.k)
+                batch.ks[position] = min(query.k, N)  # above N: every item
                 source = query.source
                 if query.filter is not None:  # checked before any tower pass
                     selections[position] = self.filters.select(query.filter)
@@ -178,13 +182,8 @@ class Retriever:
             except DataError as err:
                 batch.out[position] = err
         self.sources.embed(batch, groups)
-        by_filter: dict[tuple | None, list[int]] = {}  # one search per distinct filter
-        for position in (i for i, o in enumerate(batch.out) if o is None):
-            selection = selections.get(position)
-            by_filter.setdefault(None if selection is None else selection.key, []).append(position)
-        for positions in by_filter.values():
-            selection = selections.get(positions[0])
-            self._answer(batch, np.array(positions), None if selection is None else selection.mask)
+        for positions, allowed in _by_filter(batch, selections):
+            self._answer(batch, positions, allowed)
         return batch.out  # type: ignore[return-value]
 
     def ingest(self, events: Sequence[Event]) -> list[tuple[int, str]]:
@@ -312,45 +311,62 @@ class Retriever:
         """Searches for the ``live`` positions of ``batch`` (those without an error),
         among the ``allowed`` items only (None: every item), and puts each one's
         ``Result`` in its slot."""
-        ks = np.array([min(batch.queries[i].k, self.num_items) for i in live])
         exclude = batch.exclusions(live, self.artifact)
-        labels = [batch.labels[i] for i in live]
-        results = self._search(batch.vectors[live], labels, ks, exclude, allowed)
-        for position, result in zip(live, results, strict=True):
-            item_query = batch.self_rows[position] >= 0
-            batch.out[position] = dataclasses.replace(
-                result,
-                interests=None if item_query else result.interests,
-                vector=batch.sources[position],
-                state=batch.states[position],
-            )
+        self._search(batch, live, exclude, allowed)
 
     def _search(
         self,
-        vectors: np.ndarray,
-        labels: list[Any],
-        ks: np.ndarray,
+        batch: QueryBatch,
+        live: np.ndarray,
         exclude: sp.csr_matrix | None,
-        allowed: np.ndarray | None = None,
-    ) -> list[Result]:
-        """One catalogue search of (B, D) or (B, K, D) query vectors for the largest of
-        ``ks``, among the items (item rows) ``allowed`` leaves in (live items only: never
-        a blocked or removed one), then one Result per label: its own k, padding left
-        out."""
-        catalogue = self.artifact.catalogue
-        ids, scores, interests = catalogue.search(
-            vectors, int(ks.max()), exclude, allowed, self.exact_filter_limit
+        allowed: np.ndarray | None,
+    ) -> None:
+        """One catalogue search of the ``live`` queries' vectors for their largest k,
+        each leaving out its row of ``exclude`` (item rows) and every item ``allowed``
+        leaves out (and never a blocked or removed one); then each query's Result from
+        its row of the (P, k) answer, cut to its own k, padding left out."""
+        ks = batch.ks[live]
+        ids, scores, interests = self.artifact.catalogue.search(
+            batch.vectors[live], int(ks.max()), exclude, allowed, self.exact_filter_limit
         )
-        kept = (ids >= 0) & (np.arange(ids.shape[1]) < ks[:, None])
-        items = self.item_id_values[ids[kept]].tolist()
-        values = scores[kept].tolist()
-        found = interests[kept].tolist() if interests is not None else None
-        ends = np.cumsum(kept.sum(axis=1)).tolist()
-        starts = [0, *ends[:-1]]
-        return [
-            Result(label, items[s:e], values[s:e], found[s:e] if found is not None else None)
-            for label, s, e in zip(labels, starts, ends, strict=True)
-        ]
+        kept = (ids >= 0) & (np.arange(ids.shape[1]) < ks[:, None])  # (P, k)
+        items = _split(self.item_id_values[ids[kept]].tolist(), kept)
+        values = _split(scores[kept].tolist(), kept)
+        found = [None] * len(live) if interests is None else _split(interests[kept].tolist(), kept)
+        item_queries = (batch.self_rows[live] >= 0).tolist()  # one vector for every interest
+        for place, position in enumerate(live.tolist()):
+            batch.out[position] = Result(
+                batch.labels[position],
+                items[place],
+                values[place],
+                None if item_queries[place] else found[place],
+                batch.sources[position],
+                batch.states[position],
+            )
+
+
+def _by_filter(
+    batch: QueryBatch, selections: dict[int, Selection]
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """The positions of ``batch`` still to answer, one group per distinct filter (its
+    mask of allowed items; None: no filter), each searched once."""
+    live = [i for i, answer in enumerate(batch.out) if answer is None]
+    if not selections:
+        return [(np.array(live, dtype=np.int64), None)] if live else []
+    groups: dict[tuple | None, list[int]] = {}
+    for position in live:
+        selection = selections.get(position)
+        groups.setdefault(None if selection is None else selection.key, []).append(position)
+    return [
+        (np.array(positions), None if key is None else selections[positions[0]].mask)
+        for key, positions in groups.items()
+    ]
+
+
+def _split(values: list, kept: np.ndarray) -> list[list]:
+    """``values`` (the kept entries of (B, k) ``kept``, row by row) as one list per row."""
+    ends = np.cumsum(kept.sum(axis=1)).tolist()
+    return [values[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def _raise_first(answers: list[Result | DataError]) -> list[Result]:

@@ -6,6 +6,8 @@ evaluation and serving feed a tower the same tensors:
     id, bucketized dense     (B,) int64   -> its own embedding table
     id, two hash functions   (B, 2) int64 -> the sum of its two rows of the table
     onehot, dense            (B, C) float -> passed through as they are
+    vector                   (B, dim) float -> as it is, or a learned linear map to
+                                             ``project`` wide
     multihot, text           (B, L) int64 -> pooled embedding (0 pads, left out)
     history                  (B, L) int64 -> pooled, attention-pooled, or encoded as a
                                              sequence (``towers/history/``) over the
@@ -39,6 +41,7 @@ from twotower.features.specs import (
     MultiHotFeature,
     OneHotFeature,
     TextFeature,
+    VectorFeature,
 )
 from twotower.towers.history import (
     HISTORY_ENCODERS,
@@ -99,7 +102,8 @@ class PooledEncoder(nn.Module):
 
 
 class VectorEncoder(nn.Module):
-    """(B, C) float features (one-hot, standardized value + missing flag), as they are."""
+    """(B, C) float features (one-hot, standardized value + missing flag, a vector), as
+    they are."""
 
     interests = 1
     times_input = None
@@ -110,6 +114,21 @@ class VectorEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class ProjectionEncoder(nn.Module):
+    """(B, C) float vectors -> (B, width) through a learned linear map (with a bias)."""
+
+    interests = 1
+    times_input = None
+
+    def __init__(self, inputs: int, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(inputs, width)
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
 
 
 class FeatureEncoders(nn.Module):
@@ -210,7 +229,9 @@ def _encoder(
     """One feature's encoder (of ``size`` embedding rows or vector width)."""
     if isinstance(spec, HistoryFeature):
         return _history_encoder(spec, shared)
-    if isinstance(spec, OneHotFeature) or (
+    if isinstance(spec, VectorFeature) and spec.project is not None:
+        return ProjectionEncoder(size, spec.project)
+    if isinstance(spec, (OneHotFeature, VectorFeature)) or (
         isinstance(spec, DenseFeature) and spec.transform != "bucketize"
     ):
         return VectorEncoder(size)

@@ -14,6 +14,83 @@ FrequencyName = Literal["counts", "streaming", "none"]
 
 
 @dataclasses.dataclass(frozen=True)
+class MiningConfig:
+    """Hard negatives mined from the model's own ranking, mixed with the sampled ones.
+
+    Every ``every`` steps the current model ranks the whole corpus for each training
+    query, its training positives left out; the items at ranks ``window`` (1-based,
+    both ends included) become that query's candidates, and ``ratio`` of each row's
+    sampled negatives are drawn uniformly from its query's candidates (the rest from
+    the objective's sampler). Before the first refresh every negative is sampled.
+
+    Attributes:
+        ratio: the share of the sampled negatives drawn from the mined candidates
+            (rounded half up to a count); 0 turns mining off.
+        window: the first and last rank (1-based) of the candidates.
+        every: steps between two refreshes, or ``epoch``: at the start of each epoch.
+        warmup: steps trained on sampled negatives alone before the first refresh;
+            None: one period (``every`` steps, or one epoch).
+        max_candidates: the most (query, candidate) cells held: queries x window
+            width, 4 bytes each (int32); a larger table is refused.
+    """
+
+    ratio: float = 0.0
+    window: tuple[int, int] = (101, 500)
+    every: int | Literal["epoch"] = "epoch"
+    warmup: int | None = None
+    max_candidates: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"mined_negatives.ratio must be in [0, 1], got {self.ratio}")
+        if len(self.window) != 2 or not 1 <= self.window[0] <= self.window[1]:
+            raise ValueError(
+                "mined_negatives.window must be [first, last] ranks with "
+                f"1 <= first <= last, got {list(self.window)}"
+            )
+        if self.every != "epoch" and self.every < 1:
+            raise ValueError(f"mined_negatives.every must be >= 1 or 'epoch', got {self.every}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"mined_negatives.warmup must be >= 0, got {self.warmup}")
+        if self.max_candidates < 1:
+            raise ValueError("mined_negatives.max_candidates must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any negative is mined."""
+        return self.ratio > 0
+
+    def share(self, negatives: int) -> int:
+        """How many of ``negatives`` sampled negatives a row draws from its candidates."""
+        return int(self.ratio * negatives + 0.5)
+
+    def check(self, negatives: int, what: str) -> None:
+        """Raises ValueError where mining is on but ``ratio`` of ``negatives`` (the
+        objective's ``what``) rounds to no mined negative."""
+        if self.enabled and self.share(negatives) == 0:
+            raise ValueError(
+                f"mined_negatives.ratio={self.ratio} of {what}={negatives} rounds to no "
+                "mined negative: raise the ratio or the negatives"
+            )
+
+
+# Why a stream cannot feed mined negatives (the objective and the mining raise it).
+MINING_REFUSAL = (
+    "training.objective.mined_negatives ranks the corpus for every training query, "
+    "which in-memory training data has and a stream does not"
+)
+
+
+def _refused(mining: MiningConfig, kind: str, why: str) -> None:
+    """Raises ValueError where an objective that cannot take mined negatives is given some."""
+    if mining.enabled:
+        raise ValueError(
+            f"the {kind} objective takes no mined negatives ({why}); mined_negatives "
+            "apply to pointwise, hinge, logistic, listwise and mixed"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class SampledNegatives:
     """Per-row negatives, shared by the pointwise, pairwise and listwise objectives.
 
@@ -21,11 +98,14 @@ class SampledNegatives:
         sampler: ``uniform`` over the corpus or ``popularity`` (count^alpha).
         alpha: the popularity exponent.
         num_negatives: negatives drawn for each positive (each objective sets its default).
+        mined_negatives: the share of them mined from the model's ranking (off by
+            default; ``MiningConfig``).
     """
 
     sampler: SamplerName = "uniform"
     alpha: float = 0.75
     num_negatives: int = 1
+    mined_negatives: MiningConfig = dataclasses.field(default_factory=MiningConfig)
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.num_negatives < 1:
@@ -33,6 +113,7 @@ class SampledNegatives:
                 f"need alpha >= 0 and num_negatives >= 1, got alpha={self.alpha}, "
                 f"num_negatives={self.num_negatives}"
             )
+        self.mined_negatives.check(self.num_negatives, "num_negatives")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +165,8 @@ class SoftmaxCorrections:
             row's query (in-memory training data).
         hard_negatives: if > 0, keep only this many highest-scoring negatives per row.
         streaming_buckets: hash buckets of the streaming frequency estimate.
+        mined_negatives: ``mixed`` only: the share of its ``num_sampled`` negatives
+            mined from the model's ranking, per row (``MiningConfig``).
     """
 
     logq: FrequencyName = "counts"
@@ -91,6 +174,7 @@ class SoftmaxCorrections:
     mask_known: bool = False
     hard_negatives: int = 0
     streaming_buckets: int = 1 << 20
+    mined_negatives: MiningConfig = dataclasses.field(default_factory=MiningConfig)
 
     def __post_init__(self) -> None:
         if self.hard_negatives < 0 or self.streaming_buckets < 1:
@@ -103,6 +187,10 @@ class InBatchConfig(SoftmaxCorrections):
 
     kind: Literal["in_batch"] = "in_batch"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _refused(self.mined_negatives, "in_batch", "it samples none; mixed does")
+
 
 @dataclasses.dataclass(frozen=True)
 class MixedConfig(SoftmaxCorrections):
@@ -110,6 +198,10 @@ class MixedConfig(SoftmaxCorrections):
 
     kind: Literal["mixed"] = "mixed"
     num_sampled: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.mined_negatives.check(self.num_sampled, "num_sampled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,20 +222,42 @@ class FullConfig:
             another's softmax (the multinomial likelihood of Mult-DAE / Mult-VAE), and
             only its other training items (its input) are left out. False: each
             positive competes with none of the query's training items.
+        mask_seen: in sequence training (``training.examples: sequences``): leave out
+            of each position's softmax the items its query interacted with before that
+            position's target (what evaluation leaves out as seen at that moment), the
+            target itself always kept. Items after the position stay in: they are the
+            next items a next-item model is meant to rank.
+        chunk_rows: score this many rows (positions, queries) against the corpus at a
+            time and score each chunk again in the backward pass, so a step holds
+            ``chunk_rows`` x N scores instead of rows x N, for one more (chunk, N)
+            product per chunk; None: every row at once. The loss is the same.
+        mined_negatives: refused (every item is already a negative); present so that
+            a config naming it is told why.
     """
 
     kind: Literal["full"] = "full"
     max_items: int = 100_000
     mask_known: bool = False
     positives_compete: bool = False
+    mask_seen: bool = False
+    chunk_rows: int | None = None
+    mined_negatives: MiningConfig = dataclasses.field(default_factory=MiningConfig)
 
     def __post_init__(self) -> None:
+        _refused(self.mined_negatives, "full", "every item is already a negative")
         if self.max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {self.max_items}")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1 (or unset: all rows), got {self.chunk_rows}")
         if self.positives_compete and not self.mask_known:
             raise ValueError(
                 "positives_compete changes what mask_known leaves out; without mask_known "
                 "every item already competes"
+            )
+        if self.mask_seen and self.mask_known:
+            raise ValueError(
+                "mask_known already leaves out every training item of the query, the ones "
+                "before each position (mask_seen) among them: choose one"
             )
 
 
@@ -204,9 +318,11 @@ class TrainingConfig:
             each query's training items, trained in one forward pass of a
             sequence-encoded history (``transformer``, ``gru``; SASRec): position t
             predicts item t + 1, and a batch holds about ``batch_size`` positions.
-            Needs the ``in_batch`` or ``mixed`` objective. ``queries``: one per query,
-            each of its training items held out of its history input with probability
-            ``holdout`` (drawn afresh every epoch) and the held-out ones its positives.
+            Needs the ``in_batch``, ``mixed`` or ``full`` objective (``full``: every
+            position against the whole corpus, SASRec's cross-entropy). ``queries``:
+            one per query, each of its training items held out of its history input
+            with probability ``holdout`` (drawn afresh every epoch) and the held-out
+            ones its positives.
             Needs the ``full`` objective and one pooled history feature;
             ``batch_size`` then counts queries. ``sequences`` and ``queries`` gather
             each query's whole training history: in memory only. (The old
@@ -265,18 +381,9 @@ class TrainingConfig:
             raise ValueError(f"weight_cap must be > 0, got {self.weight_cap}")
         if not 0.0 < self.lr_factor < 1.0:
             raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
-        if self.examples == "sequences" and self.objective.kind not in ("in_batch", "mixed"):
-            raise ValueError(
-                "examples=sequences trains with the in_batch or mixed objective, not "
-                f"{self.objective.kind!r}"
-            )
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
-        if self.examples == "queries" and self.objective.kind != "full":
-            raise ValueError(
-                "examples=queries trains each query's held-out items against the whole "
-                f"corpus: it needs the full objective (not {self.objective.kind!r})"
-            )
+        self._check_examples()
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -286,6 +393,37 @@ class TrainingConfig:
         name, _, k = self.metric.removeprefix("valid/").partition("@")
         if k and (not k.isdigit() or int(k) not in self.ks):
             raise ValueError(f"metric {self.metric!r}: its cutoff must be one of ks {self.ks}")
+
+    def _check_examples(self) -> None:
+        """Refuses an objective that ``examples`` cannot train with, or an objective
+        setting that has no meaning for it."""
+        kind = self.objective.kind
+        if self.examples != "interactions" and self.objective.mined_negatives.enabled:
+            raise ValueError(
+                "mined_negatives rank the corpus for the queries of per-interaction "
+                f"examples: examples={self.examples!r} takes none (use interactions)"
+            )
+        if self.examples == "sequences" and kind not in ("in_batch", "mixed", "full"):
+            raise ValueError(
+                "examples=sequences trains with the in_batch, mixed or full objective, "
+                f"not {kind!r}"
+            )
+        if self.examples == "queries" and kind != "full":
+            raise ValueError(
+                "examples=queries trains each query's held-out items against the whole "
+                f"corpus: it needs the full objective (not {kind!r})"
+            )
+        if getattr(self.objective, "mask_seen", False) and self.examples != "sequences":
+            raise ValueError(
+                "objective.mask_seen leaves out the items before each position of a query's "
+                f"sequence: it needs examples=sequences (not {self.examples!r}; mask_known "
+                "leaves out all of a query's training items)"
+            )
+        if getattr(self.objective, "positives_compete", False) and self.examples == "sequences":
+            raise ValueError(
+                "objective.positives_compete lets a query's held-out positives compete "
+                "(examples=queries); a sequence position has one positive"
+            )
 
     @property
     def in_memory_only(self) -> bool:

@@ -12,6 +12,9 @@ Two views of the same ranking (``twotower.evaluation.ranking``):
   ``twotower evaluate`` reads, whichever source the run trained on. On data in memory
   the two give the same metrics (tests/test_export.py checks an export's answers
   against both).
+
+Both report the metrics by item popularity and query activity group too
+(``twotower.evaluation.groups``) unless ``groups=False`` (each epoch's validation).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from twotower.evaluation.per_query import QueryMetrics
 from twotower.evaluation.ranking import HeldOut, evaluate, evaluate_chunks
 from twotower.features.pipeline import FeaturePipeline
-from twotower.sources import DataSource
+from twotower.sources import DataSource, QueryChunk
 from twotower.towers.model import TwoTower, embed_rows, interest_scores
 from twotower.training.examples import TrainingExamples
 
@@ -55,13 +59,14 @@ def evaluate_model(
     ks: list[int] | tuple[int, ...],
     exclude_seen: bool = True,
     batch_size: int = 1024,
+    groups: bool = True,
 ) -> dict[str, float]:
     """Exact full-corpus metrics of a model on ``valid`` or ``test`` of ``data.split``.
 
     Every item is embedded once, every query with the history known at that step;
     scores are (B, N) inner products of unit vectors (the temperature does not
     change a ranking). ``popularity@k`` counts what is known before the step (not
-    reported for streamed data).
+    reported for streamed data); ``groups``: the metrics by group too.
     """
     queries, items = embed_all(model, data, batch_size, part)
 
@@ -78,6 +83,7 @@ def evaluate_model(
         exclude_seen=exclude_seen,
         chunk_size=batch_size,
         item_popularity=data.popularity,
+        groups=groups,
     )
 
 
@@ -91,8 +97,9 @@ def evaluate_source(
     batch_size: int = 1024,
     sample: int | None = None,
     seed: int = 0,
+    per_query: QueryMetrics | None = None,
 ) -> dict[str, float]:
-    """Exact full-corpus metrics of ``model`` on ``part`` of ``source``.
+    """Exact full-corpus metrics of ``model`` on ``part`` of ``source``, by group too.
 
     Args:
         model: the trained model.
@@ -105,37 +112,49 @@ def evaluate_source(
         sample: rank about this many queries, a seeded sample (a data build only;
             ``DataSource.held_out``); None: every query.
         seed: the sample's seed.
+        per_query: where each evaluated query's metrics are kept (by query id), if given.
 
     Returns:
         ``{part}/{metric}@{k}``, ``popularity@k`` of the items known before the part,
-        and ``{part}/queries``; with new items in the part (``split.new_items``), the
-        same under ``{part}/new_items/`` (``twotower.evaluation.ranking.evaluate_chunks``).
+        ``{part}/groups/...`` and ``{part}/queries``; with new items in the part
+        (``split.new_items``), the same under ``{part}/new_items/``
+        (``twotower.evaluation.ranking.evaluate_chunks``).
     """
-    device = next(model.parameters()).device
     items = embed_rows(model.item_tower, pipeline, "item", source.items(), batch_size)
-
-    def chunks() -> Iterator[HeldOut]:
-        for chunk in source.held_out(part, pipeline, sample, seed):
-            assert chunk.queries is not None and chunk.pipeline is not None
-            queries = embed_rows(
-                model.query_tower, chunk.pipeline, "query", chunk.queries, batch_size
-            )
-
-            def score(rows: np.ndarray, queries: torch.Tensor = queries) -> torch.Tensor:
-                return interest_scores(queries[torch.from_numpy(rows).to(device)], items)
-
-            yield HeldOut(score, chunk.targets, chunk.seen)
-
+    chunks = source.held_out(part, pipeline, sample, seed)
     total = source.num_queries(part)
+    popularity = source.popularity(part)
     with torch.no_grad():
         return evaluate_chunks(
-            chunks(),
+            _embedded(model, chunks, items, source.query_key, batch_size),
             part,
             len(items),
             ks,
             exclude_seen,
             batch_size,
-            source.popularity(part),
+            popularity,
             total if sample is None else min(total, sample),
-            source.new_items(part),
+            item_counts=popularity,
+            per_query=per_query,
+            new_items=source.new_items(part),
         )
+
+
+def _embedded(
+    model: TwoTower,
+    chunks: Iterator[QueryChunk],
+    items: torch.Tensor,
+    query_key: str,
+    batch_size: int,
+) -> Iterator[HeldOut]:
+    """Each chunk's queries embedded from their raw rows and scored against ``items``,
+    with their ids (the ``query_key`` column)."""
+    device = items.device
+    for chunk in chunks:
+        assert chunk.queries is not None and chunk.pipeline is not None
+        queries = embed_rows(model.query_tower, chunk.pipeline, "query", chunk.queries, batch_size)
+
+        def score(rows: np.ndarray, queries: torch.Tensor = queries) -> torch.Tensor:
+            return interest_scores(queries[torch.from_numpy(rows).to(device)], items)
+
+        yield HeldOut(score, chunk.targets, chunk.seen, chunk.queries.column(query_key))

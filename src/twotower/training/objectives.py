@@ -15,12 +15,14 @@ one item tower, and hands scores (never the model) to the loss:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from twotower.errors import ConfigError
 from twotower.losses import (
@@ -33,8 +35,16 @@ from twotower.losses import (
     mask_known_positives,
     negative_mask,
 )
-from twotower.sampling import CANDIDATE_SAMPLERS, FREQUENCIES, SAMPLERS
+from twotower.sampling import (
+    CANDIDATE_SAMPLERS,
+    FREQUENCIES,
+    SAMPLERS,
+    MinedNegatives,
+    MixedSampler,
+    UniformSampler,
+)
 from twotower.training.config import (
+    MINING_REFUSAL,
     FullConfig,
     HingeConfig,
     InBatchConfig,
@@ -49,6 +59,9 @@ from twotower.training.distributed import Collective
 # (M,) item indices -> (M, D) item vectors, through the item tower.
 EmbedItems = Callable[[torch.Tensor], torch.Tensor]
 
+# (S,) rows and (S,) items: row at[s] leaves item items[s] out of its softmax.
+SeenItems = tuple[torch.Tensor, torch.Tensor]
+
 
 class RowNegatives(nn.Module):
     """Objectives with per-row sampled negatives: pointwise, hinge, logistic, listwise.
@@ -59,14 +72,27 @@ class RowNegatives(nn.Module):
         num_negatives: n.
         scaled: the loss takes cosines divided by the temperature (BCE, softmax),
             rather than raw cosines (triplet losses, whose margin is in cosine units).
+        mined: each query's mined candidates; once refreshed, ``num_mined`` of a row's
+            n negatives come from its query's (the first columns), the rest from
+            ``sampler``.
+        num_mined: how many.
     """
 
-    def __init__(self, loss: nn.Module, sampler, num_negatives: int, scaled: bool) -> None:
+    def __init__(
+        self,
+        loss: nn.Module,
+        sampler,
+        num_negatives: int,
+        scaled: bool,
+        mined: MinedNegatives | None = None,
+        num_mined: int = 0,
+    ) -> None:
         super().__init__()
         self.loss = loss
         self.sampler = sampler
         self.num_negatives = num_negatives
         self.scaled = scaled
+        self.mined, self.num_mined = mined, num_mined
 
     def forward(
         self,
@@ -79,11 +105,11 @@ class RowNegatives(nn.Module):
         queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items, each row
-        weighted by ``weights`` (B,) if given (``queries``: unused here)."""
+        weighted by ``weights`` (B,) if given; ``queries`` (B,), the rows' query
+        indices, pick the mined negatives."""
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
             return query.sum() + embed_items(positives).sum()
-        negatives = self.sampler.sample(positives.cpu(), self.num_negatives, generator)
-        negatives = negatives.to(positives.device)  # (B, n)
+        negatives = self.negatives(positives, queries, generator)  # (B, n)
         items = embed_unique(torch.cat([positives, negatives.flatten()]), embed_items)
         pos_items, neg_items = items[: len(positives)], items[len(positives) :]
         pos = (query * pos_items).sum(-1)  # (B,)
@@ -92,6 +118,39 @@ class RowNegatives(nn.Module):
             pos, neg = pos * scale, neg * scale
         return self.loss(pos, neg, negative_mask(positives, negatives), weights)
 
+    def negatives(
+        self, positives: torch.Tensor, queries: torch.Tensor | None, generator: torch.Generator
+    ) -> torch.Tensor:
+        """(B, n) negatives of each row: once mined candidates are refreshed, the first
+        ``num_mined`` columns drawn from the row's query's, the rest from ``sampler``."""
+        mined = self.num_mined if self.mined is not None and self.mined.ready else 0
+        easy = self.sampler.sample(positives.cpu(), self.num_negatives - mined, generator)
+        easy = easy.to(positives.device)
+        if not mined:
+            return easy
+        if queries is None:
+            raise ValueError("mined negatives need each row's query")
+        hard = self.mined.sample(queries, positives, mined, generator, self.sampler)
+        return torch.cat([hard, easy], dim=1)
+
+
+@dataclasses.dataclass
+class MinedShare:
+    """Where the ``mixed`` softmax's mined negatives come from, once refreshed.
+
+    Attributes:
+        negatives: each query's mined candidates.
+        count: h, drawn for each row: columns of that row alone.
+        sampler: the shared candidates meanwhile, the batch plus m - h uniform items
+            (before the first refresh the objective's own sampler draws all m).
+        fallback: draws the rows whose query has no candidate (uniformly).
+    """
+
+    negatives: MinedNegatives
+    count: int
+    sampler: MixedSampler
+    fallback: UniformSampler
+
 
 class SharedCandidates(nn.Module):
     """Softmax over candidates shared by the batch: in-batch, or in-batch + sampled.
@@ -99,7 +158,9 @@ class SharedCandidates(nn.Module):
     Corrections run in this order: logQ, accidental-hit masking, masking of the
     query's other known positives (with ``known``), hard negatives. With several
     training processes (``collective``), every rank's positives are each row's
-    candidates: the global batch's.
+    candidates: the global batch's. With ``mined`` (``mixed`` only), each row also
+    meets h negatives drawn from its query's mined candidates, as columns of its own,
+    corrected and masked as the shared ones are (``_mined``).
     """
 
     def __init__(
@@ -111,6 +172,7 @@ class SharedCandidates(nn.Module):
         hard_negatives: int,
         known: KnownPairs | None = None,
         collective: Collective | None = None,
+        mined: MinedShare | None = None,
     ) -> None:
         super().__init__()
         self.loss = SampledSoftmax()
@@ -122,6 +184,7 @@ class SharedCandidates(nn.Module):
         self.known = known
         self.step = 0
         self.collective = collective or Collective()
+        self.mined = mined
 
     def forward(
         self,
@@ -135,38 +198,99 @@ class SharedCandidates(nn.Module):
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items, each row
         weighted by ``weights`` (B,) if given; ``queries`` (B,) are the rows' query
-        indices, which masking known positives needs."""
+        indices, which masking known positives and mined negatives need."""
         self.step += 1
         device = positives.device
         # with several processes every rank's positives are candidates (the global batch)
         everyone, offset = self.collective.gather_ids(positives)  # (G,), this rank's start
         self.frequency.update(everyone.cpu(), self.step)
-        candidates, log_q = self.sampler.candidates(everyone.cpu(), generator)  # (M,)
+        mined = self.mined if self.mined is not None and self.mined.negatives.ready else None
+        sampler = self.sampler if mined is None else mined.sampler
+        candidates, log_q = sampler.candidates(everyone.cpu(), generator)  # (M,)
         candidates, log_q = candidates.to(device), log_q.to(device)
-        if self.collective.distributed:
-            # a rank embeds its own positives; sampled extras are the same on every rank
-            # (one sampler seed), so each rank embeds them itself
-            vectors = self.collective.gather_rows(embed_unique(positives, embed_items))
-            if len(candidates) > len(everyone):
-                extra = embed_unique(candidates[len(everyone) :], embed_items)
-                vectors = torch.cat([vectors, extra])  # (M, D)
-        else:
-            vectors = embed_unique(candidates, embed_items)
+        # the mined draws' own generator, seeded alike on every rank (one with no rows
+        # too), so that the shared extras stay the same on every rank
+        own = None if mined is None else _seeded_by(generator)
+        vectors = self._vectors(positives, everyone, candidates, embed_items)  # (M, D)
         logits = query @ vectors.T * scale  # (B, M)
         if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
             return logits.sum()
         labels = offset + torch.arange(len(positives), device=device)  # positives come first
+        if queries is None and self.known is not None:
+            raise ValueError("masking known positives needs each row's query")
+        if queries is None and mined is not None:
+            raise ValueError("mined negatives need each row's query")
+        if mined is not None:
+            rows = (query, positives, queries, embed_items, scale, own)
+            mined_logits, log_q = self._mined(mined, rows, candidates, log_q, everyone, offset)
         if self.logq:
             logits = logq_correction(logits, log_q)
         if self.mask_hits:
             logits = mask_accidental_hits(logits, labels, positives, candidates)
         if self.known is not None:
-            if queries is None:
-                raise ValueError("masking known positives needs each row's query")
             logits = mask_known_positives(logits, labels, self.known(queries, candidates))
+        if mined is not None:
+            logits = torch.cat([logits, mined_logits], dim=1)  # (B, M + h)
         if self.hard_negatives:
             logits, labels = hardest_negatives(logits, labels, self.hard_negatives)
         return self.loss(logits, labels, weights)
+
+    def _vectors(
+        self,
+        positives: torch.Tensor,
+        everyone: torch.Tensor,
+        candidates: torch.Tensor,
+        embed_items: EmbedItems,
+    ) -> torch.Tensor:
+        """(M, D) the candidates' vectors, each distinct item through the tower once."""
+        if not self.collective.distributed:
+            return embed_unique(candidates, embed_items)
+        # a rank embeds its own positives; sampled extras are the same on every rank
+        # (one sampler seed), so each rank embeds them itself
+        vectors = self.collective.gather_rows(embed_unique(positives, embed_items))
+        if len(candidates) > len(everyone):
+            extra = embed_unique(candidates[len(everyone) :], embed_items)
+            vectors = torch.cat([vectors, extra])  # (M, D)
+        return vectors
+
+    def _mined(
+        self,
+        mined: MinedShare,
+        rows: tuple,
+        candidates: torch.Tensor,
+        log_q: torch.Tensor,
+        everyone: torch.Tensor,
+        offset: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h) logits of each row's mined negatives, and the shared candidates'
+        (B, M) log Q with the mined draws counted (``everyone``: the global batch's
+        positives, this rank's from ``offset``).
+
+        With logQ, a candidate's term is the log of its expected number of occurrences
+        among the row's candidates, whichever part it came from: ``B p_j + (m - h) / N``
+        from the shared part, plus ``h / c`` where j is one of the row's query's c
+        mined candidates. Accidental hits and known positives are masked as in the
+        shared columns (only rows whose query had no candidate can meet them).
+        """
+        query, positives, queries, embed_items, scale, own = rows
+        # each rank draws its rows' share of the global batch's draws, as one process
+        # with the global batch would
+        h, batch = mined.count, len(everyone)
+        items = mined.negatives.sample(queries, positives, h, own, mined.fallback, int(offset))
+        vectors = embed_unique(items.flatten(), embed_items).view(*items.shape, -1)
+        logits = torch.einsum("bd,bhd->bh", query, vectors) * scale  # (B, h)
+        if self.logq:
+            expected = mined.sampler.expected_counts(items, batch)
+            expected = expected + mined.negatives.expected_counts(queries, items, h)
+            logits = logits - torch.log(expected).to(logits.dtype)
+            shared = torch.exp(log_q.to(torch.float64))[None, :]
+            shared = shared + mined.negatives.expected_counts(queries, candidates, h)
+            log_q = torch.log(shared).to(log_q.dtype)  # (B, M)
+        if self.mask_hits:
+            logits = logits.masked_fill(~negative_mask(positives, items), float("-inf"))
+        if self.known is not None:
+            logits = logits.masked_fill(self.known(queries, items), float("-inf"))
+        return logits, log_q
 
     def get_extra_state(self) -> dict:
         """The step count and frequency estimate, saved in checkpoints for resuming."""
@@ -193,9 +317,11 @@ class KnownPairs:
         self.keys = torch.unique(queries.long() * num_items + items.long())  # sorted
 
     def __call__(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """(B, M) bool: whether item ``items[j]`` is a training positive of ``queries[b]``."""
+        """(B, M) bool: whether item ``items[j]`` (or ``items[b, j]``, for (B, M) items
+        of each row's own) is a training positive of ``queries[b]``."""
         keys = self._on(queries.device)
-        wanted = queries.long()[:, None] * self.num_items + items.long()[None, :]  # (B, M)
+        items = items.long() if items.dim() == 2 else items.long()[None, :]
+        wanted = queries.long()[:, None] * self.num_items + items  # (B, M)
         at = torch.searchsorted(keys, wanted).clamp(max=max(len(keys) - 1, 0))
         return keys[at] == wanted if len(keys) else torch.zeros_like(wanted, dtype=torch.bool)
 
@@ -224,20 +350,32 @@ class KnownPairs:
 class FullSoftmax(nn.Module):
     """Softmax over the whole corpus: each row's positive against every item, exactly.
 
+    Each step runs the item tower once on every item; the (B, N) scores are then
+    computed all at once, or ``chunk_rows`` rows at a time, each chunk's scores made
+    again in the backward pass (activation checkpointing): a step then holds
+    ``chunk_rows`` x N scores, not B x N, at the cost of a second (chunk, D) x (D, N)
+    product per chunk. The loss and its gradient are the same either way.
+
     Args:
         num_items: N; every step embeds items 0..N-1 through the item tower.
         known: if given, each row's query's other training positives are masked.
         positives_compete: in ``sets``, a row's positives are not masked from one
             another's softmax (``FullConfig.positives_compete``).
+        chunk_rows: rows scored at once; None: all of them.
     """
 
     def __init__(
-        self, num_items: int, known: KnownPairs | None = None, positives_compete: bool = False
+        self,
+        num_items: int,
+        known: KnownPairs | None = None,
+        positives_compete: bool = False,
+        chunk_rows: int | None = None,
     ) -> None:
         super().__init__()
         self.num_items = num_items
         self.known = known
         self.positives_compete = positives_compete
+        self.chunk_rows = chunk_rows
         self.loss = MultiPositiveSoftmax()  # every item a candidate: the full softmax
 
     def forward(
@@ -249,12 +387,15 @@ class FullSoftmax(nn.Module):
         generator: torch.Generator,
         weights: torch.Tensor | None = None,
         queries: torch.Tensor | None = None,
+        seen: SeenItems | None = None,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against their (B,) positive items, each row
         weighted by ``weights`` (B,) if given; ``queries`` (B,) are the rows' query
-        indices, which masking known positives needs. ``sets`` with one positive a row."""
+        indices, which masking known positives needs; ``seen``: items left out of
+        each row's softmax (sequence training's ``mask_seen``). ``sets`` with one
+        positive a row."""
         rows = torch.arange(len(positives), device=positives.device)
-        return self.sets(query, positives, rows, embed_items, scale, weights, queries)
+        return self.sets(query, positives, rows, embed_items, scale, weights, queries, seen)
 
     def sets(
         self,
@@ -265,6 +406,7 @@ class FullSoftmax(nn.Module):
         scale: torch.Tensor,
         weights: torch.Tensor | None = None,
         queries: torch.Tensor | None = None,
+        seen: SeenItems | None = None,
     ) -> torch.Tensor:
         """The loss of (B, D) query vectors against (P,) positives, positive p belonging
         to row ``owners[p]``: what ``forward`` gives with each positive its own row
@@ -272,19 +414,80 @@ class FullSoftmax(nn.Module):
 
         Each positive's term is ``-log softmax`` of its score among every item (with
         ``known``: among itself and the items that are not training positives of the
-        row's query; with ``positives_compete`` also among the row's other positives);
-        the loss is their mean, weighted by ``weights`` (P,) if given.
+        row's query; with ``positives_compete`` also among the row's other positives;
+        with ``seen``: among the items not seen by its row, and itself); the loss is
+        their mean, weighted by ``weights`` (P,) if given.
         """
         items = embed_items(torch.arange(self.num_items, device=positives.device))  # (N, D)
-        logits = query @ items.T * scale  # (B, N)
+        if not len(positives):  # a rank's empty share of a global batch: 0, graph kept
+            return (query.sum() + items.sum()) * scale * 0.0
+        if self.known is not None and queries is None:
+            raise ValueError("masking known positives needs each row's query")
+        chunk = self.chunk_rows or len(query)
+        terms, order = [], []
+        for start in range(0, len(query), chunk):
+            rows = slice(start, start + chunk)
+            mine = torch.nonzero((owners >= start) & (owners < rows.stop)).squeeze(1)  # (P_c,)
+            if not len(mine):
+                continue
+            part = (rows, owners[mine] - start, positives[mine], queries, seen)
+            if self.chunk_rows is None:
+                terms.append(self._terms(query, items, scale, *part))
+            else:  # the (chunk, N) scores are made again in backward, not kept
+                terms.append(
+                    checkpoint(self._terms, query[rows], items, scale, *part, use_reentrant=False)
+                )
+            order.append(mine)
+        weights = None if weights is None else weights[torch.cat(order)]
+        return self.loss.mean(torch.cat(terms), weights)
+
+    def _terms(
+        self,
+        query: torch.Tensor,
+        items: torch.Tensor,
+        scale: torch.Tensor,
+        rows: slice,
+        owners: torch.Tensor,
+        positives: torch.Tensor,
+        queries: torch.Tensor | None,
+        seen: SeenItems | None,
+    ) -> torch.Tensor:
+        """(P_c,) the terms of the positives of ``rows``: (R, D) ``query`` (those rows)
+        against (N, D) ``items``, ``owners`` counted from ``rows.start``."""
+        logits = query @ items.T * scale  # (R, N)
+        exclude = self._exclude(rows, len(logits), owners, positives, queries, seen)
+        return self.loss.terms(logits, positives, owners, exclude)
+
+    def _exclude(
+        self,
+        rows: slice,
+        count: int,
+        owners: torch.Tensor,
+        positives: torch.Tensor,
+        queries: torch.Tensor | None,
+        seen: SeenItems | None,
+    ) -> torch.Tensor | None:
+        """(count, N) bool: the items left out of the softmax of ``rows`` (``count`` of
+        them), whose (P_c,) positives are ``positives``, in rows ``owners`` (counted
+        from ``rows.start``); None: none."""
         exclude = None
-        if self.known is not None and len(positives):
-            if queries is None:
-                raise ValueError("masking known positives needs each row's query")
-            exclude = self.known.rows(queries)
+        if self.known is not None:
+            assert queries is not None
+            exclude = self.known.rows(queries[rows])
             if self.positives_compete:
                 exclude[owners, positives] = False
-        return self.loss(logits, positives, owners, exclude, weights)
+        if seen is not None:
+            at, items = seen
+            mine = (at >= rows.start) & (at < rows.start + count)
+            if exclude is None:
+                exclude = torch.zeros(count, self.num_items, dtype=torch.bool, device=at.device)
+            exclude[at[mine] - rows.start, items[mine]] = True
+        return exclude
+
+
+def _seeded_by(generator: torch.Generator) -> torch.Generator:
+    """A new CPU generator seeded by one draw of ``generator``."""
+    return torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
 
 
 def embed_unique(items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:
@@ -298,6 +501,7 @@ def build_objective(
     counts: np.ndarray,
     known: KnownPairs | None = None,
     collective: Collective | None = None,
+    mined: MinedNegatives | None = None,
 ) -> nn.Module:
     """The objective a config names: its ``kind`` picks the loss from ``LOSSES`` and,
     for the shared-candidate softmax, the sampler from ``CANDIDATE_SAMPLERS``.
@@ -308,9 +512,12 @@ def build_objective(
         known: the training (query, item) pairs, for ``mask_known``.
         collective: the training processes, whose positives the shared-candidate
             softmax gathers; None: this one alone.
+        mined: each query's mined candidates, for ``mined_negatives`` (the trainer's
+            ``NegativeMining`` refreshes them).
 
     Raises:
-        ConfigError: ``mask_known`` without the pairs; a corpus too large for ``full``.
+        ConfigError: ``mask_known`` without the pairs; ``mined_negatives`` without the
+            candidates; a corpus too large for ``full``.
     """
     num_items = len(counts)
     if isinstance(config, FullConfig):
@@ -322,8 +529,12 @@ def build_objective(
             )
         _check_known(config, known)
         return FullSoftmax(
-            num_items, known if config.mask_known else None, config.positives_compete
+            num_items,
+            known if config.mask_known else None,
+            config.positives_compete,
+            config.chunk_rows,
         )
+    _check_mined(config, mined)
     if isinstance(config, (InBatchConfig, MixedConfig)):
         frequency = _frequency(config, counts)
         sizes = (num_items, config.num_sampled) if isinstance(config, MixedConfig) else ()
@@ -337,12 +548,31 @@ def build_objective(
             config.hard_negatives,
             known if config.mask_known else None,
             collective,
+            _mined_share(config, frequency, num_items, mined),
         )
-    return _row_negatives(config, counts)
+    return _row_negatives(config, counts, mined)
+
+
+def _mined_share(
+    config: InBatchConfig | MixedConfig,
+    frequency,
+    num_items: int,
+    mined: MinedNegatives | None,
+) -> MinedShare | None:
+    """The mixed softmax's mined negatives: h of its m sampled ones, per row."""
+    if not isinstance(config, MixedConfig) or mined is None:
+        return None  # in_batch refuses mined negatives in its config
+    if not config.mined_negatives.enabled:
+        return None
+    h = config.mined_negatives.share(config.num_sampled)
+    shared = MixedSampler(frequency, num_items, config.num_sampled - h)
+    return MinedShare(mined, h, shared, UniformSampler(num_items))
 
 
 def _row_negatives(
-    config: PointwiseConfig | HingeConfig | LogisticConfig | ListwiseConfig, counts: np.ndarray
+    config: PointwiseConfig | HingeConfig | LogisticConfig | ListwiseConfig,
+    counts: np.ndarray,
+    mined: MinedNegatives | None = None,
 ) -> RowNegatives:
     """The per-row-negatives objective of a config: its sampler and its loss."""
     if config.sampler == "popularity":
@@ -358,7 +588,11 @@ def _row_negatives(
     loss = LOSSES[config.kind](**options)
     # BCE and softmax take cosines / temperature; the triplet margins are in cosine units
     scaled = isinstance(config, (PointwiseConfig, ListwiseConfig))
-    return RowNegatives(loss, sampler, config.num_negatives, scaled)
+    mining = config.mined_negatives
+    if not mining.enabled:
+        mined = None
+    num_mined = mining.share(config.num_negatives) if mined is not None else 0
+    return RowNegatives(loss, sampler, config.num_negatives, scaled, mined, num_mined)
 
 
 def _check_known(config: InBatchConfig | MixedConfig | FullConfig, known: object) -> None:
@@ -367,6 +601,11 @@ def _check_known(config: InBatchConfig | MixedConfig | FullConfig, known: object
             "training.objective.mask_known needs every training (query, item) pair, "
             "which in-memory training data has and a stream does not"
         )
+
+
+def _check_mined(config: ObjectiveConfig, mined: object) -> None:
+    if config.mined_negatives.enabled and mined is None:
+        raise ConfigError(MINING_REFUSAL)
 
 
 def _frequency(config: InBatchConfig | MixedConfig, counts: np.ndarray):

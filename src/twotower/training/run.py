@@ -22,6 +22,7 @@ import torch
 from twotower.config import Config, save_config
 from twotower.config_io import from_dict, to_dict
 from twotower.errors import ConfigError
+from twotower.evaluation.per_query import QueryMetrics
 from twotower.features.pipeline import FeaturePipeline
 from twotower.sources import DataSource, FittedFeatures, open_source
 from twotower.storage import remove_partial_files, write_json
@@ -203,6 +204,7 @@ def evaluate_run(
     checkpoint: str = "best",
     threads: int | None = None,
     sample: int | None = None,
+    per_query: QueryMetrics | None = None,
 ) -> dict[str, float]:
     """Ranks the full corpus with a run's saved model, on its own data and split.
 
@@ -219,6 +221,7 @@ def evaluate_run(
         threads: CPU threads; default the run's ``threads``.
         sample: for a run on a data build, rank about this many queries of each part
             (a seeded sample); None: every query.
+        per_query: where each evaluated query's metrics are kept, if given.
     """
     metrics: dict[str, float] = {}
     source: DataSource | None = None
@@ -242,6 +245,7 @@ def evaluate_run(
             training.eval_batch_size,
             sample,
             config.seed,
+            per_query,
         )
     return metrics
 

@@ -2,8 +2,10 @@
 
 Determinism on CPU: an epoch's shuffle comes from its own generator seeded with
 (seed, epoch); negatives come from one sampler generator, and dropout from the
-global generator, whose states the checkpoint saves. So a run resumed from its
-last checkpoint continues exactly as the uninterrupted run would have.
+global generator, whose states the checkpoint saves (with the mined negatives'
+candidates, ``training/mining.py``, refreshed on a schedule of the step alone). So a
+run resumed from its last checkpoint continues exactly as the uninterrupted run would
+have.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from twotower.training.config import TrainingConfig
 from twotower.training.distributed import Collective
 from twotower.training.evaluate import evaluate_model
 from twotower.training.examples import Batch, TrainingExamples
+from twotower.training.mining import negative_mining
 from twotower.training.objectives import KnownPairs, build_objective
 from twotower.training.run_log import RunLog
 
@@ -188,11 +191,13 @@ class Trainer:
         self.plan, self.config = plan, plan.training
         self.out, self.seed, self.extra = Path(out), seed, extra or {}
         self.collective = collective or Collective()
+        self.mining = negative_mining(self.config, data)
         self.objective = build_objective(
             self.config.objective,
             data.item_counts(),
             _known_pairs(self.config, data),
             self.collective,
+            None if self.mining is None else self.mining.negatives,
         ).to(data.device)
         self.step_loss: torch.nn.Module = _StepLoss(model, self.objective, data)
         # sparse gradients are averaged by Collective.average_sparse, not by DDP (see there)
@@ -250,8 +255,8 @@ class Trainer:
             "lr": lr,
             "temperature": float(1.0 / self.model.scale()),
         }
-        if self.collective.is_main and self.plan.validated:
-            record.update(self.evaluate("valid"))
+        if self.collective.is_main and self.plan.validated:  # by group only at the end
+            record.update(self.evaluate("valid", groups=False))
         return self.collective.broadcast(record)  # every rank stops at the same epoch
 
     def _train_epoch(self, epoch: int) -> tuple[float, int]:
@@ -266,7 +271,9 @@ class Trainer:
             steps = min(steps, self.config.steps_per_epoch)
         quiet = None if self.collective.is_main else True
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch}", unit="batch", disable=quiet)
-        for batch in bar:
+        for index, batch in enumerate(bar):
+            if self.mining is not None and self.mining.due(self.state.step, index == 0):
+                self.mining.refresh(self.model)
             loss = self.train_step(batch)
             total += loss * len(batch.positives)
             examples += len(batch.positives)
@@ -298,8 +305,11 @@ class Trainer:
         self.state.step += 1
         return value
 
-    def evaluate(self, part: str, exclude_seen: bool = True) -> dict[str, float]:
-        """Full-corpus ranking metrics of the current model on ``valid`` or ``test``."""
+    def evaluate(
+        self, part: str, exclude_seen: bool = True, groups: bool = True
+    ) -> dict[str, float]:
+        """Full-corpus ranking metrics of the current model on ``valid`` or ``test``
+        (``groups``: by item popularity and query activity group too)."""
         return evaluate_model(
             self.model,
             self.data,
@@ -307,6 +317,7 @@ class Trainer:
             self.config.ks,
             exclude_seen=exclude_seen,
             batch_size=self.config.eval_batch_size,
+            groups=groups,
         )
 
     def _end_epoch(self, record: dict[str, Any]) -> None:
@@ -344,6 +355,7 @@ class Trainer:
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "rng": rng,
             "state": dataclasses.asdict(self.state),
+            **({} if self.mining is None else {"mining": self.mining.state_dict()}),
             **self.extra,
         }
 
@@ -356,6 +368,8 @@ class Trainer:
             )
         self.model.load_state_dict(checkpoint["model"])
         self.objective.load_state_dict(checkpoint["objective"])
+        if self.mining is not None and "mining" in checkpoint:
+            self.mining.load_state_dict(checkpoint["mining"])
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())

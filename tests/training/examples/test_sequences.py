@@ -99,8 +99,10 @@ def test_weights_share_one_per_query_unless_positions_count_alike(data, sequence
     assert torch.equal(weights, torch.ones_like(weights))
 
 
-def test_sequences_need_a_sequence_encoder_and_a_shared_softmax(small_config, data):
-    with pytest.raises(ConfigError, match="examples=sequences trains with the in_batch or mixed"):
+def test_sequences_need_a_sequence_encoder_and_a_softmax(small_config, data):
+    with pytest.raises(
+        ConfigError, match="examples=sequences trains with the in_batch, mixed or full objective"
+    ):
         apply_overrides(
             small_config, ["training.objective.kind=hinge", "training.examples=sequences"]
         )

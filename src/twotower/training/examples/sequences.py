@@ -11,10 +11,16 @@ most ``max_len``, as at evaluation time, but fewer after a window's start.
     query q's items (oldest first):  a b c d e f g      max_len = 3
     windows:                         a b c d | d e f g
     positions -> targets:            a->b, ab->c, abc->d | d->e, de->f, def->g
+
+With the ``full`` objective every position is scored against the whole corpus
+(SASRec's cross-entropy, Klenitskiy and Vasilev 2023); its ``mask_seen`` leaves out of
+a position's softmax the query's items before the target (with ``def->g``: a to f),
+the window's and the earlier windows' alike, as evaluation leaves out seen items.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
@@ -33,6 +39,7 @@ from twotower.training.config import TrainingConfig
 from twotower.training.distributed import Collective
 from twotower.training.examples.base import Batch, item_embedder
 from twotower.training.examples.interactions import RowOptions, TrainingData
+from twotower.training.objectives import SeenItems
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -40,6 +47,7 @@ if TYPE_CHECKING:
 SEQUENCE_ENCODERS = ("transformer", "gru")
 
 
+@dataclasses.dataclass(kw_only=True)
 class SequenceBatch(Batch):
     """One batch of windows: B rows of a query's items, P positions that have a target.
 
@@ -50,7 +58,11 @@ class SequenceBatch(Batch):
             first: position t's target is the window's item t + 1.
         weights: (P,) each position's weight in the loss, or None: all alike.
         queries: (P,) each position's query index.
+        seen: with ``mask_seen``, (S,) positions and (S,) items: every item each
+            position's query interacted with before its target; None otherwise.
     """
+
+    seen: SeenItems | None = None
 
 
 class SequenceTrainingData(TrainingData):
@@ -61,6 +73,9 @@ class SequenceTrainingData(TrainingData):
         dataset, split, pipeline: as for ``TrainingData``.
         position_weights: ``query``: a query's positions share one weight (1 / its
             targets); ``position``: every position weighs 1.
+        mask_seen: give each batch the items every position's query interacted with
+            before its target (``SequenceBatch.seen``), which the ``full`` objective
+            leaves out of that position's softmax (``FullConfig.mask_seen``).
         options: ``device``, ``weights``, ``weight_cap``, as for ``TrainingData``: each
             position's weight is then also its target interaction's weight.
 
@@ -75,10 +90,12 @@ class SequenceTrainingData(TrainingData):
         split: Split,
         pipeline: FeaturePipeline,
         position_weights: Literal["query", "position"] = "query",
+        mask_seen: bool = False,
         **options: Unpack[RowOptions],
     ) -> None:
         super().__init__(dataset, split, pipeline, "before_event", **options)
         self.spec = _sequence_feature(self.history_features)
+        self.mask_seen = mask_seen
         rows, window_query = self._windows(self.spec.max_len)  # (W, max_len + 1), (W,)
         self.window_query = window_query
         self.window_rows = rows  # training rows, -1 pads
@@ -98,7 +115,7 @@ class SequenceTrainingData(TrainingData):
     def config_arguments(training: TrainingConfig) -> tuple:
         """The constructor's arguments after ``pipeline`` that a training config gives
         (``device``, ``weights`` and ``weight_cap`` aside)."""
-        return (training.position_weights,)
+        return (training.position_weights, getattr(training.objective, "mask_seen", False))
 
     def __len__(self) -> int:
         """Training positions (targets) in one epoch."""
@@ -140,7 +157,8 @@ class SequenceTrainingData(TrainingData):
         if self.row_weights is not None:  # times each target interaction's own weight
             weights = weights * self.row_weights[self.window_rows[windows, 1:][real]]
         queries = self.window_query[windows][:, None].expand_as(real)[real]  # (P,)
-        return SequenceBatch(query, targets[real], weights=weights, queries=queries)
+        seen = self._seen(self.window_rows[windows, 1:][real]) if self.mask_seen else None
+        return SequenceBatch(query, targets[real], weights=weights, queries=queries, seen=seen)
 
     def loss(
         self,
@@ -152,6 +170,8 @@ class SequenceTrainingData(TrainingData):
         """The loss of a batch of windows: the sequence encoder's vector at every real
         position (one forward pass) against that position's target."""
         query = model.query_tower.at_positions(batch.query, self.spec.name)  # (P, D)
+        # only the full softmax takes seen items (the config allows mask_seen there alone)
+        seen = {} if batch.seen is None else {"seen": batch.seen}
         return objective(
             query,
             batch.positives,
@@ -160,7 +180,17 @@ class SequenceTrainingData(TrainingData):
             generator,
             batch.weights,
             batch.queries,
+            **seen,
         )
+
+    def _seen(self, targets: torch.Tensor) -> SeenItems:
+        """(S,) positions and (S,) items: for each of (P,) target training rows, the
+        items of its query's training rows before it (oldest first)."""
+        earlier = self._rank[targets]  # (P,) rows of the same query before each target
+        first = self._position[targets] - earlier  # (P,) the query's first row in order
+        at = torch.repeat_interleave(torch.arange(len(targets), device=self.device), earlier)
+        within = torch.arange(len(at), device=self.device) - (earlier.cumsum(0) - earlier)[at]
+        return at, self.item_idx[self._sequence_order[first[at] + within]]
 
     def _windows(self, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, max_len + 1) the training rows of every window, oldest first, -1
