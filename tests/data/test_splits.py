@@ -355,6 +355,47 @@ def test_refit_split_keeps_the_new_items() -> None:
     assert split.with_valid_in_train().new_items is split.new_items
 
 
+@pytest.mark.parametrize("method", ["leave_last_out", "random", "time"])
+def test_new_items_valid_interactions_are_all_in_validation(method: str) -> None:
+    dataset = _synthetic()
+    config = SplitConfig(method=method, new_items=0.2, new_items_valid=0.1, seed=2)
+    split = split_interactions(dataset, config)
+    new, valid_new = split.new_items, split.new_items_valid
+    counts = np.bincount(dataset.column("item_idx"), minlength=dataset.num_items)
+    assert len(valid_new) == round(0.1 * np.count_nonzero(counts)) > 0
+    assert np.all(np.diff(valid_new) > 0) and not np.isin(valid_new, new).any()
+    assert not np.isin(_items_of(split.train), valid_new).any()
+    assert not np.isin(_items_of(split.test), valid_new).any()
+    assert np.isin(_items_of(split.valid), valid_new).sum() == counts[valid_new].sum()
+    assert split.new_items_in("valid") is valid_new and split.new_items_in("test") is new
+    # test's new items are those drawn without validation's
+    plain = split_interactions(dataset, dataclasses.replace(config, new_items_valid=0.0))
+    assert np.array_equal(plain.new_items, new)
+    # the method splits the other items' interactions as it splits them alone
+    held = np.isin(dataset.column("item_idx"), np.concatenate([new, valid_new]))
+    others = dataclasses.replace(dataset, interactions=dataset.interactions.filter(~held))
+    alone = split_interactions(others, SplitConfig(method=method, seed=2))
+    assert split.train.equals(alone.train)
+    for name, items in (("valid", valid_new), ("test", new)):
+        kept = split.part(name).filter(~np.isin(_items_of(split.part(name)), items))
+        assert kept.equals(alone.part(name))
+
+
+def test_new_items_valid_alone_and_refit() -> None:
+    split = split_interactions(_synthetic(), SplitConfig(new_items_valid=0.2))
+    assert split.new_items is None and split.new_items_in("test") is None
+    assert len(split.new_items_in("valid")) > 0
+    assert split.with_valid_in_train().new_items_valid is None  # trained on in a refit
+
+
+def test_new_item_shares_need_enough_items() -> None:
+    # one item (3) has two interactions: each share draws at least one
+    table = pa.table({"query_id": [1, 1, 2, 2, 3], "item_id": [1, 3, 4, 3, 6]})
+    config = SplitConfig(new_items=0.5, new_items_valid=0.4, new_items_min_count=2)
+    with pytest.raises(DataError, match="toy: .* draw 1 and 1 items, more than the 1 with"):
+        split_interactions(Dataset.from_tables(table, name="toy"), config)
+
+
 def test_no_item_with_enough_interactions_to_draw() -> None:
     with pytest.raises(DataError, match="toy: split.new_items .* at least 5 interactions"):
         split_interactions(
@@ -363,7 +404,15 @@ def test_no_item_with_enough_interactions_to_draw() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"new_items": 1.0}, {"new_items": -0.1}, {"new_items_min_count": 0}]
+    "bad",
+    [
+        {"new_items": 1.0},
+        {"new_items": -0.1},
+        {"new_items_min_count": 0},
+        {"new_items_valid": 1.0},
+        {"new_items_valid": -0.1},
+        {"new_items": 0.6, "new_items_valid": 0.4},
+    ],
 )
 def test_bad_new_items(bad: dict) -> None:
     with pytest.raises(ValueError, match="new_items"):

@@ -265,6 +265,9 @@ class SplitConfig:
             the rest. 0: none. Needs the data in memory.
         new_items_min_count: the fewest interactions an item needs to be drawn as new
             (so the test has that many of its pairs to find).
+        new_items_valid: another share of items held out of training, drawn after
+            ``new_items`` among the same items, every interaction of theirs in
+            validation: new items to choose settings on, never test's. 0: none.
     """
 
     method: Literal["leave_last_out", "random", "time", "given"] = "leave_last_out"
@@ -275,10 +278,19 @@ class SplitConfig:
     train_from: float | None = None
     new_items: float = 0.0
     new_items_min_count: int = 1
+    new_items_valid: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.new_items < 1:
-            raise ValueError(f"new_items must be a share in [0, 1), got {self.new_items}")
+        if not 0 <= self.new_items < 1 or not 0 <= self.new_items_valid < 1:
+            raise ValueError(
+                "new_items and new_items_valid must be shares in [0, 1), got "
+                f"{self.new_items} and {self.new_items_valid}"
+            )
+        if self.new_items + self.new_items_valid >= 1:
+            raise ValueError(
+                f"new_items ({self.new_items}) and new_items_valid ({self.new_items_valid}) "
+                "must leave some items to train on: their sum must be below 1"
+            )
         if self.new_items_min_count < 1:
             raise ValueError(f"new_items_min_count must be >= 1, got {self.new_items_min_count}")
         if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6:
@@ -291,3 +303,8 @@ class SplitConfig:
                 f"train_from ({start}) must come before valid_from ({end}): the training "
                 "examples lie between them"
             )
+
+    @property
+    def holds_new_items(self) -> bool:
+        """Whether some items are held out of training (``new_items``, ``new_items_valid``)."""
+        return self.new_items > 0 or self.new_items_valid > 0
