@@ -46,6 +46,7 @@ SPLITS = {
 }
 METRICS = ("recall@10", "ndcg@10", "hr@10", "recall@50", "recall@100")
 KS = (10, 50, 100)  # the recipe's own cutoffs
+ALONE = ("", "new_items/", "known_items/")  # the whole part, its new items, the others
 BASELINES = {"pop": "popularity", "itemknn": "item-KNN", "ease": "EASE"}
 
 
@@ -58,11 +59,11 @@ def run_config(split: str, rate: float, seed: int, data_dir: Path) -> Config:
 
 def run_metrics(split: str, rate: float, seed: int, args: argparse.Namespace) -> dict:
     """A run's final metrics (valid and test), from its folder if it finished, else
-    trained now."""
+    trained now (from its last checkpoint, if a killed study left one)."""
     out = args.out / split / f"dropout-{rate:g}" / f"seed-{seed}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    return train_run(run_config(split, rate, seed, args.data_dir), out).metrics
+    return train_run(run_config(split, rate, seed, args.data_dir), out, resume=True).metrics
 
 
 def read(ledger: Path) -> list[dict]:
@@ -78,9 +79,9 @@ def record(ledger: Path, entry: dict) -> None:
 
 
 def kept(metrics: dict, part: str) -> dict:
-    """The part's METRICS, over the whole part and (where reported) its new items."""
-    names = [f"{part}/{m}" for m in METRICS] + [f"{part}/new_items/{m}" for m in METRICS]
-    names += [f"{part}/queries", f"{part}/new_items/queries"]
+    """The part's METRICS, over the whole part and (where reported) its new items
+    alone and its other items alone."""
+    names = [f"{part}/{alone}{m}" for alone in ALONE for m in (*METRICS, "queries")]
     return {name: metrics[name] for name in names if name in metrics}
 
 

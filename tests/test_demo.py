@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from twotower.demo import NEW_ITEMS_DIR, format_new_items, format_table, run_demo
+from twotower.config import load_config
+from twotower.demo import (
+    NEW_ITEMS_DIR,
+    NEW_ITEMS_DROPOUT,
+    format_new_items,
+    format_table,
+    run_demo,
+)
 from twotower.export import export_run
+from twotower.features.specs import IdFeature
 from twotower.training.run import evaluate_run
 
 SMALL = [
@@ -67,11 +75,22 @@ def test_demo_runs_again_with_new_items_held_out(result):
     assert (result.out / NEW_ITEMS_DIR / "two-tower" / "metrics.json").is_file()
 
 
+def test_the_new_items_run_drops_item_ids_and_the_first_does_not(result):
+    def item_id(run: Path) -> IdFeature:
+        config = load_config(run / "config.yaml")
+        return next(spec for spec in config.features.item if spec.name == "item_id")
+
+    assert item_id(result.out / NEW_ITEMS_DIR / "two-tower").dropout == NEW_ITEMS_DROPOUT > 0
+    assert item_id(result.out / "two-tower").dropout == 0.0
+    assert result.dropout == {"item_id": NEW_ITEMS_DROPOUT}
+
+
 def test_the_new_items_table_says_what_it_shows(result):
     table = format_new_items(result)
     words = " ".join(table.split())  # the title is wrapped
     assert "20 items held out of training" in words
     assert "score every new item 0" in words
+    assert f"(item_id dropout {NEW_ITEMS_DROPOUT:g})" in words
     rows = table.splitlines()[-len(result.new_items) :]
     assert [row.split()[0] for row in rows] == list(result.new_items)
     assert rows[-1].split()[1:] == ["0.0000"] * 5  # ease

@@ -13,7 +13,9 @@ the same unreachable amount. A query with no held-out item left is not evaluated
 New items (``split.new_items``): beside the part's metrics, the same metrics of the
 same rankings with each query's held-out items restricted to the new items, over the
 queries that have any (``test/new_items/recall@10``, ..., ``test/new_items/queries``):
-how well a model places items it never trained on, among the whole corpus.
+how well a model places items it never trained on, among the whole corpus; and
+restricted to the other items (``test/known_items/...``), which the part's metrics
+mix with the new ones.
 
 With ``groups`` (``evaluate``) or ``item_counts`` (``evaluate_chunks``) the metrics are
 also reported by item popularity and query activity (``twotower.evaluation.groups``),
@@ -134,14 +136,14 @@ def evaluate_chunks(
         item_counts: (N,) each item's interactions known before the part; adds the
             metrics by group (the queries' counts are their rows of ``seen``).
         per_query: where each evaluated query's own metrics are kept, if given.
-        new_items: (M,) the item indices held out of training (``Split.new_items_in``):
-            adds the metrics of each query's held-out new items, ``{part}/new_items/...``.
+        new_items: (M,) the items held out of training (``Split.new_items_in``): adds
+            ``{part}/new_items/...`` and ``{part}/known_items/...`` (module doc).
         part, num_items, ks, exclude_seen, chunk_size, item_popularity: as ``evaluate``'s
             (a popularity must be given as counts).
     """
     totals = RankingTotals(ks, num_items, item_popularity, item_counts)
     k = max(ks, default=1)  # an empty ks is rejected by RankingTotals above
-    new = None if new_items is None else _NewItems(new_items, ks, num_items, item_popularity)
+    alone = _ItemsAlone.new_and_known(new_items, ks, num_items, item_popularity)
     evaluated = offset = 0
     bar = tqdm(total=total, desc="ranking", unit="query", leave=False, disable=None)
     with bar:
@@ -159,30 +161,47 @@ def evaluate_chunks(
             if per_query is not None:
                 ids = _ids(chunk.ids, queries[rows.rows], offset)
                 per_query.add(ids, counts[rows.rows], rows)
-            if new is not None:
-                new.add(ranked, held_out[queries])
+            for restricted in alone.values():
+                restricted.add(ranked, held_out[queries])
             evaluated += len(queries)
             offset += held_out.shape[0]
     if per_query is not None:
         per_query.end_part(part)
     result = {f"{part}/{name}": value for name, value in totals.result().items()}
     result[f"{part}/queries"] = evaluated
-    if new is not None:
-        result |= new.result(f"{part}/new_items")
+    for name, restricted in alone.items():
+        result |= restricted.result(f"{part}/{name}")
     return result
 
 
-class _NewItems:
-    """The metrics of the rankings with each row's held-out items restricted to the new
-    items (rows with none are not counted), added as ``evaluate_chunks`` ranks."""
+class _ItemsAlone:
+    """The metrics of the rankings with each row's held-out items restricted to some
+    items (rows with none are not counted), added as ``evaluate_chunks`` ranks.
 
-    def __init__(
-        self, items: np.ndarray, ks: Sequence[int], num_items: int, popularity: np.ndarray | None
-    ) -> None:
-        mask = np.zeros(num_items, dtype=np.float32)
-        mask[items] = 1.0
-        self.columns = sp.diags(mask, format="csr")  # (N, N): keeps the new items' columns
-        self.totals = RankingTotals(ks, num_items, popularity)
+    Args:
+        items: (N,) bool: the items kept.
+    """
+
+    def __init__(self, items: np.ndarray, ks: Sequence[int], popularity: np.ndarray | None) -> None:
+        # (N, N) diagonal: keeps the items' columns
+        self.columns = sp.diags(items.astype(np.float32), format="csr")
+        self.totals = RankingTotals(ks, len(items), popularity)
+
+    @classmethod
+    def new_and_known(
+        cls,
+        new_items: np.ndarray | None,
+        ks: Sequence[int],
+        num_items: int,
+        popularity: np.ndarray | None,
+    ) -> dict[str, _ItemsAlone]:
+        """``new_items`` alone and the other items alone, by the names their metrics
+        take (``new_items``, ``known_items``); none without new items."""
+        if new_items is None:
+            return {}
+        new = np.zeros(num_items, dtype=bool)
+        new[new_items] = True
+        return {"new_items": cls(new, ks, popularity), "known_items": cls(~new, ks, popularity)}
 
     def add(self, ranked: np.ndarray, held_out: sp.csr_matrix) -> None:
         self.totals.add(ranked, (held_out @ self.columns).tocsr())
