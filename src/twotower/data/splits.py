@@ -82,6 +82,13 @@ class Split:
         return self.new_items if part == "test" else self.new_items_valid
 
     @property
+    def held_out_items(self) -> np.ndarray | None:
+        """(M,) int64 sorted: every item held out of training (test's new items and
+        validation's), which training must not know, not even as a negative; None: none."""
+        held = [items for items in (self.new_items, self.new_items_valid) if items is not None]
+        return np.sort(np.concatenate(held)) if held else None
+
+    @property
     def training_examples(self) -> pa.Table:
         """The training interactions that are examples (all of ``train`` but for a
         ``train_from``), which the features are fitted on."""

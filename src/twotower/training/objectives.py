@@ -362,6 +362,10 @@ class FullSoftmax(nn.Module):
         positives_compete: in ``sets``, a row's positives are not masked from one
             another's softmax (``FullConfig.positives_compete``).
         chunk_rows: rows scored at once; None: all of them.
+        held_out: (M,) items held out of training (``Split.held_out_items``): in no
+            row's softmax, as items that do not exist yet when the model trains; else
+            every step would push them down, and a model would learn their features
+            only as those of items no one picks.
     """
 
     def __init__(
@@ -370,6 +374,7 @@ class FullSoftmax(nn.Module):
         known: KnownPairs | None = None,
         positives_compete: bool = False,
         chunk_rows: int | None = None,
+        held_out: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         self.num_items = num_items
@@ -377,6 +382,12 @@ class FullSoftmax(nn.Module):
         self.positives_compete = positives_compete
         self.chunk_rows = chunk_rows
         self.loss = MultiPositiveSoftmax()  # every item a candidate: the full softmax
+        outside = None
+        if held_out is not None and len(held_out):
+            outside = torch.zeros(num_items, dtype=torch.bool)
+            outside[torch.as_tensor(held_out, dtype=torch.int64)] = True
+        # (N,) bool, on the objective's device; not state: the split gives it again
+        self.register_buffer("outside", outside, persistent=False)
 
     def forward(
         self,
@@ -476,6 +487,9 @@ class FullSoftmax(nn.Module):
             exclude = self.known.rows(queries[rows])
             if self.positives_compete:
                 exclude[owners, positives] = False
+        if self.outside is not None:
+            outside = self.outside.expand(count, -1)  # (count, N)
+            exclude = outside.clone() if exclude is None else exclude | outside
         if seen is not None:
             at, items = seen
             mine = (at >= rows.start) & (at < rows.start + count)
@@ -502,6 +516,7 @@ def build_objective(
     known: KnownPairs | None = None,
     collective: Collective | None = None,
     mined: MinedNegatives | None = None,
+    held_out: np.ndarray | None = None,
 ) -> nn.Module:
     """The objective a config names: its ``kind`` picks the loss from ``LOSSES`` and,
     for the shared-candidate softmax, the sampler from ``CANDIDATE_SAMPLERS``.
@@ -514,6 +529,8 @@ def build_objective(
             softmax gathers; None: this one alone.
         mined: each query's mined candidates, for ``mined_negatives`` (the trainer's
             ``NegativeMining`` refreshes them).
+        held_out: items held out of training (``Split.held_out_items``), left out of
+            the full softmax (a sampler drawing uniformly can still draw them).
 
     Raises:
         ConfigError: ``mask_known`` without the pairs; ``mined_negatives`` without the
@@ -533,6 +550,7 @@ def build_objective(
             known if config.mask_known else None,
             config.positives_compete,
             config.chunk_rows,
+            held_out,
         )
     _check_mined(config, mined)
     if isinstance(config, (InBatchConfig, MixedConfig)):

@@ -198,6 +198,7 @@ class Trainer:
             _known_pairs(self.config, data),
             self.collective,
             None if self.mining is None else self.mining.negatives,
+            data.split.held_out_items,
         ).to(data.device)
         self.step_loss: torch.nn.Module = _StepLoss(model, self.objective, data)
         # sparse gradients are averaged by Collective.average_sparse, not by DDP (see there)
