@@ -135,9 +135,14 @@ def valid_table(entries: list[dict]) -> str:
 
 
 def test_table(entries: list[dict]) -> str:
-    """Each model's test metrics on the new items alone, then on the whole part."""
+    """Each model's test metrics on the new items alone, on the other items alone, then
+    on the whole part."""
     lines = []
-    for title, prefix in (("new items alone", "test/new_items/"), ("whole test", "test/")):
+    for title, prefix in (
+        ("new items alone", "test/new_items/"),
+        ("the other items alone", "test/known_items/"),
+        ("whole test", "test/"),
+    ):
         lines += [
             f"\n{title}:\n",
             "| model | seeds | " + " | ".join(METRICS) + " |",
@@ -146,7 +151,7 @@ def test_table(entries: list[dict]) -> str:
         for model in dict.fromkeys(e["model"] for e in entries):
             group = [e for e in entries if e["model"] == model]
             cells = [_spread([e[f"{prefix}{m}"] for e in group]) for m in METRICS]
-            label = BASELINES.get(model, model)
+            label = BASELINES.get(model) or f"two-tower, item_id {model}"
             lines.append(f"| {label} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

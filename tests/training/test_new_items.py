@@ -132,11 +132,11 @@ def test_the_full_softmax_leaves_held_out_items_out():
     loss = held(query, positives, lambda ids: items[ids], torch.tensor(1.0), generator)
     logits = query @ items[:3].T  # (2, 3): the softmax of the items left
     by_hand = -torch.log_softmax(logits, dim=1)[torch.arange(2), positives].mean()
-    assert float(loss) == pytest.approx(float(by_hand), rel=1e-6)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
     loss.backward()
     assert torch.equal(items.grad[3], torch.zeros(3))
     everyone = FullSoftmax(4)(query, positives, lambda ids: items[ids], torch.tensor(1.0), None)
-    assert float(everyone) > float(loss)  # item 3 would have been one more negative
+    assert everyone.item() > loss.item()  # item 3 would have been one more negative
 
 
 def _with_item_id(config: Config, dropout: float = 0.0) -> Config:
@@ -150,9 +150,11 @@ def _with_item_id(config: Config, dropout: float = 0.0) -> Config:
     return dataclasses.replace(config, features=features, training=training)
 
 
-def test_the_full_softmax_with_an_item_id_still_finds_new_items(shop, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_the_full_softmax_with_an_item_id_still_finds_new_items(shop, tmp_path, dropout):
     """The item tower reads the item id too, unknown for a new item, and the full
     softmax scores every item at every step: were the new items in it, every step would
-    push them (and their unknown id) down as items no one picks, below every shelf."""
-    metrics = train_run(_with_item_id(shop), tmp_path / "run").metrics
+    push them (and their unknown id) down as items no one picks, below every shelf
+    (Recall@10 0.26 then). Dropping item ids in training keeps that so."""
+    metrics = train_run(_with_item_id(shop, dropout), tmp_path / "run").metrics
     assert metrics["test/new_items/recall@10"] > 0.95, metrics
