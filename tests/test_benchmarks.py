@@ -675,3 +675,57 @@ def test_self_supervised_ledger_holds_the_groups_and_names_a_capped_run(tmp_path
     again = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "epoch 1:" not in again.stdout + again.stderr
     assert ledger.read_text().splitlines() == [json.dumps(e) for e in entries]
+
+
+def _new_items():
+    """The new-items study's module (``benchmarks/new_items.py``)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import new_items
+
+    return new_items
+
+
+def test_new_items_validation_ledger_holds_no_test_metric(tmp_path, monkeypatch):
+    """The runs the sweep chooses on report valid and test; its ledger keeps validation
+    alone, and the test step reads test of the rate given and of 0 (by hand here)."""
+    study = _new_items()
+    trained = []
+
+    def metrics(split, rate, seed, args):
+        trained.append((split, rate, seed))
+        values = {
+            f"{part}/{alone}{m}": rate + seed / 10
+            for part in ("valid", "test")
+            for alone in study.ALONE
+            for m in (*study.METRICS, "queries")
+        }
+        return values | {"best_epoch": 3}
+
+    monkeypatch.setattr(study, "run_metrics", metrics)
+    monkeypatch.setattr(
+        study,
+        "evaluate_baseline",
+        lambda *a, **k: {
+            f"test/{alone}{m}": 0.0 for alone in study.ALONE for m in (*study.METRICS, "queries")
+        },
+    )
+    monkeypatch.setattr(study, "open_source", lambda config: None)
+    args = dataclasses.make_dataclass("Args", [])()
+    args.splits, args.rates, args.seeds = ["new-items"], [0.0, 0.25], [0, 1]
+    args.ledger, args.data_dir = tmp_path / "valid.jsonl", DATASETS
+    study.valid_rows(args)
+    study.valid_rows(args)  # a rerun trains nothing the ledger holds
+    entries = study.read(args.ledger)
+    assert len(trained) == len(entries) == 4
+    assert not [key for entry in entries for key in entry if key.startswith("test/")]
+    assert "| new-items | 0.25 | 2 | 0.3000 ± 0.0500 |" in study.valid_table(entries)
+    args.ledger, args.rate = tmp_path / "test.jsonl", 0.25
+    study.test_rows(args)
+    rows = study.read(args.ledger)
+    assert [(r["model"], r["seed"]) for r in rows][3:] == [
+        ("dropout 0", 0),
+        ("dropout 0", 1),
+        ("dropout 0.25", 0),
+        ("dropout 0.25", 1),
+    ]
+    assert rows[-1]["test/new_items/ndcg@10"] == 0.35

@@ -170,7 +170,7 @@ def test_unknown_key_suggests_the_nearest(tmp_path: Path) -> None:
     message = _error("split: {methd: random}", tmp_path)
     assert "split: unknown key 'methd'" in message
     assert "did you mean 'method'?" in message
-    assert "valid: method, ratios, seed" in message
+    assert "valid: method, new_items, new_items_min_count, new_items_valid, ratios, seed" in message
 
 
 def test_unknown_top_level_section(tmp_path: Path) -> None:

@@ -63,12 +63,13 @@ def demo(
     threads: Threads = None,
 ) -> None:
     """Generate the built-in synthetic data, fit features, evaluate, print a table."""
-    from twotower.demo import format_table, run_demo
+    from twotower.demo import format_new_items, format_table, run_demo
 
     given = [f"threads={threads}"] if threads is not None else []
     result = run_demo(out, [*(overrides or []), *given])
     typer.echo(f"\nFull-corpus ranking, seen items excluded (test split, run folder {out}):\n")
     typer.echo(format_table(result.metrics, DEMO_COLUMNS))
+    typer.echo(f"\n{format_new_items(result)}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     typer.echo(
         f"\nTime: {stages}. Metrics: {out / 'metrics.json'}; plot: {out / 'recall_at_k.png'}"

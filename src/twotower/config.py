@@ -63,6 +63,12 @@ class Config:
                 "split.train_from trains on the interactions of a new period with "
                 "training.examples=interactions, from data in memory (not a stream)"
             )
+        if self.split.holds_new_items and self.data.streamed:
+            raise ValueError(
+                "split.new_items or new_items_valid holds items out of training on data in "
+                "memory; a stream or a data build cannot: use a 'files' source, or leave "
+                "split.new_items and split.new_items_valid at 0"
+            )
 
 
 def check_config(config: Config) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -267,6 +268,155 @@ def test_given_uses_the_split_column() -> None:
 def test_bad_ratios() -> None:
     with pytest.raises(ValueError, match="summing to 1"):
         SplitConfig(ratios=[0.5, 0.2, 0.2])
+
+
+# ---- new_items: items held out of training entirely ------------------------------------
+
+
+def _synthetic() -> Dataset:
+    return generate(
+        SyntheticConfig(num_queries=120, num_items=60, interactions_per_query=8)
+    ).dataset
+
+
+def _items_of(part: pa.Table) -> np.ndarray:
+    return part.column("item_idx").to_numpy()
+
+
+@pytest.mark.parametrize("method", ["leave_last_out", "random", "time"])
+def test_new_items_interactions_are_all_in_test(method: str) -> None:
+    dataset = _synthetic()
+    split = split_interactions(dataset, SplitConfig(method=method, new_items=0.2))
+    new = split.new_items
+    counts = np.bincount(dataset.column("item_idx"), minlength=dataset.num_items)
+    assert len(new) == round(0.2 * np.count_nonzero(counts)) > 0
+    assert np.all(np.diff(new) > 0)  # sorted, distinct
+    assert not np.isin(_items_of(split.train), new).any()
+    assert not np.isin(_items_of(split.valid), new).any()
+    in_test = np.isin(_items_of(split.test), new)
+    assert in_test.sum() == counts[new].sum()  # every one of their interactions
+    assert sum(split.part(name).num_rows for name in SPLIT_NAMES) == dataset.interactions.num_rows
+    assert split.new_items_in("test") is new and split.new_items_in("valid") is None
+
+
+@pytest.mark.parametrize("method", ["leave_last_out", "random", "time"])
+def test_new_items_leave_the_method_to_split_the_others(method: str) -> None:
+    """The other items' interactions are split as the method splits them alone."""
+    dataset = _synthetic()
+    split = split_interactions(dataset, SplitConfig(method=method, new_items=0.2, seed=4))
+    held = np.isin(dataset.column("item_idx"), split.new_items)
+    others = dataclasses.replace(dataset, interactions=dataset.interactions.filter(~held))
+    alone = split_interactions(others, SplitConfig(method=method, seed=4))
+    assert split.train.equals(alone.train) and split.valid.equals(alone.valid)
+    old_test = split.test.filter(~np.isin(_items_of(split.test), split.new_items))
+    assert old_test.equals(alone.test)
+
+
+def test_new_items_are_drawn_by_the_seed() -> None:
+    dataset = _synthetic()
+    draw = {
+        seed: split_interactions(dataset, SplitConfig(new_items=0.2, seed=seed)).new_items
+        for seed in (0, 0, 1)
+    }
+    again = split_interactions(dataset, SplitConfig(method="random", new_items=0.2)).new_items
+    assert np.array_equal(draw[0], again)  # the same items whatever the method
+    assert not np.array_equal(draw[0], draw[1])
+    config = SplitConfig(method="random", new_items=0.2, seed=3)
+    first, second = (split_interactions(dataset, config) for _ in range(2))
+    assert all(first.part(name).equals(second.part(name)) for name in SPLIT_NAMES)
+
+
+def test_new_items_only_among_items_with_enough_interactions() -> None:
+    dataset = _synthetic()
+    counts = np.bincount(dataset.column("item_idx"), minlength=dataset.num_items)
+    config = SplitConfig(new_items=0.3, new_items_min_count=10)
+    new = split_interactions(dataset, config).new_items
+    assert counts[new].min() >= 10
+    assert len(new) == round(0.3 * np.count_nonzero(counts >= 10))
+
+
+def test_new_items_with_given_parts() -> None:
+    # item 3 (rows 1 and 4) is the only item with two interactions: the one drawn
+    table = pa.table(
+        {
+            "query_id": [1, 1, 2, 2, 3, 3],
+            "item_id": [1, 3, 4, 5, 3, 6],
+            "row": range(6),
+            "split": [0, 0, 1, 0, 0, 2],
+        }
+    )
+    config = SplitConfig(method="given", new_items=0.5, new_items_min_count=2)
+    split = split_interactions(Dataset.from_tables(table), config)
+    assert _rows(split) == {"train": [0, 3], "valid": [2], "test": [1, 4, 5]}
+
+
+def test_refit_split_keeps_the_new_items() -> None:
+    split = split_interactions(_synthetic(), SplitConfig(new_items=0.1))
+    assert split.with_valid_in_train().new_items is split.new_items
+
+
+@pytest.mark.parametrize("method", ["leave_last_out", "random", "time"])
+def test_new_items_valid_interactions_are_all_in_validation(method: str) -> None:
+    dataset = _synthetic()
+    config = SplitConfig(method=method, new_items=0.2, new_items_valid=0.1, seed=2)
+    split = split_interactions(dataset, config)
+    new, valid_new = split.new_items, split.new_items_valid
+    counts = np.bincount(dataset.column("item_idx"), minlength=dataset.num_items)
+    assert len(valid_new) == round(0.1 * np.count_nonzero(counts)) > 0
+    assert np.all(np.diff(valid_new) > 0) and not np.isin(valid_new, new).any()
+    assert not np.isin(_items_of(split.train), valid_new).any()
+    assert not np.isin(_items_of(split.test), valid_new).any()
+    assert np.isin(_items_of(split.valid), valid_new).sum() == counts[valid_new].sum()
+    assert split.new_items_in("valid") is valid_new and split.new_items_in("test") is new
+    # test's new items are those drawn without validation's
+    plain = split_interactions(dataset, dataclasses.replace(config, new_items_valid=0.0))
+    assert np.array_equal(plain.new_items, new)
+    # the method splits the other items' interactions as it splits them alone
+    held = np.isin(dataset.column("item_idx"), np.concatenate([new, valid_new]))
+    others = dataclasses.replace(dataset, interactions=dataset.interactions.filter(~held))
+    alone = split_interactions(others, SplitConfig(method=method, seed=2))
+    assert split.train.equals(alone.train)
+    for name, items in (("valid", valid_new), ("test", new)):
+        kept = split.part(name).filter(~np.isin(_items_of(split.part(name)), items))
+        assert kept.equals(alone.part(name))
+
+
+def test_new_items_valid_alone_and_refit() -> None:
+    split = split_interactions(_synthetic(), SplitConfig(new_items_valid=0.2))
+    assert split.new_items is None and split.new_items_in("test") is None
+    assert len(split.new_items_in("valid")) > 0
+    assert split.with_valid_in_train().new_items_valid is None  # trained on in a refit
+
+
+def test_new_item_shares_need_enough_items() -> None:
+    # one item (3) has two interactions: each share draws at least one
+    table = pa.table({"query_id": [1, 1, 2, 2, 3], "item_id": [1, 3, 4, 3, 6]})
+    config = SplitConfig(new_items=0.5, new_items_valid=0.4, new_items_min_count=2)
+    with pytest.raises(DataError, match="toy: .* draw 1 and 1 items, more than the 1 with"):
+        split_interactions(Dataset.from_tables(table, name="toy"), config)
+
+
+def test_no_item_with_enough_interactions_to_draw() -> None:
+    with pytest.raises(DataError, match="toy: split.new_items .* at least 5 interactions"):
+        split_interactions(
+            _dataset(["a", "a", "b"]), SplitConfig(new_items=0.5, new_items_min_count=5)
+        )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"new_items": 1.0},
+        {"new_items": -0.1},
+        {"new_items_min_count": 0},
+        {"new_items_valid": 1.0},
+        {"new_items_valid": -0.1},
+        {"new_items": 0.6, "new_items_valid": 0.4},
+    ],
+)
+def test_bad_new_items(bad: dict) -> None:
+    with pytest.raises(ValueError, match="new_items"):
+        SplitConfig(**bad)
 
 
 # ---- property: a split is a deterministic partition ------------------------------------

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -162,3 +164,36 @@ def test_queries_ranked_chunk_by_chunk_give_the_whole_metrics(part: str) -> None
     assert {type(value) for value in got.values()} <= {float, int}  # plain, for checkpoints
     for name, value in whole.items():
         assert got[name] == pytest.approx(value, rel=1e-12, nan_ok=True), name
+
+
+def test_new_items_metrics_restrict_the_held_out_items_to_them() -> None:
+    # Items 4 and 5 are in test alone: say they are the new items. Held-out new items:
+    # q2 {5}, q3 {4}, ranked as the whole test ranks them: q2 [1, 2, 3, 4, 5] (all
+    # tied, lower index first; 0 seen) -> item 5 at rank 5; q3 [4, 0, 1, 2, 3] -> rank 1.
+    split = dataclasses.replace(SPLIT, new_items=np.array([4, 5]))
+    result = evaluate(_lookup(HAND_SCORES), split, "test", 4, 6, ks=[1, 5], chunk_size=3)
+    assert result["test/new_items/queries"] == 2
+    assert result["test/new_items/recall@1"] == pytest.approx(0.5)
+    assert result["test/new_items/recall@5"] == pytest.approx(1.0)
+    assert result["test/new_items/mrr@5"] == pytest.approx((1 / 5 + 1) / 2)
+    assert result["test/new_items/ndcg@5"] == pytest.approx((1 / np.log2(6) + 1) / 2)
+    # the other held-out items alone: q0's 3 (q1's 3 is seen), first of q0's 3, 4, 5
+    assert result["test/known_items/queries"] == 1
+    assert result["test/known_items/recall@1"] == result["test/known_items/mrr@5"] == 1.0
+    whole = evaluate(_lookup(HAND_SCORES), SPLIT, "test", 4, 6, ks=[1, 5])
+    alone = ("/new_items/", "/known_items/")
+    assert {k: v for k, v in result.items() if not any(a in k for a in alone)} == whole
+    valid = evaluate(_lookup(HAND_SCORES), split, "valid", 4, 6, ks=[1, 5])
+    assert not [k for k in valid if "new_items" in k]  # new items have no valid pairs
+
+
+def test_validation_new_items_are_reported_on_validation() -> None:
+    # Item 3 is validation's new item: q1's valid pair. q1 ranks [3, 4, 5, 1, 0] (2
+    # seen; 3 and 4 tie at 3.0, the lower index first) -> rank 1; the known pair left
+    # is q0's 2, ranked [2, 3, 4, 5] (0 and 1 seen) -> rank 1.
+    split = dataclasses.replace(SPLIT, new_items_valid=np.array([3]))
+    valid = evaluate(_lookup(HAND_SCORES), split, "valid", 4, 6, ks=[1])
+    assert valid["valid/new_items/queries"] == valid["valid/known_items/queries"] == 1
+    assert valid["valid/new_items/recall@1"] == valid["valid/known_items/recall@1"] == 1.0
+    test = evaluate(_lookup(HAND_SCORES), split, "test", 4, 6, ks=[1])
+    assert not [k for k in test if "_items/" in k]  # test's own new items: none here

@@ -18,6 +18,7 @@ from twotower.data.config import DataConfig, SplitConfig, StreamConfig
 from twotower.data.dataset import QUERY_IDX, TIMESTAMP
 from twotower.errors import ConfigError
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
+from twotower.features.transform import OOV
 from twotower.prepare import build_data
 from twotower.sources import (
     NEEDS_BUILD,
@@ -217,3 +218,39 @@ def test_a_new_period_fits_features_on_its_examples_and_histories_on_all_it_know
 def test_a_new_period_is_refused_on_a_stream(configs):
     with pytest.raises(ValueError, match=r"split.train_from .* \(not a stream\)"):
         dataclasses.replace(configs["built"], split=SplitConfig(train_from=1.0))
+
+
+def test_new_items_reach_no_vocabulary_history_or_seen_item(configs):
+    """``split.new_items``: the items held out of training are unknown to every fitted
+    vocabulary, to the histories and to the items each query knew before either part;
+    their ids read as out of vocabulary, as a new id does at serving."""
+    config = configs["memory"]
+    config = dataclasses.replace(config, split=dataclasses.replace(config.split, new_items=0.2))
+    source = open_source(config)
+    new = source.new_items("test")
+    assert len(new) > 0 and source.new_items("valid") is None
+    pipeline = source.fit_features(config).pipeline
+    ids = source.dataset.items.column("item_id")
+    vocabulary = set(pipeline.transforms["item"]["item_id"].vocabulary.values.to_pylist())
+    assert not vocabulary & set(ids.take(pa.array(new)).to_pylist())
+    codes = pipeline.transform("item", source.items())["item_id"].numpy()
+    assert (codes[new] == OOV).all()
+    split = source.split
+    for part, known in (("valid", [split.train]), ("test", [split.train, split.valid])):
+        (chunk,) = source.held_out(part, pipeline)
+        assert chunk.seen[:, new].nnz == 0 and source.popularity(part)[new].sum() == 0
+        assert (chunk.targets[:, new].nnz > 0) == (part == "test")
+        # each query's history is its known interactions, the new items' none of them
+        history = chunk.pipeline.transform("query", chunk.queries)["history"].numpy()
+        counts = np.bincount(
+            pa.concat_tables(known).column(QUERY_IDX).to_numpy(), minlength=len(history)
+        )
+        assert ((history > 0).sum(axis=1) == np.minimum(counts, 8)).all()
+    served = source.known_queries("valid", pipeline)
+    assert served.seen[:, new].nnz == 0 and not np.isin(served.recent.rows, new).any()
+
+
+def test_new_items_are_refused_on_a_stream(configs):
+    assert open_source(configs["built"]).new_items("test") is None
+    with pytest.raises(ValueError, match=r"split.new_items .* a stream or a data build cannot"):
+        dataclasses.replace(configs["built"], split=SplitConfig(new_items=0.1))

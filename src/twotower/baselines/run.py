@@ -62,6 +62,8 @@ def evaluate_baseline(
     chunk; on a data build, a row group of ``queries_{part}.parquet``), then ranks each
     query from those items. What is in memory is the baseline itself (N counts; item-KNN's
     and EASE's item x item matrices) and a chunk of queries, never more interactions.
+    With new items held out (``split.new_items``), test's metrics on their pairs alone too
+    (``test/new_items/...``): a baseline scores an item it knows no interaction of 0.
 
     Raises:
         DataError: the baseline would need more than half of this machine's memory
@@ -74,9 +76,19 @@ def evaluate_baseline(
         chunks = _scored(model, source, part)
         total, num_items = source.num_queries(part), len(popularity)
         counts = popularity if groups else None
+        new_items = source.new_items(part)  # scored 0: no interaction of theirs is known
         results.update(
             evaluate_chunks(
-                chunks, part, num_items, ks, exclude_seen, 1024, popularity, total, counts
+                chunks,
+                part,
+                num_items,
+                ks,
+                exclude_seen,
+                1024,
+                popularity,
+                total,
+                counts,
+                new_items=new_items,
             )
         )
     return results

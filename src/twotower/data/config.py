@@ -253,12 +253,21 @@ class SplitConfig:
             cut-offs).
         valid_from: ``time``: validation starts at this timestamp.
         test_from: ``time``: test starts at this timestamp.
-        seed: the seed of ``random``'s shuffle.
+        seed: the seed of ``random``'s shuffle and of the new items' draw.
         train_from: the new period of an incremental run: only the training
             interactions at or after this timestamp are training examples (and what
             the features are fitted on); the earlier ones still count as known, in
             histories and seen items. None: every training interaction is an example.
             Needs timestamps and the data in memory.
+        new_items: the share of items held out of training entirely (new items): drawn
+            with ``seed`` among the items with at least ``new_items_min_count``
+            interactions, every interaction of theirs goes to test; the method splits
+            the rest. 0: none. Needs the data in memory.
+        new_items_min_count: the fewest interactions an item needs to be drawn as new
+            (so the test has that many of its pairs to find).
+        new_items_valid: another share of items held out of training, drawn after
+            ``new_items`` among the same items, every interaction of theirs in
+            validation: new items to choose settings on, never test's. 0: none.
     """
 
     method: Literal["leave_last_out", "random", "time", "given"] = "leave_last_out"
@@ -267,8 +276,23 @@ class SplitConfig:
     test_from: float | None = None
     seed: int = 0
     train_from: float | None = None
+    new_items: float = 0.0
+    new_items_min_count: int = 1
+    new_items_valid: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.new_items < 1 or not 0 <= self.new_items_valid < 1:
+            raise ValueError(
+                "new_items and new_items_valid must be shares in [0, 1), got "
+                f"{self.new_items} and {self.new_items_valid}"
+            )
+        if self.new_items + self.new_items_valid >= 1:
+            raise ValueError(
+                f"new_items ({self.new_items}) and new_items_valid ({self.new_items_valid}) "
+                "must leave some items to train on: their sum must be below 1"
+            )
+        if self.new_items_min_count < 1:
+            raise ValueError(f"new_items_min_count must be >= 1, got {self.new_items_min_count}")
         if len(self.ratios) != 3 or min(self.ratios) < 0 or abs(sum(self.ratios) - 1) > 1e-6:
             raise ValueError(
                 f"ratios must be three non-negative numbers summing to 1: {self.ratios}"
@@ -279,3 +303,8 @@ class SplitConfig:
                 f"train_from ({start}) must come before valid_from ({end}): the training "
                 "examples lie between them"
             )
+
+    @property
+    def holds_new_items(self) -> bool:
+        """Whether some items are held out of training (``new_items``, ``new_items_valid``)."""
+        return self.new_items > 0 or self.new_items_valid > 0

@@ -10,6 +10,13 @@ removed from its ranking, *and* from its held-out items. A re-consumed item can 
 never be retrieved, so counting it as a miss would only lower every model's score by
 the same unreachable amount. A query with no held-out item left is not evaluated.
 
+New items (``split.new_items``): beside the part's metrics, the same metrics of the
+same rankings with each query's held-out items restricted to the new items, over the
+queries that have any (``test/new_items/recall@10``, ..., ``test/new_items/queries``):
+how well a model places items it never trained on, among the whole corpus; and
+restricted to the other items (``test/known_items/...``), which the part's metrics
+mix with the new ones.
+
 With ``groups`` (``evaluate``) or ``item_counts`` (``evaluate_chunks``) the metrics are
 also reported by item popularity and query activity (``twotower.evaluation.groups``),
 both read from the interactions known before the part; ``QueryMetrics`` keeps each
@@ -84,7 +91,8 @@ def evaluate(
 
     Returns:
         ``{"{part}/{metric}@{k}": value, ..., "{part}/queries": evaluated count}``; the
-        metrics are those of ``twotower.evaluation.metrics.ranking_metrics``.
+        metrics are those of ``twotower.evaluation.metrics.ranking_metrics``. With
+        the split's new items in ``part``, the same under ``{part}/new_items/``.
     """
     check_held_out(part)
     held_out = interaction_matrix(split.part(part), num_queries, num_items)
@@ -101,6 +109,7 @@ def evaluate(
         chunk_size,
         item_popularity,
         item_counts=known if groups else None,
+        new_items=split.new_items_in(part),
     )
 
 
@@ -115,6 +124,7 @@ def evaluate_chunks(
     total: int | None = None,
     item_counts: np.ndarray | None = None,
     per_query: QueryMetrics | None = None,
+    new_items: np.ndarray | None = None,
 ) -> dict[str, float]:
     """``evaluate`` over queries that come chunk by chunk (e.g. read from disk), in
     memory bounded by the corpus and a chunk: the same metrics as one call over all
@@ -126,11 +136,14 @@ def evaluate_chunks(
         item_counts: (N,) each item's interactions known before the part; adds the
             metrics by group (the queries' counts are their rows of ``seen``).
         per_query: where each evaluated query's own metrics are kept, if given.
+        new_items: (M,) the items held out of training (``Split.new_items_in``): adds
+            ``{part}/new_items/...`` and ``{part}/known_items/...`` (module doc).
         part, num_items, ks, exclude_seen, chunk_size, item_popularity: as ``evaluate``'s
             (a popularity must be given as counts).
     """
     totals = RankingTotals(ks, num_items, item_popularity, item_counts)
     k = max(ks, default=1)  # an empty ks is rejected by RankingTotals above
+    alone = _ItemsAlone.new_and_known(new_items, ks, num_items, item_popularity)
     evaluated = offset = 0
     bar = tqdm(total=total, desc="ranking", unit="query", leave=False, disable=None)
     with bar:
@@ -148,13 +161,55 @@ def evaluate_chunks(
             if per_query is not None:
                 ids = _ids(chunk.ids, queries[rows.rows], offset)
                 per_query.add(ids, counts[rows.rows], rows)
+            for restricted in alone.values():
+                restricted.add(ranked, held_out[queries])
             evaluated += len(queries)
             offset += held_out.shape[0]
     if per_query is not None:
         per_query.end_part(part)
     result = {f"{part}/{name}": value for name, value in totals.result().items()}
     result[f"{part}/queries"] = evaluated
+    for name, restricted in alone.items():
+        result |= restricted.result(f"{part}/{name}")
     return result
+
+
+class _ItemsAlone:
+    """The metrics of the rankings with each row's held-out items restricted to some
+    items (rows with none are not counted), added as ``evaluate_chunks`` ranks.
+
+    Args:
+        items: (N,) bool: the items kept.
+    """
+
+    def __init__(self, items: np.ndarray, ks: Sequence[int], popularity: np.ndarray | None) -> None:
+        # (N, N) diagonal: keeps the items' columns
+        self.columns = sp.diags(items.astype(np.float32), format="csr")
+        self.totals = RankingTotals(ks, len(items), popularity)
+
+    @classmethod
+    def new_and_known(
+        cls,
+        new_items: np.ndarray | None,
+        ks: Sequence[int],
+        num_items: int,
+        popularity: np.ndarray | None,
+    ) -> dict[str, _ItemsAlone]:
+        """``new_items`` alone and the other items alone, by the names their metrics
+        take (``new_items``, ``known_items``); none without new items."""
+        if new_items is None:
+            return {}
+        new = np.zeros(num_items, dtype=bool)
+        new[new_items] = True
+        return {"new_items": cls(new, ks, popularity), "known_items": cls(~new, ks, popularity)}
+
+    def add(self, ranked: np.ndarray, held_out: sp.csr_matrix) -> None:
+        self.totals.add(ranked, (held_out @ self.columns).tocsr())
+
+    def result(self, prefix: str) -> dict[str, float]:
+        result = {f"{prefix}/{name}": value for name, value in self.totals.result().items()}
+        result[f"{prefix}/queries"] = self.totals.rows
+        return result
 
 
 def _ids(

@@ -34,6 +34,12 @@ class IdFeature:
             independent hashes into the one table: two values then share their whole
             embedding only if both hashes collide (about 1 / hash_buckets**2).
         dim: embedding width (used by the towers).
+        dropout: in training, read each row's id as out of vocabulary with this
+            probability (id dropout, ``twotower.features.dropout``), so the tower learns
+            to place a row from its other features, as it must a value it never trained
+            on (a new item, a new user), whose id reads so too. Evaluation, export and
+            serving never drop. Needs a vocabulary (a hashed value has no
+            out-of-vocabulary row: a new one reads its own bucket).
     """
 
     name: str
@@ -44,12 +50,20 @@ class IdFeature:
     hash_buckets: int = 0
     hash_functions: int = 1
     dim: int = 32
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.hash_functions not in (1, 2):
             raise ValueError(f"{self.name}: hash_functions must be 1 or 2")
         if self.hash_functions == 2 and not self.hash_buckets:
             raise ValueError(f"{self.name}: hash_functions 2 needs hash_buckets > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{self.name}: dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout and self.hash_buckets:
+            raise ValueError(
+                f"{self.name}: dropout reads an id as out of vocabulary, and hashed ids "
+                "(hash_buckets) have no vocabulary; drop one of the two"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,6 +165,11 @@ class DataSource(Protocol):
         """(N,) how many queries knew each item before ``part``."""
         ...
 
+    def new_items(self, part: str) -> np.ndarray | None:
+        """(M,) the items held out of training whose pairs ``part`` holds
+        (``split.new_items``: test's), or None."""
+        ...
+
     def known_queries(self, as_of: str, pipeline: FeaturePipeline) -> KnownQueries:
         """Every known query in the state of ``as_of`` (``AS_OF``), for an artifact."""
         ...

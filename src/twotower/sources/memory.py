@@ -122,6 +122,9 @@ class MemorySource:
         seen = known_before(self.split, part, dataset.num_queries, dataset.num_items)
         return np.asarray(seen.sum(axis=0), dtype=np.float32).ravel()
 
+    def new_items(self, part: str) -> np.ndarray | None:
+        return self.split.new_items_in(part)
+
     def known_queries(self, as_of: str, pipeline: FeaturePipeline) -> KnownQueries:
         """Every query with its histories and seen items as of the end of validation
         (``valid``), of test (``test``) or of every logged interaction (``all``)."""

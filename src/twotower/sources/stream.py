@@ -107,6 +107,9 @@ class StreamSource:
     def popularity(self, part: str) -> np.ndarray:
         raise _needs_build("ranking a streamed run's queries")
 
+    def new_items(self, part: str) -> None:
+        return None  # a streamed config with split.new_items is refused (Config)
+
     def known_queries(self, as_of: str, pipeline: FeaturePipeline) -> KnownQueries:
         raise _needs_build("exporting a streamed run")
 

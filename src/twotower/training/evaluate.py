@@ -116,7 +116,8 @@ def evaluate_source(
 
     Returns:
         ``{part}/{metric}@{k}``, ``popularity@k`` of the items known before the part,
-        ``{part}/groups/...`` and ``{part}/queries``
+        ``{part}/groups/...`` and ``{part}/queries``; with new items in the part
+        (``split.new_items``), the same under ``{part}/new_items/``
         (``twotower.evaluation.ranking.evaluate_chunks``).
     """
     items = embed_rows(model.item_tower, pipeline, "item", source.items(), batch_size)
@@ -135,6 +136,7 @@ def evaluate_source(
             total if sample is None else min(total, sample),
             item_counts=popularity,
             per_query=per_query,
+            new_items=source.new_items(part),
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -84,6 +85,10 @@ class FullSoftmax(nn.Module):
         positives_compete: in ``sets``, a row's positives are not masked from one
             another's softmax (``FullConfig.positives_compete``).
         chunk_rows: rows scored at once; None: all of them.
+        held_out: (M,) items held out of training (``Split.held_out_items``): in no
+            row's softmax, as items that do not exist yet when the model trains; else
+            every step would push them down, and a model would learn their features
+            only as those of items no one picks.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class FullSoftmax(nn.Module):
         known: KnownPairs | None = None,
         positives_compete: bool = False,
         chunk_rows: int | None = None,
+        held_out: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         self.num_items = num_items
@@ -99,6 +105,12 @@ class FullSoftmax(nn.Module):
         self.positives_compete = positives_compete
         self.chunk_rows = chunk_rows
         self.loss = MultiPositiveSoftmax()  # every item a candidate: the full softmax
+        outside = None
+        if held_out is not None and len(held_out):
+            outside = torch.zeros(num_items, dtype=torch.bool)
+            outside[torch.as_tensor(held_out, dtype=torch.int64)] = True
+        # (N,) bool, on the objective's device; not state: the split gives it again
+        self.register_buffer("outside", outside, persistent=False)
 
     def forward(
         self,
@@ -198,6 +210,9 @@ class FullSoftmax(nn.Module):
             exclude = self.known.rows(queries[rows])
             if self.positives_compete:
                 exclude[owners, positives] = False
+        if self.outside is not None:
+            outside = self.outside.expand(count, -1)  # (count, N)
+            exclude = outside.clone() if exclude is None else exclude | outside
         if seen is not None:
             at, items = seen
             mine = (at >= rows.start) & (at < rows.start + count)

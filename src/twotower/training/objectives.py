@@ -305,6 +305,7 @@ def build_objective(
     known: KnownPairs | None = None,
     collective: Collective | None = None,
     mined: MinedNegatives | None = None,
+    held_out: np.ndarray | None = None,
 ) -> nn.Module:
     """The objective a config names: its ``kind`` picks the loss from ``LOSSES`` and,
     for the shared-candidate softmax, the sampler from ``CANDIDATE_SAMPLERS``.
@@ -317,6 +318,8 @@ def build_objective(
             softmax gathers; None: this one alone.
         mined: each query's mined candidates, for ``mined_negatives`` (the trainer's
             ``NegativeMining`` refreshes them).
+        held_out: items held out of training (``Split.held_out_items``), left out of
+            the full softmax (a sampler drawing uniformly can still draw them).
 
     Raises:
         ConfigError: ``mask_known`` without the pairs; ``mined_negatives`` without the
@@ -336,6 +339,7 @@ def build_objective(
             known if config.mask_known else None,
             config.positives_compete,
             config.chunk_rows,
+            held_out,
         )
     _check_mined(config, mined)
     if isinstance(config, (InBatchConfig, MixedConfig)):

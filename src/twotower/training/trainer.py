@@ -211,6 +211,7 @@ class Trainer:
             _known_pairs(self.config, data),
             self.collective,
             None if self.mining is None else self.mining.negatives,
+            data.split.held_out_items,
         ).to(data.device)
         ssl = self.config.self_supervised
         self.step_loss: torch.nn.Module = _StepLoss(

@@ -24,6 +24,12 @@ def test_a_new_periods_training_examples_are_not_built(generated, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_new_items_are_not_built(generated, tmp_path):
+    with pytest.raises(ConfigError, match=r"split.new_items .* is for data in memory"):
+        build_split(generated, SplitConfig(new_items=0.1), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
 def test_an_engine_takes_its_own_settings_and_no_others():
     assert engine_named("spark", master="local[1]").master == "local[1]"
     assert engine_named("duckdb", memory_limit="2GB").memory_limit == "2GB"

@@ -94,7 +94,7 @@ def build_split(
 
     Raises:
         ConfigError: the data is not a ``files`` source; an unknown engine; a
-            ``split.train_from``.
+            ``split.train_from``, ``split.new_items`` or ``split.new_items_valid``.
         DataError: a file is missing, unreadable or lacks a column; an id is empty; a
             part would be empty; ``out`` exists and is not a build.
     """
@@ -107,6 +107,11 @@ def build_split(
         raise ConfigError(
             "split.train_from (training on a new period) is for data in memory; a data "
             "build does not mark it: leave it unset to build"
+        )
+    if split.holds_new_items:
+        raise ConfigError(
+            "split.new_items or new_items_valid (items held out of training) is for data "
+            "in memory; a data build does not hold them out: leave both at 0 to build"
         )
     chosen = engine_named(engine) if isinstance(engine, str) else engine
     job = BuildJob(data, split, options or BuildOptions(), histories or Histories(), columns or {})

@@ -18,6 +18,7 @@ import torch
 
 from twotower.data.splits import Split
 from twotower.errors import DataError
+from twotower.features.dropout import drop_ids, dropout_rates
 from twotower.features.pipeline import FeaturePipeline
 from twotower.towers.model import TwoTower, select_interests
 from twotower.training.distributed import Collective
@@ -104,9 +105,24 @@ class TrainingExamples(Protocol):
         ...
 
 
-def item_embedder(model: TwoTower, data: TrainingExamples) -> EmbedItems:
-    """(M,) item indices -> (M, D) vectors, through the item tower on ``data``'s inputs."""
-    return lambda items: model.item_tower(data.item_inputs(items))
+def item_embedder(
+    model: TwoTower, data: TrainingExamples, generator: torch.Generator
+) -> EmbedItems:
+    """(M,) item indices -> (M, D) vectors, through the item tower on ``data``'s inputs,
+    the item ids' dropout applied (``with_id_dropout``): for the training loss alone."""
+    return lambda items: model.item_tower(
+        with_id_dropout(data, "item", data.item_inputs(items), generator)
+    )
+
+
+def with_id_dropout(
+    data: TrainingExamples, side: str, inputs: dict[str, torch.Tensor], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """A training batch's inputs of one side, each of its id features with ``dropout``
+    read as out of vocabulary at that rate (``twotower.features.dropout``); the inputs
+    themselves where no feature of the side drops."""
+    rates = dropout_rates(getattr(data.pipeline.config, side))
+    return drop_ids(inputs, rates, generator)
 
 
 def row_loss(
@@ -118,14 +134,15 @@ def row_loss(
 ) -> torch.Tensor:
     """The loss of a batch of one example per row: each row's query vector against its
     positive. A multi-interest tower scores each positive by the interest closest to it."""
-    embed_items = item_embedder(model, data)
+    embed_items = item_embedder(model, data, generator)
     tower = model.query_tower
+    inputs = with_id_dropout(data, "query", batch.query, generator)
     if tower.interests == 1:
-        query = tower(batch.query)  # (B, D)
+        query = tower(inputs)  # (B, D)
     else:
         with torch.no_grad():
             targets = embed_unique(batch.positives, embed_items)  # (B, D)
-        query = select_interests(tower(batch.query), targets)  # (B, K, D) -> (B, D)
+        query = select_interests(tower(inputs), targets)  # (B, K, D) -> (B, D)
     return objective(
         query,
         batch.positives,

@@ -32,7 +32,7 @@ from twotower.features.specs import HistoryFeature
 from twotower.towers.model import TwoTower
 from twotower.training.config import TrainingConfig
 from twotower.training.distributed import Collective
-from twotower.training.examples.base import Batch, item_embedder
+from twotower.training.examples.base import Batch, item_embedder, with_id_dropout
 from twotower.training.examples.interactions import RowOptions, TrainingData
 
 if TYPE_CHECKING:
@@ -179,10 +179,10 @@ class QueryTrainingData(TrainingData):
         """The loss of a batch of queries: each query's vector against every one of its
         held-out items, from one score matrix (``objective.sets``: the full softmax)."""
         return objective.sets(
-            model.query_tower(batch.query),
+            model.query_tower(with_id_dropout(self, "query", batch.query, generator)),
             batch.positives,
             batch.owners,
-            item_embedder(model, self),
+            item_embedder(model, self, generator),
             model.scale(),
             batch.weights,
             batch.queries,

@@ -37,7 +37,7 @@ from twotower.towers.history.order import reversed_real
 from twotower.towers.model import TwoTower
 from twotower.training.config import TrainingConfig
 from twotower.training.distributed import Collective
-from twotower.training.examples.base import Batch, item_embedder
+from twotower.training.examples.base import Batch, item_embedder, with_id_dropout
 from twotower.training.examples.interactions import RowOptions, TrainingData
 from twotower.training.full_softmax import SeenItems
 
@@ -169,13 +169,14 @@ class SequenceTrainingData(TrainingData):
     ) -> torch.Tensor:
         """The loss of a batch of windows: the sequence encoder's vector at every real
         position (one forward pass) against that position's target."""
-        query = model.query_tower.at_positions(batch.query, self.spec.name)  # (P, D)
+        inputs = with_id_dropout(self, "query", batch.query, generator)
+        query = model.query_tower.at_positions(inputs, self.spec.name)  # (P, D)
         # only the full softmax takes seen items (the config allows mask_seen there alone)
         seen = {} if batch.seen is None else {"seen": batch.seen}
         return objective(
             query,
             batch.positives,
-            item_embedder(model, self),
+            item_embedder(model, self, generator),
             model.scale(),
             generator,
             batch.weights,
