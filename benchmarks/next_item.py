@@ -2,6 +2,8 @@
 
     nice python benchmarks/next_item.py ease [--datasets toys,sports,ml100k]
         [--l2 10,30,100,300,1000,3000] [--ledger benchmarks/results/next-item/ease.jsonl]
+    nice python benchmarks/next_item.py valid --variants NAME,... [--datasets toys]
+        [--seeds 0] [--ledger benchmarks/results/next-item/valid.jsonl] [--out runs/next-item]
     nice python benchmarks/next_item.py test [--datasets toys,sports,ml100k] [--seeds 0,1,2]
         [--ledger benchmarks/results/next-item/test.jsonl] [--out runs/next-item]
 
@@ -12,8 +14,11 @@ metrics; nothing reads test. ``test`` then ranks test once with EASE at the L2 t
 won on validation NDCG@10 (refitted on train + validation, as every baseline is for
 test), and trains the shipped recipe (``configs/next-item.yaml``, pointed at each
 dataset) for each seed: one ledger line per (dataset, model, seed) with its test
-metrics, drawn as a table (``next-item.md``) and a plot. A rerun skips what its ledger
-holds, so a killed study resumes.
+metrics, drawn as a table (``next-item.md``) and a plot. ``valid`` trains named
+variants of the recipe (``VARIANTS_FILE``: each a list of config overrides on top of
+``configs/next-item.yaml``) and records their validation metrics alone, to choose the
+recipe by: the runs rank test too, but no test metric reaches the ledger. A rerun skips
+what its ledger holds, so a killed study resumes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 from tqdm import tqdm
 
 from twotower.baselines.config import BaselinesConfig
@@ -49,6 +55,8 @@ DATASETS = {
     ),
 }
 BASELINES = ("pop", "ease")
+# name -> the overrides that make the variant, for the ``valid`` step
+VARIANTS_FILE = ROOT / "benchmarks" / "spaces" / "next-item-variants.yaml"
 
 
 def dataset_config(name: str, data_dir: Path, overrides: list[str] = ()) -> Config:
@@ -114,6 +122,79 @@ def test_rows(datasets: list[str], seeds: list[int], args: argparse.Namespace) -
         record(args.ledger, entry | _kept(metrics, "test"))
 
 
+def variants(path: Path, names: list[str]) -> dict[str, list[str]]:
+    """The overrides of each variant ``names`` asks for, from the YAML mapping at ``path``:
+    name -> a list of ``key=value``, or ``{from: OTHER, set: [key=value, ...]}`` for
+    OTHER's overrides followed by its own (the later override of a key wins)."""
+    known = yaml.safe_load(path.read_text()) or {}
+
+    def resolve(name: str, seen: tuple[str, ...]) -> list[str]:
+        if name not in known:
+            raise SystemExit(f"{path}: no variant {name!r}; it has {', '.join(known)}")
+        if name in seen:
+            raise SystemExit(f"{path}: variant {name!r} derives from itself")
+        value = known[name]
+        if isinstance(value, dict) and set(value) <= {"from", "set"} and "from" in value:
+            own = value.get("set", [])
+            base = resolve(str(value["from"]), (*seen, name))
+        else:
+            own, base = value, []
+        if not isinstance(own, list) or not all(isinstance(o, str) for o in own):
+            raise SystemExit(
+                f"{path}: variant {name!r} must be a list of 'key=value' strings, "
+                "or {from: OTHER, set: [...]}"
+            )
+        return [*base, *own]
+
+    return {name: resolve(name, ()) for name in names}
+
+
+def valid_rows(datasets: list[str], seeds: list[int], args: argparse.Namespace) -> None:
+    """The validation metrics of each (dataset, variant, seed) the ledger lacks; test is
+    ranked by the run (it writes its metrics.json) but left out of the ledger."""
+    chosen = variants(args.variants_file, args.variants.split(","))
+    done = {(e["dataset"], e["variant"], e["seed"]) for e in read(args.ledger)}
+    todo = [(d, v, s) for d in datasets for v in chosen for s in seeds]
+    todo = [key for key in todo if key not in done]
+    for name, variant, seed in tqdm(todo, desc="variants", unit="run", file=sys.stderr):
+        overrides = [*chosen[variant], f"seed={seed}"]
+        config = dataset_config(name, args.data_dir, overrides)
+        metrics = train_run(config, args.out / "valid" / name / variant / f"seed-{seed}").metrics
+        entry = {"dataset": name, "variant": variant, "seed": seed, "overrides": overrides}
+        entry |= {"best_epoch": metrics["best_epoch"], "epochs": config.training.epochs}
+        record(args.ledger, entry | _kept(metrics, "valid"))
+
+
+def valid_table(entries: list[dict]) -> str:
+    """Per dataset: each variant's validation metrics, mean ± std over its seeds, best
+    NDCG@10 first."""
+    lines = [
+        "| dataset | variant | seeds | best epochs | " + " | ".join(METRICS) + " |",
+        "|---|---|---:|---|" + "---:|" * len(METRICS),
+    ]
+    for name in dict.fromkeys(e["dataset"] for e in entries):
+        groups = {}
+        for e in entries:
+            if e["dataset"] == name:
+                groups.setdefault(e["variant"], []).append(e)
+        ranked = sorted(
+            groups.items(), key=lambda kv: -np.mean([e["valid/ndcg@10"] for e in kv[1]])
+        )
+        for variant, group in ranked:
+            cells = [_spread([e[f"valid/{m}"] for e in group]) for m in METRICS]
+            epochs = ",".join(f"{e['best_epoch']}/{e['epochs']}" for e in group)
+            lines.append(
+                f"| {name} | {variant} | {len(group)} | {epochs} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _spread(values: list[float]) -> str:
+    """The mean, with ± the std where there is more than one value."""
+    values = np.array(values)
+    return f"{values.mean():.4f}" + (f" ± {values.std():.4f}" if len(values) > 1 else "")
+
+
 def table(entries: list[dict]) -> str:
     """Per dataset: each model's test metrics (the recipe's mean ± std over seeds) and
     the recipe's lift over EASE."""
@@ -129,11 +210,7 @@ def table(entries: list[dict]) -> str:
         for model, group in rows.items():
             if not group:
                 continue
-            cells = []
-            for metric in METRICS:
-                values = np.array([e[f"test/{metric}"] for e in group])
-                spread = f" ± {values.std():.4f}" if len(values) > 1 else ""
-                cells.append(f"{values.mean():.4f}{spread}")
+            cells = [_spread([e[f"test/{m}"] for e in group]) for m in METRICS]
             label = f"EASE (L2 {group[0]['l2']:g})" if model == "ease" else model
             lines.append(f"| {name} | {label} | {len(group)} | " + " | ".join(cells) + " |")
         if rows["recipe"] and rows["ease"]:
@@ -194,10 +271,12 @@ def _kept(metrics: dict, part: str) -> dict:
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=["ease", "test"])
+    parser.add_argument("step", choices=["ease", "valid", "test"])
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--l2", default="10,30,100,300,1000,3000")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", help="valid: the variants to train, by name")
+    parser.add_argument("--variants-file", type=Path, default=VARIANTS_FILE)
     parser.add_argument("--ledger", type=Path)
     parser.add_argument("--ease-ledger", type=Path, default=RESULTS / "ease.jsonl")
     parser.add_argument("--out", type=Path, default=Path("runs/next-item"))
@@ -206,6 +285,8 @@ def arguments() -> argparse.Namespace:
     unknown = set(args.datasets.split(",")) - set(DATASETS)
     if unknown:
         parser.error(f"--datasets: unknown {sorted(unknown)}; known: {', '.join(DATASETS)}")
+    if args.step == "valid" and not args.variants:
+        parser.error("valid: --variants names the variants to train")
     return args
 
 
@@ -219,6 +300,12 @@ def main() -> None:
             print(
                 f"{name}: EASE L2 chosen on validation NDCG@10: {chosen_l2(args.ease_ledger, name)}"
             )
+    elif args.step == "valid":
+        args.ledger = args.ledger or RESULTS / "valid.jsonl"
+        valid_rows(datasets, [int(s) for s in args.seeds.split(",")], args)
+        entries = read(args.ledger)
+        (args.ledger.parent / "valid.md").write_text(valid_table(entries))
+        print(valid_table(entries))
     else:
         args.ledger = args.ledger or RESULTS / "test.jsonl"
         test_rows(datasets, [int(s) for s in args.seeds.split(",")], args)

@@ -638,6 +638,41 @@ def test_next_item_chooses_eases_l2_on_validation_and_tables_the_lift(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 1000
 
 
+def test_next_item_variants_are_read_checked_and_tabled_by_validation(tmp_path):
+    """The valid step's variants come from a YAML mapping of override lists (an unknown
+    name or a malformed entry is refused, naming the file); its table ranks variants by
+    mean validation NDCG@10, computed by hand here."""
+    study = _next_item()
+    path = tmp_path / "variants.yaml"
+    path.write_text(
+        "a: [model.temperature=0.03]\nb: [training.lr=0.001, seed=3]\nc: 0.5\n"
+        "d: {from: a, set: [training.lr=0.002]}\ne: {from: e}\n"
+    )
+    assert study.variants(path, ["b", "a", "d"]) == {
+        "b": ["training.lr=0.001", "seed=3"],
+        "a": ["model.temperature=0.03"],
+        "d": ["model.temperature=0.03", "training.lr=0.002"],
+    }
+    with pytest.raises(SystemExit, match="variants.yaml: no variant 'z'"):
+        study.variants(path, ["a", "z"])
+    with pytest.raises(SystemExit, match="variant 'e' derives from itself"):
+        study.variants(path, ["e"])
+    with pytest.raises(SystemExit, match="variant 'c' must be a list"):
+        study.variants(path, ["c"])
+
+    def row(variant, seed, value):
+        metrics = {f"valid/{m}": value for m in study.METRICS}
+        entry = {"dataset": "toys", "variant": variant, "seed": seed, "epochs": 40}
+        return entry | {"best_epoch": 10 + seed} | metrics
+
+    lines = study.valid_table([row("a", 0, 0.04), row("b", 0, 0.05), row("b", 1, 0.07)])
+    lines = lines.splitlines()
+    assert (
+        lines[2] == "| toys | b | 2 | 10/40,11/40 | " + " | ".join(["0.0600 ± 0.0100"] * 5) + " |"
+    )
+    assert lines[3] == "| toys | a | 1 | 10/40 | " + " | ".join(["0.0400"] * 5) + " |"
+
+
 def test_unit_costs_reply_bytes_are_resp2_by_hand():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import unit_costs
