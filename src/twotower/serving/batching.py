@@ -2,11 +2,13 @@
 
 Each request's queries go into one queue; a single worker thread takes whatever
 has queued up (up to ``max_queries``), runs one ``Retriever.retrieve`` over all of
-it, and hands each request its own answers. Under light load a request runs
-alone, at once; under heavy load the requests that arrive while a batch runs form
-the next batch, so the tower and the index see large matrices and throughput grows
-with load instead of requests queueing one by one. ``max_wait_ms`` (default 0)
-makes the worker wait that long for more requests before it starts a batch.
+it, and hands each request its own answers (all of a batch's in one call onto each
+caller's event loop, which then wakes once per batch, not once per request). Under
+light load a request runs alone, at once; under heavy load the requests that arrive
+while a batch runs form the next batch, so the tower and the index see large
+matrices and throughput grows with load instead of requests queueing one by one.
+``max_wait_ms`` (default 0) makes the worker wait that long for more requests before
+it starts a batch.
 
 The worker reads the retriever to use from ``current`` at the start of each batch,
 so swapping in a new artifact never touches a batch in flight. ``between`` runs a

@@ -70,19 +70,7 @@ class RecallBody(msgspec.Struct, forbid_unknown_fields=True):
 
     def query(self) -> Query:
         """The retriever's query, as ``schemas.RecallRequest.query`` builds it."""
-        return Query(
-            user=self.user_id,
-            features=self.features,
-            text=self.text,
-            history=self.history,
-            history_times=self.history_times,
-            k=self.k,
-            exclude_seen=self.exclude_seen,
-            exclude_items=tuple(self.exclude_items),
-            filter=None
-            if self.filter is None
-            else {column: c.condition() for column, c in self.filter.items()},
-        )
+        return schemas.recall_query(self)
 
 
 _decoder = msgspec.json.Decoder(RecallBody)

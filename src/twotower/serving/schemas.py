@@ -178,19 +178,26 @@ class RecallRequest(BaseModel):
 
     def query(self) -> Query:
         """The retriever's query for this request."""
-        return Query(
-            user=self.user_id,
-            features=self.features,
-            text=self.text,
-            history=self.history,
-            history_times=self.history_times,
-            k=self.k,
-            exclude_seen=self.exclude_seen,
-            exclude_items=tuple(self.exclude_items),
-            filter=None
-            if self.filter is None
-            else {column: c.condition() for column, c in self.filter.items()},
-        )
+        return recall_query(self)
+
+
+def recall_query(request: Any) -> Query:
+    """The retriever's query for a recall request's fields: a ``RecallRequest``'s, or
+    the lean path's ``recall_codec.RecallBody``'s (its conditions with ``condition()``)."""
+    conditions = request.filter
+    return Query(
+        user=request.user_id,
+        features=request.features,
+        text=request.text,
+        history=request.history,
+        history_times=request.history_times,
+        k=request.k,
+        exclude_seen=request.exclude_seen,
+        exclude_items=tuple(request.exclude_items),
+        filter=None
+        if conditions is None
+        else {column: c.condition() for column, c in conditions.items()},
+    )
 
 
 def source_problem(user_id: Any, features: Any, text: Any, history: Any) -> str | None:
