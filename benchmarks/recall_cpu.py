@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,10 +56,11 @@ def bodies(artifact: Path, kind: str, count: int = 2000, seed: int = 1) -> list[
         column = next(
             f.name
             for f in items.schema
-            if f.name != manifest["item_key"] and (f.type.id in (7, 8, 9, 10, 11, 12))
+            if f.name != manifest["item_key"]
+            and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
         )
-        values = items.column(column).to_numpy()
-        bound = float(np.median(values))
+        values = items.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+        bound = float(np.nanmedian(values))  # a missing value matches no condition
         return [json.dumps({**body, "filter": {column: {"lt": bound}}}).encode() for body in known]
     raise SystemExit(f"unknown body kind {kind!r}; choose known, cold, history or filtered")
 
