@@ -2,11 +2,13 @@
 
 Each request's queries go into one queue; a single worker thread takes whatever
 has queued up (up to ``max_queries``), runs one ``Retriever.retrieve`` over all of
-it, and hands each request its own answers. Under light load a request runs
-alone, at once; under heavy load the requests that arrive while a batch runs form
-the next batch, so the tower and the index see large matrices and throughput grows
-with load instead of requests queueing one by one. ``max_wait_ms`` (default 0)
-makes the worker wait that long for more requests before it starts a batch.
+it, and hands each request its own answers (all of a batch's in one call onto each
+caller's event loop, which then wakes once per batch, not once per request). Under
+light load a request runs alone, at once; under heavy load the requests that arrive
+while a batch runs form the next batch, so the tower and the index see large
+matrices and throughput grows with load instead of requests queueing one by one.
+``max_wait_ms`` (default 0) makes the worker wait that long for more requests before
+it starts a batch.
 
 The worker reads the retriever to use from ``current`` at the start of each batch,
 so swapping in a new artifact never touches a batch in flight. ``between`` runs a
@@ -21,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -160,15 +163,14 @@ class MicroBatcher:
             answers = retriever.retrieve(queries)
         except Exception as err:  # a bug, not a bad query: fail this batch, keep serving
             log.exception("retrieval failed for a batch of %d queries", len(queries))
-            for job in jobs:
-                _settle(job, error=err)
+            _settle_all(jobs, [err] * len(jobs))
             return
         if self.on_batch is not None:
             self.on_batch(len(queries), time.perf_counter() - started)
-        start = 0
-        for job in jobs:
-            _settle(job, result=(answers[start : start + len(job.queries)], retriever))
-            start += len(job.queries)
+        ends = list(itertools.accumulate(len(job.queries) for job in jobs))
+        starts = [0, *ends[:-1]]
+        results = [(answers[a:b], retriever) for a, b in zip(starts, ends, strict=True)]
+        _settle_all(jobs, results)
 
 
 def _run_task(job: _Job) -> None:
@@ -179,18 +181,25 @@ def _run_task(job: _Job) -> None:
         job.future.set_exception(err)
 
 
-def _settle(
-    job: _Job,
-    result: tuple[list[Answer], Retriever] | None = None,
-    error: Exception | None = None,
+def _settle_all(
+    jobs: list[_Job], outcomes: list[tuple[list[Answer], Retriever] | Exception]
 ) -> None:
-    def settle() -> None:
-        if job.future.done():  # the caller went away (cancelled)
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
+    """Hands each job its outcome (its answers, or the batch's error): one wake-up of
+    each caller's event loop for the whole batch, not one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        by_loop.setdefault(job.loop, []).append((job.future, outcome))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
+            loop.call_soon_threadsafe(_settle, settled)
 
-    with contextlib.suppress(RuntimeError):  # the caller's event loop is closed
-        job.loop.call_soon_threadsafe(settle)
+
+def _settle(settled: list[tuple[asyncio.Future, Any]]) -> None:
+    """Sets each future's result or error, on its own event loop."""
+    for future, outcome in settled:
+        if future.done():  # the caller went away (cancelled)
+            continue
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)

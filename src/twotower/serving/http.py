@@ -19,7 +19,10 @@ micro-batcher, metrics, reloads, catalogue changes, users' states) and a router 
 concern (``routes/recall.py``, ``routes/events.py``, ``routes/ops.py``,
 ``routes/items.py``, ``routes/explorer.py``) whose handlers reach that state through
 ``Depends`` and return the response model they declare; ``responses.py`` turns every
-error into ``{"detail": "..."}``.
+error into ``{"detail": "..."}``. ``POST /recall``, the hot path, is answered before
+the routing when its body is plainly valid (``recall_path.py``: decoded, checked and
+encoded in C by ``recall_codec.py``); any other body takes the route, which documents
+it and writes the same 4xx as ever.
 
 Requests never wait on each other's Python: handlers queue their queries on the
 micro-batcher and await the answers, so concurrent requests share one tower pass
@@ -35,9 +38,11 @@ from __future__ import annotations
 from importlib.metadata import version
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 
 from twotower.serving.middleware import BodyLimitMiddleware, MetricsMiddleware
+from twotower.serving.recall_path import LeanRecall
 from twotower.serving.responses import AsciiJSONResponse, add_error_handlers
 from twotower.serving.routes import events, explorer, items, ops, recall
 from twotower.serving.settings import ServiceConfig
@@ -68,9 +73,20 @@ def create_app(folder: Path, config: ServiceConfig | None = None) -> FastAPI:
         lifespan=state.lifespan,
     )
     app.state.service = state
-    app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     add_error_handlers(app)
     for routes in (recall, events, ops, items, explorer):  # this order is the OpenAPI schema's
         app.include_router(routes.router)
+    # the last added runs first: metrics, the body limit, then /recall's lean path
+    app.add_middleware(LeanRecall, state=state, route=_route(recall.router, "/recall", "POST"))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
+
+
+def _route(router: APIRouter, path: str, method: str) -> APIRoute:
+    """The router's route for ``method`` on ``path``."""
+    return next(
+        route
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.path == path and method in route.methods
+    )

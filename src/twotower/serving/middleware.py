@@ -76,6 +76,7 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self._artifact_metrics()
+        self._series: dict[tuple[str, str, int], tuple] = {}  # a request's, by its labels
 
     def _artifact_metrics(self) -> None:
         """What is served: the artifact, its version, the changes of its items."""
@@ -98,6 +99,26 @@ class ServiceMetrics:
             ["kind"],
             registry=self.registry,
         )
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Counts and times one request; an error also counted as one. Each label set's
+        series are looked up once, then kept (``labels`` takes a lock and hashes)."""
+        key = (route, method, status)
+        series = self._series.get(key)
+        if series is None:
+            kind = "server" if status >= 500 else "client"
+            error = self.errors.labels(route, kind) if status >= 400 else None
+            series = (
+                self.requests.labels(route, method, str(status)),
+                self.latency.labels(route),
+                error,
+            )
+            self._series[key] = series
+        count, latency, error = series
+        count.inc()
+        latency.observe(seconds)
+        if error is not None:
+            error.inc()
 
     def observe_batch(self, queries: int, seconds: float) -> None:
         self.batch_queries.observe(queries)
@@ -139,11 +160,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-            if status >= 400:
-                kind = "server" if status >= 500 else "client"
-                self.metrics.errors.labels(route, kind).inc()
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(route, scope["method"], status, seconds)
 
 
 class BodyLimitMiddleware:
@@ -162,7 +180,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = None
+        for name, value in scope["headers"]:  # the last given, as a dict of them would hold
+            if name == b"content-length":
+                declared = value
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._refuse(send, declared.decode("latin-1"))
             return

@@ -1,5 +1,4 @@
-"""Query vectors from each source a ``Query`` may start from, for one batch at a time;
-and what each query of the batch leaves out of its search.
+"""Query vectors from each source a ``Query`` may start from, for one batch at a time.
 
     users    -> unchanged since export, nothing in the request: precomputed vectors,
                 or their kept (or transformed) exported inputs -> tower
@@ -22,18 +21,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from twotower.errors import DataError
 from twotower.features.specs import TextFeature
-from twotower.index.topk import row_pairs
 from twotower.serving.artifact import Artifact
-from twotower.serving.query import Query, Result, UnknownItemError, UnknownQueryError
+from twotower.serving.query import UnknownItemError, UnknownQueryError
+from twotower.serving.query_batch import QueryBatch
 from twotower.serving.query_states import QueryState, query_state, state_inputs
 from twotower.serving.query_vectors import QueryVectors
 from twotower.serving.runtime import TowerRuntime
@@ -43,78 +39,7 @@ from twotower.serving.stores.memory import MemoryStore
 # The most bytes the known users' model inputs may take in memory (Retriever's default).
 INPUT_BUDGET = 1 << 30
 CHUNK_ROWS = 4096  # queries through the tower at once
-
-
-class QueryBatch:
-    """The working state of one ``retrieve`` call, one slot per query."""
-
-    def __init__(self, queries: Sequence[Query], dim: int, interests: int) -> None:
-        B = len(queries)
-        self.queries = list(queries)
-        self.out: list[Result | DataError | None] = [None] * B  # an error, once known
-        self.labels: list[Any] = [None] * B  # what each result is labelled with
-        shape = (B, dim) if interests == 1 else (B, interests, dim)
-        self.vectors = np.zeros(shape, dtype=np.float32)  # (B, D) or (B, K, D) queries
-        self.seen_rows = np.full(B, -1, dtype=np.int64)  # query rows whose seen items go
-        self.seen_items: list[np.ndarray | None] = [None] * B  # or the item rows that go
-        self.states: list[dict[str, str] | None] = [None] * B  # what each read (Result.state)
-        self.self_rows = np.full(B, -1, dtype=np.int64)  # item rows excluded as themselves
-        self.ks = np.ones(B, dtype=np.int64)  # each valid query's k, at most N
-        self.sources = ["tower"] * B  # where each query vector came from (Result.vector)
-
-    def resolve(self, positions: list[int], rows: np.ndarray, error: type, source: str):
-        """Marks the positions whose id matched no row (-1) as failed; returns the others."""
-        for position, row in zip(positions, rows, strict=True):
-            if row < 0:
-                self.out[position] = error([getattr(self.queries[position], source)])
-        return np.asarray(positions, dtype=np.int64)[rows >= 0]
-
-    def relabel(self, positions: np.ndarray, labels: list[Any]) -> None:
-        for position, label in zip(positions.tolist(), labels, strict=True):
-            self.labels[position] = label
-
-    def exclusions(self, positions: np.ndarray, artifact: Artifact) -> sp.csr_matrix | None:
-        """(P, N) what the queries at ``positions`` leave out: each one's seen items, its
-        ``exclude_items`` and an item itself; None when nothing is left out.
-
-        The (query, item row) pairs of the whole batch are gathered at once, and the
-        CSR arrays built from them directly, in time proportional to the excluded
-        items: nothing here walks the N columns, nor builds a matrix per query.
-        """
-        P, N = len(positions), artifact.catalogue.num_items
-        seen = self.seen_rows[positions]
-        has_seen = seen >= 0
-        at, cols = row_pairs(artifact.seen, seen[has_seen])  # grouped by query, in order
-        at = np.flatnonzero(has_seen)[at]
-        listed_at, listed = self._listed(positions, artifact)
-        self_rows = self.self_rows[positions]
-        itself = np.flatnonzero(self_rows >= 0)
-        if len(listed) or len(itself):  # more than the seen items: regrouped by query
-            at = np.concatenate([at, listed_at, itself])
-            cols = np.concatenate([cols, listed, self_rows[itself]])
-            known = cols >= 0  # unknown ids can never be returned anyway
-            order = np.argsort(at[known], kind="stable")
-            at, cols = at[known][order], cols[known][order]
-        if not len(cols):
-            return None
-        indptr = np.zeros(P + 1, dtype=np.int64)
-        np.cumsum(np.bincount(at, minlength=P), out=indptr[1:])
-        ones = np.ones(len(cols), dtype=np.float32)
-        return sp.csr_matrix((ones, cols, indptr), shape=(P, N))  # repeats allowed
-
-    def _listed(self, positions: np.ndarray, artifact: Artifact) -> tuple[np.ndarray, np.ndarray]:
-        """(query, item row) pairs of the items the queries at ``positions`` list
-        themselves: a state's seen items (a changed user's, a request's history) and
-        ``exclude_items`` (-1 for an id the catalogue does not know)."""
-        states = [self.seen_items[i] for i in positions.tolist()]
-        named = [self.queries[i].exclude_items for i in positions.tolist()]
-        if not any(s is not None and len(s) for s in states) and not any(map(len, named)):
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        counts = [0 if s is None else len(s) for s in states] + [len(n) for n in named]
-        at = np.repeat(np.tile(np.arange(len(positions)), 2), counts)
-        rows = artifact.item_rows([item for items in named for item in items])
-        cols = np.concatenate([*(s for s in states if s is not None), rows]).astype(np.int64)
-        return at, cols
+STORED = {"features": "stored", "history": "stored"}  # what a user as exported reads
 
 
 class QuerySources:
@@ -163,40 +88,37 @@ class QuerySources:
         new.artifact = artifact
         return new
 
-    def embed(self, batch: QueryBatch, groups: dict[str, list[int]]) -> None:
+    def embed(self, batch: QueryBatch, groups: dict[str, np.ndarray]) -> None:
         """Fills the vectors (or errors) of the positions of each source in ``groups``."""
         self.users(batch, groups["user"])
         self.items(batch, groups["item"])
         self.texts(batch, groups["text"])
-        self.from_states(batch, groups["features"] + groups["text"], None)
+        through_tower = np.concatenate([groups["features"], groups["text"]])
+        self.from_states(batch, through_tower.tolist(), None)
 
-    def users(self, batch: QueryBatch, positions: list[int]) -> None:
+    def users(self, batch: QueryBatch, positions: np.ndarray) -> None:
         """Known users: unchanged since export and with nothing in the request, their
         exported inputs (or precomputed vectors); else their state from the store."""
-        if not positions:
+        if not len(positions):
             return
-        queries = [batch.queries[i] for i in positions]
-        users = self.artifact.query_keys.canonical([q.user for q in queries])
+        users = self.artifact.query_keys.canonical([batch.queries[i].user for i in positions])
         rows = self.artifact.query_rows(users)  # (U,)
-        plain = np.array([q.features is None and q.history is None for q in queries], bool)
-        fast = (rows >= 0) & plain
+        fast = (rows >= 0) & batch.bare(positions)
+        users = np.array(users, dtype=object) if users else np.zeros(0, dtype=object)
         if fast.any() and isinstance(self.store, MemoryStore):
-            fast[fast] = ~self.store.changed([u for u, f in zip(users, fast, strict=True) if f])
+            fast[fast] = ~self.store.changed(users[fast].tolist())
         else:
             fast[:] = False
-        self._exported(batch, np.asarray(positions)[fast], rows[fast])
-        rest = [p for p, f in zip(positions, fast.tolist(), strict=True) if not f]
-        if not rest:
+        self._exported(batch, positions[fast], rows[fast])
+        rest = positions[~fast]
+        if not len(rest):
             return
         try:
-            stored = self.store.read(
-                [u for u, f in zip(users, fast.tolist(), strict=True) if not f]
-            )
+            stored = self.store.read(users[~fast].tolist())
         except DataError as err:  # unreachable (503), or a state it cannot read
-            for position in rest:
-                batch.out[position] = err
+            batch.out[rest] = err
             return
-        self.from_states(batch, rest, stored)
+        self.from_states(batch, rest.tolist(), stored)
 
     def _exported(self, batch: QueryBatch, known: np.ndarray, found: np.ndarray) -> None:
         """Known users in their exported state: precomputed vectors where stored, else
@@ -207,20 +129,18 @@ class QuerySources:
         ready = stored.present[found] if stored is not None else np.zeros(len(found), bool)
         if ready.any():  # precomputed: no tower pass
             batch.vectors[known[ready]] = stored.vectors[found[ready]]
-            for position in known[ready].tolist():
-                batch.sources[position] = "precomputed"
+            batch.sources[known[ready]] = "precomputed"
         if not ready.all():
             batch.vectors[known[~ready]] = self._embed_known(found[~ready])
         batch.relabel(known, self.artifact.query_id_values[found].tolist())
-        wants_seen = np.array([batch.queries[i].exclude_seen for i in known], dtype=bool)
+        wants_seen = batch.exclude_seen[known]
         batch.seen_rows[known[wants_seen]] = found[wants_seen]
-        for position in known.tolist():
-            batch.states[position] = {"features": "stored", "history": "stored"}
+        batch.states[known] = STORED  # one dict for them all: a result's state is read only
 
-    def items(self, batch: QueryBatch, positions: list[int]) -> None:
+    def items(self, batch: QueryBatch, positions: np.ndarray) -> None:
         """Items: their own vectors as the query (with ``model.item_bias``, ending with
         a query's 1 instead of the item's bias); the item itself excluded."""
-        if not positions:
+        if not len(positions):
             return
         rows = self.artifact.item_rows([batch.queries[i].item for i in positions])  # (I,)
         known, found = batch.resolve(positions, rows, UnknownItemError, "item"), rows[rows >= 0]
@@ -230,11 +150,10 @@ class QuerySources:
             vectors[:, -1] = 1.0
         batch.vectors[known] = vectors if batch.vectors.ndim == 2 else vectors[:, None]
         batch.self_rows[known] = found
-        for position in known.tolist():
-            batch.sources[position] = "item"
+        batch.sources[known] = "item"
         batch.relabel(known, self.artifact.item_id_values[found].tolist())
 
-    def texts(self, batch: QueryBatch, positions: list[int]) -> None:
+    def texts(self, batch: QueryBatch, positions: np.ndarray) -> None:
         """Refuses texts this artifact cannot read; ``from_states`` embeds the others, each in
         the query text feature columns (every other column missing)."""
         if not self.text_columns:
@@ -242,10 +161,9 @@ class QuerySources:
                 "this artifact's query side has no text feature (its query features read "
                 f"{', '.join(map(repr, self.query_columns))}); recall users or rows instead"
             )
-            for position in positions:
-                batch.out[position] = error
+            batch.out[positions] = error
             return
-        for position in positions:
+        for position in positions.tolist():
             text = batch.queries[position].text
             if not isinstance(text, str) or not _encodes(text):
                 batch.out[position] = DataError(f"text must be valid Unicode text, got {text!r}")

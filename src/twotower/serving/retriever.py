@@ -46,14 +46,9 @@ import scipy.sparse as sp
 from twotower.errors import DataError
 from twotower.serving.artifact import Artifact
 from twotower.serving.filters import FilterMasks, Selection
-from twotower.serving.query import (
-    SOURCES,
-    Query,
-    Result,
-    UnknownQueryError,
-    check_k,
-)
-from twotower.serving.query_sources import INPUT_BUDGET, QueryBatch, QuerySources
+from twotower.serving.query import Query, Result, UnknownQueryError, check_k
+from twotower.serving.query_batch import QueryBatch
+from twotower.serving.query_sources import INPUT_BUDGET, QuerySources
 from twotower.serving.query_vectors import QueryVectors, read_query_vectors
 from twotower.serving.runtime import tower_runtime
 from twotower.serving.settings import EXACT_FILTER_LIMIT, Runtime
@@ -168,23 +163,29 @@ class Retriever:
             never fails the others.
         """
         batch = QueryBatch(queries, self.artifact.item_vectors.shape[1], self.interests)
-        groups: dict[str, list[int]] = {name: [] for name in SOURCES}
-        selections: dict[int, Selection] = {}  # the filtered queries' masks
-        N = self.num_items
-        for position, query in enumerate(batch.queries):
-            try:
-                check_k(query.k)
-                batch.ks[position] = min(query.k, N)  # above N: every item
-                source = query.source
-                if query.filter is not None:  # checked before any tower pass
-                    selections[position] = self.filters.select(query.filter)
-                groups[source].append(position)
-            except DataError as err:
-                batch.out[position] = err
+        groups = batch.plan(self.num_items)
+        selections = self._selections(batch, groups)  # checked before any tower pass
         self.sources.embed(batch, groups)
         for positions, allowed in _by_filter(batch, selections):
             self._answer(batch, positions, allowed)
-        return batch.out  # type: ignore[return-value]
+        return batch.answers()
+
+    def _selections(self, batch: QueryBatch, groups: dict[str, np.ndarray]) -> dict[int, Selection]:
+        """The filtered queries' masks, by position; a query whose filter is bad gets
+        its error instead and leaves its group."""
+        selections: dict[int, Selection] = {}
+        failed = False
+        for positions in groups.values():
+            for position in positions[batch.filtered[positions]].tolist():
+                try:
+                    selections[position] = self.filters.select(batch.queries[position].filter)
+                except DataError as err:
+                    batch.out[position] = err
+                    failed = True
+        if failed:
+            for name, positions in groups.items():
+                groups[name] = positions[np.equal(batch.out[positions], None)]
+        return selections
 
     def ingest(self, events: Sequence[Event]) -> list[tuple[int, str]]:
         """Appends ``events`` to their users' states in the store (``stores.base``:
@@ -333,16 +334,11 @@ class Retriever:
         items = _split(self.item_id_values[ids[kept]].tolist(), kept)
         values = _split(scores[kept].tolist(), kept)
         found = [None] * len(live) if interests is None else _split(interests[kept].tolist(), kept)
-        item_queries = (batch.self_rows[live] >= 0).tolist()  # one vector for every interest
-        for place, position in enumerate(live.tolist()):
-            batch.out[position] = Result(
-                batch.labels[position],
-                items[place],
-                values[place],
-                None if item_queries[place] else found[place],
-                batch.sources[position],
-                batch.states[position],
-            )
+        if interests is not None:  # an item query's one vector is every interest: none named
+            for place in np.flatnonzero(batch.self_rows[live] >= 0).tolist():
+                found[place] = None
+        labels, sources, states = (column[live].tolist() for column in batch.result_columns)
+        batch.answer(live, list(map(Result, labels, items, values, found, sources, states)))
 
 
 def _by_filter(
@@ -350,16 +346,16 @@ def _by_filter(
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """The positions of ``batch`` still to answer, one group per distinct filter (its
     mask of allowed items; None: no filter), each searched once."""
-    live = [i for i, answer in enumerate(batch.out) if answer is None]
+    live = batch.pending()
     if not selections:
-        return [(np.array(live, dtype=np.int64), None)] if live else []
-    groups: dict[tuple | None, list[int]] = {}
-    for position in live:
-        selection = selections.get(position)
-        groups.setdefault(None if selection is None else selection.key, []).append(position)
-    return [
-        (np.array(positions), None if key is None else selections[positions[0]].mask)
-        for key, positions in groups.items()
+        return [(live, None)] if len(live) else []
+    filtered = batch.filtered[live]
+    groups: dict[tuple, list[int]] = {}
+    for position in live[filtered].tolist():
+        groups.setdefault(selections[position].key, []).append(position)
+    plain = [(live[~filtered], None)] if (~filtered).any() else []
+    return plain + [
+        (np.array(positions), selections[positions[0]].mask) for positions in groups.values()
     ]
 
 

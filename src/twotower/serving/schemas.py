@@ -171,31 +171,49 @@ class RecallRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> RecallRequest:
-        given = [n for n in ("user_id", "features", "text") if getattr(self, n) is not None]
-        if given == ["user_id", "features"] or (not given and self.history is not None):
-            return self
-        if len(given) != 1:
-            raise ValueError(
-                "give one of user_id, features, text or history (features may go with "
-                f"user_id), got {' and '.join(given) if given else 'none'}"
-            )
+        problem = source_problem(self.user_id, self.features, self.text, self.history)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     def query(self) -> Query:
         """The retriever's query for this request."""
-        return Query(
-            user=self.user_id,
-            features=self.features,
-            text=self.text,
-            history=self.history,
-            history_times=self.history_times,
-            k=self.k,
-            exclude_seen=self.exclude_seen,
-            exclude_items=tuple(self.exclude_items),
-            filter=None
-            if self.filter is None
-            else {column: c.condition() for column, c in self.filter.items()},
+        return recall_query(self)
+
+
+def recall_query(request: Any) -> Query:
+    """The retriever's query for a recall request's fields: a ``RecallRequest``'s, or
+    the lean path's ``recall_codec.RecallBody``'s (its conditions with ``condition()``)."""
+    conditions = request.filter
+    return Query(
+        user=request.user_id,
+        features=request.features,
+        text=request.text,
+        history=request.history,
+        history_times=request.history_times,
+        k=request.k,
+        exclude_seen=request.exclude_seen,
+        exclude_items=tuple(request.exclude_items),
+        filter=None
+        if conditions is None
+        else {column: c.condition() for column, c in conditions.items()},
+    )
+
+
+def source_problem(user_id: Any, features: Any, text: Any, history: Any) -> str | None:
+    """Why a recall request does not name one source (a ``user_id``, ``features``, a
+    ``text``, a ``history`` alone; ``features`` may go with a ``user_id``); None when
+    it does."""
+    named = {"user_id": user_id, "features": features, "text": text}
+    given = [name for name, value in named.items() if value is not None]
+    if given == ["user_id", "features"] or (not given and history is not None):
+        return None
+    if len(given) != 1:
+        return (
+            "give one of user_id, features, text or history (features may go with "
+            f"user_id), got {' and '.join(given) if given else 'none'}"
         )
+    return None
 
 
 class EventIn(BaseModel):
