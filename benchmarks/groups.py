@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -39,6 +38,9 @@ from twotower.sources import open_source
 from twotower.training.checkpoint import CheckpointStore
 from twotower.training.run import train_run
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ledgers import read, record  # noqa: E402  (a sibling module)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "groups"
 DATASETS = {"ml100k": "configs/ml100k.yaml", "ml1m": "configs/ml1m.yaml"}
@@ -48,20 +50,6 @@ KS = [10, 20, 50]
 # what a table shows for each group: the two tops-of-list metrics and, for item
 # groups, how much of the top 10 the group's items take (popularity bias)
 SHOWN = ("recall@10", "ndcg@10")
-
-
-def read(ledger: Path) -> list[dict]:
-    """The ledger's lines; none when it does not exist."""
-    if not ledger.is_file():
-        return []
-    return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
-
-
-def record(ledger: Path, entry: dict) -> None:
-    """Appends one finished line to the ledger."""
-    ledger.parent.mkdir(parents=True, exist_ok=True)
-    with ledger.open("a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
 def kept(metrics: dict[str, float]) -> dict[str, float]:

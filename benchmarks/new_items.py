@@ -27,7 +27,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from twotower.baselines.run import evaluate_baseline
@@ -36,6 +35,9 @@ from twotower.data.load import with_data_dir
 from twotower.sources import open_source
 from twotower.threads import set_threads
 from twotower.training.run import train_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ledgers import read, record, spread  # noqa: E402  (a sibling module)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "new-items"
@@ -64,18 +66,6 @@ def run_metrics(split: str, rate: float, seed: int, args: argparse.Namespace) ->
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     return train_run(run_config(split, rate, seed, args.data_dir), out, resume=True).metrics
-
-
-def read(ledger: Path) -> list[dict]:
-    return (
-        [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.is_file() else []
-    )
-
-
-def record(ledger: Path, entry: dict) -> None:
-    ledger.parent.mkdir(parents=True, exist_ok=True)
-    with ledger.open("a") as handle:
-        handle.write(json.dumps(entry) + "\n")
 
 
 def kept(metrics: dict, part: str) -> dict:
@@ -129,7 +119,7 @@ def valid_table(entries: list[dict]) -> str:
     for split in dict.fromkeys(e["split"] for e in entries):
         for rate in sorted({e["dropout"] for e in entries if e["split"] == split}):
             group = [e for e in entries if e["split"] == split and e["dropout"] == rate]
-            cells = [_spread([e.get(f"valid/{c}") for e in group]) for c in columns]
+            cells = [spread([e.get(f"valid/{c}") for e in group]) for c in columns]
             lines.append(f"| {split} | {rate:g} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -150,18 +140,10 @@ def test_table(entries: list[dict]) -> str:
         ]
         for model in dict.fromkeys(e["model"] for e in entries):
             group = [e for e in entries if e["model"] == model]
-            cells = [_spread([e[f"{prefix}{m}"] for e in group]) for m in METRICS]
+            cells = [spread([e[f"{prefix}{m}"] for e in group]) for m in METRICS]
             label = BASELINES.get(model) or f"two-tower, item_id {model}"
             lines.append(f"| {label} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _spread(values: list) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return ""
-    spread = f" ± {np.std(values):.4f}" if len(values) > 1 else ""
-    return f"{np.mean(values):.4f}{spread}"
 
 
 def arguments() -> argparse.Namespace:

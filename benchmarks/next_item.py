@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -39,6 +38,9 @@ from twotower.config import Config, load_config
 from twotower.data.load import with_data_dir
 from twotower.sources import open_source
 from twotower.training.run import train_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ledgers import read, record, spread  # noqa: E402  (a sibling module)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "next-item"
@@ -64,18 +66,6 @@ def dataset_config(name: str, data_dir: Path, overrides: list[str] = ()) -> Conf
     path, own = DATASETS[name]
     config = load_config(ROOT / path, [*own, *overrides])
     return dataclasses.replace(config, data=with_data_dir(config.data, data_dir))
-
-
-def read(ledger: Path) -> list[dict]:
-    return (
-        [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.is_file() else []
-    )
-
-
-def record(ledger: Path, entry: dict) -> None:
-    ledger.parent.mkdir(parents=True, exist_ok=True)
-    with ledger.open("a") as handle:
-        handle.write(json.dumps(entry) + "\n")
 
 
 def ease_sweep(datasets: list[str], grid: list[float], data_dir: Path, ledger: Path) -> None:
@@ -181,18 +171,12 @@ def valid_table(entries: list[dict]) -> str:
             groups.items(), key=lambda kv: -np.mean([e["valid/ndcg@10"] for e in kv[1]])
         )
         for variant, group in ranked:
-            cells = [_spread([e[f"valid/{m}"] for e in group]) for m in METRICS]
+            cells = [spread([e[f"valid/{m}"] for e in group]) for m in METRICS]
             epochs = ",".join(f"{e['best_epoch']}/{e['epochs']}" for e in group)
             lines.append(
                 f"| {name} | {variant} | {len(group)} | {epochs} | " + " | ".join(cells) + " |"
             )
     return "\n".join(lines) + "\n"
-
-
-def _spread(values: list[float]) -> str:
-    """The mean, with ± the std where there is more than one value."""
-    values = np.array(values)
-    return f"{values.mean():.4f}" + (f" ± {values.std():.4f}" if len(values) > 1 else "")
 
 
 def table(entries: list[dict]) -> str:
@@ -210,7 +194,7 @@ def table(entries: list[dict]) -> str:
         for model, group in rows.items():
             if not group:
                 continue
-            cells = [_spread([e[f"test/{m}"] for e in group]) for m in METRICS]
+            cells = [spread([e[f"test/{m}"] for e in group]) for m in METRICS]
             label = f"EASE (L2 {group[0]['l2']:g})" if model == "ease" else model
             lines.append(f"| {name} | {label} | {len(group)} | " + " | ".join(cells) + " |")
         if rows["recipe"] and rows["ease"]:

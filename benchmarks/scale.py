@@ -109,9 +109,13 @@ def tree_rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def run_measured(command: list[str], log: Path) -> tuple[float, float, int]:
-    """Runs a command; returns (seconds, peak tree RSS in MiB, exit status)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+def run_measured(
+    command: list[str], log: Path, env: dict[str, str] | None = None
+) -> tuple[float, float, int]:
+    """Runs a command, its output to ``log``, with ``env`` added to the environment
+    (default: this checkout's ``src`` first on the path); returns (seconds, peak tree
+    RSS in MiB, exit status)."""
+    env = {**os.environ, **(env or {"PYTHONPATH": str(ROOT / "src")})}
     clock = time.perf_counter()
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)

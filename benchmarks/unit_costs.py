@@ -52,7 +52,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -99,31 +98,15 @@ def folder_bytes(path: Path) -> int:
 def run_measured(command: list[str], log: Path) -> dict:
     """Runs a command with one thread; its wall and CPU seconds (every thread and waited
     child) and the peak resident memory of its process tree, in MiB."""
-    from scale import tree_rss_mib
+    import scale
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    clock = time.perf_counter()
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD}
-        )
-        peak = [0.0]
-
-        def sample() -> None:
-            while process.poll() is None:
-                peak[0] = max(peak[0], tree_rss_mib(process.pid))
-                time.sleep(0.2)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        status = process.wait()
-        sampler.join()
+    wall, peak, status = scale.run_measured(command, log, env=ONE_THREAD)
     if status:
         raise SystemExit(f"{command[3:5]} failed; see {log}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    wall = time.perf_counter() - clock
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mib": round(peak[0])}
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mib": round(peak)}
 
 
 def twotower(*args: str) -> list[str]:
