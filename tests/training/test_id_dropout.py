@@ -6,30 +6,20 @@ from __future__ import annotations
 
 import torch
 
+from tests.training.helpers import examples_and_model
 from twotower.config import Config, apply_overrides
 from twotower.features.transform import OOV
-from twotower.sources import open_source
-from twotower.towers.model import TwoTower
 from twotower.training.evaluate import embed_all
-from twotower.training.examples import EXAMPLES
 from twotower.training.objectives import build_objective
 from twotower.training.run import train_run
 
 DROPPING = ["features.item.item_id.dropout=0.5", "features.query.user_id.dropout=0.5"]
 
 
-def _examples_and_model(config: Config):
-    source = open_source(config)
-    features = source.fit_features(config, None)
-    data = source.examples(EXAMPLES["interactions"], config, features, torch.device("cpu"))
-    torch.manual_seed(0)
-    return data, TwoTower.build(config.model, config.features, data.pipeline)
-
-
 def _unknown_rows_gradient(config: Config) -> dict[str, float]:
     """The norm of the gradient one training batch's loss sends each id table's
     unknown-id row (every id of the batch is known: the demo data has no rare id)."""
-    data, model = _examples_and_model(config)
+    data, model = examples_and_model(config)
     objective = build_objective(config.training.objective, data.item_counts())
     generator = torch.Generator().manual_seed(0)
     batch = next(data.batches(128, generator))
@@ -50,8 +40,8 @@ def test_the_loss_reaches_the_unknown_row_only_with_dropout(small_config):
 def test_evaluation_never_drops(small_config):
     """The same weights embed every query and item bit-identically with or without
     dropout in the config, and twice alike: only the training loss drops."""
-    data, model = _examples_and_model(apply_overrides(small_config, DROPPING))
-    plain, _ = _examples_and_model(small_config)
+    data, model = examples_and_model(apply_overrides(small_config, DROPPING))
+    plain, _ = examples_and_model(small_config)
     queries, items = embed_all(model, data, 1024)
     again = embed_all(model, data, 1024)
     without = embed_all(model, plain, 1024)

@@ -11,28 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from twotower.config import Config, apply_overrides
+from tests.training.helpers import examples_and_model
+from twotower.config import apply_overrides
 from twotower.errors import ConfigError
 from twotower.sampling import MinedNegatives
-from twotower.sources import open_source
-from twotower.towers.model import TwoTower
 from twotower.training.config import ListwiseConfig, MiningConfig, MixedConfig
 from twotower.training.evaluate import embed_all
-from twotower.training.examples import EXAMPLES
 from twotower.training.mining import NegativeMining
 from twotower.training.objectives import build_objective
 from twotower.training.run import train_run
 from twotower.training.trainer import RunPlan, Trainer
 
 MINED = "training.objective.mined_negatives"
-
-
-def _examples_and_model(config: Config):
-    source = open_source(config)
-    features = source.fit_features(config, None)
-    data = source.examples(EXAMPLES["interactions"], config, features, torch.device("cpu"))
-    torch.manual_seed(0)
-    return data, TwoTower.build(config.model, config.features, data.pipeline)
 
 
 def _fixed(mined: MinedNegatives, windows: list[list[int]]) -> MinedNegatives:
@@ -50,7 +40,7 @@ def _fixed(mined: MinedNegatives, windows: list[list[int]]) -> MinedNegatives:
 
 
 def test_a_small_models_candidates_are_its_brute_force_window(small_config):
-    data, model = _examples_and_model(small_config)
+    data, model = examples_and_model(small_config)
     mining = NegativeMining(MiningConfig(ratio=0.5, window=(6, 30)), data, batch_size=97)
     mining.refresh(model)
     assert model.training  # eval mode for the refresh only
@@ -141,7 +131,7 @@ def test_the_refresh_follows_its_schedule(
             "training.steps_per_epoch=5",
         ],
     )
-    data, model = _examples_and_model(config)
+    data, model = examples_and_model(config)
     trainer = Trainer(model, data, RunPlan(config.training), tmp_path, seed=0)
     refreshed, refresh = [], NegativeMining.refresh
 
