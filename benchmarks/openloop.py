@@ -29,6 +29,7 @@ figures are a floor for what a separate client machine would see.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -60,18 +61,34 @@ def bodies(artifact: Path, kind: str, count: int = 2000, seed: int = 1) -> list[
     picked = table.take(rows).to_pylist()
     if kind == "known":
         return [json.dumps({"user_id": row[key], "k": K}) for row in picked]
+    if kind == "history":  # the latest items arrive with the request: the tower runs on them
+        with np.load(artifact / "recent.npz", allow_pickle=False) as recent:
+            indptr, recent_rows = recent["indptr"], recent["rows"]
+        items = pq.read_table(artifact / "items.parquet", columns=[manifest["item_key"]])
+        item_ids = items.column(0).to_numpy()
+        latest = np.random.default_rng(seed + 1).choice(len(item_ids), (count, 2))
+        out = []
+        for row, user, new in zip(rows, picked, latest, strict=True):
+            stored = recent_rows[indptr[row] : indptr[row + 1]][::-1]  # oldest first
+            history = item_ids[np.concatenate([stored, new])].tolist()
+            out.append(json.dumps({"user_id": user[key], "history": history, "k": K}))
+        return out
     if kind == "cold":
         lists = {f.name for f in table.schema if f.type.num_fields}  # histories
         features = [{c: v for c, v in row.items() if c != key and c not in lists} for row in picked]
         return [json.dumps({"features": row, "k": K}) for row in features]
-    raise SystemExit(f"unknown body kind {kind!r}; choose known or cold")
+    raise SystemExit(f"unknown body kind {kind!r}; choose known, history or cold")
 
 
-def offer(url: str, rate: int, seconds: float, connections: int, lines: Path) -> dict:
-    """One open-loop run of ``wrk`` at ``rate`` requests/s; its summary."""
+def offer(
+    url: str, rate: int, seconds: float, connections: int, lines: Path, pin: str = ""
+) -> dict:
+    """One open-loop run of ``wrk`` at ``rate`` requests/s (on the CPUs ``pin`` lists,
+    where given); its summary."""
     with tempfile.TemporaryDirectory() as folder:
         summary = Path(folder) / "summary.json"
-        command = ["wrk", "-t", str(connections), "-c", str(connections)]
+        command = ["taskset", "-c", pin] if pin else []
+        command += ["wrk", "-t", str(connections), "-c", str(connections)]
         command += ["-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(SCRIPT)]
         command += [f"{url}/recall", "--", str(rate), str(lines), str(connections)]
         env = {**os.environ, "OPENLOOP_OUT": str(summary)}
@@ -89,7 +106,9 @@ def saturated(result: dict) -> bool:
     )
 
 
-def profile(url: str, pid: int, rate: int, seconds: float, lines: Path, out: Path) -> None:
+def profile(
+    url: str, pid: int, rate: int, seconds: float, lines: Path, out: Path, pin: str = ""
+) -> None:
     """Samples the service with py-spy while wrk offers ``rate``: a flame graph
     (``OUT.svg``) and the collapsed stacks (``OUT.txt``, one line per stack and count),
     each from its own run of the same load."""
@@ -102,7 +121,7 @@ def profile(url: str, pid: int, rate: int, seconds: float, lines: Path, out: Pat
         command += ["--output", str(out.with_suffix(suffix))]
         sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)  # py-spy attaches
-        offer(url, rate, seconds - 1, 32, lines)
+        offer(url, rate, seconds - 1, 32, lines, pin)
         if sampler.wait(timeout=120) != 0:
             raise SystemExit(f"py-spy failed: {sampler.stderr.read().decode()[-2000:]}")
 
@@ -127,14 +146,16 @@ def top_functions(raw: Path, count: int = 25) -> list[tuple[str, float, float]]:
 def measure(args, artifact: Path, ledger: Path, done: dict) -> None:
     """Every body kind and rate on one artifact, each appended to the ledger."""
     num_items = json.loads((artifact / "manifest.json").read_text())["num_items"]
-    process, url = start_server(artifact, args.serve_option)
+    service_pin, load_pin = args.pin.split(":") if args.pin else ("", "")
+    prefix = ["taskset", "-c", service_pin] if service_pin else []
+    process, url = start_server(artifact, args.serve_option, prefix)
     try:
         if args.profile:
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as file:
                 file.write("\n".join(bodies(artifact, "known")) + "\n")
             out = args.out / f"profile-n{num_items}-{args.profile}"
-            offer(url, args.profile, 3.0, 32, Path(file.name))  # warm-up
-            profile(url, process.pid, args.profile, args.duration, Path(file.name), out)
+            offer(url, args.profile, 3.0, 32, Path(file.name), load_pin)  # warm-up
+            profile(url, process.pid, args.profile, args.duration, Path(file.name), out, load_pin)
             Path(file.name).unlink()
             for name, inside, itself in top_functions(out.with_suffix(".txt")):
                 print(f"  {inside:6.1%} {itself:6.1%}  {name}", flush=True)
@@ -144,20 +165,21 @@ def measure(args, artifact: Path, ledger: Path, done: dict) -> None:
                 file.write("\n".join(bodies(artifact, kind)) + "\n")
             lines = Path(file.name)
             try:
-                offer(url, args.rates[0], 3.0, args.connections, lines)  # warm-up
+                offer(url, args.rates[0], 3.0, args.connections, lines, load_pin)  # warm-up
                 rate, index = args.rates[0], 0
                 while True:
                     name = f"n{num_items}-{kind}-{rate}"
                     if name in done:
                         result = done[name]
                     else:
-                        result = offer(url, rate, args.duration, args.connections, lines)
+                        result = offer(url, rate, args.duration, args.connections, lines, load_pin)
                         result.update(
                             name=name,
                             items=num_items,
                             body=kind,
                             service_rss_mib=round(rss_mib(process.pid)),
                             serve_options=args.serve_option,
+                            pin=args.pin,
                             connections=args.connections,
                             duration_s=args.duration,
                         )
@@ -246,6 +268,18 @@ def main() -> None:
         "--serve-option", action="append", default=[], help="passed to twotower serve"
     )
     parser.add_argument(
+        "--pin",
+        default="",
+        metavar="SERVICE:LOAD",
+        help="taskset CPU lists: the service's processes (and Redis) on SERVICE, wrk on LOAD",
+    )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="users' states in a redis-server of its own (on a free port, filled by "
+        "twotower state load), read by the service for every known user",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -271,8 +305,23 @@ def main() -> None:
             clock = time.perf_counter()
             artifacts.append(build(args.out, num_items, ["hnsw"])["hnsw"])
             print(f"N = {num_items:,}: ready in {time.perf_counter() - clock:.0f} s", flush=True)
-    for artifact in artifacts:
-        measure(args, artifact, ledger, done)
+    with contextlib.ExitStack() as stack:
+        if args.redis:
+            from state_scale import load_users, redis_server  # it imports this module
+
+            folder = args.out / "redis"
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            service_pin = args.pin.split(":")[0] if args.pin else ""
+            url = stack.enter_context(
+                redis_server(folder, ["taskset", "-c", service_pin] if service_pin else [])
+            )
+            args.serve_option = [*args.serve_option, f"--state={url}"]
+        for artifact in artifacts:
+            if args.redis:
+                loaded = load_users(artifact, url, folder / "load.log")
+                print(f"  {loaded['users']:,} users loaded into Redis", flush=True)
+            measure(args, artifact, ledger, done)
     if args.profile:
         return
     results = [json.loads(line) for line in ledger.read_text().splitlines()]

@@ -124,9 +124,13 @@ def in_process(artifact: Path, users: list) -> dict[str, float]:
     }
 
 
-def start_server(artifact: Path, options: list[str] = ()) -> tuple[subprocess.Popen, str]:
-    """``twotower serve`` on a free port, its output in ``serve.log`` beside the artifact."""
-    command = [sys.executable, "-m", "twotower", "serve", str(artifact), "--port", "0", *options]
+def start_server(
+    artifact: Path, options: list[str] = (), prefix: list[str] = ()
+) -> tuple[subprocess.Popen, str]:
+    """``twotower serve`` on a free port, its output in ``serve.log`` beside the artifact;
+    ``prefix`` goes before the command (``taskset -c 1``)."""
+    command = [*prefix, sys.executable, "-m", "twotower", "serve", str(artifact), "--port", "0"]
+    command += options
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = artifact.parent / f"serve-{artifact.name}.log"
     with open(log, "wb") as out:

@@ -66,13 +66,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def redis_server(folder: Path) -> Iterator[str]:
+def redis_server(folder: Path, prefix: list[str] = ()) -> Iterator[str]:
     """A fresh ``redis-server`` on a free loopback port with its files in ``folder``
-    (append-only file, fsync always); yields its URL, stops it on exit."""
+    (append-only file, fsync always), ``prefix`` before the command (``taskset -c 1``);
+    yields its URL, stops it on exit."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1"]
+    command = [*prefix, shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1"]
     command += ["--dir", str(folder), "--appendonly", "yes", "--appendfsync", "always"]
     command += ["--save", "", "--logfile", "redis.log"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -764,3 +764,36 @@ def test_new_items_validation_ledger_holds_no_test_metric(tmp_path, monkeypatch)
         ("dropout 0.25", 1),
     ]
     assert rows[-1]["test/new_items/ndcg@10"] == 0.35
+
+
+def test_openloop_history_bodies_send_each_users_history_and_two_more_items(demo_artifact):
+    """The open loop's request-time history bodies: each a known user with its stored
+    history and two more of the artifact's items; the service answers every one, and
+    the items sent count as seen."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import openloop
+    from fastapi.testclient import TestClient
+
+    from twotower.serving import Artifact
+    from twotower.serving.http import create_app
+
+    folder, _ = demo_artifact
+    artifact = Artifact.load(folder)
+    recent = artifact.recent
+    stored = {  # each user's recent items, oldest first, as the artifact keeps them
+        user: artifact.item_id_values[
+            recent.rows[recent.indptr[row] : recent.indptr[row + 1]]
+        ].tolist()[::-1]
+        for row, user in enumerate(artifact.query_id_values.tolist())
+    }
+    items = set(artifact.item_id_values.tolist())
+    sent = [json.loads(b) for b in openloop.bodies(folder, "history", count=40)]
+    with TestClient(create_app(folder), client=("127.0.0.1", 50000)) as client:
+        for body in sent:
+            history = stored[body["user_id"]]
+            assert body["history"][: len(history)] == history
+            assert len(body["history"]) == len(history) + 2
+            assert set(body["history"][len(history) :]) <= items
+            answer = client.post("/recall", json=body)
+            assert answer.status_code == 200, answer.text
+            assert not set(answer.json()["items"]) & set(body["history"])
