@@ -36,21 +36,13 @@ from twotower.serving.http import ServiceConfig, create_app  # noqa: E402
 
 
 def bodies(artifact: Path, kind: str, count: int = 2000, seed: int = 1) -> list[bytes]:
-    """Request bodies of one kind: ``known`` and ``cold`` as ``openloop.py`` sends them;
-    ``history`` a cold row with recent items; ``filtered`` a known user with a filter
-    on the item table's first numeric column."""
-    if kind in ("known", "cold"):
+    """Request bodies of one kind: ``known``, ``history`` (a known user with its recent
+    items sent along) and ``cold`` as ``openloop.py`` sends them; ``filtered`` a known
+    user with a filter on the item table's first numeric column."""
+    if kind in ("known", "history", "cold"):
         return [body.encode() for body in openloop_bodies(artifact, kind, count, seed)]
     items = pq.read_table(artifact / "items.parquet")
     manifest = json.loads((artifact / "manifest.json").read_text())
-    ids = items.column(manifest["item_key"]).to_pylist()
-    rng = np.random.default_rng(seed)
-    if kind == "history":
-        cold = [json.loads(body) for body in openloop_bodies(artifact, "cold", count, seed)]
-        return [
-            json.dumps({**body, "history": [ids[i] for i in rng.choice(len(ids), 5)]}).encode()
-            for body in cold
-        ]
     if kind == "filtered":
         known = [json.loads(body) for body in openloop_bodies(artifact, "known", count, seed)]
         column = next(

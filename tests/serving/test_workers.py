@@ -280,3 +280,27 @@ def test_the_large_files_are_mapped_not_read(demo_artifact, tmp_path):
         for name in ("item_vectors.npy", f"index/{index_file}", "query_tower.pt"):
             assert str((Path(folder) / name).resolve()) in mapped, name
     assert isinstance(kept[0].artifact.item_vectors, np.memmap)
+
+
+def test_a_served_app_hands_the_interpreter_lock_on_every_half_millisecond(monkeypatch):
+    """uvicorn runs with the service's switch interval (the event loop and the batch
+    worker share the lock), not Python's 5 ms."""
+    import sys
+
+    import uvicorn
+
+    from twotower.serving import workers
+
+    seen = []
+    monkeypatch.setattr(
+        uvicorn.Server, "run", lambda self, sockets: seen.append((sys.getswitchinterval(), sockets))
+    )
+    before = sys.getswitchinterval()
+    sock = bind("127.0.0.1", 0)
+    try:
+        workers.serve_app(lambda scope, receive, send: None, sock)
+    finally:
+        sys.setswitchinterval(before)
+        sock.close()
+    assert before == pytest.approx(0.005)
+    assert seen == [(pytest.approx(0.0005), [sock])]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from twotower.errors import ConfigError, DataError
 from twotower.serving.settings import ServiceConfig
-from twotower.serving.workers import Supervisor
+from twotower.serving.workers import Supervisor, serve_app
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +105,10 @@ def serve(
             supervisor.stop()
             sock.close()
         return
-    import uvicorn
-
     if on_ready is not None:
         on_ready(url)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
-    )
     try:
-        server.run(sockets=[sock])
+        serve_app(app, sock)
     finally:
         sock.close()
 
