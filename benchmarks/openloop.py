@@ -3,7 +3,8 @@ answers, from ``wrk`` (a native load generator; Debian's ``apt-get install wrk``
 
     python benchmarks/openloop.py --out runs/openloop [--items 100000,1000000]
         [--rates 250,500,1000,2000] [--duration 10] [--connections 32]
-        [--bodies known,cold] [--serve-option=--threads=1]
+        [--bodies known,history,cold] [--serve-option=--threads=1] [--pin 1:0] [--redis]
+    python benchmarks/openloop.py --compare LEDGER.jsonl ...   # their rows side by side
 
 For each corpus size N the artifact of ``benchmarks/serving.py`` (5,000 synthetic users,
 N items, HNSW index; built once in ``--out`` and reused), or each folder of
@@ -11,11 +12,15 @@ N items, HNSW index; built once in ``--out`` and reused), or each folder of
 ``benchmarks/openloop.lua`` drives it: C keep-alive connections, each sending on a fixed
 schedule so that together they offer the rate, and each request's latency counted from
 when it was due (a slow answer delays the requests behind it, and that delay is
-counted, not hidden). Two kinds of request bodies: a known user (``{"user_id": ...,
-"k": 10}``: stored features and history, seen items excluded) and a cold-start feature
-row (``{"features": {...}, "k": 10}``: a known user's raw feature columns sent as a new
+counted, not hidden). Three kinds of request bodies: a known user (``{"user_id": ...,
+"k": 10}``: stored features and history, seen items excluded), a known user with a
+request-time history (``"history"``: its stored recent items and two more, as if they
+had just happened, so the query tower runs on them) and a cold-start feature row
+(``{"features": {...}, "k": 10}``: a known user's raw feature columns sent as a new
 user's). After the given rates the rate doubles until the service saturates: it
-answers under 90% of the offered rate, or its p99 passes a second.
+answers under 90% of the offered rate, or its p99 passes a second. ``--pin 1:0`` runs
+the service (and its Redis) on CPU 1 and wrk on CPU 0 (``taskset``); ``--redis`` keeps
+the users' states in a ``redis-server`` of its own, filled by ``twotower state load``.
 
 Per N, body kind and rate: p50 / p90 / p99 / p99.9 / max, requests sent and answered,
 non-2xx answers and socket errors, the achieved rate; the saturation rate is the highest
@@ -222,6 +227,33 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare(ledgers: list[Path], rates: tuple[int, ...] = (250, 500, 1000, 2000)) -> str:
+    """One row per ledger and body kind: p50 / p99 ms at each of ``rates`` (or
+    "saturated"), the saturation rate, and the errors where there were any."""
+    head = " | ".join(f"{rate:,}/s" for rate in rates)
+    lines = [
+        f"| ledger | request | {head} | saturation |",
+        "|---|---|" + "---:|" * (len(rates) + 1),
+    ]
+    for ledger in ledgers:
+        results = [json.loads(line) for line in ledger.read_text().splitlines()]
+        for (_, body), group in _groups(results).items():
+            at = {r["offered_per_s"]: r for r in group}
+            cells = [
+                ""
+                if rate not in at
+                else "saturated"
+                if saturated(at[rate])
+                else f"{at[rate]['p50_ms']:.1f} / {at[rate]['p99_ms']:.1f}"
+                for rate in rates
+            ]
+            top = max(r["achieved_per_s"] for r in group)
+            errors = sum(r["non_2xx"] + r["socket_errors"] for r in group)
+            note = f" ({errors} errors)" if errors else ""
+            lines.append(f"| {ledger.stem} | {body} | {' | '.join(cells)} | {top:,.0f}{note} |")
+    return "\n".join(lines)
+
+
 def _groups(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in results:
@@ -287,7 +319,17 @@ def main() -> None:
         help="instead of measuring: sample the service with py-spy for --duration seconds "
         "while known users arrive at RATE/s (OUT/profile-nN-RATE.svg and .txt)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        metavar="LEDGER",
+        help="instead of measuring: one table of these ledgers' rows (p50 / p99 at each rate)",
+    )
     args = parser.parse_args()
+    if args.compare:
+        print(compare(args.compare))
+        return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     args.rates = [int(r) for r in args.rates.split(",")]

@@ -797,3 +797,24 @@ def test_openloop_history_bodies_send_each_users_history_and_two_more_items(demo
             answer = client.post("/recall", json=body)
             assert answer.status_code == 200, answer.text
             assert not set(answer.json()["items"]) & set(body["history"])
+
+
+def test_openloop_compare_tables_p50_p99_per_rate_and_marks_saturation(tmp_path):
+    """The side-by-side table: p50 / p99 where the service kept up, "saturated" where it
+    answered under 90% of the offered rate or its p99 passed a second."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import openloop
+
+    def row(rate, achieved, p50, p99, errors=0):
+        return {
+            "items": 1000, "body": "known", "offered_per_s": rate, "achieved_per_s": achieved,
+            "p50_ms": p50, "p99_ms": p99, "non_2xx": errors, "socket_errors": 0,
+        }  # fmt: skip
+
+    ledger = tmp_path / "state-a.jsonl"
+    rows = [row(250, 249.0, 1.04, 3.96), row(1000, 998.0, 2.5, 1200.0), row(2000, 1700.0, 9, 9, 3)]
+    ledger.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    table = openloop.compare([ledger], rates=(250, 1000, 2000))
+    assert table.splitlines()[-1] == (
+        "| state-a | known | 1.0 / 4.0 | saturated | saturated | 1,700 (3 errors) |"
+    )
