@@ -129,6 +129,15 @@ def profile(
         offer(url, rate, seconds - 1, 32, lines, pin)
         if sampler.wait(timeout=120) != 0:
             raise SystemExit(f"py-spy failed: {sampler.stderr.read().decode()[-2000:]}")
+    retitle(out.with_suffix(".svg"), f"twotower serve under {rate} requests/s")
+
+
+def retitle(svg: Path, title: str) -> None:
+    """Puts ``title`` in place of the flame graph's own, which is py-spy's command line
+    (with this machine's paths in it)."""
+    text = svg.read_text()
+    text = re.sub(r'(<text id="title"[^>]*>)[^<]*(</text>)', rf"\g<1>{title}\g<2>", text, count=1)
+    svg.write_text(text)
 
 
 def top_functions(raw: Path, count: int = 25) -> list[tuple[str, float, float]]:

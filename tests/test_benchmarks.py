@@ -818,3 +818,22 @@ def test_openloop_compare_tables_p50_p99_per_rate_and_marks_saturation(tmp_path)
     assert table.splitlines()[-1] == (
         "| state-a | known | 1.0 / 4.0 | saturated | saturated | 1,700 (3 errors) |"
     )
+
+
+def test_openloop_flame_graph_title_names_the_load_not_the_command(tmp_path):
+    """py-spy titles its flame graph with its own command line (this machine's paths);
+    the title is replaced, the frames kept."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import openloop
+
+    svg = tmp_path / "profile.svg"
+    frames = "<g><title>retrieve (twotower/serving/retriever.py:156)</title></g>"
+    svg.write_text(
+        '<svg><text id="title" x="50%">/home/u/.venv/bin/py-spy record --pid 7</text>'
+        f'<text id="details"> </text>{frames}</svg>'
+    )
+    openloop.retitle(svg, "twotower serve under 1000 requests/s")
+    assert svg.read_text() == (
+        '<svg><text id="title" x="50%">twotower serve under 1000 requests/s</text>'
+        f'<text id="details"> </text>{frames}</svg>'
+    )
