@@ -92,8 +92,7 @@ def offer(
     where given); its summary."""
     with tempfile.TemporaryDirectory() as folder:
         summary = Path(folder) / "summary.json"
-        command = ["taskset", "-c", pin] if pin else []
-        command += ["wrk", "-t", str(connections), "-c", str(connections)]
+        command = [*taskset(pin), "wrk", "-t", str(connections), "-c", str(connections)]
         command += ["-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(SCRIPT)]
         command += [f"{url}/recall", "--", str(rate), str(lines), str(connections)]
         env = {**os.environ, "OPENLOOP_OUT": str(summary)}
@@ -102,6 +101,11 @@ def offer(
     result["offered_per_s"] = rate
     result["achieved_per_s"] = round(result["answered"] / result["elapsed_s"], 1)
     return result
+
+
+def taskset(cpus: str) -> list[str]:
+    """The prefix that runs a command on the CPUs ``cpus`` lists (nothing where empty)."""
+    return ["taskset", "-c", cpus] if cpus else []
 
 
 def saturated(result: dict) -> bool:
@@ -160,9 +164,8 @@ def top_functions(raw: Path, count: int = 25) -> list[tuple[str, float, float]]:
 def measure(args, artifact: Path, ledger: Path, done: dict) -> None:
     """Every body kind and rate on one artifact, each appended to the ledger."""
     num_items = json.loads((artifact / "manifest.json").read_text())["num_items"]
-    service_pin, load_pin = args.pin.split(":") if args.pin else ("", "")
-    prefix = ["taskset", "-c", service_pin] if service_pin else []
-    process, url = start_server(artifact, args.serve_option, prefix)
+    process, url = start_server(artifact, args.serve_option, taskset(args.service_cpus))
+    load_pin = args.load_cpus
     try:
         if args.profile:
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as file:
@@ -342,6 +345,9 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     args.rates = [int(r) for r in args.rates.split(",")]
+    if args.pin and args.pin.count(":") != 1:
+        raise SystemExit(f"--pin {args.pin!r}: expected SERVICE:LOAD CPU lists, e.g. 1:0")
+    args.service_cpus, args.load_cpus = args.pin.split(":") if args.pin else ("", "")
     args.bodies = args.bodies.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     ledger = args.out / "openloop.jsonl"
@@ -363,10 +369,7 @@ def main() -> None:
             folder = args.out / "redis"
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            service_pin = args.pin.split(":")[0] if args.pin else ""
-            url = stack.enter_context(
-                redis_server(folder, ["taskset", "-c", service_pin] if service_pin else [])
-            )
+            url = stack.enter_context(redis_server(folder, taskset(args.service_cpus)))
             args.serve_option = [*args.serve_option, f"--state={url}"]
         for artifact in artifacts:
             if args.redis:

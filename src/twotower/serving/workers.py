@@ -364,9 +364,10 @@ def run_worker(folder: Path, config: ServiceConfig, sock: socket.socket, conn: C
 
 # How long a thread that wants the interpreter lock waits before the holder is asked to
 # let go (Python's default: 5 ms). The event loop and the batch worker share the lock,
-# so at the default a request can wait 5 ms for the other thread's bytecode; at 0.5 ms
-# the open loop's p99 for known users at 1,000 requests/s on 1M items fell from 5.8 to
-# 4.8 ms and the saturation rose from 3,659 to 4,080 requests/s (docs/benchmarks.md).
+# so at the default a request can wait 5 ms for the other thread's bytecode. At 0.5 ms,
+# measured alone with the service on a core of its own, the open loop's p99 for known
+# users at 1,000 requests/s on 1M items went from 5.8 to 4.8 and 5.7 ms in two runs, and
+# the saturation from 3,659 to 4,080 and 4,162 requests/s (docs/benchmarks.md).
 SWITCH_INTERVAL_S = 0.0005
 
 
