@@ -422,6 +422,51 @@ def test_known_users_inputs_kept_in_memory_give_the_transformed_answers(fixture,
         assert np.allclose(a.scores, b.scores, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "fixture", ["demo_artifact", "sequence_artifact", "timed_artifact", "interests_artifact"]
+)
+def test_a_known_users_request_history_on_kept_inputs_gives_its_states_answers(
+    fixture, request, monkeypatch
+):
+    """A known user whose request brings its latest items is embedded from its kept
+    inputs with only the history features transformed: the answers, states and errors
+    of its whole state transformed (every history encoder, timestamps, K > 1)."""
+    folder, oracle = request.getfixturevalue(fixture)
+    kept, transformed = (
+        Retriever(Artifact.load(folder)),
+        Retriever(Artifact.load(folder), input_budget=0),
+    )
+
+    def no_row_transform(*args, **kwargs):
+        raise AssertionError("the kept inputs were not used")
+
+    monkeypatch.setattr(kept.artifact.pipeline, "transform", no_row_transform)
+    rng = np.random.default_rng(0)
+    users, items = list(oracle.query_ids)[:40], list(oracle.item_ids)
+    queries = []
+    for n, user in enumerate(users):
+        history = [items[i] for i in rng.choice(len(items), n % 5)]  # 0 to 4 items
+        times = rng.uniform(0, 1e6, len(history)).tolist()  # in no order: sorted by them
+        queries.append(
+            Query(user=user, history=history, history_times=times, k=10, exclude_seen=n % 3 > 0)
+        )
+    queries += [
+        Query(user=users[0], history=[items[0], "no such item", -5], history_times=[1, 2, 3]),
+        Query(user=users[1], history=[items[0]], history_times=[1.0, 2.0]),
+        Query(user=users[2], history=[items[3]], history_times=[float("nan")]),
+    ]
+    answers, expected = kept.retrieve(queries), transformed.retrieve(queries)
+    assert sum(isinstance(a, DataError) for a in expected) == 3
+    for a, b in zip(answers, expected, strict=True):
+        if isinstance(b, DataError):
+            assert type(a) is type(b) and str(a) == str(b)
+            continue
+        assert (a.query, a.items, a.interests, a.state) == (b.query, b.items, b.interests, b.state)
+        assert np.allclose(a.scores, b.scores, atol=1e-5)
+    assert answers[5].state == {"features": "stored", "history": "request"}
+    assert set(queries[5].history).isdisjoint(answers[5].items)
+
+
 def test_an_item_bias_is_served_as_the_vectors_last_coordinate(item_bias_artifact):
     """``model.item_bias``: an exported run's item vectors end with each item's learned
     bias and a known user's query vector with 1, so the service's answers are the model's

@@ -183,11 +183,13 @@ class HistoryTransform(Transform):
         histories: each item row's code in ``item_codes`` (the item-id feature's code
         of each item row), the first ``max_len`` items kept; 0 where there is none."""
         rows = recent.rows[:, : self.spec.max_len]
-        width = self.spec.max_len - rows.shape[1]
+        width = rows.shape[1]
         there = rows >= 0
-        items = np.where(there, item_codes[np.where(there, rows, 0)], 0)
-        times = np.where(there, np.nan_to_num(recent.times[:, : self.spec.max_len]), 0.0)
-        return np.pad(items, ((0, 0), (0, width))), np.pad(times, ((0, 0), (0, width)))
+        items = np.zeros((len(rows), self.spec.max_len), np.int64)
+        times = np.zeros((len(rows), self.spec.max_len), np.float64)
+        items[:, :width] = np.where(there, item_codes[np.where(there, rows, 0)], 0)
+        times[:, :width] = np.where(there, np.nan_to_num(recent.times[:, : self.spec.max_len]), 0)
+        return items, times
 
     def fit(self, values: pa.Array, context: FitContext) -> None:
         if context.train is None or context.query_keys is None:

@@ -278,15 +278,25 @@ class FeaturePipeline:
         for name, transform in self.transforms[side].items():
             if isinstance(transform, HistoryTransform) and recent is not None:
                 assert codes is not None, "recent rows need the item table's history_codes"
-                items, times = transform.transform_recent(recent, codes[name])
-                arrays = {name: items}
-                if transform.spec.time_buckets:
-                    arrays[transform.spec.times_input] = times
+                arrays = _recent_arrays(transform, recent, codes[name])
             elif isinstance(transform, HistoryTransform):
                 arrays = self._history_inputs(transform, self._input_values(side, name, table))
             else:
                 arrays = {name: transform.transform(self._input_values(side, name, table))}
             out.update({key: torch.from_numpy(array) for key, array in arrays.items()})
+        return out
+
+    def recent_inputs(
+        self, recent: Recent, codes: dict[str, np.ndarray]
+    ) -> dict[str, torch.Tensor]:
+        """The query history features' model inputs of request-time ``recent`` items
+        (``transform``'s for those features alone): the rest of a known user's inputs
+        can then be its exported ones. ``codes``: ``history_codes`` of the item table."""
+        out = {}
+        for name, transform in self.transforms["query"].items():
+            if isinstance(transform, HistoryTransform):
+                arrays = _recent_arrays(transform, recent, codes[name])
+                out.update({key: torch.from_numpy(array) for key, array in arrays.items()})
         return out
 
     def row_errors(self, side: str, table: pa.Table) -> dict[int, DataError]:
@@ -417,3 +427,15 @@ def _require_column(table: pa.Table, spec: FeatureSpec, side: str) -> None:
             f"{side} feature {spec.name!r} reads column {spec.column!r}, which the {side} "
             f"table lacks; it has {', '.join(map(repr, table.column_names))}"
         )
+
+
+def _recent_arrays(
+    transform: HistoryTransform, recent: Recent, codes: np.ndarray
+) -> dict[str, np.ndarray]:
+    """A history feature's inputs of request-time ``recent`` items: its item codes and,
+    with ``time_buckets``, their timestamps."""
+    items, times = transform.transform_recent(recent, codes)
+    arrays = {transform.spec.name: items}
+    if transform.spec.time_buckets:
+        arrays[transform.spec.times_input] = times
+    return arrays

@@ -118,6 +118,10 @@ class QueryBatch:
         """(P,) bool: which queries at ``positions`` bring no feature values nor history."""
         return ~self.given[positions, _FEATURES] & ~self.given[positions, _HISTORY]
 
+    def history_alone(self, positions: np.ndarray) -> np.ndarray:
+        """(P,) bool: which queries at ``positions`` bring a history and no feature values."""
+        return self.given[positions, _HISTORY] & ~self.given[positions, _FEATURES]
+
     def relabel(self, positions: np.ndarray, labels: list[Any]) -> None:
         """Labels the results at ``positions``, one label each."""
         self.labels[positions] = _objects(labels)

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from twotower.errors import DataError
+from twotower.features.history import Recent
 from twotower.features.specs import TextFeature
 from twotower.serving.artifact import Artifact
 from twotower.serving.query import UnknownItemError, UnknownQueryError
 from twotower.serving.query_batch import QueryBatch
-from twotower.serving.query_states import QueryState, query_state, state_inputs
+from twotower.serving.query_states import QueryState, query_state, request_history, state_inputs
 from twotower.serving.query_vectors import QueryVectors
 from twotower.serving.runtime import TowerRuntime
 from twotower.serving.stores.base import StateStore, UserStates
@@ -79,6 +80,13 @@ class QuerySources:
         self.timed = any(
             getattr(spec, "time_buckets", 0) for spec in artifact.pipeline.config.query
         )
+        # a result's state for a known user whose request brings a history: its stored
+        # feature values (if the query side reads any) and the request's history
+        stored = [c for c in state if c in artifact.queries.schema.names]
+        self.request_history_state = {
+            "features": "stored" if stored else "none",
+            "history": "request",
+        }
 
     def with_artifact(self, artifact: Artifact) -> QuerySources:
         """These sources over a later version of the artifact (other items, the same
@@ -103,13 +111,17 @@ class QuerySources:
             return
         users = self.artifact.query_keys.canonical([batch.queries[i].user for i in positions])
         rows = self.artifact.query_rows(users)  # (U,)
-        fast = (rows >= 0) & batch.bare(positions)
+        bare, history = batch.bare(positions), batch.history_alone(positions)
+        if self.known_inputs is None:  # a request's history then goes through its state
+            history[:] = False
+        fast = (rows >= 0) & (bare | history)  # each read as exported, but for a history
         users = np.array(users, dtype=object) if users else np.zeros(0, dtype=object)
         if fast.any() and isinstance(self.store, MemoryStore):
             fast[fast] = ~self.store.changed(users[fast].tolist())
         else:
             fast[:] = False
-        self._exported(batch, positions[fast], rows[fast])
+        self._exported(batch, positions[fast & bare], rows[fast & bare])
+        self._exported_with_history(batch, positions[fast & history], rows[fast & history])
         rest = positions[~fast]
         if not len(rest):
             return
@@ -136,6 +148,49 @@ class QuerySources:
         wants_seen = batch.exclude_seen[known]
         batch.seen_rows[known[wants_seen]] = found[wants_seen]
         batch.states[known] = STORED  # one dict for them all: a result's state is read only
+
+    def _exported_with_history(
+        self, batch: QueryBatch, known: np.ndarray, found: np.ndarray
+    ) -> None:
+        """Known users in their exported state whose request brings a history: their
+        kept inputs, the history features' taken from the request's items instead, and
+        those items excluded beside the exported seen ones. The answers of their state
+        through ``from_states``, without converting and transforming a stored row."""
+        if not len(known):
+            return
+        entries = [request_history(batch.queries[i], self.timed) for i in known.tolist()]
+        lengths = np.array([0 if isinstance(e, DataError) else len(e) for e in entries])
+        named = [pair for e in entries if not isinstance(e, DataError) for pair in e]
+        rows = self.artifact.item_rows([item for item, _ in named])
+        times = np.array([stamp for _, stamp in named], dtype=np.float64)
+        owner = np.repeat(np.arange(len(known)), lengths)
+        unknown: dict[int, list] = {}  # by query, in its recent order, as state_inputs names them
+        for index in np.flatnonzero(rows < 0).tolist():
+            unknown.setdefault(int(owner[index]), []).append(named[index][0])
+        for place, items in unknown.items():
+            entries[place] = UnknownItemError(items)
+        failed = np.array([isinstance(e, DataError) for e in entries], dtype=bool)
+        for place in np.flatnonzero(failed).tolist():
+            batch.out[known[place]] = entries[place]
+        kept = ~failed[owner]
+        known, found, lengths = known[~failed], found[~failed], lengths[~failed]
+        if not len(known):
+            return
+        rows, times = rows[kept], times[kept]
+        recent = Recent.ragged(lengths, rows, times, max(self.width, 1))
+        pipeline, codes = self.artifact.pipeline, self.artifact.history_codes
+        batch.vectors[known] = self.runtime.vectors(
+            {**self._kept_inputs(found[piece]), **pipeline.recent_inputs(recent.take(piece), codes)}
+            for piece in _pieces(len(known))
+        )
+        batch.relabel(known, [batch.queries[i].user for i in known.tolist()])
+        wants_seen = batch.exclude_seen[known]
+        batch.seen_rows[known[wants_seen]] = found[wants_seen]
+        own = np.split(rows, np.cumsum(lengths)[:-1])
+        for position, items, wanted in zip(known.tolist(), own, wants_seen.tolist(), strict=True):
+            if wanted:
+                batch.seen_items[position] = items
+        batch.states[known] = self.request_history_state
 
     def items(self, batch: QueryBatch, positions: np.ndarray) -> None:
         """Items: their own vectors as the query (with ``model.item_bias``, ending with
@@ -231,15 +286,20 @@ class QuerySources:
     def _embed_known(self, rows: np.ndarray) -> np.ndarray:
         """(U, D) vectors of known query rows in their exported state: their kept inputs
         gathered (or transformed now, when they were not kept), through the tower."""
-        inputs = self.known_inputs
-        pieces = [rows[s : s + CHUNK_ROWS] for s in range(0, len(rows), CHUNK_ROWS)]
-        if inputs is None:
+        pieces = [rows[piece] for piece in _pieces(len(rows))]
+        if self.known_inputs is None:
             return self.runtime.vectors(self.artifact.known_inputs(piece) for piece in pieces)
-        chunks = (
-            {name: values[torch.from_numpy(piece)] for name, values in inputs.items()}
-            for piece in pieces
-        )
-        return self.runtime.vectors(chunks)
+        return self.runtime.vectors(self._kept_inputs(piece) for piece in pieces)
+
+    def _kept_inputs(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The kept model inputs of known query ``rows``."""
+        at = torch.from_numpy(rows)
+        return {name: values[at] for name, values in self.known_inputs.items()}
+
+
+def _pieces(count: int) -> list[slice]:
+    """``count`` rows in slices of at most ``CHUNK_ROWS``, the tower's chunks."""
+    return [slice(start, start + CHUNK_ROWS) for start in range(0, count, CHUNK_ROWS)]
 
 
 def _known_inputs(artifact: Artifact, budget: int, chunk: int = CHUNK_ROWS) -> dict | None:
