@@ -23,6 +23,8 @@ from twotower.features.transform import (
     to_numpy_array,
 )
 
+FEW_VALUES = 64  # a lookup of at most this many values binary-searches, whatever the size
+
 
 class Vocabulary:
     """Values seen at least ``min_count`` times, most frequent first (ties by value).
@@ -89,15 +91,18 @@ class Vocabulary:
     def lookup(self, values: pa.Array) -> np.ndarray:
         """(rows,) int64 indices of ``values`` (0 missing, 1 unseen, 2.. the vocabulary).
 
-        A few values against a large vocabulary (serving: one request's rows) are
-        binary-searched in a sorted copy made once, instead of hashing the whole
-        vocabulary again for every call as ``index_in`` does.
+        A few values (serving: one request's rows), or values far fewer than a large
+        vocabulary's, are binary-searched in a sorted copy made once, instead of hashing
+        the whole vocabulary again for every call as ``index_in`` does.
         """
         values, vocabulary = _comparable(values, self.values)
-        missing = pc.is_null(values).to_numpy(zero_copy_only=False)
+        if values.null_count:
+            missing = pc.is_null(values).to_numpy(zero_copy_only=False)
+        else:
+            missing = np.zeros(len(values), dtype=bool)
         if (
             vocabulary is self.values
-            and len(values) * 64 < len(vocabulary)
+            and (len(values) <= FEW_VALUES or len(values) * 64 < len(vocabulary))
             and self._sorted is not None
             and not _has_trailing_nul(values)
         ):
@@ -157,7 +162,7 @@ def _comparable(values: pa.Array, vocabulary: pa.Array) -> tuple[pa.Array, pa.Ar
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if values.type == vocabulary.type or len(vocabulary) == 0:
-        return pc.cast(values, vocabulary.type) if len(vocabulary) else values, vocabulary
+        return values, vocabulary
     try:
         return pc.cast(values, vocabulary.type), vocabulary
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):

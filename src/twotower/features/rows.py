@@ -51,8 +51,10 @@ def rows_table(
     errors: dict[int, DataError] = {}
     for column in columns:
         arrays[column] = _column(column, [row.get(column) for row in rows], schema, errors)
-    kept = pa.array([index not in errors for index in range(len(rows))], pa.bool_())
-    table = pa.table({name: array.filter(kept) for name, array in arrays.items()})
+    if errors:
+        kept = pa.array([index not in errors for index in range(len(rows))], pa.bool_())
+        arrays = {name: array.filter(kept) for name, array in arrays.items()}
+    table = pa.table(arrays)
     refused = check(table) if check is not None else {}
     if refused:
         positions = [index for index in range(len(rows)) if index not in errors]

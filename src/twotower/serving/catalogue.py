@@ -213,6 +213,8 @@ class Catalogue:
 
         Ids are matched by value, not type: ``"12"`` finds the integer key 12.
         """
+        if not len(ids):
+            return np.zeros(0, dtype=np.int64)
         rows = self.find(ids)
         found = rows >= 0
         rows[found] = np.where(self.removed[rows[found]], -1, rows[found])

@@ -128,15 +128,17 @@ def state_inputs(states: list[QueryState], artifact: Artifact, columns: list[str
     times = np.array([t for s in states for _, t in s.recent], np.float64)
     owner = np.repeat(np.arange(count), [len(s.recent) for s in states])
     errors: dict[int, DataError] = {}
-    for index in np.unique(owner[recent_rows < 0]).tolist():
+    unknown_at = owner[recent_rows < 0]
+    for index in np.unique(unknown_at).tolist() if len(unknown_at) else ():
         if states[index].from_request:
             unknown = [i for i, _ in states[index].recent if artifact.item_rows([i])[0] < 0]
             errors[index] = UnknownItemError(unknown)
     features = [s.features for s in states]
     check = functools.partial(artifact.pipeline.row_errors, "query")
     table, invalid = rows_table(features, columns, artifact.queries.schema, check)
-    converted = [i for i in range(count) if i not in invalid]  # the table's rows
-    table = table.filter(pa.array([i not in errors for i in converted], pa.bool_()))
+    if errors:  # the states the table holds that failed on their recent items
+        converted = [i for i in range(count) if i not in invalid]  # the table's rows
+        table = table.filter(pa.array([i not in errors for i in converted], pa.bool_()))
     errors.update(invalid)
     keep = np.array([i not in errors for i in range(count)], dtype=bool)
     valid = (recent_rows >= 0) & keep[owner]
