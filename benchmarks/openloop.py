@@ -247,7 +247,10 @@ def compare(ledgers: list[Path], rates: tuple[int, ...] = (250, 500, 1000, 2000)
         f"| ledger | request | {head} | saturation |",
         "|---|---|" + "---:|" * (len(rates) + 1),
     ]
+    stems = [ledger.stem for ledger in ledgers]
     for ledger in ledgers:
+        # a run's own ledger is OUT/openloop.jsonl: named by its folder where stems repeat
+        name = ledger.parent.name if stems.count(ledger.stem) > 1 else ledger.stem
         results = [json.loads(line) for line in ledger.read_text().splitlines()]
         for (_, body), group in _groups(results).items():
             at = {r["offered_per_s"]: r for r in group}
@@ -262,7 +265,7 @@ def compare(ledgers: list[Path], rates: tuple[int, ...] = (250, 500, 1000, 2000)
             top = max(r["achieved_per_s"] for r in group)
             errors = sum(r["non_2xx"] + r["socket_errors"] for r in group)
             note = f" ({errors} errors)" if errors else ""
-            lines.append(f"| {ledger.stem} | {body} | {' | '.join(cells)} | {top:,.0f}{note} |")
+            lines.append(f"| {name} | {body} | {' | '.join(cells)} | {top:,.0f}{note} |")
     return "\n".join(lines)
 
 

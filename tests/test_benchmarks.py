@@ -818,6 +818,11 @@ def test_openloop_compare_tables_p50_p99_per_rate_and_marks_saturation(tmp_path)
     assert table.splitlines()[-1] == (
         "| state-a | known | 1.0 / 4.0 | saturated | saturated | 1,700 (3 errors) |"
     )
+    for run in ("before", "after"):  # two runs' own ledgers: named by their folders
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "openloop.jsonl").write_text(ledger.read_text())
+    table = openloop.compare([tmp_path / r / "openloop.jsonl" for r in ("before", "after")])
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| before", "| after"]
 
 
 def test_openloop_flame_graph_title_names_the_load_not_the_command(tmp_path):
