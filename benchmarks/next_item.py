@@ -18,7 +18,8 @@ metrics, drawn as a table (``next-item.md``) and a plot. ``valid`` trains named
 variants of the recipe (``VARIANTS_FILE``: each a list of config overrides on top of
 ``configs/next-item.yaml``) and records their validation metrics alone, to choose the
 recipe by: the runs rank test too, but no test metric reaches the ledger. A rerun skips
-what its ledger holds, so a killed study resumes.
+what its ledger holds and continues a killed run from its last checkpoint, so a
+killed study resumes.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def test_rows(datasets: list[str], seeds: list[int], args: argparse.Namespace) -
         entry = {"dataset": name, "model": model, "seed": seed}
         if model == "recipe":
             config = dataset_config(name, args.data_dir, [f"seed={seed}"])
-            metrics = train_run(config, args.out / name / f"seed-{seed}").metrics
+            # a run the last stop killed goes on from its last epoch's checkpoint
+            metrics = train_run(config, args.out / name / f"seed-{seed}", resume=True).metrics
             entry |= {"best_epoch": metrics["best_epoch"]}
         else:
             l2 = chosen_l2(args.ease_ledger, name)
@@ -149,7 +151,8 @@ def valid_rows(datasets: list[str], seeds: list[int], args: argparse.Namespace) 
     for name, variant, seed in tqdm(todo, desc="variants", unit="run", file=sys.stderr):
         overrides = [*chosen[variant], f"seed={seed}"]
         config = dataset_config(name, args.data_dir, overrides)
-        metrics = train_run(config, args.out / "valid" / name / variant / f"seed-{seed}").metrics
+        folder = args.out / "valid" / name / variant / f"seed-{seed}"
+        metrics = train_run(config, folder, resume=True).metrics  # a killed run goes on
         entry = {"dataset": name, "variant": variant, "seed": seed, "overrides": overrides}
         entry |= {"best_epoch": metrics["best_epoch"], "epochs": config.training.epochs}
         record(args.ledger, entry | _kept(metrics, "valid"))
