@@ -116,11 +116,18 @@ def saturated(result: dict) -> bool:
 
 
 def profile(
-    url: str, pid: int, rate: int, seconds: float, lines: Path, out: Path, pin: str = ""
+    url: str,
+    pid: int,
+    rate: int,
+    seconds: float,
+    lines: Path,
+    out: Path,
+    pin: str = "",
+    kind: str = "known",
 ) -> None:
-    """Samples the service with py-spy while wrk offers ``rate``: a flame graph
-    (``OUT.svg``) and the collapsed stacks (``OUT.txt``, one line per stack and count),
-    each from its own run of the same load."""
+    """Samples the service with py-spy while wrk offers ``rate`` requests of ``lines`` (of
+    body ``kind``): a flame graph (``OUT.svg``) and the collapsed stacks (``OUT.txt``, one
+    line per stack and count), each from its own run of the same load."""
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         raise SystemExit("py-spy is not installed: pip install py-spy")
@@ -133,7 +140,7 @@ def profile(
         offer(url, rate, seconds - 1, 32, lines, pin)
         if sampler.wait(timeout=120) != 0:
             raise SystemExit(f"py-spy failed: {sampler.stderr.read().decode()[-2000:]}")
-    retitle(out.with_suffix(".svg"), f"twotower serve under {rate} requests/s")
+    retitle(out.with_suffix(".svg"), f"twotower serve under {rate} requests/s ({kind})")
 
 
 def retitle(svg: Path, title: str) -> None:
@@ -168,11 +175,14 @@ def measure(args, artifact: Path, ledger: Path, done: dict) -> None:
     load_pin = args.load_cpus
     try:
         if args.profile:
+            kind = args.bodies[0]  # the load: requests of the first body kind
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as file:
-                file.write("\n".join(bodies(artifact, "known")) + "\n")
-            out = args.out / f"profile-n{num_items}-{args.profile}"
+                file.write("\n".join(bodies(artifact, kind)) + "\n")
+            out = args.out / f"profile-n{num_items}-{kind}-{args.profile}"
             offer(url, args.profile, 3.0, 32, Path(file.name), load_pin)  # warm-up
-            profile(url, process.pid, args.profile, args.duration, Path(file.name), out, load_pin)
+            profile(
+                url, process.pid, args.profile, args.duration, Path(file.name), out, load_pin, kind
+            )
             Path(file.name).unlink()
             for name, inside, itself in top_functions(out.with_suffix(".txt")):
                 print(f"  {inside:6.1%} {itself:6.1%}  {name}", flush=True)
@@ -332,7 +342,8 @@ def main() -> None:
         default=0,
         metavar="RATE",
         help="instead of measuring: sample the service with py-spy for --duration seconds "
-        "while known users arrive at RATE/s (OUT/profile-nN-RATE.svg and .txt)",
+        "while requests of the first --bodies kind arrive at RATE/s "
+        "(OUT/profile-nN-KIND-RATE.svg and .txt)",
     )
     parser.add_argument(
         "--compare",
