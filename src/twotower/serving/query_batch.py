@@ -10,6 +10,7 @@ Python values (its feature row, its history, its list of ids) or fails.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
@@ -25,6 +26,21 @@ from twotower.serving.query import SOURCES, Query, Result, check_k
 # which of a query's fields are given, as the columns of ``QueryBatch.given``
 GIVEN = (*SOURCES, "history")
 _USER, _FEATURES, _TEXT, _ITEM, _HISTORY = range(len(GIVEN))
+_BITS = 1 << np.arange(len(GIVEN))  # a row of ``given`` as one number: bit i for GIVEN[i]
+
+
+def _source_codes() -> np.ndarray:
+    """(2 ** len(GIVEN),) int64: for each set of given fields (bit i: GIVEN[i]), the
+    source ``Query.source`` names (its position in SOURCES), or -1 where it refuses it."""
+    codes = np.full(1 << len(GIVEN), -1, dtype=np.int64)
+    for fields in range(len(codes)):
+        query = Query(**{name: 0 for i, name in enumerate(GIVEN) if fields >> i & 1})
+        with contextlib.suppress(DataError):  # refused: stays -1
+            codes[fields] = SOURCES.index(query.source)
+    return codes
+
+
+_SOURCE_CODES = _source_codes()  # the rule of ``Query.source``, as a table
 
 
 class QueryBatch:
@@ -71,15 +87,7 @@ class QueryBatch:
             The positions of the valid queries of each source.
         """
         ok = self._check_ks(num_items)
-        given = self.given
-        named = given[:, :_HISTORY].sum(axis=1)  # how many of the four sources
-        alone = named == 1
-        codes = np.full(len(self.queries), -1, dtype=np.int64)
-        codes[alone] = np.argmax(given[alone, :_HISTORY], axis=1)
-        codes[(named == 0) & given[:, _HISTORY]] = _FEATURES  # a history alone
-        both = given[:, _USER] & given[:, _FEATURES] & ~given[:, _TEXT] & ~given[:, _ITEM]
-        codes[both] = _USER  # a user's features go with its id
-        codes[(codes == _ITEM) & given[:, _HISTORY]] = -1  # an item takes no history
+        codes = _SOURCE_CODES[self.given @ _BITS]  # (B,) each query's source, or -1
         for position in np.flatnonzero(ok & (codes < 0)).tolist():
             try:
                 self.queries[position].source  # noqa: B018 (raises, naming the fault)
@@ -93,7 +101,7 @@ class QueryBatch:
         ``num_items``); the others failed."""
         ks = list(map(attrgetter("k"), self.queries))
         if set(map(type, ks)) <= {int}:  # every k a plain integer: compared at once
-            values = np.array(ks, dtype=object)  # of any size
+            values = np.array(ks)  # int64, or objects for integers beyond its range
             ok = (values >= 1).astype(bool)
             self.ks[ok] = np.minimum(values[ok], num_items).astype(np.int64)
             suspects = np.flatnonzero(~ok)
