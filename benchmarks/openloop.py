@@ -3,7 +3,7 @@ answers, from ``wrk`` (a native load generator; Debian's ``apt-get install wrk``
 
     python benchmarks/openloop.py --out runs/openloop [--items 100000,1000000]
         [--rates 250,500,1000,2000] [--duration 10] [--connections 32]
-        [--bodies known,history,cold] [--serve-option=--threads=1] [--pin 1:0] [--redis]
+        [--bodies floor,known,history,cold] [--serve-option=--threads=1] [--pin 1:0] [--redis]
     python benchmarks/openloop.py --compare LEDGER.jsonl ...   # their rows side by side
 
 For each corpus size N the artifact of ``benchmarks/serving.py`` (5,000 synthetic users,
@@ -18,7 +18,10 @@ request-time history (``"history"``: its stored recent items and two more, as if
 had just happened, so the query tower runs on them) and a cold-start feature row
 (``{"features": {...}, "k": 10}``: a known user's raw feature columns sent as a new
 user's). After the given rates the rate doubles until the service saturates: it
-answers under 90% of the offered rate, or its p99 passes a second. ``--pin 1:0`` runs
+answers under 90% of the offered rate, or its p99 passes a second. A fourth kind,
+``floor``, offers the given rates of known users' bodies to ``floor_app.py``, a bare
+uvicorn app on the service's CPUs that answers a fixed JSON: the harness's own
+latency in that hour, beside which the service's rows are read. ``--pin 1:0`` runs
 the service (and its Redis) on CPU 1 and wrk on CPU 0 (``taskset``); ``--redis`` keeps
 the users' states in a ``redis-server`` of its own, filled by ``twotower state load``.
 
@@ -40,6 +43,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import build, rss_mib, start_server  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent / "openloop.lua"
+FLOOR_APP = Path(__file__).resolve().parent / "floor_app.py"
+FLOOR = "floor"  # the body kind that measures the bare app at the same rates
 K = 10
 SATURATED_P99_MS = 1000.0
 
@@ -106,6 +112,24 @@ def offer(
 def taskset(cpus: str) -> list[str]:
     """The prefix that runs a command on the CPUs ``cpus`` lists (nothing where empty)."""
     return ["taskset", "-c", cpus] if cpus else []
+
+
+def start_floor(prefix: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """``floor_app.py`` (a bare ASGI app: the harness's own floor) on a free port, as
+    uvicorn serves ``twotower serve``; ``prefix`` goes before the command (``taskset``)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [*prefix, sys.executable, str(FLOOR_APP), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return process, url
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"the floor app did not start: {process.stderr.read().decode()[-2000:]}")
 
 
 def saturated(result: dict) -> bool:
@@ -173,6 +197,7 @@ def measure(args, artifact: Path, ledger: Path, done: dict) -> None:
     num_items = json.loads((artifact / "manifest.json").read_text())["num_items"]
     process, url = start_server(artifact, args.serve_option, taskset(args.service_cpus))
     load_pin = args.load_cpus
+    floor_process, floor_url = None, ""
     try:
         if args.profile:
             kind = args.bodies[0]  # the load: requests of the first body kind
@@ -188,18 +213,24 @@ def measure(args, artifact: Path, ledger: Path, done: dict) -> None:
                 print(f"  {inside:6.1%} {itself:6.1%}  {name}", flush=True)
             return
         for kind in args.bodies:
+            floor = kind == FLOOR  # the same load against the bare app, not the service
+            if floor and floor_process is None:
+                floor_process, floor_url = start_floor(taskset(args.service_cpus))
+            target = floor_url if floor else url
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as file:
-                file.write("\n".join(bodies(artifact, kind)) + "\n")
+                file.write("\n".join(bodies(artifact, "known" if floor else kind)) + "\n")
             lines = Path(file.name)
             try:
-                offer(url, args.rates[0], 3.0, args.connections, lines, load_pin)  # warm-up
+                offer(target, args.rates[0], 3.0, args.connections, lines, load_pin)  # warm-up
                 rate, index = args.rates[0], 0
                 while True:
                     name = f"n{num_items}-{kind}-{rate}"
                     if name in done:
                         result = done[name]
                     else:
-                        result = offer(url, rate, args.duration, args.connections, lines, load_pin)
+                        result = offer(
+                            target, rate, args.duration, args.connections, lines, load_pin
+                        )
                         result.update(
                             name=name,
                             items=num_items,
@@ -220,14 +251,16 @@ def measure(args, artifact: Path, ledger: Path, done: dict) -> None:
                         flush=True,
                     )
                     index += 1
-                    if saturated(result):
-                        break
+                    if saturated(result) or (floor and index == len(args.rates)):
+                        break  # the floor: the given rates only
                     rate = args.rates[index] if index < len(args.rates) else rate * 2
             finally:
                 lines.unlink()
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        for running in (process, floor_process):
+            if running is not None:
+                running.send_signal(signal.SIGTERM)
+                running.wait(timeout=60)
 
 
 def markdown(results: list[dict]) -> str:
@@ -245,7 +278,8 @@ def markdown(results: list[dict]) -> str:
     lines.append("")
     for (items, body), group in _groups(results).items():
         top = max(r["achieved_per_s"] for r in group)
-        lines.append(f"Saturation, N = {items:,}, {body} users: {top:,.0f} requests/s.")
+        if body != FLOOR:  # the floor runs the given rates only: no saturation
+            lines.append(f"Saturation, N = {items:,}, {body} users: {top:,.0f} requests/s.")
     return "\n".join(lines)
 
 
@@ -275,7 +309,8 @@ def compare(ledgers: list[Path], rates: tuple[int, ...] = (250, 500, 1000, 2000)
             top = max(r["achieved_per_s"] for r in group)
             errors = sum(r["non_2xx"] + r["socket_errors"] for r in group)
             note = f" ({errors} errors)" if errors else ""
-            lines.append(f"| {name} | {body} | {' | '.join(cells)} | {top:,.0f}{note} |")
+            reached = "" if body == FLOOR else f"{top:,.0f}"  # the floor never saturates here
+            lines.append(f"| {name} | {body} | {' | '.join(cells)} | {reached}{note} |")
     return "\n".join(lines)
 
 

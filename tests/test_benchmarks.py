@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -823,6 +824,25 @@ def test_openloop_compare_tables_p50_p99_per_rate_and_marks_saturation(tmp_path)
         (tmp_path / run / "openloop.jsonl").write_text(ledger.read_text())
     table = openloop.compare([tmp_path / r / "openloop.jsonl" for r in ("before", "after")])
     assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| before", "| after"]
+
+
+def test_openloop_floor_app_answers_any_request_with_its_fixed_json():
+    """The floor (``floor_app.py`` under uvicorn, as the open loop starts it) reads each
+    request whole, whatever it is, and answers 200 with a recall-sized JSON."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import openloop
+
+    process, url = openloop.start_floor()
+    try:
+        for body in (b'{"user_id": 1, "k": 10}', b"x" * 100_000, b""):
+            request = urllib.request.Request(f"{url}/recall", data=body, method="POST")
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert answer.status == 200
+                assert len(json.loads(answer.read())["items"]) == 10
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert process.returncode is not None
 
 
 def test_openloop_flame_graph_title_names_the_load_not_the_command(tmp_path):

@@ -1,0 +1,51 @@
+"""The open loop's floor: an ASGI app that reads each request whole and answers a fixed
+JSON the size of a 10-item ``/recall`` answer, doing nothing else.
+
+Served by uvicorn as ``twotower serve`` is (``python benchmarks/floor_app.py --port P``:
+uvloop and httptools where installed, one process), under the load generator's own
+requests, it measures what HTTP, the event loop, the load generator and the machine
+cost at each rate: the latency no service can go below on that machine in that hour
+(``openloop.py --bodies floor,...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+ANSWER = json.dumps(
+    {
+        "query": 123456,
+        "items": list(range(100000, 100010)),
+        "scores": [0.5] * 10,
+        "interests": None,
+        "vector": "tower",
+        "state": {"features": "stored", "history": "stored"},
+    }
+).encode()
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(ANSWER)).encode())]
+
+
+async def app(scope, receive, send) -> None:
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": ANSWER})
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
