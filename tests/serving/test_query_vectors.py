@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from twotower.errors import DataError
 from twotower.serving import Artifact, Retriever
 from twotower.serving.http import ServiceConfig, create_app
+from twotower.serving.query import Query
 from twotower.serving.query_vectors import (
     ARTIFACT,
     VECTOR,
@@ -48,7 +49,6 @@ def test_precomputed_answers_equal_the_towers(demo_artifact, vectors_file):
     folder, oracle = demo_artifact
     tower = Retriever.load(folder)
     stored = Retriever.load(folder, vectors_file)
-    assert stored.known_inputs is None  # every user is in the file: no inputs kept
     users = list(oracle.query_ids)
     for computed, precomputed in zip(
         tower.recall_users(users, 10), stored.recall_users(users, 10), strict=True
@@ -56,6 +56,16 @@ def test_precomputed_answers_equal_the_towers(demo_artifact, vectors_file):
         assert computed.vector == "tower" and precomputed.vector == "precomputed"
         assert precomputed.items == computed.items
         assert np.allclose(precomputed.scores, computed.scores, atol=1e-5)
+    # every user is in the file, yet a request may bring a history: the inputs are kept
+    # for it (they would not be for a query side that reads no history)
+    assert stored.artifact.pipeline.recent_length > 0 and stored.known_inputs is not None
+    item = oracle.item_ids[3]
+    queries = [Query(user=u, history=[item], k=10) for u in users[:20]]
+    for computed, with_history in zip(
+        tower.retrieve(queries), stored.retrieve(queries), strict=True
+    ):
+        assert with_history.vector == "tower" and with_history.items == computed.items
+        assert with_history.state == {"features": "stored", "history": "request"}
 
 
 def test_users_the_file_lacks_are_answered_by_the_tower(demo_artifact, vectors_file, tmp_path):

@@ -68,7 +68,10 @@ class QuerySources:
         self.query_vectors = query_vectors
         self.store = MemoryStore(artifact) if store is None else store
         every_user_stored = query_vectors is not None and bool(query_vectors.present.all())
-        self.known_inputs = None if every_user_stored else _known_inputs(artifact, input_budget)
+        # a known user whose request brings a history is embedded from its kept inputs,
+        # precomputed vector or not: they are kept unless nothing would read them
+        unread = every_user_stored and artifact.pipeline.recent_length == 0
+        self.known_inputs = None if unread else _known_inputs(artifact, input_budget)
         # the key too: a state's table then has its rows even where no feature reads
         # a column besides the history, and a request may label a row with its key
         state = artifact.pipeline.state_columns("query")

@@ -66,7 +66,8 @@ class Retriever:
         input_budget: the most bytes the known users' model inputs may take: when they
             fit, every known user's row is transformed once, here, and a request only
             gathers its users' rows; else each request transforms its users' rows.
-            Not kept when ``query_vectors`` holds every known user.
+            Not kept when ``query_vectors`` holds every known user and the query side
+            reads no history (which a request could bring, to go through the tower).
         runtime: what runs the query tower (``twotower.serving.runtime``): ``torch``, or
             ``onnx`` for the ONNX graph of an artifact exported with it.
         store: where users' states live (``twotower.serving.stores``); None: in this
