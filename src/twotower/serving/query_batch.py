@@ -25,7 +25,7 @@ from twotower.serving.query import SOURCES, Query, Result, check_k
 
 # which of a query's fields are given, as the columns of ``QueryBatch.given``
 GIVEN = (*SOURCES, "history")
-_USER, _FEATURES, _TEXT, _ITEM, _HISTORY = range(len(GIVEN))
+_FEATURES, _HISTORY = GIVEN.index("features"), GIVEN.index("history")
 _BITS = 1 << np.arange(len(GIVEN))  # a row of ``given`` as one number: bit i for GIVEN[i]
 
 
