@@ -26,12 +26,17 @@ import numpy as np
 import torch
 
 from twotower.errors import DataError
-from twotower.features.history import Recent
 from twotower.features.specs import TextFeature
 from twotower.serving.artifact import Artifact
 from twotower.serving.query import UnknownItemError, UnknownQueryError
 from twotower.serving.query_batch import QueryBatch
-from twotower.serving.query_states import QueryState, query_state, request_history, state_inputs
+from twotower.serving.query_states import (
+    QueryState,
+    query_state,
+    request_history,
+    resolve_recent,
+    state_inputs,
+)
 from twotower.serving.query_vectors import QueryVectors
 from twotower.serving.runtime import TowerRuntime
 from twotower.serving.stores.base import StateStore, UserStates
@@ -161,26 +166,20 @@ class QuerySources:
         through ``from_states``, without converting and transforming a stored row."""
         if not len(known):
             return
-        entries = [request_history(batch.queries[i], self.timed) for i in known.tolist()]
-        lengths = np.array([0 if isinstance(e, DataError) else len(e) for e in entries])
-        named = [pair for e in entries if not isinstance(e, DataError) for pair in e]
-        rows = self.artifact.item_rows([item for item, _ in named])
-        times = np.array([stamp for _, stamp in named], dtype=np.float64)
-        owner = np.repeat(np.arange(len(known)), lengths)
-        unknown: dict[int, list] = {}  # by query, in its recent order, as state_inputs names them
-        for index in np.flatnonzero(rows < 0).tolist():
-            unknown.setdefault(int(owner[index]), []).append(named[index][0])
-        for place, items in unknown.items():
-            entries[place] = UnknownItemError(items)
-        failed = np.array([isinstance(e, DataError) for e in entries], dtype=bool)
-        for place in np.flatnonzero(failed).tolist():
-            batch.out[known[place]] = entries[place]
-        kept = ~failed[owner]
-        known, found, lengths = known[~failed], found[~failed], lengths[~failed]
-        if not len(known):
+        histories = [request_history(batch.queries[i], self.timed) for i in known.tolist()]
+        failed = {place: h for place, h in enumerate(histories) if isinstance(h, DataError)}
+        entries = resolve_recent(
+            [[] if place in failed else h for place, h in enumerate(histories)], self.artifact
+        )
+        failed |= {place: UnknownItemError(items) for place, items in entries.unknown.items()}
+        for place, error in failed.items():
+            batch.out[known[place]] = error
+        keep = np.ones(len(known), dtype=bool)
+        keep[list(failed)] = False
+        if not keep.any():
             return
-        rows, times = rows[kept], times[kept]
-        recent = Recent.ragged(lengths, rows, times, max(self.width, 1))
+        recent = entries.recent(keep, max(self.width, 1))
+        known, found = known[keep], found[keep]
         pipeline, codes = self.artifact.pipeline, self.artifact.history_codes
         batch.vectors[known] = self.runtime.vectors(
             {**self._kept_inputs(found[piece]), **pipeline.recent_inputs(recent.take(piece), codes)}
@@ -189,7 +188,8 @@ class QuerySources:
         batch.relabel(known, [batch.queries[i].user for i in known.tolist()])
         wants_seen = batch.exclude_seen[known]
         batch.seen_rows[known[wants_seen]] = found[wants_seen]
-        own = np.split(rows, np.cumsum(lengths)[:-1])
+        lengths, valid = entries.known_rows(keep)  # every item the request names is seen
+        own = np.split(entries.rows[valid], np.cumsum(lengths)[:-1])
         for position, items, wanted in zip(known.tolist(), own, wants_seen.tolist(), strict=True):
             if wanted:
                 batch.seen_items[position] = items

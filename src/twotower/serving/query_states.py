@@ -119,20 +119,59 @@ class StateInputs:
     errors: dict[int, DataError]
 
 
+@dataclasses.dataclass(frozen=True)
+class RecentEntries:
+    """Lists of recent (item id, timestamp) entries, one per query, resolved to item
+    rows at once.
+
+    Attributes:
+        rows: (E,) int64 each entry's item row; -1 where the artifact does not hold it.
+        times: (E,) float64 their timestamps.
+        owner: (E,) the list each entry is of.
+        unknown: the item ids each list names that the artifact does not hold, in its
+            order, by list (only lists that name any).
+    """
+
+    rows: np.ndarray
+    times: np.ndarray
+    owner: np.ndarray
+    unknown: dict[int, list[Any]]
+
+    def known_rows(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The known item rows of the lists ``keep`` (L,) marks, one after another, and
+        how many each has; with which entries those are."""
+        valid = (self.rows >= 0) & keep[self.owner]
+        return np.bincount(self.owner[valid], minlength=len(keep))[keep], valid
+
+    def recent(self, keep: np.ndarray, width: int) -> Recent:
+        """The kept lists' known items as the history features' input, ``width`` each."""
+        lengths, valid = self.known_rows(keep)
+        return Recent.ragged(lengths, self.rows[valid], self.times[valid], width)
+
+
+def resolve_recent(lists: list[list[tuple[Any, float]]], artifact: Artifact) -> RecentEntries:
+    """Every list's entries resolved to ``artifact``'s item rows in one lookup."""
+    flat = [entry for entries in lists for entry in entries]
+    rows = artifact.item_rows([item for item, _ in flat])
+    times = np.array([stamp for _, stamp in flat], np.float64)
+    owner = np.repeat(np.arange(len(lists)), [len(entries) for entries in lists])
+    unknown: dict[int, list[Any]] = {}
+    for index in np.flatnonzero(rows < 0).tolist():
+        unknown.setdefault(int(owner[index]), []).append(flat[index][0])
+    return RecentEntries(rows, times, owner, unknown)
+
+
 def state_inputs(states: list[QueryState], artifact: Artifact, columns: list[str]) -> StateInputs:
     """The tower's inputs for ``states`` over ``artifact``: feature values of
     ``columns``; recent items resolved to item rows (a request naming an unknown item
     fails; an item a stored state names that the artifact no longer holds is left out)."""
     count = len(states)
-    recent_rows = artifact.item_rows([item for s in states for item, _ in s.recent])
-    times = np.array([t for s in states for _, t in s.recent], np.float64)
-    owner = np.repeat(np.arange(count), [len(s.recent) for s in states])
-    errors: dict[int, DataError] = {}
-    unknown_at = owner[recent_rows < 0]
-    for index in np.unique(unknown_at).tolist() if len(unknown_at) else ():
-        if states[index].from_request:
-            unknown = [i for i, _ in states[index].recent if artifact.item_rows([i])[0] < 0]
-            errors[index] = UnknownItemError(unknown)
+    entries = resolve_recent([s.recent for s in states], artifact)
+    errors: dict[int, DataError] = {
+        index: UnknownItemError(items)
+        for index, items in entries.unknown.items()
+        if states[index].from_request
+    }
     features = [s.features for s in states]
     check = functools.partial(artifact.pipeline.row_errors, "query")
     table, invalid = rows_table(features, columns, artifact.queries.schema, check)
@@ -141,13 +180,7 @@ def state_inputs(states: list[QueryState], artifact: Artifact, columns: list[str
         table = table.filter(pa.array([i not in errors for i in converted], pa.bool_()))
     errors.update(invalid)
     keep = np.array([i not in errors for i in range(count)], dtype=bool)
-    valid = (recent_rows >= 0) & keep[owner]
-    recent = Recent.ragged(
-        np.bincount(owner[valid], minlength=count)[keep],
-        recent_rows[valid],
-        times[valid],
-        max(artifact.pipeline.recent_length, 1),
-    )
+    recent = entries.recent(keep, max(artifact.pipeline.recent_length, 1))
     seen_rows = artifact.item_rows([item for s in states for item in s.seen])
     cuts = np.cumsum([len(s.seen) for s in states])[:-1]
     seen = [rows[rows >= 0] for rows in np.split(seen_rows, cuts)] if count else []
