@@ -1,8 +1,9 @@
 """The open loop's floor: an ASGI app that reads each request whole and answers a fixed
 JSON the size of a 10-item ``/recall`` answer, doing nothing else.
 
-Served by uvicorn as ``twotower serve`` is (``python benchmarks/floor_app.py --port P``:
-uvloop and httptools where installed, one process), under the load generator's own
+Served by uvicorn as ``twotower serve`` is (``python benchmarks/floor_app.py``, on a
+free loopback port it prints as ``twotower serve`` does; uvloop and httptools where
+installed, one process), under the load generator's own
 requests, it measures what HTTP, the event loop, the load generator and the machine
 cost at each rate: the latency no service can go below on that machine in that hour
 (``openloop.py --bodies floor,...``).
@@ -39,12 +40,16 @@ async def app(scope, receive, send) -> None:
 
 
 def main() -> None:
+    import socket
+
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, named below as twotower serve names its own
+    print(f"Serving the floor on http://127.0.0.1:{sock.getsockname()[1]} ", flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,7 +53,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import build, rss_mib, start_server  # noqa: E402
+from serving import build, launch, rss_mib, start_server  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent / "openloop.lua"
 FLOOR_APP = Path(__file__).resolve().parent / "floor_app.py"
@@ -114,22 +113,10 @@ def taskset(cpus: str) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
 
-def start_floor(prefix: list[str] = ()) -> tuple[subprocess.Popen, str]:
-    """``floor_app.py`` (a bare ASGI app: the harness's own floor) on a free port, as
-    uvicorn serves ``twotower serve``; ``prefix`` goes before the command (``taskset``)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [*prefix, sys.executable, str(FLOOR_APP), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return process, url
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"the floor app did not start: {process.stderr.read().decode()[-2000:]}")
+def start_floor(log: Path, prefix: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """``floor_app.py`` (a bare ASGI app: the harness's own floor), as uvicorn serves
+    ``twotower serve``, its output in ``log``; ``prefix`` goes before the command."""
+    return launch([*prefix, sys.executable, str(FLOOR_APP)], log)
 
 
 def saturated(result: dict) -> bool:
@@ -215,7 +202,8 @@ def measure(args, artifact: Path, ledger: Path, done: dict) -> None:
         for kind in args.bodies:
             floor = kind == FLOOR  # the same load against the bare app, not the service
             if floor and floor_process is None:
-                floor_process, floor_url = start_floor(taskset(args.service_cpus))
+                log = args.out / "floor.log"
+                floor_process, floor_url = start_floor(log, taskset(args.service_cpus))
             target = floor_url if floor else url
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as file:
                 file.write("\n".join(bodies(artifact, "known" if floor else kind)) + "\n")

@@ -131,8 +131,13 @@ def start_server(
     ``prefix`` goes before the command (``taskset -c 1``)."""
     command = [*prefix, sys.executable, "-m", "twotower", "serve", str(artifact), "--port", "0"]
     command += options
+    return launch(command, artifact.parent / f"serve-{artifact.name}.log")
+
+
+def launch(command: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """Runs ``command``, its output in ``log``, until it prints the line ``twotower
+    serve`` prints once it listens ("Serving ... on URL ..."); returns it and the URL."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = artifact.parent / f"serve-{artifact.name}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 600

@@ -826,13 +826,13 @@ def test_openloop_compare_tables_p50_p99_per_rate_and_marks_saturation(tmp_path)
     assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| before", "| after"]
 
 
-def test_openloop_floor_app_answers_any_request_with_its_fixed_json():
+def test_openloop_floor_app_answers_any_request_with_its_fixed_json(tmp_path):
     """The floor (``floor_app.py`` under uvicorn, as the open loop starts it) reads each
     request whole, whatever it is, and answers 200 with a recall-sized JSON."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import openloop
 
-    process, url = openloop.start_floor()
+    process, url = openloop.start_floor(tmp_path / "floor.log")
     try:
         for body in (b'{"user_id": 1, "k": 10}', b"x" * 100_000, b""):
             request = urllib.request.Request(f"{url}/recall", data=body, method="POST")
