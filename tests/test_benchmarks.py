@@ -826,6 +826,30 @@ def test_openloop_compare_tables_p50_p99_per_rate_and_marks_saturation(tmp_path)
     assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| before", "| after"]
 
 
+def test_one_row_times_each_query_feature_and_the_batch_planning(demo_artifact):
+    folder, _ = demo_artifact
+    command = [sys.executable, str(ROOT / "benchmarks" / "one_row.py"), str(folder)]
+    done = subprocess.run(
+        [*command, "--repeat=1", "--number=3"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    from twotower.serving.artifact import Artifact
+
+    pipeline = Artifact.load(folder).pipeline
+    features = [
+        n for n, t in pipeline.transforms["query"].items() if type(t).__name__ != "HistoryTransform"
+    ]
+    timed = [
+        line.split("(")[0].strip() for line in done.stdout.splitlines() if "Transform," in line
+    ]
+    assert timed == features
+    assert [line.split()[0] for line in done.stdout.splitlines() if "queries:" in line] == [
+        "1",
+        "3",
+        "32",
+    ]
+
+
 def test_openloop_floor_app_answers_any_request_with_its_fixed_json(tmp_path):
     """The floor (``floor_app.py`` under uvicorn, as the open loop starts it) reads each
     request whole, whatever it is, and answers 200 with a recall-sized JSON."""
