@@ -138,8 +138,8 @@ class RecentEntries:
     unknown: dict[int, list[Any]]
 
     def known_rows(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The known item rows of the lists ``keep`` (L,) marks, one after another, and
-        how many each has; with which entries those are."""
+        """Of the lists ``keep`` (L,) marks: how many known items each has, and (E,)
+        which entries those are (in list order, so ``rows[valid]`` is them in turn)."""
         valid = (self.rows >= 0) & keep[self.owner]
         return np.bincount(self.owner[valid], minlength=len(keep))[keep], valid
 
