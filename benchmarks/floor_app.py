@@ -47,6 +47,7 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, named below as twotower serve names its own
+    sock.listen(2048)  # connections made once it is named wait for the server to accept
     print(f"Serving the floor on http://127.0.0.1:{sock.getsockname()[1]} ", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False)
     uvicorn.Server(config).run(sockets=[sock])
