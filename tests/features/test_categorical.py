@@ -301,3 +301,33 @@ def test_a_few_values_against_a_vocabulary_equal_the_hashed_lookup(vocabulary) -
         first = str(vocabulary[0].as_py())
         as_text = vocab.lookup(pa.array([first, "x", None]))  # text compared as text
         np.testing.assert_array_equal(as_text, [2, 1, 0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    integer=st.booleans(),
+    kind=st.sampled_from([pa.int64(), pa.int32(), pa.int8()]),
+)
+def test_a_lone_requests_values_get_the_codes_of_the_array_path(data, integer, kind) -> None:
+    """One request's few values are looked up as Python values (``_lookup_few``); on any
+    vocabulary and any values, text or integers, nulls and unseen values among them, the
+    codes are those of the hashed array path that many values take."""
+    if integer:
+        bounds = {pa.int8(): 127, pa.int32(): 2**31 - 1, pa.int64(): 2**63 - 1}[kind]
+        value = st.integers(-bounds - 1, bounds)
+    else:
+        kind, value = pa.string(), st.text(max_size=4)
+    vocabulary = pa.array(data.draw(st.lists(value, min_size=1, max_size=40, unique=True)), kind)
+    few = pa.array(
+        data.draw(
+            st.lists(
+                st.one_of(st.none(), value, st.sampled_from(vocabulary.to_pylist())), max_size=64
+            )
+        ),
+        kind,
+    )
+    vocab = Vocabulary(vocabulary)
+    many = pa.concat_arrays([few] * (64 * len(vocabulary) // max(len(few), 1) + 2))
+    np.testing.assert_array_equal(vocab.lookup(few), vocab.lookup(many)[: len(few)])
+    assert vocab.lookup(few).dtype == np.int64

@@ -11,7 +11,7 @@ from twotower.data.dataset import ITEM_IDX, QUERY_IDX, TIMESTAMP, Dataset
 from twotower.data.splits import split_interactions
 from twotower.data.synthetic import generate
 from twotower.errors import DataError
-from twotower.features.history import HistoryTransform
+from twotower.features.history import HistoryTransform, Recent
 from twotower.features.pipeline import FeaturePipeline
 from twotower.features.specs import FeaturesConfig, HistoryFeature, IdFeature
 from twotower.features.transform import FitContext
@@ -190,3 +190,15 @@ def test_time_buckets_are_read_by_attention_only() -> None:
         HistoryFeature("h", "u", "i", time_buckets=8)
     with pytest.raises(ValueError, match="time_buckets must be >= 0 and time_unit > 0"):
         HistoryFeature("h", "u", "i", encoder="attention", time_buckets=8, time_unit=0)
+
+
+def test_recent_lists_without_an_item_are_padding_throughout() -> None:
+    """Rows none of which has an item (a batch of cold rows) pad as rows with items do:
+    item row -1 and no timestamp everywhere; a row with items beside them does not."""
+    empty = Recent.ragged(np.array([0, 0]), np.array([], np.int64), np.array([]), 3)
+    assert empty.rows.dtype == np.int64 and empty.times.dtype == np.float64
+    np.testing.assert_array_equal(empty.rows, np.full((2, 3), -1))
+    assert np.isnan(empty.times).all()
+    mixed = Recent.ragged(np.array([0, 2]), np.array([5, 7]), np.array([1.0, 2.0]), 3)
+    np.testing.assert_array_equal(mixed.rows, [[-1, -1, -1], [5, 7, -1]])
+    np.testing.assert_array_equal(mixed.times, [[np.nan] * 3, [1.0, 2.0, np.nan]])

@@ -68,3 +68,12 @@ def test_a_check_refuses_converted_rows_by_their_position_in_the_request():
         2: "user 3 is odd",
         4: "user 5 is odd",
     }
+
+
+def test_a_column_no_row_gives_is_null_of_the_stored_type():
+    """A lone cold row leaves out most columns: each is nulls of its stored type."""
+    table, errors = rows_table([{"age": 40}], ["user", "age", "genres"], SCHEMA)
+    assert errors == {} and table.schema == SCHEMA
+    assert table.to_pylist() == [{"user": None, "age": 40.0, "genres": None}]
+    empty, _ = rows_table([], ["user", "genres"], SCHEMA)
+    assert empty.num_rows == 0 and empty.schema == pa.schema([SCHEMA.field(0), SCHEMA.field(2)])

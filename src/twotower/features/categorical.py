@@ -96,6 +96,14 @@ class Vocabulary:
         the whole vocabulary again for every call as ``index_in`` does.
         """
         values, vocabulary = _comparable(values, self.values)
+        if (
+            len(values) <= FEW_VALUES
+            and vocabulary is self.values
+            and _reads_as_python(values.type)
+        ):
+            found = self._lookup_few(values.to_pylist())
+            if found is not None:
+                return found
         if values.null_count:
             missing = pc.is_null(values).to_numpy(zero_copy_only=False)
         else:
@@ -112,6 +120,25 @@ class Vocabulary:
         position = pc.index_in(values, value_set=vocabulary)
         codes = pc.fill_null(pc.add(position, RESERVED), OOV).to_numpy().astype(np.int64)
         return np.where(missing, MISSING, codes)
+
+    def _lookup_few(self, values: list[Any]) -> np.ndarray | None:
+        """``lookup`` of a few values (one request's rows) as Python values: the same
+        codes, without the array path's per-call pyarrow calls (a lone request pays
+        each call's fixed cost for a single value). None where that path must answer:
+        no sorted copy, or a text ending in NUL (which numpy's text drops)."""
+        if self._sorted is None:
+            return None
+        integer = self._sorted.integer
+        if not integer and any(v is not None and v.endswith("\x00") for v in values):
+            return None
+        blank = 0 if integer else ""
+        keys = np.array([blank if v is None else v for v in values], np.int64 if integer else str)
+        positions = self._sorted.find(keys).tolist()
+        codes = [
+            MISSING if v is None else (OOV if p < 0 else p + RESERVED)
+            for v, p in zip(values, positions, strict=True)
+        ]
+        return np.array(codes, np.int64)
 
     @functools.cached_property
     def _sorted(self) -> SortedKeys | None:
@@ -142,6 +169,14 @@ class SortedKeys:
             return np.full(len(wanted), -1, dtype=np.int64)
         where = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
         return np.where(self._sorted[where] == wanted, self._order[where], -1).astype(np.int64)
+
+
+def _reads_as_python(kind: pa.DataType) -> bool:
+    """Whether ``_lookup_few`` reads values of ``kind`` as the array path does: text,
+    or signed integers (Python ints that fit int64 keys without wrapping)."""
+    return pa.types.is_string(kind) or (
+        pa.types.is_integer(kind) and pa.types.is_signed_integer(kind)
+    )
 
 
 def _has_trailing_nul(values: pa.Array) -> bool:

@@ -14,7 +14,9 @@ from twotower.features.transform import MISSING, FitContext, Transform
 
 def as_float(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(float64 values, missing mask); null, NaN and +-inf count as missing."""
-    x = pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
+    if values.type != pa.float64():
+        values = pc.cast(values, pa.float64())
+    x = values.to_numpy(zero_copy_only=False)
     x = np.asarray(x, dtype=np.float64)
     missing = ~np.isfinite(x)
     return np.where(missing, 0.0, x), missing

@@ -40,6 +40,8 @@ class Recent:
         """From flat values (each row's items one after another, most recent first),
         each row cut to ``width`` items."""
         lengths = np.asarray(lengths, np.int64)
+        if not len(rows):  # no row has an item (cold rows)
+            return cls.empty(len(lengths), width)
         padded = ragged.pad(np.asarray(rows, np.int64) + 1, lengths, width, width=width) - 1
         stamps = ragged.pad(np.asarray(times, np.float64) + 0.0, lengths, width, width, np.float64)
         stamps[padded < 0] = np.nan

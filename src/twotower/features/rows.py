@@ -105,5 +105,7 @@ def _convert(values: list[Any], target: pa.DataType) -> pa.Array:
     """``values`` as an array of ``target``, refusing lossy casts (25.5 -> int64)."""
     if pa.types.is_null(target):
         return pa.nulls(len(values))
+    if all(value is None for value in values):  # what inferring then casting gives
+        return pa.nulls(len(values), target)
     inferred = pa.array(values)
     return inferred if inferred.type == target else pc.cast(inferred, target, safe=True)
