@@ -14,7 +14,7 @@ resumes from its folder under ``--out``. Only ``valid/`` metrics are kept or pri
 ``--set`` applies to every lever (``training.epochs=1`` for a quick look; what it
 sets is recorded in each line).
 At the end the whole ledger is drawn beside EASE's validation metrics into
-``levers.png`` next to the ledger.
+``levers.png`` next to the ledger (a run that records nothing new leaves it as it is).
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def main() -> None:
     ]
     args = arguments(__doc__.split("\n\n")[0], LEVERS, "0,1,2,3,4", more)
     done = recorded(args.ledger)
+    figure = args.ledger.parent / "levers.png"
+    fresh = 0
 
     for name in args.levers.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -134,14 +136,18 @@ def main() -> None:
                 "cpu_minutes": round((time.process_time() - clock) / 60, 2),
             }
             record(args.ledger, entry)
+            fresh += 1
 
+    if not fresh and figure.is_file():  # EASE again would draw the same figure
+        print(f"nothing new in {args.ledger}; {figure} is as it was")
+        return
     config = lever_config("base", 0, args.data_dir, args.threads)
     dataset, split = load_data(config)
     ease = evaluate_baseline(
         "ease", MemorySource(dataset, split), [10], config.baselines, parts=("valid",)
     )
     title = "latest-small search: levers on the recipe (bar: mean; dots: seeds)"
-    plot(args.ledger, ease, args.ledger.parent / "levers.png", title)
+    plot(args.ledger, ease, figure, title)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,7 @@ def test_search_levers_keep_validation_only_and_never_train_a_recorded_run_again
     assert again.returncode == 0, again.stderr[-3000:]
     assert ledger.read_text().splitlines() == [json.dumps(e) for e in entries]
     assert "valid recall@10" not in again.stdout
+    assert "nothing new" in again.stdout  # and EASE is not fitted again for the figure
 
 
 def _freshness():
