@@ -15,8 +15,8 @@ won on validation NDCG@10 (refitted on train + validation, as every baseline is 
 test), and trains the shipped recipe (``configs/next-item.yaml``, pointed at each
 dataset) for each seed: one ledger line per (dataset, model, seed) with its test
 metrics, drawn as a table (``next-item.md``) and a plot. ``valid`` trains named
-variants of the recipe (``VARIANTS_FILE``: each a list of config overrides on top of
-``configs/next-item.yaml``) and records their validation metrics alone, to choose the
+variants (``VARIANTS_FILE``: each a list of config overrides on top of the search's
+starting point, ``START``) and records their validation metrics alone, to choose the
 recipe by: the runs rank test too, but no test metric reaches the ledger. A rerun skips
 what its ledger holds and continues a killed run from its last checkpoint, so a
 killed study resumes.
@@ -47,25 +47,30 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "next-item"
 KS = (10, 20, 50)
 METRICS = ("hr@10", "ndcg@10", "recall@10", "hr@20", "ndcg@20")
-# Each dataset: the config it starts from and the overrides that point it there.
+# the shipped recipe, which the test step trains
+RECIPE = ROOT / "configs" / "next-item.yaml"
+# the search's starting point, which the valid step's variants change (Amazon Toys)
+START = ROOT / "benchmarks" / "spaces" / "next-item-start.yaml"
+# the variant the recipe is: START with its overrides, and refit on for test
+CHOSEN = "trial4-d4-mixed"
+# Each dataset: the overrides that point a next-item config (Amazon Toys) at it.
 DATASETS = {
-    "toys": ("configs/next-item.yaml", []),
-    "sports": ("configs/next-item.yaml", ["data.source=amazon-sports"]),
+    "toys": [],
+    "sports": ["data.source=amazon-sports"],
     # the third check: the same recipe on MovieLens-100K, genres as the item attributes
-    "ml100k": (
-        "configs/next-item.yaml",
-        ["data.source=movielens-100k", "features.item.attributes.column=genres"],
-    ),
+    "ml100k": ["data.source=movielens-100k", "features.item.attributes.column=genres"],
 }
 BASELINES = ("pop", "ease")
 # name -> the overrides that make the variant, for the ``valid`` step
 VARIANTS_FILE = ROOT / "benchmarks" / "spaces" / "next-item-variants.yaml"
 
 
-def dataset_config(name: str, data_dir: Path, overrides: list[str] = ()) -> Config:
-    """The config of dataset ``name``, reading its folder under ``data_dir``."""
-    path, own = DATASETS[name]
-    config = load_config(ROOT / path, [*own, *overrides])
+def dataset_config(
+    name: str, data_dir: Path, overrides: list[str] = (), path: Path = RECIPE
+) -> Config:
+    """The config at ``path`` (the recipe) pointed at dataset ``name``, reading its folder
+    under ``data_dir``."""
+    config = load_config(path, [*DATASETS[name], *overrides])
     return dataclasses.replace(config, data=with_data_dir(config.data, data_dir))
 
 
@@ -150,7 +155,7 @@ def valid_rows(datasets: list[str], seeds: list[int], args: argparse.Namespace) 
     todo = [key for key in todo if key not in done]
     for name, variant, seed in tqdm(todo, desc="variants", unit="run", file=sys.stderr):
         overrides = [*chosen[variant], f"seed={seed}"]
-        config = dataset_config(name, args.data_dir, overrides)
+        config = dataset_config(name, args.data_dir, overrides, START)
         folder = args.out / "valid" / name / variant / f"seed-{seed}"
         metrics = train_run(config, folder, resume=True).metrics  # a killed run goes on
         entry = {"dataset": name, "variant": variant, "seed": seed, "overrides": overrides}

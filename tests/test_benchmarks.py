@@ -675,6 +675,24 @@ def test_next_item_variants_are_read_checked_and_tabled_by_validation(tmp_path):
     assert lines[3] == "| toys | a | 1 | 10/40 | " + " | ".join(["0.0400"] * 5) + " |"
 
 
+def test_the_shipped_next_item_recipe_is_the_chosen_variant_of_the_starting_point():
+    """configs/next-item.yaml is what the valid step measured as ``CHOSEN``: the search's
+    starting point with that variant's overrides, field by field, but for the refit
+    that the test step adds (the baselines' footing)."""
+    from twotower.config_io import to_dict
+
+    study = _next_item()
+    chosen = study.variants(study.VARIANTS_FILE, [study.CHOSEN])[study.CHOSEN]
+    measured = study.dataset_config("toys", ROOT, chosen, study.START)
+    shipped = study.dataset_config("toys", ROOT)
+    assert shipped.training.refit and not measured.training.refit
+    shipped = dataclasses.replace(
+        shipped, training=dataclasses.replace(shipped.training, refit=False)
+    )
+    assert to_dict(shipped) == to_dict(measured)
+    assert to_dict(shipped) != to_dict(study.dataset_config("toys", ROOT, [], study.START))
+
+
 def test_unit_costs_reply_bytes_are_resp2_by_hand():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import unit_costs
