@@ -93,7 +93,9 @@ class Vocabulary:
 
         A few values (serving: one request's rows), or values far fewer than a large
         vocabulary's, are binary-searched in a sorted copy made once, instead of hashing
-        the whole vocabulary again for every call as ``index_in`` does.
+        the whole vocabulary again for every call as ``index_in`` does; at most
+        ``FEW_VALUES`` of them are read as Python values (``_lookup_few``), which spares
+        a lone request the array calls' fixed costs.
         """
         values, vocabulary = _comparable(values, self.values)
         if (
