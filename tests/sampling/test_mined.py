@@ -123,6 +123,19 @@ def test_expected_counts_by_hand():
     assert torch.equal(per_row, got)
 
 
+@pytest.mark.parametrize("dense_cells", [0, 2**26])  # sorted lookups; a table of flags
+def test_membership_is_the_windows_by_either_path(monkeypatch, dense_cells):
+    monkeypatch.setattr("twotower.sampling.mined.DENSE_CELLS", dense_cells)
+    mined, _, expected = _refreshed()
+    rows = torch.tensor([3, 0, 1, 3, 7])  # repeated and candidate-less queries
+    items = torch.randint(0, N, (len(rows), 50), generator=torch.Generator().manual_seed(0))
+    got = mined.contains(rows, items)
+    pairs = zip(rows.tolist(), items.tolist(), strict=True)
+    want = [[i in expected[q] for i in row] for q, row in pairs]
+    assert got.tolist() == want
+    assert got[2].sum() == 0  # query 1 has no candidate
+
+
 def test_a_table_above_the_bound_is_refused_with_its_size():
     with pytest.raises(ConfigError, match=r"1,000 queries x 400 ranks = 400,000 .*max_candidates"):
         MinedNegatives(1_000, 5_000, (101, 500), max_candidates=399_999)

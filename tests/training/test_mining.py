@@ -18,7 +18,7 @@ from twotower.sampling import MinedNegatives
 from twotower.training.config import ListwiseConfig, MiningConfig, MixedConfig
 from twotower.training.evaluate import embed_all
 from twotower.training.mining import NegativeMining
-from twotower.training.objectives import build_objective
+from twotower.training.objectives import _row_logits, build_objective
 from twotower.training.run import train_run
 from twotower.training.trainer import RunPlan, Trainer
 
@@ -109,6 +109,23 @@ def test_mixed_softmax_with_mined_negatives_by_hand():
     assert float(loss) == pytest.approx(expected / 2, rel=1e-6)
     # before a refresh it is the plain mixed softmax over all m uniform draws
     assert objective.sampler.num_sampled == 1 and objective.mined.sampler.num_sampled == 0
+
+
+@pytest.mark.parametrize("num_items", [30, 5_000])  # U <= h D: one (B, U) product; else per row
+def test_each_rows_mined_logits_and_gradients_are_its_own_dot_products(num_items):
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(num_items, 4, generator=generator, requires_grad=True)
+    query = torch.randn(6, 4, generator=generator, requires_grad=True)
+    items = torch.randint(0, num_items, (6, 8), generator=generator)  # h D = 32
+    got = _row_logits(query, items, lambda ids: table[ids] * 2.0)
+    (got * torch.arange(48.0).view(6, 8)).sum().backward()
+    grads = query.grad.clone(), table.grad.clone()
+    query.grad, table.grad = None, None
+    want = (query[:, None, :] * table[items] * 2.0).sum(-1)  # the oracle: row by row
+    (want * torch.arange(48.0).view(6, 8)).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(grads[0], query.grad, atol=1e-4)
+    assert torch.allclose(grads[1], table.grad, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,9 @@ from twotower.errors import ConfigError
 from twotower.index.topk import ScoreFn, top_k
 from twotower.sampling.samplers import PopularitySampler, UniformSampler
 
+# the most (row, item) flags ``MinedNegatives.contains`` holds at once (one byte each)
+DENSE_CELLS = 2**26
+
 
 class MinedNegatives:
     """Each query's candidates from the latest refresh, and draws from them.
@@ -139,14 +142,29 @@ class MinedNegatives:
         ``items[m]`` for a (M,) ``items``) is among row b's n draws: n / count where it
         is a candidate of row b's query, n / N everywhere for a query without any
         (whose draws are then uniform), else 0; what the logQ correction needs."""
-        table = self.candidates.to(queries.device)[queries].long()  # (B, W) ascending
         counts = self.counts.to(queries.device)[queries]  # (B,)
         values = items.expand(len(queries), -1) if items.dim() == 1 else items  # (B, M)
-        at = torch.searchsorted(table, values.contiguous()).clamp(max=table.shape[1] - 1)
-        inside = table.gather(1, at) == values
+        inside = self.contains(queries, values)
         per_draw = torch.where(counts > 0, 1.0 / counts.clamp(min=1), 1.0 / self.num_items)
         inside |= (counts == 0)[:, None]
         return inside.to(torch.float64) * (n * per_draw.to(torch.float64))[:, None]
+
+    def contains(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, M) bool: whether ``items[b, m]`` is a candidate of row b's query.
+
+        Where a (B, N) table of flags fits in ``DENSE_CELLS``, the rows' candidates are
+        scattered into it and read back by one gather; otherwise each item is looked up
+        in its row's sorted candidates (a batched ``searchsorted``, log W steps apiece).
+        """
+        table = self.candidates.to(queries.device)[queries].long()  # (B, W) ascending
+        if len(queries) * (self.num_items + 1) <= DENSE_CELLS:
+            # one column more than the items, for the pads (N) to land in
+            shape = (len(queries), self.num_items + 1)
+            flags = torch.zeros(shape, dtype=torch.bool, device=table.device)
+            flags.scatter_(1, table, True)
+            return flags.gather(1, items)
+        at = torch.searchsorted(table, items.contiguous()).clamp(max=table.shape[1] - 1)
+        return table.gather(1, at) == items
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The candidates of the latest refresh, for a checkpoint."""

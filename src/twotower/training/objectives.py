@@ -270,8 +270,7 @@ class SharedCandidates(nn.Module):
         # with the global batch would
         h, batch = mined.count, len(everyone)
         items = mined.negatives.sample(queries, positives, h, own, mined.fallback, int(offset))
-        vectors = embed_unique(items.flatten(), embed_items).view(*items.shape, -1)
-        logits = torch.einsum("bd,bhd->bh", query, vectors) * scale  # (B, h)
+        logits = _row_logits(query, items, embed_items) * scale  # (B, h)
         if self.logq:
             expected = mined.sampler.expected_counts(items, batch)
             expected = expected + mined.negatives.expected_counts(queries, items, h)
@@ -292,6 +291,26 @@ class SharedCandidates(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.step = int(state["step"])
         self.frequency.load_state_dict(state["frequency"])
+
+
+def _row_logits(query: torch.Tensor, items: torch.Tensor, embed_items: EmbedItems) -> torch.Tensor:
+    """(B, h) each row's query against its own (B, h) items, each distinct item through
+    the tower once. Where the U distinct items are fewer than h D, the rows are scored
+    against all U at once and their own columns gathered: a (B, U) product holds less
+    than the (B, h, D) vectors a row-by-row product gathers, and runs as one matmul."""
+    flat = items.flatten()
+    # the distinct ids by flags over 0..max rather than a sort of all B h draws
+    present = torch.zeros(int(flat.max()) + 1, dtype=torch.bool, device=flat.device)
+    present[flat] = True
+    unique = present.nonzero().squeeze(1)  # (U,) ascending, as torch.unique's
+    position = torch.zeros(len(present), dtype=torch.int64, device=flat.device)
+    position[unique] = torch.arange(len(unique), device=flat.device)
+    inverse = position[flat]
+    vectors = embed_items(unique)  # (U, D)
+    if len(unique) <= items.shape[1] * vectors.shape[1]:
+        return (query @ vectors.T).gather(1, inverse.view(items.shape))
+    gathered = vectors.index_select(0, inverse).view(*items.shape, -1)  # (B, h, D)
+    return torch.einsum("bd,bhd->bh", query, gathered)
 
 
 def _seeded_by(generator: torch.Generator) -> torch.Generator:
